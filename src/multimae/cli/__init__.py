@@ -1,0 +1,1 @@
+"""Thin command-line front ends. Each module ``cli/<name>.py`` exposes ``register(subparsers)``."""

@@ -1,0 +1,43 @@
+"""``multimae`` console entry point: a dispatcher over thin subcommand modules."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module name under multimae.cli -> each registers one or more subcommands
+_SUBCOMMAND_MODULES = ["pretrain", "visualize", "data", "tokenizer", "info"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multimae", description="Multi-modal multi-task masked autoencoders (MultiMAE, M3AE)."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _SUBCOMMAND_MODULES:
+        try:
+            m = importlib.import_module(f"multimae.cli.{mod}")
+        except ModuleNotFoundError as e:  # a subcommand module not written yet
+            if e.name == f"multimae.cli.{mod}":
+                continue
+            raise
+        m.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
