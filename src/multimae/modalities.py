@@ -45,6 +45,8 @@ class ModalitySpec:
         max_len: maximum number of tokens for ``text``.
         standardize: ``robust`` = per-sample truncated standardisation in the data transforms
             (depth: drop the 10% lowest and highest valid values for the statistics).
+        hflip_negate: channels whose sign flips when the image is mirrored horizontally
+            (surface normals: the x component), so paired flips keep the values correct.
     """
 
     name: str
@@ -61,6 +63,7 @@ class ModalitySpec:
     std: tuple[float, ...] | None = None
     max_len: int = 0
     standardize: Literal["none", "robust"] = "none"
+    hflip_negate: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("image", "dense", "categorical", "text"):
@@ -100,7 +103,7 @@ class ModalitySpec:
     @classmethod
     def from_dict(cls, d: dict) -> "ModalitySpec":
         d = dict(d)
-        for k in ("mean", "std"):
+        for k in ("mean", "std", "hflip_negate"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -163,6 +166,6 @@ NORM_RGB = register(ModalitySpec("norm_rgb", "image", channels=3, loss="mse", no
                                  input=False, mean=IMAGENET_MEAN, std=IMAGENET_STD))
 DEPTH = register(ModalitySpec("depth", "dense", channels=1, loss="l1", standardize="robust"))
 SEMSEG = register(ModalitySpec("semseg", "categorical", num_classes=133, stride=4, loss="ce"))
-NORMALS = register(ModalitySpec("normals", "dense", channels=3, loss="l1"))
+NORMALS = register(ModalitySpec("normals", "dense", channels=3, loss="l1", hflip_negate=(0,)))
 # Text (M3AE): BERT uncased vocabulary by default; the synthetic scenes train their own.
 CAPTION = register(ModalitySpec("caption", "text", num_classes=30522, loss="ce", max_len=64))
