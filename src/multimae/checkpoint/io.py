@@ -1,0 +1,457 @@
+"""Checkpoint reading and writing: safetensors weights + weights-only train state + JSON meta.
+
+Layout of one checkpoint (a directory)::
+
+    RUN/checkpoints/step-000001234/
+        model.safetensors   model weights (safetensors; never pickled)
+        state.pt            optimizer / scheduler / RNG / data position / step ... (torch.save of
+                            tensors, primitives, dicts and lists only; read with weights_only=True)
+        meta.json           {"format_version", "step", "epoch", "config", "library_version", "time", ...}
+
+Writes are atomic: everything goes into ``.tmp-step-.../`` beside the final directory, every file
+is fsync'ed, and the directory is renamed into place. ``meta.json`` is written last, so a
+directory without a parseable ``meta.json`` is never taken as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as _st_load_file
+from safetensors.torch import save_file as _st_save_file
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "WEIGHTS_FILE",
+    "STATE_FILE",
+    "META_FILE",
+    "step_dir_name",
+    "save_file_atomic",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_weights",
+    "load_meta",
+    "find_latest",
+    "list_checkpoints",
+    "resolve_checkpoint",
+    "capture_rng_state",
+    "restore_rng_state",
+]
+
+#: Version of the on-disk layout; readers refuse checkpoints with a newer version.
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+CHECKPOINTS_DIR = "checkpoints"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or from a newer format version."""
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the checkpoint at ``step``, e.g. ``step-000001234``."""
+    if step < 0:
+        raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    return f"step-{step:09d}"
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic file helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_file_atomic(path: str | os.PathLike[str], write_fn: Callable[[Path], None]) -> Path:
+    """Write one file atomically: ``write_fn(tmp_path)``, fsync, then ``os.replace`` into place.
+
+    If ``write_fn`` raises, the temp file is removed and an existing file at ``path`` is left
+    untouched. Returns the final path.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        write_fn(tmp)
+        if not tmp.is_file():
+            raise CheckpointError(f"write function did not create {tmp} (for {final})")
+        _fsync_file(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(final.parent)
+    return final
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of what goes into state.pt
+# --------------------------------------------------------------------------------------------
+
+_PRIMITIVES = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _check_loadable(obj: Any, key: str) -> None:
+    """Raise if ``obj`` would not load with ``torch.load(weights_only=True)``."""
+    if isinstance(obj, torch.Tensor) or isinstance(obj, _PRIMITIVES):
+        return
+    if isinstance(obj, Mapping):
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"train_state{key}: use a plain dict, not {type(obj).__name__}")
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise CheckpointError(f"train_state{key}: key {k!r} must be str or int")
+            _check_loadable(v, f"{key}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            _check_loadable(v, f"{key}[{i}]")
+        return
+    raise CheckpointError(
+        f"train_state{key}: {type(obj).__name__} cannot be loaded with weights_only=True; "
+        "store tensors, numbers, strings, lists and dicts only"
+    )
+
+
+def _prepare_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors with no shared storage (safetensors refuses aliasing)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, t in state.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"model_state key {k!r} must be a string")
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"model_state[{k!r}] is {type(t).__name__}, not a tensor")
+        t = t.detach().cpu()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if not t.is_contiguous() or (ptr is not None and ptr in seen):
+            t = t.contiguous().clone()
+        if ptr is not None:
+            seen.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def _library_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("multimae")
+    except (ImportError, PackageNotFoundError):
+        return "unknown"
+
+
+def _checkpoints_root(run_dir: Path) -> Path:
+    """``run_dir/checkpoints`` unless ``run_dir`` already is a checkpoints directory."""
+    if run_dir.name == CHECKPOINTS_DIR or any(_STEP_RE.match(p.name) for p in _iterdir(run_dir)):
+        return run_dir
+    return run_dir / CHECKPOINTS_DIR
+
+
+def _iterdir(path: Path) -> list[Path]:
+    try:
+        return list(path.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _write_checkpoint_files(
+    tmp: Path, weights: dict[str, torch.Tensor], train_state: dict, meta: dict
+) -> None:
+    _st_save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    torch.save(train_state, tmp / STATE_FILE)
+    _write_json(tmp / META_FILE, meta)  # last: its presence marks the directory complete
+    for name in (WEIGHTS_FILE, STATE_FILE, META_FILE):
+        _fsync_file(tmp / name)
+    _fsync_dir(tmp)
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike[str],
+    step: int,
+    model_state: Mapping[str, torch.Tensor],
+    train_state: dict,
+    meta: dict,
+    keep_last: int = 3,
+) -> Path:
+    """Atomically write the checkpoint ``run_dir/checkpoints/step-<step>/`` and prune old ones.
+
+    Args:
+        run_dir: the run directory (a ``checkpoints/`` directory is created inside).
+        step: optimizer step count; names the directory.
+        model_state: ``{name: tensor}`` weights (e.g. ``unwrap(model).state_dict()``); moved to
+            CPU, made contiguous and de-aliased before writing.
+        train_state: optimizer / scheduler / RNG / data position ...: tensors, numbers, strings,
+            lists and dicts only, so it loads with ``weights_only=True`` (checked before writing).
+        meta: JSON-serialisable extras; ``"config"`` (a dict) and ``"epoch"`` are expected.
+            ``format_version``, ``step``, ``library_version`` and ``time`` are filled in.
+        keep_last: keep this many newest checkpoints after a successful save (<= 0: keep all).
+    Returns:
+        The final checkpoint directory.
+    """
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    _check_loadable(train_state, "")
+    full_meta = {
+        **meta,
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "epoch": meta.get("epoch", train_state.get("epoch")),
+        "config": meta.get("config"),
+        "library_version": _library_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "unix_time": time.time(),
+    }
+    try:
+        json.dumps(full_meta)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint meta is not JSON-serialisable: {e}") from e
+    weights = _prepare_weights(model_state)
+
+    final = root / step_dir_name(step)
+    tmp = root / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    old = None
+    try:
+        _write_checkpoint_files(tmp, weights, train_state, full_meta)
+        if final.exists():  # re-saving a step: move the old one aside, then swap
+            old = root / f"{_OLD_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not final.exists():
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _cleanup_stale(root)
+    if keep_last > 0:
+        _prune(root, keep_last, protect=final)
+    return final
+
+
+def _cleanup_stale(root: Path) -> None:
+    """Remove temp / aside directories left behind by a crashed writer."""
+    for p in _iterdir(root):
+        if p.is_dir() and (p.name.startswith(_TMP_PREFIX) or p.name.startswith(_OLD_PREFIX)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _prune(root: Path, keep_last: int, protect: Path) -> None:
+    ckpts = list_checkpoints(root)
+    for p in ckpts[: max(0, len(ckpts) - keep_last)]:
+        if p != protect:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and loading
+# --------------------------------------------------------------------------------------------
+
+
+def _is_complete(step_dir: Path) -> bool:
+    if not (step_dir / WEIGHTS_FILE).is_file() or not (step_dir / STATE_FILE).is_file():
+        return False
+    try:
+        meta = json.loads((step_dir / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "step" in meta
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Complete checkpoint directories of a run (or of a ``checkpoints/`` dir), oldest first."""
+    root = _checkpoints_root(Path(run_dir))
+    found = []
+    for p in _iterdir(root):
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and _is_complete(p):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def find_latest(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The complete checkpoint with the highest step, or ``None`` if the run has none."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """Map a step directory, a ``checkpoints/`` directory or a run directory to a step directory."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path does not exist: {p}")
+    if (p / META_FILE).exists() or (p / WEIGHTS_FILE).exists():
+        return p
+    latest = find_latest(p)
+    if latest is None:
+        raise CheckpointError(f"no complete checkpoint found in {p}")
+    return latest
+
+
+def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check ``meta.json`` of a checkpoint (step dir or run dir)."""
+    d = resolve_checkpoint(path)
+    f = d / META_FILE
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint is incomplete, missing {f}")
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt checkpoint meta {f}: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"corrupt checkpoint meta {f}: expected a JSON object")
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"corrupt checkpoint meta {f}: no integer 'format_version'")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {d} has format version {version}, newer than the supported "
+            f"{FORMAT_VERSION}; upgrade multimae to read it"
+        )
+    return meta
+
+
+def _load_weights_file(f: Path) -> dict[str, torch.Tensor]:
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint is incomplete, missing {f}")
+    try:
+        return _st_load_file(str(f), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt weights file {f}: {e}") from e
+
+
+def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load only the weights: from a ``.safetensors`` file, a step dir or a run dir (latest)."""
+    p = Path(path)
+    if p.is_file():
+        return _load_weights_file(p)
+    d = resolve_checkpoint(p)
+    load_meta(d)  # refuse newer format versions before touching the weights
+    return _load_weights_file(d / WEIGHTS_FILE)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Load ``(weights, train_state, meta)`` from a step dir, or from a run dir's latest checkpoint.
+
+    ``state.pt`` is read with ``torch.load(weights_only=True)``: no code is executed.
+    Raises :class:`CheckpointError` naming the file for a missing, corrupt or too-new checkpoint.
+    """
+    d = resolve_checkpoint(path)
+    meta = load_meta(d)
+    f = d / STATE_FILE
+    for required in (d / WEIGHTS_FILE, f):
+        if not required.is_file():
+            raise CheckpointError(f"checkpoint is incomplete, missing {required}")
+    weights = _load_weights_file(d / WEIGHTS_FILE)
+    try:
+        train_state = torch.load(f, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle/zip errors have many types
+        raise CheckpointError(f"corrupt or unsafe train state {f}: {e}") from e
+    if not isinstance(train_state, dict):
+        raise CheckpointError(f"corrupt train state {f}: expected a dict")
+    return weights, train_state, meta
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state
+# --------------------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot the torch (CPU and every CUDA device), numpy and python RNGs.
+
+    The result holds only tensors, lists and numbers, so it survives ``weights_only`` loading.
+    """
+    np_state = np.random.get_state(legacy=True)
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [t for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy": {
+            "bit_generator": str(np_state[0]),
+            "state": [int(x) for x in np_state[1]],
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": int(py_version), "state": list(py_state), "gauss_next": py_gauss},
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore RNGs from :func:`capture_rng_state` output; absent entries are left alone.
+
+    CUDA states are restored for as many devices as both the snapshot and this machine have.
+    """
+    if "torch" in state:
+        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        n = min(len(cuda), torch.cuda.device_count())
+        for i in range(n):
+            torch.cuda.set_rng_state(torch.as_tensor(cuda[i], dtype=torch.uint8).cpu(), i)
+    if "numpy" in state:
+        s = state["numpy"]
+        np.random.set_state(
+            (
+                s["bit_generator"],
+                np.asarray(s["state"], dtype=np.uint32),
+                int(s["pos"]),
+                int(s["has_gauss"]),
+                float(s["cached_gaussian"]),
+            )
+        )
+    if "python" in state:
+        s = state["python"]
+        random.setstate((int(s["version"]), tuple(int(x) for x in s["state"]), s["gauss_next"]))
