@@ -1,0 +1,257 @@
+"""Run logging: JSON-lines metrics + TensorBoard (:class:`RunLogger`) and a progress display.
+
+Only rank 0 should log: construct with ``enabled=is_main()`` and every call on other ranks
+is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+__all__ = ["RunLogger", "Progress", "METRICS_FILE", "TENSORBOARD_DIR"]
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
+_RESERVED = ("step", "time")
+
+
+def _scalar(key: str, value: Any) -> float | int:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"log_scalars: '{key}' has shape {tuple(value.shape)}, not a scalar")
+        value = value.detach().item()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"log_scalars: '{key}' must be a number, got {type(value).__name__}")
+    return value
+
+
+class RunLogger:
+    """Append scalar metrics to ``run_dir/metrics.jsonl`` and mirror them to TensorBoard.
+
+    Each :meth:`log_scalars` call writes one flushed line ``{"step", "time", <name>: value}``.
+    TensorBoard (``run_dir/tb``) is opened lazily; if it cannot be imported a warning is
+    issued once and only the JSON lines are written. Usable as a context manager.
+    """
+
+    def __init__(
+        self, run_dir: str | os.PathLike[str], enabled: bool = True, tensorboard: bool = True
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.tensorboard = tensorboard
+        self._file: IO[str] | None = None
+        self._writer: Any = None
+        self._tb_failed = False
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / METRICS_FILE
+
+    def _tb(self) -> Any:
+        if not (self.tensorboard and self.enabled) or self._tb_failed:
+            return None
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                self._tb_failed = True
+                warnings.warn(
+                    f"TensorBoard logging disabled ({e}); metrics still go to {self.metrics_path}",
+                    stacklevel=3,
+                )
+                return None
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR))
+        return self._writer
+
+    def log_scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        """Log ``{name: number or 1-element tensor}`` at ``step``.
+
+        Non-finite values are written as JSON ``NaN`` / ``Infinity`` (readable by Python's json).
+        """
+        if not self.enabled:
+            return
+        clean = {}
+        for k, v in values.items():
+            if k in _RESERVED:
+                raise ValueError(f"log_scalars: '{k}' is reserved; rename the metric")
+            clean[str(k)] = _scalar(k, v)
+        if self._file is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+        record = {"step": int(step), "time": round(time.time(), 3), **clean}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        writer = self._tb()
+        if writer is not None:
+            for k, v in clean.items():
+                writer.add_scalar(k, v, int(step))
+
+    def log_image(self, step: int, tag: str, image: torch.Tensor | np.ndarray) -> None:
+        """Log one image to TensorBoard.
+
+        Args:
+            image: ``(C, H, W)`` with C in {1, 3, 4}, or ``(H, W)``; uint8 in [0, 255] or float
+                in [0, 1] (clamped).
+        """
+        if not self.enabled:
+            return
+        img = torch.as_tensor(image).detach().cpu()
+        if img.ndim == 2:
+            img = img.unsqueeze(0)
+        if img.ndim != 3 or img.shape[0] not in (1, 3, 4):
+            raise ValueError(f"log_image: '{tag}' must be (C, H, W) with C in 1/3/4, got {tuple(img.shape)}")
+        if img.dtype != torch.uint8:
+            img = img.float().clamp(0, 1)
+        writer = self._tb()
+        if writer is not None:
+            writer.add_image(tag, img.numpy(), int(step), dataformats="CHW")
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the metrics file and the TensorBoard writer (idempotent)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class Progress:
+    """Training progress on stderr: a tqdm bar on a terminal, plain lines otherwise (CI, files).
+
+    ``update(n, loss=..., lr=..., imgs=...)`` advances by ``n`` steps; ``imgs`` is the number of
+    images processed in those steps (global batch x n) and drives the images/s figure. Without a
+    TTY a line ``step 100/1000 | loss ... | lr ... | img/s ... | eta ...`` is printed every
+    ``log_every`` steps and at the last step.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        initial: int = 0,
+        enabled: bool = True,
+        log_every: int = 50,
+        stream: IO[str] | None = None,
+    ) -> None:
+        self.total = int(total_steps)
+        self.step = int(initial)
+        self.enabled = enabled
+        self.log_every = max(1, int(log_every))
+        self.stream = stream if stream is not None else sys.stderr
+        self._start = time.perf_counter()
+        self._start_step = self.step
+        self._win_time = self._start
+        self._win_imgs = 0.0
+        self._imgs_per_s: float | None = None
+        self._bar: Any = None
+        if enabled and _isatty(self.stream):
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.total, initial=self.step, file=self.stream, unit="step",
+                dynamic_ncols=True, smoothing=0.1,
+            )
+
+    @property
+    def is_bar(self) -> bool:
+        return self._bar is not None
+
+    def _throughput(self, imgs: float | None, now: float) -> None:
+        if imgs is None:
+            return
+        self._win_imgs += imgs
+        dt = now - self._win_time
+        if dt >= 1.0 or self._imgs_per_s is None:  # refresh over windows of >= 1 s
+            if dt > 0:
+                rate = self._win_imgs / dt
+                self._imgs_per_s = rate
+                self._win_imgs, self._win_time = 0.0, now
+
+    def update(
+        self, n: int = 1, loss: float | None = None, lr: float | None = None, imgs: float | None = None
+    ) -> None:
+        """Advance by ``n`` steps and show the latest ``loss``, ``lr`` and images/s."""
+        prev = self.step
+        self.step += n
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        self._throughput(imgs, now)
+        fields = self._fields(loss, lr)
+        if self._bar is not None:
+            self._bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in fields), refresh=False)
+            self._bar.update(n)
+        elif self.step // self.log_every > prev // self.log_every or self.step >= self.total:
+            print(self._line(fields, now), file=self.stream, flush=True)
+
+    def _fields(self, loss: float | None, lr: float | None) -> list[tuple[str, str]]:
+        out = []
+        if loss is not None:
+            out.append(("loss", f"{float(loss):.4f}"))
+        if lr is not None:
+            out.append(("lr", f"{float(lr):.2e}"))
+        if self._imgs_per_s is not None:
+            out.append(("img/s", f"{self._imgs_per_s:.1f}"))
+        return out
+
+    def _line(self, fields: list[tuple[str, str]], now: float) -> str:
+        elapsed = now - self._start
+        done = self.step - self._start_step
+        eta = (self.total - self.step) * elapsed / done if done > 0 else float("inf")
+        pct = 100.0 * self.step / self.total if self.total else 100.0
+        parts = [f"step {self.step}/{self.total} ({pct:.1f}%)"]
+        parts += [f"{k} {v}" for k, v in fields]
+        parts += [f"elapsed {_fmt_duration(elapsed)}", f"eta {_fmt_duration(max(0.0, eta))}"]
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
