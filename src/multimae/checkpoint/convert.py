@@ -1,0 +1,165 @@
+"""Loading external checkpoints into :class:`multimae.model.MultiMAE`.
+
+One filter function per source. Official MultiMAE (EPFL-VILAB/MultiMAE) checkpoints use the
+same parameter names as this library, so the filter only infers the architecture from the
+tensors' shapes, keeps the model's keys and asserts that nothing is missing or unexpected.
+
+Nothing here unpickles arbitrary objects: ``.safetensors`` files are read directly, ``.pth``
+files with ``torch.load(weights_only=True)`` (``argparse.Namespace`` -- the ``args`` entry of
+official training checkpoints -- is the one extra class allowed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from multimae import modalities as M
+from multimae.model import ModelConfig, MultiMAE
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the model: names the file and the keys."""
+
+
+def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A state_dict from a ``.pth``/``.pt`` (its ``model`` or ``state_dict`` entry, or itself),
+    a ``.safetensors`` file, or a mapping (returned as a dict)."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ConversionError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({e})") from e
+    if isinstance(obj, Mapping):
+        for k in ("model", "state_dict", "model_state"):
+            if k in obj and isinstance(obj[k], Mapping):
+                obj = obj[k]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ConversionError(f"{path}: no state_dict found (expected a 'model' entry of tensors)")
+    return dict(obj)
+
+
+def _count(sd: Mapping[str, Tensor], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd if (m := rx.match(k))})
+
+
+def infer_official_config(sd: Mapping[str, Tensor], num_heads: int | None = None, decoder_heads: int | None = None,
+                          **overrides: Any) -> ModelConfig:
+    """The :class:`ModelConfig` of an official MultiMAE state_dict, read off its tensor shapes.
+
+    Head counts are not visible in the weights: ``num_heads`` defaults to dim // 64 (ViT
+    convention) and ``decoder_heads`` to 8 (the official decoders)."""
+    if "global_tokens" not in sd:
+        raise ConversionError("not a MultiMAE state_dict: no 'global_tokens'")
+    dim = sd["global_tokens"].shape[-1]
+    depth = _count(sd, r"encoder\.(\d+)\.norm1\.weight")
+    inputs = sorted({k.split(".")[1] for k in sd if k.startswith("input_adapters.")},
+                    key=lambda n: next(i for i, k in enumerate(sd) if k.startswith(f"input_adapters.{n}.")))
+    outputs = sorted({k.split(".")[1] for k in sd if k.startswith("output_adapters.")},
+                     key=lambda n: next(i for i, k in enumerate(sd) if k.startswith(f"output_adapters.{n}.")))
+    mods: dict[str, dict[str, Any]] = {}
+    patch_size = None
+    grid = None
+    for n in inputs:
+        w = sd[f"input_adapters.{n}.proj.weight"]
+        kernel = w.shape[-1]
+        known = M.registered().get(n)
+        if f"input_adapters.{n}.class_emb.weight" in sd:
+            ce = sd[f"input_adapters.{n}.class_emb.weight"]
+            stride = known.stride if known is not None else 4
+            mods[n] = {"num_classes": ce.shape[0], "class_emb_dim": ce.shape[1], "stride": stride}
+            if known is None:
+                mods[n].update(kind="categorical", loss="ce")
+        else:
+            stride = known.stride if known is not None else 1
+            mods[n] = {"channels": w.shape[1], "stride": stride}
+            if known is None:
+                mods[n].update(kind="dense", loss="l1")
+        if patch_size is None or stride == 1:
+            patch_size = kernel * stride
+        pos = sd.get(f"input_adapters.{n}.pos_emb")
+        if pos is not None:
+            grid = pos.shape[-1]
+    dec: dict[str, Any] = {}
+    for n in outputs:
+        if f"output_adapters.{n}.decoder.q.weight" not in sd:
+            raise ConversionError(f"output adapter {n!r} has no cross-attention (use_xattn=False): not supported")
+        dec["decoder_dim"] = sd[f"output_adapters.{n}.mask_token"].shape[-1]
+        dec["decoder_depth"] = _count(sd, rf"output_adapters\.{n}\.decoder_transformer\.(\d+)\.norm1\.weight")
+        out = sd[f"output_adapters.{n}.out_proj.weight"].shape[0]
+        if n in mods:
+            continue
+        known = M.registered().get(n)
+        if known is not None:
+            p = known.patch(patch_size or 16)
+            if known.kind == "categorical":
+                mods[n] = {"num_classes": out // (p * p)}
+        else:
+            mods[n] = {"kind": "dense", "loss": "l1", "channels": out // ((patch_size or 16) ** 2)}
+    if patch_size is None:
+        raise ConversionError("cannot infer the patch size: no input adapter in the state_dict")
+    cfg = dict(
+        preset="base", dim=dim, depth=depth, num_heads=num_heads or max(1, dim // 64),
+        mlp_ratio=sd["encoder.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0,
+        patch_size=patch_size, image_size=(grid or 14) * patch_size, num_global_tokens=sd["global_tokens"].shape[1],
+        inputs=inputs, outputs=outputs, modalities=mods,
+        decoder_dim=dec.get("decoder_dim", 256), decoder_depth=dec.get("decoder_depth", 2),
+        decoder_heads=decoder_heads or 8,
+    )
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
+def load_state_strict(model: torch.nn.Module, sd: Mapping[str, Tensor], source: str = "state_dict") -> None:
+    """Copy ``sd`` into ``model``; any missing or unexpected key, or shape mismatch, is an error
+    that lists them all."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys: {unexpected}")
+        if shapes:
+            parts.append(f"shape mismatches: {shapes}")
+        raise ConversionError(f"{source} does not fit the model -- " + "; ".join(parts))
+    model.load_state_dict({k: v for k, v in sd.items()}, strict=True)
+
+
+def load_official_multimae(source: str | os.PathLike | Mapping[str, Tensor], num_heads: int | None = None,
+                           decoder_heads: int | None = None, **overrides: Any) -> MultiMAE:
+    """Build a :class:`MultiMAE` from an official MultiMAE checkpoint, in one line::
+
+        model = multimae.load_official_multimae("multimae-b_98_rgb+-depth-semseg_1600e.pth")
+
+    ``source``: a ``.pth`` (the ``model`` entry, or a bare state_dict), a ``.safetensors``
+    file, or a state_dict. Architecture is read off the tensors; head counts (not stored in
+    weights) default to dim // 64 for the encoder and 8 for the decoders. ``overrides`` set
+    other :class:`ModelConfig` fields (e.g. ``image_size``, ``use_task_queries``).
+    """
+    name = str(source) if not isinstance(source, Mapping) else "state_dict"
+    sd = read_state_dict(source)
+    cfg = infer_official_config(sd, num_heads, decoder_heads, **overrides)
+    model = MultiMAE(cfg)
+    load_state_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, name)
+    return model

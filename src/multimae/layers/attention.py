@@ -1,0 +1,93 @@
+"""Self- and cross-attention and the pre-norm transformer block.
+
+Parameter names (``qkv``, ``q``/``kv``, ``proj``, ``norm1``, ``mlp.fc1`` ...) follow the timm /
+official MultiMAE layout so that external checkpoints load without renaming.
+
+Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` by default. On
+CPUs under bf16 autocast the explicit ``softmax(q k^T) v`` form can be faster; it is selected
+globally with :func:`set_fused_attention` (see ``benchmarks/pretrain_throughput.py``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import Tensor, nn
+
+_FUSED = True
+
+
+def set_fused_attention(enabled: bool) -> None:
+    """Use ``scaled_dot_product_attention`` (True, default) or the explicit form (False)."""
+    global _FUSED
+    _FUSED = bool(enabled)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, key_pad: Tensor | None) -> Tensor:
+    """q: (B, h, Nq, d), k/v: (B, h, Nk, d), key_pad: (B, Nk) bool, True = ignore -> (B, h, Nq, d)."""
+    mask = None
+    if key_pad is not None:
+        mask = ~key_pad[:, None, None, :]  # True = take part in attention
+    if _FUSED:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        attn = attn.masked_fill(~mask, float("-inf"))
+    return attn.softmax(dim=-1) @ v
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention. x: (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, key_pad: Tensor | None = None) -> Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = _attend(qkv[0], qkv[1], qkv[2], key_pad)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class CrossAttention(nn.Module):
+    """Queries attend to a context. x: (B, Nq, D), context: (B, Nk, D) -> (B, Nq, D)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor, key_pad: Tensor | None = None) -> Tensor:
+        B, N, D = x.shape
+        M = context.shape[1]
+        h = self.num_heads
+        q = self.q(x).reshape(B, N, h, D // h).transpose(1, 2)
+        kv = self.kv(context).reshape(B, M, 2, h, D // h).permute(2, 0, 3, 1, 4)
+        out = _attend(q, kv[0], kv[1], key_pad)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, key_pad: Tensor | None = None) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), key_pad))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
