@@ -140,7 +140,9 @@ def load_yaml(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dic
     if isinstance(parents, str):
         parents = [parents]
     if not isinstance(parents, list) or not all(isinstance(x, str) for x in parents):
-        raise ConfigError(f"{p}: '{DEFAULTS_KEY}' must be a path or a list of paths, got {parents!r}")
+        raise ConfigError(
+            f"{p}: '{DEFAULTS_KEY}' must be a path or a list of paths, got {parents!r}"
+        )
     merged: dict[str, Any] = {}
     for parent in parents:
         merged = _deep_merge(merged, load_yaml(p.parent / parent, (*_seen, p)))
@@ -233,7 +235,7 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
-    """Validate ``value`` against annotation ``tp`` and return it converted (dicts -> dataclasses)."""
+    """Check ``value`` against annotation ``tp``; return it converted (dicts -> dataclasses)."""
     if tp is Any or tp is object:
         return value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):

@@ -46,10 +46,12 @@ class DistInfo:
 
     @property
     def is_distributed(self) -> bool:
+        """More than one process."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """Rank 0."""
         return self.rank == 0
 
 
@@ -100,10 +102,12 @@ def is_dist() -> bool:
 
 
 def get_rank() -> int:
+    """Global rank (0 without a process group)."""
     return dist.get_rank() if is_dist() else 0
 
 
 def get_world_size() -> int:
+    """Number of processes (1 without a process group)."""
     return dist.get_world_size() if is_dist() else 1
 
 

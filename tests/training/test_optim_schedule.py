@@ -1,4 +1,4 @@
-"""Optimizer param groups (no-decay rules, layer-wise lr decay) and the warm-up + cosine schedule."""
+"""Optimizer param groups (no-decay rules, layer-wise lr decay) and the warm-up+cosine schedule."""
 
 from __future__ import annotations
 

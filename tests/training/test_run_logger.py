@@ -78,6 +78,7 @@ def test_progress_plain_lines() -> None:
         assert not p.is_bar
         for _ in range(8):
             p.update(1, loss=0.1234567, lr=1e-4, imgs=32)
+        assert p.images_per_sec is not None and p.images_per_sec > 0
     lines = out.getvalue().splitlines()
     assert [ln.split(" |")[0] for ln in lines] == ["step 4/10 (40.0%)", "step 8/10 (80.0%)",
                                                   "step 10/10 (100.0%)"]

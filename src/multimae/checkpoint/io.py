@@ -6,7 +6,8 @@ Layout of one checkpoint (a directory)::
         model.safetensors   model weights (safetensors; never pickled)
         state.pt            optimizer / scheduler / RNG / data position / step ... (torch.save of
                             tensors, primitives, dicts and lists only; read with weights_only=True)
-        meta.json           {"format_version", "step", "epoch", "config", "library_version", "time", ...}
+        meta.json           {"format_version", "step", "epoch", "config", "library_version",
+                             "time", ...}
 
 Writes are atomic: everything goes into ``.tmp-step-.../`` beside the final directory, every file
 is fsync'ed, and the directory is renamed into place. ``meta.json`` is written last, so a

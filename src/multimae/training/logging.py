@@ -58,6 +58,7 @@ class RunLogger:
 
     @property
     def metrics_path(self) -> Path:
+        """``run_dir/metrics.jsonl``."""
         return self.run_dir / METRICS_FILE
 
     def _tb(self) -> Any:
@@ -112,7 +113,9 @@ class RunLogger:
         if img.ndim == 2:
             img = img.unsqueeze(0)
         if img.ndim != 3 or img.shape[0] not in (1, 3, 4):
-            raise ValueError(f"log_image: '{tag}' must be (C, H, W) with C in 1/3/4, got {tuple(img.shape)}")
+            raise ValueError(
+                f"log_image: '{tag}' must be (C, H, W) with C in 1/3/4, got {tuple(img.shape)}"
+            )
         if img.dtype != torch.uint8:
             img = img.float().clamp(0, 1)
         writer = self._tb()
@@ -120,6 +123,7 @@ class RunLogger:
             writer.add_image(tag, img.numpy(), int(step), dataformats="CHW")
 
     def flush(self) -> None:
+        """Flush the metrics file and TensorBoard events to disk."""
         if self._file is not None:
             self._file.flush()
         if self._writer is not None:
@@ -188,21 +192,29 @@ class Progress:
 
     @property
     def is_bar(self) -> bool:
+        """True when drawing a tqdm bar (stream is a TTY), False for plain lines."""
         return self._bar is not None
+
+    @property
+    def images_per_sec(self) -> float | None:
+        """Latest throughput estimate (``None`` before any ``imgs`` were reported)."""
+        return self._imgs_per_s
 
     def _throughput(self, imgs: float | None, now: float) -> None:
         if imgs is None:
             return
         self._win_imgs += imgs
         dt = now - self._win_time
-        if dt >= 1.0 or self._imgs_per_s is None:  # refresh over windows of >= 1 s
-            if dt > 0:
-                rate = self._win_imgs / dt
-                self._imgs_per_s = rate
-                self._win_imgs, self._win_time = 0.0, now
+        if dt > 0 and (dt >= 1.0 or self._imgs_per_s is None):  # refresh over >= 1 s windows
+            self._imgs_per_s = self._win_imgs / dt
+            self._win_imgs, self._win_time = 0.0, now
 
     def update(
-        self, n: int = 1, loss: float | None = None, lr: float | None = None, imgs: float | None = None
+        self,
+        n: int = 1,
+        loss: float | None = None,
+        lr: float | None = None,
+        imgs: float | None = None,
     ) -> None:
         """Advance by ``n`` steps and show the latest ``loss``, ``lr`` and images/s."""
         prev = self.step
@@ -239,6 +251,7 @@ class Progress:
         return " | ".join(parts)
 
     def close(self) -> None:
+        """Close the bar (idempotent)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -192,7 +192,12 @@ class WarmupCosine:
     def lr_at(self, step: int) -> float:
         """Unscaled learning rate for optimizer step ``step``."""
         return cosine_schedule(
-            step, self.total_steps, self.warmup_steps, self.base_lr, self.min_lr, self.warmup_start_lr
+            step,
+            self.total_steps,
+            self.warmup_steps,
+            self.base_lr,
+            self.min_lr,
+            self.warmup_start_lr,
         )
 
     def _apply(self) -> None:
@@ -210,6 +215,7 @@ class WarmupCosine:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
+        """Step counter and hyper-parameters (plain numbers: safe for weights-only loading)."""
         return {
             "last_step": self.last_step,
             "total_steps": self.total_steps,
@@ -220,6 +226,7 @@ class WarmupCosine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output and set the groups' lr for the restored step."""
         self.last_step = int(state["last_step"])
         for k in ("total_steps", "warmup_steps"):
             if k in state:
