@@ -1,0 +1,39 @@
+"""``multimae pretrain --config FILE [key=value ...]``: parse, build the config, call the library."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a MultiMAE / M3AE",
+                       description="Pretrain on the configured data. Overrides are dotted keys, e.g. "
+                                   "train.max_steps=100 model.preset=small data.root=/data/nyu")
+    p.add_argument("--config", help="YAML run config (configs/pretrain/*.yaml)")
+    p.add_argument("--resume", help="checkpoint or run directory to resume from (default: the run's latest)")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from multimae.config import ConfigError, load_config
+    from multimae.training.config import PretrainConfig
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"train.resume={args.resume}")
+    try:
+        cfg = load_config(PretrainConfig, args.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from multimae.training.report import finish_run
+    from multimae.training.loop import Trainer
+
+    trainer = Trainer(cfg)
+    run_dir = trainer.fit()
+    if trainer.info.is_main:
+        finish_run(trainer, evaluate=cfg.train.eval_at_end and not args.no_eval, figure=cfg.train.figure_at_end)
+    print(f"run directory: {run_dir}") if trainer.info.is_main else None
+    return 0

@@ -1,0 +1,77 @@
+"""Typed run configuration of ``multimae pretrain`` (YAML files in configs/pretrain/)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from multimae.model import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "folder", "shards"] = "synthetic"
+    root: str | None = None  # folder: dataset root (root/<split>/<modality>/...)
+    split: str = "train"
+    urls: str | None = None  # shards: brace pattern or comma list of .tar files
+    num_samples: int = 4096  # synthetic: scenes per epoch; shards: samples per epoch (all ranks)
+    val_samples: int = 64  # held-out synthetic scenes for the end-of-run evaluation
+    image_size: int = 224
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale (paper: 0.2-1)
+    hflip: float = 0.5
+    cache: bool = False  # synthetic: render once into memory, augment on the fly
+    num_workers: int = 2
+    shuffle_buffer: int = 1000  # shards
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+@dataclass
+class MaskConfig:
+    strategy: Literal["dirichlet", "ratio"] = "dirichlet"
+    num_visible: int = 98  # MultiMAE: visible-token budget over all input modalities
+    alpha: float = 1.0  # symmetric Dirichlet concentration (paper: 1.0)
+    sample_subsets: bool = False  # pre-sample a random non-empty subset of modalities per sample
+    ratios: dict[str, float] = field(default_factory=dict)  # M3AE: mask ratio per modality
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1e-4  # lr = base_lr * global_batch / 256 (paper)
+    lr: float | None = None  # absolute lr; overrides base_lr scaling when set
+    min_lr: float = 0.0
+    warmup_epochs: float = 40.0
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    decay_norm_bias: bool = False  # weight decay on LayerNorm weights and biases
+    clip_grad: float | None = None
+    accum_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1600
+    max_steps: int | None = None  # stop early after this many optimizer steps (smoke runs)
+    batch_size: int = 256  # per rank (per micro-batch)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    fused_attention: bool = True
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: str = "pretrain"
+    resume: str | None = "auto"  # "auto": latest checkpoint of the run if any; a path; null
+    ckpt_every: int = 500  # optimizer steps
+    keep_last: int = 3
+    log_every: int = 20
+    vis_every: int = 0  # log a figure to TensorBoard every N steps (0: only at the end)
+    eval_at_end: bool = True
+    figure_at_end: bool = True
+    device: str = "auto"
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

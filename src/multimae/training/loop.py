@@ -1,0 +1,181 @@
+"""The pretraining loop: ``pretrain(config) -> run directory``.
+
+Rank-aware (torchrun + DDP), resumable to the exact step (weights, optimizer, schedule, RNG and
+data position live in every checkpoint), logging to a progress bar, ``metrics.jsonl`` and
+TensorBoard. The loop never looks at modality names: it moves ``(batch, plan)`` pairs from the
+pipeline into :func:`multimae.training.step.train_step`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from multimae import config as config_lib
+from multimae import distributed as D
+from multimae.checkpoint import capture_rng_state, find_latest, load_checkpoint, resolve_checkpoint, restore_rng_state, save_checkpoint
+from multimae.layers.attention import set_fused_attention
+from multimae.masking import MaskPlan
+from multimae.model import MultiMAE
+from multimae.training.config import PretrainConfig
+from multimae.training.logging import Progress, RunLogger
+from multimae.training.optim import WarmupCosine, build_optimizer, scaled_lr
+from multimae.training.pipeline import MaskCollator, build_loader
+from multimae.training.step import train_step
+
+
+def data_specs(model: MultiMAE) -> list:
+    """Specs whose tensors the data must provide: every input, and every target not read from an input."""
+    specs = {s.key: s for s in model.input_specs.values()}
+    for s in model.output_specs.values():
+        specs.setdefault(s.key, s)
+    return list(specs.values())
+
+
+def _move(batch: dict[str, Any], plan: MaskPlan, device: torch.device) -> tuple[dict[str, Any], MaskPlan]:
+    b = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return b, plan.to(device)
+
+
+class Trainer:
+    """Holds the state of one pretraining run. ``fit()`` trains until the schedule or
+    ``train.max_steps`` ends and returns the run directory."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.cfg = cfg
+        self.info = D.init_distributed()
+        t = cfg.train
+        self.device = self.info.device if t.device == "auto" else torch.device(t.device)
+        set_fused_attention(t.fused_attention)
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        self.model = MultiMAE(cfg.model).to(self.device)
+        self.run_dir = Path(t.out_dir) / t.run_name
+        collator = MaskCollator(list(self.model.input_specs.values()), self.model.config.patch_size, cfg.mask,
+                                t.seed, self.info.rank)
+        self.loader, self.sampler = build_loader(cfg.data, data_specs(self.model), collator, t.seed, t.batch_size,
+                                                 self.info.rank, self.info.world_size)
+        per_epoch = len(self.sampler) if self.sampler is not None else \
+            cfg.data.num_samples // (self.info.world_size * t.batch_size)
+        self.steps_per_epoch = max(1, per_epoch // cfg.optim.accum_steps)
+        self.total_steps = t.epochs * self.steps_per_epoch
+        o = cfg.optim
+        global_batch = t.batch_size * self.info.world_size * o.accum_steps
+        self.lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, global_batch)
+        self.optimizer = build_optimizer(self.model, lr=self.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                         no_decay_norm_bias=not o.decay_norm_bias,
+                                         no_decay_names=sorted(self.model.no_weight_decay()))
+        warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = WarmupCosine(self.optimizer, self.total_steps, min(warmup, self.total_steps), o.min_lr)
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+        self.step = 0
+        self._resume()
+        torch.manual_seed(D.rank_seed(t.seed, self.info.rank) + self.step)  # drop-path noise per rank
+        self.net: torch.nn.Module = self.model
+        if self.info.is_distributed:
+            self.net = D.wrap_ddp(self.model, self.info)
+        if t.compile:
+            self.net = torch.compile(self.net)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume(self) -> None:
+        r = self.cfg.train.resume
+        if not r:
+            return
+        path = find_latest(self.run_dir) if r == "auto" else resolve_checkpoint(r)
+        if path is None:
+            return
+        weights, state, meta = load_checkpoint(path)
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self._rng_after_resume = state.get("rng")
+        if self.info.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> Path | None:
+        """Checkpoint on rank 0 (all ranks hold the same weights under DDP)."""
+        if not self.info.is_main:
+            return None
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                 "step": self.step, "rng": capture_rng_state()}
+        meta = {"config": config_lib.to_dict(self.cfg), "epoch": self.step // self.steps_per_epoch,
+                "model_config": config_lib.to_dict(self.model.config)}
+        return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), state, meta, self.cfg.train.keep_last)
+
+    # ------------------------------------------------------------------ loop
+    def _batches(self):
+        """Yields lists of ``accum_steps`` (batch, plan) micro-batches, from the current step on;
+        each epoch starts where the step counter says (exact position after a resume)."""
+        accum = self.cfg.optim.accum_steps
+        while True:
+            epoch, pos = divmod(self.step, self.steps_per_epoch)
+            if self.sampler is not None:
+                self.sampler.set_epoch(epoch, pos * accum)
+            elif hasattr(self.loader.dataset, "set_epoch"):
+                self.loader.dataset.set_epoch(epoch)
+            group = []
+            for b, p in self.loader:
+                group.append(_move(b, p, self.device))
+                if len(group) == accum:
+                    yield group
+                    group = []
+
+    def fit(self) -> Path:
+        t = self.cfg.train
+        last = self.total_steps if t.max_steps is None else min(self.total_steps, t.max_steps)
+        if getattr(self, "_rng_after_resume", None):
+            restore_rng_state(self._rng_after_resume)
+        logger = RunLogger(self.run_dir, enabled=self.info.is_main)
+        if self.info.is_main:
+            config_lib.save_json(self.cfg, self.run_dir / "config.json")
+            print(f"run {self.run_dir}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
+                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} total, lr {self.lr:.3g}, "
+                  f"world size {self.info.world_size}", flush=True)
+        progress = Progress(last, initial=self.step, enabled=self.info.is_main, log_every=t.log_every)
+        imgs_per_step = t.batch_size * self.info.world_size * self.cfg.optim.accum_steps
+        no_sync = getattr(self.net, "no_sync", None)
+        tic = time.perf_counter()
+        batches = self._batches()
+        while self.step < last:
+            micro = next(batches)
+            stats = train_step(self.net, micro, self.optimizer, scheduler=self.scheduler, precision=t.precision,
+                               scaler=self.scaler, clip_grad=self.cfg.optim.clip_grad, step=self.step, no_sync=no_sync)
+            self.step += 1
+            progress.update(1, loss=stats["loss"], lr=stats["lr"], imgs=imgs_per_step)
+            if self.step % t.log_every == 0 or self.step == last:
+                dt = time.perf_counter() - tic
+                stats["imgs_per_s"] = imgs_per_step * t.log_every / max(dt, 1e-9)
+                stats["epoch"] = self.step / self.steps_per_epoch
+                logger.log_scalars(self.step, stats)
+                tic = time.perf_counter()
+            if t.vis_every and self.step % t.vis_every == 0 and self.info.is_main:
+                self._log_figure(logger)
+            if self.step % t.ckpt_every == 0 or self.step == last:
+                self.save()
+        progress.close()
+        if self.info.is_main:
+            self._log_figure(logger)
+        logger.close()
+        D.barrier()
+        return self.run_dir
+
+    def _log_figure(self, logger: RunLogger) -> None:
+        try:
+            from multimae.viz import reconstruction_figure
+        except ImportError:  # pragma: no cover - viz is optional at import time
+            return
+        fig = reconstruction_figure(self.model, self.cfg, num_samples=2)
+        logger.log_image(self.step, "reconstruction", fig)
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Train a MultiMAE as ``cfg`` says; returns the run directory (checkpoints, logs, config)."""
+    return Trainer(cfg).fit()

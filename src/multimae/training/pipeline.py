@@ -1,0 +1,223 @@
+"""The pretraining input pipeline: datasets, a resumable per-rank sampler, and a collator that
+draws each batch's :class:`MaskPlan` from a seed derived from (run seed, epoch, step, rank).
+
+Everything random is a function of those numbers, never of worker scheduling, so an
+interrupted run resumed from a checkpoint sees exactly the batches and masks it would have seen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from multimae.masking import MaskPlan, dirichlet_plan, ratio_plan
+from multimae.modalities import ModalitySpec
+from multimae.training.config import DataConfig, MaskConfig
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SplitMix64-style mixing), stable across processes."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h ^= (int(p) + 0x9E3779B97F4A7C15 + ((h << 6) & (2**64 - 1)) + (h >> 2)) & (2**64 - 1)
+        h = (h * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+        h ^= h >> 31
+    return h & (2**63 - 1)
+
+
+class ResumableBatchSampler(Sampler[list[tuple[int, int, int]]]):
+    """Per-rank batches of ``(epoch, step_in_epoch, index)`` from a seeded per-epoch permutation.
+
+    Every rank gets ``len(self)`` batches per epoch (the permutation is cut to a multiple of
+    world_size * batch_size), as DDP requires. ``start`` skips batches already trained on.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.bs, self.seed, self.rank, self.world = num_samples, batch_size, seed, rank, world_size
+        if len(self) == 0:
+            raise ValueError(f"{num_samples} samples are too few for batch {batch_size} x {world_size} rank(s)")
+        self.epoch = 0
+        self.start = 0
+
+    def __len__(self) -> int:
+        return self.n // (self.bs * self.world)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        perm = torch.randperm(self.n, generator=g)[: len(self) * self.bs * self.world]
+        mine = perm[self.rank::self.world].tolist()
+        for s in range(self.start, len(self)):
+            yield [(self.epoch, s, i) for i in mine[s * self.bs:(s + 1) * self.bs]]
+
+
+class SeededAugment(Dataset):
+    """Wraps a raw dataset; item ``(epoch, step, index)`` -> transformed sample whose random
+    crop/flip come from a generator seeded by (seed, epoch, index)."""
+
+    def __init__(self, base: Dataset, transform: Any, seed: int) -> None:
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
+        epoch, step, index = key
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
+        sample = self.transform(self.base[index], generator=g)
+        sample["__step__"] = (epoch, step)
+        return sample
+
+
+class CachedDataset(Dataset):
+    """Materialises a dataset's samples once (e.g. rendered synthetic scenes) and serves copies."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.items = [base[i] for i in range(len(base))]  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return dict(self.items[i])
+
+
+@dataclass
+class MaskCollator:
+    """Stacks samples into a batch and draws its MaskPlan.
+
+    ``input_specs``: the model's input modalities; ``patch_size``: the model's patch size.
+    Returns ``(batch, plan)``.
+    """
+
+    input_specs: Sequence[ModalitySpec]
+    patch_size: int
+    mask: MaskConfig
+    seed: int
+    rank: int = 0
+
+    def token_counts(self, batch: dict[str, Any]) -> dict[str, int]:
+        counts = {}
+        for s in self.input_specs:
+            t = batch.get(s.key)
+            if not isinstance(t, Tensor):
+                continue
+            if s.kind == "text":
+                counts[s.name] = t.shape[1]
+            else:
+                h, w = t.shape[-2] * s.stride, t.shape[-1] * s.stride
+                counts[s.name] = (h // self.patch_size) * (w // self.patch_size)
+        return counts
+
+    def plan(self, batch: dict[str, Any], generator: torch.Generator) -> MaskPlan:
+        counts = self.token_counts(batch)
+        B = next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
+        valid = {s.name: ~batch[f"{s.key}_pad"] for s in self.input_specs if f"{s.key}_pad" in batch and s.name in counts}
+        present = {s.name: batch[f"{s.key}_present"] for s in self.input_specs
+                   if f"{s.key}_present" in batch and s.name in counts}
+        if self.mask.strategy == "ratio":
+            return ratio_plan(counts, B, self.mask.ratios, generator, valid=valid, present=present)
+        return dirichlet_plan(counts, B, self.mask.num_visible, self.mask.alpha, generator, present=present,
+                              valid=valid, sample_subsets=self.mask.sample_subsets)
+
+    def __call__(self, samples: list[dict[str, Any]]) -> tuple[dict[str, Any], MaskPlan]:
+        from multimae.data import collate
+
+        epoch, step = samples[0].pop("__step__", (0, 0))
+        for s in samples[1:]:
+            s.pop("__step__", None)
+        batch = collate(samples)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank, 7))
+        return batch, self.plan(batch, g)
+
+
+def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *, train: bool = True) -> Dataset:
+    """The raw (untransformed) dataset a DataConfig describes."""
+    names = sorted({s.key for s in specs})
+    if data.source == "synthetic":
+        from multimae.data.synthetic import SyntheticScenes
+
+        n = data.num_samples if train else data.val_samples
+        ds: Dataset = SyntheticScenes(n, image_size=data.image_size, seed=seed if train else seed + 10_000,
+                                      modalities=names)
+        return CachedDataset(ds) if data.cache else ds
+    if data.source == "folder":
+        from multimae.data.folder import FolderDataset
+
+        if not data.root:
+            raise ValueError("data.root must be set for data.source=folder")
+        return FolderDataset(data.root, data.split, names, on_error=data.on_error)
+    raise ValueError(f"data.source={data.source!r} is not a map-style dataset (shards stream instead)")
+
+
+def build_loader(data: DataConfig, specs: Sequence[ModalitySpec], collator: MaskCollator, seed: int, batch_size: int,
+                 rank: int = 0, world_size: int = 1) -> tuple[DataLoader, ResumableBatchSampler | None]:
+    """Training DataLoader yielding ``(batch, plan)`` and its resumable sampler (None for shards)."""
+    from multimae.data.transforms import PairedTransform
+
+    transform = PairedTransform(list(specs), data.image_size, train=True, scale=tuple(data.crop_scale), hflip=data.hflip)
+    kw: dict[str, Any] = dict(num_workers=data.num_workers, collate_fn=collator,
+                              persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                              generator=torch.Generator().manual_seed(seed))  # never draws from the global RNG
+    if data.num_workers > 0:
+        kw["prefetch_factor"] = 4
+    if data.source == "shards":
+        from multimae.data.shards import ShardDataset
+
+        if not data.urls:
+            raise ValueError("data.urls must be set for data.source=shards")
+        per_rank = data.num_samples // world_size
+        ds = ShardDataset(data.urls, sorted({s.key for s in specs}), transform=_StepTagger(transform),
+                          shuffle_buffer=data.shuffle_buffer, seed=seed, on_error=data.on_error, rank=rank,
+                          world_size=world_size, samples_per_rank=per_rank - per_rank % batch_size)
+        return DataLoader(ds, batch_size=batch_size, drop_last=True, **kw), None
+    base = build_dataset(data, specs, seed)
+    sampler = ResumableBatchSampler(len(base), batch_size, seed, rank, world_size)  # type: ignore[arg-type]
+    return DataLoader(SeededAugment(base, transform, seed), batch_sampler=sampler, **kw), sampler
+
+
+class _StepTagger:
+    """Transform wrapper for streamed shards (their randomness comes from the shard shuffle)."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+        self.count = 0
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        out = self.transform(sample)
+        out["__step__"] = (0, self.count)
+        self.count += 1
+        return out
+
+
+def eval_batches(model: Any, cfg: Any, batch_size: int = 16, limit: int | None = None) -> list[tuple[dict[str, Any], MaskPlan]]:
+    """Held-out ``(batch, plan)`` pairs: the validation scenes (synthetic: another seed; folder:
+    the configured split) with deterministic resizing and fixed-seed masks."""
+    from multimae.data.transforms import PairedTransform
+    from multimae.training.loop import data_specs
+
+    specs = data_specs(model)
+    data = cfg.data
+    if data.source == "synthetic":
+        base = build_dataset(data, specs, cfg.train.seed, train=False)
+    elif data.source == "folder":
+        from multimae.data.folder import FolderDataset
+
+        base = FolderDataset(data.root, "val" if data.split == "train" else data.split, sorted({s.key for s in specs}))
+    else:
+        raise ValueError("held-out evaluation needs a synthetic or folder dataset")
+    transform = PairedTransform(specs, data.image_size, train=False)
+    n = len(base) if limit is None else min(limit, len(base))
+    collator = MaskCollator(list(model.input_specs.values()), model.config.patch_size, cfg.mask, cfg.train.seed + 1)
+    out = []
+    for s in range(0, n - n % batch_size or n, batch_size):
+        samples = [transform(base[i]) for i in range(s, min(s + batch_size, n))]
+        for smp in samples:
+            smp["__step__"] = (0, s)
+        out.append(collator(samples))
+    return out

@@ -1,0 +1,30 @@
+"""End-of-run report: held-out evaluation against baselines, and the reconstruction figure."""
+from __future__ import annotations
+
+from typing import Any
+
+from multimae.evaluation.pretrain_eval import evaluate as run_eval, format_table, write_report
+from multimae.training.pipeline import eval_batches
+from multimae.viz import reconstruction_figure, save_png
+
+
+def finish_run(trainer: Any, evaluate: bool = True, figure: bool = True) -> dict[str, Any]:
+    """Evaluate the trained model on held-out data and write ``eval.md`` / ``reconstruction.png``
+    into the run directory; prints the table. Returns the paths and rows."""
+    out: dict[str, Any] = {}
+    model, cfg = trainer.model, trainer.cfg
+    if evaluate and cfg.data.source in ("synthetic", "folder"):
+        rows = run_eval(model, eval_batches(model, cfg, batch_size=16))
+        header = (f"Held-out evaluation after {trainer.step} steps ({cfg.data.val_samples} unseen scenes, "
+                  f"{cfg.data.image_size}px). Baselines: per-image target mean (continuous tasks), "
+                  "per-image class histogram (ce) and majority class (acc).")
+        out["eval"] = write_report(rows, trainer.run_dir, header)
+        out["rows"] = rows
+        print(header)
+        print(format_table(rows), flush=True)
+        worse = [f"{r.setting}/{r.task}/{r.metric}" for r in rows if not r.better]
+        print("model beats the baseline on every task" if not worse else f"baseline NOT beaten on: {worse}")
+    if figure and cfg.data.source in ("synthetic", "folder"):
+        out["figure"] = save_png(reconstruction_figure(model, cfg, num_samples=2), trainer.run_dir / "reconstruction.png")
+        print(f"figure: {out['figure']}")
+    return out

@@ -1,0 +1,139 @@
+"""Figures: per modality, the masked input, the prediction and the target (paper Figs. 1, 3, 4).
+
+Two panels per sample: random masks (the run's masking) and cross-modal prediction from the
+first input modality alone. Returns uint8 images (3, H, W); :func:`save_png` writes them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from multimae.losses import norm_pix, patchify, unpatchify
+from multimae.masking import MaskPlan
+from multimae.model import MultiMAE
+from multimae.modalities import ModalitySpec
+
+# 6-stop approximation of the viridis colour map
+_VIRIDIS = np.array([[68, 1, 84], [65, 68, 135], [42, 120, 142], [34, 168, 132], [122, 209, 81], [253, 231, 37]],
+                    dtype=np.float32) / 255.0
+
+
+def colormap(x: Tensor) -> Tensor:
+    """(H, W) values in [0, 1] -> (3, H, W) viridis colours."""
+    v = x.clamp(0, 1).numpy() * (len(_VIRIDIS) - 1)
+    lo = np.floor(v).astype(int).clip(0, len(_VIRIDIS) - 2)
+    f = (v - lo)[..., None]
+    rgb = _VIRIDIS[lo] * (1 - f) + _VIRIDIS[lo + 1] * f
+    return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
+def palette(n: int) -> Tensor:
+    """n distinct colours (n, 3) in [0, 1], fixed."""
+    g = torch.Generator().manual_seed(3)
+    pal = torch.rand(n, 3, generator=g) * 0.8 + 0.2
+    pal[0] = torch.tensor([0.35, 0.35, 0.35])
+    return pal
+
+
+def render(spec: ModalitySpec, x: Tensor, ref: Tensor | None = None, size: int | None = None) -> Tensor:
+    """One modality of one sample -> (3, S, S) float in [0, 1]. ``ref`` sets the value range of
+    dense maps (the target's) so that prediction and target share a colour scale."""
+    if spec.kind == "categorical":
+        ids = x.argmax(0) if x.ndim == 3 else x
+        img = palette(spec.num_classes)[ids.long()].permute(2, 0, 1)
+    elif spec.kind == "image":
+        img = x.float()
+        if spec.mean is not None and not spec.norm_pix:
+            img = img * torch.tensor(spec.std)[:, None, None] + torch.tensor(spec.mean)[:, None, None]
+        elif spec.norm_pix:
+            img = (img - img.min()) / (img.max() - img.min() + 1e-6)
+        img = img[:3].clamp(0, 1)
+    elif x.shape[0] == 1:
+        r = (ref if ref is not None else x).float()
+        lo, hi = torch.quantile(r.flatten(), 0.02), torch.quantile(r.flatten(), 0.98)
+        img = colormap(((x[0].float() - lo) / (hi - lo + 1e-6)))
+    else:
+        img = ((x[:3].float() + 1) / 2).clamp(0, 1)
+    if size is not None and img.shape[-1] != size:
+        img = torch.nn.functional.interpolate(img[None], size=(size, size), mode="nearest")[0]
+    return img
+
+
+def gray_out(img: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Grey the hidden patches of a rendered (3, S, S) image; mask: (N,) True = hidden."""
+    m = mask.reshape(1, 1, *grid).float()
+    m = torch.nn.functional.interpolate(m, size=img.shape[-2:], mode="nearest")[0]
+    return img * (1 - m) + 0.5 * m
+
+
+def _label(tile: np.ndarray, text: str) -> np.ndarray:
+    im = Image.fromarray(tile)
+    ImageDraw.Draw(im).text((2, 1), text, fill=(255, 255, 255))
+    return np.asarray(im)
+
+
+def panel(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan | None, i: int, size: int, title: str) -> np.ndarray:
+    """One row: for every output task, [masked input | prediction | target] of sample i."""
+    with torch.no_grad():
+        out = model(batch, plan, compute_loss=False)
+    p = model.config.patch_size
+    tiles = []
+    for t, spec in model.output_specs.items():
+        tgt = batch.get(spec.key)
+        pred = out.preds[t][i].float().cpu()
+        src = next((s for s in out.encoded.layout if s.name == spec.key), None)
+        if spec.norm_pix and tgt is not None:  # show in pixel space with the target's patch statistics
+            tp = patchify(tgt[i:i + 1].float().cpu(), p)
+            mu, sd = tp.mean(-1, keepdim=True), (tp.var(-1, keepdim=True) + 1e-6).sqrt()
+            pred = unpatchify(patchify(pred[None], p) * sd + mu, p, (tgt.shape[-2] // p, tgt.shape[-1] // p), tgt.shape[1])[0]
+        if src is not None and tgt is not None:
+            inp = gray_out(render(spec, tgt[i].cpu(), size=size), out.encoded.masked[i, src.start:src.end].cpu(), src.grid)
+        else:
+            inp = torch.full((3, size, size), 0.15)
+        ref = tgt[i].cpu() if tgt is not None else None
+        tgt_img = render(spec, tgt[i].cpu(), size=size) if tgt is not None else torch.full((3, size, size), 0.15)
+        for img, name in ((inp, f"{t} in"), (render(spec, pred, ref, size), f"{t} pred"), (tgt_img, f"{t} target")):
+            tiles.append(_label((img.permute(1, 2, 0).numpy() * 255).astype(np.uint8), name))
+    row = np.concatenate([np.pad(x, ((2, 2), (2, 2), (0, 0))) for x in tiles], axis=1)
+    head = np.zeros((14, row.shape[1], 3), np.uint8)
+    return np.concatenate([_label(head, title), row], axis=0)
+
+
+def reconstruction_grid(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan, num_samples: int = 2,
+                        size: int = 96) -> Tensor:
+    """Figure for the first ``num_samples`` of a batch: random-mask and cross-modal panels.
+    Returns uint8 (3, H, W)."""
+    source = next(iter(model.input_specs.values()))
+    rows = []
+    for i in range(min(num_samples, plan.masks[next(iter(plan.masks))].shape[0])):
+        one = {k: v[i:i + 1] if isinstance(v, Tensor) else v for k, v in batch.items()}
+        one_plan = MaskPlan({k: m[i:i + 1] for k, m in plan.masks.items()})
+        rows.append(panel(model, one, one_plan, 0, size, f"sample {i}: random masks"))
+        rows.append(panel(model, {source.key: one[source.key]}, None, 0, size, f"sample {i}: from {source.name} only"))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    return torch.from_numpy(np.concatenate(rows, axis=0)).permute(2, 0, 1).contiguous()
+
+
+def save_png(image: Tensor, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
+def reconstruction_figure(model: MultiMAE, cfg: Any, num_samples: int = 2) -> Tensor:
+    """The figure on held-out samples of a run's data config (used by the trainer)."""
+    from multimae.training.pipeline import eval_batches
+
+    was_training = model.training
+    model.eval()
+    batch, plan = next(iter(eval_batches(model, cfg, batch_size=num_samples, limit=num_samples)))
+    fig = reconstruction_grid(model, batch, plan, num_samples)
+    model.train(was_training)
+    return fig
