@@ -1,0 +1,47 @@
+"""The data layer: synthetic scenes, folder and shard datasets, paired transforms, collation.
+
+Every dataset yields *raw samples*, dicts with (a configured subset of):
+
+* ``rgb`` uint8 (3,H,W); ``depth`` float32 (1,H,W), 0 = invalid; ``semseg`` int64 (H,W);
+  ``normals`` float32 (3,H,W) camera-frame unit vectors; ``label`` int64 (); ``caption`` str;
+* ``__key__`` str, the sample id.
+
+:class:`~multimae.data.transforms.PairedTransform` turns a raw sample into a model-ready one and
+:func:`collate` stacks those into a batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from multimae.data.errors import DataError
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack a list of samples into a batch.
+
+    Tensors are stacked (a 0-dim ``label`` becomes (B,)), str fields (``caption``, ``__key__``)
+    become lists of str, Python numbers become tensors; every sample must have the same keys.
+    """
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    keys = list(samples[0])
+    for s in samples[1:]:
+        if set(s) != set(keys):
+            raise DataError(f"cannot collate sample {s.get('__key__', '?')}: keys {sorted(s)} differ "
+                            f"from {sorted(keys)} of sample {samples[0].get('__key__', '?')}")
+    batch: dict = {}
+    for k in keys:
+        vals = [s[k] for s in samples]
+        if torch.is_tensor(vals[0]):
+            shapes = {tuple(v.shape) for v in vals}
+            if len(shapes) > 1:
+                raise DataError(f"cannot collate {k!r}: shapes differ {sorted(shapes)}")
+            batch[k] = torch.stack(vals)
+        elif isinstance(vals[0], (bool, int, float)):
+            batch[k] = torch.tensor(vals)
+        else:
+            batch[k] = list(vals)
+    return batch
+
+
+__all__ = ["DataError", "collate"]

@@ -1,0 +1,244 @@
+"""Encoding and decoding of sample fields, shared by the folder and shard formats.
+
+How a file is decoded depends on the modality's kind and the file extension, never its name:
+
+* ``image``: jpg / png / webp / bmp / tif -> uint8 (C,H,W) with C = ``spec.channels``.
+* ``dense``: ``.npy`` -> float32 as stored; 16-bit PNG -> ``value * png_scale`` (1,H,W) (the
+  official MultiMAE code reads depth PNGs as ``value / 2**16``, the default here); 8-bit PNG ->
+  signed unit values ``value / 127.5 - 1`` (how surface normals are usually stored).
+* ``categorical``: 8- or 16-bit single-channel PNG, or ``.npy`` -> int64 (H,W).
+* ``text``: ``.txt`` UTF-8; the image-level label: ``.cls`` holding a decimal integer.
+
+16-bit PNGs are decoded by hand (PIL mode ``I;16`` -> numpy uint16) so that no value is lost.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from multimae.data.errors import DataError
+from multimae.modalities import ModalitySpec
+
+OFFICIAL_PNG_SCALE = 1.0 / 2**16  # what the official code multiplies 16-bit depth PNGs by
+DEFAULT_WRITE_PNG_SCALE = 1e-3  # our writers store metric depth in millimetres
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+EXTS: dict[str, tuple[str, ...]] = {
+    "image": IMAGE_EXTS, "dense": ("png", "npy", "tif", "tiff"), "categorical": ("png", "npy"),
+    "text": ("txt",),
+}
+LABEL_KEY = "label"
+
+PngScale = float | Mapping[str, float] | None
+
+
+def scale_for(png_scale: PngScale, key: str, default: float = OFFICIAL_PNG_SCALE) -> float:
+    """The 16-bit PNG scale of field ``key`` from a number, a per-key mapping, or None (default)."""
+    if png_scale is None:
+        return default
+    if isinstance(png_scale, Mapping):
+        return float(png_scale.get(key, default))
+    return float(png_scale)
+
+
+def _open_image(data: bytes, where: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{where}: truncated or not an image ({type(e).__name__}: {e})") from None
+    return img
+
+
+def _image_array(img: Image.Image) -> np.ndarray:
+    """Pixel values with their full bit depth: uint8, uint16 or int32, (H,W) or (H,W,C)."""
+    if img.mode.startswith("I;16"):
+        arr = np.asarray(img).astype(np.uint16)  # "I;16B" arrays are big-endian; astype makes them native
+        return arr
+    if img.mode == "P":
+        return np.asarray(img)  # palette indices, as class-id maps are often stored
+    return np.asarray(img)
+
+
+def decode_image(data: bytes, channels: int, where: str) -> Tensor:
+    """An 8-bit image file -> uint8 (C,H,W)."""
+    img = _open_image(data, where)
+    mode = {3: "RGB", 1: "L", 4: "RGBA"}.get(channels)
+    if mode is None:
+        raise DataError(f"{where}: cannot read a {channels}-channel image from an image file; use .npy")
+    arr = np.asarray(img.convert(mode))
+    return torch.from_numpy(np.ascontiguousarray(arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1)))
+
+
+def _load_npy(data: bytes, where: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{where}: not a readable .npy array ({e})") from None
+
+
+def _chw(arr: np.ndarray, channels: int, where: str) -> np.ndarray:
+    """(H,W) / (C,H,W) / (H,W,C) -> (C,H,W) with C == channels."""
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.ndim == 3 and arr.shape[0] != channels and arr.shape[-1] == channels:
+        arr = arr.transpose(2, 0, 1)
+    if arr.ndim != 3 or arr.shape[0] != channels:
+        raise DataError(f"{where}: expected {channels} channel(s), got an array of shape {tuple(arr.shape)}")
+    return arr
+
+
+def decode_dense(data: bytes, ext: str, channels: int, png_scale: float, where: str) -> Tensor:
+    """A dense map file -> float32 (C,H,W); see the module doc for the encodings."""
+    if ext == "npy":
+        arr = _load_npy(data, where)
+        if not np.issubdtype(arr.dtype, np.number):
+            raise DataError(f"{where}: expected a numeric array, got dtype {arr.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(_chw(arr, channels, where), dtype=np.float32))
+    arr = _image_array(_open_image(data, where))
+    if arr.dtype == np.uint8:
+        out = arr.astype(np.float32) / 127.5 - 1.0
+    else:
+        out = (arr.astype(np.float64) * png_scale).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(_chw(out, channels, where)))
+
+
+def decode_categorical(data: bytes, ext: str, where: str) -> Tensor:
+    """A class-id map file (8/16-bit PNG or .npy) -> int64 (H,W)."""
+    arr = _load_npy(data, where) if ext == "npy" else _image_array(_open_image(data, where))
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise DataError(f"{where}: class-id maps must be single-channel, got shape {tuple(arr.shape)}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{where}: class ids must be integers, got dtype {arr.dtype}")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def decode_text(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text ({e})") from None
+
+
+def decode_label(data: bytes, where: str) -> Tensor:
+    try:
+        return torch.tensor(int(data.decode("ascii").strip()), dtype=torch.int64)
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"{where}: a label must be a decimal integer, got {data[:32]!r}") from None
+
+
+def decode_field(data: bytes, ext: str, spec: ModalitySpec, png_scale: float, where: str) -> Tensor | str:
+    """Decode one field of modality ``spec`` stored with extension ``ext``."""
+    ext = ext.lower()
+    if ext not in EXTS[spec.kind]:
+        raise DataError(f"{where}: a {spec.kind} modality cannot be read from a .{ext} file "
+                        f"(expected one of {EXTS[spec.kind]})")
+    if spec.kind == "image":
+        return decode_image(data, spec.channels, where)
+    if spec.kind == "dense":
+        return decode_dense(data, ext, spec.channels, png_scale, where)
+    if spec.kind == "categorical":
+        return decode_categorical(data, ext, where)
+    return decode_text(data, where)
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def validate_field(value: object, spec: ModalitySpec, where: str) -> None:
+    """Check one decoded field against its spec; DataError naming ``where`` otherwise."""
+    if spec.kind == "text":
+        if not isinstance(value, str):
+            raise DataError(f"{where}: expected text, got {type(value).__name__}")
+        return
+    if not torch.is_tensor(value):
+        raise DataError(f"{where}: expected a tensor, got {type(value).__name__}")
+    if spec.kind == "categorical":
+        if value.ndim != 2 or value.dtype != torch.int64:
+            raise DataError(f"{where}: expected int64 (H,W) class ids, got {value.dtype} {tuple(value.shape)}")
+        if value.numel() and (int(value.max()) >= spec.num_classes or int(value.min()) < 0):
+            bad = int(value.max()) if int(value.max()) >= spec.num_classes else int(value.min())
+            raise DataError(f"{where}: class id {bad} outside [0, num_classes {spec.num_classes})")
+        return
+    if value.ndim != 3 or value.shape[0] != spec.channels:
+        raise DataError(f"{where}: expected ({spec.channels},H,W), got shape {tuple(value.shape)}")
+    if spec.kind == "dense":
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise DataError(f"{where}: {bad} NaN/inf value(s); mark invalid pixels with 0")
+        if spec.standardize == "robust" and not bool((value != 0).any()):
+            raise DataError(f"{where}: no valid pixel (every value is 0)")
+
+
+# --- encoding (writers) --------------------------------------------------------------------------
+
+
+def _png_bytes(arr: np.ndarray, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def encode_png16(arr: np.ndarray) -> bytes:
+    """uint16 (H,W) -> 16-bit grayscale PNG bytes (lossless)."""
+    return _png_bytes(np.ascontiguousarray(arr, dtype=np.uint16), compress_level=1)
+
+
+def encode_field(value: object, key: str, image_format: str = "jpg", png_scale: float = DEFAULT_WRITE_PNG_SCALE,
+                 where: str = "") -> tuple[str, bytes]:
+    """Encode one raw-sample field; returns ``(extension, bytes)``.
+
+    By type: uint8 (C,H,W) -> ``image_format`` (jpg quality 95 or png); int64 (H,W) -> 8- or
+    16-bit PNG; float (1,H,W) -> 16-bit PNG of ``round(value / png_scale)``; float (C,H,W) with
+    values in [-1, 1] -> 8-bit PNG of ``round((value + 1) * 127.5)``; str -> txt; 0-dim int -> cls.
+    """
+    where = where or key
+    if isinstance(value, str):
+        return "txt", value.encode("utf-8")
+    if not torch.is_tensor(value):
+        raise TypeError(f"{where}: cannot encode a {type(value).__name__}")
+    if value.ndim == 0:
+        return "cls", str(int(value)).encode("ascii")
+    arr = value.detach().cpu().numpy()
+    if arr.dtype == np.uint8 and arr.ndim == 3:
+        hwc = np.ascontiguousarray(arr.transpose(1, 2, 0))
+        hwc = hwc[..., 0] if hwc.shape[-1] == 1 else hwc
+        if image_format in ("jpg", "jpeg"):
+            buf = io.BytesIO()
+            Image.fromarray(hwc).save(buf, format="JPEG", quality=95)
+            return "jpg", buf.getvalue()
+        return "png", _png_bytes(hwc, compress_level=1)
+    if np.issubdtype(arr.dtype, np.integer) and arr.ndim == 2:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise DataError(f"{where}: class ids must lie in [0, 65535] to be stored as PNG, got [{lo}, {hi}]")
+        return "png", _png_bytes(arr.astype(np.uint8 if hi < 256 else np.uint16), compress_level=1)
+    if np.issubdtype(arr.dtype, np.floating) and arr.ndim == 3:
+        if not np.isfinite(arr).all():
+            raise DataError(f"{where}: NaN/inf values cannot be stored; mark invalid pixels with 0")
+        if arr.shape[0] == 1:
+            q = np.rint(arr[0].astype(np.float64) / png_scale)
+            if q.min() < 0 or q.max() > 65535:
+                raise DataError(f"{where}: values [{arr.min():.4g}, {arr.max():.4g}] do not fit a 16-bit PNG at "
+                                f"png_scale {png_scale:g} (max {65535 * png_scale:.4g})")
+            return "png", encode_png16(q.astype(np.uint16))
+        if arr.min() < -1 - 1e-4 or arr.max() > 1 + 1e-4:
+            raise DataError(f"{where}: multi-channel float maps are stored as signed unit values; got range "
+                            f"[{arr.min():.4g}, {arr.max():.4g}] (save as .npy instead)")
+        q = np.clip(np.rint((arr + 1) * 127.5), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        return "png", _png_bytes(np.ascontiguousarray(q), compress_level=1)
+    raise TypeError(f"{where}: cannot encode a tensor of dtype {value.dtype} and shape {tuple(value.shape)}")
+
+
+def png16_exact(scale: float) -> bool:
+    """Whether ``value * scale`` in float32 maps back to the same uint16 (true for our scales)."""
+    v = np.arange(65536, dtype=np.float64)
+    return bool(np.array_equal(np.rint((v * scale).astype(np.float32).astype(np.float64) / scale), v)) \
+        and math.isfinite(scale)

@@ -1,0 +1,82 @@
+"""Data errors and the ``on_error`` policy shared by every dataset.
+
+Every problem with input data raises :class:`DataError` whose message names the file path or the
+sample key and says what is wrong. Datasets built with ``on_error="skip"`` instead drop the sample,
+log a warning naming it, and count it in ``dataset.skipped``: nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.context
+from typing import Literal
+
+OnError = Literal["raise", "skip"]
+
+log = logging.getLogger("multimae.data")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file or sample key and what is wrong."""
+
+
+def check_on_error(on_error: str) -> OnError:
+    """Validate an ``on_error`` policy value."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    return on_error  # type: ignore[return-value]
+
+
+class SkipCounter:
+    """Counts skipped samples across DataLoader worker processes.
+
+    The count lives in shared memory, so the copy of a dataset inside a worker process adds to
+    the number the main process reads. Pickling it outside process start-up (e.g. ``deepcopy``)
+    keeps a plain snapshot of the count instead.
+    """
+
+    def __init__(self) -> None:
+        self._value = multiprocessing.Value("q", 0)
+        self._local = 0
+
+    @property
+    def value(self) -> int:
+        return int(self._value.value) if self._value is not None else self._local
+
+    def add(self, n: int = 1) -> None:
+        if self._value is not None:
+            with self._value.get_lock():
+                self._value.value += n
+        else:
+            self._local += n
+
+    def __getstate__(self) -> dict:
+        if multiprocessing.context.get_spawning_popen() is not None:
+            return {"_value": self._value, "_local": 0}
+        return {"_value": None, "_local": self.value}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+class ErrorPolicy:
+    """Applies an ``on_error`` policy: raise the DataError, or warn + count + skip."""
+
+    def __init__(self, on_error: str = "raise") -> None:
+        self.on_error: OnError = check_on_error(on_error)
+        self.counter = SkipCounter()
+
+    @property
+    def skipped(self) -> int:
+        return self.counter.value
+
+    def handle(self, err: DataError) -> None:
+        """Re-raise ``err`` under ``raise``; otherwise log it and count one skipped sample."""
+        if self.on_error == "raise":
+            raise err
+        self.counter.add(1)
+        log.warning("skipping bad sample: %s", err)
+
+    def summary(self, what: str = "dataset") -> str:
+        """A one-line report, e.g. for the end of an epoch."""
+        return f"{what}: {self.skipped} bad sample(s) skipped (on_error={self.on_error})"

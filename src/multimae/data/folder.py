@@ -1,0 +1,207 @@
+"""Folder-per-modality datasets in the official MultiMAE layout, and a writer for it.
+
+Layout: ``root/<split>/<modality>/<class or "all">/<name>.<ext>``, the same ``<class>/<name>``
+under every modality. The class directory gives the image-level label (index of the class in the
+sorted class-directory names, or in ``classes`` of ``root/multimae_data.json`` when present);
+``all`` means unlabelled. ``multimae_data.json`` (written by :func:`write_folder`) may also give
+the 16-bit PNG scale of dense modalities; without it they are read as ``value / 2**16`` like the
+official code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from multimae.data.codecs import (
+    DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, decode_field, encode_field, scale_for,
+)
+from multimae.data.errors import DataError, ErrorPolicy
+from multimae.data.fields import resolve_fields, validate_sample
+from multimae.modalities import ModalitySpec
+
+META_FILE = "multimae_data.json"
+UNLABELLED = "all"
+
+
+def read_meta(root: str | os.PathLike) -> dict:
+    """The dataset metadata ``root/multimae_data.json``, or {} when there is none."""
+    path = Path(root) / META_FILE
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable dataset metadata ({e})") from None
+
+
+def _list_modality(mdir: Path, spec: ModalitySpec) -> dict[tuple[str, str], Path]:
+    """``(class, name) -> file`` for one modality directory."""
+    if not mdir.is_dir():
+        raise DataError(f"{mdir}: modality directory not found "
+                        "(expected root/<split>/<modality>/<class or all>/<name>.<ext>)")
+    exts = {f".{e}" for e in EXTS[spec.kind]}
+    files: dict[tuple[str, str], Path] = {}
+    for cdir in sorted(p for p in mdir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for entry in os.scandir(cdir):
+            stem, ext = os.path.splitext(entry.name)
+            if entry.name.startswith(".") or ext.lower() not in exts or not entry.is_file():
+                continue
+            if (cdir.name, stem) in files:
+                raise DataError(f"{cdir / entry.name}: two files for sample {cdir.name}/{stem} "
+                                f"({files[(cdir.name, stem)].name} and {entry.name})")
+            files[(cdir.name, stem)] = Path(entry.path)
+    if not files:
+        raise DataError(f"{mdir}: empty, no .{'/.'.join(EXTS[spec.kind])} files under its class directories")
+    return files
+
+
+class FolderDataset(Dataset):
+    """Aligned modalities from a folder tree (official MultiMAE layout), yielding raw samples.
+
+    Args:
+        root: dataset root; samples are read from ``root/split``.
+        split: e.g. ``train`` or ``val``.
+        modalities: names of registered modalities, dicts or specs; each is read from the
+            directory named by its batch key (``spec.key``). Add ``"label"`` to require labels.
+        transform: applied to each raw sample (e.g. :class:`~multimae.data.transforms.PairedTransform`).
+        on_error: ``raise`` a DataError naming the file, or ``skip``: warn, count in
+            ``self.skipped`` and return the next good sample instead.
+        label_from_class_dir: yield ``label`` (int64 ()) from the class directory unless it is "all".
+        png_scale: 16-bit PNG scale(s) of dense modalities; None: metadata, else ``1 / 2**16``.
+
+    Missing files are found when the index is built: with ``raise`` the constructor fails, with
+    ``skip`` those samples are left out of the index (and counted).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, modalities: Sequence[str | dict | ModalitySpec],
+                 transform: Callable[[dict], dict] | None = None, on_error: str = "raise",
+                 label_from_class_dir: bool = True, png_scale: PngScale = None) -> None:
+        self.root, self.split, self.transform = Path(root), split, transform
+        self.specs, want_label = resolve_fields(modalities)
+        self.policy = ErrorPolicy(on_error)
+        meta = read_meta(root)
+        self.png_scale = {k: scale_for(png_scale if png_scale is not None else meta.get("png_scale"), k,
+                                       OFFICIAL_PNG_SCALE) for k in self.specs}
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            raise DataError(f"{split_dir}: split directory not found")
+        listing = {key: _list_modality(split_dir / key, spec) for key, spec in self.specs.items()}
+        self.samples = self._complete(listing, split_dir)
+        if not self.samples:
+            raise DataError(f"{split_dir}: no sample has every modality {list(self.specs)}")
+        class_dirs = sorted({next(iter(f.values())).parent.name for f in self.samples})
+        self.classes: list[str] = list(meta.get("classes") or [c for c in class_dirs if c != UNLABELLED])
+        labelled = class_dirs != [UNLABELLED]
+        if labelled and UNLABELLED in class_dirs:
+            raise DataError(f"{split_dir}: mixes an '{UNLABELLED}' directory with class directories {class_dirs}")
+        unknown = sorted(set(class_dirs) - set(self.classes) - {UNLABELLED})
+        if unknown:
+            raise DataError(f"{split_dir}: class directories {unknown} are not in {META_FILE} classes")
+        if want_label and not labelled:
+            raise DataError(f"{split_dir}: 'label' requested but samples are under '{UNLABELLED}/', not class directories")
+        self.with_label = labelled and (label_from_class_dir or want_label)
+
+    def _complete(self, listing: dict[str, dict[tuple[str, str], Path]], split_dir: Path) -> list[dict[str, Path]]:
+        """Samples having a file for every modality; a missing one is an error (or skipped)."""
+        names = sorted(set().union(*listing.values()))
+        out: list[dict[str, Path]] = []
+        for cname in names:
+            missing = [k for k, files in listing.items() if cname not in files]
+            if missing:
+                k = missing[0]
+                exts = "|".join(EXTS[self.specs[k].kind])
+                self.policy.handle(DataError(
+                    f"sample {cname[0]}/{cname[1]}: missing {k} file {split_dir / k / cname[0] / cname[1]}.<{exts}>"
+                ))
+                continue
+            out.append({k: files[cname] for k, files in listing.items()})
+        return out
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far (index building and loading, summed over worker processes)."""
+        return self.policy.skipped
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def key(self, index: int) -> str:
+        """Sample id ``<class>/<name>``."""
+        path = next(iter(self.samples[index].values()))
+        return f"{path.parent.name}/{path.stem}"
+
+    def files(self, index: int) -> dict[str, Path]:
+        """The file of each modality of sample ``index``."""
+        return dict(self.samples[index])
+
+    def load(self, index: int) -> dict:
+        """Decode and validate sample ``index`` (no transform); DataError naming the file if bad."""
+        files = self.samples[index]
+        sample: dict = {"__key__": self.key(index)}
+        where = {k: f"{k} file {p}" for k, p in files.items()}
+        for key, path in files.items():
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise DataError(f"{where[key]}: unreadable ({e})") from None
+            sample[key] = decode_field(data, path.suffix[1:], self.specs[key], self.png_scale[key], where[key])
+        validate_sample(sample, self.specs, where, f"sample {sample['__key__']} in {self.root / self.split}")
+        if self.with_label:
+            sample[LABEL_KEY] = _label_tensor(self.classes.index(next(iter(files.values())).parent.name))
+        return sample
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.samples)
+        for attempt in range(n):
+            try:
+                sample = self.load((index + attempt) % n)
+                return self.transform(sample) if self.transform is not None else sample
+            except DataError as err:
+                self.policy.handle(err)
+        raise DataError(f"{self.root / self.split}: every one of the {n} samples is bad")
+
+
+def _label_tensor(i: int) -> torch.Tensor:
+    return torch.tensor(i, dtype=torch.int64)
+
+
+def write_folder(samples: Iterable[dict], root: str | os.PathLike, split: str, image_format: str = "png",
+                 png_scale: float = DEFAULT_WRITE_PNG_SCALE, classes: Sequence[str] | None = None) -> int:
+    """Write raw samples in the folder layout; returns the number written.
+
+    A sample with a ``label`` goes under ``classes[label]`` (when ``classes`` is given), else under
+    ``all``. Single-channel float maps become 16-bit PNGs of ``round(value / png_scale)``; the
+    scale and the classes are recorded in ``root/multimae_data.json``.
+    """
+    root = Path(root)
+    png16: set[str] = set()
+    count = 0
+    for sample in samples:
+        name = str(sample["__key__"]).replace("/", "_")
+        label = sample.get(LABEL_KEY)
+        cdir = classes[int(label)] if classes is not None and label is not None else UNLABELLED
+        for key, value in sample.items():
+            if key.startswith("__") or key == LABEL_KEY:
+                continue
+            ext, data = encode_field(value, key, image_format, png_scale, where=f"sample {name} field {key}")
+            if ext == "png" and getattr(value, "is_floating_point", lambda: False)() and value.shape[0] == 1:
+                png16.add(key)
+            path = root / split / key / cdir / f"{name}.{ext}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        count += 1
+    meta = read_meta(root)
+    meta.update(format="multimae-folder", version=1)
+    meta["png_scale"] = {**meta.get("png_scale", {}), **{k: png_scale for k in sorted(png16)}}
+    if classes is not None:
+        meta["classes"] = list(classes)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return count

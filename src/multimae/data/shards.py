@@ -1,0 +1,317 @@
+"""WebDataset shards: one tar entry group per sample holding every modality.
+
+A sample ``k`` is stored as ``k.rgb.jpg``, ``k.depth.png`` (16-bit), ``k.semseg.png``,
+``k.caption.txt``, ``k.cls`` (the image-level label) and ``k.json`` (``{"png_scale": {...}}`` for
+16-bit PNG fields). Reading uses webdataset's tar iteration and grouping; decoding is ours, so
+16-bit PNGs keep every bit (see :mod:`multimae.data.codecs`).
+
+Splitting: shards are shuffled per epoch (same order on every rank), split by rank, then by
+DataLoader worker. When there are fewer shards than ranks (or than a rank's workers) the split
+falls back to samples: a shard's ``i``-th sample goes to rank ``i % world_size``. The union over
+ranks and workers is then still every sample exactly once. ``samples_per_rank`` makes every rank
+yield the same number of samples per epoch (repeating or truncating its stream), as DDP needs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tarfile
+from typing import Callable, Iterable, Iterator, Literal, Sequence
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from multimae.data.codecs import (
+    DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, decode_field, decode_label, encode_field,
+    scale_for,
+)
+from multimae.data.errors import DataError, ErrorPolicy
+from multimae.data.fields import resolve_fields, validate_sample
+from multimae.data.transforms import stable_seed
+from multimae.modalities import ModalitySpec
+
+LABEL_FIELD = "cls"
+META_FIELD = "json"
+
+
+def _encode_sample(sample: dict, image_format: str, png_scale: float) -> dict:
+    key = str(sample["__key__"])
+    if "." in key.rsplit("/", 1)[-1]:
+        raise DataError(f"sample {key}: a shard key cannot contain '.' (it separates the key from the field)")
+    obj: dict = {"__key__": key}
+    scales: dict[str, float] = dict(sample.get("__png_scale__", {}))
+    for name, value in sample.items():
+        if name.startswith("__"):
+            continue
+        if isinstance(value, (bytes, bytearray)):  # pre-encoded, e.g. "rgb.jpg" copied from a file
+            obj[name] = bytes(value)
+            continue
+        ext, data = encode_field(value, name, image_format, png_scale, where=f"sample {key} field {name}")
+        if name == LABEL_KEY and ext == "cls":
+            obj[LABEL_FIELD] = data
+            continue
+        if ext == "png" and torch.is_tensor(value) and value.is_floating_point() and value.shape[0] == 1:
+            scales[name] = png_scale
+        obj[f"{name}.{ext}"] = data
+    if scales:
+        obj[META_FIELD] = json.dumps({"png_scale": scales}, sort_keys=True).encode()
+    return obj
+
+
+def write_shards(samples: Iterable[dict], out_pattern: str, max_count: int, image_format: str = "jpg",
+                 png_scale: float = DEFAULT_WRITE_PNG_SCALE) -> list[str]:
+    """Write raw samples into tar shards of at most ``max_count`` samples; returns their paths.
+
+    ``out_pattern`` holds a ``%d``-style field for the shard number (``/x/shard-%06d.tar``).
+    Fields are encoded by :func:`multimae.data.codecs.encode_field`; a ``bytes`` value whose name
+    has an extension (``"rgb.jpg"``) is stored as is. Each shard is written to a temporary name
+    and renamed when complete, and entries carry a fixed mtime, so output is reproducible.
+    """
+    if max_count < 1:
+        raise ValueError(f"max_count must be >= 1, got {max_count}")
+    try:
+        out_pattern % 0
+    except TypeError:
+        raise ValueError(f"out_pattern {out_pattern!r} needs a %d field for the shard number, e.g. shard-%06d.tar") from None
+    paths: list[str] = []
+    writer: wds.TarWriter | None = None
+    count = 0
+    try:
+        for sample in samples:
+            if writer is None or count >= max_count:
+                if writer is not None:
+                    writer.close()
+                    os.replace(paths[-1] + ".tmp", paths[-1])
+                paths.append(out_pattern % len(paths))
+                os.makedirs(os.path.dirname(os.path.abspath(paths[-1])), exist_ok=True)
+                writer, count = wds.TarWriter(paths[-1] + ".tmp", encoder=False, mtime=0.0), 0
+            writer.write(_encode_sample(sample, image_format, png_scale))
+            count += 1
+    finally:
+        if writer is not None:
+            writer.close()
+            if os.path.exists(paths[-1] + ".tmp"):
+                os.replace(paths[-1] + ".tmp", paths[-1])
+    return paths
+
+
+def folder_samples(folder: "FolderDataset") -> Iterator[dict]:  # noqa: F821 (doc type)
+    """Samples of a FolderDataset with each file's original bytes, for a lossless copy to shards.
+
+    Every sample is decoded and validated first (errors follow the dataset's ``on_error``).
+    """
+    for i in range(len(folder)):
+        try:
+            folder.load(i)
+        except DataError as err:
+            folder.policy.handle(err)
+            continue
+        out: dict = {"__key__": folder.key(i), "__png_scale__": {}}
+        for key, path in folder.files(i).items():
+            ext = path.suffix[1:].lower()
+            out[f"{key}.{ext}"] = path.read_bytes()
+            if folder.specs[key].kind == "dense" and ext == "png":
+                out["__png_scale__"][key] = folder.png_scale[key]
+        if folder.with_label:
+            out[LABEL_KEY] = torch.tensor(folder.classes.index(path.parent.name))
+        yield out
+
+
+def count_samples(urls: str | Sequence[str]) -> int:
+    """Number of samples (distinct keys) in local shards, reading tar headers only."""
+    total = 0
+    for url in expand_urls(urls) if isinstance(urls, str) else list(urls):
+        keys: set[str] = set()
+        with tarfile.open(url) as tar:
+            for info in tar:
+                if info.isreg():
+                    base = os.path.basename(info.name)
+                    keys.add(os.path.join(os.path.dirname(info.name), base.split(".", 1)[0]))
+        total += len(keys)
+    return total
+
+
+def assign_shards(num_shards: int, rank: int, world_size: int, worker: int, num_workers: int
+                  ) -> tuple[list[int], tuple[int, int] | None, tuple[int, int] | None]:
+    """Which shards one (rank, worker) reads, and sample-level filters when shards are too few.
+
+    Returns ``(shard indices, rank filter, worker filter)``; a filter ``(m, r)`` keeps the ``i``-th
+    sample of a shard when ``i % m == r`` (the worker filter counts samples the rank kept).
+    """
+    shards = list(range(num_shards))
+    rank_filter = None
+    if num_shards >= world_size:
+        shards = shards[rank::world_size]
+    else:
+        rank_filter = (world_size, rank)
+    worker_filter = None
+    if len(shards) >= num_workers:
+        shards = shards[worker::num_workers]
+    else:
+        worker_filter = (num_workers, worker)
+    return shards, rank_filter, worker_filter
+
+
+def _shuffle(items: Iterable, size: int, rng: random.Random) -> Iterator:
+    """Shuffle a stream with a buffer of ``size`` items."""
+    if size < 2:
+        yield from items
+        return
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(size)
+        yield buf[j]
+        buf[j] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardDataset(IterableDataset):
+    """Raw (or transformed) samples streamed from WebDataset shards.
+
+    Args:
+        urls: shard paths or a brace pattern (``/x/shard-{000000..000009}.tar``).
+        modalities: registered names, dicts or specs; add ``"label"`` to read ``cls``.
+        transform: applied to each decoded sample; its ``set_epoch`` is called if it has one.
+        shuffle_buffer: samples held for shuffling (0 or 1: stream order).
+        seed: seeds shard order and buffer shuffling (with epoch, rank and worker).
+        on_error: ``raise`` a DataError naming the sample key and shard, or ``skip`` (counted).
+        rank, world_size: default to the RANK / WORLD_SIZE environment variables, else 0 / 1.
+        samples_per_rank: exact samples per rank per epoch; ``"auto"`` counts the samples in the
+            shards (tar headers) and takes ``ceil(count / world_size)``. None: one pass as is.
+        png_scale: scale of 16-bit PNGs lacking a ``json`` record; default ``1 / 2**16``.
+
+    Each ``__iter__`` is one epoch: the one set by :meth:`set_epoch`, else the previous + 1 (so
+    persistent DataLoader workers still change the order every epoch).
+    """
+
+    def __init__(self, urls: str | Sequence[str], modalities: Sequence[str | dict | ModalitySpec],
+                 transform: Callable[[dict], dict] | None = None, shuffle_buffer: int = 1000, seed: int = 0,
+                 on_error: str = "raise", rank: int | None = None, world_size: int | None = None,
+                 samples_per_rank: int | Literal["auto"] | None = None, png_scale: PngScale = None) -> None:
+        self.urls = expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]
+        if not self.urls:
+            raise DataError(f"no shards in {urls!r}")
+        self.specs, self.with_label = resolve_fields(modalities)
+        self.transform, self.shuffle_buffer, self.seed = transform, shuffle_buffer, seed
+        self.policy = ErrorPolicy(on_error)
+        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} not in [0, world_size {self.world_size})")
+        if samples_per_rank == "auto":
+            samples_per_rank = math.ceil(count_samples(self.urls) / self.world_size)
+        self.samples_per_rank = samples_per_rank
+        self.png_scale = png_scale
+        self.epoch, self._epoch_set, self._last_epoch = 0, True, -1
+
+    @property
+    def skipped(self) -> int:
+        """Bad samples skipped so far, summed over worker processes."""
+        return self.policy.skipped
+
+    def __len__(self) -> int:
+        if self.samples_per_rank is None:
+            raise TypeError("ShardDataset has a length only with samples_per_rank")
+        return int(self.samples_per_rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch`` for the next iteration (shard order, shuffling, transform)."""
+        self.epoch, self._epoch_set = epoch, True
+
+    def _next_epoch(self) -> int:
+        epoch = self.epoch if self._epoch_set else self._last_epoch + 1
+        self._epoch_set, self._last_epoch = False, epoch
+        return epoch
+
+    def _read_shard(self, url: str) -> Iterator[dict]:
+        """Raw byte samples of one shard; a broken tar raises DataError naming it."""
+        try:
+            stream = group_by_keys(tar_file_expander(url_opener([{"url": url}])))
+            yield from stream
+        except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+            raise DataError(f"shard {url}: truncated or not a tar file ({type(e).__name__}: {e})") from None
+
+    def _raw_stream(self, shard_ids: list[int], order: list[str], rank_filter, worker_filter) -> Iterator[dict]:
+        for s in shard_ids:
+            url = order[s]
+            kept = 0
+            try:
+                for i, raw in enumerate(self._read_shard(url)):
+                    if rank_filter and i % rank_filter[0] != rank_filter[1]:
+                        continue
+                    kept += 1
+                    if worker_filter and (kept - 1) % worker_filter[0] != worker_filter[1]:
+                        continue
+                    raw["__url__"] = url
+                    yield raw
+            except DataError as err:
+                self.policy.handle(err)
+
+    def decode(self, raw: dict) -> dict:
+        """Bytes fields of one tar sample -> a validated raw sample; DataError if bad."""
+        key, url = raw["__key__"], raw.get("__url__", "?")
+        where = f"sample {key} in shard {url}"
+        meta = json.loads(raw[META_FIELD]) if META_FIELD in raw else {}
+        scales = meta.get("png_scale", {}) if isinstance(meta, dict) else {}
+        sample: dict = {"__key__": key}
+        for name, spec in self.specs.items():
+            field = next((f"{name}.{e}" for e in EXTS[spec.kind] if f"{name}.{e}" in raw), None)
+            if field is None and spec.kind == "text" and "txt" in raw:
+                field = "txt"
+            if field is None:
+                present = sorted(k for k in raw if not k.startswith("__"))
+                raise DataError(f"{where}: missing key '{name}.{EXTS[spec.kind][0]}' (has {present})")
+            scale = float(scales.get(name, scale_for(self.png_scale, name, OFFICIAL_PNG_SCALE)))
+            sample[name] = decode_field(raw[field], field.rsplit(".", 1)[-1], spec, scale, f"{where}: {field}")
+        validate_sample(sample, self.specs, {k: f"{where}: {k}" for k in self.specs}, where)
+        if self.with_label:
+            if LABEL_FIELD not in raw:
+                raise DataError(f"{where}: missing key '{LABEL_FIELD}' (has {sorted(k for k in raw if not k.startswith('__'))})")
+            sample[LABEL_KEY] = decode_label(raw[LABEL_FIELD], f"{where}: {LABEL_FIELD}")
+        return sample
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = self._next_epoch()
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.transform is not None and hasattr(self.transform, "set_epoch"):
+            self.transform.set_epoch(epoch)
+        order = list(self.urls)
+        random.Random(stable_seed(self.seed, epoch, "shards")).shuffle(order)
+        ids, rank_filter, worker_filter = assign_shards(len(order), self.rank, self.world_size, worker, num_workers)
+        quota = None
+        if self.samples_per_rank is not None:
+            n = int(self.samples_per_rank)
+            quota = n // num_workers + (1 if worker < n % num_workers else 0)
+            if quota == 0:
+                return
+        produced, rounds = 0, 0
+        while True:
+            rng = random.Random(stable_seed(self.seed, epoch, rounds, self.rank, worker))
+            good = 0
+            for raw in _shuffle(self._raw_stream(ids, order, rank_filter, worker_filter), self.shuffle_buffer, rng):
+                try:
+                    sample = self.decode(raw)
+                except DataError as err:
+                    self.policy.handle(err)
+                    continue
+                good += 1
+                yield self.transform(sample) if self.transform is not None else sample
+                produced += 1
+                if quota is not None and produced >= quota:
+                    return
+            if quota is None:
+                return
+            if good == 0:
+                raise DataError(f"rank {self.rank} worker {worker}: no usable sample in shards "
+                                f"{[order[i] for i in ids] or order}")
+            rounds += 1
