@@ -195,7 +195,7 @@ def encode_field(value: object, key: str, image_format: str = "jpg", png_scale: 
                  where: str = "") -> tuple[str, bytes]:
     """Encode one raw-sample field; returns ``(extension, bytes)``.
 
-    By type: uint8 (C,H,W) -> ``image_format`` (jpg quality 95 or png); int64 (H,W) -> 8- or
+    By type: uint8 (C,H,W) -> ``image_format`` (jpg quality 95 without chroma subsampling, or png); int64 (H,W) -> 8- or
     16-bit PNG; float (1,H,W) -> 16-bit PNG of ``round(value / png_scale)``; float (C,H,W) with
     values in [-1, 1] -> 8-bit PNG of ``round((value + 1) * 127.5)``; str -> txt; 0-dim int -> cls.
     """
@@ -212,7 +212,7 @@ def encode_field(value: object, key: str, image_format: str = "jpg", png_scale: 
         hwc = hwc[..., 0] if hwc.shape[-1] == 1 else hwc
         if image_format in ("jpg", "jpeg"):
             buf = io.BytesIO()
-            Image.fromarray(hwc).save(buf, format="JPEG", quality=95)
+            Image.fromarray(hwc).save(buf, format="JPEG", quality=95, subsampling=0)
             return "jpg", buf.getvalue()
         return "png", _png_bytes(hwc, compress_level=1)
     if np.issubdtype(arr.dtype, np.integer) and arr.ndim == 2:

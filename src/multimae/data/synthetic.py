@@ -186,7 +186,9 @@ def _hit_sphere(o: SceneObject, ox, oy, oz, dx, dy, dz) -> np.ndarray:
     b = px * dx + py * dy + pz * dz
     c = px * px + py * py + pz * pz - r * r
     disc = b * b - a * c
-    t = (-b - np.sqrt(np.maximum(disc, 0))) / a
+    sq = np.sqrt(np.maximum(disc, 0))
+    t = (-b - sq) / a
+    t = np.where(t > _EPS, t, (-b + sq) / a)  # a ray starting inside leaves through the far side
     return np.where((disc >= 0) & (t > _EPS), t, np.inf)
 
 
@@ -205,6 +207,7 @@ def _hit_box(o: SceneObject, ox, oy, oz, dx, dy, dz) -> np.ndarray:
         t1, t2 = (-h - orig) * inv, (h - orig) * inv
         near = np.maximum(near, np.minimum(t1, t2))
         far = np.minimum(far, np.maximum(t1, t2))
+    near = np.where(near > _EPS, near, far)  # a ray starting inside leaves through the far side
     return np.where((near <= far) & (near > _EPS), near, np.inf)
 
 
@@ -214,9 +217,11 @@ def _hit_cylinder(o: SceneObject, ox, oy, oz, dx, dy, dz) -> np.ndarray:
     a = dx * dx + dz * dz
     b = px * dx + pz * dz
     disc = b * b - a * (px * px + pz * pz - r * r)
-    t = (-b - np.sqrt(np.maximum(disc, 0))) / a
-    y = oy + t * dy
-    side = np.where((disc >= 0) & (t > _EPS) & (y >= 0) & (y <= h), t, np.inf)
+    sq = np.sqrt(np.maximum(disc, 0))
+    side = np.full(np.shape(dx), np.inf, dtype=np.float32)
+    for t in ((-b - sq) / a, (-b + sq) / a):
+        y = oy + t * dy
+        side = np.minimum(side, np.where((disc >= 0) & (t > _EPS) & (y >= 0) & (y <= h), t, np.inf))
     tc = (h - oy) / dy
     cx, cz = px + tc * dx, pz + tc * dz
     cap = np.where((tc > _EPS) & (cx * cx + cz * cz <= r * r), tc, np.inf)
