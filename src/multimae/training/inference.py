@@ -1,0 +1,53 @@
+"""Loading a trained run for inference and figures (used by ``multimae visualize``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
+from multimae.config import from_dict
+from multimae.data.errors import DataError
+from multimae.masking import MaskPlan
+from multimae.model import MultiMAE
+from multimae.training.config import PretrainConfig
+from multimae.training.pipeline import MaskCollator, eval_batches
+from multimae.viz import reconstruction_grid
+
+
+def load_pretrained(path: str | Path) -> tuple[MultiMAE, PretrainConfig, Path]:
+    """Model (eval mode), run config and checkpoint path from a run or checkpoint directory."""
+    ckpt = resolve_checkpoint(path)
+    meta = load_meta(ckpt)
+    cfg = from_dict(PretrainConfig, meta["config"])
+    model = MultiMAE(cfg.model)
+    model.load_state_dict(load_weights(ckpt))
+    return model.eval(), cfg, ckpt
+
+
+def visualize_heldout(model: MultiMAE, cfg: PretrainConfig, num: int = 3, seed: int = 0) -> torch.Tensor:
+    cfg.train.seed = seed
+    batch, plan = eval_batches(model, cfg, batch_size=num, limit=num)[0]
+    return reconstruction_grid(model, batch, plan, num)
+
+
+def visualize_files(model: MultiMAE, cfg: PretrainConfig, files: list[str], seed: int = 0) -> torch.Tensor:
+    """RGB image files -> figure (random rgb masks, and every other task predicted from rgb)."""
+    from multimae.data.transforms import PairedTransform
+
+    source = next(iter(model.input_specs.values()))
+    tf = PairedTransform([source], cfg.model.image_size, train=False)
+    samples = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                arr = torch.from_numpy(__import__("numpy").asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        except (OSError, ValueError) as e:
+            raise DataError(f"image {f}: cannot be read ({e})") from e
+        samples.append(tf({source.key: arr, "__key__": Path(f).stem}))
+    batch = {source.key: torch.stack([s[source.key] for s in samples])}
+    collator = MaskCollator([source], model.config.patch_size, cfg.mask, seed)
+    plan = collator.plan(batch, torch.Generator().manual_seed(seed))
+    return reconstruction_grid(model, batch, MaskPlan(plan.masks), len(files))
