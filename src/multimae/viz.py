@@ -6,7 +6,7 @@ first input modality alone. Returns uint8 images (3, H, W); :func:`save_png` wri
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -77,10 +77,13 @@ def _label(tile: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(im)
 
 
-def panel(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan | None, i: int, size: int, title: str) -> np.ndarray:
-    """One row: for every output task, [masked input | prediction | target] of sample i."""
+def panel(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan | None, i: int, size: int, title: str,
+          encode: Sequence[str] | None = None) -> np.ndarray:
+    """One row: for every output task, [masked input | prediction | target] of sample i.
+    ``encode``: batch keys given to the model (default all); targets always come from ``batch``."""
+    inputs = batch if encode is None else {k: batch[k] for k in encode}
     with torch.no_grad():
-        out = model(batch, plan, compute_loss=False)
+        out = model(inputs, plan, compute_loss=False)
     p = model.config.patch_size
     tiles = []
     for t, spec in model.output_specs.items():
@@ -114,7 +117,7 @@ def reconstruction_grid(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan, 
         one = {k: v[i:i + 1] if isinstance(v, Tensor) else v for k, v in batch.items()}
         one_plan = MaskPlan({k: m[i:i + 1] for k, m in plan.masks.items()})
         rows.append(panel(model, one, one_plan, 0, size, f"sample {i}: random masks"))
-        rows.append(panel(model, {source.key: one[source.key]}, None, 0, size, f"sample {i}: from {source.name} only"))
+        rows.append(panel(model, one, None, 0, size, f"sample {i}: from {source.name} only", encode=[source.key]))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
     return torch.from_numpy(np.concatenate(rows, axis=0)).permute(2, 0, 1).contiguous()

@@ -25,6 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from multimae.checkpoint import CheckpointError
+    from multimae.checkpoint.convert import ConversionError
+    from multimae.config import ConfigError
+    from multimae.data.errors import DataError
+
+    return (CheckpointError, ConversionError, ConfigError, DataError, FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -33,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc = args.func(args)
+    except _user_errors() as e:  # bad input: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
