@@ -17,6 +17,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -123,11 +124,14 @@ class Scene:
 
 
 def _jitter(rng: np.random.Generator, rgb: Sequence[float], amount: float) -> tuple[float, float, float]:
-    return tuple(float(np.clip(c + rng.uniform(-amount, amount), 0.02, 0.98)) for c in rgb)  # type: ignore[return-value]
+    d = rng.uniform(-amount, amount, 3)
+    return tuple(min(max(float(c + e), 0.02), 0.98) for c, e in zip(rgb, d))  # type: ignore[return-value]
 
 
-def _make_object(rng: np.random.Generator, x: float, z: float, kind: str, size: float) -> SceneObject:
-    color = str(rng.choice(list(COLORS)))
+def _make_object(rng: np.random.Generator, kind: str, size: float) -> SceneObject:
+    """An object of ``kind`` standing at the origin (placed later)."""
+    x = z = 0.0
+    color = list(COLORS)[int(rng.integers(len(COLORS)))]
     albedo = _jitter(rng, COLORS[color], 0.04)
     if kind == "box":
         dims = (size * rng.uniform(0.7, 1.2), size * rng.uniform(0.7, 1.2), size * rng.uniform(0.7, 1.2))
@@ -149,13 +153,15 @@ def sample_scene(seed: int, index: int) -> Scene:
     )
     back_z, half_w = float(rng.uniform(8.0, 11.0)), float(rng.uniform(3.5, 5.0))
     light = (float(rng.uniform(-2.5, 2.5)), float(rng.uniform(3.0, 4.5)), float(rng.uniform(1.5, 6.0)))
-    floor = _jitter(rng, _FLOORS[rng.integers(len(_FLOORS))], 0.04)
-    wall = _jitter(rng, _WALLS[rng.integers(len(_WALLS))], 0.03)
+    floor = _jitter(rng, _FLOORS[int(rng.integers(len(_FLOORS)))], 0.04)
+    wall = _jitter(rng, _WALLS[int(rng.integers(len(_WALLS)))], 0.03)
     fwd, right, up = cam.axes()
     tan_y = math.tan(cam.fov_y / 2)
     objects: list[SceneObject] = []
     for _ in range(int(rng.integers(2, 7))):
-        kind, size = str(rng.choice(OBJECT_TYPES)), float(rng.uniform(0.2, 0.7))
+        kind, size = OBJECT_TYPES[int(rng.integers(len(OBJECT_TYPES)))], float(rng.uniform(0.2, 0.7))
+        obj = _make_object(rng, kind, size)
+        r = obj.footprint
         for _attempt in range(40):
             # the floor contact point is drawn in image coordinates so objects land in view
             u, v = rng.uniform(-0.75, 0.75), rng.uniform(-0.85, 0.1)
@@ -163,14 +169,12 @@ def sample_scene(seed: int, index: int) -> Scene:
             if ray[1] >= -1e-3:
                 continue
             t = -cam.pos[1] / ray[1]
-            x, z = cam.pos[0] + t * ray[0], cam.pos[2] + t * ray[2]
-            obj = _make_object(rng, float(x), float(z), kind, size)
-            r = obj.footprint
+            x, z = float(cam.pos[0] + t * ray[0]), float(cam.pos[2] + t * ray[2])
             if z < 1.5 + r or z > back_z - r - 0.1 or abs(x) > half_w - r - 0.1:
                 continue
             if any(math.hypot(x - o.x, z - o.z) < r + o.footprint + 0.1 for o in objects):
                 continue
-            objects.append(obj)
+            objects.append(dataclasses.replace(obj, x=x, z=z))
             break
     return Scene(cam, light, back_z, half_w, floor, wall, tuple(objects))
 
