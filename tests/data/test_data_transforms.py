@@ -7,6 +7,7 @@ import pytest
 import torch
 from data_testutils import specs
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
 from multimae.data import DataError, collate
 from multimae.data.synthetic import SyntheticScenes
@@ -143,6 +144,19 @@ def test_per_sample_seed_and_epoch() -> None:
     assert torch.equal(a["rgb"], b["rgb"])  # a function of (seed, epoch, key), not of call order
     t.set_epoch(1)
     assert not torch.equal(t(raw)["rgb"], a["rgb"])
+
+
+def test_default_stream_differs_per_worker_and_epoch() -> None:
+    t = PairedTransform(specs(["rgb", "semseg"]), 16)  # seed=None: seeded per process
+    ds = SyntheticScenes(4, image_size=32, seed=0, modalities=["rgb", "semseg"], transform=t)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    epochs = [torch.stack([s["rgb"] for s in loader]) for _ in range(2)]
+    assert not torch.equal(epochs[0], epochs[1])
+    torch.manual_seed(0)
+    a = PairedTransform(specs(["rgb", "semseg"]), 16)(ds.__class__(1, 32)[0])
+    torch.manual_seed(0)
+    b = PairedTransform(specs(["rgb", "semseg"]), 16)(ds.__class__(1, 32)[0])
+    assert torch.equal(a["rgb"], b["rgb"])  # reproducible in the main process from torch's seed
 
 
 def test_invalid_depth_stays_zero_after_transform() -> None:

@@ -190,7 +190,8 @@ class ShardDataset(IterableDataset):
         png_scale: scale of 16-bit PNGs lacking a ``json`` record; default ``1 / 2**16``.
 
     Each ``__iter__`` is one epoch: the one set by :meth:`set_epoch`, else the previous + 1 (so
-    persistent DataLoader workers still change the order every epoch).
+    persistent DataLoader workers still change the order every epoch). Call ``set_epoch`` every
+    epoch with non-persistent workers: their copies of the dataset are made afresh each epoch.
     """
 
     def __init__(self, urls: str | Sequence[str], modalities: Sequence[str | dict | ModalitySpec],

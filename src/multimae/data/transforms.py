@@ -10,13 +10,16 @@ A raw sample (see ``multimae.data``) becomes a model-ready sample, per modality 
   stays registered with the bilinear images).
 * ``text``: the string, unchanged (tokenised elsewhere).
 
-Randomness comes only from a ``torch.Generator``: the one passed to ``__call__``, else one derived
-from ``(seed, epoch, sample key)``, so an augmentation does not depend on worker or process.
+Randomness comes only from a ``torch.Generator``: the one passed to ``__call__``; else, with an
+integer ``seed``, one derived from ``(seed, epoch, sample key)`` (reproducible, independent of
+workers; call ``set_epoch`` every epoch); else (``seed=None``, the default) a per-process generator
+seeded from ``torch.initial_seed()``, which DataLoader sets differently in every worker and epoch.
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -142,7 +145,12 @@ class PairedTransform:
         train: RandomResizedCrop + horizontal flip; else resize shorter side + centre crop.
         scale, ratio: RandomResizedCrop area fraction and aspect ratio ranges.
         hflip: probability of a horizontal flip (train only).
-        seed: seeds the per-sample generator ``stable_seed(seed, epoch, sample["__key__"])``.
+        seed: None (default): draw from a generator seeded once per process from
+            ``torch.initial_seed()`` (DataLoader gives each worker its own seed, renewed every
+            epoch; persistent workers keep advancing theirs). An int: every sample gets a generator
+            seeded with ``stable_seed(seed, epoch, sample["__key__"])``, reproducible whatever the
+            worker layout; then call :meth:`set_epoch` every epoch (ShardDataset does it), and note
+            that persistent DataLoader workers never see that call.
         trunc: fraction dropped at each end by the robust standardisation.
 
     ``__call__(sample, generator=None)`` returns the batch keys ``spec.key`` of the specs plus
@@ -151,7 +159,7 @@ class PairedTransform:
 
     def __init__(self, specs: Sequence[ModalitySpec | str | dict], image_size: int, train: bool = True,
                  scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 hflip: float = 0.5, seed: int = 0, trunc: float = 0.1) -> None:
+                 hflip: float = 0.5, seed: int | None = None, trunc: float = 0.1) -> None:
         self.specs = by_key(resolve(list(specs)))
         for spec in self.specs.values():
             if spec.is_spatial and image_size % spec.stride:
@@ -159,7 +167,10 @@ class PairedTransform:
         self.image_size, self.train = image_size, train
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
         self.seed, self.epoch, self.trunc = seed, 0, trunc
-        self._fallback = torch.Generator().manual_seed(seed)
+        self._process_gen: tuple[int, torch.Generator] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_process_gen": None}  # a copy in another process starts its own stream
 
     def set_epoch(self, epoch: int) -> None:
         """Change the per-sample augmentation stream (call once per epoch)."""
@@ -171,9 +182,13 @@ class PairedTransform:
 
     def _generator(self, sample: dict) -> torch.Generator:
         key = sample.get("__key__")
-        if key is None:
-            return self._fallback
-        return torch.Generator().manual_seed(stable_seed(self.seed, self.epoch, key))
+        if self.seed is not None and key is not None:
+            return torch.Generator().manual_seed(stable_seed(self.seed, self.epoch, key))
+        pid = os.getpid()
+        if self._process_gen is None or self._process_gen[0] != pid:  # new process: fresh stream
+            seed = stable_seed(torch.initial_seed(), "paired-transform")
+            self._process_gen = (pid, torch.Generator().manual_seed(seed))
+        return self._process_gen[1]
 
     def params(self, height: int, width: int, generator: torch.Generator | None) -> tuple[Box, bool]:
         """The crop box and flip decision for an input of size (height, width)."""
