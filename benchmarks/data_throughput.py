@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     add("synthetic generation 224x224, all modalities (1 thread)",
         rate(lambda: (SyntheticScenes(n + 1, 224)[i] for i in range(n + 1)), n))
     syn = SyntheticScenes(n + 1, 224, modalities=PRETRAIN, transform=tf)
-    add("synthetic 224x224 on the fly + pretraining transforms (1 thread)", rate(lambda: (syn[i] for i in range(n + 1)), n))
+    add("synthetic 224x224 on the fly + pretraining transforms (1 thread)",
+        rate(lambda: (syn[i] for i in range(n + 1)), n))
 
     with tempfile.TemporaryDirectory() as tmp:
         src = SyntheticScenes(n + 1, 256, seed=1, modalities=PRETRAIN + ["label"])

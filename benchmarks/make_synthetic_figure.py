@@ -77,7 +77,8 @@ def make_figure(indices: list[int], seed: int) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "img" / "synthetic-samples.png"))
+    default = Path(__file__).resolve().parents[1] / "docs" / "img" / "synthetic-samples.png"
+    ap.add_argument("--out", default=str(default))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--indices", default="0,2,5,7")
     args = ap.parse_args(argv)

@@ -78,7 +78,8 @@ def _shards(args: argparse.Namespace) -> int:
 
     folder = FolderDataset(args.folder, args.split, _specs(args.modalities, args.num_classes), on_error=args.on_error)
     paths = write_shards(folder_samples(folder), args.out, args.shard_size)
-    print(f"wrote {count_samples(paths) if paths else 0} samples to {len(paths)} shard(s); {folder.policy.summary(args.folder)}")
+    written = count_samples(paths) if paths else 0
+    print(f"wrote {written} samples to {len(paths)} shard(s); {folder.policy.summary(args.folder)}")
     return 0
 
 

@@ -56,12 +56,13 @@ def _open_image(data: bytes, where: str) -> Image.Image:
 
 
 def _image_array(img: Image.Image) -> np.ndarray:
-    """Pixel values with their full bit depth: uint8, uint16 or int32, (H,W) or (H,W,C)."""
+    """Pixel values with their full bit depth: uint8, uint16 or int32, (H,W) or (H,W,C).
+
+    16-bit PNGs open in mode ``I;16`` (or ``I;16B``), read here as native uint16; palette
+    images (``P``, how class maps are often stored) give their indices.
+    """
     if img.mode.startswith("I;16"):
-        arr = np.asarray(img).astype(np.uint16)  # "I;16B" arrays are big-endian; astype makes them native
-        return arr
-    if img.mode == "P":
-        return np.asarray(img)  # palette indices, as class-id maps are often stored
+        return np.asarray(img).astype(np.uint16)
     return np.asarray(img)
 
 

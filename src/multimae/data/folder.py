@@ -103,7 +103,8 @@ class FolderDataset(Dataset):
         if unknown:
             raise DataError(f"{split_dir}: class directories {unknown} are not in {META_FILE} classes")
         if want_label and not labelled:
-            raise DataError(f"{split_dir}: 'label' requested but samples are under '{UNLABELLED}/', not class directories")
+            raise DataError(f"{split_dir}: 'label' requested but samples are under '{UNLABELLED}/', "
+                            "not class directories")
         self.with_label = labelled and (label_from_class_dir or want_label)
 
     def _complete(self, listing: dict[str, dict[tuple[str, str], Path]], split_dir: Path) -> list[dict[str, Path]]:

@@ -77,7 +77,8 @@ def write_shards(samples: Iterable[dict], out_pattern: str, max_count: int, imag
     try:
         out_pattern % 0
     except TypeError:
-        raise ValueError(f"out_pattern {out_pattern!r} needs a %d field for the shard number, e.g. shard-%06d.tar") from None
+        raise ValueError(f"out_pattern {out_pattern!r} needs a %d field for the shard number, "
+                         "e.g. shard-%06d.tar") from None
     paths: list[str] = []
     writer: wds.TarWriter | None = None
     count = 0
@@ -276,7 +277,8 @@ class ShardDataset(IterableDataset):
         validate_sample(sample, self.specs, {k: f"{where}: {k}" for k in self.specs}, where)
         if self.with_label:
             if LABEL_FIELD not in raw:
-                raise DataError(f"{where}: missing key '{LABEL_FIELD}' (has {sorted(k for k in raw if not k.startswith('__'))})")
+                present = sorted(k for k in raw if not k.startswith("__"))
+                raise DataError(f"{where}: missing key '{LABEL_FIELD}' (has {present})")
             sample[LABEL_KEY] = decode_label(raw[LABEL_FIELD], f"{where}: {LABEL_FIELD}")
         return sample
 

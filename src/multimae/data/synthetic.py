@@ -377,7 +377,8 @@ def _surfaces(scene: Scene, sid: np.ndarray, px, py, pz):
     nx[sid == 2], nx[sid == 3] = 1.0, -1.0
     wall = (sid >= 1) & (sid <= 3)
     band = np.where(py[wall] < 0.12, 0.75, 1.0)  # a darker skirting board
-    albedo[wall] = np.asarray(scene.wall_albedo, np.float32) * np.where(sid[wall] == 1, 1.0, 0.93)[:, None] * band[:, None]
+    side = np.where(sid[wall] == 1, 1.0, 0.93)  # side walls a little darker than the back wall
+    albedo[wall] = np.asarray(scene.wall_albedo, np.float32) * (side * band)[:, None]
     for k, obj in enumerate(scene.objects):
         m = np.flatnonzero(sid == 4 + k)
         if m.size:
