@@ -45,6 +45,8 @@ class EncodedTokens:
     masked: (B, N) bool over the full sequence, True = not encoded.
     layout: the modality segments of the full sequence (N tokens).
     num_global: G.
+    pad: (B, N) bool, True where a position does not exist (text padding, always also ``masked``),
+        or None when the batch has no padding. Decoders keep these positions out of attention.
     """
 
     tokens: Tensor
@@ -53,6 +55,7 @@ class EncodedTokens:
     masked: Tensor
     layout: list[Segment]
     num_global: int
+    pad: Tensor | None = None
 
 
 class SpatialDecoder(nn.Module):
@@ -77,7 +80,11 @@ class SpatialDecoder(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         dpr = torch.linspace(0, drop_path, depth).tolist() if depth else []
         self.decoder_transformer = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, drop_path=d) for d in dpr])
-        self.out_proj = nn.Linear(dim, spec.out_channels * self.patch * self.patch)
+        self.out_proj = nn.Linear(dim, self._out_features())
+
+    def _out_features(self) -> int:
+        """Values predicted per query token: the pixels of one patch."""
+        return self.spec.out_channels * self.patch * self.patch
 
     def _embedding(self, name: str, length: int, grid: tuple[int, int] | None, dtype: torch.dtype) -> Tensor:
         """Position + modality embedding of one segment: (1, length, dim)."""
@@ -89,7 +96,10 @@ class SpatialDecoder(nn.Module):
             pos = pos + self.task_embeddings[name]
         return pos.to(dtype)
 
-    def forward(self, enc: EncodedTokens, grid: tuple[int, int]) -> Tensor:
+    def _sequence(self, enc: EncodedTokens) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The full sequence (B, N, dim): visible tokens projected, mask tokens at hidden positions,
+        plus position and modality embeddings; the context (B, Nv + G, dim): its visible slots
+        and the projected global tokens; and the context's key padding (B, Nv + G) or None."""
         B = enc.tokens.shape[0]
         G = enc.num_global
         ctx = self.proj_context(enc.tokens)
@@ -103,21 +113,33 @@ class SpatialDecoder(nn.Module):
             full = torch.where(enc.masked[..., None], self.mask_token.to(ctx.dtype), full)
         emb = torch.cat([self._embedding(s.name, s.length, s.grid, ctx.dtype) for s in enc.layout], dim=1)
         full = full + emb
+        context = torch.cat([full.gather(1, enc.ids_keep[..., None].expand(-1, -1, D)), glob], dim=1)
+        key_pad = None
+        if enc.visible_pad is not None:
+            key_pad = torch.cat([enc.visible_pad, enc.visible_pad.new_zeros(B, G)], dim=1)
+        return full, context, key_pad
+
+    def _decode(self, queries: Tensor, context: Tensor, key_pad: Tensor | None,
+                query_pad: Tensor | None = None) -> Tensor:
+        """Cross-attention to the context, MLP, self-attention blocks (``query_pad`` (B, Nq): query
+        positions the blocks ignore as keys), output projection: (B, Nq, out_features)."""
+        x = self.decoder(self.query_norm(queries), self.context_norm(context), key_pad)
+        x = x + self.mlp(self.out_norm(x))
+        for blk in self.decoder_transformer:
+            x = blk(x, query_pad)
+        return self.out_proj(x)
+
+    def forward(self, enc: EncodedTokens, grid: tuple[int, int]) -> Tensor:
+        B = enc.tokens.shape[0]
+        full, context, key_pad = self._sequence(enc)
         # a task reads its queries from the input modality it reconstructs (norm_rgb: rgb)
         own = next((s for s in enc.layout if s.name == self.spec.key), None)
         if self.use_task_queries and own is not None:
             queries = full[:, own.start:own.end]
         else:
-            queries = self.mask_token.to(ctx.dtype) + self._embedding(self.spec.key, grid[0] * grid[1], grid, ctx.dtype)
+            queries = self.mask_token.to(full.dtype) + self._embedding(self.spec.key, grid[0] * grid[1], grid, full.dtype)
             queries = queries.expand(B, -1, -1)
-        context = torch.cat([full.gather(1, enc.ids_keep[..., None].expand(-1, -1, D)), glob], dim=1)
-        key_pad = None
-        if enc.visible_pad is not None:
-            key_pad = torch.cat([enc.visible_pad, enc.visible_pad.new_zeros(B, G)], dim=1)
-        x = self.decoder(self.query_norm(queries), self.context_norm(context), key_pad)
-        x = x + self.mlp(self.out_norm(x))
-        x = self.decoder_transformer(x)
-        x = self.out_proj(x)  # (B, rows*cols, C*P*P)
+        x = self._decode(queries, context, key_pad)  # (B, rows*cols, C*P*P)
         rows, cols = grid
         C, P = self.spec.out_channels, self.patch
         x = x.reshape(B, rows, cols, C, P, P).permute(0, 3, 1, 4, 2, 5)

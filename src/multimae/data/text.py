@@ -85,7 +85,8 @@ class CaptionTable(Dataset):
         for c in (image_col, caption_col):
             if isinstance(c, str):
                 if not header or c not in names:
-                    raise DataError(f"caption table {self.path}: no column named {c!r} (header: {names if header else None})")
+                    raise DataError(f"caption table {self.path}: no column named {c!r} "
+                                    f"(header: {names if header else None})")
                 c = names.index(c)
             cols.append(c)
         rows = []

@@ -59,7 +59,8 @@ def _read_vocab_txt(path: Path) -> dict[str, int]:
             if not token:
                 raise ValueError(f"{path}: line {line_no} is empty; a vocab.txt holds one token per line")
             if token in vocab:
-                raise ValueError(f"{path}: token {token!r} on line {line_no} already appears on line {vocab[token] + 1}")
+                raise ValueError(f"{path}: token {token!r} on line {line_no} already appears on line "
+                                 f"{vocab[token] + 1}")
             vocab[token] = len(vocab)
     if not vocab:
         raise ValueError(f"{path}: empty vocabulary")
