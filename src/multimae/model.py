@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from multimae import modalities as M
 from multimae.adapters.input import build_input_adapter
 from multimae.adapters.output import EncodedTokens, Segment, SpatialDecoder
+from multimae.adapters.text import SharedDecoder, TextDecoder
 from multimae.layers.attention import Block
 from multimae.losses import masked_mean, token_loss
 from multimae.masking import MaskPlan
@@ -45,6 +46,9 @@ class ModelConfig:
     decoder_depth: int | None = None
     decoder_heads: int | None = None
     use_task_queries: bool = True
+    # "per_task": MultiMAE, one cross-attention decoder per task; "shared": M3AE, one transformer
+    # decoder over all modalities with per-modality mask tokens and linear heads
+    decoder: Literal["per_task", "shared"] = "per_task"
     loss_weights: dict[str, float] = field(default_factory=dict)
 
     def resolved(self) -> "ModelConfig":
@@ -104,12 +108,19 @@ class MultiMAE(nn.Module):
         self.global_tokens = nn.Parameter(torch.zeros(1, cfg.num_global_tokens, cfg.dim))
         dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.encoder = nn.Sequential(*[Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, drop_path=d) for d in dpr])
-        self.output_adapters = nn.ModuleDict({n: self._build_decoder(s) for n, s in self.output_specs.items()})
+        if cfg.decoder == "shared":
+            self.output_adapters = nn.ModuleDict()
+            self.shared_decoder = SharedDecoder(list(self.output_specs.values()), cfg.dim, cfg.decoder_dim,
+                                                cfg.decoder_depth, cfg.decoder_heads, cfg.patch_size, cfg.image_size,
+                                                cfg.mlp_ratio, context_names=list(self.input_specs))
+        else:
+            self.output_adapters = nn.ModuleDict({n: self._build_decoder(s) for n, s in self.output_specs.items()})
         self.reset_parameters()
 
     def _build_decoder(self, spec: M.ModalitySpec) -> nn.Module:
         cfg = self.config
-        return SpatialDecoder(spec, list(self.input_specs), cfg.dim, cfg.decoder_dim, cfg.decoder_depth,
+        cls = TextDecoder if spec.kind == "text" else SpatialDecoder
+        return cls(spec, list(self.input_specs), cfg.dim, cfg.decoder_dim, cfg.decoder_depth,
                               cfg.decoder_heads, cfg.mlp_ratio, cfg.patch_size, cfg.image_size, cfg.use_task_queries)
 
     @torch.no_grad()
@@ -203,7 +214,7 @@ class MultiMAE(nn.Module):
         """
         known = self._known_keys()
         unknown = [k for k in batch if isinstance(batch[k], Tensor) and k not in known
-                   and k.removesuffix("_pad") not in M.registered()]
+                   and k.removesuffix("_pad").removesuffix("_present") not in M.registered()]
         if unknown:
             raise KeyError(f"unknown modality {unknown[0]!r} in batch; model inputs: {sorted(self.input_specs)}, "
                            f"outputs: {sorted(self.output_specs)}")
@@ -211,17 +222,35 @@ class MultiMAE(nn.Module):
         self.image_size_of({k: v for k, v in batch.items()})
         tokens, layout = self.tokenize(batch, names)
         B = tokens.shape[0]
-        masks = []
+        masks, pads = [], []
+        dev = tokens.device
         for seg in layout:
             m = plan.masks[seg.name] if plan is not None else torch.zeros(B, seg.length, dtype=torch.bool)
             if tuple(m.shape) != (B, seg.length):
                 raise ValueError(f"mask of {seg.name!r} has shape {tuple(m.shape)}, expected ({B}, {seg.length})")
-            pad = batch.get(f"{self.input_specs[seg.name].key}_pad")
-            if pad is not None:
-                m = m.to(tokens.device) | pad.to(tokens.device).bool()
-            masks.append(m.to(tokens.device))
+            m = m.to(dev)
+            # padding (text) and samples lacking the modality (unpaired data) are never encoded
+            pad = self._absent(batch, self.input_specs[seg.name].key, B, seg.length, dev)
+            pads.append(pad)
+            masks.append(m | pad)
         masked = torch.cat(masks, dim=1)
-        return self._encode_visible(tokens, masked, layout)
+        enc = self._encode_visible(tokens, masked, layout)
+        pad_all = torch.cat(pads, dim=1)
+        enc.pad = pad_all if bool(pad_all.any()) else None
+        return enc
+
+    @staticmethod
+    def _absent(batch: dict[str, Any], key: str, B: int, N: int, device: torch.device) -> Tensor:
+        """(B, N) bool: tokens that do not exist -- ``{key}_pad`` positions and every token of a
+        sample whose ``{key}_present`` is False."""
+        out = torch.zeros(B, N, dtype=torch.bool, device=device)
+        pad = batch.get(f"{key}_pad")
+        if pad is not None:
+            out |= pad.to(device).bool()
+        present = batch.get(f"{key}_present")
+        if present is not None:
+            out |= ~present.to(device).bool()[:, None]
+        return out
 
     def _encode_visible(self, tokens: Tensor, masked: Tensor, layout: list[Segment]) -> EncodedTokens:
         B, N, D = tokens.shape
@@ -243,6 +272,9 @@ class MultiMAE(nn.Module):
     def decode(self, enc: EncodedTokens, image_size: tuple[int, int], tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         p = self.config.patch_size
         grid = (image_size[0] // p, image_size[1] // p)
+        if self.config.decoder == "shared":
+            preds = self.shared_decoder(enc, grid)
+            return {t: preds[t] for t in (tasks or self.output_specs)}
         return {t: self.output_adapters[t](enc, grid) for t in (tasks or self.output_specs)}
 
     def forward(self, batch: dict[str, Any], plan: MaskPlan | None = None, tasks: Sequence[str] | None = None,
@@ -272,14 +304,15 @@ class MultiMAE(nn.Module):
                 continue
             src = next((n for n, s in self.input_specs.items() if s.key == spec.key and n in plan.masks), None)
             weight = plan.masks[src] if src is not None else None
-            pad = batch.get(f"{spec.key}_pad")
-            if pad is not None:
-                weight = (torch.ones_like(pad, dtype=torch.bool) if weight is None else weight) & ~pad.bool()
-            out[t] = masked_mean(token_loss(pred, target, spec, spec.patch(p)), weight)
+            per_token = token_loss(pred, target, spec, spec.patch(p))
+            if f"{spec.key}_pad" in batch or f"{spec.key}_present" in batch:
+                absent = self._absent(batch, spec.key, *per_token.shape, per_token.device)
+                weight = (~absent if weight is None else weight & ~absent)
+            out[t] = masked_mean(per_token, weight)
         return out
 
     def _known_keys(self) -> set[str]:
         keys = set()
         for s in list(self.input_specs.values()) + list(self.output_specs.values()):
-            keys |= {s.key, f"{s.key}_pad"}
+            keys |= {s.key, f"{s.key}_pad", f"{s.key}_present"}
         return keys | {"label", "depth_raw"}

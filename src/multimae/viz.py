@@ -77,8 +77,39 @@ def _label(tile: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(im)
 
 
+def words(tokens: Sequence[str]) -> str:
+    """WordPiece tokens -> text (``##`` pieces joined to the previous token)."""
+    out = ""
+    for t in tokens:
+        out += t[2:] if t.startswith("##") else (" " + t if out else t)
+    return out
+
+
+def text_tile(lines: Sequence[str], width: int, height: int) -> np.ndarray:
+    """Wrapped text on a dark tile (height, width, 3) uint8."""
+    im = Image.new("RGB", (width, height), (25, 25, 25))
+    d = ImageDraw.Draw(im)
+    y, per_line = 14, max(8, width // 6)
+    for line in lines:
+        for k in range(0, max(1, len(line)), per_line):
+            d.text((3, y), line[k:k + per_line], fill=(235, 235, 235))
+            y += 11
+        y += 4
+    return np.asarray(im)
+
+
+def _text_tiles(name: str, pred: Tensor, target: Tensor, hidden: Tensor, pad: Tensor, vocab: Sequence[str],
+                size: int) -> list[np.ndarray]:
+    real = ~pad
+    true = [vocab[int(t)] for t, r in zip(target, real) if r]
+    shown = [vocab[int(t)] if not h else "_" for t, h, r in zip(target, hidden, real) if r]
+    guess = [vocab[int(t)] for t, r in zip(pred.argmax(-1), real) if r]
+    return [_label(text_tile([f"masked: {words(shown)}", f"predicted: {words(guess)}", f"true: {words(true)}"],
+                             3 * size + 8, int(size * 1.6)), f"{name}: masked / predicted / true")]
+
+
 def panel(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan | None, i: int, size: int, title: str,
-          encode: Sequence[str] | None = None) -> np.ndarray:
+          encode: Sequence[str] | None = None, vocab: Sequence[str] | None = None) -> np.ndarray:
     """One row: for every output task, [masked input | prediction | target] of sample i.
     ``encode``: batch keys given to the model (default all); targets always come from ``batch``."""
     inputs = batch if encode is None else {k: batch[k] for k in encode}
@@ -90,6 +121,11 @@ def panel(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan | None, i: int,
         tgt = batch.get(spec.key)
         pred = out.preds[t][i].float().cpu()
         src = next((s for s in out.encoded.layout if s.name == spec.key), None)
+        if spec.kind == "text":
+            if tgt is not None and src is not None and vocab is not None:
+                tiles += _text_tiles(t, pred, tgt[i].cpu(), out.encoded.masked[i, src.start:src.end].cpu(),
+                                     batch[f"{spec.key}_pad"][i].cpu(), vocab, size)
+            continue
         if spec.norm_pix and tgt is not None:  # show in pixel space with the target's patch statistics
             tp = patchify(tgt[i:i + 1].float().cpu(), p)
             mu, sd = tp.mean(-1, keepdim=True), (tp.var(-1, keepdim=True) + 1e-6).sqrt()
@@ -102,13 +138,14 @@ def panel(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan | None, i: int,
         tgt_img = render(spec, tgt[i].cpu(), size=size) if tgt is not None else torch.full((3, size, size), 0.15)
         for img, name in ((inp, f"{t} in"), (render(spec, pred, ref, size), f"{t} pred"), (tgt_img, f"{t} target")):
             tiles.append(_label((img.permute(1, 2, 0).numpy() * 255).astype(np.uint8), name))
-    row = np.concatenate([np.pad(x, ((2, 2), (2, 2), (0, 0))) for x in tiles], axis=1)
+    h = max(x.shape[0] for x in tiles)
+    row = np.concatenate([np.pad(x, ((2, 2 + h - x.shape[0]), (2, 2), (0, 0))) for x in tiles], axis=1)
     head = np.zeros((14, row.shape[1], 3), np.uint8)
     return np.concatenate([_label(head, title), row], axis=0)
 
 
 def reconstruction_grid(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan, num_samples: int = 2,
-                        size: int = 96) -> Tensor:
+                        size: int = 96, vocab: Sequence[str] | None = None) -> Tensor:
     """Figure for the first ``num_samples`` of a batch: random-mask and cross-modal panels.
     Returns uint8 (3, H, W)."""
     source = next(iter(model.input_specs.values()))
@@ -116,8 +153,11 @@ def reconstruction_grid(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan, 
     for i in range(min(num_samples, plan.masks[next(iter(plan.masks))].shape[0])):
         one = {k: v[i:i + 1] if isinstance(v, Tensor) else v for k, v in batch.items()}
         one_plan = MaskPlan({k: m[i:i + 1] for k, m in plan.masks.items()})
-        rows.append(panel(model, one, one_plan, 0, size, f"sample {i}: random masks"))
-        rows.append(panel(model, one, None, 0, size, f"sample {i}: from {source.name} only", encode=[source.key]))
+        rows.append(panel(model, one, one_plan, 0, size, f"sample {i}: random masks", vocab=vocab))
+        # cross-modal: the other inputs present but fully hidden (text decoders need their positions)
+        hide = MaskPlan({n: torch.ones_like(m) if n != source.name else torch.zeros_like(m)
+                         for n, m in one_plan.masks.items()})
+        rows.append(panel(model, one, hide, 0, size, f"sample {i}: from {source.name} only", vocab=vocab))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
     return torch.from_numpy(np.concatenate(rows, axis=0)).permute(2, 0, 1).contiguous()
@@ -137,6 +177,16 @@ def reconstruction_figure(model: MultiMAE, cfg: Any, num_samples: int = 2) -> Te
     was_training = model.training
     model.eval()
     batch, plan = next(iter(eval_batches(model, cfg, batch_size=num_samples, limit=num_samples)))
-    fig = reconstruction_grid(model, batch, plan, num_samples)
+    fig = reconstruction_grid(model, batch, plan, num_samples, vocab=run_vocabulary(model, cfg))
     model.train(was_training)
     return fig
+
+
+def run_vocabulary(model: MultiMAE, cfg: Any) -> list[str] | None:
+    """id -> token of the run's tokenizer, when the model has a text modality."""
+    if not any(s.kind == "text" for s in model.input_specs.values()):
+        return None
+    from multimae.training.pipeline import load_text_tokenizer
+
+    tok = load_text_tokenizer(cfg.data.tokenizer)
+    return [tok.id_to_token(i) or "?" for i in range(tok.get_vocab_size())]

@@ -37,6 +37,10 @@ class EvalRow:
 def baseline_prediction(spec: ModalitySpec, target: Tensor, patch: int) -> Tensor:
     """The trivial prediction for a target: per-image channel mean (after norm-pix if the task
     uses it), or log per-image class frequencies for class maps. Same shape as the model's."""
+    if spec.kind == "text":  # the caption's own token histogram at every position
+        hist = torch.stack([torch.bincount(x.flatten(), minlength=spec.num_classes) for x in target]).float()
+        hist = hist / hist.sum(1, keepdim=True)
+        return hist.clamp_min(1e-6).log()[:, None, :].expand(-1, target.shape[1], -1)
     if spec.kind == "categorical":
         t = target[:, 0] if target.ndim == 4 else target
         hist = torch.stack([torch.bincount(x.flatten(), minlength=spec.num_classes) for x in t]).float()
@@ -53,6 +57,17 @@ def _accuracy(pred: Tensor, target: Tensor) -> float:
 def _majority_accuracy(target: Tensor) -> float:
     acc = [float((x == torch.mode(x.flatten()).values).float().mean()) for x in target]
     return sum(acc) / len(acc)
+
+
+def _position_mode_accuracy(tokens: Tensor, real: Tensor) -> float:
+    """Accuracy of predicting, at every position, the batch's most frequent token there."""
+    hits = 0
+    for j in range(tokens.shape[1]):
+        r = real[:, j]
+        if r.any():
+            col = tokens[r, j]
+            hits += int((col == torch.mode(col).values).sum())
+    return hits / max(1, int(real.sum()))
 
 
 @torch.no_grad()
@@ -77,18 +92,24 @@ def evaluate(model: MultiMAE, batches: Iterable[tuple[dict[str, Any], MaskPlan]]
         base_l = model.losses(base, batch, out.plan)
         for t, l in out.losses.items():
             add("masked", t, model.output_specs[t].loss, float(l), float(base_l[t]), B)
-        only = {source.key: batch[source.key]}
-        out = model(only, None, compute_loss=False)
-        src_plan = MaskPlan({source.name: torch.zeros(B, out.encoded.masked.shape[1], dtype=torch.bool)})
+        # every other input present but fully hidden: the same as leaving it out for spatial
+        # decoders, and it gives text decoders their (masked) positions
+        hide = {n: torch.ones_like(m) if n != source.name else torch.zeros_like(m) for n, m in plan.masks.items()}
+        out = model(batch, MaskPlan(hide), compute_loss=False)
         cross = {t: v for t, v in out.preds.items() if model.output_specs[t].key != source.key}
-        ls = model.losses(cross, batch, src_plan)
-        lb = model.losses({t: base[t] for t in ls}, batch, src_plan)
+        ls = model.losses(cross, batch, out.plan)
+        lb = model.losses({t: base[t] for t in ls}, batch, out.plan)
         for t in ls:
             spec = model.output_specs[t]
-            add(f"from {source.name} only", t, spec.loss, float(ls[t]), float(lb[t]), B)
+            setting = f"from {source.name} only"
+            add(setting, t, spec.loss, float(ls[t]), float(lb[t]), B)
+            tgt = batch[spec.key]
             if spec.kind == "categorical":
-                tgt = batch[spec.key]
-                add(f"from {source.name} only", t, "acc", _accuracy(cross[t], tgt), _majority_accuracy(tgt), B)
+                add(setting, t, "acc", _accuracy(cross[t], tgt), _majority_accuracy(tgt), B)
+            elif spec.kind == "text":
+                real = ~batch[f"{spec.key}_pad"]
+                hit = (cross[t].argmax(-1) == tgt) & real
+                add(setting, t, "acc", float(hit.sum() / real.sum()), _position_mode_accuracy(tgt, real), B)
     return [EvalRow(s, t, m, v[0] / v[2], v[1] / v[2]) for (s, t, m), v in sums.items()]
 
 

@@ -9,8 +9,9 @@ from multimae.model import ModelConfig
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "folder", "shards"] = "synthetic"
-    root: str | None = None  # folder: dataset root (root/<split>/<modality>/...)
+    source: Literal["synthetic", "folder", "shards", "captions"] = "synthetic"
+    root: str | None = None  # folder: dataset root (root/<split>/<modality>/...); captions: CSV/TSV table
+    image_root: str | None = None  # captions: where relative image paths start (default: the table's folder)
     split: str = "train"
     urls: str | None = None  # shards: brace pattern or comma list of .tar files
     num_samples: int = 4096  # synthetic: scenes per epoch; shards: samples per epoch (all ranks)
@@ -22,6 +23,12 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000  # shards
     on_error: Literal["raise", "skip"] = "raise"
+    # text modality (M3AE)
+    tokenizer: str = "synthetic"  # "synthetic" (built in, offline), or a tokenizer.json / BERT vocab.txt
+    text_overflow: Literal["truncate", "error"] = "truncate"  # captions longer than max_len
+    text_unk: Literal["keep", "error"] = "keep"  # out-of-vocabulary words: [UNK] or an error
+    image_only: float = 0.0  # fraction of samples whose text is dropped (unpaired image data)
+    text_only: float = 0.0  # fraction of samples whose images are dropped (unpaired text data)
 
 
 @dataclass

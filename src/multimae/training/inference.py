@@ -14,7 +14,7 @@ from multimae.masking import MaskPlan
 from multimae.model import MultiMAE
 from multimae.training.config import PretrainConfig
 from multimae.training.pipeline import MaskCollator, eval_batches
-from multimae.viz import reconstruction_grid
+from multimae.viz import reconstruction_grid, run_vocabulary
 
 
 def load_pretrained(path: str | Path) -> tuple[MultiMAE, PretrainConfig, Path]:
@@ -30,7 +30,7 @@ def load_pretrained(path: str | Path) -> tuple[MultiMAE, PretrainConfig, Path]:
 def visualize_heldout(model: MultiMAE, cfg: PretrainConfig, num: int = 3, seed: int = 0) -> torch.Tensor:
     cfg.train.seed = seed
     batch, plan = eval_batches(model, cfg, batch_size=num, limit=num)[0]
-    return reconstruction_grid(model, batch, plan, num)
+    return reconstruction_grid(model, batch, plan, num, vocab=run_vocabulary(model, cfg))
 
 
 def visualize_files(model: MultiMAE, cfg: PretrainConfig, files: list[str], seed: int = 0) -> torch.Tensor:

@@ -24,7 +24,7 @@ from multimae.model import MultiMAE
 from multimae.training.config import PretrainConfig
 from multimae.training.logging import Progress, RunLogger
 from multimae.training.optim import WarmupCosine, build_optimizer, scaled_lr
-from multimae.training.pipeline import MaskCollator, build_loader
+from multimae.training.pipeline import MaskCollator, build_loader, load_text_tokenizer, text_collator
 from multimae.training.step import train_step
 
 
@@ -51,11 +51,12 @@ class Trainer:
         t = cfg.train
         self.device = self.info.device if t.device == "auto" else torch.device(t.device)
         set_fused_attention(t.fused_attention)
+        _size_text_vocabulary(cfg)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = MultiMAE(cfg.model).to(self.device)
         self.run_dir = Path(t.out_dir) / t.run_name
         collator = MaskCollator(list(self.model.input_specs.values()), self.model.config.patch_size, cfg.mask,
-                                t.seed, self.info.rank)
+                                t.seed, self.info.rank, text=text_collator(cfg.data, data_specs(self.model)))
         self.loader, self.sampler = build_loader(cfg.data, data_specs(self.model), collator, t.seed, t.batch_size,
                                                  self.info.rank, self.info.world_size)
         per_epoch = len(self.sampler) if self.sampler is not None else \
@@ -174,6 +175,19 @@ class Trainer:
             return
         fig = reconstruction_figure(self.model, self.cfg, num_samples=2)
         logger.log_image(self.step, "reconstruction", fig)
+
+
+def _size_text_vocabulary(cfg: PretrainConfig) -> None:
+    """A text modality whose vocabulary size the config leaves open takes the tokenizer's."""
+    from multimae import modalities as M
+
+    for name in set(cfg.model.inputs) | set(cfg.model.outputs):
+        spec = M.registered().get(name)
+        over = cfg.model.modalities.get(name, {})
+        kind = over.get("kind", spec.kind if spec else None)
+        if kind == "text" and "num_classes" not in over:
+            vocab = load_text_tokenizer(cfg.data.tokenizer).get_vocab_size()
+            cfg.model.modalities = {**cfg.model.modalities, name: {**over, "num_classes": vocab}}
 
 
 def pretrain(cfg: PretrainConfig) -> Path:

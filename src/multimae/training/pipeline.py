@@ -60,8 +60,8 @@ class SeededAugment(Dataset):
     """Wraps a raw dataset; item ``(epoch, step, index)`` -> transformed sample whose random
     crop/flip come from a generator seeded by (seed, epoch, index)."""
 
-    def __init__(self, base: Dataset, transform: Any, seed: int) -> None:
-        self.base, self.transform, self.seed = base, transform, seed
+    def __init__(self, base: Dataset, transform: Any, seed: int, unpaired: "Unpairing | None" = None) -> None:
+        self.base, self.transform, self.seed, self.unpaired = base, transform, seed, unpaired
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -70,8 +70,29 @@ class SeededAugment(Dataset):
         epoch, step, index = key
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
         sample = self.transform(self.base[index], generator=g)
+        if self.unpaired is not None:
+            self.unpaired(sample, mix_seed(self.seed, index, 11))
         sample["__step__"] = (epoch, step)
         return sample
+
+
+@dataclass
+class Unpairing:
+    """Turns a fixed fraction of paired samples into image-only or text-only ones (by a seed per
+    sample index), to train on unpaired data mixed into the stream. Dropped keys contribute no
+    tokens and no loss downstream (``<key>_present`` False)."""
+
+    text_keys: Sequence[str]
+    image_keys: Sequence[str]
+    image_only: float = 0.0
+    text_only: float = 0.0
+
+    def __call__(self, sample: dict[str, Any], seed: int) -> None:
+        u = torch.rand(1, generator=torch.Generator().manual_seed(seed)).item()
+        drop = self.text_keys if u < self.image_only else \
+            self.image_keys if u < self.image_only + self.text_only else ()
+        for k in drop:
+            sample.pop(k, None)
 
 
 class CachedDataset(Dataset):
@@ -100,6 +121,7 @@ class MaskCollator:
     mask: MaskConfig
     seed: int
     rank: int = 0
+    text: Any = None  # a multimae.data.text.TextCollator when a text modality is used
 
     def token_counts(self, batch: dict[str, Any]) -> dict[str, int]:
         counts = {}
@@ -131,7 +153,7 @@ class MaskCollator:
         epoch, step = samples[0].pop("__step__", (0, 0))
         for s in samples[1:]:
             s.pop("__step__", None)
-        batch = collate(samples)
+        batch = self.text(samples) if self.text is not None else collate(samples)
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank, 7))
         return batch, self.plan(batch, g)
 
@@ -152,6 +174,12 @@ def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *,
         if not data.root:
             raise ValueError("data.root must be set for data.source=folder")
         return FolderDataset(data.root, data.split, names, on_error=data.on_error)
+    if data.source == "captions":
+        from multimae.data.text import CaptionTable
+
+        if not data.root:
+            raise ValueError("data.root must name the CSV/TSV caption table for data.source=captions")
+        return CaptionTable(data.root, image_root=data.image_root, on_error=data.on_error)
     raise ValueError(f"data.source={data.source!r} is not a map-style dataset (shards stream instead)")
 
 
@@ -161,6 +189,10 @@ def build_loader(data: DataConfig, specs: Sequence[ModalitySpec], collator: Mask
     from multimae.data.transforms import PairedTransform
 
     transform = PairedTransform(list(specs), data.image_size, train=True, scale=tuple(data.crop_scale), hflip=data.hflip)
+    unpaired = None
+    if data.image_only or data.text_only:
+        unpaired = Unpairing([s.key for s in specs if s.kind == "text"], [s.key for s in specs if s.is_spatial],
+                             data.image_only, data.text_only)
     kw: dict[str, Any] = dict(num_workers=data.num_workers, collate_fn=collator,
                               persistent_workers=False, pin_memory=torch.cuda.is_available(),
                               generator=torch.Generator().manual_seed(seed))  # never draws from the global RNG
@@ -178,7 +210,7 @@ def build_loader(data: DataConfig, specs: Sequence[ModalitySpec], collator: Mask
         return DataLoader(ds, batch_size=batch_size, drop_last=True, **kw), None
     base = build_dataset(data, specs, seed)
     sampler = ResumableBatchSampler(len(base), batch_size, seed, rank, world_size)  # type: ignore[arg-type]
-    return DataLoader(SeededAugment(base, transform, seed), batch_sampler=sampler, **kw), sampler
+    return DataLoader(SeededAugment(base, transform, seed, unpaired), batch_sampler=sampler, **kw), sampler
 
 
 class _StepTagger:
@@ -213,7 +245,8 @@ def eval_batches(model: Any, cfg: Any, batch_size: int = 16, limit: int | None =
         raise ValueError("held-out evaluation needs a synthetic or folder dataset")
     transform = PairedTransform(specs, data.image_size, train=False)
     n = len(base) if limit is None else min(limit, len(base))
-    collator = MaskCollator(list(model.input_specs.values()), model.config.patch_size, cfg.mask, cfg.train.seed + 1)
+    collator = MaskCollator(list(model.input_specs.values()), model.config.patch_size, cfg.mask, cfg.train.seed + 1,
+                            text=text_collator(data, specs))
     out = []
     for s in range(0, n - n % batch_size or n, batch_size):
         samples = [transform(base[i]) for i in range(s, min(s + batch_size, n))]
@@ -221,3 +254,24 @@ def eval_batches(model: Any, cfg: Any, batch_size: int = 16, limit: int | None =
             smp["__step__"] = (0, s)
         out.append(collator(samples))
     return out
+
+
+def text_collator(data: DataConfig, specs: Sequence[ModalitySpec]) -> Any:
+    """The TextCollator for the text modality among ``specs`` (None without one)."""
+    text = [s for s in specs if s.kind == "text"]
+    if not text:
+        return None
+    if len(text) > 1:
+        raise ValueError(f"one text modality per model is supported, got {[s.name for s in text]}")
+    from multimae.data.text import TextCollator
+    from multimae.data.tokenizers import TextEncoder
+
+    enc = TextEncoder(load_text_tokenizer(data.tokenizer), max_len=text[0].max_len, overflow=data.text_overflow,
+                      unk=data.text_unk)
+    return TextCollator(enc, text_key=text[0].key, image_keys=[s.key for s in specs if s.is_spatial])
+
+
+def load_text_tokenizer(name: str) -> Any:
+    from multimae.data.tokenizers import default_synthetic_tokenizer, load_tokenizer
+
+    return default_synthetic_tokenizer() if name == "synthetic" else load_tokenizer(name)
