@@ -1,0 +1,46 @@
+"""Caption prediction from the image alone (M3AE): the caption fully masked, the image fully
+visible; accuracy on the positions whose true word falls in given word classes (e.g. colours,
+object types), against frequency baselines."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from multimae.masking import MaskPlan
+from multimae.model import MultiMAE
+
+
+@torch.no_grad()
+def caption_word_accuracy(model: MultiMAE, batches: Iterable[tuple[dict[str, Any], MaskPlan]], text: str,
+                          word_classes: Mapping[str, Sequence[int]], train_tokens: Tensor, train_pad: Tensor
+                          ) -> dict[str, dict[str, float]]:
+    """Per word class: model accuracy, the accuracy of always answering the class's most frequent
+    training word, and of answering the most frequent training token at that position.
+
+    word_classes: class name -> token ids of its words. train_tokens/train_pad: (N, L) captions of
+    the training data, for the baselines.
+    """
+    model.eval()
+    ids = {c: torch.tensor(list(v)) for c, v in word_classes.items()}
+    real_tr = ~train_pad
+    pos_mode = torch.tensor([Counter(train_tokens[real_tr[:, j], j].tolist()).most_common(1)[0][0]
+                             if real_tr[:, j].any() else -1 for j in range(train_tokens.shape[1])])
+    freq_word = {c: Counter(t for t in train_tokens[real_tr].tolist() if t in set(v.tolist())).most_common(1)[0][0]
+                 for c, v in ids.items()}
+    hits = {c: [0, 0, 0, 0] for c in ids}  # model, class-frequency, position-mode, count
+    for batch, plan in batches:
+        hide = {n: torch.ones_like(m) if n == text else torch.zeros_like(m) for n, m in plan.masks.items()}
+        pred = model(batch, MaskPlan(hide), tasks=[text], compute_loss=False).preds[text].argmax(-1)
+        tgt, real = batch[text], ~batch[f"{text}_pad"]
+        L = tgt.shape[1]
+        for c, v in ids.items():
+            sel = torch.isin(tgt, v) & real
+            hits[c][0] += int((pred == tgt)[sel].sum())
+            hits[c][1] += int((tgt == freq_word[c])[sel].sum())
+            hits[c][2] += int((tgt == pos_mode[:L][None].expand_as(tgt))[sel].sum())
+            hits[c][3] += int(sel.sum())
+    return {c: {"model": h[0] / max(1, h[3]), "class_frequency_baseline": h[1] / max(1, h[3]),
+                "position_frequency_baseline": h[2] / max(1, h[3]), "positions": h[3]} for c, h in hits.items()}

@@ -1,0 +1,73 @@
+"""Text in the engine: paired, image-only and text-only batches train through the M3AE config;
+absent modalities contribute no tokens and no loss."""
+import torch
+
+from multimae.config import load_config
+from multimae.training.config import PretrainConfig
+from multimae.training.loop import Trainer
+from multimae.training.step import train_step
+
+SMALL = ["model.preset=nano", "model.depth=2", "model.image_size=32", "model.patch_size=8", "model.decoder_depth=1",
+         "data.image_size=32", "data.num_samples=64", "data.val_samples=8", "data.num_workers=0", "data.cache=false",
+         "train.batch_size=8", "train.figure_at_end=false"]
+
+
+def trainer(tmp_path, *extra):
+    cfg = load_config(PretrainConfig, "configs/pretrain/synthetic-m3ae-tiny.yaml",
+                      SMALL + [f"train.out_dir={tmp_path}", *extra])
+    return Trainer(cfg)
+
+
+def test_paired_image_only_and_text_only_batches_train(tmp_path):
+    tr = trainer(tmp_path, "train.run_name=mix")
+    batch, plan = next(iter(tr.loader))
+    assert batch["caption"].dtype == torch.int64 and batch["caption_pad"].dtype == torch.bool
+    n_text = tr.model.input_specs["caption"].num_classes
+    assert n_text == tr.loader.collate_fn.text.encoder.vocab_size  # vocabulary sized from the tokenizer
+    B = batch["rgb"].shape[0]
+    for kind in ("paired", "image_only", "text_only"):
+        b = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        b["rgb_present"] = torch.ones(B, dtype=torch.bool)
+        b["caption_present"] = torch.ones(B, dtype=torch.bool)
+        if kind == "image_only":
+            b["caption_present"][:] = False
+            b["caption_pad"][:] = True
+        if kind == "text_only":
+            b["rgb_present"][:] = False
+            b["rgb"].zero_()
+        plan = tr.loader.collate_fn.plan(b, torch.Generator().manual_seed(0))
+        before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        stats = train_step(tr.model, b, tr.optimizer, plan)
+        assert torch.isfinite(torch.tensor(stats["loss"]))
+        assert ("loss/caption" in stats) == (kind != "image_only")
+        assert ("loss/rgb" in stats) == (kind != "text_only") or stats["loss/rgb"] == 0.0
+        moved = [n for n, p in tr.model.named_parameters() if not torch.equal(before[n], p)]
+        assert moved, kind
+        out = tr.model(b, plan)
+        if kind == "text_only":  # no rgb token is encoded
+            rgb = next(s for s in out.encoded.layout if s.name == "rgb")
+            assert out.encoded.masked[:, rgb.start:rgb.end].all()
+        if kind == "image_only":
+            cap = next(s for s in out.encoded.layout if s.name == "caption")
+            assert out.encoded.masked[:, cap.start:cap.end].all()
+
+
+def test_ratio_masking_honoured_per_sample(tmp_path):
+    tr = trainer(tmp_path, "train.run_name=ratio")
+    batch, plan = next(iter(tr.loader))
+    real = (~batch["caption_pad"]).sum(1)
+    vis = (~plan.masks["caption"]).sum(1)
+    assert torch.equal(vis, real - torch.round(real.double() * 0.75).long())
+    assert torch.equal((~plan.masks["rgb"]).sum(1), torch.full_like(vis, 16))  # 64 tokens, 75% hidden
+    assert not ((~plan.masks["caption"]) & batch["caption_pad"]).any()
+
+
+def test_unpaired_mixing_fractions(tmp_path):
+    tr = trainer(tmp_path, "train.run_name=unp", "data.image_only=0.25", "data.text_only=0.25", "data.num_samples=256",
+                 "train.batch_size=64")
+    counts = torch.zeros(3)
+    for i, (b, _) in enumerate(tr.loader):
+        counts += torch.stack([(b["caption_present"] & b["rgb_present"]).sum(), (~b["caption_present"]).sum(),
+                               (~b["rgb_present"]).sum()]).float()
+    frac = counts / counts.sum()
+    assert torch.allclose(frac, torch.tensor([0.5, 0.25, 0.25]), atol=0.08)
