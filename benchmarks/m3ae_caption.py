@@ -34,8 +34,10 @@ def main() -> int:
     from multimae.data.synthetic import SyntheticScenes
 
     overrides = [f"train.max_steps={args.steps}", "train.run_name=m3ae-caption-bench", "train.out_dir=runs",
-                 f"train.epochs={args.steps}", *args.overrides]
+                 "train.resume=null", *args.overrides]
     cfg = load_config(PretrainConfig, str(ROOT / "configs/pretrain/synthetic-m3ae-tiny.yaml"), overrides)
+    per_epoch = cfg.data.num_samples // cfg.train.batch_size
+    cfg.train.epochs = -(-args.steps // per_epoch)  # the cosine schedule ends with the run
     t0 = time.time()
     trainer = Trainer(cfg)
     trainer.fit()

@@ -90,3 +90,20 @@ def test_non_finite_loss_is_reported(tmp_path):
     batch["depth"][0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 7: \{'depth'"):
         train_step(tr.model, batch, tr.optimizer, plan, step=7)
+
+
+def test_pretrain_streams_webdataset_shards(tmp_path):
+    """data.source=shards: every rank takes the configured number of steps from tar shards."""
+    from multimae.data.shards import write_shards
+    from multimae.data.synthetic import SyntheticScenes
+
+    ds = SyntheticScenes(48, image_size=32, seed=3, modalities=["rgb", "depth", "semseg"])
+    urls = write_shards((ds[i] for i in range(len(ds))), str(tmp_path / "shard-%06d.tar"), max_count=16)
+    assert len(urls) == 3
+    cfg = cfg_for(tmp_path, "train.run_name=shards", "data.source=shards", f"data.urls={','.join(urls)}",
+                  "data.num_samples=48", "data.shuffle_buffer=16", "train.epochs=2", "train.eval_at_end=false")
+    tr = Trainer(cfg)
+    assert tr.steps_per_epoch == 6
+    run = tr.fit()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 12 and all(r["loss"] > 0 for r in rows)

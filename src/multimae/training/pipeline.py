@@ -204,7 +204,8 @@ def build_loader(data: DataConfig, specs: Sequence[ModalitySpec], collator: Mask
         if not data.urls:
             raise ValueError("data.urls must be set for data.source=shards")
         per_rank = data.num_samples // world_size
-        ds = ShardDataset(data.urls, sorted({s.key for s in specs}), transform=_StepTagger(transform),
+        urls = data.urls.split(",") if "," in data.urls and "{" not in data.urls else data.urls
+        ds = ShardDataset(urls, sorted({s.key for s in specs}), transform=_StepTagger(transform),
                           shuffle_buffer=data.shuffle_buffer, seed=seed, on_error=data.on_error, rank=rank,
                           world_size=world_size, samples_per_rank=per_rank - per_rank % batch_size)
         return DataLoader(ds, batch_size=batch_size, drop_last=True, **kw), None
@@ -235,14 +236,24 @@ def eval_batches(model: Any, cfg: Any, batch_size: int = 16, limit: int | None =
 
     specs = data_specs(model)
     data = cfg.data
+    keys = sorted({s.key for s in specs})
     if data.source == "synthetic":
         base = build_dataset(data, specs, cfg.train.seed, train=False)
     elif data.source == "folder":
         from multimae.data.folder import FolderDataset
 
-        base = FolderDataset(data.root, "val" if data.split == "train" else data.split, sorted({s.key for s in specs}))
-    else:
-        raise ValueError("held-out evaluation needs a synthetic or folder dataset")
+        base = FolderDataset(data.root, "val" if data.split == "train" else data.split, keys)
+    else:  # streamed shards / caption tables: the first samples of the data (not held out)
+        from itertools import islice
+
+        if data.source == "shards":
+            from multimae.data.shards import ShardDataset
+
+            urls = data.urls.split(",") if "," in data.urls and "{" not in data.urls else data.urls
+            stream = ShardDataset(urls, keys, shuffle_buffer=0, rank=0, world_size=1)
+        else:
+            stream = build_dataset(data, specs, cfg.train.seed)
+        base = list(islice(iter(stream), limit or data.val_samples))
     transform = PairedTransform(specs, data.image_size, train=False)
     n = len(base) if limit is None else min(limit, len(base))
     collator = MaskCollator(list(model.input_specs.values()), model.config.patch_size, cfg.mask, cfg.train.seed + 1,

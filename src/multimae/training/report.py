@@ -24,7 +24,7 @@ def finish_run(trainer: Any, evaluate: bool = True, figure: bool = True) -> dict
         print(format_table(rows), flush=True)
         worse = [f"{r.setting}/{r.task}/{r.metric}" for r in rows if not r.better]
         print("model beats the baseline on every task" if not worse else f"baseline NOT beaten on: {worse}")
-    if figure and cfg.data.source in ("synthetic", "folder"):
+    if figure:
         out["figure"] = save_png(reconstruction_figure(model, cfg, num_samples=2), trainer.run_dir / "reconstruction.png")
         print(f"figure: {out['figure']}")
     return out
