@@ -44,3 +44,39 @@ def caption_word_accuracy(model: MultiMAE, batches: Iterable[tuple[dict[str, Any
             hits[c][3] += int(sel.sum())
     return {c: {"model": h[0] / max(1, h[3]), "class_frequency_baseline": h[1] / max(1, h[3]),
                 "position_frequency_baseline": h[2] / max(1, h[3]), "positions": h[3]} for c, h in hits.items()}
+
+
+@torch.no_grad()
+def caption_word_recall(model: MultiMAE, batches: Iterable[tuple[dict[str, Any], MaskPlan]], text: str,
+                        word_classes: Mapping[str, Sequence[int]], train_tokens: Tensor, train_pad: Tensor
+                        ) -> dict[str, dict[str, float]]:
+    """Which words of a class does a caption contain, read from the image alone (caption fully
+    masked)? Per caption with k distinct true words of the class, the model names the k class
+    words with the highest probability at any caption position; the baseline names the k most
+    frequent class words of the training captions. Returns recall (hits / true words) of both."""
+    model.eval()
+    real_tr = ~train_pad
+    out: dict[str, dict[str, float]] = {}
+    tallies = {c: [0, 0, 0] for c in word_classes}  # model hits, baseline hits, true words
+    ranked = {c: [w for w, _ in Counter(t for t in train_tokens[real_tr].tolist() if t in set(v)).most_common()]
+              + [w for w in v] for c, v in word_classes.items()}
+    for batch, plan in batches:
+        hide = {n: torch.ones_like(m) if n == text else torch.zeros_like(m) for n, m in plan.masks.items()}
+        logits = model(batch, MaskPlan(hide), tasks=[text], compute_loss=False).preds[text].float()
+        real = ~batch[f"{text}_pad"]
+        prob = logits.softmax(-1).masked_fill(~real[..., None], 0).amax(1)  # (B, V): best position per word
+        for c, v in word_classes.items():
+            ids = torch.tensor(list(v))
+            for b in range(prob.shape[0]):
+                true = set(batch[text][b][real[b]].tolist()) & set(v)
+                k = len(true)
+                if not k:
+                    continue
+                top = ids[prob[b, ids].topk(k).indices].tolist()
+                base = list(dict.fromkeys(ranked[c]))[:k]
+                tallies[c][0] += len(true & set(top))
+                tallies[c][1] += len(true & set(base))
+                tallies[c][2] += k
+    for c, (m, b, n) in tallies.items():
+        out[c] = {"model": m / max(1, n), "frequency_baseline": b / max(1, n), "words": n}
+    return out
