@@ -219,7 +219,7 @@ class MultiMAE(nn.Module):
             raise KeyError(f"unknown modality {unknown[0]!r} in batch; model inputs: {sorted(self.input_specs)}, "
                            f"outputs: {sorted(self.output_specs)}")
         names = self._input_names(batch, plan)
-        self.image_size_of({k: v for k, v in batch.items()})
+        self.image_size_of(batch)  # all spatial modalities must agree
         tokens, layout = self.tokenize(batch, names)
         B = tokens.shape[0]
         masks, pads = [], []

@@ -58,8 +58,10 @@ def caption_word_recall(model: MultiMAE, batches: Iterable[tuple[dict[str, Any],
     real_tr = ~train_pad
     out: dict[str, dict[str, float]] = {}
     tallies = {c: [0, 0, 0] for c in word_classes}  # model hits, baseline hits, true words
-    ranked = {c: [w for w, _ in Counter(t for t in train_tokens[real_tr].tolist() if t in set(v)).most_common()]
-              + [w for w in v] for c, v in word_classes.items()}
+    # class words by training frequency (unseen words last): the baseline names the first k
+    ranked = {c: list(dict.fromkeys([w for w, _ in Counter(t for t in train_tokens[real_tr].tolist()
+                                                        if t in set(v)).most_common()] + list(v)))
+              for c, v in word_classes.items()}
     for batch, plan in batches:
         hide = {n: torch.ones_like(m) if n == text else torch.zeros_like(m) for n, m in plan.masks.items()}
         logits = model(batch, MaskPlan(hide), tasks=[text], compute_loss=False).preds[text].float()
@@ -73,7 +75,7 @@ def caption_word_recall(model: MultiMAE, batches: Iterable[tuple[dict[str, Any],
                 if not k:
                     continue
                 top = ids[prob[b, ids].topk(k).indices].tolist()
-                base = list(dict.fromkeys(ranked[c]))[:k]
+                base = ranked[c][:k]
                 tallies[c][0] += len(true & set(top))
                 tallies[c][1] += len(true & set(base))
                 tallies[c][2] += k

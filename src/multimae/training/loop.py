@@ -73,6 +73,7 @@ class Trainer:
         self.scheduler = WarmupCosine(self.optimizer, self.total_steps, min(warmup, self.total_steps), o.min_lr)
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.step = 0
+        self._rng_after_resume: dict | None = None
         self._resume()
         torch.manual_seed(D.rank_seed(t.seed, self.info.rank) + self.step)  # drop-path noise per rank
         self.net: torch.nn.Module = self.model
@@ -132,7 +133,7 @@ class Trainer:
     def fit(self) -> Path:
         t = self.cfg.train
         last = self.total_steps if t.max_steps is None else min(self.total_steps, t.max_steps)
-        if getattr(self, "_rng_after_resume", None):
+        if self._rng_after_resume:
             restore_rng_state(self._rng_after_resume)
         logger = RunLogger(self.run_dir, enabled=self.info.is_main)
         if self.info.is_main:

@@ -158,6 +158,11 @@ class MaskCollator:
         return batch, self.plan(batch, g)
 
 
+def shard_urls(urls: str) -> str | list[str]:
+    """``data.urls``: a brace pattern stays as it is; a comma list becomes a list of paths."""
+    return urls.split(",") if "," in urls and "{" not in urls else urls
+
+
 def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *, train: bool = True) -> Dataset:
     """The raw (untransformed) dataset a DataConfig describes."""
     names = sorted({s.key for s in specs})
@@ -204,8 +209,7 @@ def build_loader(data: DataConfig, specs: Sequence[ModalitySpec], collator: Mask
         if not data.urls:
             raise ValueError("data.urls must be set for data.source=shards")
         per_rank = data.num_samples // world_size
-        urls = data.urls.split(",") if "," in data.urls and "{" not in data.urls else data.urls
-        ds = ShardDataset(urls, sorted({s.key for s in specs}), transform=_StepTagger(transform),
+        ds = ShardDataset(shard_urls(data.urls), sorted({s.key for s in specs}), transform=_StepTagger(transform),
                           shuffle_buffer=data.shuffle_buffer, seed=seed, on_error=data.on_error, rank=rank,
                           world_size=world_size, samples_per_rank=per_rank - per_rank % batch_size)
         return DataLoader(ds, batch_size=batch_size, drop_last=True, **kw), None
@@ -249,8 +253,7 @@ def eval_batches(model: Any, cfg: Any, batch_size: int = 16, limit: int | None =
         if data.source == "shards":
             from multimae.data.shards import ShardDataset
 
-            urls = data.urls.split(",") if "," in data.urls and "{" not in data.urls else data.urls
-            stream = ShardDataset(urls, keys, shuffle_buffer=0, rank=0, world_size=1)
+            stream = ShardDataset(shard_urls(data.urls), keys, shuffle_buffer=0, rank=0, world_size=1)
         else:
             stream = build_dataset(data, specs, cfg.train.seed)
         base = list(islice(iter(stream), limit or data.val_samples))
@@ -259,7 +262,8 @@ def eval_batches(model: Any, cfg: Any, batch_size: int = 16, limit: int | None =
     collator = MaskCollator(list(model.input_specs.values()), model.config.patch_size, cfg.mask, cfg.train.seed + 1,
                             text=text_collator(data, specs))
     out = []
-    for s in range(0, n - n % batch_size or n, batch_size):
+    # full batches only (a single short one when n < batch_size)
+    for s in range(0, max(n - batch_size, 0) + 1, batch_size):
         samples = [transform(base[i]) for i in range(s, min(s + batch_size, n))]
         for smp in samples:
             smp["__step__"] = (0, s)
