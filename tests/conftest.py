@@ -26,3 +26,16 @@ def official_tsv():
     if not OFFICIAL_TSV.is_file():
         pytest.fail(f"{OFFICIAL_TSV} not found (set MULTIMAE_SHARED to the shared/ folder)")
     return OFFICIAL_TSV
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rngs():
+    """Every test starts from the same global RNG state, so no result depends on test order."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
