@@ -52,6 +52,7 @@ class OptimConfig:
     decay_norm_bias: bool = False  # weight decay on LayerNorm weights and biases
     clip_grad: float | None = None
     accum_steps: int = 1
+    implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"  # AdamW kernels (auto: fused)
 
 
 @dataclass
@@ -61,7 +62,8 @@ class TrainConfig:
     batch_size: int = 256  # per rank (per micro-batch)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
-    fused_attention: bool = True
+    attention: Literal["auto", "fused", "manual"] = "auto"  # auto: explicit for CPU bf16, else SDPA
+    tune_malloc: bool = True  # keep freed memory in glibc's heap (multimae.perf.tune_malloc)
     seed: int = 0
     out_dir: str = "runs"
     run_name: str = "pretrain"

@@ -18,7 +18,8 @@ import torch
 from multimae import config as config_lib
 from multimae import distributed as D
 from multimae.checkpoint import capture_rng_state, find_latest, load_checkpoint, resolve_checkpoint, restore_rng_state, save_checkpoint
-from multimae.layers.attention import set_fused_attention
+from multimae.layers.attention import set_attention_mode
+from multimae.perf import tune_malloc
 from multimae.masking import MaskPlan
 from multimae.model import MultiMAE
 from multimae.training.config import PretrainConfig
@@ -50,7 +51,9 @@ class Trainer:
         self.info = D.init_distributed()
         t = cfg.train
         self.device = self.info.device if t.device == "auto" else torch.device(t.device)
-        set_fused_attention(t.fused_attention)
+        set_attention_mode(t.attention)
+        if t.tune_malloc:
+            tune_malloc()
         _size_text_vocabulary(cfg)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = MultiMAE(cfg.model).to(self.device)
@@ -67,7 +70,7 @@ class Trainer:
         global_batch = t.batch_size * self.info.world_size * o.accum_steps
         self.lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, global_batch)
         self.optimizer = build_optimizer(self.model, lr=self.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                                         no_decay_norm_bias=not o.decay_norm_bias,
+                                         implementation=o.implementation, no_decay_norm_bias=not o.decay_norm_bias,
                                          no_decay_names=sorted(self.model.no_weight_decay()))
         warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * self.steps_per_epoch)
         self.scheduler = WarmupCosine(self.optimizer, self.total_steps, min(warmup, self.total_steps), o.min_lr)

@@ -118,20 +118,38 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     weight_decay: float = 0.05,
     eps: float = 1e-8,
+    implementation: str = "auto",
     **group_kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Build the optimizer over :func:`param_groups` of ``model``.
 
     ``lr`` is the base (peak) learning rate; each group starts at ``lr * lr_scale``.
     ``group_kwargs`` go to :func:`param_groups` (``no_decay_names``, ``layer_decay``, ...).
-    Only ``"adamw"`` (``torch.optim.AdamW``; fused/foreach left to torch) is supported.
+    Only ``"adamw"`` (``torch.optim.AdamW``) is supported. ``implementation``: ``"fused"`` (one
+    multi-threaded kernel per parameter; on the CPU about 4.5x faster than the per-tensor loop for
+    ViT-B, see ``benchmarks/pretrain_throughput.py``), ``"foreach"``, ``"loop"``, or ``"auto"``
+    (fused where every parameter is a floating-point tensor on the CPU or a CUDA device, else
+    torch's default).
     """
     groups = param_groups(model, weight_decay, **group_kwargs)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
     if name.lower() != "adamw":
         raise ValueError(f"unknown optimizer {name!r}; supported: 'adamw'")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    kwargs = _implementation_kwargs(implementation, [p for g in groups for p in g["params"]])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+
+
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "loop")
+
+
+def _implementation_kwargs(implementation: str, params: list[torch.Tensor]) -> dict[str, bool]:
+    if implementation not in OPTIMIZER_IMPLEMENTATIONS:
+        raise ValueError(f"optimizer implementation {implementation!r}: expected one of {OPTIMIZER_IMPLEMENTATIONS}")
+    if implementation == "auto":
+        fusable = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return {"fused": True} if fusable else {}
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[implementation]
 
 
 def cosine_schedule(

@@ -82,8 +82,10 @@ def train_step(model: nn.Module, batch: dict[str, Any] | Sequence[Micro], optimi
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    # an infinite bound measures the norm without clipping
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf"))
+    if clip_grad:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    else:  # measure only (clip_grad_norm_ with an infinite bound would also rescale every grad by 1)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
