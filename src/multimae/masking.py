@@ -188,22 +188,30 @@ def dirichlet_plan(token_counts: Mapping[str, int], batch_size: int, num_visible
     return MaskPlan(masks)
 
 
-def ratio_plan(token_counts: Mapping[str, int], batch_size: int, mask_ratio: Mapping[str, float],
+def ratio_plan(token_counts: Mapping[str, int], batch_size: int,
+               mask_ratio: Mapping[str, float | tuple[float, float]],
                generator: torch.Generator | None = None, valid: Mapping[str, Tensor] | None = None,
                present: Mapping[str, Tensor] | None = None, device: torch.device | str = "cpu") -> MaskPlan:
     """M3AE masking: per modality, hide ``round(ratio * n_valid)`` of each sample's valid tokens.
 
-    ``mask_ratio`` names a ratio in [0, 1] per modality; a modality not named is fully visible.
-    Invalid (padding) tokens and absent modalities are always hidden.
+    ``mask_ratio`` names, per modality, a ratio in [0, 1], or a range ``(lo, hi)`` from which
+    every sample draws its own ratio uniformly (e.g. ``(0.5, 1.0)`` for captions: the model also
+    sees fully masked captions, as when it describes an image from nothing). A modality not named
+    is fully visible. Invalid (padding) tokens and absent modalities are always hidden.
     """
     masks = {}
     for n, N in token_counts.items():
-        r = float(mask_ratio.get(n, 0.0))
-        if not 0.0 <= r <= 1.0:
-            raise ValueError(f"mask ratio of {n!r} must be in [0, 1], got {r}")
+        r = mask_ratio.get(n, 0.0)
+        lo, hi = (float(r), float(r)) if isinstance(r, (int, float)) else (float(r[0]), float(r[1]))
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"mask ratio of {n!r} must be in [0, 1] (a range: 0 <= lo <= hi <= 1), got {r}")
         v = valid[n].cpu().bool() if valid is not None and n in valid else torch.ones(batch_size, N, dtype=torch.bool)
         n_valid = v.sum(1)
-        keep = n_valid - torch.round(n_valid.double() * r).long()
+        if hi > lo:
+            ratio = lo + (hi - lo) * torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        else:
+            ratio = torch.full((batch_size,), lo, dtype=torch.float64)
+        keep = n_valid - torch.round(n_valid.double() * ratio).long()
         if present is not None and n in present:
             keep = torch.where(present[n].cpu().bool(), keep, torch.zeros_like(keep))
         masks[n] = select_uniform(N, keep, v, generator).to(device)

@@ -83,6 +83,22 @@ def test_padding_is_never_visible_and_ratios_are_honoured():
     assert (~plan.masks["rgb"]).sum(1).tolist() == [4, 4, 4]
 
 
+def test_ratio_range_draws_one_ratio_per_sample():
+    B, N = 4000, 20
+    plan = ratio_plan({"caption": N, "rgb": 16}, B, {"caption": (0.5, 1.0), "rgb": 0.75}, generator=gen(3))
+    hidden = plan.masks["caption"].sum(1).float()
+    assert hidden.min() == 10 and hidden.max() == 20  # round(N * ratio) for ratio in [0.5, 1]
+    assert abs(hidden.mean().item() / N - 0.75) < 0.01
+    assert (hidden == 20).float().mean() > 0.015  # fully masked captions occur (ratio >= 0.975)
+    counts = torch.bincount(hidden.long(), minlength=21)[11:20].float()
+    assert counts.min() > 0.7 * counts.mean()  # uniform over the interior counts
+    assert (plan.masks["rgb"].sum(1) == 12).all()  # a fixed ratio stays exact
+    again = ratio_plan({"caption": N, "rgb": 16}, B, {"caption": (0.5, 1.0), "rgb": 0.75}, generator=gen(3))
+    assert torch.equal(again.masks["caption"], plan.masks["caption"])
+    with pytest.raises(ValueError, match="mask ratio of 'caption'"):
+        ratio_plan({"caption": N}, 2, {"caption": (0.9, 0.5)})
+
+
 def test_user_masks_validated():
     with pytest.raises(ValueError, match="different batch sizes"):
         MaskPlan.from_masks({"rgb": torch.zeros(2, 4), "depth": torch.zeros(3, 4)})

@@ -37,7 +37,8 @@ class MaskConfig:
     num_visible: int = 98  # MultiMAE: visible-token budget over all input modalities
     alpha: float = 1.0  # symmetric Dirichlet concentration (paper: 1.0)
     sample_subsets: bool = False  # pre-sample a random non-empty subset of modalities per sample
-    ratios: dict[str, float] = field(default_factory=dict)  # M3AE: mask ratio per modality
+    # M3AE: mask ratio per modality; [lo, hi] draws one per sample uniformly from the range
+    ratios: dict[str, float | tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
