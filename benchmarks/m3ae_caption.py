@@ -9,6 +9,7 @@ frequency baselines. Writes benchmarks/results/m3ae_caption.md.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -57,7 +58,7 @@ def main() -> int:
     res = caption_word_accuracy(model, batches, "caption", classes, enc["ids"], enc["pad"])
     rec = caption_word_recall(model, batches, "caption", classes, enc["ids"], enc["pad"])
     lines = ["# M3AE on synthetic scenes: caption words from the image alone", "",
-             f"Command: `python benchmarks/m3ae_caption.py --steps {args.steps} {' '.join(args.overrides)}`  ",
+             f"Command: `python benchmarks/m3ae_caption.py --steps {args.steps} {shlex.join(args.overrides)}`  ",
              f"Config: configs/pretrain/synthetic-m3ae-tiny.yaml, {trainer.step} steps of batch {cfg.train.batch_size} "
              f"({'evaluation of the trained run' if args.eval_only else f'{train_s / 60:.1f} min'} on this machine, torch {torch.__version__}, {torch.get_num_threads()} threads).  ",
              f"Held-out: {cfg.data.val_samples} unseen scenes; caption fully masked, image fully visible; accuracy at the "

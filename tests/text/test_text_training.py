@@ -72,3 +72,18 @@ def test_unpaired_mixing_fractions(tmp_path):
                                (~b["rgb_present"]).sum()]).float()
     frac = counts / counts.sum()
     assert torch.allclose(frac, torch.tensor([0.5, 0.25, 0.25]), atol=0.08)
+
+
+def test_multitask_m3ae_config_trains_with_per_sample_ratios(tmp_path):
+    cfg = load_config(PretrainConfig, "configs/pretrain/synthetic-m3ae-multitask.yaml",
+                      SMALL + [f"train.out_dir={tmp_path}", "train.run_name=mt", "train.max_steps=2",
+                               "train.eval_at_end=false"])
+    assert cfg.mask.ratios == {"rgb": (0.25, 0.75), "caption": (0.5, 1.0)}
+    tr = Trainer(cfg)
+    assert set(tr.model.output_specs) == {"rgb", "depth", "semseg", "caption"}
+    batch, plan = next(iter(tr.loader))
+    real = ~batch["caption_pad"]
+    hidden = (plan.masks["caption"] & real).sum(1).double() / real.sum(1)
+    assert (hidden >= 0.5 - 1 / 32).all() and hidden.unique().numel() > 1  # a ratio per sample
+    stats = train_step(tr.model, batch, tr.optimizer, plan)
+    assert all(stats[f"loss/{t}"] > 0 for t in ("rgb", "depth", "semseg", "caption"))
