@@ -96,28 +96,39 @@ class SpatialDecoder(nn.Module):
             pos = pos + self.task_embeddings[name]
         return pos.to(dtype)
 
-    def _sequence(self, enc: EncodedTokens) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The full sequence (B, N, dim): visible tokens projected, mask tokens at hidden positions,
-        plus position and modality embeddings; the context (B, Nv + G, dim): its visible slots
-        and the projected global tokens; and the context's key padding (B, Nv + G) or None."""
+    def _sequence(self, enc: EncodedTokens, own: Segment | None) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """The queries of segment ``own`` (B, L, dim): its visible tokens projected, mask tokens at
+        its hidden positions, plus position and modality embeddings (None if ``own`` is None); the
+        context (B, Nv + G, dim): the visible tokens with their embeddings and the projected global
+        tokens; and the context's key padding (B, Nv + G) or None.
+
+        The same values as scattering every token into the full (B, N, dim) sequence and reading
+        both parts from it, as the official decoders do, without building that sequence.
+        """
         B = enc.tokens.shape[0]
         G = enc.num_global
         ctx = self.proj_context(enc.tokens)
         vis, glob = ctx[:, : ctx.shape[1] - G], ctx[:, ctx.shape[1] - G:]
-        D = ctx.shape[-1]
-        N = enc.masked.shape[1]
-        # scatter visible tokens into the full sequence, mask tokens everywhere else
-        full = self.mask_token.to(ctx.dtype).expand(B, N, D).clone()
-        full = full.scatter(1, enc.ids_keep[..., None].expand(-1, -1, D), vis)
+        D, dtype = ctx.shape[-1], ctx.dtype
+        mask_token = self.mask_token.to(dtype)
         if enc.visible_pad is not None:  # padded slots point at hidden positions: mask tokens there
-            full = torch.where(enc.masked[..., None], self.mask_token.to(ctx.dtype), full)
-        emb = torch.cat([self._embedding(s.name, s.length, s.grid, ctx.dtype) for s in enc.layout], dim=1)
-        full = full + emb
-        context = torch.cat([full.gather(1, enc.ids_keep[..., None].expand(-1, -1, D)), glob], dim=1)
+            vis = torch.where(enc.visible_pad[..., None], mask_token, vis)
+        emb = torch.cat([self._embedding(s.name, s.length, s.grid, dtype) for s in enc.layout], dim=1)
+        pos = enc.ids_keep[..., None].expand(-1, -1, D)
+        context = torch.cat([vis + emb.expand(B, -1, -1).gather(1, pos), glob], dim=1)
         key_pad = None
         if enc.visible_pad is not None:
             key_pad = torch.cat([enc.visible_pad, enc.visible_pad.new_zeros(B, G)], dim=1)
-        return full, context, key_pad
+        queries = None
+        if own is not None:
+            L = own.length
+            inside = (enc.ids_keep >= own.start) & (enc.ids_keep < own.end)
+            if enc.visible_pad is not None:
+                inside &= ~enc.visible_pad
+            slot = torch.where(inside, enc.ids_keep - own.start, L)  # other tokens land in a spare slot
+            q = mask_token.expand(B, L + 1, D).scatter(1, slot[..., None].expand(-1, -1, D), vis)
+            queries = q[:, :L] + emb[:, own.start:own.end]
+        return queries, context, key_pad
 
     def _decode(self, queries: Tensor, context: Tensor, key_pad: Tensor | None,
                 query_pad: Tensor | None = None) -> Tensor:
@@ -131,13 +142,12 @@ class SpatialDecoder(nn.Module):
 
     def forward(self, enc: EncodedTokens, grid: tuple[int, int]) -> Tensor:
         B = enc.tokens.shape[0]
-        full, context, key_pad = self._sequence(enc)
         # a task reads its queries from the input modality it reconstructs (norm_rgb: rgb)
         own = next((s for s in enc.layout if s.name == self.spec.key), None)
-        if self.use_task_queries and own is not None:
-            queries = full[:, own.start:own.end]
-        else:
-            queries = self.mask_token.to(full.dtype) + self._embedding(self.spec.key, grid[0] * grid[1], grid, full.dtype)
+        queries, context, key_pad = self._sequence(enc, own if self.use_task_queries else None)
+        if queries is None:
+            queries = self.mask_token.to(context.dtype) + self._embedding(self.spec.key, grid[0] * grid[1], grid,
+                                                                          context.dtype)
             queries = queries.expand(B, -1, -1)
         x = self._decode(queries, context, key_pad)  # (B, rows*cols, C*P*P)
         rows, cols = grid

@@ -113,12 +113,10 @@ class TextDecoder(SpatialDecoder):
 
     def forward(self, enc: EncodedTokens, grid: tuple[int, int] | None = None) -> Tensor:
         own = _text_segment(self.spec, enc.layout)
-        full, context, key_pad = self._sequence(enc)
-        if self.use_task_queries:
-            queries = full[:, own.start:own.end]
-        else:
-            emb = self._embedding(self.spec.key, own.length, None, full.dtype)
-            queries = (self.mask_token.to(full.dtype) + emb).expand(full.shape[0], -1, -1)
+        queries, context, key_pad = self._sequence(enc, own if self.use_task_queries else None)
+        if queries is None:
+            emb = self._embedding(self.spec.key, own.length, None, context.dtype)
+            queries = (self.mask_token.to(context.dtype) + emb).expand(context.shape[0], -1, -1)
         return self._decode(queries, context, key_pad, _query_pad(enc.pad, own))
 
 
