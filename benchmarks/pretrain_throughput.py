@@ -513,7 +513,7 @@ def reading(rows: list[Row], peaks: dict[str, Peak], bd: Breakdown | None, bf16_
             f"not met, {100 * (TARGET_FP32_PEAK - frac):.1f} points short")
         out.append(f"**fp32 target (>= {TARGET_FP32_PEAK:.0%} of the fp32 matmul peak): {verdict}.** Best fp32 row: "
                    f"{best.variant.name}, {_pct(frac)} of {peaks['fp32'].gflops:.0f} GFLOP/s (best per preset: "
-                   f"{per_preset}). The official code reaches 71-73% in this setting.")
+                   f"{per_preset}). The official code reached 71-73% on the reference machine (AVX2 EPYC).")
         for p in OFFICIAL_S_PER_STEP:
             mine = [r for r in fp32 if r.variant.preset == p]
             off = official_s_per_step(p, peaks)
@@ -568,8 +568,11 @@ def reading(rows: list[Row], peaks: dict[str, Peak], bd: Breakdown | None, bf16_
                        + (f" Best bf16 row: {best_speed:.2f}x the official fp32 images/s." if best_speed else "")
                        + " Use fp32 on CPUs like this one.")
         elif best_speed is not None:
-            verdict = "met" if best_speed >= TARGET_BF16_SPEEDUP else (
-                f"not met ({best_speed:.2f}x, short of {TARGET_BF16_SPEEDUP:.0f}x)")
+            speeds = {r.variant.preset: r.images_per_s / (8 / official_s_per_step(r.variant.preset, peaks))
+                      for r in best_bf.values() if r.variant.preset in OFFICIAL_S_PER_STEP}
+            short = [p for p, x in speeds.items() if x < TARGET_BF16_SPEEDUP]
+            verdict = "met" if not short else "not met" if len(short) == len(speeds) else (
+                "met for " + ", ".join(p for p in speeds if p not in short) + ", not for " + ", ".join(short))
             per = ", ".join(f"{r.variant.preset} {r.images_per_s / (8 / official_s_per_step(r.variant.preset, peaks)):.2f}x"
                             for r in best_bf.values() if r.variant.preset in OFFICIAL_S_PER_STEP)
             out.append(f"**bf16 target (>= {TARGET_BF16_SPEEDUP:.0f}x the official images/s): {verdict}** "
