@@ -136,7 +136,8 @@ def panel(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan | None, i: int,
             inp = torch.full((3, size, size), 0.15)
         ref = tgt[i].cpu() if tgt is not None else None
         tgt_img = render(spec, tgt[i].cpu(), size=size) if tgt is not None else torch.full((3, size, size), 0.15)
-        for img, name in ((inp, f"{t} in"), (render(spec, pred, ref, size), f"{t} pred"), (tgt_img, f"{t} target")):
+        in_name = f"{t} in" if src is not None else f"{t}: not encoded"  # output-only, or not given
+        for img, name in ((inp, in_name), (render(spec, pred, ref, size), f"{t} pred"), (tgt_img, f"{t} target")):
             tiles.append(_label((img.permute(1, 2, 0).numpy() * 255).astype(np.uint8), name))
     h = max(x.shape[0] for x in tiles)
     row = np.concatenate([np.pad(x, ((2, 2 + h - x.shape[0]), (2, 2), (0, 0))) for x in tiles], axis=1)
