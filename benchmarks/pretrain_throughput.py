@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from multimae.layers.attention import set_fused_attention
+from multimae.layers.attention import set_attention_mode
 from multimae.masking import dirichlet_plan
 from multimae.perf import tune_malloc
 from multimae.model import ModelConfig, MultiMAE
@@ -261,7 +261,7 @@ class Steps:
     """A model, its optimizer and the seeded stream of (batch, plan); ``step()`` runs one train_step."""
 
     def __init__(self, v: Variant, args: argparse.Namespace) -> None:
-        self.fused = v.attention == "fused"
+        self.attention = v.attention  # fused | manual
         self.model = build(v.preset, args.image_size)
         self.opt = build_optimizer(self.model, lr=1e-4)
         self.run_model = self.model
@@ -285,7 +285,7 @@ class Steps:
 
     def step(self, ctx: contextlib.AbstractContextManager | None = None) -> float:
         """One training step on a fresh batch and plan; returns its wall time (s)."""
-        set_fused_attention(self.fused)
+        set_attention_mode(self.attention)
         a = self.args
         batch = make_batch(a.batch, a.image_size, self.gen)
         plan = dirichlet_plan(self.counts, a.batch, a.visible, alpha=1.0, generator=self.gen)
@@ -750,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
                 big = max(mine, key=lambda r: (order.get(r.variant.preset, 0), r.images_per_s))
                 log(f"timing the ops of one step of {big.variant.name}")
                 bds.append(profile_variant(big.variant, args))
-    set_fused_attention(True)
+    set_attention_mode("auto")
     peak_pass()
     print(table(rows, peaks))
     print()

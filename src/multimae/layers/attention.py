@@ -7,7 +7,7 @@ Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` 
 ``softmax(q k^T) v`` form (batched matmuls). The mode is global
 (:func:`set_attention_mode`): ``"fused"``, ``"manual"`` or ``"auto"`` (default): explicit for
 bf16/fp16 tensors on the CPU, where torch's CPU flash kernel is slower than two AMX/AVX512 batched
-matmuls (ViT-B step 1.48 s fused vs 1.12 s explicit, ``benchmarks/pretrain_throughput.py``), fused
+matmuls (ViT-B bf16 step 1.39 s fused vs 1.06 s explicit, ``benchmarks/pretrain_throughput.py``), fused
 everywhere else. Both give the same result up to rounding.
 """
 from __future__ import annotations
@@ -27,11 +27,6 @@ def set_attention_mode(mode: str) -> None:
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode {mode!r}: expected one of {ATTENTION_MODES}")
     _MODE = mode
-
-
-def set_fused_attention(enabled: bool | str) -> None:
-    """``True``: always ``scaled_dot_product_attention``; ``False``: always explicit; ``"auto"``."""
-    set_attention_mode(enabled if isinstance(enabled, str) else "fused" if enabled else "manual")
 
 
 def attention_mode() -> str:
