@@ -5,7 +5,7 @@ PyTorch on the CPU allocates through ``malloc``; with glibc's defaults, tensors 
 few MB are ``mmap``-ed and unmapped on free, so every training step pays page faults (and page
 zeroing) for its activations, casts and gradients again: tens of thousands of faults per ViT-B
 step, measured at 4% of an fp32 step and 20% of a bf16-autocast step on a 2-core Xeon
-(``benchmarks/pretrain_throughput.py``). It is what ``MALLOC_MMAP_THRESHOLD_``,
+(``benchmarks/pretrain_throughput.py`` with and without ``--no-tune-malloc``). It is what ``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_TOP_PAD_`` do, applied from inside the process; a
 variable the user set wins. The cost is that the process keeps its peak heap size.
 """

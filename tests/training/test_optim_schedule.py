@@ -154,3 +154,25 @@ def test_scaled_lr() -> None:
     assert scaled_lr(1e-4, 2048) == pytest.approx(8e-4)
     assert scaled_lr(1.5e-4, 256) == pytest.approx(1.5e-4)
     assert math.isclose(scaled_lr(1e-4, 512, ref=512), 1e-4)
+
+
+def test_optimizer_implementations_agree_and_auto_is_fused() -> None:
+    def run(impl: str) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+        opt = build_optimizer(model, lr=1e-2, implementation=impl)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(32, 8, generator=g)).square().mean().backward()
+            opt.step()
+        return opt, [p.detach().clone() for p in model.parameters()]
+
+    auto, w_auto = run("auto")
+    assert all(g["fused"] for g in auto.param_groups)  # CPU float parameters: fused kernels
+    for impl in ("fused", "foreach", "loop"):
+        _, w = run(impl)
+        for a, b in zip(w_auto, w):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="optimizer implementation 'apex'"):
+        build_optimizer(nn.Linear(2, 2), lr=1e-3, implementation="apex")

@@ -19,9 +19,9 @@ from multimae import config as config_lib
 from multimae import distributed as D
 from multimae.checkpoint import capture_rng_state, find_latest, load_checkpoint, resolve_checkpoint, restore_rng_state, save_checkpoint
 from multimae.layers.attention import set_attention_mode
-from multimae.perf import tune_malloc
 from multimae.masking import MaskPlan
 from multimae.model import MultiMAE
+from multimae.perf import tune_malloc
 from multimae.training.config import PretrainConfig
 from multimae.training.logging import Progress, RunLogger
 from multimae.training.optim import WarmupCosine, build_optimizer, scaled_lr
