@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multimae.layers.pos_embed import sincos_2d
+from multimae.losses import patchify
 from multimae.modalities import ModalitySpec
 
 
@@ -46,29 +47,17 @@ class _GridInput(nn.Module):
                 + (f"; {s.name} is given at 1/{s.stride} resolution" if s.stride > 1 else "") + ")")
         return h // self.patch, w // self.patch
 
-    def _tokens(self, patches: Tensor, grid: tuple[int, int], proj: nn.Conv2d) -> Tensor:
-        """(B, N, C*p*p) patches -> (B, N, D) tokens with position embeddings.
+    def _tokens(self, feat: Tensor, proj: nn.Conv2d) -> Tensor:
+        """(B, C, H, W) features -> (B, N, D) tokens with position embeddings.
 
         The projection keeps the official ``Conv2d`` parameters (checkpoints load unchanged) but
-        runs as one matmul over the flattened patches: the same result, and on CPUs under bf16
-        autocast far faster than the convolution's backward.
+        runs as one matmul over the flattened patches: the same result up to rounding, and on CPUs
+        under bf16 autocast far faster than the convolution's backward.
         """
-        x = F.linear(patches, proj.weight.flatten(1), proj.bias)
+        grid = self._check_size(*feat.shape[-2:])
+        weight = proj.weight.permute(0, 2, 3, 1).flatten(1)  # (D, p*p*C), the order patchify gives
+        x = F.linear(patchify(feat, self.patch), weight, proj.bias)
         return x + resample_pos(self.pos_emb, grid, self.pos_mode).to(x.dtype)
-
-
-def patchify_channels_first(x: Tensor, p: int) -> Tensor:
-    """(B, C, H, W) -> (B, H/p * W/p, C*p*p), each patch ordered (c, y, x) like a conv weight."""
-    B, C, H, W = x.shape
-    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(B, (H // p) * (W // p), C * p * p)
-
-
-def patchify_channels_last(x: Tensor, p: int) -> Tensor:
-    """(B, H, W, C) -> (B, H/p * W/p, C*p*p), each patch ordered (c, y, x) like a conv weight."""
-    B, H, W, C = x.shape
-    x = x.reshape(B, H // p, p, W // p, p, C).permute(0, 1, 3, 5, 2, 4)
-    return x.reshape(B, (H // p) * (W // p), C * p * p)
 
 
 class PatchInput(_GridInput):
@@ -83,8 +72,7 @@ class PatchInput(_GridInput):
             raise ValueError(f"{self.spec.name}: expected (B, {self.spec.channels}, H, W), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{self.spec.name}: expected a float tensor, got {x.dtype}")
-        grid = self._check_size(*x.shape[-2:])
-        return self._tokens(patchify_channels_first(x, self.patch), grid, self.proj)
+        return self._tokens(x, self.proj)
 
 
 class CategoricalInput(_GridInput):
@@ -110,8 +98,8 @@ class CategoricalInput(_GridInput):
             if lo < 0 or hi >= s.num_classes:
                 bad = hi if hi >= s.num_classes else lo
                 raise ValueError(f"{s.name}: class id {bad} out of range [0, {s.num_classes})")
-        grid = self._check_size(*x.shape[-2:])
-        return self._tokens(patchify_channels_last(self.class_emb(x.long()), self.patch), grid, self.proj)
+        feat = self.class_emb(x.long()).permute(0, 3, 1, 2)
+        return self._tokens(feat, self.proj)
 
 
 def build_input_adapter(spec: ModalitySpec, dim: int, patch_size: int, image_size: int) -> nn.Module:
