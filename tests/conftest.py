@@ -7,15 +7,15 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MULTIMAE_SHARED", REPO.parent / "shared"))
-GOLDEN = SHARED / "reference" / "golden" / "multimae-official-tiny.safetensors"
-OFFICIAL_TSV = SHARED / "reference" / "multimae-official-state-dict.tsv"
+FIXTURES = REPO / "tests" / "fixtures"
+GOLDEN = FIXTURES / "multimae-official-compact.safetensors"
+OFFICIAL_TSV = FIXTURES / "multimae-official-state-dict.tsv"
 
 
 @pytest.fixture(scope="session")
 def golden():
     if not GOLDEN.is_file():
-        pytest.fail(f"golden file {GOLDEN} not found (set MULTIMAE_SHARED to the shared/ folder)")
+        pytest.fail(f"golden file {GOLDEN} not found (it is part of the repository: tests/fixtures)")
     from safetensors.torch import load_file
 
     return load_file(str(GOLDEN))
@@ -24,7 +24,7 @@ def golden():
 @pytest.fixture(scope="session")
 def official_tsv():
     if not OFFICIAL_TSV.is_file():
-        pytest.fail(f"{OFFICIAL_TSV} not found (set MULTIMAE_SHARED to the shared/ folder)")
+        pytest.fail(f"{OFFICIAL_TSV} not found (it is part of the repository: tests/fixtures)")
     return OFFICIAL_TSV
 
 

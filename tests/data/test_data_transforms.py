@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from multimae.data import DataError, collate
 from multimae.data.synthetic import SyntheticScenes
 from multimae.data.transforms import PairedTransform, random_resized_crop_box, robust_standardize
 
-GOLDEN = "/work/shared/reference/golden/multimae-official-tiny.safetensors"
+GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "multimae-official-compact.safetensors"
 
 
 def test_robust_standardize_matches_official_golden() -> None:
