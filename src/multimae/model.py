@@ -6,7 +6,7 @@ decoders -> losses on masked tokens.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Sequence
 
 import torch
@@ -50,6 +50,9 @@ class ModelConfig:
     # decoder over all modalities with per-modality mask tokens and linear heads
     decoder: Literal["per_task", "shared"] = "per_task"
     loss_weights: dict[str, float] = field(default_factory=dict)
+    # tasks whose decoder runs in fp32 even under mixed-precision autocast (official recipe:
+    # ``fp32_output_adapters: semseg``); per-task decoders only
+    fp32_outputs: list[str] = field(default_factory=list)
 
     def resolved(self) -> "ModelConfig":
         """A copy with every size filled in from the preset."""
@@ -103,6 +106,11 @@ class MultiMAE(nn.Module):
         for s in self.input_specs.values():
             if not s.input:
                 raise ValueError(f"modality {s.name!r} is output-only and cannot be a model input")
+        unknown = sorted(set(cfg.fp32_outputs) - set(self.output_specs))
+        if unknown:
+            raise ValueError(f"model.fp32_outputs names {unknown}, which are not outputs {sorted(self.output_specs)}")
+        if cfg.fp32_outputs and cfg.decoder == "shared":
+            raise ValueError("model.fp32_outputs applies to per-task decoders; the shared decoder has one dtype")
         self.input_adapters = nn.ModuleDict({
             n: build_input_adapter(s, cfg.dim, cfg.patch_size, cfg.image_size) for n, s in self.input_specs.items()})
         self.global_tokens = nn.Parameter(torch.zeros(1, cfg.num_global_tokens, cfg.dim))
@@ -275,7 +283,14 @@ class MultiMAE(nn.Module):
         if self.config.decoder == "shared":
             preds = self.shared_decoder(enc, grid)
             return {t: preds[t] for t in (tasks or self.output_specs)}
-        return {t: self.output_adapters[t](enc, grid) for t in (tasks or self.output_specs)}
+        return {t: self._decode_task(t, enc, grid) for t in (tasks or self.output_specs)}
+
+    def _decode_task(self, task: str, enc: EncodedTokens, grid: tuple[int, int]) -> Tensor:
+        """One decoder; a task in ``config.fp32_outputs`` runs outside autocast on fp32 tokens."""
+        if task not in self.config.fp32_outputs:
+            return self.output_adapters[task](enc, grid)
+        with torch.autocast(enc.tokens.device.type, enabled=False):
+            return self.output_adapters[task](replace(enc, tokens=enc.tokens.float()), grid)
 
     def forward(self, batch: dict[str, Any], plan: MaskPlan | None = None, tasks: Sequence[str] | None = None,
                 compute_loss: bool = True) -> Outputs:
