@@ -1,0 +1,306 @@
+"""Building a transfer model from an ``init``: scratch, a run of this library, or an official checkpoint.
+
+Sources and what is taken from them:
+
+* ``None`` / ``"scratch"``: nothing (random init, the baseline).
+* a pretraining run / checkpoint directory of this library, its ``model.safetensors``, an
+  official MultiMAE pretraining ``.pth``, or an official fine-tuned ``.pth`` / state dict (all in
+  the MultiMAE layout: ``input_adapters.*``, ``global_tokens``, ``encoder.<i>.*``,
+  ``output_adapters.*``): the encoder, and a head when the file holds an official head of the
+  model's kind; through the ONE filter :func:`filter_multimae_state_dict`.
+* a fine-tuning run of this library (transfer layout: ``encoder.blocks.*``, ``head.*``): the whole
+  model, strictly.
+
+Every load returns a :class:`LoadReport` that names each key taken, dropped or left fresh; a
+checkpoint whose encoder does not fit (missing blocks, other widths) is an error listing all
+offending keys. Nothing here unpickles objects (safetensors, or ``torch.load(weights_only=True)``
+through :func:`multimae.checkpoint.convert.read_state_dict`).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
+from multimae.checkpoint.convert import ConversionError, infer_official_config, read_state_dict
+from multimae.config import from_dict
+from multimae.model import ModelConfig
+from multimae.transfer.model import TransferModel, TransferModelConfig
+
+__all__ = ["LoadReport", "build_transfer_model", "filter_multimae_state_dict", "head_kind_of_adapter"]
+
+
+@dataclass
+class LoadReport:
+    """What an ``init`` gave a transfer model (all lists are model parameter/buffer names,
+    except ``dropped``, which holds the checkpoint's own names).
+
+    source: description of the init ("scratch", a path, "state_dict").
+    loaded: model keys copied from the checkpoint.
+    new_inputs: input modalities that got a fresh input projection (no pretrained one).
+    dropped: checkpoint keys not used (pretraining decoders, heads of another kind, input
+        adapters of modalities that are not inputs now).
+    missing: model keys left at their initialisation (the head, fresh input adapters), plus
+        position tables kept because the checkpoint's were built for another image size.
+    aliases: checkpoint keys that are a second name of a loaded tensor (the official DPT head
+        registers its reassemble and projection layers twice); checked equal, loaded once.
+    """
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    new_inputs: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for a log."""
+        heads = sorted({k.split(".")[0] for k in self.missing})
+        return (f"init {self.source}: {len(self.loaded)} tensors loaded, {len(self.dropped)} dropped, "
+                f"{len(self.missing)} fresh ({', '.join(heads) or 'none'})"
+                + (f"; new input projections: {', '.join(self.new_inputs)}" if self.new_inputs else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# Official / MultiMAE-layout state dicts
+# --------------------------------------------------------------------------------------------
+
+_DPT_RULES: list[tuple[re.Pattern[str], Any]] = [
+    (re.compile(r"^act_(\d)_postprocess\.(.*)$"), lambda m: f"reassemble.{int(m[1]) - 1}.{m[2]}"),
+    (re.compile(r"^act_postprocess\.(\d)\.(.*)$"), lambda m: f"reassemble.{m[1]}.{m[2]}"),
+    (re.compile(r"^scratch\.layer(\d)_rn\.(.*)$"), lambda m: f"project.{int(m[1]) - 1}.{m[2]}"),
+    (re.compile(r"^scratch\.layer_rn\.(\d)\.(.*)$"), lambda m: f"project.{m[1]}.{m[2]}"),
+    (re.compile(r"^scratch\.refinenet(\d)\.resConfUnit(\d)\.(.*)$"),
+     lambda m: f"fusion.{int(m[1]) - 1}.res{m[2]}.{m[3]}"),
+    (re.compile(r"^scratch\.refinenet(\d)\.out_conv\.(.*)$"), lambda m: f"fusion.{int(m[1]) - 1}.out_conv.{m[2]}"),
+    (re.compile(r"^head\.(.*)$"), lambda m: f"output.{m[1]}"),
+]
+_SEG_RULES: list[tuple[re.Pattern[str], Any]] = [
+    (re.compile(r"^proj_dec\.(.*)$"), lambda m: f"proj.{m[1]}"),
+    (re.compile(r"^blocks\.(\d+)\.dwconv\.(.*)$"), lambda m: f"convnext.{m[1]}.conv_dw.{m[2]}"),
+    (re.compile(r"^blocks\.(\d+)\.norm\.(.*)$"), lambda m: f"convnext.{m[1]}.norm.{m[2]}"),
+    (re.compile(r"^blocks\.(\d+)\.pwconv(\d)\.(.*)$"), lambda m: f"convnext.{m[1]}.mlp.fc{m[2]}.{m[3]}"),
+    (re.compile(r"^blocks\.(\d+)\.gamma$"), lambda m: f"convnext.{m[1]}.gamma"),
+    (re.compile(r"^final_layer\.(.*)$"), lambda m: f"classifier.{m[1]}"),
+]
+_CLS_RULES: list[tuple[re.Pattern[str], Any]] = [
+    (re.compile(r"^norm\.(.*)$"), lambda m: f"norm.{m[1]}"),
+    (re.compile(r"^head\.(.*)$"), lambda m: f"fc.{m[1]}"),
+]
+_HEAD_RULES = {"segmentation": _SEG_RULES, "depth": _DPT_RULES, "classification": _CLS_RULES}
+
+
+def head_kind_of_adapter(keys: list[str]) -> str | None:
+    """Kind of an official output adapter from its key names (without the
+    ``output_adapters.<task>.`` prefix): ``segmentation`` (ConvNeXtAdapter), ``depth``
+    (DPTOutputAdapter), ``classification`` (LinearOutputAdapter) or None (a pretraining decoder
+    or an adapter this library has no head for)."""
+    ks = set(keys)
+    if any(k.startswith("proj_dec.") for k in ks) and any(k.startswith("final_layer.") for k in ks):
+        return "segmentation"
+    if any(k.startswith("scratch.") for k in ks):
+        return "depth"
+    if ks and all(k.split(".")[0] in ("norm", "head") for k in ks):
+        return "classification"
+    return None
+
+
+def _rename_encoder_key(k: str) -> str | None:
+    if k == "global_tokens":
+        return "encoder.global_tokens"
+    if k.startswith("input_adapters."):
+        return "encoder." + k
+    m = re.match(r"^encoder\.(\d+)\.(.*)$", k)
+    if m:
+        return f"encoder.blocks.{m[1]}.{m[2]}"
+    return None
+
+
+def _rename_head(task: str, keys: list[str], kind: str) -> dict[str, str]:
+    out = {}
+    for k in keys:
+        for rx, fn in _HEAD_RULES[kind]:
+            m = rx.match(k)
+            if m:
+                out[f"output_adapters.{task}.{k}"] = "head." + fn(m)
+                break
+    return out
+
+
+def _pick_head(sd: Mapping[str, Tensor], kind: str, head_task: str | None) -> tuple[str | None, dict[str, str]]:
+    """The official output adapter to load as the model's head, and its key renames."""
+    want = "depth" if kind == "dense" else kind
+    tasks: dict[str, list[str]] = {}
+    for k in sd:
+        if k.startswith("output_adapters."):
+            _, task, rest = k.split(".", 2)
+            tasks.setdefault(task, []).append(rest)
+    fits = [t for t, ks in tasks.items() if head_kind_of_adapter(ks) == want]
+    if head_task is not None:
+        if head_task not in tasks:
+            raise ConversionError(f"head_task {head_task!r}: no output_adapters.{head_task}.* in the checkpoint "
+                                  f"(it has {sorted(tasks)})")
+        if head_task not in fits:
+            raise ConversionError(f"output_adapters.{head_task} is not a {want} head")
+        fits = [head_task]
+    if len(fits) > 1:
+        raise ConversionError(f"the checkpoint has several {want} heads {fits}; choose one with head_task")
+    if not fits:
+        return None, {}
+    return fits[0], _rename_head(fits[0], tasks[fits[0]], want)
+
+
+def filter_multimae_state_dict(sd: Mapping[str, Tensor], model: TransferModel, source: str = "state_dict",
+                               head_task: str | None = None) -> tuple[dict[str, Tensor], LoadReport]:
+    """Map a MultiMAE-layout state dict (official pretraining or fine-tuned, or this library's
+    pretraining) onto ``model``'s keys, with an exact report.
+
+    Renames ``input_adapters.*`` / ``global_tokens`` / ``encoder.<i>.*`` into ``encoder.*`` and an
+    official head of the model's kind (ConvNeXtAdapter / DPTOutputAdapter / LinearOutputAdapter;
+    ``head_task`` picks one by task name when several fit) into ``head.*``. The DPT adapter's
+    modules registered under two names (``act_<i>_postprocess`` / ``act_postprocess.<i-1>``,
+    ``scratch.layer<i>_rn`` / ``scratch.layer_rn.<i-1>``) must hold equal tensors; they load once.
+    Fixed position tables built for another grid are kept as the model's own (listed as missing).
+
+    Raises :class:`ConversionError` listing every missing encoder key (other than fresh input
+    modalities), shape mismatch, and disagreeing duplicate.
+    """
+    own = model.state_dict()
+    inputs = list(model.encoder.specs)
+    new_inputs = [n for n in inputs
+                  if not any(k.startswith(f"input_adapters.{n}.") and not k.endswith("pos_emb") for k in sd)]
+    head_src, head_map = _pick_head(sd, model.config.head.kind, head_task)
+    out: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
+    dropped, shapes, dupes, missing_extra, aliases = [], [], [], [], []
+    for k, v in sd.items():
+        target = _rename_encoder_key(k) or head_map.get(k)
+        if target is None or target not in own:
+            dropped.append(k)
+            continue
+        if tuple(v.shape) != tuple(own[target].shape):
+            if target.endswith(".pos_emb"):  # fixed sine-cosine table for another image size
+                missing_extra.append(target)
+                continue
+            shapes.append(f"{k} -> {target}: checkpoint {tuple(v.shape)} vs model {tuple(own[target].shape)}")
+            continue
+        if target in out:
+            if not torch.equal(out[target], v.to(out[target].dtype)):
+                dupes.append(f"{origin[target]} and {k} (both {target}) differ")
+            aliases.append(k)
+            continue
+        out[target] = v.to(own[target].dtype) if v.is_floating_point() else v
+        origin[target] = k
+    fresh_prefixes = tuple(f"encoder.input_adapters.{n}." for n in new_inputs) + ("head.",)
+    missing = [k for k in own if k not in out and k not in missing_extra]
+    bad_missing = [k for k in missing if not k.startswith(fresh_prefixes)]
+    if head_src is not None:
+        bad_missing += [k for k in missing if k.startswith("head.")]
+    if bad_missing or shapes or dupes:
+        parts = []
+        if bad_missing:
+            parts.append(f"missing keys: {bad_missing}")
+        if shapes:
+            parts.append(f"shape mismatches: {shapes}")
+        if dupes:
+            parts.append(f"duplicate names that disagree: {dupes}")
+        raise ConversionError(f"{source} does not fit the transfer model -- " + "; ".join(parts))
+    report = LoadReport(source, loaded=sorted(out), new_inputs=new_inputs, dropped=sorted(dropped),
+                        missing=sorted(missing + missing_extra), aliases=sorted(aliases))
+    return out, report
+
+
+def _is_transfer_layout(sd: Mapping[str, Tensor]) -> bool:
+    return any(k.startswith("encoder.blocks.") for k in sd) and any(k.startswith("head.") for k in sd)
+
+
+def _load_transfer_state(sd: Mapping[str, Tensor], model: TransferModel, source: str) -> LoadReport:
+    from multimae.checkpoint.convert import load_state_strict
+
+    load_state_strict(model, sd, source)
+    return LoadReport(source, loaded=sorted(model.state_dict()))
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder architecture from an init
+# --------------------------------------------------------------------------------------------
+
+def _encoder_from_meta(meta: dict[str, Any], source: str) -> ModelConfig | None:
+    model = (meta.get("config") or {}).get("model")
+    if not isinstance(model, dict):
+        return None
+    if "head" in model:  # a fine-tuning run: model = TransferModelConfig
+        if not isinstance(model.get("encoder"), dict):
+            return None
+        model = model["encoder"]
+    try:
+        return from_dict(ModelConfig, model)
+    except ValueError as e:
+        raise ConversionError(f"{source}: cannot read the encoder config from meta.json ({e})") from e
+
+
+def _read_init(init: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], ModelConfig | None, str]:
+    """(state dict, encoder config if the checkpoint records one, description)."""
+    if isinstance(init, Mapping):
+        return dict(init), None, "state_dict"
+    p = Path(init)
+    if not p.exists():
+        raise FileNotFoundError(f"init {p} does not exist (expected 'scratch', a run or checkpoint directory, "
+                                f"a .safetensors or an official .pth)")
+    if p.is_dir():
+        ckpt = resolve_checkpoint(p)
+        return load_weights(ckpt), _encoder_from_meta(load_meta(ckpt), str(ckpt)), str(ckpt)
+    return read_state_dict(p), None, str(p)
+
+
+def _check_arch(cfg_enc: ModelConfig, recorded: ModelConfig | None, source: str) -> None:
+    """Head counts and MLP ratio do not show in every shape: compare with the recorded config."""
+    if recorded is None:
+        return
+    a, b = cfg_enc.resolved(), recorded.resolved()
+    diff = [f"{f}: config {getattr(a, f)} vs checkpoint {getattr(b, f)}"
+            for f in ("dim", "depth", "num_heads", "patch_size", "num_global_tokens")
+            if getattr(a, f) != getattr(b, f)]
+    if diff:
+        raise ConversionError(f"{source}: encoder architecture differs from the checkpoint's -- " + "; ".join(diff))
+
+
+def build_transfer_model(cfg: TransferModelConfig, init: str | os.PathLike | Mapping[str, Tensor] | None = None,
+                         head_task: str | None = None) -> tuple[TransferModel, LoadReport]:
+    """Build a :class:`TransferModel` and initialise it from ``init``.
+
+    init: ``None`` / ``"scratch"``; a run or checkpoint directory of this library (pretraining:
+        the encoder is copied exactly; fine-tuning: the whole model); a ``.safetensors`` weights
+        file; an official MultiMAE ``.pth`` (pretraining or fine-tuned); or a state dict.
+    ``cfg.encoder = None`` takes the encoder architecture from ``init`` (the run's config, or the
+    official tensors' shapes with dim // 64 heads). ``head_task`` chooses among several official
+    heads of the model's kind.
+    """
+    if init is None or (isinstance(init, str) and init == "scratch"):
+        if cfg.encoder is None:
+            raise ValueError("init=scratch needs model.encoder (an architecture, e.g. {preset: nano})")
+        model = TransferModel(cfg)
+        return model, LoadReport("scratch", new_inputs=list(cfg.inputs), missing=sorted(model.state_dict()))
+    sd, recorded, source = _read_init(init)
+    transfer_layout = _is_transfer_layout(sd)
+    if cfg.encoder is None:
+        if recorded is None:
+            if transfer_layout:
+                raise ConversionError(f"{source}: a transfer-model state dict without a config; set model.encoder")
+            enc_sd = {k: v for k, v in sd.items() if not k.startswith("output_adapters.")}
+            recorded = infer_official_config(enc_sd)
+        cfg = replace(cfg, encoder=recorded)
+    else:
+        _check_arch(cfg.encoder, recorded, source)
+    model = TransferModel(cfg)
+    if transfer_layout:
+        return model, _load_transfer_state(sd, model, source)
+    weights, report = filter_multimae_state_dict(sd, model, source, head_task)
+    model.load_state_dict(weights, strict=False)
+    return model, report
