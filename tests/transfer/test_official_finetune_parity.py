@@ -1,0 +1,119 @@
+"""The official fine-tuning architecture (MultiViT + ConvNeXt / DPT / linear heads) loads through
+the one filter and is reproduced to 1e-5 relative (golden made by the official code)."""
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from multimae.checkpoint.convert import ConversionError
+from multimae.model import ModelConfig
+from multimae.transfer import HeadConfig, TransferModelConfig, build_transfer_model, filter_multimae_state_dict
+from multimae.transfer.model import TransferModel
+
+GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "multimae-official-finetune-compact.safetensors"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return load_file(str(GOLDEN))
+
+
+@pytest.fixture(scope="module")
+def meta():
+    with safe_open(str(GOLDEN), "pt") as f:
+        return f.metadata()
+
+
+def _state(golden):
+    return {k.removeprefix("state."): v for k, v in golden.items() if k.startswith("state.")}
+
+
+def _cfg(meta, head: HeadConfig) -> TransferModelConfig:
+    enc = ModelConfig(preset="nano", dim=int(meta["dim"]), depth=int(meta["depth"]), num_heads=int(meta["heads"]),
+                      patch_size=int(meta["patch"]), image_size=int(meta["img"]))
+    return TransferModelConfig(encoder=enc, inputs=["rgb", "depth"], head=head, drop_path=0.0)
+
+
+def _heads(meta):
+    dims = [int(x) for x in meta["dpt_dims"].split(",")]
+    return {
+        "semseg": (HeadConfig(kind="segmentation", num_classes=int(meta["classes"]),
+                              embed_dim=int(meta["convnext_dim"]), num_blocks=int(meta["convnext_depth"])), "out.semseg"),
+        "depth": (HeadConfig(kind="depth", out_channels=1, hooks=[0, 1, 2, 3], layer_dims=dims,
+                             feature_dim=int(meta["dpt_feature"])), "out.depth"),
+        "cls": (HeadConfig(kind="classification", num_classes=int(meta["cls_classes"])), "out.cls"),
+    }
+
+
+def _close(out, ref):
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("task", ["semseg", "depth", "cls"])
+def test_official_heads_reproduced(golden, meta, task):
+    head, key = _heads(meta)[task]
+    model, report = build_transfer_model(_cfg(meta, head), _state(golden))
+    model.eval()
+    batch = {"rgb": golden["input.rgb"], "depth": golden["input.depth"]}
+    with torch.no_grad():
+        _close(model.encoder(batch).last, golden["encoder.last"])
+        _close(model(batch), golden[key])
+    # exact key report: everything of the model came from the checkpoint; the other two heads
+    # are dropped, nothing else
+    assert report.missing == [] and report.new_inputs == []
+    assert sorted(report.loaded) == sorted(model.state_dict())
+    assert all(k.startswith("output_adapters.") and not k.startswith(f"output_adapters.{task}.")
+               for k in report.dropped)
+    others = {k for k in _state(golden) if k.startswith("output_adapters.") and not k.startswith(f"output_adapters.{task}.")}
+    assert set(report.dropped) == others
+    if task == "depth":  # the official DPT registers 6 modules twice: loaded once, listed as aliases
+        assert len(report.aliases) == 7 * 2 + 4
+        assert all("act_postprocess." in k or "layer_rn." in k for k in report.aliases)
+    else:
+        assert report.aliases == []
+
+
+def test_official_pth_file_and_inferred_encoder(golden, meta, tmp_path):
+    """An official fine-tuned .pth (``model`` entry) loads from disk; with no encoder config the
+    architecture is read off the tensors."""
+    p = tmp_path / "official_finetuned.pth"
+    torch.save({"model": _state(golden), "epoch": 3}, p)
+    head, key = _heads(meta)["cls"]
+    model, report = build_transfer_model(_cfg(meta, head), p)
+    with torch.no_grad():
+        _close(model.eval()({"rgb": golden["input.rgb"], "depth": golden["input.depth"]}), golden[key])
+    assert report.source == str(p)
+    inferred, _ = build_transfer_model(TransferModelConfig(encoder=None, inputs=["rgb"], head=head), p)
+    assert (inferred.encoder.dim, inferred.encoder.depth, inferred.encoder.patch_size) == (64, 4, 16)
+
+
+def test_disagreeing_duplicate_names_are_an_error(golden, meta):
+    sd = _state(golden)
+    sd["output_adapters.depth.act_postprocess.0.0.bias"] = sd["output_adapters.depth.act_postprocess.0.0.bias"] + 1
+    head, _ = _heads(meta)["depth"]
+    with pytest.raises(ConversionError, match="act_1_postprocess.0.bias and .*act_postprocess.0.0.bias"):
+        build_transfer_model(_cfg(meta, head), sd)
+
+
+def test_missing_encoder_key_and_shape_mismatch_are_named(golden, meta):
+    head, _ = _heads(meta)["cls"]
+    model = TransferModel(_cfg(meta, head))
+    sd = _state(golden)
+    del sd["encoder.2.mlp.fc1.weight"]
+    sd["output_adapters.cls.head.weight"] = torch.zeros(9, 64)
+    with pytest.raises(ConversionError) as e:
+        filter_multimae_state_dict(sd, model, "golden")
+    msg = str(e.value)
+    assert "encoder.blocks.2.mlp.fc1.weight" in msg
+    assert "output_adapters.cls.head.weight -> head.fc.weight: checkpoint (9, 64) vs model (5, 64)" in msg
+
+
+def test_head_of_other_kind_is_fresh_and_reported(golden, meta):
+    """A semseg head on a checkpoint that has none of its kind -> encoder loaded, head fresh."""
+    sd = {k: v for k, v in _state(golden).items() if not k.startswith("output_adapters.semseg.")}
+    head, _ = _heads(meta)["semseg"]
+    model, report = build_transfer_model(_cfg(meta, head), sd)
+    assert report.missing == sorted(k for k in model.state_dict() if k.startswith("head."))
+    assert all(k.startswith("encoder.") for k in report.loaded)
