@@ -53,6 +53,9 @@ class ModelConfig:
     # tasks whose decoder runs in fp32 even under mixed-precision autocast (official recipe:
     # ``fp32_output_adapters: semseg``); per-task decoders only
     fp32_outputs: list[str] = field(default_factory=list)
+    # a final LayerNorm after the encoder blocks: MultiMAE has none; MAE / timm ViTs do (kept when
+    # their weights are imported, so features match theirs; see multimae.checkpoint.vit)
+    encoder_norm: bool = False
 
     def resolved(self) -> "ModelConfig":
         """A copy with every size filled in from the preset."""
@@ -116,6 +119,7 @@ class MultiMAE(nn.Module):
         self.global_tokens = nn.Parameter(torch.zeros(1, cfg.num_global_tokens, cfg.dim))
         dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.encoder = nn.Sequential(*[Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, drop_path=d) for d in dpr])
+        self.encoder_norm = nn.LayerNorm(cfg.dim, eps=1e-6) if cfg.encoder_norm else nn.Identity()
         if cfg.decoder == "shared":
             self.output_adapters = nn.ModuleDict()
             self.shared_decoder = SharedDecoder(list(self.output_specs.values()), cfg.dim, cfg.decoder_dim,
@@ -155,6 +159,24 @@ class MultiMAE(nn.Module):
         for name, p in self.named_parameters():
             if "task_embeddings" in name or "type_emb" in name:
                 nn.init.trunc_normal_(p, std=0.02)
+
+    # ------------------------------------------------------------------ weights in and out
+    @classmethod
+    def from_pretrained(cls, source: Any, **overrides: Any) -> "MultiMAE":
+        """A model from a ``save_pretrained`` directory, a run / checkpoint directory of this
+        library, an official MultiMAE ``.pth``, a MAE ``.pth`` or a timm ViT state dict;
+        ``overrides`` change :class:`ModelConfig` fields on load (``image_size=384``,
+        ``inputs=["rgb"]``, ``outputs=[]``). See :func:`multimae.checkpoint.pretrained.load_pretrained`."""
+        from multimae.checkpoint.pretrained import load_pretrained
+
+        return load_pretrained(source, **overrides)[0]
+
+    def save_pretrained(self, directory: Any, **card: Any) -> Any:
+        """Write ``config.json`` + ``model.safetensors`` + ``README.md`` (a Hugging Face Hub
+        layout) into ``directory``. See :func:`multimae.checkpoint.pretrained.save_pretrained`."""
+        from multimae.checkpoint.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, **card)
 
     # ------------------------------------------------------------------ bookkeeping
     def no_weight_decay(self) -> set[str]:
@@ -275,7 +297,7 @@ class MultiMAE(nn.Module):
         key_pad = None if visible_pad is None else torch.cat([visible_pad, visible_pad.new_zeros(B, G)], dim=1)
         for blk in self.encoder:
             x = blk(x, key_pad)
-        return EncodedTokens(x, ids_keep, visible_pad, masked, layout, G)
+        return EncodedTokens(self.encoder_norm(x), ids_keep, visible_pad, masked, layout, G)
 
     def decode(self, enc: EncodedTokens, image_size: tuple[int, int], tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         p = self.config.patch_size
