@@ -64,9 +64,10 @@ def test_official_heads_reproduced(golden, meta, task):
     # are dropped, nothing else
     assert report.missing == [] and report.new_inputs == []
     assert sorted(report.loaded) == sorted(model.state_dict())
-    assert all(k.startswith("output_adapters.") and not k.startswith(f"output_adapters.{task}.")
-               for k in report.dropped)
     others = {k for k in _state(golden) if k.startswith("output_adapters.") and not k.startswith(f"output_adapters.{task}.")}
+    if task == "depth":  # the deepest fusion block's residual unit is never used (no skip input)
+        others |= {f"output_adapters.depth.scratch.refinenet4.resConfUnit1.{c}.{w}"
+                   for c in ("conv1", "conv2") for w in ("weight", "bias")}
     assert set(report.dropped) == others
     if task == "depth":  # the official DPT registers 6 modules twice: loaded once, listed as aliases
         assert len(report.aliases) == 7 * 2 + 4

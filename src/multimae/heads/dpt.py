@@ -54,17 +54,21 @@ class FusionBlock(nn.Module):
     """DPT feature fusion: (x [+ res1(skip)]) -> res2 -> bilinear upsampling -> 1x1 conv.
 
     ``forward(x, skip, size)``: x (B, F, h, w), skip (B, F, h, w) or None, size of the output
-    (default (2h, 2w)) -> (B, F, *size).
+    (default (2h, 2w)) -> (B, F, *size). The deepest block takes no skip and so has no ``res1``
+    (the official one carries an unused one, which would stall DDP's gradient reduction; its
+    weights are dropped on loading).
     """
 
-    def __init__(self, features: int) -> None:
+    def __init__(self, features: int, with_skip: bool = True) -> None:
         super().__init__()
-        self.res1 = ResidualConvUnit(features)
+        self.res1 = ResidualConvUnit(features) if with_skip else None
         self.res2 = ResidualConvUnit(features)
         self.out_conv = nn.Conv2d(features, features, 1)
 
     def forward(self, x: Tensor, skip: Tensor | None = None, size: tuple[int, int] | None = None) -> Tensor:
         if skip is not None:
+            if self.res1 is None:
+                raise ValueError("FusionBlock built without a skip input was given one")
             x = x + self.res1(skip)
         x = self.res2(x)
         size = size or (2 * x.shape[-2], 2 * x.shape[-1])
@@ -110,7 +114,7 @@ class DPTHead(nn.Module):
         self.hooks = [int(h) for h in hooks]
         self.reassemble = nn.ModuleList([_reassemble(in_dim, d, i) for i, d in enumerate(layer_dims)])
         self.project = nn.ModuleList([nn.Conv2d(d, feature_dim, 3, padding=1, bias=False) for d in layer_dims])
-        self.fusion = nn.ModuleList([FusionBlock(feature_dim) for _ in range(4)])
+        self.fusion = nn.ModuleList([FusionBlock(feature_dim, with_skip=i < 3) for i in range(4)])
         self.output = nn.Sequential(
             nn.Conv2d(feature_dim, feature_dim // 2, 3, padding=1),
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
