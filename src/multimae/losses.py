@@ -73,3 +73,30 @@ def masked_mean(per_token: Tensor, weight: Tensor | None) -> Tensor:
         return per_token.sum() * 0.0
     per_sample = (per_token * w).sum(1) / count.clamp_min(1)
     return per_sample[has].mean()
+
+
+def berhu_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None, threshold: float = 0.2) -> Tensor:
+    """Reverse Huber (berHu) loss on valid pixels, as the official MultiMAE depth fine-tuning defines it.
+
+    ``d = pred - target`` with invalid pixels set to 0; ``c = max(threshold * max|d|, 1e-5)`` over
+    the whole batch, taken without gradient; per pixel ``|d|`` where ``|d| < c``, else
+    ``(d^2 + c^2) / (2c)``; summed and divided by the number of valid pixels.
+
+    pred, target: (B, C, H, W); valid: bool, broadcastable to pred ((B, 1, H, W)), True = the
+    pixel counts; None = every pixel. Returns a scalar (0 with a graph when no pixel is valid).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"berhu_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    diff = pred - target.to(pred.dtype)
+    if valid is None:
+        n = diff.numel()
+    else:
+        v = valid.to(torch.bool).expand_as(diff)
+        diff = torch.where(v, diff, torch.zeros_like(diff))
+        n = int(v.sum())
+    if n == 0:
+        return pred.sum() * 0.0
+    ad = diff.abs()
+    c = max(threshold * float(ad.detach().max()), 1e-5)
+    per_px = torch.where(ad < c, ad, (diff * diff + c * c) / (2 * c))
+    return per_px.sum() / n
