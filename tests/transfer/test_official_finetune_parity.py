@@ -118,3 +118,23 @@ def test_head_of_other_kind_is_fresh_and_reported(golden, meta):
     model, report = build_transfer_model(_cfg(meta, head), sd)
     assert report.missing == sorted(k for k in model.state_dict() if k.startswith("head."))
     assert all(k.startswith("encoder.") for k in report.loaded)
+
+
+def test_official_pretraining_pth_gives_the_encoder(tmp_path):
+    """An official MultiMAE pretraining checkpoint: encoder copied exactly, decoders and the
+    unused semseg input adapter dropped, architecture read off the tensors."""
+    pre = load_file(str(GOLDEN.parent / "multimae-official-compact.safetensors"))
+    sd = {k.removeprefix("state."): v for k, v in pre.items() if k.startswith("state.")}
+    p = tmp_path / "official_pretrain.pth"
+    torch.save({"model": sd, "args": None}, p)
+    cfg = TransferModelConfig(encoder=None, inputs=["rgb", "depth"], head=HeadConfig(kind="depth"))
+    model, report = build_transfer_model(cfg, p)
+    own = model.state_dict()
+    assert (model.encoder.dim, model.encoder.depth) == (48, 2)
+    for k, v in sd.items():
+        if k.startswith("encoder."):
+            assert torch.equal(own["encoder.blocks." + k.removeprefix("encoder.")], v), k
+        elif k.startswith(("input_adapters.rgb.", "input_adapters.depth.")) or k == "global_tokens":
+            assert torch.equal(own["encoder." + k], v), k
+    assert set(report.dropped) == {k for k in sd if k.startswith(("output_adapters.", "input_adapters.semseg."))}
+    assert report.missing == sorted(k for k in own if k.startswith("head."))

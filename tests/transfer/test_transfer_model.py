@@ -167,3 +167,25 @@ def test_layer_ids_for_layer_decay(kind):
         assert last / first == pytest.approx(0.75 ** -(L - 1))
         assert scale["encoder.input_adapters.rgb.proj.weight"] == pytest.approx(0.75 ** (L + 1))
         assert all(v == 1.0 for n, v in scale.items() if n.startswith("head."))
+
+
+def test_classification_pooling_mean_or_global():
+    torch.manual_seed(0)
+    cfg = TransferModelConfig(encoder=_enc(), inputs=["rgb"], head=HeadConfig(kind="classification", num_classes=3))
+    model = TransferModel(cfg).eval()
+    glob = TransferModel(TransferModelConfig(encoder=_enc(), inputs=["rgb"],
+                                             head=HeadConfig(kind="classification", num_classes=3, use_global=True))).eval()
+    glob.load_state_dict(model.state_dict())
+    b = _batch()
+    with torch.no_grad():
+        last = model.encoder(b).last  # 4 rgb tokens then the global token
+        assert last.shape == (2, 5, 32)
+        h = model.head
+        torch.testing.assert_close(model(b), h.fc(h.norm(last.mean(1))))
+        torch.testing.assert_close(glob(b), h.fc(h.norm(last[:, -1])))
+
+
+def test_text_inputs_are_refused():
+    with pytest.raises(ValueError, match="caption"):
+        TransferModel(TransferModelConfig(encoder=_enc(), inputs=["rgb", "caption"],
+                                          head=HeadConfig(kind="classification", num_classes=2)))

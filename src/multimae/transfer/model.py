@@ -103,6 +103,10 @@ class TransferEncoder(nn.Module):
             raise ValueError("TransferEncoder: inputs is empty; give at least one modality")
         cfg = replace(encoder, inputs=list(inputs), outputs=[], decoder="per_task", drop_path=drop_path).resolved()
         mae = MultiMAE(cfg)
+        text = [n for n, sp in mae.input_specs.items() if not sp.is_spatial]
+        if text:
+            raise ValueError(f"transfer inputs {text} are text: TransferModel takes image-like modalities only "
+                             "(padding-aware pooling of text tokens is not implemented)")
         self.config = cfg
         self.specs = mae.input_specs
         self.input_adapters = mae.input_adapters
