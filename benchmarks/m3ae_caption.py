@@ -36,7 +36,7 @@ def main() -> int:
     from multimae.evaluation.text_eval import caption_word_accuracy, caption_word_recall
     from multimae.training.config import PretrainConfig
     from multimae.training.loop import Trainer
-    from multimae.training.pipeline import eval_batches, load_text_tokenizer, text_collator
+    from multimae.data.loader import BatchSpec, eval_batches, load_text_tokenizer, text_collator
     from multimae.data.synthetic import SyntheticScenes
 
     overrides = [f"train.max_steps={args.steps}", "train.run_name=m3ae-caption-bench", "train.out_dir=runs",
@@ -58,7 +58,7 @@ def main() -> int:
                   for i in range(2000)]
     enc = collate.encoder(train_caps)
     cfg.data.val_samples = 256
-    batches = eval_batches(model, cfg, batch_size=32)
+    batches = eval_batches(BatchSpec.of(model), cfg.data, cfg.mask, cfg.train.seed, batch_size=32)
     res = caption_word_accuracy(model, batches, "caption", classes, enc["ids"], enc["pad"])
     rec = caption_word_recall(model, batches, "caption", classes, enc["ids"], enc["pad"])
     lines = ["# M3AE on synthetic scenes: caption words from the image alone", "",

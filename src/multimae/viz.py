@@ -173,11 +173,12 @@ def save_png(image: Tensor, path: str | Path) -> Path:
 
 def reconstruction_figure(model: MultiMAE, cfg: Any, num_samples: int = 2) -> Tensor:
     """The figure on held-out samples of a run's data config (used by the trainer)."""
-    from multimae.training.pipeline import eval_batches
+    from multimae.data.loader import BatchSpec, eval_batches
 
     was_training = model.training
     model.eval()
-    batch, plan = next(iter(eval_batches(model, cfg, batch_size=num_samples, limit=num_samples)))
+    batch, plan = eval_batches(BatchSpec.of(model), cfg.data, cfg.mask, cfg.train.seed, batch_size=num_samples,
+                               limit=num_samples)[0]
     fig = reconstruction_grid(model, batch, plan, num_samples, vocab=run_vocabulary(model, cfg))
     model.train(was_training)
     return fig
@@ -187,7 +188,7 @@ def run_vocabulary(model: MultiMAE, cfg: Any) -> list[str] | None:
     """id -> token of the run's tokenizer, when the model has a text modality."""
     if not any(s.kind == "text" for s in model.input_specs.values()):
         return None
-    from multimae.training.pipeline import load_text_tokenizer
+    from multimae.data.loader import load_text_tokenizer
 
     tok = load_text_tokenizer(cfg.data.tokenizer)
     return [tok.id_to_token(i) or "?" for i in range(tok.get_vocab_size())]

@@ -10,10 +10,10 @@ from PIL import Image
 from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
 from multimae.config import from_dict
 from multimae.data.errors import DataError
+from multimae.data.loader import BatchSpec, MaskCollator, eval_batches
 from multimae.masking import MaskPlan
 from multimae.model import MultiMAE
 from multimae.training.config import PretrainConfig
-from multimae.training.pipeline import MaskCollator, eval_batches
 from multimae.viz import reconstruction_grid, run_vocabulary
 
 
@@ -28,8 +28,7 @@ def load_pretrained(path: str | Path) -> tuple[MultiMAE, PretrainConfig, Path]:
 
 
 def visualize_heldout(model: MultiMAE, cfg: PretrainConfig, num: int = 3, seed: int = 0) -> torch.Tensor:
-    cfg.train.seed = seed
-    batch, plan = eval_batches(model, cfg, batch_size=num, limit=num)[0]
+    batch, plan = eval_batches(BatchSpec.of(model), cfg.data, cfg.mask, seed, batch_size=num, limit=num)[0]
     return reconstruction_grid(model, batch, plan, num, vocab=run_vocabulary(model, cfg))
 
 

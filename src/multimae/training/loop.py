@@ -3,7 +3,7 @@
 Rank-aware (torchrun + DDP), resumable to the exact step (weights, optimizer, schedule, RNG and
 data position live in every checkpoint), logging to a progress bar, ``metrics.jsonl`` and
 TensorBoard. The loop never looks at modality names: it moves ``(batch, plan)`` pairs from the
-pipeline into :func:`multimae.training.step.train_step`.
+loader (:mod:`multimae.data.loader`) into :func:`multimae.training.step.train_step`.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 from multimae import config as config_lib
 from multimae import distributed as D
 from multimae.checkpoint import capture_rng_state, find_latest, load_checkpoint, resolve_checkpoint, restore_rng_state, save_checkpoint
+from multimae.data.loader import BatchSpec, build_loader, load_text_tokenizer
 from multimae.layers.attention import set_attention_mode
 from multimae.masking import MaskPlan
 from multimae.model import MultiMAE
@@ -25,16 +26,7 @@ from multimae.perf import tune_malloc
 from multimae.training.config import PretrainConfig
 from multimae.training.logging import Progress, RunLogger
 from multimae.training.optim import WarmupCosine, build_optimizer, scaled_lr
-from multimae.training.pipeline import MaskCollator, build_loader, load_text_tokenizer, text_collator
 from multimae.training.step import train_step
-
-
-def data_specs(model: MultiMAE) -> list:
-    """Specs whose tensors the data must provide: every input, and every target not read from an input."""
-    specs = {s.key: s for s in model.input_specs.values()}
-    for s in model.output_specs.values():
-        specs.setdefault(s.key, s)
-    return list(specs.values())
 
 
 def _move(batch: dict[str, Any], plan: MaskPlan, device: torch.device) -> tuple[dict[str, Any], MaskPlan]:
@@ -58,9 +50,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = MultiMAE(cfg.model).to(self.device)
         self.run_dir = Path(t.out_dir) / t.run_name
-        collator = MaskCollator(list(self.model.input_specs.values()), self.model.config.patch_size, cfg.mask,
-                                t.seed, self.info.rank, text=text_collator(cfg.data, data_specs(self.model)))
-        self.loader, self.sampler = build_loader(cfg.data, data_specs(self.model), collator, t.seed, t.batch_size,
+        self.loader, self.sampler = build_loader(cfg.data, cfg.mask, BatchSpec.of(self.model), t.seed, t.batch_size,
                                                  self.info.rank, self.info.world_size)
         per_epoch = len(self.sampler) if self.sampler is not None else \
             cfg.data.num_samples // (self.info.world_size * t.batch_size)

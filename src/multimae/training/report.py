@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from multimae.evaluation.pretrain_eval import evaluate as run_eval, format_table, write_report
-from multimae.training.pipeline import eval_batches
+from multimae.data.loader import BatchSpec, eval_batches
 from multimae.viz import reconstruction_figure, save_png
 
 
@@ -14,7 +14,7 @@ def finish_run(trainer: Any, evaluate: bool = True, figure: bool = True) -> dict
     out: dict[str, Any] = {}
     model, cfg = trainer.model, trainer.cfg
     if evaluate and cfg.data.source in ("synthetic", "folder"):
-        rows = run_eval(model, eval_batches(model, cfg, batch_size=16))
+        rows = run_eval(model, eval_batches(BatchSpec.of(model), cfg.data, cfg.mask, cfg.train.seed, batch_size=16))
         header = (f"Held-out evaluation after {trainer.step} steps ({cfg.data.val_samples} unseen scenes, "
                   f"{cfg.data.image_size}px). Baselines: per-image target mean (continuous tasks), "
                   "per-image class histogram (ce) and majority class (acc).")

@@ -1,0 +1,43 @@
+"""Typed configuration of the data path: where samples come from and how batches are masked.
+
+Part of a run config (``PretrainConfig.data`` / ``.mask``); lives here so that the loader in
+:mod:`multimae.data.loader` never imports ``training/``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "folder", "shards", "captions"] = "synthetic"
+    root: str | None = None  # folder: dataset root (root/<split>/<modality>/...); captions: CSV/TSV table
+    image_root: str | None = None  # captions: where relative image paths start (default: the table's folder)
+    split: str = "train"
+    urls: str | None = None  # shards: brace pattern or comma list of .tar files
+    num_samples: int = 4096  # synthetic: scenes per epoch; shards: samples per epoch (all ranks)
+    val_samples: int = 64  # held-out synthetic scenes for the end-of-run evaluation
+    image_size: int = 224
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale (paper: 0.2-1)
+    hflip: float = 0.5
+    cache: bool = False  # synthetic: render once into memory, augment on the fly
+    num_workers: int = 2
+    shuffle_buffer: int = 1000  # shards
+    on_error: Literal["raise", "skip"] = "raise"
+    # text modality (M3AE)
+    tokenizer: str = "synthetic"  # "synthetic" (built in, offline), or a tokenizer.json / BERT vocab.txt
+    text_overflow: Literal["truncate", "error"] = "truncate"  # captions longer than max_len
+    text_unk: Literal["keep", "error"] = "keep"  # out-of-vocabulary words: [UNK] or an error
+    image_only: float = 0.0  # fraction of samples whose text is dropped (unpaired image data)
+    text_only: float = 0.0  # fraction of samples whose images are dropped (unpaired text data)
+
+
+@dataclass
+class MaskConfig:
+    strategy: Literal["dirichlet", "ratio"] = "dirichlet"
+    num_visible: int = 98  # MultiMAE: visible-token budget over all input modalities
+    alpha: float = 1.0  # symmetric Dirichlet concentration (paper: 1.0)
+    sample_subsets: bool = False  # pre-sample a random non-empty subset of modalities per sample
+    # M3AE: mask ratio per modality; [lo, hi] draws one per sample uniformly from the range
+    ratios: dict[str, float | tuple[float, float]] = field(default_factory=dict)
