@@ -117,7 +117,7 @@ class MultiMAE(nn.Module):
         self.input_adapters = nn.ModuleDict({
             n: build_input_adapter(s, cfg.dim, cfg.patch_size, cfg.image_size) for n, s in self.input_specs.items()})
         self.global_tokens = nn.Parameter(torch.zeros(1, cfg.num_global_tokens, cfg.dim))
-        dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        dpr = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()  # cpu: builds under torch.device("meta") too
         self.encoder = nn.Sequential(*[Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, drop_path=d) for d in dpr])
         self.encoder_norm = nn.LayerNorm(cfg.dim, eps=1e-6) if cfg.encoder_norm else nn.Identity()
         if cfg.decoder == "shared":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,6 +26,44 @@ from multimae.model import ModelConfig, MultiMAE
 
 class ConversionError(ValueError):
     """A checkpoint does not fit the model: names the file and the keys."""
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did, key by key.
+
+    source: the file or directory read; kind: ``"multimae"`` (this library), ``"official-multimae"``,
+    ``"mae"`` or ``"timm"``.
+    mapped: model key -> the source key (or expression) it came from.
+    dropped: source key -> why it is not used (an input / output not requested, a MAE decoder, a
+        classification head ...).
+    added: model key -> why it is freshly initialised (an input / output the source has not).
+    resized: model key -> how its position table was fitted to the new grid.
+    """
+
+    source: str
+    kind: str
+    mapped: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    added: dict[str, str] = field(default_factory=dict)
+    resized: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: counts."""
+        return (f"{self.source} ({self.kind}): {len(self.mapped)} tensors mapped, {len(self.dropped)} dropped, "
+                f"{len(self.added)} added, {len(self.resized)} position tables resized")
+
+    def lines(self) -> list[str]:
+        """Human-readable report: the summary, then dropped / added / resized keys grouped by reason."""
+        out = [self.summary()]
+        for title, d in (("dropped", self.dropped), ("added", self.added), ("resized", self.resized)):
+            groups: dict[str, list[str]] = {}
+            for k, why in d.items():
+                groups.setdefault(why, []).append(k)
+            for why, keys in groups.items():
+                shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} keys)" if len(keys) > 4 else "")
+                out.append(f"  {title}: {shown} -- {why}")
+        return out
 
 
 def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -120,10 +159,101 @@ def infer_official_config(sd: Mapping[str, Tensor], num_heads: int | None = None
         patch_size=patch_size, image_size=(grid or 14) * patch_size, num_global_tokens=sd["global_tokens"].shape[1],
         inputs=inputs, outputs=outputs, modalities=mods,
         decoder_dim=dec.get("decoder_dim", 256), decoder_depth=dec.get("decoder_depth", 2),
-        decoder_heads=decoder_heads or 8,
+        decoder_heads=decoder_heads or 8, encoder_norm="encoder_norm.weight" in sd,
     )
-    cfg.update(overrides)
-    return ModelConfig(**cfg)
+    return model_config(cfg, overrides)
+
+
+def model_config(fields: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> ModelConfig:
+    """``ModelConfig(**fields)`` with ``overrides`` applied, every value type-checked; an unknown
+    or ill-typed field is a :class:`ConversionError` naming it and the valid ones."""
+    import dataclasses
+
+    from multimae.config import ConfigError, from_dict, to_dict
+
+    merged = {**dict(fields), **dict(overrides or {})}
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    bad = sorted(set(merged) - names)
+    if bad:
+        raise ConversionError(f"unknown model setting(s) {bad}; valid: {sorted(names)}")
+    try:
+        return from_dict(ModelConfig, to_dict(merged))
+    except ConfigError as e:
+        raise ConversionError(f"model setting: {e}") from e
+
+
+def _adapter_of(key: str) -> tuple[str, str] | None:
+    """("input" | "output", modality) of an adapter key, else None."""
+    for prefix, kind in (("input_adapters.", "input"), ("output_adapters.", "output")):
+        if key.startswith(prefix):
+            return kind, key[len(prefix):].split(".")[0]
+    return None
+
+
+def fit_state_dict(model: MultiMAE, sd: Mapping[str, Tensor], report: ConversionReport,
+                   fresh: tuple[str, ...] = ()) -> None:
+    """Load ``sd`` (MultiMAE names) into ``model``, fitting it to the model's configuration.
+
+    * position tables built for another grid: sine-cosine ones regenerated, learned ones resampled
+      (:mod:`multimae.checkpoint.resize`), listed in ``report.resized``;
+    * adapters of modalities the model does not have (``inputs`` / ``outputs`` overridden), a final
+      norm the model does not keep, a shared decoder it does not have: ``report.dropped``;
+    * adapters of modalities the source has none of, a final norm the source has not, and the
+      keys in ``fresh``: left at their initialisation, ``report.added``.
+
+    Anything else missing or unexpected, and every shape mismatch, is a :class:`ConversionError`
+    listing all of them. Floating tensors are cast to the model's dtype.
+    """
+    from multimae.checkpoint.resize import fit_pos_tables
+
+    own = model.state_dict()
+    modes = {f"input_adapters.{n}.pos_emb": getattr(a, "pos_mode", "bicubic") for n, a in model.input_adapters.items()}
+    sd, report.resized = fit_pos_tables(sd, own, modes)
+    src_mods = {a for k in sd if (a := _adapter_of(k)) is not None}
+    take: dict[str, Tensor] = {}
+    unexpected, shapes = [], []
+    for k, v in sd.items():
+        if k in own:
+            if tuple(v.shape) != tuple(own[k].shape):
+                shapes.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+                continue
+            take[k] = v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
+            report.mapped.setdefault(k, k)
+            continue
+        a = _adapter_of(k)
+        if a is not None and a[1] not in (model.input_adapters if a[0] == "input" else model.output_adapters):
+            report.dropped[k] = f"{a[0]} {a[1]!r} not requested"
+        elif k.startswith("encoder_norm.") and not model.config.encoder_norm:
+            report.dropped[k] = "final encoder norm not kept (encoder_norm=False)"
+        elif k.startswith("shared_decoder.") and model.config.decoder != "shared":
+            report.dropped[k] = "shared decoder not requested (decoder=per_task)"
+        else:
+            unexpected.append(k)
+    missing = []
+    for k in own:
+        if k in take or any(k == s.split(":")[0] for s in shapes):
+            continue
+        a = _adapter_of(k)
+        if a is not None and a not in src_mods:
+            report.added[k] = f"new {a[0]} {a[1]!r} (freshly initialised)"
+        elif k.startswith("encoder_norm.") and not any(x.startswith("encoder_norm.") for x in sd):
+            report.added[k] = "final encoder norm the source has not (identity init)"
+        elif k.startswith("shared_decoder.") and not any(x.startswith("shared_decoder.") for x in sd):
+            report.added[k] = "shared decoder (freshly initialised)"
+        elif k in fresh:
+            report.added[k] = "not in the source (freshly initialised)"
+        else:
+            missing.append(k)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys: {sorted(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {shapes}")
+        raise ConversionError(f"{report.source} does not fit the model -- " + "; ".join(parts))
+    model.load_state_dict({**own, **take}, strict=True)
 
 
 def load_state_strict(model: torch.nn.Module, sd: Mapping[str, Tensor], source: str = "state_dict") -> None:
@@ -146,6 +276,18 @@ def load_state_strict(model: torch.nn.Module, sd: Mapping[str, Tensor], source: 
     model.load_state_dict({k: v for k, v in sd.items()}, strict=True)
 
 
+def convert_official_multimae(sd: Mapping[str, Tensor], source: str = "state_dict", num_heads: int | None = None,
+                              decoder_heads: int | None = None, **overrides: Any
+                              ) -> tuple[MultiMAE, ConversionReport]:
+    """:func:`load_official_multimae` on a state dict, with the :class:`ConversionReport`."""
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    cfg = infer_official_config(sd, num_heads, decoder_heads, **overrides)
+    model = MultiMAE(cfg)
+    report = ConversionReport(source, "official-multimae")
+    fit_state_dict(model, sd, report)
+    return model, report
+
+
 def load_official_multimae(source: str | os.PathLike | Mapping[str, Tensor], num_heads: int | None = None,
                            decoder_heads: int | None = None, **overrides: Any) -> MultiMAE:
     """Build a :class:`MultiMAE` from an official MultiMAE checkpoint, in one line::
@@ -155,11 +297,8 @@ def load_official_multimae(source: str | os.PathLike | Mapping[str, Tensor], num
     ``source``: a ``.pth`` (the ``model`` entry, or a bare state_dict), a ``.safetensors``
     file, or a state_dict. Architecture is read off the tensors; head counts (not stored in
     weights) default to dim // 64 for the encoder and 8 for the decoders. ``overrides`` set
-    other :class:`ModelConfig` fields (e.g. ``image_size``, ``use_task_queries``).
+    other :class:`ModelConfig` fields: ``image_size=384`` regenerates the sine-cosine position
+    tables for the new grid; ``inputs`` / ``outputs`` keep a subset (``outputs=[]``: encoder only).
     """
     name = str(source) if not isinstance(source, Mapping) else "state_dict"
-    sd = read_state_dict(source)
-    cfg = infer_official_config(sd, num_heads, decoder_heads, **overrides)
-    model = MultiMAE(cfg)
-    load_state_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, name)
-    return model
+    return convert_official_multimae(read_state_dict(source), name, num_heads, decoder_heads, **overrides)[0]

@@ -1,0 +1,287 @@
+"""``save_pretrained`` / ``from_pretrained``: one loader for every source of weights.
+
+A pretrained directory is the layout the Hugging Face Hub serves, so it uploads unchanged::
+
+    DIR/config.json        {"model_type": "multimae", "format_version": 1, "model": {ModelConfig}, ...}
+    DIR/model.safetensors  the weights (safetensors; never pickled)
+    DIR/README.md          model card: modalities, preset, training data / steps when known, how to load
+
+:func:`load_pretrained` accepts such a directory, a run or checkpoint directory of this library
+(or its ``model.safetensors``), an official MultiMAE ``.pth``, a facebookresearch/mae ``.pth``
+(encoder-only or ``_full``), a timm ViT state dict (``.pth`` / ``.safetensors``) or an in-memory
+state dict, and applies :class:`~multimae.model.ModelConfig` overrides on load (``image_size``,
+``inputs``, ``outputs`` ...). Every load returns a :class:`~.convert.ConversionReport`.
+Nothing is unpickled beyond tensors (:func:`~.convert.read_state_dict`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from safetensors.torch import save_file as _st_save_file
+from torch import Tensor
+
+from multimae.checkpoint.convert import (
+    ConversionError,
+    ConversionReport,
+    fit_state_dict,
+    infer_official_config,
+    model_config,
+    read_state_dict,
+)
+from multimae.checkpoint.io import (
+    META_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    _library_version,
+    _load_weights_file,
+    _prepare_weights,
+    load_meta,
+    resolve_checkpoint,
+    save_file_atomic,
+)
+from multimae.checkpoint.vit import is_vit_layout, vit_to_multimae
+from multimae.model import MultiMAE
+
+CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+#: Version of the pretrained-directory layout; readers refuse newer ones.
+PRETRAINED_FORMAT_VERSION = 1
+
+__all__ = ["CONFIG_FILE", "PRETRAINED_FORMAT_VERSION", "load_pretrained", "save_pretrained", "model_card"]
+
+_ACCEPTED = ("a save_pretrained directory (config.json + model.safetensors), a run or checkpoint directory, "
+             "an official MultiMAE / MAE .pth, or a timm ViT .pth/.safetensors")
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+def save_pretrained(model: MultiMAE, directory: str | os.PathLike, training: Mapping[str, Any] | None = None,
+                    source: str | None = None) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and a ``README.md`` model card into ``directory``.
+
+    training: what the weights were trained on, for the card (``{"data": ..., "steps": ...}``);
+        defaults to what :func:`load_pretrained` recorded in ``model.provenance``.
+    Each file is written atomically; ``config.json`` last, so a directory holding it is complete.
+    """
+    from multimae.config import to_dict
+
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise CheckpointError(f"{d} exists and is not a directory")
+    prov = dict(getattr(model, "provenance", None) or {})
+    if training is not None:
+        prov["training"] = dict(training)
+    if source is not None:
+        prov["source"] = source
+    config = {
+        "model_type": "multimae",
+        "format_version": PRETRAINED_FORMAT_VERSION,
+        "library_version": _library_version(),
+        "model": to_dict(model.config),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        **{k: prov[k] for k in ("source", "source_kind", "training") if k in prov},
+    }
+    text = json.dumps(config, indent=2) + "\n"
+    weights = _prepare_weights(model.state_dict())
+    save_file_atomic(d / WEIGHTS_FILE, lambda p: _st_save_file(weights, str(p), metadata={"format": "pt"}))
+    save_file_atomic(d / CARD_FILE, lambda p: p.write_text(model_card(config, d.name), encoding="utf-8"))
+    save_file_atomic(d / CONFIG_FILE, lambda p: p.write_text(text, encoding="utf-8"))
+    return d
+
+
+def _modality_line(cfg: Mapping[str, Any], names: list[str]) -> str:
+    from multimae.model import ModelConfig
+
+    if not names:
+        return "none (encoder only)"
+    specs = ModelConfig(**{**cfg, "inputs": [], "outputs": []}).specs(names)
+    return ", ".join(f"{s.name} ({s.kind}" + (f", {s.num_classes} classes" if s.kind == "categorical" else
+                                              f", {s.channels} ch" if s.kind != "text" else "") + ")" for s in specs)
+
+
+def model_card(config: Mapping[str, Any], name: str = "model") -> str:
+    """The ``README.md`` of a pretrained directory (Hugging Face model-card front matter + tables)."""
+    m = config["model"]
+    tr = config.get("training") or {}
+    rows = [
+        ("preset", f"{m['preset']} ({m['dim']}-d, {m['depth']} blocks, {m['num_heads']} heads, "
+                   f"{m['patch_size']}px patches)"),
+        ("image size", f"{m['image_size']}px (any multiple of the patch size works; position tables are resampled)"),
+        ("inputs", _modality_line(m, list(m["inputs"]))),
+        ("outputs", _modality_line(m, list(m["outputs"]))),
+        ("decoders", f"{m['decoder']}, {m['decoder_dim']}-d x {m['decoder_depth']}" if m["outputs"] else "none"),
+        ("final encoder norm", "yes (from a MAE / timm ViT)" if m.get("encoder_norm") else "no (MultiMAE)"),
+        ("parameters", f"{config.get('num_parameters', 0) / 1e6:.2f}M"),
+        ("training data", str(tr.get("data", "unknown"))),
+        ("training steps", str(tr.get("steps", "unknown"))),
+        ("converted from", f"{config.get('source')} ({config.get('source_kind')})" if config.get("source") else "-"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"""---
+library_name: multimae
+license: apache-2.0
+tags: [multimae, masked-autoencoder, vision, multi-modal]
+---
+# {name}: MultiMAE ({m['preset']})
+
+Multi-modal multi-task masked autoencoder weights saved by the `multimae` library
+(version {config.get('library_version', 'unknown')}, pretrained format {config['format_version']}).
+
+| | |
+|---|---|
+{table}
+
+## Load
+
+```python
+from multimae import MultiMAE
+model = MultiMAE.from_pretrained("{name}")                      # this directory
+model = MultiMAE.from_pretrained("{name}", image_size=384)      # position tables fitted to 384px
+encoder = MultiMAE.from_pretrained("{name}", outputs=[])        # encoder only
+```
+
+From the Hub: `huggingface_hub.snapshot_download(repo_id)` returns a directory to pass to
+`from_pretrained`. As a timm ViT: `multimae convert {name} vit.safetensors --to timm`.
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def _is_pretrained_dir(p: Path) -> bool:
+    return (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file() and not (p / META_FILE).is_file()
+
+
+def _read_pretrained_config(d: Path) -> dict[str, Any]:
+    f = d / CONFIG_FILE
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: not readable JSON ({e})") from e
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "multimae" or not isinstance(cfg.get("model"), dict):
+        raise CheckpointError(f"{f}: not a multimae config.json (expected model_type 'multimae' and a 'model' object)")
+    v = cfg.get("format_version")
+    if not isinstance(v, int) or v > PRETRAINED_FORMAT_VERSION:
+        raise CheckpointError(f"{f}: format version {v!r} is not supported (this multimae reads up to "
+                              f"{PRETRAINED_FORMAT_VERSION}); upgrade multimae")
+    return cfg
+
+
+def _describe_data(data: Mapping[str, Any]) -> str:
+    src = data.get("source", "?")
+    if src == "synthetic":
+        return f"built-in synthetic scenes ({data.get('num_samples')} per epoch, {data.get('image_size')}px)"
+    where = data.get("root") or data.get("urls")
+    return f"{src}: {where} (split {data.get('split', '?')})"
+
+
+def _run_model_fields(meta: Mapping[str, Any], where: Path) -> dict[str, Any]:
+    model = (meta.get("config") or {}).get("model")
+    if not isinstance(model, dict):
+        raise ConversionError(f"{where}: meta.json has no model config")
+    if "head" in model or "encoder" in model:
+        raise ConversionError(f"{where}: a fine-tuning run (encoder + head); load it with "
+                              "multimae.transfer.build_transfer_model or `multimae evaluate`")
+    return model
+
+
+def _build(fields: Mapping[str, Any], overrides: Mapping[str, Any], sd: Mapping[str, Tensor],
+           report: ConversionReport, fresh: tuple[str, ...] = ()) -> MultiMAE:
+    model = MultiMAE(model_config(fields, overrides))
+    fit_state_dict(model, sd, report, fresh)
+    return model
+
+
+def _strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop a ``module.`` prefix every key carries (a DDP-wrapped save)."""
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _from_state_dict(sd: dict[str, Tensor], source: str, overrides: Mapping[str, Any]
+                     ) -> tuple[MultiMAE, ConversionReport]:
+    sd = _strip_prefix(sd)
+    if is_vit_layout(sd):
+        fields, ours, report, fresh = vit_to_multimae(sd, source)
+        return _build(fields, overrides, ours, report, fresh), report
+    if "global_tokens" in sd and any(k.startswith("input_adapters.") for k in sd):
+        over = dict(overrides)
+        heads = over.pop("num_heads", None)
+        dec_heads = over.pop("decoder_heads", None)
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        try:
+            cfg = infer_official_config(sd, heads, dec_heads)
+        except ConversionError as e:
+            raise ConversionError(f"{source}: {e} (an official fine-tuned checkpoint loads into a transfer model: "
+                                  "multimae.transfer.build_transfer_model)") from e
+        from multimae.config import to_dict
+
+        report = ConversionReport(source, "official-multimae")
+        return _build(to_dict(cfg), over, sd, report), report
+    shown = sorted(sd)[:8]
+    raise ConversionError(f"{source}: unrecognised state dict (first keys {shown}); expected {_ACCEPTED}")
+
+
+def _export_hints(p: Path) -> dict[str, Any]:
+    """Head count recorded by ``multimae convert --to timm`` in a safetensors file's metadata."""
+    if p.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+        kwargs = json.loads(meta.get("timm_kwargs", "{}"))
+    except Exception:  # noqa: BLE001 - unreadable metadata: read_state_dict reports the file
+        return {}
+    return {"num_heads": int(kwargs["num_heads"])} if isinstance(kwargs, dict) and "num_heads" in kwargs else {}
+
+
+def load_pretrained(source: str | os.PathLike | Mapping[str, Tensor], **overrides: Any
+                    ) -> tuple[MultiMAE, ConversionReport]:
+    """A :class:`MultiMAE` (eval mode) and the report of what was mapped, dropped, added, resized.
+
+    source: see the module docstring. overrides: :class:`ModelConfig` fields, e.g.
+    ``image_size=384`` (sine-cosine tables regenerated, learned ones resampled), ``inputs=["rgb"]``
+    (other input adapters dropped), ``outputs=[]`` (encoder only; decoders dropped),
+    ``outputs=["rgb", "depth"]`` on a MAE encoder (fresh decoders, reported as added), or
+    ``num_heads`` for an external checkpoint whose head count is not the ViT default.
+    The model's ``provenance`` attribute records the source and, for runs, the training data and steps.
+    """
+    if isinstance(source, Mapping):
+        model, report = _from_state_dict(dict(source), "state_dict", overrides)
+        training = None
+    else:
+        p = Path(source)
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist (expected {_ACCEPTED})")
+        if p.is_file() and p.name == WEIGHTS_FILE and (_is_pretrained_dir(p.parent) or (p.parent / META_FILE).is_file()):
+            p = p.parent
+        training = None
+        if p.is_dir() and _is_pretrained_dir(p):
+            cfg = _read_pretrained_config(p)
+            report = ConversionReport(str(p), "multimae")
+            model = _build(cfg["model"], overrides, _load_weights_file(p / WEIGHTS_FILE), report)
+            training = cfg.get("training")
+            if cfg.get("source"):  # keep where converted weights first came from
+                report.source, report.kind = cfg["source"], cfg.get("source_kind", "multimae")
+        elif p.is_dir():
+            ckpt = resolve_checkpoint(p)
+            meta = load_meta(ckpt)
+            report = ConversionReport(str(ckpt), "multimae")
+            model = _build(_run_model_fields(meta, ckpt), overrides, _load_weights_file(ckpt / WEIGHTS_FILE), report)
+            data = (meta.get("config") or {}).get("data") or {}
+            training = {"data": _describe_data(data), "steps": meta.get("step"), "run": str(ckpt)}
+        else:
+            hints = _export_hints(p)
+            model, report = _from_state_dict(read_state_dict(p), str(p), {**hints, **overrides})
+    model.provenance = {"source": report.source, "source_kind": report.kind,
+                        **({"training": training} if training else {})}
+    return model.eval(), report

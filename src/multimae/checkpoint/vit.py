@@ -1,0 +1,221 @@
+"""ViT weights in the timm layout, in and out: timm ``VisionTransformer`` and facebookresearch/mae.
+
+Both use one set of names: ``patch_embed.proj.*``, ``cls_token`` (1, 1, D), ``pos_embed``
+(1, 1 + N, D) with the class position first, ``blocks.<i>.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,
+mlp.fc2}.*``, ``norm.*`` and, in timm, ``head.*`` / ``fc_norm.*``; MAE pretraining checkpoints
+add a decoder (``decoder_embed``, ``mask_token``, ``decoder_pos_embed``, ``decoder_blocks.*``,
+``decoder_norm``, ``decoder_pred``) in their ``_full`` variants.
+
+Mapping onto a MultiMAE rgb encoder (one global token):
+
+* ``patch_embed.proj`` -> ``input_adapters.rgb.proj``; ``blocks.<i>`` -> ``encoder.<i>``;
+* ``pos_embed[:, 1:]`` -> ``input_adapters.rgb.pos_emb`` as a (1, D, h, w) table (MAE's fixed
+  sine-cosine table is kept as it is; at another image size it is regenerated, a learned timm
+  table resampled, see :mod:`.resize`);
+* ``cls_token + pos_embed[:, :1]`` -> ``global_tokens``: the class token becomes the global token
+  with its position folded in (MultiMAE's global token has no position; attention does not
+  depend on token order, so the tokens come out equal, the global one last instead of first);
+* ``norm`` -> ``encoder_norm`` (:attr:`ModelConfig.encoder_norm` = True). MultiMAE has no final
+  norm; keeping MAE's / timm's makes the encoder's tokens equal to their ``forward_features``
+  and the export back lossless. ``encoder_norm=False`` on load drops it (reported);
+* ``head.*``, ``fc_norm.*`` and the MAE decoder are reported as unused.
+
+Export (:func:`to_timm_state_dict`) is the inverse; the class position is exported as zeros, and
+a model without ``encoder_norm`` gets an identity-affine ``norm`` (weight 1, bias 0), so timm's
+``forward_features`` equals LayerNorm(our tokens) and its blocks' output equals our tokens.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from multimae.checkpoint.convert import ConversionError, ConversionReport
+from multimae.checkpoint.resize import resize_pos_table, sincos_layout
+
+#: our preset -> (timm model name, patch size); ``timm.create_model(name, pretrained=False, num_classes=0)``
+TIMM_NAMES: dict[str, tuple[str, int]] = {
+    "tiny": ("vit_tiny_patch16_224", 16),
+    "small": ("vit_small_patch16_224", 16),
+    "base": ("vit_base_patch16_224", 16),
+    "large": ("vit_large_patch16_224", 16),
+    "huge": ("vit_huge_patch14_224", 14),
+}
+#: head counts by width for the ViT sizes whose dim // 64 rule fails (ViT-Ti, ViT-H)
+_KNOWN_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+
+MAE_DECODER_PREFIXES = ("decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
+                        "decoder_pred.")
+_UNUSED = {"head.": "classification head (unused)", "fc_norm.": "pooled-feature norm of a timm/MAE classifier (unused)",
+           "head_drop": "dropout (no weights)"}
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)$")
+
+
+def is_vit_layout(sd: Mapping[str, Tensor]) -> bool:
+    """True for a timm / MAE ViT state dict."""
+    return "patch_embed.proj.weight" in sd and any(k.startswith("blocks.") for k in sd)
+
+
+def is_mae(sd: Mapping[str, Tensor]) -> bool:
+    """A facebookresearch/mae checkpoint: a MAE decoder, or a fixed MAE sine-cosine ``pos_embed``
+    with a zero class position."""
+    if any(k.startswith(MAE_DECODER_PREFIXES) for k in sd):
+        return True
+    pos = sd.get("pos_embed")
+    if pos is None or pos.ndim != 3 or "cls_token" not in sd:
+        return False
+    g = math.isqrt(pos.shape[1] - 1)
+    if g * g != pos.shape[1] - 1 or bool(pos[0, 0].abs().max() > 0):
+        return False
+    return sincos_layout(pos[:, 1:].transpose(1, 2).reshape(1, -1, g, g)) == "cols_first"
+
+
+def default_heads(dim: int) -> int:
+    """Attention heads of a ViT of width ``dim`` (not stored in the weights)."""
+    return _KNOWN_HEADS.get(dim, max(1, dim // 64))
+
+
+def vit_to_multimae(sd: Mapping[str, Tensor], source: str = "state_dict"
+                    ) -> tuple[dict[str, Any], dict[str, Tensor], ConversionReport, tuple[str, ...]]:
+    """Map a timm / MAE ViT state dict onto a MultiMAE rgb encoder (no decoders).
+
+    Returns ``(ModelConfig fields, state dict in MultiMAE names, report (mapped, dropped),
+    keys to initialise fresh)``. Raises :class:`ConversionError` naming every key it cannot place
+    (layer scale, register tokens, qk-norm ... are not part of the MultiMAE encoder).
+    """
+    if not is_vit_layout(sd):
+        raise ConversionError(f"{source}: not a timm/MAE ViT state dict (no patch_embed.proj.weight / blocks.*)")
+    w = sd["patch_embed.proj.weight"]
+    if w.ndim != 4 or w.shape[-1] != w.shape[-2]:
+        raise ConversionError(f"{source}: patch_embed.proj.weight has shape {tuple(w.shape)}, expected (D, C, p, p)")
+    dim, chans, patch = w.shape[0], w.shape[1], w.shape[-1]
+    if chans != 3:
+        raise ConversionError(f"{source}: patch_embed.proj.weight takes {chans} channels; the rgb input takes 3")
+    report = ConversionReport(source, "mae" if is_mae(sd) else "timm")
+    mapped, dropped = report.mapped, report.dropped
+    out: dict[str, Tensor] = {"input_adapters.rgb.proj.weight": w}
+    mapped["input_adapters.rgb.proj.weight"] = "patch_embed.proj.weight"
+    if "patch_embed.proj.bias" in sd:
+        out["input_adapters.rgb.proj.bias"] = sd["patch_embed.proj.bias"]
+        mapped["input_adapters.rgb.proj.bias"] = "patch_embed.proj.bias"
+    cls = sd.get("cls_token")
+    pos = sd.get("pos_embed")
+    if pos is None or pos.ndim != 3:
+        raise ConversionError(f"{source}: no (1, N, D) 'pos_embed' (ViTs without absolute positions are not supported)")
+    n_prefix = 1 if cls is not None else 0
+    g = math.isqrt(pos.shape[1] - n_prefix)
+    if g * g != pos.shape[1] - n_prefix:
+        if cls is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:  # timm no_embed_class
+            n_prefix, g = 0, math.isqrt(pos.shape[1])
+        else:
+            raise ConversionError(f"{source}: pos_embed has {pos.shape[1]} positions: not a square grid "
+                                  f"(+{n_prefix} class position)")
+    out["input_adapters.rgb.pos_emb"] = pos[:, n_prefix:].transpose(1, 2).reshape(1, dim, g, g).contiguous()
+    mapped["input_adapters.rgb.pos_emb"] = "pos_embed[:, 1:]" if n_prefix else "pos_embed"
+    if cls is not None:
+        out["global_tokens"] = cls + (pos[:, :1] if n_prefix else 0)
+        mapped["global_tokens"] = "cls_token + pos_embed[:, :1]" if n_prefix else "cls_token"
+    depth = 0
+    unknown = []
+    for k, v in sd.items():
+        m = _BLOCK.match(k)
+        if m:
+            out[f"encoder.{m[1]}.{m[2]}.{m[3]}"] = v
+            mapped[f"encoder.{m[1]}.{m[2]}.{m[3]}"] = k
+            depth = max(depth, int(m[1]) + 1)
+        elif k.startswith("norm."):
+            out["encoder_norm." + k[5:]] = v
+            mapped["encoder_norm." + k[5:]] = k
+        elif k.startswith(MAE_DECODER_PREFIXES):
+            dropped[k] = "MAE decoder (unused: MultiMAE decoders are per-task cross-attention decoders)"
+        elif any(k.startswith(p) for p in _UNUSED):
+            dropped[k] = next(r for p, r in _UNUSED.items() if k.startswith(p))
+        elif k not in ("patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed"):
+            unknown.append(k)
+    if unknown:
+        raise ConversionError(f"{source}: keys with no place in a MultiMAE encoder (layer scale, register tokens, "
+                              f"qk-norm, pre-norm ... are not supported): {sorted(unknown)}")
+    cfg: dict[str, Any] = dict(
+        preset=next((p for p, (n, ps) in TIMM_NAMES.items() if _preset_dims(p) == (dim, depth) and ps == patch),
+                    "base"),
+        dim=dim, depth=depth, num_heads=default_heads(dim),
+        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0,
+        patch_size=patch, image_size=g * patch, num_global_tokens=1, inputs=["rgb"], outputs=[],
+        encoder_norm="norm.weight" in sd,
+    )
+    return cfg, {k: v.float() if v.is_floating_point() else v for k, v in out.items()}, report, \
+        (() if cls is not None else ("global_tokens",))
+
+
+def _preset_dims(name: str) -> tuple[int, int] | None:
+    from multimae.presets import PRESETS
+
+    p = PRESETS.get(name)
+    return None if p is None else (p["dim"], p["depth"])
+
+
+def to_timm_state_dict(model: torch.nn.Module, input_name: str = "rgb", image_size: int | None = None
+                       ) -> tuple[dict[str, Tensor], dict[str, Any], ConversionReport]:
+    """Export a MultiMAE encoder (one image input) as a timm ``VisionTransformer`` state dict.
+
+    Returns ``(state dict, timm constructor kwargs)``: build the timm model with
+    ``timm.create_model(name, pretrained=False, num_classes=0)`` for a named size
+    (:data:`TIMM_NAMES`; ``kwargs["model_name"]``) or ``VisionTransformer(**kwargs)``, then
+    ``load_state_dict(sd)``. Shapes: ``pos_embed`` (1, 1 + (S/p)^2, D), ``cls_token`` (1, 1, D).
+    ``image_size`` resizes the position table (default: the model's). The report maps timm keys
+    to ours and lists what is left out (other inputs, decoders) and what is made up.
+    """
+    cfg = model.config
+    if input_name not in model.input_adapters:
+        raise ConversionError(f"the model has no {input_name!r} input (inputs: {sorted(model.input_adapters)})")
+    spec = model.input_specs[input_name]
+    if spec.kind not in ("image", "dense") or spec.stride != 1:
+        raise ConversionError(f"input {input_name!r} ({spec.kind}) is not a patch-embedded image input")
+    if cfg.num_global_tokens != 1:
+        raise ConversionError(f"timm ViTs have one class token; this model has {cfg.num_global_tokens} global tokens")
+    own = {k: v.detach().float() for k, v in model.state_dict().items()}
+    size = image_size or cfg.image_size
+    if size % cfg.patch_size:
+        raise ConversionError(f"image_size {size} is not divisible by the patch size {cfg.patch_size}")
+    g = size // cfg.patch_size
+    src = f"input_adapters.{input_name}"
+    table, how = resize_pos_table(own[f"{src}.pos_emb"], (g, g))
+    D = cfg.dim
+    report = ConversionReport(getattr(model, "provenance", {}).get("source", "model"), "timm export")
+    sd = {
+        "cls_token": own["global_tokens"].clone(),
+        "pos_embed": torch.cat([table.new_zeros(1, 1, D), table.flatten(2).transpose(1, 2)], dim=1).contiguous(),
+        "patch_embed.proj.weight": own[f"input_adapters.{input_name}.proj.weight"],
+        "patch_embed.proj.bias": own[f"input_adapters.{input_name}.proj.bias"],
+    }
+    report.mapped.update({"cls_token": "global_tokens", "pos_embed[:, 1:]": f"{src}.pos_emb",
+                          "patch_embed.proj.weight": f"{src}.proj.weight", "patch_embed.proj.bias": f"{src}.proj.bias"})
+    report.added["pos_embed[:, :1]"] = "class position: zeros (the global token carries no position)"
+    if how != "unchanged":
+        report.resized["pos_embed"] = f"{own[f'{src}.pos_emb'].shape[-1]} -> {g} per side, {how}"
+    for k, v in own.items():
+        if k.startswith("encoder.") and not k.startswith("encoder_norm."):
+            sd["blocks." + k[len("encoder."):]] = v
+            report.mapped["blocks." + k[len("encoder."):]] = k
+        elif k.startswith("encoder_norm."):
+            sd["norm." + k[len("encoder_norm."):]] = v
+            report.mapped["norm." + k[len("encoder_norm."):]] = k
+        elif not k.startswith((f"{src}.", "global_tokens")):
+            a = k.split(".")[0]
+            report.dropped[k] = ("decoders (not part of a timm ViT)" if a in ("output_adapters", "shared_decoder")
+                                 else f"input {k.split('.')[1]!r} (a timm ViT has one image input)"
+                                 if a == "input_adapters" else "not part of a timm ViT")
+    if "norm.weight" not in sd:
+        sd["norm.weight"], sd["norm.bias"] = table.new_ones(D), table.new_zeros(D)
+        report.added["norm.weight, norm.bias"] = ("identity-affine LayerNorm (MultiMAE has no final norm: timm's "
+                                                  "forward_features = LayerNorm(MultiMAE tokens))")
+    kwargs: dict[str, Any] = dict(img_size=size, patch_size=cfg.patch_size, in_chans=spec.channels, embed_dim=D,
+                                  depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_classes=0)
+    name = TIMM_NAMES.get(cfg.preset)
+    if name is not None and _preset_dims(cfg.preset) == (D, cfg.depth) and name[1] == cfg.patch_size \
+            and default_heads(D) == cfg.num_heads and cfg.mlp_ratio == 4.0 and spec.channels == 3:
+        kwargs["model_name"] = name[0]
+    return sd, kwargs, report

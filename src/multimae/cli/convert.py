@@ -1,0 +1,70 @@
+"""``multimae convert SRC DST [--to multimae|timm] [--image-size N]``: parse, call the library, print the report."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="convert weights: MultiMAE / official / MAE / timm -> a pretrained directory or a timm ViT",
+        description="SRC: a save_pretrained directory, a run or checkpoint directory, an official MultiMAE or "
+                    "MAE .pth, or a timm ViT .pth/.safetensors. DST: a directory (--to multimae) or a "
+                    ".safetensors file (--to timm: the rgb encoder as a timm VisionTransformer state dict).")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=["multimae", "timm"], default="multimae")
+    p.add_argument("--image-size", type=int, help="fit the position tables to this image size")
+    p.add_argument("--inputs", help="comma list of input modalities to keep (e.g. rgb)")
+    p.add_argument("--outputs", help="comma list of output tasks to keep; '' = encoder only")
+    p.add_argument("--num-heads", type=int, help="encoder heads of an external checkpoint (not stored in weights)")
+    p.add_argument("--input", default="rgb", help="--to timm: the image input to export (default rgb)")
+    p.set_defaults(func=run)
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [s.strip() for s in text.split(",") if s.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from multimae.checkpoint.pretrained import load_pretrained
+
+    overrides: dict = {}
+    if args.image_size and args.to == "multimae":
+        overrides["image_size"] = args.image_size
+    for key, val in (("inputs", _names(args.inputs)), ("outputs", _names(args.outputs))):
+        if val is not None:
+            overrides[key] = val
+    if args.num_heads:
+        overrides["num_heads"] = args.num_heads
+    if args.to == "timm":
+        overrides.setdefault("outputs", [])
+    model, report = load_pretrained(args.src, **overrides)
+    print("\n".join(report.lines()))
+    dst = Path(args.dst)
+    if args.to == "multimae":
+        model.save_pretrained(dst)
+        print(f"wrote {dst}/ (config.json, model.safetensors, README.md); load with "
+              f"MultiMAE.from_pretrained({str(dst)!r})")
+        return 0
+    from safetensors.torch import save_file
+
+    from multimae.checkpoint.io import save_file_atomic
+    from multimae.checkpoint.vit import to_timm_state_dict
+
+    if dst.suffix != ".safetensors":
+        print(f"error: --to timm writes a .safetensors file; got {dst}", file=sys.stderr)
+        return 2
+    sd, kwargs, export = to_timm_state_dict(model, args.input, args.image_size)
+    meta = {"format": "pt", "timm_kwargs": json.dumps(kwargs)}
+    save_file_atomic(dst, lambda p: save_file(sd, str(p), metadata=meta))
+    print("\n".join(export.lines()))
+    name = kwargs.pop("model_name", None)
+    build = (f"timm.create_model({name!r}, pretrained=False, num_classes=0, img_size={kwargs['img_size']})" if name
+             else f"timm.models.vision_transformer.VisionTransformer(**{kwargs})")
+    print(f"wrote {dst} ({len(sd)} tensors); load with\n  vit = {build}\n"
+          f"  vit.load_state_dict(safetensors.torch.load_file({str(dst)!r}))")
+    return 0
