@@ -55,7 +55,10 @@ class _GridInput(nn.Module):
         under bf16 autocast far faster than the convolution's backward.
         """
         grid = self._check_size(*feat.shape[-2:])
-        weight = proj.weight.permute(0, 2, 3, 1).flatten(1)  # (D, p*p*C), the order patchify gives
+        w = proj.weight  # (D, C, p, p) -> (D, p*p*C), the order patchify gives. One channel: a plain
+        # view, so the gradient keeps the parameter's exact strides (through a permute its size-1
+        # channel dim gets stride 1, and DDP copies every such gradient into its bucket each step).
+        weight = w.flatten(1) if w.shape[1] == 1 else w.permute(0, 2, 3, 1).flatten(1)
         x = F.linear(patchify(feat, self.patch), weight, proj.bias)
         return x + resample_pos(self.pos_emb, grid, self.pos_mode).to(x.dtype)
 
