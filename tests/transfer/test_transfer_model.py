@@ -189,3 +189,15 @@ def test_text_inputs_are_refused():
     with pytest.raises(ValueError, match="caption"):
         TransferModel(TransferModelConfig(encoder=_enc(), inputs=["rgb", "caption"],
                                           head=HeadConfig(kind="classification", num_classes=2)))
+
+
+def test_finetune_run_to_another_task_keeps_encoder_fresh_head(tmp_path):
+    cfg = TransferModelConfig(encoder=_enc(), inputs=["rgb"], head=HeadConfig(kind="classification", num_classes=4))
+    model = TransferModel(cfg)
+    save_checkpoint(tmp_path / "ft", 3, model.state_dict(), {}, {"config": {"model": to_dict(cfg)}, "epoch": 0})
+    other = TransferModelConfig(encoder=None, inputs=["rgb", "depth"], head=HeadConfig(kind="classification", num_classes=3))
+    again, report = build_transfer_model(other, tmp_path / "ft")
+    assert report.dropped == ["head.fc.bias", "head.fc.weight", "head.norm.bias", "head.norm.weight"]
+    assert report.new_inputs == ["depth"]
+    assert all(k.startswith(("head.", "encoder.input_adapters.depth.")) for k in report.missing)
+    assert torch.equal(again.encoder.blocks[2].mlp.fc2.weight, model.encoder.blocks[2].mlp.fc2.weight)

@@ -8,8 +8,9 @@ Sources and what is taken from them:
   the MultiMAE layout: ``input_adapters.*``, ``global_tokens``, ``encoder.<i>.*``,
   ``output_adapters.*``): the encoder, and a head when the file holds an official head of the
   model's kind; through the ONE filter :func:`filter_multimae_state_dict`.
-* a fine-tuning run of this library (transfer layout: ``encoder.blocks.*``, ``head.*``): the whole
-  model, strictly.
+* a fine-tuning run of this library (transfer layout: ``encoder.blocks.*``, ``head.*``): the
+  encoder, and the head when it is exactly the model's (else the head is fresh: another task),
+  through the same filter.
 
 Every load returns a :class:`LoadReport` that names each key taken, dropped or left fresh; a
 checkpoint whose encoder does not fit (missing blocks, other widths) is an error listing all
@@ -156,10 +157,22 @@ def _pick_head(sd: Mapping[str, Tensor], kind: str, head_task: str | None) -> tu
     return fits[0], _rename_head(fits[0], tasks[fits[0]], want)
 
 
+def _transfer_head_map(sd: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> dict[str, str]:
+    """A transfer-layout checkpoint's head loads when it is the model's head exactly (same keys
+    and shapes); otherwise the model's head stays fresh and the checkpoint's is dropped."""
+    ck = {k for k in sd if k.startswith("head.")}
+    if ck != {k for k in own if k.startswith("head.")}:
+        return {}
+    if any(tuple(sd[k].shape) != tuple(own[k].shape) for k in ck):
+        return {}
+    return {k: k for k in ck}
+
+
 def filter_multimae_state_dict(sd: Mapping[str, Tensor], model: TransferModel, source: str = "state_dict",
                                head_task: str | None = None) -> tuple[dict[str, Tensor], LoadReport]:
     """Map a MultiMAE-layout state dict (official pretraining or fine-tuned, or this library's
-    pretraining) onto ``model``'s keys, with an exact report.
+    pretraining) or a transfer-layout one (this library's fine-tuning runs) onto ``model``'s
+    keys, with an exact report.
 
     Renames ``input_adapters.*`` / ``global_tokens`` / ``encoder.<i>.*`` into ``encoder.*`` and an
     official head of the model's kind (ConvNeXtAdapter / DPTOutputAdapter / LinearOutputAdapter;
@@ -167,20 +180,29 @@ def filter_multimae_state_dict(sd: Mapping[str, Tensor], model: TransferModel, s
     modules registered under two names (``act_<i>_postprocess`` / ``act_postprocess.<i-1>``,
     ``scratch.layer<i>_rn`` / ``scratch.layer_rn.<i-1>``) must hold equal tensors; they load once.
     Fixed position tables built for another grid are kept as the model's own (listed as missing).
+    A transfer-layout checkpoint's head loads only if it is exactly the model's head (same keys and
+    shapes), else it is dropped and the model's head stays fresh (fine-tuning on another task).
 
     Raises :class:`ConversionError` listing every missing encoder key (other than fresh input
     modalities), shape mismatch, and disagreeing duplicate.
     """
     own = model.state_dict()
     inputs = list(model.encoder.specs)
-    new_inputs = [n for n in inputs
-                  if not any(k.startswith(f"input_adapters.{n}.") and not k.endswith("pos_emb") for k in sd)]
-    head_src, head_map = _pick_head(sd, model.config.head.kind, head_task)
+    transfer = _is_transfer_layout(sd)
+    pre = "encoder.input_adapters." if transfer else "input_adapters."
+    new_inputs = [n for n in inputs if not any(k.startswith(f"{pre}{n}.") and not k.endswith("pos_emb") for k in sd)]
+    if transfer:
+        head_map = _transfer_head_map(sd, own)
+        head_src = "head" if head_map else None
+        rename = lambda k: k if k.startswith("encoder.") else None  # noqa: E731
+    else:
+        head_src, head_map = _pick_head(sd, model.config.head.kind, head_task)
+        rename = _rename_encoder_key
     out: dict[str, Tensor] = {}
     origin: dict[str, str] = {}
     dropped, shapes, dupes, missing_extra, aliases = [], [], [], [], []
     for k, v in sd.items():
-        target = _rename_encoder_key(k) or head_map.get(k)
+        target = rename(k) or head_map.get(k)
         if target is None or target not in own:
             dropped.append(k)
             continue
@@ -218,13 +240,6 @@ def filter_multimae_state_dict(sd: Mapping[str, Tensor], model: TransferModel, s
 
 def _is_transfer_layout(sd: Mapping[str, Tensor]) -> bool:
     return any(k.startswith("encoder.blocks.") for k in sd) and any(k.startswith("head.") for k in sd)
-
-
-def _load_transfer_state(sd: Mapping[str, Tensor], model: TransferModel, source: str) -> LoadReport:
-    from multimae.checkpoint.convert import load_state_strict
-
-    load_state_strict(model, sd, source)
-    return LoadReport(source, loaded=sorted(model.state_dict()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,8 +314,6 @@ def build_transfer_model(cfg: TransferModelConfig, init: str | os.PathLike | Map
     else:
         _check_arch(cfg.encoder, recorded, source)
     model = TransferModel(cfg)
-    if transfer_layout:
-        return model, _load_transfer_state(sd, model, source)
     weights, report = filter_multimae_state_dict(sd, model, source, head_task)
     model.load_state_dict(weights, strict=False)
     return model, report
