@@ -1,0 +1,380 @@
+"""The demo's model side, free of any web code: samples, masks, edits and predictions.
+
+A :class:`DemoEngine` holds a loaded MultiMAE and a bounded in-memory store of input samples.
+A sample is the model-ready tensor of every spatial input modality (no batch dimension) plus,
+per modality, where it came from: ``true`` (a synthetic scene's exact maps or a dataset file),
+``uploaded``, ``predicted from rgb`` (a missing modality filled in by the model itself from the
+full rgb image) or ``edited``. Samples are immutable: an edit makes a new one, so concurrent
+requests never see each other's half-done work. Model calls are serialised by one lock.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from multimae.demo.errors import DemoError
+from multimae.demo.images import (
+    class_colors, decode_upload, patch_mask, png_data_url, prediction_image, set_class, shift_hue, show,
+)
+from multimae.masking import MaskPlan, dirichlet_plan
+from multimae.modalities import ModalitySpec
+
+SYNTHETIC_KEYS = ("rgb", "depth", "semseg", "normals")  # what a built-in synthetic scene provides
+MAX_SCENE_INDEX = 10**9
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for."""
+
+    max_upload_bytes: int = 20 << 20
+    max_pixels: int = 40_000_000  # checked from the image header, before decoding
+    max_side: int = 1024  # uploads are shrunk to this before the model's resize + centre crop
+    max_samples: int = 256  # samples kept in memory (least recently used dropped)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Model-ready tensors by batch key, each without a batch dimension, and their origins."""
+
+    tensors: dict[str, Tensor]
+    origin: dict[str, str]
+    title: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and slower than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, p, lambda: False)()) for p in probes)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on a CUDA device or a CPU with native bf16, else ``fp32``."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise DemoError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and native_bf16()) else "fp32"
+
+
+class DemoEngine:
+    """Samples, masks, edits and predictions for one model.
+
+    Args:
+        model: a MultiMAE (put in eval mode).
+        image_size: side of the square model input (the run's ``data.image_size``).
+        default_visible, default_alpha: the run's masking budget and Dirichlet concentration.
+        folder: optional ``(root, split)`` of a folder dataset to pick samples from.
+        precision: ``auto``, ``fp32`` or ``bf16`` (autocast) for the model call.
+    """
+
+    def __init__(self, model: torch.nn.Module, image_size: int, default_visible: int = 32, default_alpha: float = 1.0,
+                 folder: tuple[str | Path, str] | None = None, precision: str = "auto",
+                 limits: Limits = Limits(), class_names: Sequence[str] | None = None) -> None:
+        self.model = model.eval()
+        self.patch = model.config.patch_size
+        if image_size % self.patch:
+            raise DemoError(f"image size {image_size} is not a multiple of the patch size {self.patch}")
+        self.image_size, self.limits = image_size, limits
+        self.inputs: dict[str, ModalitySpec] = {n: s for n, s in model.input_specs.items() if s.is_spatial}
+        self.tasks: dict[str, ModalitySpec] = {n: s for n, s in model.output_specs.items() if s.is_spatial}
+        if not self.inputs or not self.tasks:
+            raise DemoError("the demo needs a model with an image input and an image output")
+        self.source = next((s for s in self.inputs.values() if s.kind == "image" and s.channels == 3),
+                           next(iter(self.inputs.values())))
+        self.grid = (image_size // self.patch, image_size // self.patch)
+        self.default_visible, self.default_alpha = default_visible, default_alpha
+        self.device = next(model.parameters()).device
+        self.precision = resolve_precision(precision, self.device)
+        self.class_names = list(class_names) if class_names else None
+        self._lock = threading.Lock()  # one model call at a time
+        self._store: OrderedDict[str, Sample] = OrderedDict()
+        self._store_lock = threading.Lock()
+        self.folder = self._open_folder(*folder) if folder else None
+        self.last_ms: float | None = None
+
+    # ------------------------------------------------------------------ description
+    def info(self) -> dict[str, Any]:
+        """What the page needs to draw itself (JSON-serialisable)."""
+        def desc(s: ModalitySpec) -> dict[str, Any]:
+            d: dict[str, Any] = {"name": s.name, "kind": s.kind, "key": s.key}
+            if s.kind == "categorical":
+                names = self.class_names if self.class_names and len(self.class_names) == s.num_classes else None
+                d["classes"] = [{"id": i, "name": names[i] if names else f"class {i}", "color": c}
+                                for i, c in enumerate(class_colors(s.num_classes))]
+            d["edit"] = "hue" if s.kind == "image" and s.channels == 3 else "class" if s.kind == "categorical" else None
+            return d
+
+        return {
+            "inputs": [desc(s) for s in self.inputs.values()], "outputs": [desc(s) for s in self.tasks.values()],
+            "source_modality": self.source.name, "grid": list(self.grid), "patch_size": self.patch,
+            "image_size": self.image_size, "tokens": len(self.inputs) * self.grid[0] * self.grid[1],
+            "budget": self.default_visible, "alpha": self.default_alpha, "sources": self.sources,
+            "folder_size": len(self.folder[0]) if self.folder else 0, "precision": self.precision,
+            "device": str(self.device), "threads": torch.get_num_threads(),
+            "limits": {"max_upload_bytes": self.limits.max_upload_bytes, "max_pixels": self.limits.max_pixels,
+                       "max_side": self.limits.max_side},
+        }
+
+    @property
+    def sources(self) -> list[str]:
+        """Where inputs can come from: ``synthetic`` (when the source modality is rgb),
+        ``folder`` (with a folder dataset), ``upload``."""
+        out = ["synthetic"] if self.source.key == "rgb" else []
+        return out + (["folder"] if self.folder is not None else []) + ["upload"]
+
+    def describe(self, sample: Sample) -> dict[str, Any]:
+        """A sample as the page shows it: every input modality's image and origin."""
+        return {"id": sample.id, "title": sample.title,
+                "inputs": {n: {"image": png_data_url(show(s, sample.tensors[s.key])), "origin": sample.origin[s.key]}
+                           for n, s in self.inputs.items() if s.key in sample.tensors}}
+
+    # ------------------------------------------------------------------ samples
+    def get(self, sample_id: object) -> Sample:
+        if not isinstance(sample_id, str):
+            raise DemoError(f"'sample' must be a sample id string, got {sample_id!r}")
+        with self._store_lock:
+            s = self._store.get(sample_id)
+            if s is None:
+                raise DemoError(f"unknown sample {sample_id!r} (expired or never made); load an input again", 404)
+            self._store.move_to_end(sample_id)
+            return s
+
+    def _keep(self, sample: Sample) -> Sample:
+        with self._store_lock:
+            self._store[sample.id] = sample
+            while len(self._store) > self.limits.max_samples:
+                self._store.popitem(last=False)
+        return sample
+
+    def _transform(self, keys: Sequence[str]) -> Any:
+        from multimae.data.transforms import PairedTransform
+
+        specs = [s for s in self.inputs.values() if s.key in keys]
+        return PairedTransform(specs, self.image_size, train=False)
+
+    def _complete(self, tensors: dict[str, Tensor], origin: dict[str, str], title: str) -> Sample:
+        """Fill every input modality the sample lacks with the model's prediction from the
+        source modality (all its patches visible)."""
+        missing = [s for s in self.inputs.values() if s.key not in tensors]
+        if missing:
+            batch = {self.source.key: tensors[self.source.key][None]}
+            can = [s.name for s in missing if s.name in self.tasks]
+            with self._lock, torch.inference_mode(), self._autocast():
+                preds = self.model(batch, MaskPlan.full({self.source.name: self._n_tokens}, 1), tasks=can,
+                                   compute_loss=False).preds if can else {}
+            for s in missing:
+                if s.name not in preds:
+                    continue  # neither given nor predictable: left out of the model's input
+                p = preds[s.name][0].float()
+                tensors[s.key] = p.argmax(0) if s.kind == "categorical" else p
+                origin[s.key] = f"predicted from {self.source.name}"
+        return self._keep(Sample(tensors, origin, title))
+
+    @property
+    def _n_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def synthetic(self, index: object) -> Sample:
+        """Scene ``index`` of the built-in synthetic stream (seed 0), with its exact maps."""
+        from multimae.data.synthetic import generate
+
+        if "synthetic" not in self.sources:
+            raise DemoError("this model has no rgb input to show synthetic scenes to")
+        i = _int(index, "index", 0, MAX_SCENE_INDEX)
+        raw = generate(0, i, self.image_size)
+        keys = [s.key for s in self.inputs.values() if s.key in SYNTHETIC_KEYS]
+        out = self._transform(keys)({k: raw[k] for k in keys} | {"__key__": raw["__key__"]})
+        tensors = {k: out[k] for k in keys}
+        return self._complete(tensors, {k: "true" for k in keys}, f"synthetic scene {i}")
+
+    def _open_folder(self, root: str | Path, split: str) -> tuple[Any, list[str]]:
+        from multimae.data.folder import FolderDataset
+
+        split_dir = Path(root) / split
+        keys = [s.key for s in self.inputs.values() if (split_dir / s.key).is_dir()]
+        if self.source.key not in keys:
+            from multimae.data.errors import DataError
+
+            raise DataError(f"{split_dir}: no {self.source.key}/ directory (the demo needs the "
+                            f"{self.source.name} modality of every sample)")
+        return FolderDataset(root, split, keys), keys
+
+    def folder_sample(self, index: object) -> Sample:
+        """Sample ``index`` of the folder dataset; its missing modalities are predicted."""
+        from multimae.data.errors import DataError
+
+        if self.folder is None:
+            raise DemoError("no folder dataset: start the demo with --data ROOT")
+        ds, keys = self.folder
+        i = _int(index, "index", 0, len(ds) - 1)
+        try:
+            raw = ds.load(i)
+        except DataError as e:
+            raise DemoError(str(e), 422) from None
+        out = self._transform(keys)(raw)
+        return self._complete({k: out[k] for k in keys}, {k: "true" for k in keys}, f"folder sample {ds.key(i)}")
+
+    def upload(self, data: bytes, name: str = "upload") -> Sample:
+        """An uploaded image file as the source modality; every other input is predicted."""
+        lim = self.limits
+        img = decode_upload(data, lim.max_upload_bytes, lim.max_pixels, lim.max_side)
+        if self.source.kind != "image" or self.source.channels != 3:
+            raise DemoError(f"uploads feed the {self.source.name} input, which is not an rgb image")
+        out = self._transform([self.source.key])({self.source.key: img, "__key__": name})
+        h, w = img.shape[-2:]
+        return self._complete({self.source.key: out[self.source.key]}, {self.source.key: "uploaded"},
+                              f"uploaded image ({w}x{h} after the size limit)")
+
+    # ------------------------------------------------------------------ masks
+    def random_mask(self, sample_id: object, budget: object, alpha: object, seed: object) -> dict[str, list[int]]:
+        """MultiMAE masking of the sample's modalities: ``budget`` visible patches split by a
+        Dirichlet(``alpha``) draw. Returns the hidden patch indices per modality."""
+        sample = self.get(sample_id)
+        names = [n for n, s in self.inputs.items() if s.key in sample.tensors]
+        total = len(names) * self._n_tokens
+        k = _int(budget, "budget", 0, total)
+        a = _float(alpha, "alpha", 0.01, 100.0)
+        g = torch.Generator().manual_seed(_int(seed, "seed", 0, 2**62))
+        plan = dirichlet_plan({n: self._n_tokens for n in names}, 1, k, a, generator=g)
+        return {n: plan.masks[n][0].nonzero().flatten().tolist() for n in names}
+
+    def _plan(self, sample: Sample, hidden: object) -> MaskPlan:
+        if not isinstance(hidden, Mapping):
+            raise DemoError("'hidden' must be an object: modality -> list of hidden patch indices")
+        names = [n for n, s in self.inputs.items() if s.key in sample.tensors]
+        unknown = sorted(set(map(str, hidden)) - set(names))
+        if unknown:
+            raise DemoError(f"'hidden' names {unknown}, which are not inputs of this sample {names}")
+        N = self._n_tokens
+        masks = {}
+        for n in names:
+            m = torch.zeros(1, N, dtype=torch.bool)
+            m[0, _indices(hidden.get(n, []), f"hidden.{n}", N)] = True
+            masks[n] = m
+        return MaskPlan(masks)
+
+    # ------------------------------------------------------------------ predictions
+    def _autocast(self) -> Any:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def predict(self, sample_id: object, hidden: object) -> dict[str, Any]:
+        """Every output task's prediction beside its target, for the given hidden patches."""
+        sample = self.get(sample_id)
+        plan = self._plan(sample, hidden)
+        batch = {self.inputs[n].key: sample.tensors[self.inputs[n].key][None].to(self.device) for n in plan.masks}
+        for s in self.tasks.values():  # output-only tasks (norm_rgb) read their target's key
+            if s.key in sample.tensors:
+                batch.setdefault(s.key, sample.tensors[s.key][None].to(self.device))
+        with self._lock:
+            t0 = time.perf_counter()
+            with torch.inference_mode(), self._autocast():
+                preds = self.model(batch, plan.to(self.device), tasks=list(self.tasks), compute_loss=False).preds
+            ms = (time.perf_counter() - t0) * 1000
+            self.last_ms = ms
+        outputs = {}
+        for t, s in self.tasks.items():
+            target = sample.tensors.get(s.key)
+            entry: dict[str, Any] = {"pred": png_data_url(prediction_image(s, preds[t][0].cpu(), target, self.patch))}
+            entry["target"] = png_data_url(show(s, target)) if target is not None else None
+            entry["target_origin"] = sample.origin.get(s.key, "none")
+            outputs[t] = entry
+        visible = {n: int((~m).sum()) for n, m in plan.masks.items()}
+        return {"sample": sample.id, "outputs": outputs, "visible": visible, "model_ms": round(ms, 2)}
+
+    # ------------------------------------------------------------------ edits
+    def edit(self, sample_id: object, modality: object, patches: object, hue: object = None,
+             cls: object = None) -> Sample:
+        """A new sample with the hue of some rgb patches rotated (``hue`` degrees) or some
+        semseg patches set to class ``cls``."""
+        sample = self.get(sample_id)
+        spec = self.inputs.get(modality) if isinstance(modality, str) else None
+        if spec is None or spec.key not in sample.tensors:
+            raise DemoError(f"'modality' must be an input of this sample, one of "
+                            f"{[n for n, s in self.inputs.items() if s.key in sample.tensors]}, got {modality!r}")
+        idx = _indices(patches, "patches", self._n_tokens)
+        if not idx:
+            raise DemoError("'patches' is empty: select the patches to edit first")
+        x = sample.tensors[spec.key]
+        region = patch_mask(idx, self.grid, tuple(x.shape[-2:]))
+        if spec.kind == "image" and spec.channels == 3:
+            if hue is None:
+                raise DemoError(f"editing {spec.name} needs 'hue' (degrees)")
+            new = shift_hue(spec, x, region, _float(hue, "hue", -360.0, 360.0))
+            what = f"hue {float(hue):+.0f} deg"
+        elif spec.kind == "categorical":
+            if cls is None:
+                raise DemoError(f"editing {spec.name} needs 'class' (a class id)")
+            new = set_class(x, region, _int(cls, "class", 0, spec.num_classes - 1))
+            what = f"class {int(cls)}"  # type: ignore[call-overload]
+        else:
+            raise DemoError(f"{spec.name} ({spec.kind}) cannot be edited; rgb hue and semseg class can")
+        tensors = dict(sample.tensors) | {spec.key: new}
+        origin = dict(sample.origin) | {spec.key: f"{sample.origin[spec.key]}, edited"}
+        return self._keep(Sample(tensors, origin, f"{sample.title}; {spec.name} {len(idx)} patches {what}"))
+
+
+def _int(v: object, name: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+        raise DemoError(f"'{name}' must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise DemoError(f"'{name}' must be in [{lo}, {hi}], got {int(v)}")
+    return int(v)
+
+
+def _float(v: object, name: str, lo: float, hi: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        raise DemoError(f"'{name}' must be a number, got {v!r}")
+    if not lo <= v <= hi:
+        raise DemoError(f"'{name}' must be in [{lo}, {hi}], got {v}")
+    return float(v)
+
+
+def _indices(v: object, name: str, n: int) -> list[int]:
+    """Patch indices: a list of distinct-or-not ints in [0, n)."""
+    if not isinstance(v, list):
+        raise DemoError(f"'{name}' must be a list of patch indices, got {type(v).__name__}")
+    if len(v) > 4 * n:
+        raise DemoError(f"'{name}' has {len(v)} entries; there are only {n} patches")
+    bad = [x for x in v if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n]
+    if bad:
+        raise DemoError(f"'{name}': patch indices must be integers in [0, {n - 1}], got {bad[:5]}")
+    return list(v)
+
+
+def engine_from_checkpoint(path: str | Path, data: str | Path | None = None, split: str | None = None,
+                           precision: str = "auto", limits: Limits = Limits()) -> DemoEngine:
+    """A DemoEngine for a run or checkpoint directory (the run's image size and masking).
+
+    ``data``: a folder dataset root to offer samples from (default: the run's own, when it
+    trained on one); ``split``: its split (default ``val`` when it exists, else the run's).
+    """
+    from multimae.training.inference import load_pretrained
+
+    model, cfg, _ = load_pretrained(path)
+    root = data if data is not None else (cfg.data.root if cfg.data.source == "folder" else None)
+    folder = None
+    if root is not None:
+        chosen = split or ("val" if (Path(root) / "val").is_dir() else cfg.data.split)
+        folder = (root, chosen)
+    names = None
+    if cfg.data.source == "synthetic":
+        from multimae.data.synthetic import SEMSEG_CLASSES
+
+        names = SEMSEG_CLASSES
+    return DemoEngine(model, cfg.data.image_size, cfg.mask.num_visible, cfg.mask.alpha, folder=folder,
+                      precision=precision, limits=limits, class_names=names)

@@ -1,0 +1,59 @@
+"""Fixtures of the demo tests: a tiny random-init run saved as a checkpoint, its engine, a server."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multimae.checkpoint import save_checkpoint
+from multimae.config import to_dict
+from multimae.model import ModelConfig, MultiMAE
+from multimae.training.config import PretrainConfig
+
+pytest.importorskip("starlette", reason="the demo extra (pip install -e '.[demo]') is not installed")
+
+
+def tiny_run(root, image_size: int = 32):
+    """A run directory holding one checkpoint of a random-init nano MultiMAE (rgb, depth, semseg)."""
+    cfg = PretrainConfig()
+    cfg.model = ModelConfig(preset="nano", depth=1, decoder_depth=1, image_size=image_size, patch_size=8,
+                            modalities={"semseg": {"num_classes": 6}})
+    cfg.data.image_size = image_size
+    cfg.mask.num_visible = 12
+    torch.manual_seed(0)
+    model = MultiMAE(cfg.model)
+    save_checkpoint(root, 1, model.state_dict(), {"step": 1}, {"config": to_dict(cfg)})
+    return root
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    return tiny_run(tmp_path_factory.mktemp("demo-run") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def folder_root(tmp_path_factory):
+    """A folder dataset (val split) of two synthetic scenes with rgb and depth only (no semseg)."""
+    from multimae.data.folder import write_folder
+    from multimae.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("demo-folder")
+    samples = [{k: v for k, v in generate(5, i, 40).items() if k in ("rgb", "depth", "__key__")} for i in range(2)]
+    write_folder(samples, root, "val")
+    return root
+
+
+@pytest.fixture(scope="session")
+def engine(run_dir, folder_root):
+    from multimae.demo import Limits, engine_from_checkpoint
+
+    # small limits keep the oversize checks fast
+    return engine_from_checkpoint(run_dir, data=folder_root,
+                                  limits=Limits(max_upload_bytes=1 << 20, max_pixels=4_000_000, max_side=256))
+
+
+@pytest.fixture(scope="session")
+def server(engine):
+    from multimae.demo.app import serving
+
+    with serving(engine) as url:
+        yield url
