@@ -15,6 +15,7 @@ class OptimConfig:
     min_lr: float = 0.0
     warmup_epochs: float = 40.0
     warmup_steps: int | None = None  # overrides warmup_epochs when set
+    warmup_lr: float = 1e-6  # lr of the first warm-up step, rising linearly to lr (official: 1e-6)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     decay_norm_bias: bool = False  # weight decay on LayerNorm weights and biases

@@ -63,7 +63,8 @@ class Trainer:
                                          implementation=o.implementation, no_decay_norm_bias=not o.decay_norm_bias,
                                          no_decay_names=sorted(self.model.no_weight_decay()))
         warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * self.steps_per_epoch)
-        self.scheduler = WarmupCosine(self.optimizer, self.total_steps, min(warmup, self.total_steps), o.min_lr)
+        self.scheduler = WarmupCosine(self.optimizer, self.total_steps, min(warmup, self.total_steps), o.min_lr,
+                                      warmup_start_lr=o.warmup_lr)
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.step = 0
         self._rng_after_resume: dict | None = None
