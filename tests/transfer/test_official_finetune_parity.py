@@ -138,3 +138,25 @@ def test_official_pretraining_pth_gives_the_encoder(tmp_path):
             assert torch.equal(own["encoder." + k], v), k
     assert set(report.dropped) == {k for k in sd if k.startswith(("output_adapters.", "input_adapters.semseg."))}
     assert report.missing == sorted(k for k in own if k.startswith("head."))
+
+
+def test_other_image_size_fits_position_tables(golden, meta):
+    """Fine-tuning at 32 px from a 64 px checkpoint: a sine-cosine table is regenerated for the
+    2x2 grid (equal to the model's own), a learned (here: perturbed) one resampled bicubically."""
+    from multimae.checkpoint.resize import sincos_table
+
+    head, _ = _heads(meta)["cls"]
+    cfg = _cfg(meta, head)
+    cfg.encoder.image_size = 32
+    sd = _state(golden)
+    sd["input_adapters.depth.pos_emb"] = sincos_table(4, 4, 64)
+    model, report = build_transfer_model(cfg, sd)
+    own = model.state_dict()
+    torch.testing.assert_close(own["encoder.input_adapters.depth.pos_emb"],
+                               TransferModel(cfg).state_dict()["encoder.input_adapters.depth.pos_emb"])
+    torch.testing.assert_close(own["encoder.input_adapters.rgb.pos_emb"],
+                               torch.nn.functional.interpolate(sd["input_adapters.rgb.pos_emb"], size=(2, 2),
+                                                               mode="bicubic", align_corners=False))
+    assert report.resized == ["input_adapters.depth.pos_emb: regenerated (rows_first sine-cosine)",
+                              "input_adapters.rgb.pos_emb: resampled (bicubic)"]
+    assert "encoder.input_adapters.rgb.pos_emb" in report.loaded

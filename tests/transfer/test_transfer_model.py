@@ -201,3 +201,34 @@ def test_finetune_run_to_another_task_keeps_encoder_fresh_head(tmp_path):
     assert report.new_inputs == ["depth"]
     assert all(k.startswith(("head.", "encoder.input_adapters.depth.")) for k in report.missing)
     assert torch.equal(again.encoder.blocks[2].mlp.fc2.weight, model.encoder.blocks[2].mlp.fc2.weight)
+
+
+def test_save_pretrained_dir_and_timm_vit_inits(tmp_path):
+    """A save_pretrained directory and a timm ViT state dict (which carries a final norm) both
+    give the encoder the library's own loader gives (multimae.checkpoint.load_pretrained)."""
+    from multimae.checkpoint.pretrained import load_pretrained, save_pretrained
+    from multimae.checkpoint.vit import to_timm_state_dict
+
+    mae, _ = _pretrain_run(tmp_path, inputs=("rgb",))
+    head = HeadConfig(kind="classification", num_classes=2)
+    b = {"rgb": _batch()["rgb"]}
+    save_pretrained(mae, tmp_path / "hf")
+    model, report = build_transfer_model(TransferModelConfig(encoder=None, inputs=["rgb"], head=head, drop_path=0.0),
+                                         tmp_path / "hf")
+    assert report.source == str(tmp_path / "hf") and report.new_inputs == []
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().encoder(b).last, mae.eval().encode(b).tokens, rtol=0, atol=1e-6)
+    timm_sd, _, _ = to_timm_state_dict(mae)
+    model, report = build_transfer_model(TransferModelConfig(encoder=None, inputs=["rgb"], head=head, drop_path=0.0),
+                                         {"module." + k: v for k, v in timm_sd.items()})  # a DDP-wrapped save
+    ref, _ = load_pretrained(timm_sd, outputs=[])
+    assert isinstance(model.encoder.norm, torch.nn.LayerNorm) and "encoder.norm.weight" in report.loaded
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().encoder(b).last, ref.encode(b).tokens, rtol=0, atol=1e-5)
+
+
+def test_drop_path_schedule():
+    model = TransferModel(TransferModelConfig(encoder=_enc(), head=HeadConfig(kind="classification", num_classes=2),
+                                              drop_path=0.1))
+    probs = [getattr(b.drop_path, "drop_prob", 0.0) for b in model.encoder.blocks]
+    assert probs == pytest.approx([0.0, 0.05, 0.1])

@@ -19,6 +19,7 @@ through :func:`multimae.checkpoint.convert.read_state_dict`).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,10 @@ import torch
 from torch import Tensor
 
 from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
-from multimae.checkpoint.convert import ConversionError, infer_official_config, read_state_dict
+from multimae.checkpoint.convert import ConversionError, infer_official_config, model_config, read_state_dict
+from multimae.checkpoint.io import META_FILE, WEIGHTS_FILE
+from multimae.checkpoint.resize import resize_pos_table
+from multimae.checkpoint.vit import is_vit_layout, vit_to_multimae
 from multimae.config import from_dict
 from multimae.model import ModelConfig
 from multimae.transfer.model import TransferModel, TransferModelConfig
@@ -47,10 +51,11 @@ class LoadReport:
     new_inputs: input modalities that got a fresh input projection (no pretrained one).
     dropped: checkpoint keys not used (pretraining decoders, heads of another kind, input
         adapters of modalities that are not inputs now).
-    missing: model keys left at their initialisation (the head, fresh input adapters), plus
-        position tables kept because the checkpoint's were built for another image size.
+    missing: model keys left at their initialisation (the head, fresh input adapters).
     aliases: checkpoint keys that are a second name of a loaded tensor (the official DPT head
         registers its reassemble and projection layers twice); checked equal, loaded once.
+    resized: position tables built for another grid, "key: how" (sine-cosine tables regenerated
+        in their layout, learned ones resampled; :mod:`multimae.checkpoint.resize`).
     """
 
     source: str
@@ -59,6 +64,7 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     aliases: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for a log."""
@@ -115,6 +121,8 @@ def head_kind_of_adapter(keys: list[str]) -> str | None:
 def _rename_encoder_key(k: str) -> str | None:
     if k == "global_tokens":
         return "encoder.global_tokens"
+    if k.startswith("encoder_norm."):
+        return "encoder.norm." + k[len("encoder_norm."):]
     if k.startswith("input_adapters."):
         return "encoder." + k
     m = re.match(r"^encoder\.(\d+)\.(.*)$", k)
@@ -179,7 +187,8 @@ def filter_multimae_state_dict(sd: Mapping[str, Tensor], model: TransferModel, s
     ``head_task`` picks one by task name when several fit) into ``head.*``. The DPT adapter's
     modules registered under two names (``act_<i>_postprocess`` / ``act_postprocess.<i-1>``,
     ``scratch.layer<i>_rn`` / ``scratch.layer_rn.<i-1>``) must hold equal tensors; they load once.
-    Fixed position tables built for another grid are kept as the model's own (listed as missing).
+    Position tables built for another grid are regenerated (sine-cosine) or resampled (learned).
+    ``encoder_norm.*`` (a final norm, MAE / timm encoders) -> ``encoder.norm.*``.
     A transfer-layout checkpoint's head loads only if it is exactly the model's head (same keys and
     shapes), else it is dropped and the model's head stays fresh (fine-tuning on another task).
 
@@ -200,18 +209,21 @@ def filter_multimae_state_dict(sd: Mapping[str, Tensor], model: TransferModel, s
         rename = _rename_encoder_key
     out: dict[str, Tensor] = {}
     origin: dict[str, str] = {}
-    dropped, shapes, dupes, missing_extra, aliases = [], [], [], [], []
+    dropped, shapes, dupes, aliases, resized = [], [], [], [], []
     for k, v in sd.items():
         target = rename(k) or head_map.get(k)
         if target is None or target not in own:
             dropped.append(k)
             continue
         if tuple(v.shape) != tuple(own[target].shape):
-            if target.endswith(".pos_emb"):  # fixed sine-cosine table for another image size
-                missing_extra.append(target)
+            if target.endswith(".pos_emb") and v.ndim == 4 and v.shape[:2] == own[target].shape[:2]:
+                # a table for another grid: sine-cosine regenerated, learned resampled
+                mode = getattr(model.encoder.input_adapters[target.split(".")[2]], "pos_mode", "bicubic")
+                v, how = resize_pos_table(v, tuple(own[target].shape[-2:]), mode)
+                resized.append(f"{k}: {how}")
+            else:
+                shapes.append(f"{k} -> {target}: checkpoint {tuple(v.shape)} vs model {tuple(own[target].shape)}")
                 continue
-            shapes.append(f"{k} -> {target}: checkpoint {tuple(v.shape)} vs model {tuple(own[target].shape)}")
-            continue
         if target in out:
             if not torch.equal(out[target], v.to(out[target].dtype)):
                 dupes.append(f"{origin[target]} and {k} (both {target}) differ")
@@ -220,7 +232,7 @@ def filter_multimae_state_dict(sd: Mapping[str, Tensor], model: TransferModel, s
         out[target] = v.to(own[target].dtype) if v.is_floating_point() else v
         origin[target] = k
     fresh_prefixes = tuple(f"encoder.input_adapters.{n}." for n in new_inputs) + ("head.",)
-    missing = [k for k in own if k not in out and k not in missing_extra]
+    missing = [k for k in own if k not in out]
     bad_missing = [k for k in missing if not k.startswith(fresh_prefixes)]
     if head_src is not None:
         bad_missing += [k for k in missing if k.startswith("head.")]
@@ -234,7 +246,7 @@ def filter_multimae_state_dict(sd: Mapping[str, Tensor], model: TransferModel, s
             parts.append(f"duplicate names that disagree: {dupes}")
         raise ConversionError(f"{source} does not fit the transfer model -- " + "; ".join(parts))
     report = LoadReport(source, loaded=sorted(out), new_inputs=new_inputs, dropped=sorted(dropped),
-                        missing=sorted(missing + missing_extra), aliases=sorted(aliases))
+                        missing=sorted(missing), aliases=sorted(aliases), resized=resized)
     return out, report
 
 
@@ -260,18 +272,40 @@ def _encoder_from_meta(meta: dict[str, Any], source: str) -> ModelConfig | None:
         raise ConversionError(f"{source}: cannot read the encoder config from meta.json ({e})") from e
 
 
-def _read_init(init: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], ModelConfig | None, str]:
-    """(state dict, encoder config if the checkpoint records one, description)."""
+def _read_files(init: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], ModelConfig | None, str]:
     if isinstance(init, Mapping):
         return dict(init), None, "state_dict"
     p = Path(init)
     if not p.exists():
         raise FileNotFoundError(f"init {p} does not exist (expected 'scratch', a run or checkpoint directory, "
-                                f"a .safetensors or an official .pth)")
+                                f"a save_pretrained directory, a .safetensors or an official / MAE / timm .pth)")
+    if p.is_file() and p.name == WEIGHTS_FILE and ((p.parent / META_FILE).is_file() or (p.parent / "config.json").is_file()):
+        p = p.parent
+    if p.is_dir() and not (p / META_FILE).is_file() and (p / "config.json").is_file() and (p / WEIGHTS_FILE).is_file():
+        try:  # a save_pretrained directory: config.json {"model": ModelConfig}
+            model = json.loads((p / "config.json").read_text(encoding="utf-8")).get("model")
+            recorded = from_dict(ModelConfig, model) if isinstance(model, dict) else None
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConversionError(f"{p / 'config.json'}: cannot read the model config ({e})") from e
+        return load_weights(p / WEIGHTS_FILE), recorded, str(p)
     if p.is_dir():
         ckpt = resolve_checkpoint(p)
         return load_weights(ckpt), _encoder_from_meta(load_meta(ckpt), str(ckpt)), str(ckpt)
     return read_state_dict(p), None, str(p)
+
+
+def _read_init(init: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], ModelConfig | None, str]:
+    """(state dict in MultiMAE or transfer names, encoder config if known, description).
+
+    A DDP ``module.`` prefix is removed; a timm / facebookresearch-mae ViT is mapped onto an rgb
+    MultiMAE encoder (:func:`multimae.checkpoint.vit.vit_to_multimae`)."""
+    sd, recorded, source = _read_files(init)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if is_vit_layout(sd):
+        fields, sd, _, _ = vit_to_multimae(sd, source)
+        recorded = recorded or model_config(fields)
+    return sd, recorded, source
 
 
 def _check_arch(cfg_enc: ModelConfig, recorded: ModelConfig | None, source: str) -> None:

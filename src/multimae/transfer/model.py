@@ -78,8 +78,9 @@ class TransferModelConfig:
 
 @dataclass
 class EncoderOutput:
-    """last: (B, N + G, D) final tokens (modality tokens in ``layout`` order, then G global);
-    layers: block index -> (B, N + G, D) output of that block (the ones asked for);
+    """last: (B, N + G, D) final tokens (modality tokens in ``layout`` order, then G global),
+    after the final norm if the encoder has one; layers: block index -> (B, N + G, D) output of
+    that block (the ones asked for; never normed);
     layout: where each modality's tokens sit; image_size: (H, W) of the input."""
 
     last: Tensor
@@ -112,6 +113,7 @@ class TransferEncoder(nn.Module):
         self.input_adapters = mae.input_adapters
         self.global_tokens = mae.global_tokens
         self.blocks = nn.ModuleList(list(mae.encoder))
+        self.norm = mae.encoder_norm  # final LayerNorm of MAE / timm encoders; Identity for MultiMAE
         self.dim = cfg.dim
         self.depth = cfg.depth
         self.patch_size = cfg.patch_size
@@ -152,7 +154,7 @@ class TransferEncoder(nn.Module):
             x = blk(x)
             if i in want:
                 layers[i] = x
-        return EncoderOutput(x, layers, layout, size)
+        return EncoderOutput(self.norm(x), layers, layout, size)
 
 
 def build_head(cfg: HeadConfig, dim: int, depth: int, drop_path: float = 0.0) -> nn.Module:
