@@ -237,7 +237,7 @@ def test_the_demo_writes_no_files(server, run_dir, folder_root, tmp_path, monkey
     assert not any(tmp_path.iterdir())
 
 
-def test_cli_prints_the_url_and_serves_on_localhost(run_dir):
+def test_cli_prints_the_url_and_serves_on_localhost(run_dir, engine):  # engine: needs the demo extra
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "multimae.cli.main", "demo", "--checkpoint", str(run_dir),
                              "--port", "0", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -252,7 +252,7 @@ def test_cli_prints_the_url_and_serves_on_localhost(run_dir):
         proc.wait(timeout=30)
 
 
-def test_cli_bad_input_exits_2_with_one_line(run_dir, tmp_path, capsys):
+def test_cli_bad_input_exits_2_with_one_line(run_dir, engine, tmp_path, capsys):
     from multimae.cli.main import main
 
     assert main(["demo", "--checkpoint", str(tmp_path / "none")]) == 2

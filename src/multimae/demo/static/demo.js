@@ -330,9 +330,9 @@ async function init() {
     await setSample(res, true);
   }));
   $("budget").addEventListener("input", () => { $("budget-val").textContent = $("budget").value; });
-  $("budget").addEventListener("change", guard(randomMask));
+  $("budget").addEventListener("change", guard(() => { $("budget-val").textContent = $("budget").value; return randomMask(); }));
   $("alpha").addEventListener("input", () => { $("alpha-val").textContent = alpha().toFixed(2); });
-  $("alpha").addEventListener("change", guard(randomMask));
+  $("alpha").addEventListener("change", guard(() => { $("alpha-val").textContent = alpha().toFixed(2); return randomMask(); }));
   $("random-mask").addEventListener("click", guard(() => { S.seed += 1; return randomMask(); }));
   $("show-all").addEventListener("click", () => setOnly(null));
   $("hue").addEventListener("input", () => { $("hue-val").textContent = `${$("hue").value}°`; });
