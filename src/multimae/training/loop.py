@@ -74,7 +74,7 @@ class Trainer:
         if self.info.is_distributed:
             self.net = D.wrap_ddp(self.model, self.info)
         if t.compile:
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, backend=t.compile_backend)
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self) -> None:
