@@ -77,12 +77,14 @@ class DemoEngine:
         image_size: side of the square model input (the run's ``data.image_size``).
         default_visible, default_alpha: the run's masking budget and Dirichlet concentration.
         folder: optional ``(root, split)`` of a folder dataset to pick samples from.
+        scene_seed: stream of the synthetic scenes offered (a run's held-out scenes are
+            ``train.seed + 10_000``, the stream its end-of-run evaluation uses).
         precision: ``auto``, ``fp32`` or ``bf16`` (autocast) for the model call.
     """
 
     def __init__(self, model: torch.nn.Module, image_size: int, default_visible: int = 32, default_alpha: float = 1.0,
                  folder: tuple[str | Path, str] | None = None, precision: str = "auto",
-                 limits: Limits = Limits(), class_names: Sequence[str] | None = None) -> None:
+                 limits: Limits = Limits(), class_names: Sequence[str] | None = None, scene_seed: int = 0) -> None:
         self.model = model.eval()
         self.patch = model.config.patch_size
         if image_size % self.patch:
@@ -99,6 +101,7 @@ class DemoEngine:
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(precision, self.device)
         self.class_names = list(class_names) if class_names else None
+        self.scene_seed = scene_seed
         self._lock = threading.Lock()  # one model call at a time
         self._store: OrderedDict[str, Sample] = OrderedDict()
         self._store_lock = threading.Lock()
@@ -170,7 +173,7 @@ class DemoEngine:
         source modality (all its patches visible)."""
         missing = [s for s in self.inputs.values() if s.key not in tensors]
         if missing:
-            batch = {self.source.key: tensors[self.source.key][None]}
+            batch = {self.source.key: tensors[self.source.key][None].to(self.device)}
             can = [s.name for s in missing if s.name in self.tasks]
             with self._lock, torch.inference_mode(), self._autocast():
                 preds = self.model(batch, MaskPlan.full({self.source.name: self._n_tokens}, 1), tasks=can,
@@ -178,7 +181,7 @@ class DemoEngine:
             for s in missing:
                 if s.name not in preds:
                     continue  # neither given nor predictable: left out of the model's input
-                p = preds[s.name][0].float()
+                p = preds[s.name][0].float().cpu()
                 tensors[s.key] = p.argmax(0) if s.kind == "categorical" else p
                 origin[s.key] = f"predicted from {self.source.name}"
         return self._keep(Sample(tensors, origin, title))
@@ -188,13 +191,13 @@ class DemoEngine:
         return self.grid[0] * self.grid[1]
 
     def synthetic(self, index: object) -> Sample:
-        """Scene ``index`` of the built-in synthetic stream (seed 0), with its exact maps."""
+        """Scene ``index`` of the built-in synthetic stream ``scene_seed``, with its exact maps."""
         from multimae.data.synthetic import generate
 
         if "synthetic" not in self.sources:
             raise DemoError("this model has no rgb input to show synthetic scenes to")
         i = _int(index, "index", 0, MAX_SCENE_INDEX)
-        raw = generate(0, i, self.image_size)
+        raw = generate(self.scene_seed, i, self.image_size)
         keys = [s.key for s in self.inputs.values() if s.key in SYNTHETIC_KEYS]
         out = self._transform(keys)({k: raw[k] for k in keys} | {"__key__": raw["__key__"]})
         tensors = {k: out[k] for k in keys}
@@ -314,13 +317,15 @@ class DemoEngine:
         if spec.kind == "image" and spec.channels == 3:
             if hue is None:
                 raise DemoError(f"editing {spec.name} needs 'hue' (degrees)")
-            new = shift_hue(spec, x, region, _float(hue, "hue", -360.0, 360.0))
-            what = f"hue {float(hue):+.0f} deg"
+            degrees = _float(hue, "hue", -360.0, 360.0)
+            new = shift_hue(spec, x, region, degrees)
+            what = f"hue {degrees:+.0f} deg"
         elif spec.kind == "categorical":
             if cls is None:
                 raise DemoError(f"editing {spec.name} needs 'class' (a class id)")
-            new = set_class(x, region, _int(cls, "class", 0, spec.num_classes - 1))
-            what = f"class {int(cls)}"  # type: ignore[call-overload]
+            k = _int(cls, "class", 0, spec.num_classes - 1)
+            new = set_class(x, region, k)
+            what = f"class {k}"
         else:
             raise DemoError(f"{spec.name} ({spec.kind}) cannot be edited; rgb hue and semseg class can")
         tensors = dict(sample.tensors) | {spec.key: new}
@@ -377,4 +382,5 @@ def engine_from_checkpoint(path: str | Path, data: str | Path | None = None, spl
 
         names = SEMSEG_CLASSES
     return DemoEngine(model, cfg.data.image_size, cfg.mask.num_visible, cfg.mask.alpha, folder=folder,
-                      precision=precision, limits=limits, class_names=names)
+                      precision=precision, limits=limits, class_names=names,
+                      scene_seed=cfg.train.seed + 10_000)  # the run's held-out scenes
