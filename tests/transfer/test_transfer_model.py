@@ -61,6 +61,10 @@ def test_default_dpt_hooks_and_dims():
     assert default_layer_dims(768) == [96, 192, 384, 768]
     m = TransferModel(TransferModelConfig(encoder=_enc(depth=6), head=HeadConfig(kind="depth")))
     assert m.head.hooks == [1, 2, 4, 5]
+    assert m.head.project[0].out_channels == 32  # feature_dim: dim / 3, at least 32
+    base = TransferModel(TransferModelConfig(encoder=ModelConfig(preset="base", depth=1), head=HeadConfig(kind="depth")))
+    assert base.head.project[0].out_channels == 256  # official ViT-B DPT
+    assert [r[0].out_channels for r in base.head.reassemble] == [96, 192, 384, 768]
 
 
 def test_encoder_matches_pretraining_model_and_features(tmp_path):
@@ -79,7 +83,7 @@ def test_encoder_matches_pretraining_model_and_features(tmp_path):
     assert report.source.endswith("step-000000007")
     b = _batch()
     with torch.no_grad():
-        ref = mae.eval().encode(b).tokens
+        ref = mae.eval().encode({k: b[k] for k in ("rgb", "depth")}).tokens  # images only
         enc = model.eval().encoder(b).last
         torch.testing.assert_close(enc, ref, rtol=0, atol=1e-6)
         torch.testing.assert_close(model.features(b), ref.mean(1))

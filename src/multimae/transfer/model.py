@@ -43,7 +43,9 @@ class HeadConfig:
     hooks: DPT's four 0-based encoder blocks (default evenly spaced, ending at the last block:
         [2, 5, 8, 11] for depth 12).
     layer_dims: DPT level widths (default [dim/8, dim/4, dim/2, dim] = official for ViT-B).
-    feature_dim: DPT fusion width (default min(256, dim); official 256).
+    feature_dim: DPT fusion width (default dim/3 rounded to a multiple of 8, between 32 and 256:
+        the official 256 for ViT-B and larger, 40 for the nano preset, where the fusion path
+        otherwise costs several times the encoder).
     """
 
     kind: HeadKind = "classification"
@@ -175,7 +177,8 @@ def build_head(cfg: HeadConfig, dim: int, depth: int, drop_path: float = 0.0) ->
         if bad:
             raise ValueError(f"head.hooks {hooks}: block indices must be in 0..{depth - 1}")
         dims = list(cfg.layer_dims) if cfg.layer_dims is not None else default_layer_dims(dim)
-        return DPTHead(dim * n_tasks, cfg.out_channels, dims, cfg.feature_dim or min(256, dim), hooks)
+        feature_dim = cfg.feature_dim or min(256, max(32, 8 * round(dim / 24)))
+        return DPTHead(dim * n_tasks, cfg.out_channels, dims, feature_dim, hooks)
     raise ValueError(f"head.kind {cfg.kind!r}: expected classification, segmentation, depth or dense")
 
 
