@@ -326,6 +326,7 @@ async function init() {
   $("upload").addEventListener("change", guard(async (ev) => {
     const f = ev.target.files[0];
     if (!f) return;
+    ev.target.value = "";  // choosing the same file again fires "change" again
     const res = await api("/api/upload", f, true);
     await setSample(res, true);
   }));
