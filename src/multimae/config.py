@@ -48,6 +48,8 @@ __all__ = [
     "load_yaml",
     "apply_overrides",
     "parse_value",
+    "packaged_configs",
+    "resolve_config_path",
 ]
 
 T = TypeVar("T")
@@ -193,9 +195,59 @@ def load_config(
         ConfigError: unreadable file, unknown key (with the closest valid key suggested),
             or a value that does not match its annotation.
     """
-    data = load_yaml(path) if path is not None else {}
+    data = load_yaml(resolve_config_path(path)) if path is not None else {}
     data = apply_overrides(data, overrides)
     return from_dict(cls, data)
+
+
+# --------------------------------------------------------------------------------------------
+# Run configs shipped with the package
+# --------------------------------------------------------------------------------------------
+
+
+def packaged_configs_root() -> Path:
+    """Where the run configs ship: ``multimae/configs/<kind>/<name>.yaml`` (in a source checkout a
+    link to the repository's ``configs/``)."""
+    return Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs(root: str | os.PathLike[str] | None = None) -> dict[str, list[Path]]:
+    """``name -> [paths]`` of the shipped run configs (every ``<kind>/`` directory: pretrain,
+    finetune, ...); ``kind/name`` keys are listed too."""
+    base = Path(root) if root is not None else packaged_configs_root()
+    out: dict[str, list[Path]] = {}
+    for f in sorted(base.glob("*/*.yaml")):
+        out.setdefault(f.stem, []).append(f)
+        out.setdefault(f"{f.parent.name}/{f.stem}", []).append(f)
+    return out
+
+
+def resolve_config_path(path: str | os.PathLike[str], kind: str | None = None,
+                        root: str | os.PathLike[str] | None = None) -> Path:
+    """A config file path: ``path`` itself when it is a file, else a shipped config named by it.
+
+    ``synthetic-tiny``, ``pretrain/synthetic-tiny`` and ``configs/pretrain/synthetic-tiny.yaml``
+    (the repository path, from any directory) all name the shipped file. A bare name found under
+    several kinds is an error unless ``kind`` (e.g. ``"pretrain"``) picks one.
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    parts = list(p.with_suffix("").parts) if p.suffix in (".yaml", ".yml") else list(p.parts)
+    if parts and parts[0] == "configs":
+        parts = parts[1:]
+    shipped = packaged_configs(root)
+    if 1 <= len(parts) <= 2:
+        found = shipped.get("/".join(parts), [])
+        if len(found) > 1 and kind is not None:
+            found = [f for f in found if f.parent.name == kind]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            options = ", ".join(f"{f.parent.name}/{f.stem}" for f in found)
+            raise ConfigError(f"config name {str(path)!r} is ambiguous: {options}")
+    names = sorted(k for k in shipped if "/" in k)
+    raise ConfigError(f"config file not found: {path} (not a file, and not a shipped config: {', '.join(names)})")
 
 
 # --------------------------------------------------------------------------------------------
