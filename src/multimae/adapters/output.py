@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.layers import Mlp
 from torch import Tensor, nn
 
-from multimae.adapters.input import resample_pos
 from multimae.layers.attention import Block, CrossAttention
-from multimae.layers.pos_embed import sincos_1d, sincos_2d
+from multimae.layers.mlp import Mlp
+from multimae.layers.pos_embed import resample_pos, sincos_1d, sincos_2d
 from multimae.modalities import ModalitySpec
 
 
@@ -77,7 +76,7 @@ class SpatialDecoder(nn.Module):
         self.query_norm = nn.LayerNorm(dim, eps=1e-6)
         self.context_norm = nn.LayerNorm(dim, eps=1e-6)
         self.out_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         dpr = torch.linspace(0, drop_path, depth).tolist() if depth else []
         self.decoder_transformer = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, drop_path=d) for d in dpr])
         self.out_proj = nn.Linear(dim, self._out_features())
