@@ -10,20 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multimae.layers.pos_embed import sincos_2d
+from multimae.adapters.text import TextInput
+from multimae.layers.pos_embed import resample_pos, sincos_2d
 from multimae.losses import patchify
 from multimae.modalities import ModalitySpec
-
-
-def _is_compiling() -> bool:
-    return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
-
-
-def resample_pos(pos: Tensor, grid: tuple[int, int], mode: str) -> Tensor:
-    """(1, D, h, w) table -> (1, gh*gw, D) tokens, resampled to ``grid`` when it differs."""
-    if tuple(pos.shape[-2:]) != tuple(grid):
-        pos = F.interpolate(pos, size=grid, mode=mode, align_corners=False)
-    return pos.flatten(2).transpose(1, 2)
 
 
 class _GridInput(nn.Module):
@@ -96,7 +86,7 @@ class CategoricalInput(_GridInput):
             raise ValueError(f"{s.name}: expected class ids (B, H/{s.stride}, W/{s.stride}), got shape {tuple(x.shape)}")
         if x.is_floating_point():
             raise TypeError(f"{s.name}: expected integer class ids, got {x.dtype}")
-        if not _is_compiling() and x.numel():
+        if not torch.compiler.is_compiling() and x.numel():
             lo, hi = int(x.min()), int(x.max())
             if lo < 0 or hi >= s.num_classes:
                 bad = hi if hi >= s.num_classes else lo
@@ -112,7 +102,5 @@ def build_input_adapter(spec: ModalitySpec, dim: int, patch_size: int, image_siz
     if spec.kind == "categorical":
         return CategoricalInput(spec, dim, patch_size, image_size)
     if spec.kind == "text":
-        from multimae.adapters.text import TextInput  # M3AE text tokens
-
         return TextInput(spec, dim)
     raise ValueError(f"{spec.name}: no input adapter for kind {spec.kind!r}")

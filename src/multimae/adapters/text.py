@@ -21,10 +21,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from multimae.adapters.input import _is_compiling, resample_pos
 from multimae.adapters.output import EncodedTokens, Segment, SpatialDecoder
 from multimae.layers.attention import Block
-from multimae.layers.pos_embed import sincos_1d, sincos_2d
+from multimae.layers.pos_embed import resample_pos, sincos_1d, sincos_2d
 from multimae.modalities import ModalitySpec
 
 
@@ -51,7 +50,7 @@ class TextInput(nn.Module):
             raise TypeError(f"{s.name}: expected integer token ids (B, L), got {ids.dtype}")
         if ids.ndim != 2:
             raise ValueError(f"{s.name}: expected token ids (B, L), got shape {tuple(ids.shape)}")
-        if not _is_compiling() and ids.numel():
+        if not torch.compiler.is_compiling() and ids.numel():
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= s.num_classes:
                 bad = hi if hi >= s.num_classes else lo

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -32,3 +33,10 @@ def sincos_1d(length: int, dim: int, temperature: float = 10000.0) -> Tensor:
     omega = 1.0 / temperature ** (torch.arange(half, dtype=torch.float32) / half)
     a = torch.outer(torch.arange(length, dtype=torch.float32), omega)
     return torch.cat([a.sin(), a.cos()], dim=1)[None]
+
+
+def resample_pos(pos: Tensor, grid: tuple[int, int], mode: str) -> Tensor:
+    """(1, D, h, w) table -> (1, gh*gw, D) tokens, resampled to ``grid`` when it differs."""
+    if tuple(pos.shape[-2:]) != tuple(grid):
+        pos = F.interpolate(pos, size=grid, mode=mode, align_corners=False)
+    return pos.flatten(2).transpose(1, 2)
