@@ -65,6 +65,9 @@ def test_default_dpt_hooks_and_dims():
     base = TransferModel(TransferModelConfig(encoder=ModelConfig(preset="base", depth=1), head=HeadConfig(kind="depth")))
     assert base.head.project[0].out_channels == 256  # official ViT-B DPT
     assert [r[0].out_channels for r in base.head.reassemble] == [96, 192, 384, 768]
+    seg = TransferModel(TransferModelConfig(encoder=ModelConfig(preset="base", depth=1),
+                                            head=HeadConfig(kind="segmentation", num_classes=150)))
+    assert seg.head.proj.out_features == 6144 and seg.head.channels == 384  # official ConvNeXt head for ViT-B
 
 
 def test_encoder_matches_pretraining_model_and_features(tmp_path):
