@@ -136,6 +136,8 @@ def test_architecture_mismatch_is_named(tmp_path):
         build_transfer_model(cfg, run)
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         build_transfer_model(cfg, tmp_path / "does-not-exist")
+    with pytest.raises(ConversionError, match=r"no encoder block found \(first keys \['fc.weight'\]"):
+        build_transfer_model(cfg, {"fc.weight": torch.zeros(2, 2)})
 
 
 def test_bad_inputs_are_named():

@@ -231,6 +231,9 @@ def filter_multimae_state_dict(sd: Mapping[str, Tensor], model: TransferModel, s
             continue
         out[target] = v.to(own[target].dtype) if v.is_floating_point() else v
         origin[target] = k
+    if not any(t.startswith("encoder.blocks.") for t in out) and not shapes:
+        raise ConversionError(f"{source}: no encoder block found (first keys {sorted(sd)[:6]}); expected a MultiMAE, "
+                              "transfer-model, timm or MAE state dict")
     fresh_prefixes = tuple(f"encoder.input_adapters.{n}." for n in new_inputs) + ("head.",)
     missing = [k for k in own if k not in out]
     bad_missing = [k for k in missing if not k.startswith(fresh_prefixes)]
@@ -325,8 +328,9 @@ def build_transfer_model(cfg: TransferModelConfig, init: str | os.PathLike | Map
     """Build a :class:`TransferModel` and initialise it from ``init``.
 
     init: ``None`` / ``"scratch"``; a run or checkpoint directory of this library (pretraining:
-        the encoder is copied exactly; fine-tuning: the whole model); a ``.safetensors`` weights
-        file; an official MultiMAE ``.pth`` (pretraining or fine-tuned); or a state dict.
+        the encoder is copied exactly; fine-tuning: the encoder, and the head when it is the
+        model's); a ``save_pretrained`` directory; a ``.safetensors`` weights file; an official
+        MultiMAE ``.pth`` (pretraining or fine-tuned); a timm / MAE ViT; or a state dict.
     ``cfg.encoder = None`` takes the encoder architecture from ``init`` (the run's config, or the
     official tensors' shapes with dim // 64 heads). ``head_task`` chooses among several official
     heads of the model's kind.
