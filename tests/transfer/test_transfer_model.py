@@ -241,3 +241,17 @@ def test_drop_path_schedule():
                                               drop_path=0.1))
     probs = [getattr(b.drop_path, "drop_prob", 0.0) for b in model.encoder.blocks]
     assert probs == pytest.approx([0.0, 0.05, 0.1])
+
+
+def test_dpt_runs_only_up_to_its_last_hook():
+    model = TransferModel(TransferModelConfig(encoder=_enc(), head=HeadConfig(kind="depth", hooks=[0, 0, 1, 1]),
+                                              drop_path=0.0)).eval()
+    calls = []
+    for i, blk in enumerate(model.encoder.blocks):
+        blk.register_forward_hook(lambda *a, i=i: calls.append(i))
+    b = _batch()
+    with torch.no_grad():
+        out = model(b)
+        enc = model.encoder(b, return_layers=[0, 1], final=False)
+    assert calls == [0, 1, 0, 1] and out.shape == (2, 1, 32, 32)
+    assert torch.equal(enc.last, enc.layers[1])

@@ -41,7 +41,8 @@ class HeadConfig:
     preds_per_patch: segmentation pixels per token at the intermediate map (16 -> 4x4 blocks).
     num_blocks: ConvNeXt blocks of the segmentation head.
     hooks: DPT's four 0-based encoder blocks (default evenly spaced, ending at the last block:
-        [2, 5, 8, 11] for depth 12).
+        [2, 5, 8, 11] for depth 12). Blocks after the last hook are not run (and get no
+        gradient: under DDP such hooks need ``find_unused_parameters``).
     layer_dims: DPT level widths (default [dim/8, dim/4, dim/2, dim] = official for ViT-B).
     feature_dim: DPT fusion width (default dim/3 rounded to a multiple of 8, between 32 and 256:
         the official 256 for ViT-B and larger, 40 for the nano preset, where the fusion path
@@ -143,7 +144,9 @@ class TransferEncoder(nn.Module):
             raise ValueError(f"transfer inputs {list(self.specs)} include no image modality")
         return torch.cat(toks, dim=1), layout, next(iter(sizes.values()))
 
-    def forward(self, batch: dict[str, Any], return_layers: Sequence[int] = ()) -> EncoderOutput:
+    def forward(self, batch: dict[str, Any], return_layers: Sequence[int] = (), final: bool = True) -> EncoderOutput:
+        """``final=False``: stop after the last block in ``return_layers`` (``last`` is then that
+        block's output, not normed) -- what a DPT head needs, without the blocks after its hooks."""
         x, layout, size = self.tokenize(batch)
         B = x.shape[0]
         x = torch.cat([x, self.global_tokens.expand(B, -1, -1).to(x.dtype)], dim=1)
@@ -151,15 +154,16 @@ class TransferEncoder(nn.Module):
         bad = [i for i in want if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"TransferEncoder: layer(s) {sorted(bad)} outside 0..{self.depth - 1}")
+        stop = max(want) + 1 if want and not final else self.depth
         layers = {}
-        for i, blk in enumerate(self.blocks):
+        for i, blk in enumerate(self.blocks[:stop]):
             x = blk(x)
             if i in want:
                 layers[i] = x
-        return EncoderOutput(self.norm(x), layers, layout, size)
+        return EncoderOutput(self.norm(x) if stop == self.depth else x, layers, layout, size)
 
 
-def build_head(cfg: HeadConfig, dim: int, depth: int, drop_path: float = 0.0) -> nn.Module:
+def build_head(cfg: HeadConfig, dim: int, depth: int) -> nn.Module:
     """The head ``cfg`` describes for an encoder of width ``dim`` and ``depth`` blocks."""
     n_tasks = len(cfg.main_tasks)
     if cfg.kind == "classification":
@@ -234,7 +238,7 @@ class TransferModel(nn.Module):
     def forward(self, batch: dict[str, Any]) -> Tensor:
         head = self.head
         if isinstance(head, DPTHead):
-            enc = self.encoder(batch, return_layers=head.hooks)
+            enc = self.encoder(batch, return_layers=head.hooks, final=False)
             layers = [self._task_tokens(enc.layers[h], enc.layout) for h in head.hooks]
             return head([t for t, _ in layers], layers[0][1], enc.image_size)
         enc = self.encoder(batch)
