@@ -162,3 +162,24 @@ def test_bad_sources_are_named(tmp_path):
     torch.save({"model": {"foo.weight": torch.zeros(2)}}, tmp_path / "other.pth")
     with pytest.raises(ConversionError, match=r"other\.pth: unrecognised state dict.*foo\.weight"):
         load_pretrained(tmp_path / "other.pth")
+
+
+def test_official_finetuned_checkpoint_points_to_transfer_or_loads_as_encoder(tmp_path):
+    """Item 3 of the issue (fine-tuned checkpoints into transfer models) lives in multimae.transfer;
+    from_pretrained names it, and with outputs=[] takes the fine-tuned encoder."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    g = load_file(str(Path(__file__).resolve().parents[1] / "fixtures" / "multimae-official-finetune-compact.safetensors"))
+    state = {k[len("state."):]: v for k, v in g.items() if k.startswith("state.")}
+    with pytest.raises(ConversionError, match="build_transfer_model"):
+        load_pretrained(state, num_heads=2)
+    enc, report = load_pretrained(state, num_heads=2, outputs=[])
+    assert report.dropped and all(k.startswith("output_adapters.") for k in report.dropped)
+    b = {"rgb": g["input.rgb"], "depth": g["input.depth"]}
+    with torch.no_grad():
+        out = enc.encode(b)
+    seg = {s.name: out.tokens[:, s.start:s.end] for s in out.layout}
+    tokens = torch.cat([seg["rgb"], seg["depth"], out.tokens[:, -1:]], dim=1)  # the golden's order
+    assert ((tokens - g["encoder.last"]).abs().max() / g["encoder.last"].abs().max()) < 1e-5

@@ -50,7 +50,7 @@ CARD_FILE = "README.md"
 #: Version of the pretrained-directory layout; readers refuse newer ones.
 PRETRAINED_FORMAT_VERSION = 1
 
-__all__ = ["CONFIG_FILE", "PRETRAINED_FORMAT_VERSION", "load_pretrained", "save_pretrained", "model_card"]
+__all__ = ["CONFIG_FILE", "PRETRAINED_FORMAT_VERSION", "init_from", "load_pretrained", "save_pretrained", "model_card"]
 
 _ACCEPTED = ("a save_pretrained directory (config.json + model.safetensors), a run or checkpoint directory, "
              "an official MultiMAE / MAE .pth, or a timm ViT .pth/.safetensors")
@@ -216,6 +216,12 @@ def _from_state_dict(sd: dict[str, Tensor], source: str, overrides: Mapping[str,
         heads = over.pop("num_heads", None)
         dec_heads = over.pop("decoder_heads", None)
         sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        report = ConversionReport(source, "official-multimae")
+        if "outputs" in over:  # e.g. outputs=[] on an official fine-tuned checkpoint: its heads are not read
+            keep = tuple(f"output_adapters.{t}." for t in over["outputs"])
+            for k in [k for k in sd if k.startswith("output_adapters.") and not k.startswith(keep)]:
+                report.dropped[k] = f"output {k.split('.')[1]!r} not requested"
+                del sd[k]
         try:
             cfg = infer_official_config(sd, heads, dec_heads)
         except ConversionError as e:
@@ -223,7 +229,6 @@ def _from_state_dict(sd: dict[str, Tensor], source: str, overrides: Mapping[str,
                                   "multimae.transfer.build_transfer_model)") from e
         from multimae.config import to_dict
 
-        report = ConversionReport(source, "official-multimae")
         return _build(to_dict(cfg), over, sd, report), report
     shown = sorted(sd)[:8]
     raise ConversionError(f"{source}: unrecognised state dict (first keys {shown}); expected {_ACCEPTED}")
@@ -285,3 +290,34 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, Tensor], **override
     model.provenance = {"source": report.source, "source_kind": report.kind,
                         **({"training": training} if training else {})}
     return model.eval(), report
+
+
+def init_from(model: MultiMAE, source: str | os.PathLike | Mapping[str, Tensor], **overrides: Any
+              ) -> ConversionReport:
+    """Start ``model`` (e.g. the one a run is about to train) from the weights of ``source``.
+
+    ``source`` is anything :func:`load_pretrained` reads (a MAE or timm ViT, an official
+    checkpoint, a run, a pretrained directory); it is first fitted to the model's image size. Every
+    tensor whose name and shape match is copied; the model's other tensors keep their
+    initialisation (``report.added``, e.g. the decoders when starting from a MAE encoder); source
+    tensors the model has no place for are ``report.dropped``. A tensor present in both with
+    different shapes is a :class:`ConversionError` (the architectures differ: dim, patch size ...).
+    """
+    cfg = model.config
+    src, report = load_pretrained(source, **{"image_size": cfg.image_size, **overrides})
+    own = model.state_dict()
+    take, shapes = {}, []
+    for k, v in src.state_dict().items():
+        if k not in own:
+            why = ("no final norm in this model (model.encoder_norm=true keeps it)" if k.startswith("encoder_norm.")
+                   else "no place in this model")
+            report.dropped[k] = why
+        elif tuple(v.shape) != tuple(own[k].shape):
+            shapes.append(f"{k}: source {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+        else:
+            take[k] = v.to(own[k].dtype)
+    if shapes:
+        raise ConversionError(f"{report.source} does not fit the model being trained -- shape mismatches: {shapes}")
+    report.added = {k: "not in the source (freshly initialised)" for k in own if k not in take}
+    model.load_state_dict({**own, **take}, strict=True)
+    return report

@@ -45,6 +45,9 @@ class TrainConfig:
     eval_at_end: bool = True
     figure_at_end: bool = True
     device: str = "auto"
+    # weights to start a fresh run from: a MAE / timm ViT, an official checkpoint, a run or a
+    # save_pretrained directory (multimae.checkpoint.pretrained.init_from); resuming ignores it
+    init: str | None = None
 
 
 @dataclass

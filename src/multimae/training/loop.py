@@ -69,6 +69,12 @@ class Trainer:
         self.step = 0
         self._rng_after_resume: dict | None = None
         self._resume()
+        if self.cfg.train.init and self.step == 0:  # a fresh run starting from other weights
+            from multimae.checkpoint.pretrained import init_from
+
+            report = init_from(self.model, self.cfg.train.init)
+            if self.info.is_main:
+                print("init: " + "\n".join(report.lines()), flush=True)
         torch.manual_seed(D.rank_seed(t.seed, self.info.rank) + self.step)  # drop-path noise per rank
         self.net: torch.nn.Module = self.model
         if self.info.is_distributed:
