@@ -180,6 +180,9 @@ def test_page_in_headless_chromium(driver, page_server, tmp_path):
     assert p.visible() == n // 2
     p.act(lambda: p.el("#alpha").send_keys(Keys.HOME), "Dirichlet alpha to its minimum")
     assert p.visible() == n // 2 and p.el("#alpha-val").text == "0.10"
+    p.act(lambda: p.js("arguments[0].value = 0; arguments[0].dispatchEvent(new Event('change'))", p.el("#alpha")),
+          "Dirichlet alpha back to 1")
+    assert p.el("#alpha-val").text == "1.00"
 
     # an uploaded image: the other modalities are the model's predictions, labelled as such
     img = tmp_path / "upload.png"
@@ -209,6 +212,8 @@ def test_page_in_headless_chromium(driver, page_server, tmp_path):
     p.act(lambda: p.click_patch("depth", n // 2), "mask a depth patch after the edits")
     assert p.visible() == 3 * n - 1
     p.act(lambda: p.el("#only-rgb").click(), "depth and semseg from the edited rgb alone")
+    p.act(lambda: p.el("#random-mask").click(), "a random mask of the edited sample")
+    assert p.visible() == n // 2
 
     assert console_errors(driver) == []
     shot = tmp_path / "demo.png"

@@ -104,7 +104,7 @@ function attachPointer(name, cv) {
     cv.setPointerCapture(ev.pointerId);
     const editing = document.querySelector("input[name=mode]:checked").value === "edit";
     const set = editing ? (S.selected[name] = S.selected[name] || new Set()) : (S.hidden[name] = S.hidden[name] || new Set());
-    drag = {set, value: !set.has(i), changed: false, editing};
+    drag = {set, value: !set.has(i), changed: false, editing, x: ev.clientX, y: ev.clientY};
     apply(i);
   });
   function apply(i) {
@@ -113,7 +113,19 @@ function attachPointer(name, cv) {
     drag.changed = true;
     drawAll();
   }
-  cv.addEventListener("pointermove", (ev) => { if (drag) apply(patchAt(cv, ev)); });
+  cv.addEventListener("pointermove", (ev) => {
+    if (!drag) return;
+    // a fast drag moves several patches between two events: visit every patch on the way
+    const r = cv.getBoundingClientRect();
+    const stepPx = Math.min(r.width / S.info.grid[1], r.height / S.info.grid[0]) / 3;
+    const dx = ev.clientX - drag.x, dy = ev.clientY - drag.y;
+    const steps = Math.max(1, Math.ceil(Math.hypot(dx, dy) / stepPx));
+    for (let k = 1; k <= steps; k++) {
+      apply(patchAt(cv, {clientX: drag.x + (dx * k) / steps, clientY: drag.y + (dy * k) / steps}));
+    }
+    drag.x = ev.clientX;
+    drag.y = ev.clientY;
+  });
   const end = () => {
     if (drag && drag.changed && !drag.editing) predict();
     drag = null;
