@@ -14,33 +14,12 @@ transformers = pytest.importorskip("transformers", reason="pip install -e '.[pse
 
 from multimae.cli.main import main  # noqa: E402
 from multimae.data.folder import FolderDataset  # noqa: E402
+from multimae.pseudolabel.tiny import save_tiny_dpt, save_tiny_mask2former  # noqa: E402
 from multimae.pseudolabel import (  # noqa: E402
     build_label_map, coco_panoptic_categories, encode_depth, load_labeler, panoptic_to_semantic, pseudolabel,
 )
 
 SIZES = {"astronaut.jpg": (96, 128), "sub/coffee.png": (80, 60), "chelsea.webp": (50, 70)}
-
-
-def _tiny_dpt(path: Path) -> None:
-    cfg = transformers.DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                                 image_size=64, patch_size=16, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
-                                 head_hidden_size=8, backbone_out_indices=[0, 1, 2, 3],
-                                 reassemble_factors=[4, 2, 1, 0.5])
-    transformers.DPTForDepthEstimation(cfg).save_pretrained(path)
-    transformers.DPTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(path)
-
-
-def _tiny_mask2former(path: Path) -> None:
-    names = [c.name for c in coco_panoptic_categories()]
-    backbone = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
-                                       num_heads=[1, 1, 2, 2], window_size=4,
-                                       out_features=["stage1", "stage2", "stage3", "stage4"])
-    cfg = transformers.Mask2FormerConfig(
-        backbone_config=backbone, use_pretrained_backbone=False, hidden_dim=32, mask_feature_size=32, feature_size=32,
-        num_queries=8, encoder_layers=1, decoder_layers=2, encoder_feedforward_dim=32, dim_feedforward=32,
-        num_attention_heads=2, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    transformers.Mask2FormerForUniversalSegmentation(cfg).save_pretrained(path)
-    transformers.Mask2FormerImageProcessor(size={"shortest_edge": 48, "longest_edge": 96}).save_pretrained(path)
 
 
 def _photos(root: Path) -> Path:
@@ -58,8 +37,8 @@ def _photos(root: Path) -> Path:
 def labelled(tmp_path_factory):
     """Tiny models, photos (one corrupt), and one CLI run over them."""
     tmp = tmp_path_factory.mktemp("pl")
-    _tiny_dpt(tmp / "dpt")
-    _tiny_mask2former(tmp / "m2f")
+    save_tiny_dpt(tmp / "dpt")
+    save_tiny_mask2former(tmp / "m2f")
     photos = _photos(tmp / "photos")
     out = tmp / "data"
     rc = main(["pseudolabel", "--input", str(photos), "--out", str(out), "--split", "train", "--depth",

@@ -304,12 +304,14 @@ class MultiMAELabeler:
 
     def __init__(self, path: str | Path, tasks: Sequence[str] = ("depth", "semseg"), device: str = "auto",
                  precision: str = "auto", image_size: int | None = None) -> None:
-        from multimae.training.inference import load_pretrained
+        from multimae.checkpoint.pretrained import load_pretrained
 
         self.path = Path(path)
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
-        self.model, self.cfg, self.ckpt = load_pretrained(path)
+        self.model, report = load_pretrained(path)
+        self.ckpt = report.source
+        self.trained_on = str(self.model.provenance.get("training", {}).get("data", ""))
         self.model.to(self.device)
         outs = self.model.output_specs
         missing = [t for t in tasks if t not in outs]
@@ -327,7 +329,7 @@ class MultiMAELabeler:
         n = self.model.output_specs[task].num_classes
         if n == 133:
             return coco_panoptic_names()
-        if self.cfg.data.source == "synthetic":
+        if self.trained_on.startswith("built-in synthetic"):
             from multimae.data.synthetic import SEMSEG_CLASSES
 
             if n == len(SEMSEG_CLASSES):
@@ -338,7 +340,8 @@ class MultiMAELabeler:
         out: dict[str, dict[str, Any]] = {}
         for t in self.tasks:
             spec = self.model.output_specs[t]
-            out[t] = {"labeler": "multimae", "model": str(self.ckpt), "image_size": self.size}
+            out[t] = {"labeler": "multimae", "model": str(self.ckpt), "trained_on": self.trained_on,
+                      "image_size": self.size}
             if spec.kind == "categorical":
                 names = self._class_names(t)
                 out[t].update(num_classes=len(names), classes=names,
@@ -369,9 +372,14 @@ class MultiMAELabeler:
 
 
 def is_multimae_checkpoint(path: str | Path) -> bool:
-    """A run directory or a checkpoint directory of this library (not a Hugging Face model dir)."""
+    """A run, checkpoint or ``save_pretrained`` directory of this library (not a Hugging Face model dir)."""
     p = Path(path)
-    return (p / "meta.json").is_file() or (p / "checkpoints").is_dir() or (p.name == "checkpoints" and p.is_dir())
+    if (p / "meta.json").is_file() or (p / "checkpoints").is_dir() or (p.name == "checkpoints" and p.is_dir()):
+        return True
+    try:
+        return json.loads((p / "config.json").read_text()).get("model_type") == "multimae"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_labeler(path: str | Path, task: str, device: str = "auto", precision: str = "auto",
