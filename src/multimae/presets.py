@@ -11,8 +11,6 @@ PRESETS: dict[str, dict[str, int]] = {
     # the paper's MultiMAE-B: ViT-B/16 encoder, 256-d x 2 decoders with 8 heads
     "base": dict(dim=768, depth=12, num_heads=12, decoder_dim=256, decoder_depth=2, decoder_heads=8),
     "large": dict(dim=1024, depth=24, num_heads=16, decoder_dim=256, decoder_depth=2, decoder_heads=8),
-    # ViT-H (MAE / timm use it with 14px patches: model.patch_size=14)
-    "huge": dict(dim=1280, depth=32, num_heads=16, decoder_dim=256, decoder_depth=2, decoder_heads=8),
 }
 
 

@@ -36,13 +36,15 @@ from torch import Tensor
 from multimae.checkpoint.convert import ConversionError, ConversionReport
 from multimae.checkpoint.resize import resize_pos_table, sincos_layout
 
-#: our preset -> (timm model name, patch size); ``timm.create_model(name, pretrained=False, num_classes=0)``
-TIMM_NAMES: dict[str, tuple[str, int]] = {
-    "tiny": ("vit_tiny_patch16_224", 16),
-    "small": ("vit_small_patch16_224", 16),
-    "base": ("vit_base_patch16_224", 16),
-    "large": ("vit_large_patch16_224", 16),
-    "huge": ("vit_huge_patch14_224", 14),
+#: (dim, depth, heads, patch size) -> timm model name, for ``timm.create_model(name, pretrained=False,
+#: num_classes=0)``; ViT-Ti/S/B/L are the presets tiny/small/base/large with 16 px patches, ViT-H/14
+#: is ``preset=large, dim=1280, depth=32, num_heads=16, patch_size=14``
+TIMM_NAMES: dict[tuple[int, int, int, int], str] = {
+    (192, 12, 3, 16): "vit_tiny_patch16_224",
+    (384, 12, 6, 16): "vit_small_patch16_224",
+    (768, 12, 12, 16): "vit_base_patch16_224",
+    (1024, 24, 16, 16): "vit_large_patch16_224",
+    (1280, 32, 16, 14): "vit_huge_patch14_224",
 }
 #: head counts by width for the ViT sizes whose dim // 64 rule fails (ViT-Ti, ViT-H)
 _KNOWN_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
@@ -139,8 +141,7 @@ def vit_to_multimae(sd: Mapping[str, Tensor], source: str = "state_dict"
         raise ConversionError(f"{source}: keys with no place in a MultiMAE encoder (layer scale, register tokens, "
                               f"qk-norm, pre-norm ... are not supported): {sorted(unknown)}")
     cfg: dict[str, Any] = dict(
-        preset=next((p for p, (n, ps) in TIMM_NAMES.items() if _preset_dims(p) == (dim, depth) and ps == patch),
-                    "base"),
+        preset=_preset_of(dim, depth),
         dim=dim, depth=depth, num_heads=default_heads(dim),
         mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0,
         patch_size=patch, image_size=g * patch, num_global_tokens=1, inputs=["rgb"], outputs=[],
@@ -150,11 +151,13 @@ def vit_to_multimae(sd: Mapping[str, Tensor], source: str = "state_dict"
         (() if cls is not None else ("global_tokens",))
 
 
-def _preset_dims(name: str) -> tuple[int, int] | None:
+def _preset_of(dim: int, depth: int) -> str:
+    """The preset of that width and depth ("large" for wider ones, "base" otherwise; the sizes are
+    set explicitly anyway, the preset only names the decoders' defaults)."""
     from multimae.presets import PRESETS
 
-    p = PRESETS.get(name)
-    return None if p is None else (p["dim"], p["depth"])
+    return next((n for n, p in PRESETS.items() if (p["dim"], p["depth"]) == (dim, depth)),
+                "large" if dim > 1024 else "base")
 
 
 def to_timm_state_dict(model: torch.nn.Module, input_name: str = "rgb", image_size: int | None = None
@@ -214,8 +217,7 @@ def to_timm_state_dict(model: torch.nn.Module, input_name: str = "rgb", image_si
                                                   "forward_features = LayerNorm(MultiMAE tokens))")
     kwargs: dict[str, Any] = dict(img_size=size, patch_size=cfg.patch_size, in_chans=spec.channels, embed_dim=D,
                                   depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_classes=0)
-    name = TIMM_NAMES.get(cfg.preset)
-    if name is not None and _preset_dims(cfg.preset) == (D, cfg.depth) and name[1] == cfg.patch_size \
-            and default_heads(D) == cfg.num_heads and cfg.mlp_ratio == 4.0 and spec.channels == 3:
-        kwargs["model_name"] = name[0]
+    name = TIMM_NAMES.get((D, cfg.depth, cfg.num_heads, cfg.patch_size))
+    if name is not None and cfg.mlp_ratio == 4.0 and spec.channels == 3:
+        kwargs["model_name"] = name
     return sd, kwargs, report
