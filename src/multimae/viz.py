@@ -53,8 +53,8 @@ def render(spec: ModalitySpec, x: Tensor, ref: Tensor | None = None, size: int |
         elif spec.norm_pix:
             img = (img - img.min()) / (img.max() - img.min() + 1e-6)
         img = img[:3].clamp(0, 1)
-    elif x.shape[0] == 1:
-        r = (ref if ref is not None else x).float()
+    elif x.shape[0] != 3:  # depth-like; of other channel counts (not a colour), the first channel
+        r = (ref if ref is not None else x)[0].float()
         lo, hi = torch.quantile(r.flatten(), 0.02), torch.quantile(r.flatten(), 0.98)
         img = colormap(((x[0].float() - lo) / (hi - lo + 1e-6)))
     else:
@@ -171,14 +171,18 @@ def save_png(image: Tensor, path: str | Path) -> Path:
     return path
 
 
-def reconstruction_figure(model: MultiMAE, cfg: Any, num_samples: int = 2) -> Tensor:
-    """The figure on held-out samples of a run's data config (used by the trainer)."""
+def reconstruction_figure(model: MultiMAE, cfg: Any, num_samples: int = 2) -> Tensor | None:
+    """The figure on held-out samples of a run's data config (used by the trainer); None when the
+    data has no held-out samples (a folder dataset without a validation split)."""
     from multimae.data.loader import BatchSpec, eval_batches
 
+    batches = eval_batches(BatchSpec.of(model), cfg.data, cfg.mask, cfg.train.seed, batch_size=num_samples,
+                           limit=num_samples)
+    if not batches:
+        return None
+    batch, plan = batches[0]
     was_training = model.training
     model.eval()
-    batch, plan = eval_batches(BatchSpec.of(model), cfg.data, cfg.mask, cfg.train.seed, batch_size=num_samples,
-                               limit=num_samples)[0]
     fig = reconstruction_grid(model, batch, plan, num_samples, vocab=run_vocabulary(model, cfg))
     model.train(was_training)
     return fig

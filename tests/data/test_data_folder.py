@@ -117,16 +117,49 @@ def test_class_id_out_of_range(tmp_path: Path) -> None:
     _raises(tmp_path, rf"semseg file {f}: class id 150 outside \[0, num_classes 6\)")
 
 
-def test_depth_nan_and_no_valid_pixel(tmp_path: Path) -> None:
+def test_non_finite_dense_values_are_invalid_pixels(tmp_path: Path) -> None:
+    """NaN/inf in a float .npy depth (stereo disparity) are invalid pixels exactly like 0: set to
+    0, left out of the standardisation statistics, counted -- in folders and in shards alike."""
+    from multimae.data.shards import ShardDataset, folder_samples, write_shards
+    from multimae.data.transforms import robust_standardize
+
     root = _one(tmp_path)
     (root / "train/depth/all/0000.png").unlink()
-    bad = np.ones((16, 16), np.float32)
-    bad[3, 4] = np.nan
-    np.save(root / "train/depth/all/0000.npy", bad)
-    _raises(root, r"depth file .*0000.npy: 1 NaN/inf value")
+    depth = np.linspace(1.0, 5.0, 256, dtype=np.float32).reshape(16, 16)
+    depth[3, 4], depth[5, 6], depth[7, 8] = np.nan, np.inf, -np.inf
+    np.save(root / "train/depth/all/0000.npy", depth)
+    ds = FolderDataset(root, "train", specs(THREE))
+    s = ds[0]
+    assert ds.policy.invalid_pixels == 3 and ds.skipped == 0
+    assert bool(torch.isfinite(s["depth"]).all()) and float(s["depth"][0, 3, 4]) == 0.0
+    zeroed = torch.from_numpy(np.nan_to_num(depth, nan=0.0, posinf=0.0, neginf=0.0))[None]
+    assert torch.equal(s["depth"], zeroed)
+    std = PairedTransform(specs(THREE), 16, train=False)(s)["depth"]
+    valid = zeroed != 0
+    assert torch.allclose(std, robust_standardize(zeroed, valid)) and float(std[0, 3, 4]) == 0.0
+    vals = zeroed[valid].sort().values  # the statistics use the 253 finite values only
+    kept = vals[int(0.1 * vals.numel()): int(0.9 * vals.numel())]
+    assert torch.allclose(std[valid], (zeroed[valid] - kept.mean()) / torch.sqrt(kept.var() + 1e-6))
+    # the same bytes streamed from a shard
+    urls = write_shards(folder_samples(ds), str(tmp_path / "s-%06d.tar"), max_count=8)
+    shards = ShardDataset(urls, specs(THREE), shuffle_buffer=0)
+    got = {x["__key__"]: x for x in shards}
+    assert torch.equal(got["all/0000"]["depth"], zeroed) and shards.policy.invalid_pixels == 3
+
+
+def test_dense_map_without_valid_pixel(tmp_path: Path) -> None:
+    root = _one(tmp_path)
     zero = write_png(root / "train/depth/all/0001.png", np.zeros((16, 16), np.uint16))
     with pytest.raises(DataError, match=rf"depth file {zero}: no valid pixel"):
         FolderDataset(root, "train", specs(THREE))[1]
+    (root / "train/depth/all/0002.png").unlink()
+    nan = root / "train/depth/all/0002.npy"
+    np.save(nan, np.full((16, 16), np.nan, np.float32))
+    with pytest.raises(DataError, match=rf"depth file {nan}: no valid pixel"):
+        FolderDataset(root, "train", specs(THREE))[2]
+    skipping = FolderDataset(root, "train", specs(THREE), on_error="skip")
+    assert [skipping[i]["__key__"] for i in range(3)] == ["all/0000", "all/0000", "all/0000"]
+    assert skipping.skipped == 3  # item 1 passes over 0001 and 0002, item 2 over 0002: every skip counted
 
 
 def test_empty_and_missing_directories(tmp_path: Path) -> None:

@@ -3,9 +3,11 @@
 How a file is decoded depends on the modality's kind and the file extension, never its name:
 
 * ``image``: jpg / png / webp / bmp / tif -> uint8 (C,H,W) with C = ``spec.channels``.
-* ``dense``: ``.npy`` -> float32 as stored; 16-bit PNG -> ``value * png_scale`` (1,H,W) (the
-  official MultiMAE code reads depth PNGs as ``value / 2**16``, the default here); 8-bit PNG ->
-  signed unit values ``value / 127.5 - 1`` (how surface normals are usually stored).
+* ``dense``: ``.npy`` -> float32 as stored (NaN/inf are invalid pixels: the datasets set them
+  to 0 and count them, :func:`multimae.data.fields.validate_sample`); 16-bit PNG ->
+  ``value * png_scale`` (1,H,W) (the official MultiMAE code reads depth PNGs as
+  ``value / 2**16``, the default here); 8-bit PNG -> signed unit values ``value / 127.5 - 1``
+  (how surface normals are usually stored).
 * ``categorical``: 8- or 16-bit single-channel PNG, or ``.npy`` -> int64 (H,W).
 * ``text``: ``.txt`` UTF-8; the image-level label: ``.cls`` holding a decimal integer.
 
@@ -171,11 +173,12 @@ def validate_field(value: object, spec: ModalitySpec, where: str) -> None:
     if value.ndim != 3 or value.shape[0] != spec.channels:
         raise DataError(f"{where}: expected ({spec.channels},H,W), got shape {tuple(value.shape)}")
     if spec.kind == "dense":
-        bad = int((~torch.isfinite(value)).sum())
-        if bad:
-            raise DataError(f"{where}: {bad} NaN/inf value(s); mark invalid pixels with 0")
-        if spec.standardize == "robust" and not bool((value != 0).any()):
-            raise DataError(f"{where}: no valid pixel (every value is 0)")
+        finite = torch.isfinite(value)
+        bad = int((~finite).sum())
+        if bad == value.numel():
+            raise DataError(f"{where}: no valid pixel (every value is NaN/inf)")
+        if spec.standardize == "robust" and not bool((finite & (value != 0)).any()):
+            raise DataError(f"{where}: no valid pixel (every value is 0 or NaN/inf)")
 
 
 # --- encoding (writers) --------------------------------------------------------------------------

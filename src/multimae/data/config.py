@@ -15,10 +15,14 @@ class DataConfig:
     root: str | None = None  # folder: dataset root (root/<split>/<modality>/...); captions: CSV/TSV table
     image_root: str | None = None  # captions: where relative image paths start (default: the table's folder)
     split: str = "train"
+    val_split: str = "val"  # folder: the validation split used by the end-of-run evaluation and figure
+    # folder without a val_split directory: hold out this fraction of `split` (fixed by the sample
+    # names) for validation; 0: train on all of it and skip the held-out evaluation
+    val_fraction: float = 0.0
     urls: str | None = None  # shards: brace pattern or comma list of .tar files
     num_samples: int = 4096  # synthetic: scenes per epoch; shards: samples per epoch (all ranks)
     val_samples: int = 64  # held-out synthetic scenes for the end-of-run evaluation
-    image_size: int = 224
+    image_size: int | None = None  # None: the model's image_size (set it to train at another size)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale (paper: 0.2-1)
     hflip: float = 0.5
     cache: bool = False  # synthetic: render once into memory, augment on the fly
@@ -31,6 +35,10 @@ class DataConfig:
     text_unk: Literal["keep", "error"] = "keep"  # out-of-vocabulary words: [UNK] or an error
     image_only: float = 0.0  # fraction of samples whose text is dropped (unpaired image data)
     text_only: float = 0.0  # fraction of samples whose images are dropped (unpaired text data)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass

@@ -60,15 +60,29 @@ class SkipCounter:
 
 
 class ErrorPolicy:
-    """Applies an ``on_error`` policy: raise the DataError, or warn + count + skip."""
+    """Applies an ``on_error`` policy: raise the DataError, or warn + count + skip.
+
+    It also counts the invalid pixels (NaN/inf in dense maps, set to 0) a dataset repaired, so
+    that the run log can report them (``invalid_pixels``), summed over worker processes.
+    """
 
     def __init__(self, on_error: str = "raise") -> None:
         self.on_error: OnError = check_on_error(on_error)
         self.counter = SkipCounter()
+        self.invalid = SkipCounter()
 
     @property
     def skipped(self) -> int:
         return self.counter.value
+
+    @property
+    def invalid_pixels(self) -> int:
+        """Non-finite dense values set to 0 (invalid pixels) so far."""
+        return self.invalid.value
+
+    def count_invalid(self, n: int) -> None:
+        if n:
+            self.invalid.add(n)
 
     def handle(self, err: DataError) -> None:
         """Re-raise ``err`` under ``raise``; otherwise log it and count one skipped sample."""

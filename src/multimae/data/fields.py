@@ -14,15 +14,18 @@ def by_key(specs: Sequence[ModalitySpec]) -> dict[str, ModalitySpec]:
     """One spec per batch key (``spec.key``).
 
     A spec that can be an input wins over an output-only one (``norm_rgb`` reads ``rgb``); an
-    output-only spec alone is replaced by the registered spec of its source key when there is one.
+    output-only spec whose key no given spec reads is replaced by the registered spec of that key
+    when there is one. Given specs are used as they are (a run's own modalities and class
+    counts), never looked up again by name.
     """
     out: dict[str, ModalitySpec] = {}
+    for spec in specs:
+        if spec.input and spec.key not in out:
+            out[spec.key] = spec
     reg = registered()
     for spec in specs:
-        if not spec.input and spec.key != spec.name and spec.key in reg:
-            spec = reg[spec.key] if spec.key not in out else out[spec.key]
-        if spec.key not in out or (spec.input and not out[spec.key].input):
-            out[spec.key] = spec
+        if spec.key not in out:
+            out[spec.key] = reg[spec.key] if spec.key != spec.name and spec.key in reg else spec
     return out
 
 
@@ -34,14 +37,28 @@ def resolve_fields(modalities: Sequence[str | dict | ModalitySpec]) -> tuple[dic
     return by_key(resolve(items)), LABEL_KEY in modalities
 
 
-def validate_sample(sample: dict, specs: dict[str, ModalitySpec], where: dict[str, str], sample_where: str) -> None:
-    """Check every configured field and that spatial fields share one size.
+def validate_sample(sample: dict, specs: dict[str, ModalitySpec], where: dict[str, str], sample_where: str) -> int:
+    """Check every configured field and that spatial fields share one size; returns the number of
+    invalid pixels repaired.
 
-    ``where`` maps a field key to the text naming it in errors (a file path, or sample + shard).
+    Non-finite values (NaN/inf, e.g. a float disparity map) of a dense field are invalid pixels:
+    they are set to 0 in place -- for depth-like maps (``standardize="robust"``) 0 already means
+    invalid, so they are left out of the statistics -- and counted. A dense map without any valid
+    pixel is a DataError. ``where`` maps a field key to the text naming it in errors (a file path,
+    or sample + shard).
     """
+    repaired = 0
     for key, spec in specs.items():
         validate_field(sample[key], spec, where.get(key, sample_where))
+        value = sample[key]
+        if spec.kind == "dense" and value.is_floating_point():
+            bad = ~torch.isfinite(value)
+            n = int(bad.sum())
+            if n:
+                sample[key] = value.masked_fill(bad, 0.0)
+                repaired += n
     sizes = {k: tuple(sample[k].shape[-2:]) for k, s in specs.items() if s.is_spatial and torch.is_tensor(sample[k])}
     if len(set(sizes.values())) > 1:
         desc = "; ".join(f"{k} {h}x{w} ({where.get(k, k)})" for k, (h, w) in sizes.items())
         raise DataError(f"{sample_where}: modalities have different sizes: {desc}")
+    return repaired

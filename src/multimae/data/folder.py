@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from multimae.data.codecs import (
     DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, decode_field, encode_field, scale_for,
 )
-from multimae.data.errors import DataError, ErrorPolicy
+from multimae.data.errors import DataError, ErrorPolicy, log
 from multimae.data.fields import resolve_fields, validate_sample
 from multimae.modalities import ModalitySpec
 
@@ -151,7 +151,8 @@ class FolderDataset(Dataset):
             except OSError as e:
                 raise DataError(f"{where[key]}: unreadable ({e})") from None
             sample[key] = decode_field(data, path.suffix[1:], self.specs[key], self.png_scale[key], where[key])
-        validate_sample(sample, self.specs, where, f"sample {sample['__key__']} in {self.root / self.split}")
+        self.policy.count_invalid(
+            validate_sample(sample, self.specs, where, f"sample {sample['__key__']} in {self.root / self.split}"))
         if self.with_label:
             sample[LABEL_KEY] = _label_tensor(self.classes.index(next(iter(files.values())).parent.name))
         return sample
@@ -165,6 +166,64 @@ class FolderDataset(Dataset):
             except DataError as err:
                 self.policy.handle(err)
         raise DataError(f"{self.root / self.split}: every one of the {n} samples is bad")
+
+
+def holdout(keys: Sequence[str], fraction: float) -> tuple[list[int], list[int]]:
+    """Split sample indices into (training, held out) by a fixed hash of each sample's key.
+
+    The ``round(fraction * n)`` keys (at least 1, at most ``n - 1``) with the smallest hashes
+    are held out: the split depends on the keys only -- not on the run seed, the file order or
+    the number of workers -- and every run over the same files holds out the same samples.
+    """
+    from multimae.seeding import derive_seed
+
+    n = len(keys)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1) to hold out samples, got {fraction}")
+    if n < 2:
+        raise DataError(f"cannot hold out a validation slice of {n} sample(s) (data.val_fraction={fraction})")
+    count = min(n - 1, max(1, round(fraction * n)))
+    ranked = sorted(range(n), key=lambda i: derive_seed("folder-holdout", keys[i]))
+    held = sorted(ranked[:count])
+    chosen = set(held)
+    return [i for i in range(n) if i not in chosen], held
+
+
+_NOTICES: set[tuple[str, ...]] = set()
+
+
+def _notice(*what: str) -> None:
+    """Log a notice once per process (the loader opens the data for training and evaluation)."""
+    if what not in _NOTICES:
+        _NOTICES.add(what)
+        log.warning(what[-1])
+
+
+def open_folder(root: str | os.PathLike, split: str, specs: Sequence[str | dict | ModalitySpec], *,
+                val_split: str = "val", val_fraction: float = 0.0, train: bool = True,
+                on_error: str = "raise") -> Dataset | None:
+    """The training data (``train=True``) or the validation data of a folder dataset.
+
+    Validation is ``root/<val_split>`` when that directory exists. Otherwise, with
+    ``val_fraction > 0``, it is a fixed slice of ``root/<split>`` (:func:`holdout`), which the
+    training data then leaves out; with ``val_fraction == 0`` there is none: training uses all
+    of ``split`` and the validation data is None (one notice says evaluation is skipped).
+    """
+    if (Path(root) / val_split).is_dir():
+        return FolderDataset(root, split if train else val_split, specs, on_error=on_error)
+    full = FolderDataset(root, split, specs, on_error=on_error)
+    if val_fraction <= 0:
+        if not train:
+            _notice(str(root), val_split, "none", f"{Path(root) / val_split}: no validation split and "
+                    f"data.val_fraction=0: held-out evaluation and figure skipped (set data.val_fraction, e.g. "
+                    f"0.05, to hold out part of {split}/)")
+            return None
+        return full
+    keep, held = holdout([full.key(i) for i in range(len(full))], val_fraction)
+    _notice(str(root), val_split, "holdout", f"{Path(root) / val_split}: no validation split; holding out {len(held)} "
+            f"of {len(full)} samples of {split}/ for validation (data.val_fraction={val_fraction:g}, fixed by "
+            "the sample names)")
+    return Subset(full, keep if train else held)
 
 
 def _label_tensor(i: int) -> torch.Tensor:

@@ -188,8 +188,9 @@ def shard_urls(urls: str) -> str | list[str]:
     return urls.split(",") if "," in urls and "{" not in urls else urls
 
 
-def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *, train: bool = True) -> Dataset:
-    """The raw (untransformed) dataset a DataConfig describes."""
+def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *, train: bool = True) -> Dataset | None:
+    """The raw (untransformed) dataset a DataConfig describes; ``train=False``: its validation data
+    (a folder dataset without any: None, see :func:`multimae.data.folder.open_folder`)."""
     names = sorted({s.key for s in specs})
     if data.source == "synthetic":
         from multimae.data.synthetic import SyntheticScenes
@@ -199,11 +200,12 @@ def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *,
                                       modalities=names)
         return CachedDataset(ds) if data.cache else ds
     if data.source == "folder":
-        from multimae.data.folder import FolderDataset
+        from multimae.data.folder import open_folder
 
         if not data.root:
             raise ValueError("data.root must be set for data.source=folder")
-        return FolderDataset(data.root, data.split, names, on_error=data.on_error)
+        return open_folder(data.root, data.split, specs, val_split=data.val_split, val_fraction=data.val_fraction,
+                           train=train, on_error=data.on_error)
     if data.source == "captions":
         from multimae.data.text import CaptionTable
 
@@ -236,7 +238,7 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
         if not data.urls:
             raise ValueError("data.urls must be set for data.source=shards")
         per_rank = data.num_samples // world_size
-        ds = ShardDataset(shard_urls(data.urls), sorted({s.key for s in specs}), transform=_StepTagger(transform),
+        ds = ShardDataset(shard_urls(data.urls), specs, transform=_StepTagger(transform),
                           shuffle_buffer=data.shuffle_buffer, seed=seed, on_error=data.on_error, rank=rank,
                           world_size=world_size, samples_per_rank=per_rank - per_rank % batch_size)
         return DataLoader(ds, batch_size=batch_size, drop_last=True, **kw), None
@@ -266,20 +268,19 @@ def eval_batches(spec: BatchSpec, data: DataConfig, mask: MaskConfig, seed: int,
     from multimae.data.transforms import PairedTransform
 
     specs = list(spec.specs)
-    keys = sorted({s.key for s in specs})
     if data.source == "synthetic":
         base = build_dataset(data, specs, seed, train=False)
-    elif data.source == "folder":
-        from multimae.data.folder import FolderDataset
-
-        base = FolderDataset(data.root, "val" if data.split == "train" else data.split, keys)
+    elif data.source == "folder":  # the val split, or the slice of train held out; none: no batches
+        base = build_dataset(data, specs, seed, train=False)
+        if base is None:
+            return []
     else:  # streamed shards / caption tables: the first samples of the data (not held out)
         from itertools import islice
 
         if data.source == "shards":
             from multimae.data.shards import ShardDataset
 
-            stream = ShardDataset(shard_urls(data.urls), keys, shuffle_buffer=0, rank=0, world_size=1)
+            stream = ShardDataset(shard_urls(data.urls), specs, shuffle_buffer=0, rank=0, world_size=1)
         else:
             stream = build_dataset(data, specs, seed)
         base = list(islice(iter(stream), limit or data.val_samples))
@@ -294,6 +295,20 @@ def eval_batches(spec: BatchSpec, data: DataConfig, mask: MaskConfig, seed: int,
             smp["__step__"] = (0, s)
         out.append(collator(samples))
     return out
+
+
+def data_counts(dataset: Any) -> dict[str, int]:
+    """Bad samples skipped and invalid pixels (NaN/inf set to 0) so far, from the raw dataset under
+    a loader's wrappers (``.base`` / ``.stream`` / ``.dataset``), summed over worker processes:
+    ``{"data/skipped": n, "data/invalid_pixels": m}``; {} for sources that count neither."""
+    for _ in range(8):
+        policy = getattr(dataset, "policy", None)
+        if policy is not None and hasattr(policy, "invalid_pixels"):
+            return {"data/skipped": policy.skipped, "data/invalid_pixels": policy.invalid_pixels}
+        dataset = next((getattr(dataset, a) for a in ("base", "stream", "dataset") if hasattr(dataset, a)), None)
+        if dataset is None:
+            break
+    return {}
 
 
 def text_collator(data: DataConfig, specs: Sequence[ModalitySpec]) -> Any:

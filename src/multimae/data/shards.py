@@ -274,7 +274,7 @@ class ShardDataset(IterableDataset):
                 raise DataError(f"{where}: missing key '{name}.{EXTS[spec.kind][0]}' (has {present})")
             scale = float(scales.get(name, scale_for(self.png_scale, name, OFFICIAL_PNG_SCALE)))
             sample[name] = decode_field(raw[field], field.rsplit(".", 1)[-1], spec, scale, f"{where}: {field}")
-        validate_sample(sample, self.specs, {k: f"{where}: {k}" for k in self.specs}, where)
+        self.policy.count_invalid(validate_sample(sample, self.specs, {k: f"{where}: {k}" for k in self.specs}, where))
         if self.with_label:
             if LABEL_FIELD not in raw:
                 present = sorted(k for k in raw if not k.startswith("__"))

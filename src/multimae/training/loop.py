@@ -18,7 +18,7 @@ import torch
 from multimae import config as config_lib
 from multimae import distributed as D
 from multimae.checkpoint import capture_rng_state, find_latest, load_checkpoint, resolve_checkpoint, restore_rng_state, save_checkpoint
-from multimae.data.loader import BatchSpec, build_loader, load_text_tokenizer
+from multimae.data.loader import BatchSpec, build_loader, data_counts, load_text_tokenizer
 from multimae.layers.attention import set_attention_mode
 from multimae.masking import MaskPlan
 from multimae.model import MultiMAE
@@ -156,6 +156,7 @@ class Trainer:
                 dt = time.perf_counter() - tic
                 stats["imgs_per_s"] = imgs_per_step * t.log_every / max(dt, 1e-9)
                 stats["epoch"] = self.step / self.steps_per_epoch
+                stats.update(data_counts(self.loader.dataset))
                 logger.log_scalars(self.step, stats)
                 tic = time.perf_counter()
             if t.vis_every and self.step % t.vis_every == 0 and self.info.is_main:
@@ -163,6 +164,10 @@ class Trainer:
             if self.step % t.ckpt_every == 0 or self.step == last:
                 self.save()
         progress.close()
+        counts = data_counts(self.loader.dataset)
+        if self.info.is_main and any(counts.values()):
+            print(f"data: {counts['data/invalid_pixels']} invalid pixel(s) (NaN/inf) set to 0, "
+                  f"{counts['data/skipped']} bad sample(s) skipped (metrics.jsonl: data/*)", flush=True)
         if self.info.is_main:
             self._log_figure(logger)
         logger.close()
@@ -175,7 +180,8 @@ class Trainer:
         except ImportError:  # pragma: no cover - viz is optional at import time
             return
         fig = reconstruction_figure(self.model, self.cfg, num_samples=2)
-        logger.log_image(self.step, "reconstruction", fig)
+        if fig is not None:  # None: no held-out data (already said once)
+            logger.log_image(self.step, "reconstruction", fig)
 
 
 def _size_text_vocabulary(cfg: PretrainConfig) -> None:

@@ -13,9 +13,15 @@ def finish_run(trainer: Any, evaluate: bool = True, figure: bool = True) -> dict
     into the run directory; prints the table. Returns the paths and rows."""
     out: dict[str, Any] = {}
     model, cfg = trainer.model, trainer.cfg
+    batches = []
     if evaluate and cfg.data.source in ("synthetic", "folder"):
-        rows = run_eval(model, eval_batches(BatchSpec.of(model), cfg.data, cfg.mask, cfg.train.seed, batch_size=16))
-        header = (f"Held-out evaluation after {trainer.step} steps ({cfg.data.val_samples} unseen scenes, "
+        # a folder dataset without validation data gives no batches (the data layer said so once)
+        batches = eval_batches(BatchSpec.of(model), cfg.data, cfg.mask, cfg.train.seed, batch_size=16)
+    if batches:
+        rows = run_eval(model, batches)
+        n = sum(next(iter(p.masks.values())).shape[0] for _, p in batches)
+        what = "unseen scenes" if cfg.data.source == "synthetic" else "held-out samples"
+        header = (f"Held-out evaluation after {trainer.step} steps ({n} {what}, "
                   f"{cfg.data.image_size}px). Baselines: per-image target mean (continuous tasks), "
                   "per-image class histogram (ce) and majority class (acc).")
         out["eval"] = write_report(rows, trainer.run_dir, header)
@@ -24,7 +30,8 @@ def finish_run(trainer: Any, evaluate: bool = True, figure: bool = True) -> dict
         print(format_table(rows), flush=True)
         worse = [f"{r.setting}/{r.task}/{r.metric}" for r in rows if not r.better]
         print("model beats the baseline on every task" if not worse else f"baseline NOT beaten on: {worse}")
-    if figure:
-        out["figure"] = save_png(reconstruction_figure(model, cfg, num_samples=2), trainer.run_dir / "reconstruction.png")
+    fig = reconstruction_figure(model, cfg, num_samples=2) if figure else None
+    if fig is not None:
+        out["figure"] = save_png(fig, trainer.run_dir / "reconstruction.png")
         print(f"figure: {out['figure']}")
     return out
