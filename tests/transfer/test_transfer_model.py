@@ -52,6 +52,9 @@ def test_heads_shapes_and_gradients(head, shape):
     for prefix in ("head.", "encoder.blocks.0.", "encoder.input_adapters.depth.proj"):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
         assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), prefix
+    # every gradient has its parameter's layout (DDP's gradient-bucket contract; it warns otherwise)
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+    assert not bad, bad
 
 
 def test_default_dpt_hooks_and_dims():

@@ -132,7 +132,7 @@ class DPTHead(nn.Module):
             B, N, C = t.shape
             if N != gh * gw:
                 raise ValueError(f"DPTHead: {N} tokens do not fill a {gh}x{gw} grid")
-            x = t.transpose(1, 2).reshape(B, C, gh, gw)
+            x = t.transpose(1, 2).reshape(B, C, gh, gw).contiguous()  # (channels-last strides otherwise)
             feats.append(self.project[i](self.reassemble[i](x)))
         x = self.fusion[3](feats[3], size=feats[2].shape[-2:])
         x = self.fusion[2](x, feats[2], size=feats[1].shape[-2:])

@@ -73,5 +73,9 @@ class SegmentationHead(nn.Module):
 
     def forward(self, tokens: Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
         x = self.to_map(self.proj(tokens), grid)
-        x = self.classifier(self.convnext(x))
+        # timm's ConvNeXt block returns channels-last strides; feeding each convolution a
+        # contiguous map keeps its weight gradient in the parameter's own layout (DDP warns otherwise)
+        for blk in self.convnext:
+            x = blk(x.contiguous())
+        x = self.classifier(x.contiguous())
         return F.interpolate(x, size=tuple(image_size), mode="bilinear", align_corners=False)
