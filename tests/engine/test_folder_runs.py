@@ -106,6 +106,16 @@ def test_datasets_use_the_runs_specs(tmp_path):
     urls = write_shards(folder_samples(ds), str(tmp_path / "s-%06d.tar"), max_count=2)
     sample = next(iter(ShardDataset(urls, run_specs, shuffle_buffer=0)))
     assert sample["curvature"].shape == (2, 32, 32) and bool(torch.isfinite(sample["curvature"]).all())
+    # and through the training loader of a shard source
+    from multimae.data.config import DataConfig, MaskConfig
+    from multimae.data.loader import BatchSpec, build_loader
+
+    data = DataConfig(source="shards", urls=",".join(urls), num_samples=4, image_size=32, num_workers=0)
+    spec = BatchSpec((run_specs[0], curvature), tuple(run_specs), 8, 32)
+    loader, _ = build_loader(data, MaskConfig(num_visible=8), spec, seed=0, batch_size=2)
+    batch, plan = next(iter(loader))
+    assert batch["curvature"].shape == (2, 2, 32, 32) and batch["semseg"].shape == (2, 8, 8)
+    assert set(plan.masks) == {"rgb", "curvature"}
     # class id 7 is valid for the registered semseg (133 classes) but not for this run's 6
     from PIL import Image
 
