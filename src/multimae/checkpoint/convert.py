@@ -54,8 +54,19 @@ class ConversionReport:
                 f"{len(self.added)} added, {len(self.resized)} position tables resized")
 
     def lines(self) -> list[str]:
-        """Human-readable report: the summary, then dropped / added / resized keys grouped by reason."""
+        """Human-readable report: the summary, the renames (block indices folded into ``N``), then
+        dropped / added / resized keys grouped by reason."""
         out = [self.summary()]
+        renames: dict[tuple[str, str], int] = {}
+        for ours, theirs in self.mapped.items():
+            if ours != theirs:
+                pair = (re.sub(r"\.\d+\.", ".N.", theirs), re.sub(r"\.\d+\.", ".N.", ours))
+                renames[pair] = renames.get(pair, 0) + 1
+        same = sum(1 for ours, theirs in self.mapped.items() if ours == theirs)
+        if same:
+            out.append(f"  mapped: {same} tensors under their own names")
+        for (theirs, ours), n in renames.items():
+            out.append(f"  mapped: {theirs} -> {ours}" + (f" ({n} tensors)" if n > 1 else ""))
         for title, d in (("dropped", self.dropped), ("added", self.added), ("resized", self.resized)):
             groups: dict[str, list[str]] = {}
             for k, why in d.items():

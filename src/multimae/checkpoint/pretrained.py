@@ -260,6 +260,7 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, Tensor], **override
     ``num_heads`` for an external checkpoint whose head count is not the ViT default.
     The model's ``provenance`` attribute records the source and, for runs, the training data and steps.
     """
+    origin: tuple[str, str] | None = None
     if isinstance(source, Mapping):
         model, report = _from_state_dict(dict(source), "state_dict", overrides)
         training = None
@@ -275,8 +276,7 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, Tensor], **override
             report = ConversionReport(str(p), "multimae")
             model = _build(cfg["model"], overrides, _load_weights_file(p / WEIGHTS_FILE), report)
             training = cfg.get("training")
-            if cfg.get("source"):  # keep where converted weights first came from
-                report.source, report.kind = cfg["source"], cfg.get("source_kind", "multimae")
+            origin = (cfg["source"], cfg.get("source_kind", "multimae")) if cfg.get("source") else None
         elif p.is_dir():
             ckpt = resolve_checkpoint(p)
             meta = load_meta(ckpt)
@@ -287,8 +287,8 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, Tensor], **override
         else:
             hints = _export_hints(p)
             model, report = _from_state_dict(read_state_dict(p), str(p), {**hints, **overrides})
-    model.provenance = {"source": report.source, "source_kind": report.kind,
-                        **({"training": training} if training else {})}
+    src, kind = origin or (report.source, report.kind)  # converted weights keep where they first came from
+    model.provenance = {"source": src, "source_kind": kind, **({"training": training} if training else {})}
     return model.eval(), report
 
 
