@@ -51,11 +51,15 @@ def machine() -> str:
             f"transformers {transformers.__version__}")
 
 
-def run(name: str, photos: Path, tmp: Path, batch_size: int, **paths) -> tuple[str, float, float]:
+def run(name: str, photos: Path, tmp: Path, batch_size: int, **paths) -> tuple[str, float, float, float]:
+    """(name, images/s, wall seconds, CPU seconds of this process per image)."""
     labelers = build_labelers(paths.get("depth"), paths.get("semseg"), device="cpu", precision="auto")
     pseudolabel(photos, tmp / f"warm-{name}", labelers, batch_size=batch_size, progress=False, limit=batch_size)
+    cpu = time.process_time()
     rep = pseudolabel(photos, tmp / f"out-{name}", labelers, batch_size=batch_size, progress=False)
-    return name, rep.images_per_second, rep.seconds
+    cpu = time.process_time() - cpu
+    print(f"{name}: {rep.summary()}; {cpu:.1f} CPU s", flush=True)
+    return name, rep.images_per_second, rep.seconds, cpu / max(rep.labelled, 1)
 
 
 def main() -> None:
@@ -88,13 +92,15 @@ def main() -> None:
         "resize back to each image's size, PNG encoding, atomic writes) on 2 CPU threads, fp32 "
         "(`--precision auto` found no native bf16 on this CPU); one warm-up batch first.",
         "",
-        "| labeller | images/s | seconds |",
-        "|---|---:|---:|",
-        *[f"| {n} | {ips:.2f} | {s:.1f} |" for n, ips, s in rows],
+        "| labeller | images/s (wall) | wall seconds | CPU seconds per image (both threads) |",
+        "|---|---:|---:|---:|",
+        *[f"| {n} | {ips:.2f} | {s:.1f} | {c:.2f} |" for n, ips, s, c in rows],
         "",
         f"Machine: {machine()}.",
         f"Load average (1 min) {load_before[0]:.1f} before and {load_after[0]:.1f} after: the machine was shared "
-        "with other jobs, so absolute numbers are noisy (compare rows of one run, not runs).",
+        "with other jobs, so wall-clock numbers are noisy (compare rows of one run, not runs). The CPU seconds "
+        "this process used per image depend much less on the other jobs; on an idle machine with 2 threads "
+        "busy, images/s would be about 2 / (CPU seconds per image).",
         "",
         "The tiny models are toys (about 0.2M and 0.35M parameters, 64 px / 48-96 px inputs): their rows show "
         "the cost of the pipeline around a model. The MultiMAE-base labeller has random weights, which label "

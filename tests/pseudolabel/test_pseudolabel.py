@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers", reason="pip install -e '.[pse
 
 from multimae.cli.main import main  # noqa: E402
 from multimae.data.folder import FolderDataset  # noqa: E402
-from multimae.pseudolabel.tiny import save_tiny_dpt, save_tiny_mask2former  # noqa: E402
+from multimae.pseudolabel.tiny import save_tiny_dpt, save_tiny_mask2former, save_tiny_segformer  # noqa: E402
 from multimae.pseudolabel import (  # noqa: E402
     build_label_map, coco_panoptic_categories, encode_depth, load_labeler, panoptic_to_semantic, pseudolabel,
 )
@@ -198,12 +198,21 @@ def test_panoptic_output_maps_to_the_133_ids():
         build_label_map({0: "lava", 1: "person"}, "coco")
 
 
-def test_mask2former_panoptic_mode_and_bad_labeler_paths(labelled, tmp_path):
+def test_panoptic_mode_semantic_model_and_bad_labeler_paths(labelled, tmp_path):
     tmp, photos, _ = labelled
     lab = load_labeler(tmp / "m2f", "semseg", device="cpu", mode="panoptic")
     img = torch.from_numpy(np.asarray(Image.open(photos / "chelsea.webp").convert("RGB")).copy()).permute(2, 0, 1)
     (m,) = lab([img])["semseg"]
     assert m.shape == img.shape[1:] and m.dtype == torch.int64 and int(m.max()) < 133
+    # a semantic-segmentation model keeps its own label set; the names are written beside the data
+    segformer = load_labeler(save_tiny_segformer(tmp_path / "segformer"), "semseg", device="cpu")
+    rep = pseudolabel(photos, tmp_path / "own", [segformer], progress=False, limit=2)
+    assert rep.labelled + rep.bad == 2
+    assert (tmp_path / "own/semseg_classes.txt").read_text().split("\n")[:3] == ["lava", "sky", "grass"]
+    meta = json.loads((tmp_path / "own/multimae_data.json").read_text())["pseudolabel"]["semseg"]
+    assert (meta["label_set"], meta["num_classes"]) == ("own", 3)
+    ds = FolderDataset(tmp_path / "own", "train", ["rgb", {"name": "semseg", "num_classes": 3}])
+    assert len(ds) == rep.labelled and ds[0]["semseg"].shape == ds[0]["rgb"].shape[1:]
     assert main(["pseudolabel", "--input", str(photos), "--out", str(tmp_path / "o"), "--depth",
                  str(tmp_path)]) == 2  # not a model directory: one line, exit 2
     assert main(["pseudolabel", "--input", str(photos), "--out", str(tmp_path / "o")]) == 2  # no labeller

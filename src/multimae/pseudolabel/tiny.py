@@ -61,3 +61,17 @@ def save_random_multimae(run_dir: str | os.PathLike, preset: str = "base", image
     torch.manual_seed(0)
     model = MultiMAE(cfg.model)
     return save_checkpoint(run_dir, 0, model.state_dict(), {"step": 0}, {"config": to_dict(cfg), "epoch": 0})
+
+
+def save_tiny_segformer(path: str | os.PathLike, classes: tuple[str, ...] = ("lava", "sky", "grass"),
+                        image_size: int = 64) -> Path:
+    """A ~7k-parameter SegFormer semantic-segmentation model with its own (non-COCO) label set."""
+    import transformers
+
+    cfg = transformers.SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3],
+        strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=16,
+        id2label=dict(enumerate(classes)), label2id={n: i for i, n in enumerate(classes)})
+    transformers.SegformerForSemanticSegmentation(cfg).save_pretrained(path)
+    transformers.SegformerImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return Path(path)
