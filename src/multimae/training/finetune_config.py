@@ -1,0 +1,139 @@
+"""Typed run configuration of ``multimae finetune`` / ``evaluate`` / ``probe`` (configs/finetune/*.yaml).
+
+A fine-tuning run is a :class:`~multimae.transfer.TransferModelConfig` (encoder + inputs + head),
+an ``init`` (``scratch``, a pretraining run, a checkpoint, an official ``.pth``), downstream data,
+an optimizer with layer-wise lr decay, a schedule and augmentation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from multimae.transfer import TransferModelConfig
+
+#: Synthetic downstream scenes use the streams ``seed + {0, 1, 2}`` for train / val / test. Pre-
+#: training uses ``train.seed`` (default 0) and ``train.seed + 10000`` (its held-out scenes), so
+#: the two never share a scene unless a pretraining seed is set within 10000 of this one.
+DOWNSTREAM_SEED = 1_000_000
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class FinetuneDataConfig:
+    """Downstream data. ``split`` is the split evaluated at the end of training and by
+    ``multimae evaluate`` (``data.split=test`` there scores the test split)."""
+
+    source: Literal["synthetic", "folder", "shards"] = "synthetic"
+    root: str | None = None  # folder: root/<split>/<modality>/<class or all>/<name>.<ext>
+    train_urls: str | None = None  # shards: training shards (brace pattern or comma list)
+    eval_urls: str | None = None  # shards: shards of the evaluated split
+    train_split: str = "train"
+    split: str = "val"
+    # what is predicted: None -> "label" (classification), "semseg" (segmentation), "depth"
+    # (depth); a dense head needs a modality name (e.g. "normals")
+    target: str | None = None
+    image_size: int = 64
+    seed: int = DOWNSTREAM_SEED  # synthetic: streams seed+0 / +1 / +2 are train / val / test
+    train_samples: int = 1024  # synthetic: scenes per split
+    val_samples: int = 256
+    test_samples: int = 256
+    num_samples: int | None = None  # shards: training samples per epoch (default: counted)
+    cache: bool = True  # synthetic: render once into memory
+    num_workers: int = 1
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area fraction (training)
+    hflip: float = 0.5
+    ignore_index: int = 255  # segmentation label that is never scored (also the padding label)
+    shuffle_buffer: int = 1000  # shards
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+@dataclass
+class FinetuneOptimConfig:
+    """AdamW with layer-wise lr decay and a warm-up + cosine schedule (per optimizer step)."""
+
+    base_lr: float = 5e-4  # lr = base_lr * global_batch / 256 (paper, classification)
+    lr: float | None = None  # absolute peak lr; overrides base_lr scaling
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    warmup_steps: int | None = None  # overrides warmup_epochs
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float | None = 0.65  # lr scale layer_decay ** (depth + 1 - layer); null: none
+    clip_grad: float | None = None
+    accum_steps: int = 1
+    implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"
+
+
+@dataclass
+class AugConfig:
+    """Training augmentation beyond the paired crop + flip of ``data``."""
+
+    randaugment: bool = False  # torchvision v2 RandAugment on the rgb input
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    # "auto": photometric operations only when there is more than one spatial input (geometric
+    # ones would move rgb away from the other modalities), else all of them
+    randaugment_space: Literal["auto", "all", "photometric"] = "auto"
+    mixup: float = 0.0  # timm Mixup alpha (classification; 0 = off)
+    cutmix: float = 0.0  # timm CutMix alpha (0 = off)
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1  # classification
+
+
+@dataclass
+class FinetuneTrainConfig:
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps (interrupt; resume later)
+    batch_size: int = 32  # per rank (per micro-batch)
+    eval_batch_size: int = 64
+    loss: Literal["auto", "ce", "berhu", "l1"] = "auto"  # auto: ce / ce / berhu / l1 by head kind
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    attention: Literal["auto", "fused", "manual"] = "auto"
+    tune_malloc: bool = True
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: str | None = None  # None: ft-<head kind>-<inputs>-<init name>
+    resume: str | None = "auto"  # "auto": the run's latest checkpoint if any; a path; null
+    ckpt_every: int = 500  # optimizer steps
+    keep_last: int = 2
+    log_every: int = 20
+    eval_every: int = 0  # evaluate every N epochs as well (0: only at the end)
+    device: str = "auto"
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probe (``multimae probe``): BatchNorm without affine + linear on cached features."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 0.01
+    weight_decay: float = 0.0
+
+
+@dataclass
+class FinetuneConfig:
+    model: TransferModelConfig = field(default_factory=TransferModelConfig)
+    init: str = "scratch"  # scratch | a pretraining or fine-tuning run | checkpoint dir | .safetensors | .pth
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+DEFAULT_TARGETS = {"classification": "label", "segmentation": "semseg", "depth": "depth"}
+
+
+def target_of(cfg: FinetuneConfig) -> str:
+    """The predicted field: ``data.target`` or the head kind's default."""
+    kind = cfg.model.head.kind
+    if cfg.data.target:
+        if kind == "classification" and cfg.data.target != "label":
+            raise ValueError(f"data.target={cfg.data.target!r}: a classification head predicts 'label'")
+        return cfg.data.target
+    if kind not in DEFAULT_TARGETS:
+        raise ValueError(f"model.head.kind={kind!r} needs data.target (the dense modality to predict, e.g. normals)")
+    return DEFAULT_TARGETS[kind]

@@ -1,0 +1,171 @@
+"""Downstream data of a fine-tuning run: raw datasets per split, the resumable training loader and
+the evaluation loader (see :mod:`multimae.data.downstream` for what a sample holds).
+
+Sources: ``synthetic`` (scene streams disjoint from pretraining, fixed train / val / test splits),
+``folder`` (``root/<split>/<modality>/<class or all>/<name>.<ext>``: ImageFolder-style
+classification with the class directories under every modality, or dense tasks under ``all/``)
+and ``shards`` (WebDataset tars; the label is the ``cls`` field). Bad input follows
+``data.on_error`` like pretraining: a DataError naming the file, or skipped and counted.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from multimae.data import collate
+from multimae.data.downstream import LABEL, TransferTransform, build_randaugment, target_spec
+from multimae.data.errors import DataError
+from multimae.data.loader import CachedDataset, ResumableBatchSampler, SeededAugment, mix_seed, shard_urls
+from multimae.modalities import ModalitySpec
+from multimae.training.finetune_config import SPLITS, FinetuneConfig, target_of
+
+#: Tasks evaluated by letterboxing (resize longest side + pad) rather than a centre crop.
+DENSE_KINDS = ("segmentation", "depth", "dense")
+
+
+def task_target_spec(cfg: FinetuneConfig) -> ModalitySpec | None:
+    """Spec of the target of ``cfg`` (None for an image-level label)."""
+    enc = cfg.model.encoder
+    return target_spec(target_of(cfg), cfg.model.head.kind, cfg.model.head.num_classes,
+                       enc.modalities if enc is not None else None)
+
+
+def _read_fields(inputs: Sequence[ModalitySpec], cfg: FinetuneConfig) -> list[Any]:
+    """What a folder / shard reader must decode: the inputs and the target's raw field."""
+    fields: list[Any] = list(inputs)
+    spec = task_target_spec(cfg)
+    if spec is None:
+        fields.append(LABEL)
+    elif spec.key not in {s.key for s in inputs}:
+        if spec.kind == "categorical":  # read ignore labels too; the transform checks the range
+            spec = spec.with_(num_classes=max(spec.num_classes, cfg.data.ignore_index + 1))
+        fields.append(spec.with_(standardize="none"))
+    return fields
+
+
+def raw_dataset(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], split: str, train: bool) -> Dataset:
+    """The untransformed map-style dataset of ``split`` (synthetic or folder)."""
+    d = cfg.data
+    if d.source == "synthetic":
+        from multimae.data.synthetic import SyntheticScenes
+
+        if split not in SPLITS:
+            raise DataError(f"synthetic downstream data has splits {list(SPLITS)}, not {split!r}")
+        n = {"train": d.train_samples, "val": d.val_samples, "test": d.test_samples}[split]
+        keys = sorted({s.key for s in inputs} | {target_of(cfg)})
+        ds: Dataset = SyntheticScenes(n, image_size=d.image_size, seed=d.seed + SPLITS.index(split), modalities=keys)
+        return CachedDataset(ds) if d.cache else ds
+    if d.source == "folder":
+        from multimae.data.folder import FolderDataset
+
+        if not d.root:
+            raise DataError("data.root must be set for data.source=folder")
+        return FolderDataset(d.root, split, _read_fields(inputs, cfg), on_error=d.on_error)
+    raise ValueError(f"data.source={d.source!r} streams (use shard_dataset)")
+
+
+def shard_dataset(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], urls: str | None, transform: Any,
+                  train: bool, rank: int = 0, world_size: int = 1) -> IterableDataset:
+    """Samples streamed from WebDataset shards, transformed (training: shuffled, a fixed number
+    of samples per rank; evaluation: one ordered pass on one process)."""
+    from multimae.data.shards import ShardDataset
+
+    d = cfg.data
+    if not urls:
+        raise DataError(f"data.{'train' if train else 'eval'}_urls must be set for data.source=shards")
+    per_rank: Any = None
+    if train:
+        per_rank = d.num_samples // world_size if d.num_samples else "auto"
+    return ShardDataset(shard_urls(urls), _read_fields(inputs, cfg), transform=_Seeded(transform, cfg.train.seed),
+                        shuffle_buffer=d.shuffle_buffer if train else 0, seed=cfg.train.seed, on_error=d.on_error,
+                        rank=rank if train else 0, world_size=world_size if train else 1, samples_per_rank=per_rank)
+
+
+class _Seeded:
+    """Streamed samples get a generator from (seed, epoch, key): reproducible augmentation."""
+
+    def __init__(self, transform: Any, seed: int) -> None:
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, sample: dict) -> dict:
+        from multimae.data.transforms import stable_seed
+
+        g = torch.Generator().manual_seed(stable_seed(self.seed, self.epoch, sample.get("__key__", "")))
+        return self.transform(sample, generator=g)
+
+
+def build_transform(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], train: bool) -> TransferTransform:
+    """Training (random crop, flip, RandAugment) or evaluation transform of ``cfg``'s task."""
+    d, a = cfg.data, cfg.aug
+    ra = None
+    if train and a.randaugment:
+        if "rgb" not in {s.key for s in inputs}:
+            raise ValueError("aug.randaugment needs an rgb input")
+        spatial = sum(1 for s in inputs if s.is_spatial)
+        photometric = a.randaugment_space == "photometric" or (a.randaugment_space == "auto" and spatial > 1)
+        ra = build_randaugment(a.randaugment_ops, a.randaugment_magnitude, photometric)
+    return TransferTransform(inputs, target_of(cfg), task_target_spec(cfg), d.image_size, train, d.crop_scale,
+                             d.hflip, letterbox_eval=cfg.model.head.kind in DENSE_KINDS,
+                             ignore_index=d.ignore_index, randaugment=ra)
+
+
+def train_collate(samples: list[dict]) -> tuple[dict, None]:
+    """Stack samples into a ``(batch, None)`` micro-batch (no mask plan in fine-tuning)."""
+    for s in samples:
+        s.pop("__step__", None)
+    return collate(samples), None
+
+
+def build_train_loader(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], rank: int = 0, world_size: int = 1
+                       ) -> tuple[DataLoader, ResumableBatchSampler | None, int]:
+    """Training loader of ``(batch, None)``, its resumable sampler (None for shards), and the
+    number of batches per rank per epoch."""
+    d, t = cfg.data, cfg.train
+    tf = build_transform(cfg, inputs, train=True)
+    kw: dict[str, Any] = dict(num_workers=d.num_workers, collate_fn=train_collate, persistent_workers=False,
+                              pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(t.seed))
+    if d.num_workers > 0:
+        kw["prefetch_factor"] = 4
+    if d.source == "shards":
+        ds = shard_dataset(cfg, inputs, d.train_urls, tf, True, rank, world_size)
+        per_rank = len(ds)  # type: ignore[arg-type]
+        if per_rank < t.batch_size:
+            raise DataError(f"{per_rank} training samples per rank are fewer than one batch of {t.batch_size}")
+        return DataLoader(ds, batch_size=t.batch_size, drop_last=True, **kw), None, per_rank // t.batch_size
+    base = raw_dataset(cfg, inputs, d.train_split, train=True)
+    sampler = ResumableBatchSampler(len(base), t.batch_size, t.seed, rank, world_size)  # type: ignore[arg-type]
+    return DataLoader(SeededAugment(base, tf, t.seed), batch_sampler=sampler, **kw), sampler, len(sampler)
+
+
+class _Transformed(Dataset):
+    def __init__(self, base: Dataset, transform: Any) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict:
+        return self.transform(self.base[i], generator=torch.Generator().manual_seed(mix_seed(i)))
+
+
+def build_eval_loader(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], split: str | None = None,
+                      train_split_stats: bool = False, limit: int | None = None) -> DataLoader:
+    """Deterministic loader over ``split`` (default ``data.split``) with the evaluation transform,
+    in dataset order; ``train_split_stats`` reads the training split instead (for baselines)."""
+    d = cfg.data
+    split = d.train_split if train_split_stats else (split or d.split)
+    tf = build_transform(cfg, inputs, train=False)
+    if d.source == "shards":
+        ds: Any = shard_dataset(cfg, inputs, d.train_urls if train_split_stats else d.eval_urls, tf, False)
+    else:
+        base = raw_dataset(cfg, inputs, split, train=False)
+        if limit is not None and len(base) > limit:  # type: ignore[arg-type]
+            base = torch.utils.data.Subset(base, range(limit))
+        ds = _Transformed(base, tf)
+    return DataLoader(ds, batch_size=cfg.train.eval_batch_size, shuffle=False, num_workers=d.num_workers,
+                      collate_fn=collate)

@@ -1,0 +1,283 @@
+"""Scoring a fine-tuned model on a split, next to a trivial baseline; ``eval.md`` / ``eval.json``.
+
+Metrics (:mod:`multimae.evaluation.metrics`, accumulated as sums over the whole split, so the
+numbers are exact, not means of batch means):
+
+* classification: top-1 (and top-5 with more than 5 classes), %;
+* segmentation: mIoU, pixel accuracy and per-class IoU, %, ``ignore_index`` never counted;
+* depth: delta1/2/3 (%), AbsRel, RMSE (target units) on valid pixels;
+* normals: L1, mean angular error (degrees), % of pixels within 11.25 degrees;
+* any other dense target: L1 and RMSE on valid pixels.
+
+The baseline is the best *constant* answer learnt from the training split (up to
+``BASELINE_SAMPLES`` of its samples, evaluation transform): the majority class (classification),
+the most frequent pixel class (segmentation), the mean valid target (depth: mean depth; normals:
+mean normal vector). A fine-tuned model that does not beat it has learnt nothing from the image.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from multimae.data.downstream import TARGET, TARGET_VALID
+from multimae.evaluation import metrics as M
+from multimae.training.finetune_config import FinetuneConfig, target_of
+from multimae.training.step import autocast
+
+BASELINE_SAMPLES = 512
+#: Metric direction, for the "better" column: True = higher is better.
+HIGHER_IS_BETTER = {"top1": True, "top5": True, "miou": True, "pixel_acc": True, "delta1": True, "delta2": True,
+                    "delta3": True, "absrel": False, "rmse": False, "l1": False, "angular_mean": False,
+                    "within_11_25": True}
+
+
+class Scorer:
+    """Accumulates one task's metric sums over batches; ``scores()`` -> {metric: float}."""
+
+    def __init__(self, kind: str, target: str, num_classes: int, ignore_index: int) -> None:
+        self.kind, self.target, self.K, self.ignore = kind, target, num_classes, ignore_index
+        self.stats: dict[str, Tensor] | None = None
+        self.conf: Tensor | None = None
+
+    def update(self, pred: Tensor, batch: dict[str, Any]) -> None:
+        """pred: (B, K) logits, (B, K, H, W) logits or (B, C, H, W) values; batch: target (+ valid)."""
+        pred = pred.detach().float().cpu()
+        t = batch[TARGET]
+        if self.kind == "segmentation":
+            c = M.confusion_matrix(pred, t, self.K, self.ignore)
+            self.conf = c if self.conf is None else self.conf + c
+            return
+        if self.kind == "classification":
+            s = M.topk_stats(pred, t, (1, 5) if self.K > 5 else (1,))
+        elif self.kind == "depth":
+            s = M.depth_stats(pred, t, batch[TARGET_VALID])
+        elif self.target == "normals":
+            s = M.normal_stats(pred, t, batch[TARGET_VALID])
+        else:
+            v = batch[TARGET_VALID].expand_as(pred)
+            d = (pred - t).double()[v]
+            s = {"l1": d.abs().sum(), "sq": (d * d).sum(), "count": torch.tensor(float(d.numel()), dtype=torch.float64)}
+        self.stats = M.merge_stats(self.stats, s)
+
+    def scores(self) -> dict[str, float]:
+        if self.kind == "segmentation":
+            assert self.conf is not None
+            s = M.segmentation_scores(self.conf)
+            return {"miou": float(s["miou"]), "pixel_acc": float(s["pixel_acc"])}  # type: ignore[arg-type]
+        assert self.stats is not None, "no batch was scored"
+        if self.kind == "classification":
+            return M.topk_scores(self.stats)
+        if self.kind == "depth":
+            return M.depth_scores_from_stats(self.stats)
+        if self.target == "normals":
+            return M.normal_scores_from_stats(self.stats)
+        n = max(float(self.stats["count"]), 1.0)
+        return {"l1": float(self.stats["l1"]) / n, "rmse": math.sqrt(float(self.stats["sq"]) / n)}
+
+    def per_class(self) -> list[float] | None:
+        """Per-class IoU (%) of a segmentation scorer."""
+        if self.conf is None:
+            return None
+        return list(M.segmentation_scores(self.conf)["per_class_iou"])  # type: ignore[arg-type]
+
+
+def scorer_for(cfg: FinetuneConfig) -> Scorer:
+    return Scorer(cfg.model.head.kind, target_of(cfg), int(cfg.model.head.num_classes or 0), cfg.data.ignore_index)
+
+
+# ------------------------------------------------------------------------------------ baselines
+
+def fit_baseline(cfg: FinetuneConfig, input_specs: Sequence[Any], limit: int = BASELINE_SAMPLES
+                 ) -> dict[str, Any]:
+    """The constant answer of the training split: {"kind": "class", "value": c} or
+    {"kind": "mean", "value": [per-channel mean]}."""
+    from multimae.training.finetune_data import build_eval_loader
+
+    kind = cfg.model.head.kind
+    K = int(cfg.model.head.num_classes or 0)
+    counts = torch.zeros(max(K, 1), dtype=torch.float64)
+    sums: Tensor | None = None
+    n_px = 0.0
+    seen = 0
+    for batch in build_eval_loader(cfg, input_specs, train_split_stats=True, limit=limit):
+        t = batch[TARGET]
+        if kind in ("classification", "segmentation"):
+            t = t[t != cfg.data.ignore_index] if kind == "segmentation" else t
+            counts += torch.bincount(t.flatten(), minlength=K)[:K].double()
+        else:
+            v = batch[TARGET_VALID].expand_as(t)
+            s = (t.double() * v).sum((0, 2, 3))
+            sums = s if sums is None else sums + s
+            n_px += float(batch[TARGET_VALID].sum())
+        seen += batch[TARGET].shape[0]
+        if seen >= limit:
+            break
+    if kind in ("classification", "segmentation"):
+        return {"kind": "class", "value": int(counts.argmax())}
+    assert sums is not None
+    return {"kind": "mean", "value": (sums / max(n_px, 1.0)).tolist()}
+
+
+def baseline_prediction(baseline: dict[str, Any], batch: dict[str, Any], num_classes: int, kind: str) -> Tensor:
+    """The baseline's prediction for a batch, shaped like the model's."""
+    t = batch[TARGET]
+    B = t.shape[0]
+    if baseline["kind"] == "class":
+        shape = (B, num_classes) if kind == "classification" else (B, num_classes, *t.shape[-2:])
+        pred = torch.zeros(shape)
+        pred[:, baseline["value"]] = 1.0
+        return pred
+    mean = torch.tensor(baseline["value"], dtype=torch.float32)
+    return mean.view(1, -1, 1, 1).expand(B, -1, *t.shape[-2:]).clone()
+
+
+def class_baseline(train_y: Tensor, eval_y: Tensor, num_classes: int) -> dict[str, float]:
+    """top-1 (/top-5) of always answering the most frequent training class (linear probe)."""
+    c = int(torch.bincount(train_y, minlength=num_classes).argmax())
+    logits = torch.zeros(len(eval_y), num_classes)
+    logits[:, c] = 1.0
+    return M.topk_scores(M.topk_stats(logits, eval_y, (1, 5) if num_classes > 5 else (1,)))
+
+
+# ----------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device | str = "cpu",
+                   split: str | None = None, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score ``model`` on ``split`` (default ``data.split``) and the training-split baseline.
+
+    Returns {"metrics", "baseline", "baseline_answer", "per_class_iou"?, "num_samples", "split"}.
+    """
+    from multimae.training.finetune_data import build_eval_loader
+
+    specs = list(model.encoder.specs.values())  # type: ignore[union-attr]
+    split = split or cfg.data.split
+    kind, K = cfg.model.head.kind, int(cfg.model.head.num_classes or 0)
+    baseline = baseline or fit_baseline(cfg, specs)
+    ours, base = scorer_for(cfg), scorer_for(cfg)
+    was_training = model.training
+    model.eval()
+    n = 0
+    for batch in build_eval_loader(cfg, specs, split):
+        with autocast(cfg.train.precision, device):
+            pred = model({s.key: batch[s.key].to(device) for s in specs})
+        ours.update(pred, batch)
+        base.update(baseline_prediction(baseline, batch, K, kind), batch)
+        n += batch[TARGET].shape[0]
+    model.train(was_training)
+    out: dict[str, Any] = {"metrics": ours.scores(), "baseline": base.scores(), "baseline_answer": baseline,
+                           "num_samples": n, "split": split}
+    if kind == "segmentation":
+        out["per_class_iou"] = ours.per_class()
+        out["baseline_per_class_iou"] = base.per_class()
+    return out
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """Markdown table: metric | model | baseline | better."""
+    rows = ["| metric | model | trivial baseline | model better |", "|---|---|---|---|"]
+    for k, v in res["metrics"].items():
+        b = res["baseline"].get(k)
+        hib = HIGHER_IS_BETTER.get(k, True)
+        better = "n/a" if b is None else ("yes" if (v > b if hib else v < b) else "NO")
+        rows.append(f"| {k} | {_fmt(v)} | {_fmt(b)} | {better} |")
+    return "\n".join(rows)
+
+
+def _class_names(cfg: FinetuneConfig) -> list[str] | None:
+    if cfg.data.source != "synthetic":
+        return None
+    from multimae.data.synthetic import LABEL_CLASSES, SEMSEG_CLASSES
+
+    return list(SEMSEG_CLASSES if cfg.model.head.kind == "segmentation" else LABEL_CLASSES)
+
+
+def write_report(res: dict[str, Any], cfg: FinetuneConfig, run_dir: Path, step: int, init: str,
+                 protocol: str = "fine-tune", name: str = "eval") -> Path:
+    """Write ``<name>.md`` (human) and ``<name>.json`` (machine) into ``run_dir``; prints the table."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    answer = res.get("baseline_answer")
+    names = _class_names(cfg)
+    if answer and answer["kind"] == "class" and names:
+        answer_txt = f"always '{names[answer['value']]}'"
+    elif answer and answer["kind"] == "class":
+        answer_txt = f"always class {answer['value']}"
+    elif answer:
+        answer_txt = "the mean training target " + ", ".join(f"{x:.3g}" for x in answer["value"])
+    else:
+        answer_txt = "the most frequent training class"
+    lines = [f"# {protocol}: {cfg.model.head.kind} of '{target_of(cfg)}' from {'+'.join(cfg.model.inputs)}", "",
+             f"{protocol} for {step} steps from {init}. Scored on the '{res['split']}' split "
+             f"({res['num_samples']} samples, {cfg.data.image_size}px, source {cfg.data.source}); the trivial "
+             f"baseline answers {answer_txt} (learnt from the training split).", "", format_table(res), ""]
+    if res.get("per_class_iou"):
+        labels = names or [str(i) for i in range(len(res["per_class_iou"]))]
+        lines += ["| class | IoU | baseline IoU |", "|---|---|---|"]
+        lines += [f"| {c} | {_fmt(a)} | {_fmt(b)} |" for c, a, b in
+                  zip(labels, res["per_class_iou"], res.get("baseline_per_class_iou") or [None] * len(labels))]
+        lines.append("")
+    md = run_dir / f"{name}.md"
+    md.write_text("\n".join(lines))
+    (run_dir / f"{name}.json").write_text(json.dumps({**res, "step": step, "init": init}, indent=2) + "\n")
+    print("\n".join(lines[2:]), flush=True)
+    return md
+
+
+def evaluate_run(path: str | Path, overrides: Sequence[str] = (), device: str = "cpu") -> dict[str, Any]:
+    """Re-score a saved fine-tuning or probe run (``multimae evaluate``): its config from the
+    checkpoint, ``overrides`` applied (e.g. ``data.split=test``); writes ``eval-<split>.md/json``
+    into the run directory and returns the result."""
+    from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
+    from multimae.config import apply_overrides, from_dict
+
+    ckpt = resolve_checkpoint(path)
+    meta = load_meta(ckpt)
+    if meta.get("kind") not in ("finetune", "probe"):
+        from multimae.config import ConfigError
+
+        raise ConfigError(f"{ckpt} is not a fine-tuning or probe run (meta kind {meta.get('kind')!r}); "
+                          "pretraining runs are evaluated at the end of 'multimae pretrain'")
+    cfg = from_dict(FinetuneConfig, apply_overrides(meta["config"], list(overrides)))
+    run_dir = ckpt.parent.parent
+    torch.manual_seed(cfg.train.seed)
+    from multimae.transfer import TransferModel
+
+    model = TransferModel(cfg.model)
+    weights = load_weights(ckpt)
+    if meta["kind"] == "probe":
+        res = _evaluate_probe(model, weights, cfg, device)
+    else:
+        from multimae.checkpoint.convert import load_state_strict
+
+        load_state_strict(model, weights, str(ckpt))
+        res = evaluate_model(model, cfg, device)
+    write_report(res, cfg, run_dir, int(meta["step"]), meta.get("init_report", cfg.init),
+                 protocol="linear probe" if meta["kind"] == "probe" else "fine-tune", name=f"eval-{res['split']}")
+    return res
+
+
+def _evaluate_probe(model: Any, weights: dict[str, Tensor], cfg: FinetuneConfig, device: str) -> dict[str, Any]:
+    from multimae.checkpoint.convert import load_state_strict
+    from multimae.training.finetune_data import build_eval_loader
+    from multimae.training.probe import PROBE_PREFIX, LinearProbe, extract_features, probe_scores
+
+    load_state_strict(model, {k: v for k, v in weights.items() if not k.startswith(PROBE_PREFIX)}, "probe run")
+    K = int(cfg.model.head.num_classes or 0)
+    probe = LinearProbe(model.encoder.dim, K)
+    probe.load_state_dict({k[len(PROBE_PREFIX):]: v for k, v in weights.items() if k.startswith(PROBE_PREFIX)})
+    specs = list(model.encoder.specs.values())
+    x, y = extract_features(model, build_eval_loader(cfg, specs), torch.device(device))
+    train_y = torch.cat([b[TARGET] for b in build_eval_loader(cfg, specs, train_split_stats=True)])
+    return {"metrics": probe_scores(probe, x, y, K), "baseline": class_baseline(train_y, y, K),
+            "num_samples": len(y), "split": cfg.data.split}
+
