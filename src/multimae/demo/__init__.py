@@ -8,11 +8,12 @@ beside its target.
 
 Why Starlette + uvicorn and a static page: the UI is one patch-grid page whose state (which
 patches are hidden, what is selected) lives in the browser and changes on every click; it needs
-canvases and a handful of JSON calls, nothing a UI framework adds. Starlette and uvicorn
-install in about 2 MB (plus h11, click, anyio, already common), against tens of MB of
-dependencies for Gradio (FastAPI, pydantic, pandas, a bundled front end), whose components do
-not offer a clickable patch grid without custom JavaScript anyway. The page is plain HTML/JS
-with no build step. The dependencies are the optional extra ``multimae[demo]``.
+canvases and a handful of JSON calls, nothing a UI framework adds. Starlette and uvicorn are
+two packages of under 1 MB each (h11, click and anyio were already installed), where Gradio
+would add 20 packages (its client, FastAPI, pandas, pydub, orjson, ... by ``pip install
+--dry-run gradio``) and its components still offer no clickable patch grid without custom
+JavaScript. The page is plain HTML/JS with no build step. The dependencies are the optional
+extra ``multimae[demo]``.
 
 :mod:`.engine` is the model side (no web code), :mod:`.app` the HTTP side.
 """
