@@ -42,7 +42,7 @@ def _pretrain(tmp_path: Path, root: Path, name: str, *extra: str) -> tuple[int, 
     return rc, tmp_path / "runs" / name
 
 
-def test_train_only_folder_trains_and_skips_evaluation_with_one_notice(tmp_path, caplog):
+def test_train_only_folder_trains_and_skips_evaluation_with_one_notice(tmp_path, caplog, capsys):
     root = _train_only_folder(tmp_path / "data")
     with caplog.at_level(logging.WARNING, logger="multimae.data"):
         rc, run = _pretrain(tmp_path, root, "plain", "data.num_workers=0")  # eval_at_end and figure: on
@@ -52,6 +52,9 @@ def test_train_only_folder_trains_and_skips_evaluation_with_one_notice(tmp_path,
     notices = [r.getMessage() for r in caplog.records if "no validation split" in r.getMessage()]
     assert len(notices) == 1 and "data.val_fraction" in notices[0] and "skipped" in notices[0]
     assert not (run / "eval.md").exists() and not (run / "reconstruction.png").exists()
+    capsys.readouterr()
+    assert main(["visualize", "--checkpoint", str(run)]) == 2  # held-out figure: nothing held out
+    assert "no held-out samples" in capsys.readouterr().err
 
 
 def test_holdout_is_fixed_by_the_sample_names():

@@ -28,7 +28,11 @@ def load_pretrained(path: str | Path) -> tuple[MultiMAE, PretrainConfig, Path]:
 
 
 def visualize_heldout(model: MultiMAE, cfg: PretrainConfig, num: int = 3, seed: int = 0) -> torch.Tensor:
-    batch, plan = eval_batches(BatchSpec.of(model), cfg.data, cfg.mask, seed, batch_size=num, limit=num)[0]
+    batches = eval_batches(BatchSpec.of(model), cfg.data, cfg.mask, seed, batch_size=num, limit=num)
+    if not batches:
+        raise DataError(f"the run's data ({cfg.data.source} {cfg.data.root}) has no held-out samples (no "
+                        f"{cfg.data.val_split} split, data.val_fraction=0); pass image files with --input")
+    batch, plan = batches[0]
     return reconstruction_grid(model, batch, plan, num, vocab=run_vocabulary(model, cfg))
 
 
