@@ -86,7 +86,8 @@ def _compared(cfg, model, specs) -> dict:
         and specs["norm_rgb"].key == "rgb",
         "model": {(768, 12, 12): "pretrain_multimae_base"}.get((model.dim, model.depth, model.num_heads), "?"),
         "decoder_dim": model.decoder_dim,
-        "input_size": cfg.data.image_size if cfg.data.image_size == model.image_size else -1,
+        # the data's size: its own, or (left unset) the model's
+        "input_size": model.image_size if cfg.data.image_size in (None, model.image_size) else -1,
         "patch_size": model.patch_size,
         "alphas": cfg.mask.alpha if cfg.mask.strategy == "dirichlet" else -1,
         "num_encoded_tokens": cfg.mask.num_visible,
