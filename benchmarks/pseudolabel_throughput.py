@@ -99,8 +99,8 @@ def main() -> None:
         f"Machine: {machine()}.",
         f"Load average (1 min) {load_before[0]:.1f} before and {load_after[0]:.1f} after: the machine was shared "
         "with other jobs, so wall-clock numbers are noisy (compare rows of one run, not runs). The CPU seconds "
-        "this process used per image depend much less on the other jobs; on an idle machine with 2 threads "
-        "busy, images/s would be about 2 / (CPU seconds per image).",
+        "this process used per image depend much less on the other jobs; on an idle machine images/s would lie "
+        "between 1 and 2 / (CPU seconds per image) (decoding and PNG encoding run on one thread).",
         "",
         "The tiny models are toys (about 0.2M and 0.35M parameters, 64 px / 48-96 px inputs): their rows show "
         "the cost of the pipeline around a model. The MultiMAE-base labeller has random weights, which label "
