@@ -1,12 +1,12 @@
 """Figure for the README: images, their pseudo depth and pseudo semseg, exactly as written to disk by
 ``multimae pseudolabel`` and read back with FolderDataset.
 
-The labeller is a MultiMAE of this library (rgb in; depth and semseg out), by default the quick-start
-run trained on synthetic scenes (``multimae pretrain --config configs/pretrain/synthetic-tiny.yaml
-train.run_name=pl-labeler``). Rows: synthetic scenes it never saw in training (in-domain), then a
-scikit-image photo (out of domain: the model only knows rooms of boxes, cones, cylinders and spheres).
+The labeller is a MultiMAE of this library (rgb in; depth and semseg out) trained on synthetic scenes;
+docs/img/pseudolabel.png used the quick-start run (``make run``) at step 400 of 768. Rows: synthetic
+scenes it never saw in training (in-domain), then a scikit-image photo (out of domain: the model only
+knows rooms of boxes, cones, cylinders and spheres).
 
-    python benchmarks/make_pseudolabel_figure.py --labeler runs/pl-labeler [--out docs/img/pseudolabel.png]
+    python benchmarks/make_pseudolabel_figure.py --labeler runs/synthetic-tiny/checkpoints/step-000000400 [--out docs/img/pseudolabel.png]
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def tile(img: Tensor, text: str) -> np.ndarray:  # noqa: F821 (torch.Tensor)
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--labeler", default="runs/pl-labeler", help="a multimae run or checkpoint directory")
+    ap.add_argument("--labeler", default="runs/synthetic-tiny", help="a multimae run or checkpoint directory")
     ap.add_argument("--out", default="docs/img/pseudolabel.png")
     args = ap.parse_args()
     from skimage import data
