@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from multimae.layers.attention import set_attention_mode
+from multimae.layers.attention import set_attention
 from multimae.masking import dirichlet_plan
 from multimae.model import ModelConfig, MultiMAE
 from multimae.perf import tune_malloc
@@ -285,7 +285,7 @@ class Steps:
 
     def step(self, ctx: contextlib.AbstractContextManager | None = None) -> float:
         """One training step on a fresh batch and plan; returns its wall time (s)."""
-        set_attention_mode(self.attention)
+        set_attention(self.model, self.attention)
         a = self.args
         batch = make_batch(a.batch, a.image_size, self.gen)
         plan = dirichlet_plan(self.counts, a.batch, a.visible, alpha=1.0, generator=self.gen)
@@ -733,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         variants += [Variant(v.preset, v.precision, v.attention, True) for v in list(variants)]
     groups: dict[tuple[str, str, str], list[Variant]] = {}
-    for v in variants:  # compiled models are timed alone: the attention switch is read at trace time
+    for v in variants:  # compiled models are timed alone: the attention mode is read at trace time
         groups.setdefault((v.preset, v.precision, f"compiled {v.attention}" if v.compiled else ""), []).append(v)
     rows = []
     for group in groups.values():
@@ -750,7 +750,6 @@ def main(argv: list[str] | None = None) -> int:
                 big = max(mine, key=lambda r: (order.get(r.variant.preset, 0), r.images_per_s))
                 log(f"timing the ops of one step of {big.variant.name}")
                 bds.append(profile_variant(big.variant, args))
-    set_attention_mode("auto")
     peak_pass()
     print(table(rows, peaks))
     print()

@@ -59,7 +59,7 @@ class MaskPlan:
         return MaskPlan({k: self.masks[k] for k in names})
 
 
-def sample_gamma(alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def sample_gamma(alpha: Tensor, generator: torch.Generator) -> Tensor:
     """Gamma(alpha, 1) samples, elementwise, drawn from ``generator`` (Marsaglia-Tsang).
 
     alpha: (...) positive float -> (...) float. alpha < 1 uses the boost Gamma(a+1) * U^(1/a).
@@ -86,7 +86,7 @@ def sample_gamma(alpha: Tensor, generator: torch.Generator | None = None) -> Ten
     return out
 
 
-def sample_dirichlet(alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def sample_dirichlet(alpha: Tensor, generator: torch.Generator) -> Tensor:
     """Dirichlet draws along the last axis. alpha: (B, M) >= 0; a zero alpha gets weight 0."""
     g = torch.where(alpha > 0, sample_gamma(alpha.clamp_min(1e-6), generator), torch.zeros((), dtype=torch.float64))
     total = g.sum(-1, keepdim=True)
@@ -124,8 +124,7 @@ def _round_to_budget(shares: Tensor, budget: Tensor, capacity: Tensor) -> Tensor
     return counts
 
 
-def select_uniform(num_tokens: int, counts: Tensor, valid: Tensor | None = None,
-                   generator: torch.Generator | None = None) -> Tensor:
+def select_uniform(num_tokens: int, counts: Tensor, valid: Tensor | None, generator: torch.Generator) -> Tensor:
     """Mask (B, num_tokens), True = hidden, with ``counts[b]`` visible tokens drawn uniformly
     without replacement among the ``valid`` ones (all when None)."""
     B = counts.shape[0]
@@ -137,7 +136,7 @@ def select_uniform(num_tokens: int, counts: Tensor, valid: Tensor | None = None,
 
 
 def dirichlet_plan(token_counts: Mapping[str, int], batch_size: int, num_visible: int, alpha: float | Sequence[float] = 1.0,
-                   generator: torch.Generator | None = None, present: Mapping[str, Tensor] | None = None,
+                   *, generator: torch.Generator, present: Mapping[str, Tensor] | None = None,
                    valid: Mapping[str, Tensor] | None = None, sample_subsets: bool = False,
                    device: torch.device | str = "cpu") -> MaskPlan:
     """MultiMAE masking: ``num_visible`` tokens per sample split across modalities by Dirichlet(alpha).
@@ -190,7 +189,7 @@ def dirichlet_plan(token_counts: Mapping[str, int], batch_size: int, num_visible
 
 def ratio_plan(token_counts: Mapping[str, int], batch_size: int,
                mask_ratio: Mapping[str, float | tuple[float, float]],
-               generator: torch.Generator | None = None, valid: Mapping[str, Tensor] | None = None,
+               generator: torch.Generator, valid: Mapping[str, Tensor] | None = None,
                present: Mapping[str, Tensor] | None = None, device: torch.device | str = "cpu") -> MaskPlan:
     """M3AE masking: per modality, hide ``round(ratio * n_valid)`` of each sample's valid tokens.
 

@@ -8,8 +8,8 @@ Conventions for a batch (``dict[str, Tensor]``) after the data transforms:
 
 * ``kind="image"`` / ``"dense"``: float ``(B, channels, H / stride, W / stride)``.
 * ``kind="categorical"``: int64 class ids ``(B, H / stride, W / stride)``.
-* ``kind="text"``: int64 token ids ``(B, L)`` plus a bool ``f"{name}_pad"`` ``(B, L)``
-  (True = padding).
+* ``kind="text"``: int64 token ids ``(B, L)``; its padding travels in the batch's
+  ``pad[name]`` ``(B, L)`` bool (True = padding; :class:`multimae.batch.Batch`).
 """
 from __future__ import annotations
 
@@ -92,6 +92,19 @@ class ModalitySpec:
     def patch(self, patch_size: int) -> int:
         """Patch side of this modality at its own resolution."""
         return max(1, patch_size // self.stride)
+
+    def grid(self, shape: tuple[int, ...] | list[int], patch_size: int) -> tuple[int, int] | None:
+        """(rows, cols) of the token grid of a tensor of this modality with ``shape`` (its last
+        two dims are the spatial ones, at 1/stride); None for text (a sequence)."""
+        if not self.is_spatial:
+            return None
+        p = self.patch(patch_size)
+        return shape[-2] // p, shape[-1] // p
+
+    def num_tokens(self, shape: tuple[int, ...] | list[int], patch_size: int) -> int:
+        """Tokens of a batch tensor of this modality: (B, L) text -> L; grids -> rows * cols."""
+        grid = self.grid(shape, patch_size)
+        return int(shape[1]) if grid is None else grid[0] * grid[1]
 
     def with_(self, **changes: object) -> "ModalitySpec":
         """A copy with some fields changed (e.g. ``semseg.with_(num_classes=21)``)."""

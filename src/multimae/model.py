@@ -16,7 +16,8 @@ from multimae import modalities as M
 from multimae.adapters.input import build_input_adapter
 from multimae.adapters.output import EncodedTokens, Segment, SpatialDecoder
 from multimae.adapters.text import SharedDecoder, TextDecoder
-from multimae.layers.attention import Block
+from multimae.batch import Batch
+from multimae.layers.attention import Block, set_attention
 from multimae.losses import masked_mean, token_loss
 from multimae.masking import MaskPlan
 from multimae.presets import preset as get_preset
@@ -56,6 +57,9 @@ class ModelConfig:
     # a final LayerNorm after the encoder blocks: MultiMAE has none; MAE / timm ViTs do (kept when
     # their weights are imported, so features match theirs; see multimae.checkpoint.vit)
     encoder_norm: bool = False
+    # attention kernel of every layer: "auto" (explicit softmax(qk)v for CPU bf16/fp16, where it
+    # is faster, fused SDPA elsewhere), "fused" or "manual"; same values up to rounding
+    attention: Literal["auto", "fused", "manual"] = "auto"
 
     def resolved(self) -> "ModelConfig":
         """A copy with every size filled in from the preset."""
@@ -127,6 +131,7 @@ class MultiMAE(nn.Module):
                                                 cfg.mlp_ratio, context_names=list(self.input_specs))
         else:
             self.output_adapters = nn.ModuleDict({n: self._build_decoder(s) for n, s in self.output_specs.items()})
+        set_attention(self, cfg.attention)
         self.reset_parameters()
 
     def _build_decoder(self, spec: M.ModalitySpec) -> nn.Module:
@@ -214,12 +219,8 @@ class MultiMAE(nn.Module):
         for n in names:
             spec = self.input_specs[n]
             t = self.input_adapters[n](batch[spec.key])
-            grid = None
-            if spec.is_spatial:
-                x = batch[spec.key]
-                grid = (x.shape[-2] * spec.stride // p, x.shape[-1] * spec.stride // p)
             toks.append(t)
-            layout.append(Segment(n, start, t.shape[1], grid))
+            layout.append(Segment(n, start, t.shape[1], spec.grid(batch[spec.key].shape, p)))
             start += t.shape[1]
         return torch.cat(toks, dim=1), layout
 
@@ -237,17 +238,14 @@ class MultiMAE(nn.Module):
             raise ValueError(f"batch has none of the model's inputs {sorted(self.input_specs)}; keys: {sorted(batch)}")
         return names
 
-    def encode(self, batch: dict[str, Any], plan: MaskPlan | None = None) -> EncodedTokens:
+    def encode(self, batch: Batch | dict[str, Any], plan: MaskPlan | None = None) -> EncodedTokens:
         """Tokenise, keep the visible tokens and run the encoder. No plan = every token visible.
 
-        Text padding (``batch[f"{name}_pad"]``, True = pad) is never encoded.
+        Tokens that do not exist (text padding, a sample lacking the modality: ``Batch.pad`` /
+        ``Batch.present``) are never encoded.
         """
-        known = self._known_keys()
-        unknown = [k for k in batch if isinstance(batch[k], Tensor) and k not in known
-                   and k.removesuffix("_pad").removesuffix("_present") not in M.registered()]
-        if unknown:
-            raise KeyError(f"unknown modality {unknown[0]!r} in batch; model inputs: {sorted(self.input_specs)}, "
-                           f"outputs: {sorted(self.output_specs)}")
+        batch = Batch.of(batch)
+        self._check_keys(batch)
         names = self._input_names(batch, plan)
         self.image_size_of(batch)  # all spatial modalities must agree
         tokens, layout = self.tokenize(batch, names)
@@ -258,29 +256,24 @@ class MultiMAE(nn.Module):
             m = plan.masks[seg.name] if plan is not None else torch.zeros(B, seg.length, dtype=torch.bool)
             if tuple(m.shape) != (B, seg.length):
                 raise ValueError(f"mask of {seg.name!r} has shape {tuple(m.shape)}, expected ({B}, {seg.length})")
-            m = m.to(dev)
-            # padding (text) and samples lacking the modality (unpaired data) are never encoded
-            pad = self._absent(batch, self.input_specs[seg.name].key, B, seg.length, dev)
+            pad = batch.absent(self.input_specs[seg.name].key, seg.length, dev)
             pads.append(pad)
-            masks.append(m | pad)
+            masks.append(m.to(dev) | pad)
         masked = torch.cat(masks, dim=1)
         enc = self._encode_visible(tokens, masked, layout)
         pad_all = torch.cat(pads, dim=1)
         enc.pad = pad_all if bool(pad_all.any()) else None
         return enc
 
-    @staticmethod
-    def _absent(batch: dict[str, Any], key: str, B: int, N: int, device: torch.device) -> Tensor:
-        """(B, N) bool: tokens that do not exist -- ``{key}_pad`` positions and every token of a
-        sample whose ``{key}_present`` is False."""
-        out = torch.zeros(B, N, dtype=torch.bool, device=device)
-        pad = batch.get(f"{key}_pad")
-        if pad is not None:
-            out |= pad.to(device).bool()
-        present = batch.get(f"{key}_present")
-        if present is not None:
-            out |= ~present.to(device).bool()[:, None]
-        return out
+    def _check_keys(self, batch: Batch) -> None:
+        """A tensor under a key that is neither one of this model's modalities nor a registered
+        one is an error (a typo would otherwise silently drop an input and its loss)."""
+        ours = {s.key for s in (*self.input_specs.values(), *self.output_specs.values())}
+        unknown = [k for k in batch if k not in ours and k not in M.registered()]
+        if unknown:
+            raise KeyError(f"unknown modality {unknown[0]!r} in batch; model inputs: {sorted(self.input_specs)}, "
+                           f"outputs: {sorted(self.output_specs)} (padding and presence go in Batch.pad / "
+                           "Batch.present, other fields in Batch.extra: multimae.batch.Batch)")
 
     def _encode_visible(self, tokens: Tensor, masked: Tensor, layout: list[Segment]) -> EncodedTokens:
         B, N, D = tokens.shape
@@ -314,10 +307,12 @@ class MultiMAE(nn.Module):
         with torch.autocast(enc.tokens.device.type, enabled=False):
             return self.output_adapters[task](replace(enc, tokens=enc.tokens.float()), grid)
 
-    def forward(self, batch: dict[str, Any], plan: MaskPlan | None = None, tasks: Sequence[str] | None = None,
+    def forward(self, batch: Batch | dict[str, Any], plan: MaskPlan | None = None, tasks: Sequence[str] | None = None,
                 compute_loss: bool = True) -> Outputs:
-        """batch: modality -> tensor (see :mod:`multimae.modalities`); plan: which tokens to hide
-        (None: encode all tokens of the given modalities); tasks: decoders to run (default all)."""
+        """batch: a :class:`~multimae.batch.Batch`, or a plain dict modality key -> tensor (see
+        :mod:`multimae.modalities`); plan: which tokens to hide (None: encode all tokens of the
+        given modalities); tasks: decoders to run (default all)."""
+        batch = Batch.of(batch)
         enc = self.encode(batch, plan)
         preds = self.decode(enc, self.image_size_of(batch), tasks)
         used = MaskPlan({s.name: enc.masked[:, s.start:s.end] for s in enc.layout})
@@ -329,9 +324,10 @@ class MultiMAE(nn.Module):
                 out.loss = sum(w.get(t, 1.0) * l for t, l in out.losses.items())
         return out
 
-    def losses(self, preds: dict[str, Tensor], batch: dict[str, Any], plan: MaskPlan) -> dict[str, Tensor]:
+    def losses(self, preds: dict[str, Tensor], batch: Batch | dict[str, Any], plan: MaskPlan) -> dict[str, Tensor]:
         """Per-task loss on the tokens hidden from the encoder (all tokens if the task's
-        modality was not an input); padding never counts."""
+        modality was not an input); tokens that do not exist (padding, absent samples) never count."""
+        batch = Batch.of(batch)
         out = {}
         p = self.config.patch_size
         for t, pred in preds.items():
@@ -342,14 +338,8 @@ class MultiMAE(nn.Module):
             src = next((n for n, s in self.input_specs.items() if s.key == spec.key and n in plan.masks), None)
             weight = plan.masks[src] if src is not None else None
             per_token = token_loss(pred, target, spec, spec.patch(p))
-            if f"{spec.key}_pad" in batch or f"{spec.key}_present" in batch:
-                absent = self._absent(batch, spec.key, *per_token.shape, per_token.device)
+            if batch.has_absent(spec.key):
+                absent = batch.absent(spec.key, per_token.shape[1], per_token.device)
                 weight = (~absent if weight is None else weight & ~absent)
             out[t] = masked_mean(per_token, weight)
         return out
-
-    def _known_keys(self) -> set[str]:
-        keys = set()
-        for s in list(self.input_specs.values()) + list(self.output_specs.values()):
-            keys |= {s.key, f"{s.key}_pad", f"{s.key}_present"}
-        return keys | {"label", "depth_raw"}

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from multimae.batch import Batch
 from multimae.losses import norm_pix, patchify, unpatchify
 from multimae.masking import MaskPlan
 from multimae.model import MultiMAE
@@ -108,11 +109,12 @@ def _text_tiles(name: str, pred: Tensor, target: Tensor, hidden: Tensor, pad: Te
                              3 * size + 8, int(size * 1.6)), f"{name}: masked / predicted / true")]
 
 
-def panel(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan | None, i: int, size: int, title: str,
+def panel(model: MultiMAE, batch: Batch | dict[str, Any], plan: MaskPlan | None, i: int, size: int, title: str,
           encode: Sequence[str] | None = None, vocab: Sequence[str] | None = None) -> np.ndarray:
     """One row: for every output task, [masked input | prediction | target] of sample i.
     ``encode``: batch keys given to the model (default all); targets always come from ``batch``."""
-    inputs = batch if encode is None else {k: batch[k] for k in encode}
+    batch = Batch.of(batch)
+    inputs = batch if encode is None else batch.select(list(encode))
     with torch.no_grad():
         out = model(inputs, plan, compute_loss=False)
     p = model.config.patch_size
@@ -124,7 +126,7 @@ def panel(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan | None, i: int,
         if spec.kind == "text":
             if tgt is not None and src is not None and vocab is not None:
                 tiles += _text_tiles(t, pred, tgt[i].cpu(), out.encoded.masked[i, src.start:src.end].cpu(),
-                                     batch[f"{spec.key}_pad"][i].cpu(), vocab, size)
+                                     batch.absent(spec.key, tgt.shape[1])[i].cpu(), vocab, size)
             continue
         if spec.norm_pix and tgt is not None:  # show in pixel space with the target's patch statistics
             tp = patchify(tgt[i:i + 1].float().cpu(), p)
@@ -145,14 +147,14 @@ def panel(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan | None, i: int,
     return np.concatenate([_label(head, title), row], axis=0)
 
 
-def reconstruction_grid(model: MultiMAE, batch: dict[str, Any], plan: MaskPlan, num_samples: int = 2,
+def reconstruction_grid(model: MultiMAE, batch: Batch | dict[str, Any], plan: MaskPlan, num_samples: int = 2,
                         size: int = 96, vocab: Sequence[str] | None = None) -> Tensor:
     """Figure for the first ``num_samples`` of a batch: random-mask and cross-modal panels.
     Returns uint8 (3, H, W)."""
     source = next(iter(model.input_specs.values()))
     rows = []
     for i in range(min(num_samples, plan.masks[next(iter(plan.masks))].shape[0])):
-        one = {k: v[i:i + 1] if isinstance(v, Tensor) else v for k, v in batch.items()}
+        one = Batch.of(batch).rows(slice(i, i + 1))
         one_plan = MaskPlan({k: m[i:i + 1] for k, m in plan.masks.items()})
         rows.append(panel(model, one, one_plan, 0, size, f"sample {i}: random masks", vocab=vocab))
         # cross-modal: the other inputs present but fully hidden (text decoders need their positions)

@@ -22,7 +22,7 @@ def _batch():
 def test_listed_decoder_runs_in_fp32_under_bf16_autocast():
     model = _model(fp32_outputs=["semseg"])
     batch = _batch()
-    plan = dirichlet_plan(model.token_counts(32), 2, 12, 1.0, torch.Generator().manual_seed(0))
+    plan = dirichlet_plan(model.token_counts(32), 2, 12, 1.0, generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch, plan)
     assert out.preds["semseg"].dtype == torch.float32

@@ -96,7 +96,7 @@ def test_ratio_range_draws_one_ratio_per_sample():
     again = ratio_plan({"caption": N, "rgb": 16}, B, {"caption": (0.5, 1.0), "rgb": 0.75}, generator=gen(3))
     assert torch.equal(again.masks["caption"], plan.masks["caption"])
     with pytest.raises(ValueError, match="mask ratio of 'caption'"):
-        ratio_plan({"caption": N}, 2, {"caption": (0.9, 0.5)})
+        ratio_plan({"caption": N}, 2, {"caption": (0.9, 0.5)}, gen(0))
 
 
 def test_user_masks_validated():

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from multimae.adapters.output import EncodedTokens, SpatialDecoder
 from multimae.adapters.text import SharedDecoder, TextDecoder, TextInput
+from multimae.batch import Batch
 from multimae.masking import MaskPlan, ratio_plan
 from multimae.model import ModelConfig, MultiMAE
 from multimae.modalities import CAPTION, RGB
@@ -32,7 +33,7 @@ def _text_support(monkeypatch):
     def encode_with_pad(self, batch, plan=None):
         enc = encode(self, batch, plan)
         if enc.pad is None:
-            pads = [batch.get(f"{self.input_specs[s.name].key}_pad") for s in enc.layout]
+            pads = [Batch.of(batch).pad.get(self.input_specs[s.name].key) for s in enc.layout]
             if any(p is not None for p in pads):
                 B = enc.masked.shape[0]
                 enc.pad = torch.cat([p.bool() if p is not None else torch.zeros(B, s.length, dtype=torch.bool)
@@ -50,7 +51,7 @@ def make_model(outputs=("rgb",)):
     return MultiMAE(cfg).eval()
 
 
-def text_batch(L: int, seed: int = 0) -> dict:
+def text_batch(L: int, seed: int = 0) -> Batch:
     """Captions of LENGTHS real tokens, padded to L (the real ids and the image do not depend on L)."""
     g = torch.Generator().manual_seed(seed)
     B = len(LENGTHS)
@@ -59,7 +60,7 @@ def text_batch(L: int, seed: int = 0) -> dict:
     pad = torch.ones(B, L, dtype=torch.bool)
     for i, n in enumerate(LENGTHS):
         ids[i, :n], pad[i, :n] = real[i, :n], False
-    return {"rgb": torch.randn(B, 3, S, S, generator=g), "caption": ids, "caption_pad": pad}
+    return Batch({"rgb": torch.randn(B, 3, S, S, generator=g), "caption": ids}, pad={"caption": pad})
 
 
 def plans(seed: int = 0) -> tuple[MaskPlan, MaskPlan]:
@@ -67,7 +68,7 @@ def plans(seed: int = 0) -> tuple[MaskPlan, MaskPlan]:
     b = text_batch(8)
     g = torch.Generator().manual_seed(seed)
     p8 = ratio_plan({"rgb": GRID[0] * GRID[1], "caption": 8}, len(LENGTHS), {"rgb": 0.75, "caption": 0.5}, g,
-                    valid={"caption": ~b["caption_pad"]})
+                    valid={"caption": ~b.pad["caption"]})
     extra = torch.ones(len(LENGTHS), 8, dtype=torch.bool)
     return p8, MaskPlan({"rgb": p8.masks["rgb"], "caption": torch.cat([p8.masks["caption"], extra], 1)})
 
@@ -109,7 +110,7 @@ def test_padding_never_leaks_into_encoder_or_rgb(masked):
         assert torch.allclose(a.preds[t], b.preds[t], atol=1e-5), t
         assert torch.allclose(a.losses[t], b.losses[t], atol=1e-6), t
     # padded positions are never encoded: the encoder sees exactly the real, unmasked tokens
-    real = ~text_batch(8)["caption_pad"]
+    real = ~text_batch(8).pad["caption"]
     vis_text = ~a.plan.masks["caption"]
     assert not bool((vis_text & ~real).any())
     if not masked:
@@ -138,7 +139,7 @@ def test_text_loss_counts_only_masked_non_pad_tokens(monkeypatch):
     plan = MaskPlan({"rgb": p8.masks["rgb"], "caption": torch.cat([p8.masks["caption"], torch.ones(3, 4, dtype=torch.bool)], 1)})
     with torch.no_grad():
         out = model(batch, plan)
-    pad = batch["caption_pad"]
+    pad = batch.pad["caption"]
     counted = plan.masks["caption"] & ~pad
     assert bool(counted.any()) and bool((plan.masks["caption"] & pad).any())
     ce = F.cross_entropy(out.preds["caption"].transpose(1, 2), batch["caption"], reduction="none")
@@ -147,7 +148,8 @@ def test_text_loss_counts_only_masked_non_pad_tokens(monkeypatch):
     assert torch.allclose(out.losses["caption"], expected, atol=1e-6)
     # changing the targets at visible or padded positions does not change the loss; at counted ones it does
     for where, changes in ((~plan.masks["caption"], False), (pad, False), (counted, True)):
-        b2 = dict(batch, caption=torch.where(where, (batch["caption"] + 7) % V, batch["caption"]))
+        b2 = Batch({**batch.tensors, "caption": torch.where(where, (batch["caption"] + 7) % V, batch["caption"])},
+                   pad=batch.pad)
         loss = model.losses(out.preds, b2, out.plan)["caption"]
         assert bool(~torch.isclose(loss, out.losses["caption"])) == changes
 
@@ -161,7 +163,7 @@ def _encoded(L: int, plan=None) -> tuple[MultiMAE, EncodedTokens]:
     with torch.no_grad():
         enc = model.encode(batch, plan)
     B = len(LENGTHS)
-    enc.pad = torch.cat([torch.zeros(B, GRID[0] * GRID[1], dtype=torch.bool), batch["caption_pad"]], 1)
+    enc.pad = torch.cat([torch.zeros(B, GRID[0] * GRID[1], dtype=torch.bool), batch.pad["caption"]], 1)
     return model, enc
 
 

@@ -151,21 +151,21 @@ def test_text_collator_present_flags_and_masking():
                {"rgb": torch.full((3, 8, 8), 2.0), "__key__": "i", "__source__": "image"},
                {"caption": "a blue sphere", "__key__": "t", "__source__": "text"}]
     b = collate(samples)
-    assert b["caption"].shape == (3, 6) and b["caption_pad"].shape == (3, 6)
-    assert b["caption_present"].tolist() == [True, False, True] and b["rgb_present"].tolist() == [True, True, False]
-    assert bool(b["caption_pad"][1].all()) and not bool(b["caption_pad"][0, :3].any())
+    assert b["caption"].shape == (3, 6) and b.pad["caption"].shape == (3, 6)
+    assert b.present["caption"].tolist() == [True, False, True] and b.present["rgb"].tolist() == [True, True, False]
+    assert bool(b.pad["caption"][1].all()) and not bool(b.pad["caption"][0, :3].any())
     assert b["rgb"].shape == (3, 3, 8, 8) and float(b["rgb"][2].abs().sum()) == 0.0 and float(b["rgb"][1, 0, 0, 0]) == 2
-    assert b["__key__"] == ["p", "i", "t"] and b["__source__"] == ["paired", "image", "text"]
+    assert b.extra["__key__"] == ["p", "i", "t"] and b.extra["__source__"] == ["paired", "image", "text"]
     # an absent modality gets no visible token
     plan = ratio_plan({"rgb": 4, "caption": 6}, 3, {"rgb": 0.5, "caption": 0.5}, torch.Generator().manual_seed(0),
-                      valid={"caption": ~b["caption_pad"]}, present={"rgb": b["rgb_present"], "caption": b["caption_present"]})
+                      valid={"caption": ~b.pad["caption"]}, present={"rgb": b.present["rgb"], "caption": b.present["caption"]})
     assert bool(plan.masks["rgb"][2].all()) and bool(plan.masks["caption"][1].all())
-    assert not bool((~plan.masks["caption"] & b["caption_pad"]).any())
+    assert not bool((~plan.masks["caption"] & b.pad["caption"]).any())
     # a batch without any image: zeros of a declared shape, or no image key at all
     text_only = [samples[2], samples[2]]
     assert "rgb" not in collate(text_only)
     b2 = TextCollator(enc, image_shapes={"rgb": (3, 8, 8)})(text_only)
-    assert b2["rgb"].shape == (2, 3, 8, 8) and not bool(b2["rgb_present"].any())
+    assert b2["rgb"].shape == (2, 3, 8, 8) and not bool(b2.present["rgb"].any())
     with pytest.raises(DataError, match=r"cannot collate 'rgb' of sample i: \(3, 4, 4\), expected"):
         collate([samples[0], {"rgb": torch.ones(3, 4, 4), "__key__": "i"}])
     with pytest.raises(DataError, match="cannot collate 'label'"):

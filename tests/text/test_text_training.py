@@ -2,6 +2,8 @@
 absent modalities contribute no tokens and no loss."""
 import torch
 
+from multimae.batch import Batch
+
 from multimae.config import load_config
 from multimae.training.config import PretrainConfig
 from multimae.training.loop import Trainer
@@ -21,19 +23,18 @@ def trainer(tmp_path, *extra):
 def test_paired_image_only_and_text_only_batches_train(tmp_path):
     tr = trainer(tmp_path, "train.run_name=mix")
     batch, plan = next(iter(tr.loader))
-    assert batch["caption"].dtype == torch.int64 and batch["caption_pad"].dtype == torch.bool
+    assert batch["caption"].dtype == torch.int64 and batch.pad["caption"].dtype == torch.bool
     n_text = tr.model.input_specs["caption"].num_classes
     assert n_text == tr.loader.collate_fn.text.encoder.vocab_size  # vocabulary sized from the tokenizer
     B = batch["rgb"].shape[0]
     for kind in ("paired", "image_only", "text_only"):
-        b = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        b["rgb_present"] = torch.ones(B, dtype=torch.bool)
-        b["caption_present"] = torch.ones(B, dtype=torch.bool)
+        b = Batch({k: v.clone() for k, v in batch.items()}, pad={k: v.clone() for k, v in batch.pad.items()},
+                  present={"rgb": torch.ones(B, dtype=torch.bool), "caption": torch.ones(B, dtype=torch.bool)})
         if kind == "image_only":
-            b["caption_present"][:] = False
-            b["caption_pad"][:] = True
+            b.present["caption"][:] = False
+            b.pad["caption"][:] = True
         if kind == "text_only":
-            b["rgb_present"][:] = False
+            b.present["rgb"][:] = False
             b["rgb"].zero_()
         plan = tr.loader.collate_fn.plan(b, torch.Generator().manual_seed(0))
         before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
@@ -56,11 +57,11 @@ def test_paired_image_only_and_text_only_batches_train(tmp_path):
 def test_ratio_masking_honoured_per_sample(tmp_path):
     tr = trainer(tmp_path, "train.run_name=ratio")
     batch, plan = next(iter(tr.loader))
-    real = (~batch["caption_pad"]).sum(1)
+    real = (~batch.pad["caption"]).sum(1)
     vis = (~plan.masks["caption"]).sum(1)
     assert torch.equal(vis, real - torch.round(real.double() * 0.75).long())
     assert torch.equal((~plan.masks["rgb"]).sum(1), torch.full_like(vis, 4))  # 16 tokens, 75% hidden
-    assert not ((~plan.masks["caption"]) & batch["caption_pad"]).any()
+    assert not ((~plan.masks["caption"]) & batch.pad["caption"]).any()
 
 
 def test_unpaired_mixing_fractions(tmp_path):
@@ -68,8 +69,8 @@ def test_unpaired_mixing_fractions(tmp_path):
                  "train.batch_size=64")
     counts = torch.zeros(3)
     for i, (b, _) in enumerate(tr.loader):
-        counts += torch.stack([(b["caption_present"] & b["rgb_present"]).sum(), (~b["caption_present"]).sum(),
-                               (~b["rgb_present"]).sum()]).float()
+        counts += torch.stack([(b.present["caption"] & b.present["rgb"]).sum(), (~b.present["caption"]).sum(),
+                               (~b.present["rgb"]).sum()]).float()
     frac = counts / counts.sum()
     assert torch.allclose(frac, torch.tensor([0.5, 0.25, 0.25]), atol=0.08)
 
@@ -82,7 +83,7 @@ def test_multitask_m3ae_config_trains_with_per_sample_ratios(tmp_path):
     tr = Trainer(cfg)
     assert set(tr.model.output_specs) == {"rgb", "depth", "semseg", "caption"}
     batch, plan = next(iter(tr.loader))
-    real = ~batch["caption_pad"]
+    real = ~batch.pad["caption"]
     hidden = (plan.masks["caption"] & real).sum(1).double() / real.sum(1)
     assert (hidden >= 0.5 - 1 / 32).all() and hidden.unique().numel() > 1  # a ratio per sample
     stats = train_step(tr.model, batch, tr.optimizer, plan)

@@ -5,7 +5,7 @@ import textwrap
 import pytest
 import torch
 
-from multimae.layers.attention import attention_mode, set_attention_mode, _attend, _use_fused
+from multimae.layers.attention import attend, set_attention, use_fused
 
 FAULTS = textwrap.dedent("""
     import resource, sys, torch
@@ -38,17 +38,23 @@ def test_attention_modes_agree(dtype: torch.dtype) -> None:
     q, k, v = (torch.randn(2, 3, 7, 16, generator=g).to(dtype) for _ in range(3))
     pad = torch.zeros(2, 7, dtype=torch.bool)
     pad[1, 5:] = True
-    prev = attention_mode()
-    try:
-        outs = {}
-        for mode in ("fused", "manual"):
-            set_attention_mode(mode)
-            outs[mode] = _attend(q, k, v, pad).float()
-        set_attention_mode("auto")
-        assert _use_fused(q) == (dtype == torch.float32)  # explicit form for CPU bf16
-    finally:
-        set_attention_mode(prev)
+    outs = {mode: attend(q, k, v, pad, mode).float() for mode in ("fused", "manual")}
+    assert use_fused(q, "auto") == (dtype == torch.float32)  # explicit form for CPU bf16
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(outs["fused"], outs["manual"], atol=tol, rtol=tol)
+
+
+def test_attention_kernel_is_chosen_by_the_model_config() -> None:
+    """No process-wide switch: two models in one process keep their own kernels."""
+    from multimae.layers.attention import Attention, CrossAttention
+    from multimae.model import ModelConfig, MultiMAE
+
+    def modes(model: torch.nn.Module) -> set[str]:
+        return {m.mode for m in model.modules() if isinstance(m, (Attention, CrossAttention))}
+
+    cfg = dict(preset="nano", depth=1, image_size=32, patch_size=8, decoder_depth=1)
+    manual, auto = MultiMAE(ModelConfig(attention="manual", **cfg)), MultiMAE(ModelConfig(**cfg))
+    assert modes(manual) == {"manual"} and modes(auto) == {"auto"}
+    assert modes(set_attention(auto, "fused")) == {"fused"} and modes(manual) == {"manual"}
     with pytest.raises(ValueError, match="attention mode 'flash'"):
-        set_attention_mode("flash")
+        MultiMAE(ModelConfig(attention="flash", **cfg))

@@ -24,7 +24,7 @@ def _batch(model: MultiMAE, n: int = 4):
     ds = SyntheticScenes(n, image_size=32, seed=5, modalities=["rgb", "depth", "semseg"])
     batch = collate([tf(ds[i]) for i in range(n)])
     batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
-    plan = dirichlet_plan(model.token_counts(32), n, 12, 1.0, torch.Generator().manual_seed(0))
+    plan = dirichlet_plan(model.token_counts(32), n, 12, 1.0, generator=torch.Generator().manual_seed(0))
     return batch, plan
 
 

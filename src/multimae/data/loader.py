@@ -1,32 +1,44 @@
 """The loader: datasets -> paired transform -> collation + a :class:`MaskPlan` per batch.
 
-Everything random is a function of (run seed, epoch, rank, step), never of worker scheduling,
-so an interrupted run resumed from a checkpoint sees exactly the batches and masks it would
-have seen. This module knows the model only through a :class:`BatchSpec` (which modalities an
-input batch must hold, the patch size); it never imports the model, ``training/`` or ``viz``.
+Every batch of every source is identified by ``(epoch, rank, worker, batch index)`` and
+everything random about it -- which samples, their crops and flips, its MaskPlan -- is a pure
+function of the run seed and those numbers (:func:`multimae.seeding.derive_seed`), never of
+worker scheduling. So an interrupted run resumed from a checkpoint sees exactly the batches and
+masks it would have seen, for map-style datasets and for streamed shards alike.
+
+* Map-style data (synthetic, folder, captions): :class:`ResumableBatchSampler` draws the
+  rank's batches from a per-epoch permutation; the batch index ``k`` is unique per rank, so
+  the worker part of the key is 0 (the result does not depend on ``num_workers``).
+* Streams (WebDataset shards): :class:`StreamBatches` forms batches inside the workers; batch
+  ``k`` of an epoch is read by logical worker ``k % num_workers`` from that worker's shards
+  and shuffle buffer (seeded per epoch, rank and worker), so the result depends on
+  ``num_workers`` and a run must resume with the same value.
+
+This module knows the model only through a :class:`BatchSpec` (which modalities a batch must
+hold, the patch size); it never imports the model, ``training/`` or ``viz``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from multimae.batch import Batch
 from multimae.data.config import DataConfig, MaskConfig
 from multimae.masking import MaskPlan, dirichlet_plan, ratio_plan
 from multimae.modalities import ModalitySpec
+from multimae.seeding import generator as seeded
+
+from multimae.seeding import derive_seed
+
+BATCH_TAG = "__batch__"  # (epoch, worker, batch index) carried by every sample into the collator
 
 
 def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (SplitMix64-style mixing), stable across processes."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h ^= (int(p) + 0x9E3779B97F4A7C15 + ((h << 6) & (2**64 - 1)) + (h >> 2)) & (2**64 - 1)
-        h = (h * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-        h ^= h >> 31
-    return h & (2**63 - 1)
+    """Deprecated alias of :func:`multimae.seeding.derive_seed` (kept while callers move)."""
+    return derive_seed(*parts)
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,7 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int, int]]]):
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        g = seeded(self.seed, "order", self.epoch)
         perm = torch.randperm(self.n, generator=g)[: len(self) * self.bs * self.world]
         mine = perm[self.rank::self.world].tolist()
         for s in range(self.start, len(self)):
@@ -83,7 +95,7 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int, int]]]):
 
 class SeededAugment(Dataset):
     """Wraps a raw dataset; item ``(epoch, step, index)`` -> transformed sample whose random
-    crop/flip come from a generator seeded by (seed, epoch, index)."""
+    crop/flip come from a generator seeded by (seed, epoch, index), tagged with its batch."""
 
     def __init__(self, base: Dataset, transform: Any, seed: int, unpaired: "Unpairing | None" = None) -> None:
         self.base, self.transform, self.seed, self.unpaired = base, transform, seed, unpaired
@@ -93,11 +105,10 @@ class SeededAugment(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         epoch, step, index = key
-        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
-        sample = self.transform(self.base[index], generator=g)
+        sample = self.transform(self.base[index], generator=seeded(self.seed, "augment", epoch, index))
         if self.unpaired is not None:
-            self.unpaired(sample, mix_seed(self.seed, index, 11))
-        sample["__step__"] = (epoch, step)
+            self.unpaired(sample, seeded(self.seed, "unpair", index))
+        sample[BATCH_TAG] = (epoch, 0, step)
         return sample
 
 
@@ -105,15 +116,15 @@ class SeededAugment(Dataset):
 class Unpairing:
     """Turns a fixed fraction of paired samples into image-only or text-only ones (by a seed per
     sample index), to train on unpaired data mixed into the stream. Dropped keys contribute no
-    tokens and no loss downstream (``<key>_present`` False)."""
+    tokens and no loss downstream (``Batch.present[key]`` False)."""
 
     text_keys: Sequence[str]
     image_keys: Sequence[str]
     image_only: float = 0.0
     text_only: float = 0.0
 
-    def __call__(self, sample: dict[str, Any], seed: int) -> None:
-        u = torch.rand(1, generator=torch.Generator().manual_seed(seed)).item()
+    def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> None:
+        u = torch.rand(1, generator=generator).item()
         drop = self.text_keys if u < self.image_only else \
             self.image_keys if u < self.image_only + self.text_only else ()
         for k in drop:
@@ -135,52 +146,55 @@ class CachedDataset(Dataset):
 
 @dataclass
 class MaskCollator:
-    """Stacks samples into a batch and draws its MaskPlan.
+    """Stacks samples into a :class:`~multimae.batch.Batch` and draws its MaskPlan.
 
-    ``input_specs``: the model's input modalities; ``patch_size``: the model's patch size.
-    Returns ``(batch, plan)``.
+    ``spec``: what the batch holds for the model (its keys become modality tensors, every other
+    field goes to ``Batch.extra``). Every sample carries the batch's ``__batch__`` tag
+    ``(epoch, worker, index)``; the plan is drawn from a generator seeded by
+    (seed, epoch, rank, worker, index). Returns ``(batch, plan)``.
     """
 
-    input_specs: Sequence[ModalitySpec]
-    patch_size: int
+    spec: BatchSpec
     mask: MaskConfig
     seed: int
     rank: int = 0
     text: Any = None  # a multimae.data.text.TextCollator when a text modality is used
 
-    def token_counts(self, batch: dict[str, Any]) -> dict[str, int]:
-        counts = {}
-        for s in self.input_specs:
-            t = batch.get(s.key)
-            if not isinstance(t, Tensor):
-                continue
-            if s.kind == "text":
-                counts[s.name] = t.shape[1]
-            else:
-                h, w = t.shape[-2] * s.stride, t.shape[-1] * s.stride
-                counts[s.name] = (h // self.patch_size) * (w // self.patch_size)
-        return counts
-
-    def plan(self, batch: dict[str, Any], generator: torch.Generator) -> MaskPlan:
-        counts = self.token_counts(batch)
-        B = next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
-        valid = {s.name: ~batch[f"{s.key}_pad"] for s in self.input_specs if f"{s.key}_pad" in batch and s.name in counts}
-        present = {s.name: batch[f"{s.key}_present"] for s in self.input_specs
-                   if f"{s.key}_present" in batch and s.name in counts}
+    def plan(self, batch: Batch, generator: torch.Generator) -> MaskPlan:
+        """The MaskPlan of the batch's input modalities; padding and absent samples never visible."""
+        specs = [s for s in self.spec.inputs if s.key in batch]
+        counts = {s.name: s.num_tokens(batch[s.key].shape, self.spec.patch_size) for s in specs}
+        valid = {s.name: ~batch.pad[s.key] for s in specs if s.key in batch.pad}
+        present = {s.name: batch.present[s.key] for s in specs if s.key in batch.present}
         if self.mask.strategy == "ratio":
-            return ratio_plan(counts, B, self.mask.ratios, generator, valid=valid, present=present)
-        return dirichlet_plan(counts, B, self.mask.num_visible, self.mask.alpha, generator, present=present,
-                              valid=valid, sample_subsets=self.mask.sample_subsets)
+            return ratio_plan(counts, batch.size, self.mask.ratios, generator, valid=valid, present=present)
+        return dirichlet_plan(counts, batch.size, self.mask.num_visible, self.mask.alpha, generator=generator,
+                              present=present, valid=valid, sample_subsets=self.mask.sample_subsets)
 
-    def __call__(self, samples: list[dict[str, Any]]) -> tuple[dict[str, Any], MaskPlan]:
+    def collate(self, samples: list[dict[str, Any]]) -> Batch:
+        """Samples -> Batch (text: tokenised with padding and presence)."""
+        if self.text is not None:
+            return self.text(samples)
         from multimae.data import collate
 
-        epoch, step = samples[0].pop("__step__", (0, 0))
-        for s in samples[1:]:
-            s.pop("__step__", None)
-        batch = self.text(samples) if self.text is not None else collate(samples)
-        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, self.rank, 7))
-        return batch, self.plan(batch, g)
+        out = collate(samples)
+        keys = {s.key for s in self.spec.specs}
+        return Batch({k: v for k, v in out.items() if k in keys}, extra={k: v for k, v in out.items() if k not in keys})
+
+    def __call__(self, samples: list[dict[str, Any]]) -> tuple[Batch, MaskPlan]:
+        tags = {s.pop(BATCH_TAG, None) for s in samples}
+        if len(tags) != 1 or None in tags:
+            raise ValueError(f"MaskCollator: the samples of one batch must carry one {BATCH_TAG!r} tag "
+                             f"(epoch, worker, index), got {sorted(map(str, tags))}")
+        epoch, worker, index = tags.pop()
+        batch = self.collate(samples)
+        return batch, self.plan(batch, seeded(self.seed, "mask", epoch, self.rank, worker, index))
+
+
+def resolve_image_size(data: DataConfig, spec: BatchSpec) -> DataConfig:
+    """``data`` with ``image_size`` taken from the model's when left None (a copy); a value set on
+    purpose is kept (the model resamples its position tables to other sizes)."""
+    return data if data.image_size is not None else replace(data, image_size=spec.image_size)
 
 
 def shard_urls(urls: str) -> str | list[str]:
@@ -194,6 +208,9 @@ def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *,
     names = sorted({s.key for s in specs})
     if data.source == "synthetic":
         from multimae.data.synthetic import SyntheticScenes
+
+        if data.image_size is None:
+            raise ValueError("data.image_size is None: set it, or take the model's with resolve_image_size")
 
         n = data.num_samples if train else data.val_samples
         ds: Dataset = SyntheticScenes(n, image_size=data.image_size, seed=seed if train else seed + 10_000,
@@ -216,12 +233,15 @@ def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *,
 
 
 def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1) -> tuple[DataLoader, ResumableBatchSampler | None]:
-    """Training DataLoader yielding ``(batch, plan)`` and its resumable sampler (None for shards)."""
+                 rank: int = 0, world_size: int = 1) -> tuple[DataLoader, "ResumableBatchSampler | StreamBatches"]:
+    """Training DataLoader yielding ``(batch, plan)``, and its position: an object with
+    ``len()`` (batches per epoch and rank) and ``set_epoch(epoch, start_batch)``, to be called
+    before every epoch (a :class:`ResumableBatchSampler`, or the :class:`StreamBatches`)."""
     from multimae.data.transforms import PairedTransform
 
+    data = resolve_image_size(data, spec)
     specs = list(spec.specs)
-    collator = MaskCollator(list(spec.inputs), spec.patch_size, mask, seed, rank, text=text_collator(data, specs))
+    collator = MaskCollator(spec, mask, seed, rank, text=text_collator(data, specs))
     transform = PairedTransform(specs, data.image_size, train=True, scale=tuple(data.crop_scale), hflip=data.hflip)
     unpaired = None
     if data.image_only or data.text_only:
@@ -237,36 +257,72 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
 
         if not data.urls:
             raise ValueError("data.urls must be set for data.source=shards")
-        per_rank = data.num_samples // world_size
-        ds = ShardDataset(shard_urls(data.urls), specs, transform=_StepTagger(transform),
-                          shuffle_buffer=data.shuffle_buffer, seed=seed, on_error=data.on_error, rank=rank,
-                          world_size=world_size, samples_per_rank=per_rank - per_rank % batch_size)
-        return DataLoader(ds, batch_size=batch_size, drop_last=True, **kw), None
+        stream = ShardDataset(shard_urls(data.urls), specs, shuffle_buffer=data.shuffle_buffer,
+                              seed=seed, on_error=data.on_error, rank=rank, world_size=world_size)
+        batches = StreamBatches(stream, transform, batch_size, data.num_samples // (world_size * batch_size), seed,
+                                unpaired)
+        return DataLoader(batches, batch_size=None, **kw), batches
     base = build_dataset(data, specs, seed)
     sampler = ResumableBatchSampler(len(base), batch_size, seed, rank, world_size)  # type: ignore[arg-type]
     return DataLoader(SeededAugment(base, transform, seed, unpaired), batch_sampler=sampler, **kw), sampler
 
 
-class _StepTagger:
-    """Transform wrapper for streamed shards (their randomness comes from the shard shuffle)."""
+class StreamBatches(IterableDataset):
+    """Batches of one rank's sample stream (a :class:`~multimae.data.shards.ShardDataset`).
 
-    def __init__(self, transform: Any) -> None:
-        self.transform = transform
-        self.count = 0
+    An epoch has ``batches`` batches per rank. Batch ``k`` belongs to logical worker
+    ``k % num_workers``, which reads its own shards with its own shuffle buffer
+    (``stream.samples(epoch, worker, num_workers)``); sample ``i`` of the batch is transformed
+    with a generator seeded by (seed, epoch, rank, worker, k, i). Each item is a list of
+    transformed samples tagged ``(epoch, worker, k)``, for :class:`MaskCollator`.
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        out = self.transform(sample)
-        out["__step__"] = (0, self.count)
-        self.count += 1
-        return out
+    ``set_epoch(epoch, start)`` resumes at batch ``start``: DataLoader worker ``w`` then plays
+    logical worker ``(w + start) % num_workers`` (the DataLoader hands out batches round-robin
+    from worker 0), and every worker passes over the samples its earlier batches took before
+    decoding them. Needs the same ``num_workers`` as the interrupted run.
+    """
+
+    def __init__(self, stream: Any, transform: Any, batch_size: int, batches: int, seed: int,
+                 unpaired: Unpairing | None = None) -> None:
+        if batches < 1:
+            raise ValueError(f"a stream epoch needs at least one batch of {batch_size} per rank, got {batches}")
+        self.stream, self.transform, self.bs, self.batches = stream, transform, batch_size, batches
+        self.seed, self.unpaired = seed, unpaired
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        logical = (worker + self.start) % workers
+        mine = range(logical, self.batches, workers)  # this logical worker's batches, whole epoch
+        done = sum(1 for k in mine if k < self.start)
+        samples = self.stream.samples(self.epoch, logical, workers, count=len(mine) * self.bs, skip=done * self.bs)
+        rank = self.stream.rank
+        for k in mine[done:]:
+            batch = []
+            for i in range(self.bs):
+                g = seeded(self.seed, "augment", self.epoch, rank, logical, k, i)
+                smp = self.transform(next(samples), generator=g)
+                if self.unpaired is not None:
+                    self.unpaired(smp, seeded(self.seed, "unpair", self.epoch, rank, logical, k, i))
+                smp[BATCH_TAG] = (self.epoch, logical, k)
+                batch.append(smp)
+            yield batch
 
 
 def eval_batches(spec: BatchSpec, data: DataConfig, mask: MaskConfig, seed: int, batch_size: int = 16,
-                 limit: int | None = None) -> list[tuple[dict[str, Any], MaskPlan]]:
+                 limit: int | None = None) -> list[tuple[Batch, MaskPlan]]:
     """Held-out ``(batch, plan)`` pairs: the validation scenes (synthetic: another seed; folder:
     the configured split) with deterministic resizing and fixed-seed masks (``seed + 1``)."""
     from multimae.data.transforms import PairedTransform
 
+    data = resolve_image_size(data, spec)
     specs = list(spec.specs)
     if data.source == "synthetic":
         base = build_dataset(data, specs, seed, train=False)
@@ -286,13 +342,13 @@ def eval_batches(spec: BatchSpec, data: DataConfig, mask: MaskConfig, seed: int,
         base = list(islice(iter(stream), limit or data.val_samples))
     transform = PairedTransform(specs, data.image_size, train=False)
     n = len(base) if limit is None else min(limit, len(base))
-    collator = MaskCollator(list(spec.inputs), spec.patch_size, mask, seed + 1, text=text_collator(data, specs))
+    collator = MaskCollator(spec, mask, seed + 1, text=text_collator(data, specs))
     out = []
     # full batches only (a single short one when n < batch_size)
     for s in range(0, max(n - batch_size, 0) + 1, batch_size):
         samples = [transform(base[i]) for i in range(s, min(s + batch_size, n))]
         for smp in samples:
-            smp["__step__"] = (0, s)
+            smp[BATCH_TAG] = (0, 0, s)
         out.append(collator(samples))
     return out
 

@@ -32,8 +32,8 @@ from multimae.data.codecs import (
 )
 from multimae.data.errors import DataError, ErrorPolicy
 from multimae.data.fields import resolve_fields, validate_sample
-from multimae.data.transforms import stable_seed
 from multimae.modalities import ModalitySpec
+from multimae.seeding import derive_seed
 
 LABEL_FIELD = "cls"
 META_FIELD = "json"
@@ -288,31 +288,48 @@ class ShardDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if self.transform is not None and hasattr(self.transform, "set_epoch"):
             self.transform.set_epoch(epoch)
-        order = list(self.urls)
-        random.Random(stable_seed(self.seed, epoch, "shards")).shuffle(order)
-        ids, rank_filter, worker_filter = assign_shards(len(order), self.rank, self.world_size, worker, num_workers)
         quota = None
         if self.samples_per_rank is not None:
             n = int(self.samples_per_rank)
             quota = n // num_workers + (1 if worker < n % num_workers else 0)
             if quota == 0:
                 return
-        produced, rounds = 0, 0
-        while True:
-            rng = random.Random(stable_seed(self.seed, epoch, rounds, self.rank, worker))
+        for sample in self.samples(epoch, worker, num_workers, count=quota):
+            yield self.transform(sample) if self.transform is not None else sample
+
+    def samples(self, epoch: int, worker: int = 0, num_workers: int = 1, count: int | None = None,
+                skip: int = 0) -> Iterator[dict]:
+        """Decoded, untransformed samples of one (epoch, rank, worker) stream.
+
+        The shard order is seeded by (seed, epoch), the shuffle buffer by (seed, epoch, pass, rank,
+        worker): the stream is a pure function of those numbers. ``count``: exactly that many
+        positions (repeating passes over this worker's shards); None: one pass. ``skip``: the first
+        ``skip`` positions are passed over before decoding (resuming mid-epoch costs reading their
+        bytes, not decoding them). A bad sample skipped by ``on_error="skip"`` takes no position,
+        so a resume is exact only when the skipped part holds no bad sample.
+        """
+        order = list(self.urls)
+        random.Random(derive_seed(self.seed, epoch, "shards")).shuffle(order)
+        ids, rank_filter, worker_filter = assign_shards(len(order), self.rank, self.world_size, worker, num_workers)
+        position, rounds = 0, 0
+        while count is None or position < count:
+            rng = random.Random(derive_seed(self.seed, epoch, rounds, self.rank, worker))
             good = 0
             for raw in _shuffle(self._raw_stream(ids, order, rank_filter, worker_filter), self.shuffle_buffer, rng):
-                try:
-                    sample = self.decode(raw)
-                except DataError as err:
-                    self.policy.handle(err)
-                    continue
-                good += 1
-                yield self.transform(sample) if self.transform is not None else sample
-                produced += 1
-                if quota is not None and produced >= quota:
+                if position < skip:
+                    position, good = position + 1, good + 1
+                else:
+                    try:
+                        sample = self.decode(raw)
+                    except DataError as err:
+                        self.policy.handle(err)
+                        continue
+                    good += 1
+                    position += 1
+                    yield sample
+                if count is not None and position >= count:
                     return
-            if quota is None:
+            if count is None:
                 return
             if good == 0:
                 raise DataError(f"rank {self.rank} worker {worker}: no usable sample in shards "

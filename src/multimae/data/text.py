@@ -3,8 +3,8 @@
 Datasets yield raw samples ``{"rgb": uint8 (3,H,W), "caption": str, "__key__": str}``; unpaired
 sources drop one of the two (:class:`ImageOnly` has no ``caption``, :class:`TextOnly` no ``rgb``).
 :class:`MixedStream` interleaves paired and unpaired sources in set proportions, and
-:class:`TextCollator` turns transformed samples into a batch with the text contract
-(``caption`` ids, ``caption_pad``, ``caption_present``) and ``rgb`` + ``rgb_present``: a missing
+:class:`TextCollator` turns transformed samples into a :class:`~multimae.batch.Batch`: ``caption``
+ids with ``pad["caption"]`` and ``present["caption"]``, ``rgb`` with ``present["rgb"]``; a missing
 modality becomes all padding / zeros flagged not present, so it gives no tokens and no loss.
 """
 from __future__ import annotations
@@ -20,11 +20,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from multimae.batch import Batch
 from multimae.data.codecs import IMAGE_EXTS, decode_image, decode_text
 from multimae.data.errors import DataError, ErrorPolicy
 from multimae.data.shards import ShardDataset
 from multimae.data.tokenizers import TextEncoder, captions_from_file
-from multimae.data.transforms import stable_seed
+from multimae.seeding import derive_seed
 
 TEXT_KEY, IMAGE_KEY = "caption", "rgb"
 _IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
@@ -276,7 +277,7 @@ def _map_stream(ds: object, name: str, seed: int, epoch: int, shard: int, shards
     rounds = 0
     while True:
         order = list(range(n))
-        random.Random(stable_seed(seed, epoch, rounds, name, "order")).shuffle(order)
+        random.Random(derive_seed(seed, epoch, rounds, name, "order")).shuffle(order)
         mine = order[shard::shards] or [order[shard % n]]
         for i in mine:
             yield ds[i]  # type: ignore[index]
@@ -352,7 +353,7 @@ class MixedStream(IterableDataset):
         names = [n for n, w in self.weights.items() if w > 0]
         streams = {n: _map_stream(self.sources[n], n, self.seed, epoch, shard, shards) if is_map_style(self.sources[n])
                    else _iter_stream(self.sources[n], n) for n in names}
-        rng = random.Random(stable_seed(self.seed, epoch, shard, shards, "mix"))
+        rng = random.Random(derive_seed(self.seed, epoch, shard, shards, "mix"))
         quota = None
         if self.samples_per_rank is not None:
             n = int(self.samples_per_rank)
@@ -370,14 +371,14 @@ class MixedStream(IterableDataset):
 
 
 class TextCollator:
-    """Samples (already transformed: ``rgb`` float (3,S,S), ``caption`` str) -> a batch.
+    """Samples (already transformed: ``rgb`` float (3,S,S), ``caption`` str) -> a Batch.
 
-    Returns ``caption`` int64 (B, L) ids, ``caption_pad`` bool (B, L) (True = padding),
-    ``caption_present`` bool (B,); for each image key: the stacked tensor (zeros where a sample
-    lacks it) and ``<key>_present`` bool (B,). A batch where no sample has an image key gets zeros
-    of ``image_shapes[key]`` when given, else no such key. Other keys are stacked (tensors,
-    numbers) or listed (str, e.g. ``__key__``, ``__source__``); a tensor or number key that only
-    some samples have is an error.
+    The batch holds ``caption`` int64 (B, L) ids with ``pad[caption]`` bool (B, L) (True =
+    padding) and ``present[caption]`` bool (B,); for each image key the stacked tensor (zeros
+    where a sample lacks it) and ``present[key]`` bool (B,). A batch where no sample has an image
+    key gets zeros of ``image_shapes[key]`` when given, else no such key. Other keys go to
+    ``extra``, stacked (tensors, numbers) or listed (str, e.g. ``__key__``, ``__source__``); a
+    tensor or number key that only some samples have is an error.
     """
 
     def __init__(self, encoder: TextEncoder, text_key: str = TEXT_KEY, image_keys: Sequence[str] = (IMAGE_KEY,),
@@ -402,25 +403,26 @@ class TextCollator:
         stacked = torch.stack([v if v is not None else zeros for v in values])
         return stacked, torch.tensor([v is not None for v in values], dtype=torch.bool)
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def __call__(self, samples: list[dict]) -> Batch:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
         enc = self.encoder([s.get(self.text_key) for s in samples])
         t = self.text_key
-        batch: dict = {t: enc["ids"], f"{t}_pad": enc["pad"], f"{t}_present": enc["present"]}
+        batch = Batch({t: enc["ids"]}, pad={t: enc["pad"]}, present={t: enc["present"]})
         for key in self.image_keys:
             out = self._images(samples, key)
             if out is not None:
-                batch[key], batch[f"{key}_present"] = out
+                batch.tensors[key], batch.present[key] = out
+        extra = batch.extra
         done = {t, *self.image_keys}
         for key in dict.fromkeys(k for s in samples for k in s if k not in done):
             values = [s.get(key) for s in samples]
             if all(torch.is_tensor(v) for v in values):
-                batch[key] = torch.stack(values)  # type: ignore[arg-type]
+                extra[key] = torch.stack(values)  # type: ignore[arg-type]
             elif all(isinstance(v, (bool, int, float)) for v in values):
-                batch[key] = torch.tensor(values)
+                extra[key] = torch.tensor(values)
             elif all(v is None or isinstance(v, str) for v in values):
-                batch[key] = values
+                extra[key] = values
             else:
                 kinds = sorted({type(v).__name__ for v in values})
                 raise DataError(f"cannot collate {key!r}: values are {kinds} across samples (only {t!r} and "

@@ -17,7 +17,6 @@ seeded from ``torch.initial_seed()``, which DataLoader sets differently in every
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from typing import Sequence
@@ -30,6 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 from multimae.data.errors import DataError
 from multimae.data.fields import by_key
 from multimae.modalities import ModalitySpec, resolve
+from multimae.seeding import derive_seed
 
 Box = tuple[int, int, int, int]  # top, left, height, width
 
@@ -93,9 +93,8 @@ def center_crop_box(height: int, width: int) -> Box:
 
 
 def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from any printable values, identical across processes and runs."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+    """Deprecated alias of :func:`multimae.seeding.derive_seed` (kept while callers move)."""
+    return derive_seed(*parts)
 
 
 def _resize_image(x: Tensor, box: Box, size: int, spec: ModalitySpec) -> Tensor:
@@ -148,7 +147,7 @@ class PairedTransform:
         seed: None (default): draw from a generator seeded once per process from
             ``torch.initial_seed()`` (DataLoader gives each worker its own seed, renewed every
             epoch; persistent workers keep advancing theirs). An int: every sample gets a generator
-            seeded with ``stable_seed(seed, epoch, sample["__key__"])``, reproducible whatever the
+            seeded with ``derive_seed(seed, epoch, sample["__key__"])``, reproducible whatever the
             worker layout; then call :meth:`set_epoch` every epoch (ShardDataset does it), and note
             that persistent DataLoader workers never see that call.
         trunc: fraction dropped at each end by the robust standardisation.
@@ -183,10 +182,10 @@ class PairedTransform:
     def _generator(self, sample: dict) -> torch.Generator:
         key = sample.get("__key__")
         if self.seed is not None and key is not None:
-            return torch.Generator().manual_seed(stable_seed(self.seed, self.epoch, key))
+            return torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, key))
         pid = os.getpid()
         if self._process_gen is None or self._process_gen[0] != pid:  # new process: fresh stream
-            seed = stable_seed(torch.initial_seed(), "paired-transform")
+            seed = derive_seed(torch.initial_seed(), "paired-transform")
             self._process_gen = (pid, torch.Generator().manual_seed(seed))
         return self._process_gen[1]
 

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from multimae.batch import Batch
 from multimae.losses import norm_pix
 from multimae.masking import MaskPlan
 from multimae.model import MultiMAE
@@ -71,7 +72,7 @@ def _position_mode_accuracy(tokens: Tensor, real: Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: MultiMAE, batches: Iterable[tuple[dict[str, Any], MaskPlan]]) -> list[EvalRow]:
+def evaluate(model: MultiMAE, batches: Iterable[tuple[Batch | dict[str, Any], MaskPlan]]) -> list[EvalRow]:
     """Average metrics over ``(batch, plan)`` pairs (plan: the masked-reconstruction masks)."""
     model.eval()
     p = model.config.patch_size
@@ -85,7 +86,8 @@ def evaluate(model: MultiMAE, batches: Iterable[tuple[dict[str, Any], MaskPlan]]
         acc[2] += w
 
     for batch, plan in batches:
-        B = next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
+        batch = Batch.of(batch)
+        B = batch.size
         base = {t: baseline_prediction(s, batch[s.key], s.patch(p)) for t, s in model.output_specs.items()
                 if s.key in batch}
         out = model(batch, plan)
@@ -107,7 +109,7 @@ def evaluate(model: MultiMAE, batches: Iterable[tuple[dict[str, Any], MaskPlan]]
             if spec.kind == "categorical":
                 add(setting, t, "acc", _accuracy(cross[t], tgt), _majority_accuracy(tgt), B)
             elif spec.kind == "text":
-                real = ~batch[f"{spec.key}_pad"]
+                real = ~batch.absent(spec.key, tgt.shape[1])
                 hit = (cross[t].argmax(-1) == tgt) & real
                 add(setting, t, "acc", float(hit.sum() / real.sum()), _position_mode_accuracy(tgt, real), B)
     return [EvalRow(s, t, m, v[0] / v[2], v[1] / v[2]) for (s, t, m), v in sums.items()]

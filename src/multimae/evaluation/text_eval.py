@@ -9,6 +9,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from multimae.batch import Batch
 from multimae.masking import MaskPlan
 from multimae.model import MultiMAE
 
@@ -34,7 +35,9 @@ def caption_word_accuracy(model: MultiMAE, batches: Iterable[tuple[dict[str, Any
     for batch, plan in batches:
         hide = {n: torch.ones_like(m) if n == text else torch.zeros_like(m) for n, m in plan.masks.items()}
         pred = model(batch, MaskPlan(hide), tasks=[text], compute_loss=False).preds[text].argmax(-1)
-        tgt, real = batch[text], ~batch[f"{text}_pad"]
+        batch = Batch.of(batch)
+        tgt = batch[text]
+        real = ~batch.absent(text, tgt.shape[1])
         L = tgt.shape[1]
         for c, v in ids.items():
             sel = torch.isin(tgt, v) & real
@@ -65,7 +68,8 @@ def caption_word_recall(model: MultiMAE, batches: Iterable[tuple[dict[str, Any],
     for batch, plan in batches:
         hide = {n: torch.ones_like(m) if n == text else torch.zeros_like(m) for n, m in plan.masks.items()}
         logits = model(batch, MaskPlan(hide), tasks=[text], compute_loss=False).preds[text].float()
-        real = ~batch[f"{text}_pad"]
+        batch = Batch.of(batch)
+        real = ~batch.absent(text, batch[text].shape[1])
         prob = logits.softmax(-1).masked_fill(~real[..., None], 0).amax(1)  # (B, V): best position per word
         for c, v in word_classes.items():
             ids = torch.tensor(list(v))

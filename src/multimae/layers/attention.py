@@ -4,11 +4,12 @@ Parameter names (``qkv``, ``q``/``kv``, ``proj``, ``norm1``, ``mlp.fc1`` ...) fo
 official MultiMAE layout so that external checkpoints load without renaming.
 
 Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` or the explicit
-``softmax(q k^T) v`` form (batched matmuls). The mode is global
-(:func:`set_attention_mode`): ``"fused"``, ``"manual"`` or ``"auto"`` (default): explicit for
-bf16/fp16 tensors on the CPU, where torch's CPU flash kernel is slower than two AMX/AVX512 batched
-matmuls (ViT-B bf16 step 1.39 s fused vs 1.06 s explicit, ``benchmarks/pretrain_throughput.py``), fused
-everywhere else. Both give the same result up to rounding.
+``softmax(q k^T) v`` form (batched matmuls). Every attention layer has its own ``mode``, set from
+the model's config (``ModelConfig.attention``; :func:`set_attention` changes a built model):
+``"fused"``, ``"manual"`` or ``"auto"`` (default): explicit for bf16/fp16 tensors on the CPU, where
+torch's CPU flash kernel is slower than two AMX/AVX512 batched matmuls (ViT-B bf16 step 1.39 s
+fused vs 1.06 s explicit, ``benchmarks/pretrain_throughput.py``), fused everywhere else. Both give
+the same result up to rounding.
 """
 from __future__ import annotations
 
@@ -20,33 +21,46 @@ from torch import Tensor, nn
 from multimae.layers.mlp import Mlp
 
 ATTENTION_MODES = ("auto", "fused", "manual")
-_MODE = "auto"
+_DEPRECATED_DEFAULT: str | None = None  # set only by the deprecated set_attention_mode
+
+
+def check_attention_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`ATTENTION_MODES`, else a ValueError naming it."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention mode {mode!r}: expected one of {ATTENTION_MODES}")
+    return mode
+
+
+def set_attention(module: nn.Module, mode: str) -> nn.Module:
+    """Choose the kernel of every attention layer inside ``module`` (in place); returns it."""
+    check_attention_mode(mode)
+    for m in module.modules():
+        if isinstance(m, (Attention, CrossAttention)):
+            m.mode = mode
+    return module
 
 
 def set_attention_mode(mode: str) -> None:
-    """Select the attention kernels: ``"auto"`` (default), ``"fused"`` or ``"manual"``."""
-    global _MODE
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f"attention mode {mode!r}: expected one of {ATTENTION_MODES}")
-    _MODE = mode
+    """Deprecated: a process-wide override of every layer's mode. Use ``ModelConfig.attention``
+    or :func:`set_attention` on a model. Removed once no caller is left."""
+    global _DEPRECATED_DEFAULT
+    _DEPRECATED_DEFAULT = None if check_attention_mode(mode) == "auto" else mode
 
 
-def attention_mode() -> str:
-    return _MODE
-
-
-def _use_fused(q: Tensor) -> bool:
-    if _MODE == "auto":
+def use_fused(q: Tensor, mode: str) -> bool:
+    """Whether ``mode`` runs the fused kernel for queries ``q`` (auto: not for CPU bf16/fp16)."""
+    mode = _DEPRECATED_DEFAULT or mode
+    if mode == "auto":
         return not (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16))
-    return _MODE == "fused"
+    return mode == "fused"
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, key_pad: Tensor | None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, key_pad: Tensor | None, mode: str = "auto") -> Tensor:
     """q: (B, h, Nq, d), k/v: (B, h, Nk, d), key_pad: (B, Nk) bool, True = ignore -> (B, h, Nq, d)."""
     mask = None
     if key_pad is not None:
         mask = ~key_pad[:, None, None, :]  # True = take part in attention
-    if _use_fused(q):
+    if use_fused(q, mode):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
@@ -55,13 +69,14 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, key_pad: Tensor | None) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention. x: (B, N, D) -> (B, N, D)."""
+    """Multi-head self-attention. x: (B, N, D) -> (B, N, D). ``mode``: the kernel (see module doc)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, mode: str = "auto") -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        self.mode = check_attention_mode(mode)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -69,18 +84,19 @@ class Attention(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        out = _attend(q, k, v, key_pad)
+        out = attend(q, k, v, key_pad, self.mode)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
 class CrossAttention(nn.Module):
     """Queries attend to a context. x: (B, Nq, D), context: (B, Nk, D) -> (B, Nq, D)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, mode: str = "auto") -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        self.mode = check_attention_mode(mode)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -92,7 +108,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).reshape(B, N, h, D // h).transpose(1, 2)
         kv = self.kv(context).reshape(B, M, 2, h, D // h).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
-        out = _attend(q, k, v, key_pad)
+        out = attend(q, k, v, key_pad, self.mode)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 

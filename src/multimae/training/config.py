@@ -32,7 +32,6 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": trace only, no code generation)
-    attention: Literal["auto", "fused", "manual"] = "auto"  # auto: explicit for CPU bf16, else SDPA
     tune_malloc: bool = True  # keep freed memory in glibc's heap (multimae.perf.tune_malloc)
     seed: int = 0
     out_dir: str = "runs"

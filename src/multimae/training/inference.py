@@ -7,12 +7,13 @@ from typing import Any
 import torch
 from PIL import Image
 
+from multimae.batch import Batch
 from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
 from multimae.config import from_dict
 from multimae.data.errors import DataError
 from multimae.data.loader import BatchSpec, MaskCollator, eval_batches
-from multimae.masking import MaskPlan
 from multimae.model import MultiMAE
+from multimae.seeding import generator
 from multimae.training.config import PretrainConfig
 from multimae.viz import reconstruction_grid, run_vocabulary
 
@@ -50,7 +51,7 @@ def visualize_files(model: MultiMAE, cfg: PretrainConfig, files: list[str], seed
         except (OSError, ValueError) as e:
             raise DataError(f"image {f}: cannot be read ({e})") from e
         samples.append(tf({source.key: arr, "__key__": Path(f).stem}))
-    batch = {source.key: torch.stack([s[source.key] for s in samples])}
-    collator = MaskCollator([source], model.config.patch_size, cfg.mask, seed)
-    plan = collator.plan(batch, torch.Generator().manual_seed(seed))
-    return reconstruction_grid(model, batch, MaskPlan(plan.masks), len(files))
+    batch = Batch({source.key: torch.stack([s[source.key] for s in samples])})
+    spec = BatchSpec((source,), (source,), model.config.patch_size, model.config.image_size)
+    plan = MaskCollator(spec, cfg.mask, seed).plan(batch, generator(seed, "visualize-files"))
+    return reconstruction_grid(model, batch, plan, len(files))

@@ -17,9 +17,9 @@ import torch
 
 from multimae import config as config_lib
 from multimae import distributed as D
+from multimae.batch import Batch
 from multimae.checkpoint import capture_rng_state, find_latest, load_checkpoint, resolve_checkpoint, restore_rng_state, save_checkpoint
 from multimae.data.loader import BatchSpec, build_loader, data_counts, load_text_tokenizer
-from multimae.layers.attention import set_attention_mode
 from multimae.masking import MaskPlan
 from multimae.model import MultiMAE
 from multimae.perf import tune_malloc
@@ -29,9 +29,8 @@ from multimae.training.optim import WarmupCosine, build_optimizer, scaled_lr
 from multimae.training.step import train_step
 
 
-def _move(batch: dict[str, Any], plan: MaskPlan, device: torch.device) -> tuple[dict[str, Any], MaskPlan]:
-    b = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return b, plan.to(device)
+def _move(batch: Batch, plan: MaskPlan, device: torch.device) -> tuple[Batch, MaskPlan]:
+    return batch.to(device), plan.to(device)
 
 
 class Trainer:
@@ -43,18 +42,17 @@ class Trainer:
         self.info = D.init_distributed()
         t = cfg.train
         self.device = self.info.device if t.device == "auto" else torch.device(t.device)
-        set_attention_mode(t.attention)
         if t.tune_malloc:
             tune_malloc()
         _size_text_vocabulary(cfg)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = MultiMAE(cfg.model).to(self.device)
+        if cfg.data.image_size is None:  # the data follow the model unless set on purpose
+            cfg.data.image_size = self.model.config.image_size
         self.run_dir = Path(t.out_dir) / t.run_name
-        self.loader, self.sampler = build_loader(cfg.data, cfg.mask, BatchSpec.of(self.model), t.seed, t.batch_size,
-                                                 self.info.rank, self.info.world_size)
-        per_epoch = len(self.sampler) if self.sampler is not None else \
-            cfg.data.num_samples // (self.info.world_size * t.batch_size)
-        self.steps_per_epoch = max(1, per_epoch // cfg.optim.accum_steps)
+        self.loader, self.position = build_loader(cfg.data, cfg.mask, BatchSpec.of(self.model), t.seed, t.batch_size,
+                                                   self.info.rank, self.info.world_size)
+        self.steps_per_epoch = max(1, len(self.position) // cfg.optim.accum_steps)
         self.total_steps = t.epochs * self.steps_per_epoch
         o = cfg.optim
         global_batch = t.batch_size * self.info.world_size * o.accum_steps
@@ -119,10 +117,7 @@ class Trainer:
         accum = self.cfg.optim.accum_steps
         while True:
             epoch, pos = divmod(self.step, self.steps_per_epoch)
-            if self.sampler is not None:
-                self.sampler.set_epoch(epoch, pos * accum)
-            elif hasattr(self.loader.dataset, "set_epoch"):
-                self.loader.dataset.set_epoch(epoch)
+            self.position.set_epoch(epoch, pos * accum)
             group = []
             for b, p in self.loader:
                 group.append(_move(b, p, self.device))

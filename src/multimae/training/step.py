@@ -12,9 +12,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from multimae.batch import Batch
 from multimae.masking import MaskPlan
 
-Micro = tuple[dict[str, Any], MaskPlan | None]
+Micro = tuple[Batch | dict[str, Any], MaskPlan | None]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -45,7 +46,7 @@ def _check_finite(losses: dict[str, Tensor], step: int | None) -> None:
             "enable gradient clipping (optim.clip_grad), or check the inputs for NaN/inf.")
 
 
-def train_step(model: nn.Module, batch: dict[str, Any] | Sequence[Micro], optimizer: torch.optim.Optimizer,
+def train_step(model: nn.Module, batch: Batch | dict[str, Any] | Sequence[Micro], optimizer: torch.optim.Optimizer,
                plan: MaskPlan | None = None, *, scheduler: Any = None, precision: str = "fp32",
                scaler: "torch.amp.GradScaler | None" = None, clip_grad: float | None = None,
                step: int | None = None, no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -53,13 +54,13 @@ def train_step(model: nn.Module, batch: dict[str, Any] | Sequence[Micro], optimi
     """Forward, backward and one optimizer step, over one batch or a list of micro-batches.
 
     Args:
-        batch: a batch dict (with ``plan``), or a list of ``(batch, plan)`` micro-batches whose
+        batch: a Batch or batch dict (with ``plan``), or a list of ``(batch, plan)`` micro-batches whose
             gradients are accumulated (each scaled by 1 / len).
         no_sync: DDP's ``model.no_sync`` to skip the all-reduce on all but the last micro-batch.
     Returns: ``{"loss": total, "loss/<task>": ..., "grad_norm": ..., "lr": ...}`` (floats).
     Raises: NonFiniteLossError naming the step and task losses.
     """
-    micro: list[Micro] = [(batch, plan)] if isinstance(batch, dict) else list(batch)
+    micro: list[Micro] = [(batch, plan)] if isinstance(batch, (Batch, dict)) else list(batch)
     device = next(model.parameters()).device
     model.train()
     optimizer.zero_grad(set_to_none=True)
