@@ -36,20 +36,27 @@ from multimae.demo.errors import DemoError
 
 STATIC = Path(__file__).parent / "static"
 MAX_JSON_BYTES = 1 << 20
+DRAIN_LIMIT = 64 << 20  # bodies over the limit but under this are read to the end before the 413
 log = logging.getLogger("multimae.demo")
 
 
 async def _body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes ``limit`` bytes."""
+    """The request body; 413 past ``limit`` bytes. A body up to ``DRAIN_LIMIT`` is read to its
+    end first (and dropped), so that the client, still sending, gets the 413 rather than a reset
+    connection; a larger one is refused at once."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isdigit() and int(declared) > max(limit, DRAIN_LIMIT):
         raise DemoError(f"request body of {declared} bytes is over the limit of {limit} bytes", 413)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise DemoError(f"request body is over the limit of {limit} bytes", 413)
-        chunks.append(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > DRAIN_LIMIT:
+            break
+    if size > limit:
+        raise DemoError(f"request body of {size if size <= DRAIN_LIMIT else 'over ' + str(DRAIN_LIMIT)} bytes "
+                        f"is over the limit of {limit} bytes", 413)
     return b"".join(chunks)
 
 
