@@ -216,3 +216,13 @@ def test_panoptic_mode_semantic_model_and_bad_labeler_paths(labelled, tmp_path):
     assert main(["pseudolabel", "--input", str(photos), "--out", str(tmp_path / "o"), "--depth",
                  str(tmp_path)]) == 2  # not a model directory: one line, exit 2
     assert main(["pseudolabel", "--input", str(photos), "--out", str(tmp_path / "o")]) == 2  # no labeller
+
+
+def test_chunked_upsampled_argmax_equals_the_full_one():
+    import torch.nn.functional as F
+
+    from multimae.pseudolabel.labelers import upsampled_argmax
+
+    scores = torch.randn(133, 13, 17)
+    full = F.interpolate(scores[None], size=(50, 70), mode="bilinear", align_corners=False)[0].argmax(0)
+    assert torch.equal(upsampled_argmax(scores, (50, 70), chunk=16), full)

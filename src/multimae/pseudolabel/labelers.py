@@ -94,6 +94,23 @@ def resize_map(x: Tensor, size: tuple[int, int], categorical: bool) -> Tensor:
     return y[0] if x.ndim == 3 else y[0, 0]
 
 
+def upsampled_argmax(scores: Tensor, size: tuple[int, int], chunk: int = 16) -> Tensor:
+    """argmax over classes of ``scores`` (K,h,w) resized bilinearly to ``size``: int64 (H,W).
+
+    Resizing is per channel, so doing it ``chunk`` classes at a time gives the same result while
+    holding ``chunk`` full-size maps instead of K (133 x 12 MP would be 6 GB).
+    """
+    best = torch.full(size, float("-inf"))
+    idx = torch.zeros(size, dtype=torch.int64)
+    for c0 in range(0, scores.shape[0], chunk):
+        up = F.interpolate(scores[None, c0:c0 + chunk].float(), size=size, mode="bilinear", align_corners=False)[0]
+        m, a = up.max(0)
+        better = m > best
+        best = torch.where(better, m, best)
+        idx = torch.where(better, a + c0, idx)
+    return idx
+
+
 def _valid_box(pixel_mask: Tensor | None, shape: tuple[int, int]) -> tuple[int, int]:
     """(h, w) of the un-padded top-left region of a processed image (its pixel_mask, 1 = image)."""
     if pixel_mask is None:
@@ -272,9 +289,8 @@ class HFSegmentationLabeler(_HFBase):
             size = tuple(img.shape[-2:])
             full = tuple(enc["pixel_values"].shape[-2:])
             valid = _valid_box(enc.get("pixel_mask", [None])[0], full)
-            scores = _crop_to_valid(self._class_scores(out, j), valid, full)
-            scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
-            sem = self.label_map(scores.argmax(0).cpu())
+            scores = _crop_to_valid(self._class_scores(out, j), valid, full).cpu()
+            sem = self.label_map(upsampled_argmax(scores, size))
             if self.mode == "panoptic":
                 sem = self._panoptic(out, j, valid, full, size, sem)
             maps.append(sem)
