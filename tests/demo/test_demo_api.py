@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -243,6 +244,8 @@ def test_cli_prints_the_url_and_serves_on_localhost(run_dir, engine):  # engine:
                              "--port", "0", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     try:
+        ready, _, _ = select.select([proc.stdout], [], [], 240)  # never hang the suite
+        assert ready, "multimae demo printed nothing within 240 s"
         line = proc.stdout.readline()
         assert line.startswith("multimae demo: http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
         url = line.split()[2]
