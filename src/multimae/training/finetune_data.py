@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from multimae.data import collate
 from multimae.data.downstream import LABEL, TransferTransform, build_randaugment, target_spec
 from multimae.data.errors import DataError
-from multimae.data.loader import CachedDataset, ResumableBatchSampler, SeededAugment, mix_seed, shard_urls
+from multimae.data.loader import CachedDataset, ResumableBatchSampler, SeededAugment, shard_urls
 from multimae.modalities import ModalitySpec
+from multimae.seeding import derive_seed
 from multimae.training.finetune_config import SPLITS, FinetuneConfig, target_of
 
 #: Tasks evaluated by letterboxing (resize longest side + pad) rather than a centre crop.
@@ -93,9 +94,7 @@ class _Seeded:
         self.epoch = epoch
 
     def __call__(self, sample: dict) -> dict:
-        from multimae.data.transforms import stable_seed
-
-        g = torch.Generator().manual_seed(stable_seed(self.seed, self.epoch, sample.get("__key__", "")))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, sample.get("__key__", "")))
         return self.transform(sample, generator=g)
 
 
@@ -117,7 +116,7 @@ def build_transform(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], train: 
 def train_collate(samples: list[dict]) -> tuple[dict, None]:
     """Stack samples into a ``(batch, None)`` micro-batch (no mask plan in fine-tuning)."""
     for s in samples:
-        s.pop("__step__", None)
+        s.pop("__batch__", None)
     return collate(samples), None
 
 
@@ -150,7 +149,7 @@ class _Transformed(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> dict:
-        return self.transform(self.base[i], generator=torch.Generator().manual_seed(mix_seed(i)))
+        return self.transform(self.base[i], generator=torch.Generator().manual_seed(derive_seed(i)))
 
 
 def build_eval_loader(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], split: str | None = None,
