@@ -204,6 +204,9 @@ def test_panoptic_mode_semantic_model_and_bad_labeler_paths(labelled, tmp_path):
     img = torch.from_numpy(np.asarray(Image.open(photos / "chelsea.webp").convert("RGB")).copy()).permute(2, 0, 1)
     (m,) = lab([img])["semseg"]
     assert m.shape == img.shape[1:] and m.dtype == torch.int64 and int(m.max()) < 133
+    # bf16 autocast (forced; emulated on CPUs without it) still gives float32 maps at the image's size
+    (d,) = load_labeler(tmp / "dpt", "depth", device="cpu", precision="bf16")([img])["depth"]
+    assert d.dtype == torch.float32 and d.shape == (1, *img.shape[1:]) and bool(torch.isfinite(d).all())
     # a semantic-segmentation model keeps its own label set; the names are written beside the data
     segformer = load_labeler(save_tiny_segformer(tmp_path / "segformer"), "semseg", device="cpu")
     rep = pseudolabel(photos, tmp_path / "own", [segformer], progress=False, limit=2)
