@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
+    from multimae.pseudolabel.sources import open_input
+
+    open_input(args.input)  # a bad --input fails (DataError, exit 2) before any model is loaded
     try:
         labelers = build_labelers(args.depth, args.semseg, args.device, args.precision, units=args.depth_units,
                                   label_set=args.semseg_labels, mode=args.semseg_mode, image_size=args.image_size)
