@@ -28,7 +28,7 @@ def call(url: str, path: str, body: object = None, raw: bytes | None = None, met
     req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method or ("POST" if data is not None else "GET"),
                                  headers=headers or {"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=180) as r:  # generous: CI machines can be busy
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -258,7 +258,7 @@ def test_cli_prints_the_url_and_serves_on_localhost(run_dir, engine):  # engine:
 def test_cli_bad_input_exits_2_with_one_line(run_dir, engine, tmp_path, capsys):
     from multimae.cli.main import main
 
-    assert main(["demo", "--checkpoint", str(tmp_path / "none")]) == 2
+    assert main(["demo", "--checkpoint", str(tmp_path / "none"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and str(tmp_path / "none") in err and len(err.strip().splitlines()) == 1
     with socket.socket() as taken:

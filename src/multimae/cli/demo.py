@@ -47,13 +47,21 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     try:
         sock = bind(args.host, args.port)  # first: a taken port fails before the model loads
-        engine = engine_from_checkpoint(args.checkpoint, args.data, args.split, args.precision)
-        t0 = time.perf_counter()
-        sample = engine.synthetic(0) if "synthetic" in engine.sources else None
-        if sample is not None:  # warm up, and tell the user what a request costs here
-            hidden = engine.random_mask(sample.id, engine.default_visible, engine.default_alpha, 0)
-            engine.predict(sample.id, hidden)
-            engine.predict(sample.id, hidden)
+    except DemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with sock:  # closed on every way out, a bad checkpoint included
+        try:
+            engine = engine_from_checkpoint(args.checkpoint, args.data, args.split, args.precision)
+            t0 = time.perf_counter()
+            sample = engine.synthetic(0) if "synthetic" in engine.sources else None
+            if sample is not None:  # warm up, and tell the user what a request costs here
+                hidden = engine.random_mask(sample.id, engine.default_visible, engine.default_alpha, 0)
+                engine.predict(sample.id, hidden)
+                engine.predict(sample.id, hidden)
+        except DemoError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         warm = (time.perf_counter() - t0) * 1000
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: listening on {args.host}: anyone who can reach this machine can use the demo",
@@ -65,7 +73,4 @@ def run(args: argparse.Namespace) -> int:
                   f"warm-up {warm:.0f} ms{ms}; Ctrl-C to stop)", flush=True)
 
         serve(engine, sock, on_ready=ready)
-    except DemoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     return 0
