@@ -191,10 +191,10 @@ class MultiMAE(nn.Module):
     def token_counts(self, image_size: int | tuple[int, int], text_lengths: dict[str, int] | None = None) -> dict[str, int]:
         """Tokens per input modality at an image size (text: its padded length)."""
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        p = self.config.patch_size
         out = {}
-        for n, s in self.input_specs.items():
-            out[n] = (text_lengths or {}).get(n, s.max_len) if s.kind == "text" else (h // p) * (w // p)
+        for n, s in self.input_specs.items():  # the token count of a tensor of this modality's shape
+            shape = (1, (text_lengths or {}).get(n, s.max_len)) if s.kind == "text" else (1, h // s.stride, w // s.stride)
+            out[n] = s.num_tokens(shape, self.config.patch_size)
         return out
 
     def image_size_of(self, batch: dict[str, Any]) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from multimae.data.codecs import (
 from multimae.data.errors import DataError, ErrorPolicy, log
 from multimae.data.fields import resolve_fields, validate_sample
 from multimae.modalities import ModalitySpec
+from multimae.seeding import derive_seed
 
 META_FILE = "multimae_data.json"
 UNLABELLED = "all"
@@ -175,15 +176,13 @@ def holdout(keys: Sequence[str], fraction: float) -> tuple[list[int], list[int]]
     are held out: the split depends on the keys only -- not on the run seed, the file order or
     the number of workers -- and every run over the same files holds out the same samples.
     """
-    from multimae.data.transforms import stable_seed  # the library's seed derivation (blake2b of the parts)
-
     n = len(keys)
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1) to hold out samples, got {fraction}")
     if n < 2:
         raise DataError(f"cannot hold out a validation slice of {n} sample(s) (data.val_fraction={fraction})")
     count = min(n - 1, max(1, round(fraction * n)))
-    ranked = sorted(range(n), key=lambda i: stable_seed("folder-holdout", keys[i]))
+    ranked = sorted(range(n), key=lambda i: derive_seed("folder-holdout", keys[i]))
     held = sorted(ranked[:count])
     chosen = set(held)
     return [i for i in range(n) if i not in chosen], held

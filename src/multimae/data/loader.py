@@ -31,14 +31,8 @@ from multimae.masking import MaskPlan, dirichlet_plan, ratio_plan
 from multimae.modalities import ModalitySpec
 from multimae.seeding import generator as seeded
 
-from multimae.seeding import derive_seed
 
 BATCH_TAG = "__batch__"  # (epoch, worker, batch index) carried by every sample into the collator
-
-
-def mix_seed(*parts: int) -> int:
-    """Deprecated alias of :func:`multimae.seeding.derive_seed` (kept while callers move)."""
-    return derive_seed(*parts)
 
 
 @dataclass(frozen=True)

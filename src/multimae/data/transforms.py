@@ -92,11 +92,6 @@ def center_crop_box(height: int, width: int) -> Box:
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def stable_seed(*parts: object) -> int:
-    """Deprecated alias of :func:`multimae.seeding.derive_seed` (kept while callers move)."""
-    return derive_seed(*parts)
-
-
 def _resize_image(x: Tensor, box: Box, size: int, spec: ModalitySpec) -> Tensor:
     out = TF.resized_crop(x, *box, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
     out = out.float() / 255.0 if not out.is_floating_point() else out.float()

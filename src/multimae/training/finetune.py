@@ -25,7 +25,7 @@ from multimae import config as config_lib
 from multimae import distributed as D
 from multimae.checkpoint import CheckpointError, capture_rng_state, find_latest, load_checkpoint, resolve_checkpoint, restore_rng_state, save_checkpoint
 from multimae.data.downstream import TARGET, TARGET_VALID
-from multimae.layers.attention import set_attention_mode
+from multimae.layers.attention import set_attention
 from multimae.perf import tune_malloc
 from multimae.training.finetune_config import FinetuneConfig, target_of
 from multimae.training.logging import Progress, RunLogger
@@ -180,11 +180,11 @@ class FinetuneTrainer:
         self.info = D.init_distributed()
         t = cfg.train
         self.device = self.info.device if t.device == "auto" else torch.device(t.device)
-        set_attention_mode(t.attention)
         if t.tune_malloc:
             tune_malloc()
         torch.manual_seed(t.seed)  # identical head initialisation on every rank
         self.model, self.report, self.cfg = prepare(cfg)
+        set_attention(self.model, t.attention)  # the kernel is the model's, per layer
         cfg, t = self.cfg, self.cfg.train
         self.model.to(self.device)
         self.run_dir = Path(t.out_dir) / t.run_name
