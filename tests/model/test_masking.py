@@ -104,3 +104,19 @@ def test_user_masks_validated():
         MaskPlan.from_masks({"rgb": torch.zeros(2, 4), "depth": torch.zeros(3, 4)})
     with pytest.raises(ValueError, match=r"must be \(B, N\)"):
         MaskPlan.from_masks({"rgb": torch.zeros(2, 4, 1)})
+
+
+def test_every_sampler_needs_an_explicit_generator():
+    """No silent fallback to the global RNG: a plan without a generator is a TypeError."""
+    from multimae.masking import sample_gamma, select_uniform
+
+    with pytest.raises(TypeError, match="generator"):
+        dirichlet_plan(COUNTS, 2, 8)
+    with pytest.raises(TypeError, match="generator"):
+        ratio_plan({"rgb": 16}, 2, {"rgb": 0.5})
+    with pytest.raises(TypeError, match="generator"):
+        sample_dirichlet(torch.ones(2, 3))  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="generator"):
+        sample_gamma(torch.ones(3))  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="generator"):
+        select_uniform(4, torch.tensor([2]), None)  # type: ignore[call-arg]
