@@ -14,7 +14,7 @@ from multimae.data.errors import DataError
 from multimae.data.loader import BatchSpec, MaskCollator, eval_batches
 from multimae.model import MultiMAE
 from multimae.seeding import generator
-from multimae.training.config import PretrainConfig
+from multimae.training.config import PretrainConfig, upgrade_saved_config
 from multimae.viz import reconstruction_grid, run_vocabulary
 
 
@@ -22,7 +22,7 @@ def load_pretrained(path: str | Path) -> tuple[MultiMAE, PretrainConfig, Path]:
     """Model (eval mode), run config and checkpoint path from a run or checkpoint directory."""
     ckpt = resolve_checkpoint(path)
     meta = load_meta(ckpt)
-    cfg = from_dict(PretrainConfig, meta["config"])
+    cfg = from_dict(PretrainConfig, upgrade_saved_config(meta["config"]))
     model = MultiMAE(cfg.model)
     model.load_state_dict(load_weights(ckpt))
     return model.eval(), cfg, ckpt
