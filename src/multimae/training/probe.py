@@ -82,7 +82,7 @@ def train_probe(train_x: Tensor, train_y: Tensor, num_classes: int, epochs: int,
             opt.step()
             sched.step()
             step += 1
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         if progress is not None:
             progress.update(1, loss=total / len(perm), lr=sched.get_last_lr()[0])
         if logger is not None:
