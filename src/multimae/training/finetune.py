@@ -23,13 +23,14 @@ from torch import Tensor, nn
 
 from multimae import config as config_lib
 from multimae import distributed as D
-from multimae.checkpoint import CheckpointError, capture_rng_state, find_latest, load_checkpoint, resolve_checkpoint, restore_rng_state, save_checkpoint
+from multimae.checkpoint import CheckpointError, find_latest, resolve_checkpoint, restore_rng_state, save_checkpoint
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.layers.attention import set_attention
 from multimae.perf import tune_malloc
 from multimae.training.finetune_config import FinetuneConfig, target_of
 from multimae.training.logging import Progress, RunLogger
 from multimae.training.optim import WarmupCosine, build_optimizer, scaled_lr
+from multimae.training.state import restore_train_state, train_state
 from multimae.training.step import train_step
 from multimae.transfer import LoadReport, TransferModel, build_transfer_model
 
@@ -227,14 +228,8 @@ class FinetuneTrainer:
         path = find_latest(self.run_dir) if r == "auto" else resolve_checkpoint(r)
         if path is None:
             return
-        weights, state, _meta = load_checkpoint(path)
-        self.model.load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self._rng_after_resume = state.get("rng")
+        self.step, self._rng_after_resume = restore_train_state(path, self.model, self.optimizer,
+                                                                self.scheduler, self.scaler)
         if self.info.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
@@ -242,9 +237,7 @@ class FinetuneTrainer:
         """Checkpoint on rank 0 (every rank holds the same weights under DDP)."""
         if not self.info.is_main:
             return None
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                 "step": self.step, "rng": capture_rng_state()}
+        state = train_state(self.optimizer, self.scheduler, self.scaler, self.step)
         meta = {"config": config_lib.to_dict(self.cfg), "epoch": self.step // self.steps_per_epoch,
                 "kind": "finetune", "task": self.task, "init_report": self.report.summary()}
         return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), state, meta, self.cfg.train.keep_last)

@@ -18,7 +18,7 @@ import torch
 from multimae import config as config_lib
 from multimae import distributed as D
 from multimae.batch import Batch
-from multimae.checkpoint import capture_rng_state, find_latest, load_checkpoint, resolve_checkpoint, restore_rng_state, save_checkpoint
+from multimae.checkpoint import find_latest, resolve_checkpoint, restore_rng_state, save_checkpoint
 from multimae.data.loader import BatchSpec, build_loader, data_counts, load_text_tokenizer
 from multimae.masking import MaskPlan
 from multimae.model import MultiMAE
@@ -26,6 +26,7 @@ from multimae.perf import tune_malloc
 from multimae.training.config import PretrainConfig
 from multimae.training.logging import Progress, RunLogger
 from multimae.training.optim import WarmupCosine, build_optimizer, scaled_lr
+from multimae.training.state import restore_train_state, train_state
 from multimae.training.step import train_step
 
 
@@ -88,14 +89,8 @@ class Trainer:
         path = find_latest(self.run_dir) if r == "auto" else resolve_checkpoint(r)
         if path is None:
             return
-        weights, state, meta = load_checkpoint(path)
-        self.model.load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self._rng_after_resume = state.get("rng")
+        self.step, self._rng_after_resume = restore_train_state(path, self.model, self.optimizer,
+                                                                self.scheduler, self.scaler)
         if self.info.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
@@ -103,9 +98,7 @@ class Trainer:
         """Checkpoint on rank 0 (all ranks hold the same weights under DDP)."""
         if not self.info.is_main:
             return None
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                 "step": self.step, "rng": capture_rng_state()}
+        state = train_state(self.optimizer, self.scheduler, self.scaler, self.step)
         meta = {"config": config_lib.to_dict(self.cfg), "epoch": self.step // self.steps_per_epoch,
                 "model_config": config_lib.to_dict(self.model.config)}
         return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), state, meta, self.cfg.train.keep_last)

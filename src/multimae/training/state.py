@@ -1,0 +1,31 @@
+"""The resumable training state shared by pretraining and fine-tuning: optimizer, schedule, gradient
+scaler, step and RNG, saved beside the weights and restored from a checkpoint directory."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from multimae.checkpoint import capture_rng_state, load_checkpoint
+
+
+def train_state(optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, step: int) -> dict[str, Any]:
+    """What ``state.pt`` holds: optimizer, schedule and scaler states, the step and every RNG."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "step": step, "rng": capture_rng_state()}
+
+
+def restore_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                        scaler: Any) -> tuple[int, dict[str, Any] | None]:
+    """Load a checkpoint's weights and training state in place; returns (step, RNG state to restore
+    when the loop starts)."""
+    weights, state, _meta = load_checkpoint(path)
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return int(state["step"]), state.get("rng")
