@@ -28,6 +28,17 @@ class ConversionError(ValueError):
     """A checkpoint does not fit the model: names the file and the keys."""
 
 
+_PROBLEMS = {"missing": "missing keys", "unexpected": "unexpected keys", "shapes": "shape mismatches",
+             "dupes": "duplicate names that disagree"}
+
+
+def fit_error(source: str, target: str, **problems: list) -> ConversionError | None:
+    """One error listing every key problem (``missing``, ``unexpected``, ``shapes``, ``dupes``, in
+    the order given), or None when there is none."""
+    parts = [f"{_PROBLEMS[kind]}: {keys}" for kind, keys in problems.items() if keys]
+    return ConversionError(f"{source} does not fit {target} -- " + "; ".join(parts)) if parts else None
+
+
 @dataclass
 class ConversionReport:
     """What a conversion did, key by key.
@@ -255,15 +266,9 @@ def fit_state_dict(model: MultiMAE, sd: Mapping[str, Tensor], report: Conversion
             report.added[k] = "not in the source (freshly initialised)"
         else:
             missing.append(k)
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys: {sorted(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches: {shapes}")
-        raise ConversionError(f"{report.source} does not fit the model -- " + "; ".join(parts))
+    err = fit_error(report.source, "the model", missing=missing, unexpected=sorted(unexpected), shapes=shapes)
+    if err is not None:
+        raise err
     model.load_state_dict({**own, **take}, strict=True)
 
 
@@ -275,15 +280,9 @@ def load_state_strict(model: torch.nn.Module, sd: Mapping[str, Tensor], source: 
     unexpected = sorted(set(sd) - set(own))
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys: {unexpected}")
-        if shapes:
-            parts.append(f"shape mismatches: {shapes}")
-        raise ConversionError(f"{source} does not fit the model -- " + "; ".join(parts))
+    err = fit_error(source, "the model", missing=missing, unexpected=unexpected, shapes=shapes)
+    if err is not None:
+        raise err
     model.load_state_dict({k: v for k, v in sd.items()}, strict=True)
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
-from multimae.checkpoint.convert import ConversionError, infer_official_config, model_config, read_state_dict
+from multimae.checkpoint.convert import ConversionError, fit_error, infer_official_config, model_config, read_state_dict
 from multimae.checkpoint.io import META_FILE, WEIGHTS_FILE
 from multimae.checkpoint.resize import resize_pos_table
 from multimae.checkpoint.vit import is_vit_layout, vit_to_multimae
@@ -239,15 +239,9 @@ def filter_multimae_state_dict(sd: Mapping[str, Tensor], model: TransferModel, s
     bad_missing = [k for k in missing if not k.startswith(fresh_prefixes)]
     if head_src is not None:
         bad_missing += [k for k in missing if k.startswith("head.")]
-    if bad_missing or shapes or dupes:
-        parts = []
-        if bad_missing:
-            parts.append(f"missing keys: {bad_missing}")
-        if shapes:
-            parts.append(f"shape mismatches: {shapes}")
-        if dupes:
-            parts.append(f"duplicate names that disagree: {dupes}")
-        raise ConversionError(f"{source} does not fit the transfer model -- " + "; ".join(parts))
+    err = fit_error(source, "the transfer model", missing=bad_missing, shapes=shapes, dupes=dupes)
+    if err is not None:
+        raise err
     report = LoadReport(source, loaded=sorted(out), new_inputs=new_inputs, dropped=sorted(dropped),
                         missing=sorted(missing), aliases=sorted(aliases), resized=resized)
     return out, report
