@@ -14,7 +14,7 @@ Timing: every variant warms up, then the timed steps go round-robin (official, o
 bf16, official, ...), so drift and other jobs on a shared machine slow all variants alike; the
 median of ``--steps`` (>= 7 by default) is reported. Peak memory: each variant runs a few steps
 alone in a child process of its own (``--child``) and reports its peak resident set size
-(``getrusage``) -- or, on a GPU, ``torch.cuda.max_memory_allocated``.
+(``VmHWM``, see ``max_rss_mb``) -- or, on a GPU, ``torch.cuda.max_memory_allocated``.
 
 On a CUDA device the same command times the GPU: bf16 autocast, flash SDPA, fused AdamW and
 ``torch.compile`` for this project's step (``--compile auto``), CUDA-synchronised timing, and
@@ -98,7 +98,19 @@ def machine_line(device: torch.device) -> str:
 
 
 def max_rss_mb() -> float:
-    """Peak resident set size of this process in MB (Linux reports KB, macOS bytes)."""
+    """Peak resident set size of this process in MB.
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this process's own address
+    space. ``getrusage``'s ``ru_maxrss`` is not used there: Linux carries it across ``exec``, so a
+    memory child started by a parent that already holds a ViT-B step reports the parent's peak
+    (every variant came out at the same 5707 MB that way). Elsewhere ``ru_maxrss`` (macOS: bytes).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1 << 20) if sys.platform == "darwin" else r / 1024
 
@@ -420,7 +432,7 @@ def markdown(res: dict[str, Any]) -> str:
         "script does on a CPU. Every variant warms up "
         f"({a.warmup} steps), then the variants' timed steps alternate round-robin in one process; medians of "
         f"{a.steps} steps. Peak memory: each variant alone in its own process ({a.child_steps} steps), peak resident "
-        "set size of the whole process (`getrusage`), which includes torch itself"
+        "set size of the whole process (`VmHWM` of /proc/self/status), which includes torch itself"
         + ("; on a GPU, `torch.cuda.max_memory_allocated`" if dev == "cuda" else "") + ".",
         "",
     ]
@@ -493,10 +505,13 @@ def verdicts(res: dict[str, Any]) -> list[str]:
     for p, r in res["presets"].items():
         med, mem = r["median"], r.get("memory") or {}
         parts = []
+        cpu = r.get("cpu_median") or {}
         for n in ("fp32", "bf16"):
             if "official" in med and n in med:
                 x = med["official"] / med[n]
-                parts.append(f"{n} {x:.2f}x (target >= {TARGETS[n]:.2f}x: {'met' if x >= TARGETS[n] else 'NOT met'})")
+                c = (f"; CPU seconds {cpu['official'] / cpu[n]:.2f}x: "
+                     f"{'met' if cpu['official'] / cpu[n] >= TARGETS[n] else 'NOT met'}") if cpu.get(n) and cpu.get("official") else ""
+                parts.append(f"{n} wall {x:.2f}x (target >= {TARGETS[n]:.2f}x: {'met' if x >= TARGETS[n] else 'NOT met'}{c})")
             else:
                 parts.append(f"{n}: not measured ({r['skipped'].get(n, 'not requested')})")
         off = (mem.get("official") or {}).get("peak_rss_mb")
