@@ -137,7 +137,8 @@ def test_evaluate_reproduces_the_runs_final_metrics(learned):
 def test_resume_is_exact(tmp_path):
     """Interrupted + resumed = uninterrupted, bitwise (CPU fp32), with RandAugment, mixup/cutmix
     (timm, numpy RNG) and drop path (torch RNG) all drawing randomness."""
-    extra = ["aug.mixup=0.8", "aug.cutmix=1.0", "train.epochs=2", "train.ckpt_every=100", "model.drop_path=0.2"]
+    extra = ["aug.randaugment=true", "aug.mixup=0.8", "aug.cutmix=1.0", "train.epochs=2", "train.ckpt_every=100",
+             "model.drop_path=0.2"]
     full = FinetuneTrainer(cfg_for(tmp_path, "cls", *extra, "train.run_name=a")).fit(evaluate=False)
     FinetuneTrainer(cfg_for(tmp_path, "cls", *extra, "train.run_name=b", "train.max_steps=3")).fit()
     resumed = FinetuneTrainer(cfg_for(tmp_path, "cls", *extra, "train.run_name=b"))
