@@ -621,7 +621,15 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
     data = collect(out, budget)
     stats = data["stats"]
     claims = judge(stats)
-    cmd = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/reproduce.py", *sys.argv[1:]])
+    argv, skip = [], False  # the command that ran the jobs: without the report-only flags
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif a != "--report-only" and not a.startswith("--note="):
+            argv.append(a)
+    cmd = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/reproduce.py", *argv])
     minfo = machine_info()
     headers = [h for _, _, h, _ in COLUMNS]
     L: list[str] = []
@@ -705,8 +713,10 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
              f"augmentation, drop path); pretraining {budget.pretrain_steps} steps at batch {budget.pretrain_batch} "
              f"({budget.pretrain_scenes} scenes per epoch, rendered once per run, {budget.pretrain_warmup} warm-up "
              f"steps); fine-tuning at batch {budget.ft_batch} on {budget.ft_train_scenes} training scenes for "
-             f"{budget.ft_epochs} epoch(s) ({budget.ft_steps} steps, {budget.ft_warmup} warm-up steps; classification: the epochs of "
-             f"`configs/finetune/synthetic-cls.yaml`, capped at {budget.cls_max_epochs}, and its warm-up); linear probes "
+             f"{budget.ft_epochs} epoch(s) ({budget.ft_steps} steps, {budget.ft_warmup} warm-up steps; classification: "
+             f"`configs/finetune/synthetic-cls.yaml` with the short recipe pinned in `TASKS` (RandAugment, crops "
+             f"of 35-100% of the area, 1 warm-up epoch: the recipe that config had when this benchmark was "
+             f"written), {budget.cls_max_epochs} epochs); linear probes "
              f"{budget.probe_epochs} epochs on cached features; scored on {budget.test_scenes} test scenes "
              f"(`data.split=test`, stream 1000002; training scenes stream 1000000). Everything else is the "
              f"recipe of the `configs/finetune/synthetic-*.yaml` file of the task. Steps per transfer task in "
@@ -742,8 +752,19 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
     L.append("|---|---:|---:|---:|---:|")
     for stage, t in timings.get("stages", {}).items():
         L.append(f"| {stage} | {t['jobs']} | {t['worker_s']:.0f} | {_hms(t['span_s'])} | {t['invocations']} |")
-    L.append(f"| total wall (all invocations) | | | {_hms(timings.get('total_wall_s', 0))} | |")
+    L.append(f"| total wall (invocations that finished) | | | {_hms(timings.get('total_wall_s', 0))} | |")
     L.append("")
+    pre_s = sum(sum(v) for v in data["pretrain_times"].values())
+    tr_s = sum(sum(v) for v in data["job_times"].values())
+    L.append(f"Every finished job, whichever invocation ran it: pretraining {pre_s:.0f} worker-seconds "
+             f"({sum(len(v) for v in data['pretrain_times'].values())} runs), transfer {tr_s:.0f} worker-seconds "
+             f"({sum(len(v) for v in data['job_times'].values())} runs), i.e. about {_hms((pre_s + tr_s) / args.workers)} "
+             f"of wall time on {args.workers} workers. An invocation that is interrupted records no stage times "
+             "(the table above); its finished jobs count here.")
+    L.append("")
+    for note in getattr(args, "note", None) or []:
+        L.append(note)
+        L.append("")
     L.append("Median job wall time per kind (s): " + ", ".join(
         [f"pretrain {a} {sorted(v)[len(v) // 2]:.0f}" for a, v in data["pretrain_times"].items()] +
         [f"{t} {sorted(v)[len(v) // 2]:.0f}" for t, v in data["job_times"].items()]) + ".")
@@ -870,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ft-epochs", type=int, default=None, help="override the semseg / depth fine-tuning epochs")
     ap.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)}")
     ap.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)}")
+    ap.add_argument("--note", action="append", default=[], help="a paragraph added under 'Wall time' (repeatable)")
     ap.add_argument("--tag", default=None, help="name of a variant run (an investigation): its runs go to "
                     "runs/reproduce-TAG and its results to benchmarks/results/reproduce-TAG.md/.json and "
                     "docs/img/reproduce-TAG.png, leaving the main results alone")
