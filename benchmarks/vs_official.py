@@ -97,6 +97,17 @@ def machine_line(device: torch.device) -> str:
     return line
 
 
+def _proc_status_mb(field: str) -> float | None:
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in MB; None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def max_rss_mb() -> float:
     """Peak resident set size of this process in MB.
 
@@ -105,24 +116,16 @@ def max_rss_mb() -> float:
     memory child started by a parent that already holds a ViT-B step reports the parent's peak
     (every variant came out at the same 5707 MB that way). Elsewhere ``ru_maxrss`` (macOS: bytes).
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1 << 20) if sys.platform == "darwin" else r / 1024
 
 
 def current_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    rss = _proc_status_mb("VmRSS")
+    return float("nan") if rss is None else rss
 
 
 # ----------------------------------------------------------------------------- official code
