@@ -515,6 +515,8 @@ def compare(a: tuple[float, float, int], b: tuple[float, float, int], higher: bo
     """``a`` vs ``b`` on mean +/- std intervals: 'better', 'worse', 'overlap', or 'n/a' (fewer
     than 2 seeds on either side, or missing)."""
     (ma, sa, na), (mb, sb, nb) = a, b
+    if na == 0 or nb == 0:
+        return "not run"
     if na < 2 or nb < 2 or any(math.isnan(x) for x in (ma, sa, mb, sb)):
         return "n/a"
     if ma - sa > mb + sb:
@@ -525,7 +527,7 @@ def compare(a: tuple[float, float, int], b: tuple[float, float, int], higher: bo
 
 
 VERDICT = {"better": "reproduced", "worse": "not reproduced", "overlap": "inconclusive (overlapping error bars)",
-           "n/a": "inconclusive (fewer than 2 seeds)"}
+           "n/a": "inconclusive (fewer than 2 seeds)", "not run": "not run in this variant"}
 
 # (claim id, short name, paper statement, [(a, b, column header, claimed: '>' a better than b, '<' a
 # worse than b, in the metric's sense)]); a / b are an arm (with the column) or "arm:column"
@@ -570,6 +572,11 @@ def judge(stats: dict) -> list[dict[str, Any]]:
             rows.append({"a": f"{ARM_LABEL[arm_a]} {col_a}", "b": f"{ARM_LABEL[arm_b]} {col_b}",
                          "a_stat": sa, "b_stat": sb, "claimed": "better" if direction == ">" else "worse",
                          "outcome": c, "verdict": VERDICT[c]})
+        run = [r for r in rows if r["outcome"] != "not run"]
+        if not run:
+            out.append({"id": cid, "short": short, "claim": text, "comparisons": [], "overall": "not run"})
+            continue
+        rows = run  # an investigation variant (--arms / --tasks) judges what it ran
         outcomes = {r["outcome"] for r in rows}
         if outcomes == {"better"}:
             overall = "reproduced"
@@ -631,7 +638,9 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
             argv.append(a)
     cmd = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/reproduce.py", *argv])
     minfo = machine_info()
-    headers = [h for _, _, h, _ in COLUMNS]
+    columns = [c for c in COLUMNS if c[0] in budget.tasks]
+    arms = [a for a in ARMS if a in budget.arms]
+    headers = [h for _, _, h, _ in columns]
     L: list[str] = []
     L.append("# Reproducing the MultiMAE and M3AE findings in miniature (synthetic scenes)")
     L.append("")
@@ -654,7 +663,7 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
     L.append("")
     L.append("| arm | " + " | ".join(headers) + " |")
     L.append("|---|" + "---:|" * len(headers))
-    for arm in ARMS:
+    for arm in arms:
         L.append(f"| {ARM_LABEL[arm]} | " + " | ".join(_fmt(stats[arm][h], _digits(h)) for h in headers) + " |")
     base = data["baseline"]
     L.append("| trivial baseline | " + " | ".join(
@@ -669,7 +678,7 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
     L.append("|---|---:|---:|---:|")
     L.append("| MAE (paper, ViT-B, NYUv2) | 50.8 | 23.4 | 49.3 |")
     L.append("| MultiMAE (paper, ViT-B, NYUv2) | 52.0 | 41.4 | 56.0 |")
-    for arm in ARMS:
+    for arm in arms:
         L.append(f"| {ARM_LABEL[arm]} (here) | " + " | ".join(
             _fmt(stats[arm][h]) for h in ("semseg RGB mIoU", "semseg D mIoU", "semseg RGB-D mIoU")) + " |")
     L.append("")
@@ -691,14 +700,15 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
             parts.append(f"{r['a']} {_fmt(r['a_stat'], 3 if 'AbsRel' in r['a'] else 1)} vs {r['b']} "
                          f"{_fmt(r['b_stat'], 3 if 'AbsRel' in r['b'] else 1)} (claimed {r['claimed']}): "
                          f"{r['verdict']}")
-        L.append(f"* **{c['id']} — {c['overall']}.** {c['claim']}. " + "; ".join(parts) + ".")
+        L.append(f"* **{c['id']} — {c['overall']}.** {c['claim']}. " +
+                 ("; ".join(parts) + "." if parts else "(Its arms or tasks are not part of this variant.)"))
     L.append("")
     L.append("## Setup")
     L.append("")
     L.append("Pretraining arms (same optimizer steps, batch, model, optimizer and lr schedule; nano preset, 64 px, "
              "8 px patches):")
     L.append("")
-    for arm in ARMS:
+    for arm in arms:
         p = data["pretrain"].get(arm)
         extra = ""
         if p:
@@ -797,7 +807,7 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
          "stats": {a: {h: dict(zip(("mean", "std", "n"), s)) for h, s in v.items()} for a, v in stats.items()},
          "baseline": data["baseline"], "claims": claims, "timings": timings, "pretrain": data["pretrain"],
          "quick": quick}, indent=2, default=str) + "\n")
-    draw_figure(stats, figure, quick)
+    draw_figure(stats, figure, quick, arms, columns)
     return path
 
 
@@ -806,7 +816,8 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
 COLOURS = {"multimae": (31, 119, 180), "mae": (255, 127, 14), "m3ae": (44, 160, 44), "scratch": (127, 127, 127)}
 
 
-def draw_figure(stats: dict, path: Path, quick: bool) -> None:
+def draw_figure(stats: dict, path: Path, quick: bool, arms: list[str] | None = None,
+                columns: list[tuple] | None = None) -> None:
     """Bar chart with error bars (mean ± std), one panel per column, one bar per arm (PIL only)."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -816,24 +827,26 @@ def draw_figure(stats: dict, path: Path, quick: bool) -> None:
         except TypeError:  # Pillow < 10.1
             return ImageFont.load_default()
 
+    arms, columns = list(arms or ARMS), list(columns or COLUMNS)
     f_title, f_small = font(15), font(12)
-    cols, rows = 4, 2
+    cols = min(4, len(columns))
+    rows = -(-len(columns) // cols)
     pw, ph = 250, 230
     top = 60
     img = Image.new("RGB", (cols * pw + 20, rows * ph + top + 10), "white")
     d = ImageDraw.Draw(img)
-    title = "MultiMAE / MAE / M3AE / scratch on synthetic scenes: mean ± std over seeds"
+    title = " / ".join(ARM_LABEL[a] for a in arms) + " on synthetic scenes: mean ± std over seeds"
     d.text((10, 8), title + (" (--quick smoke run)" if quick else ""), fill="black", font=f_title)
     x = 10
-    for arm in ARMS:  # legend
+    for arm in arms:  # legend
         d.rectangle([x, 34, x + 14, 48], fill=COLOURS[arm])
         d.text((x + 18, 34), ARM_LABEL[arm], fill="black", font=f_small)
         x += 110
-    for k, (_, _, header, higher) in enumerate(COLUMNS):
+    for k, (_, _, header, higher) in enumerate(columns):
         ox, oy = 10 + (k % cols) * pw, top + (k // cols) * ph
         d.text((ox + 5, oy + 2), header.replace("δ", "delta") + ("" if higher else " (lower better)"), fill="black", font=f_small)
         x0, x1, y0, y1 = ox + 40, ox + pw - 15, oy + 25, oy + ph - 30  # plot area
-        vals = [stats[a][header] for a in ARMS]
+        vals = [stats[a][header] for a in arms]
         hi = max([m + (0 if math.isnan(s) else s) for m, s, n in vals if n > 0] or [1.0])
         hi = hi * 1.15 if hi > 0 else 1.0
         d.line([x0, y1, x1, y1], fill="black")
@@ -843,8 +856,8 @@ def draw_figure(stats: dict, path: Path, quick: bool) -> None:
             y = y1 - (y1 - y0) * t / 4
             d.line([x0 - 3, y, x0, y], fill="black")
             d.text((ox, y - 6), f"{v:.3g}", fill="black", font=f_small)
-        bw = (x1 - x0) / (len(ARMS) * 1.5 + 0.5)
-        for i, (arm, (m, s, n)) in enumerate(zip(ARMS, vals)):
+        bw = (x1 - x0) / (len(arms) * 1.5 + 0.5)
+        for i, (arm, (m, s, n)) in enumerate(zip(arms, vals)):
             bx = x0 + bw * (0.5 + 1.5 * i)
             if n == 0 or math.isnan(m):
                 d.text((bx, y1 - 14), "n/a", fill="gray", font=f_small)
