@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,18 @@ def official_tsv():
     if not OFFICIAL_TSV.is_file():
         pytest.fail(f"{OFFICIAL_TSV} not found (it is part of the repository: tests/fixtures)")
     return OFFICIAL_TSV
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    """A function returning a free loopback TCP port (for a gloo rendezvous or ``torchrun``)."""
+    return _free_port
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,6 @@
 """Distributed data parallel on CPU (gloo): gradients equal a single process on the same global
 batch, and a 2-process ``torchrun`` pretraining run works end to end."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,11 +12,6 @@ from multimae.model import ModelConfig, MultiMAE
 
 CFG = dict(preset="nano", depth=2, image_size=32, patch_size=8, modalities={"semseg": {"num_classes": 5}})
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def global_batch():
@@ -45,7 +39,7 @@ def _worker(rank, port, out):
     D.cleanup()
 
 
-def test_ddp_gradients_equal_single_process(tmp_path):
+def test_ddp_gradients_equal_single_process(tmp_path, free_port):
     out = tmp_path / "grads.pt"
     mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=True)
     torch.manual_seed(0)
@@ -57,7 +51,7 @@ def test_ddp_gradients_equal_single_process(tmp_path):
         assert torch.allclose(ddp[n], p.grad, rtol=1e-4, atol=1e-6), n
 
 
-def test_torchrun_two_processes(tmp_path):
+def test_torchrun_two_processes(tmp_path, free_port):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            "-m", "multimae.cli.main", "pretrain", "--config", "configs/pretrain/synthetic-tiny.yaml", "--no-eval",
            "model.preset=nano", "model.depth=1", "model.image_size=32", "data.image_size=32", "data.num_samples=64",

@@ -2,7 +2,6 @@
 through the CLI: the run trains, checkpoints once (rank 0), and writes its evaluation."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,17 +22,12 @@ TINY = [TINY_ENCODER, "data.image_size=32", "data.num_workers=0", "train.batch_s
         "train.epochs=1", "train.log_every=2"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def cli(args: list[str], torchrun: int = 0) -> subprocess.CompletedProcess:
+def cli(args: list[str], torchrun: int = 0, port: int | None = None) -> subprocess.CompletedProcess:
     head = [sys.executable, "-m", "multimae.cli.main"]
     if torchrun:
         head = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
-                "--master_port", str(free_port()), "-m", "multimae.cli.main"]
+                "--master_port", str(port), "-m", "multimae.cli.main"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(head + args, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
@@ -70,11 +64,11 @@ def test_segmentation_and_classification_from_shards(tmp_path):
     assert res["baseline_answer"]["value"] == max(set(labels), key=labels.count)
 
 
-def test_torchrun_two_process_finetune(tmp_path):
+def test_torchrun_two_process_finetune(tmp_path, free_port):
     train, val = shards(tmp_path)
     common = ["finetune", "--config", "configs/finetune/synthetic-semseg.yaml", *TINY, "model.head.embed_dim=64",
               "data.source=shards", f"data.train_urls={train}", f"data.eval_urls={val}", f"train.out_dir={tmp_path}"]
-    r = cli(common + ["train.run_name=ddp"], torchrun=2)
+    r = cli(common + ["train.run_name=ddp"], torchrun=2, port=free_port())
     assert "world size 2" in r.stdout
     assert r.stdout.count("run directory:") == 1  # rank 0 only
     assert "2 steps/epoch" in r.stdout  # 16 samples split over 2 ranks of batch 4

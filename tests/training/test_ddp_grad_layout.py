@@ -5,7 +5,6 @@ projection ([D, 1, p, p]) used to get a gradient whose size-1 channel dimension 
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import torch
@@ -16,11 +15,6 @@ from multimae.model import ModelConfig, MultiMAE
 
 CFG = dict(preset="nano", depth=1, image_size=32, patch_size=8, modalities={"semseg": {"num_classes": 5}})
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int) -> None:
@@ -50,8 +44,8 @@ def _worker(rank: int, port: int) -> None:
         D.cleanup()
 
 
-def test_ddp_step_without_stride_warning() -> None:
-    mp.spawn(_worker, args=(_free_port(),), nprocs=2, join=True)
+def test_ddp_step_without_stride_warning(free_port) -> None:
+    mp.spawn(_worker, args=(free_port(),), nprocs=2, join=True)
 
 
 def test_patch_projection_grads_keep_parameter_layout() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -48,11 +47,6 @@ def test_missing_master_addr(monkeypatch: pytest.MonkeyPatch) -> None:
         D.init_distributed()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ.update(
@@ -77,8 +71,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         D.cleanup()
 
 
-def test_two_process_gloo(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_process_gloo(tmp_path: Path, free_port) -> None:
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r, res in enumerate(results):
         assert res["rank"] == r and res["world"] == 2 and res["main"] == (r == 0)
