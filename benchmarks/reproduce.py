@@ -282,19 +282,11 @@ def _ood(cfg: Any, run_dir: Path) -> dict[str, Any]:
     import torch
 
     from multimae.data.synthetic import LABEL_CLASSES
-    from multimae.training.finetune import prepare
-    from multimae.training.finetune_data import build_eval_loader
-    from multimae.training.probe import extract_features, train_probe
+    from multimae.training.probe import probe_features, train_probe
 
-    torch.manual_seed(cfg.train.seed)
-    model, report, cfg = prepare(cfg)
-    model.requires_grad_(False)
-    device = torch.device("cpu")
-    specs = list(model.encoder.specs.values())
-    tic = time.perf_counter()
-    tr_x, tr_y = extract_features(model, build_eval_loader(cfg, specs, train_split_stats=True), device)
-    te_x, te_y = extract_features(model, build_eval_loader(cfg, specs), device)
-    t_feat = time.perf_counter() - tic
+    f = probe_features(cfg)
+    cfg, report = f.cfg, f.report
+    tr_x, tr_y, te_x, te_y, t_feat = f.train_x, f.train_y, f.eval_x, f.eval_y, f.seconds
     in_ids = [LABEL_CLASSES.index(c) for c in OOD_IN]
     out_ids = [LABEL_CLASSES.index(c) for c in OOD_OUT]
     remap = torch.full((len(LABEL_CLASSES),), -1, dtype=torch.long)
@@ -304,8 +296,8 @@ def _ood(cfg: Any, run_dir: Path) -> dict[str, Any]:
     probe = train_probe(tr_x[tr_in], remap[tr_y[tr_in]], len(in_ids), p.epochs, p.batch_size, p.lr, p.weight_decay,
                         cfg.train.seed)
     with torch.no_grad():
-        msp = probe(te_x).softmax(1).max(1).values
-        pred = probe(te_x).argmax(1)
+        logits = probe(te_x)
+    msp, pred = logits.softmax(1).max(1).values, logits.argmax(1)
     te_in = remap[te_y] >= 0
     te_out = torch.isin(te_y, torch.tensor(out_ids))
     acc_in = 100.0 * float((pred[te_in] == remap[te_y[te_in]]).float().mean()) if te_in.any() else float("nan")
@@ -477,25 +469,24 @@ def collect(out: Path, budget: Budget) -> dict[str, Any]:
     job_times: dict[str, list[float]] = {}
     steps: dict[str, set] = {}
     for arm in ARMS:
-        raw[arm] = {}
-        for task, metric, header, _ in COLUMNS:
-            vals: list[float | None] = []
+        raw[arm] = {header: [] for _, _, header, _ in COLUMNS}
+        for task in dict.fromkeys(t for t, _, _, _ in COLUMNS):  # the columns' order
+            cols = [(metric, header) for t, metric, header, _ in COLUMNS if t == task]
             for seed in range(budget.seeds):
                 f = result_file(out, Job("transfer", arm, seed, task))
-                if not f.exists():
-                    vals.append(None)
+                res = json.loads(f.read_text()) if f.exists() else None
+                for metric, header in cols:
+                    raw[arm][header].append(None if res is None else res.get("metrics", {}).get(metric))
+                    b = (res.get("baseline") or {}).get(metric) if res and isinstance(res.get("baseline"), dict) else None
+                    if b is not None:
+                        baseline[header] = b
+                if res is None:
                     continue
-                res = json.loads(f.read_text())
-                vals.append(res.get("metrics", {}).get(metric))
-                b = (res.get("baseline") or {}).get(metric) if isinstance(res.get("baseline"), dict) else None
-                if b is not None:
-                    baseline[header] = b
                 if "step" in res:
                     steps.setdefault(task, set()).add(res["step"])
                 tf = f.parent / "job_time.json"
-                if tf.exists() and metric == COLUMNS[[c[0] for c in COLUMNS].index(task)][1]:
+                if tf.exists():
                     job_times.setdefault(task, []).append(json.loads(tf.read_text())["job_s"])
-            raw[arm][header] = vals
     pre_times: dict[str, list[float]] = {}
     pre_info: dict[str, Any] = {}
     for arm in PRETRAIN:

@@ -10,7 +10,7 @@ config, ``metrics.jsonl``, TensorBoard, one checkpoint (encoder + probe weights)
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from multimae.training.finetune import default_run_name, prepare
 from multimae.training.finetune_config import FinetuneConfig
 from multimae.training.logging import Progress, RunLogger
 from multimae.training.optim import WarmupCosine
-from multimae.transfer import TransferModel
+from multimae.transfer import LoadReport, TransferModel
 
 PROBE_PREFIX = "probe."
 
@@ -101,26 +101,49 @@ def probe_scores(probe: LinearProbe, x: Tensor, y: Tensor, num_classes: int) -> 
     return out
 
 
+@dataclass
+class ProbeFeatures:
+    """A frozen encoder built from ``cfg.init`` and its cached features of the training split and
+    of ``cfg.data.split`` (what a linear probe trains and is scored on)."""
+
+    model: TransferModel
+    report: LoadReport
+    cfg: FinetuneConfig  # completed by :func:`~multimae.training.finetune.prepare`
+    train_x: Tensor
+    train_y: Tensor
+    eval_x: Tensor
+    eval_y: Tensor
+    seconds: float  # feature extraction time
+
+
+def probe_features(cfg: FinetuneConfig) -> ProbeFeatures:
+    """Build the frozen encoder (seeded by ``train.seed``) and extract both splits' features once."""
+    from multimae.training.finetune_data import build_eval_loader
+
+    torch.manual_seed(cfg.train.seed)
+    model, report, cfg = prepare(cfg)
+    device = torch.device("cpu") if cfg.train.device in ("auto", "cpu") else torch.device(cfg.train.device)
+    model.to(device).requires_grad_(False)
+    specs = list(model.encoder.specs.values())
+    tic = time.perf_counter()
+    train_x, train_y = extract_features(model, build_eval_loader(cfg, specs, train_split_stats=True), device)
+    eval_x, eval_y = extract_features(model, build_eval_loader(cfg, specs), device)
+    return ProbeFeatures(model, report, cfg, train_x, train_y, eval_x, eval_y, time.perf_counter() - tic)
+
+
 def run_probe(cfg: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     """Linear-probe ``cfg.init`` on ``cfg.data`` (classification); returns the run directory and
     the evaluation result (metrics, baseline)."""
-    from multimae.training.finetune_data import build_eval_loader
     from multimae.training.finetune_eval import class_baseline, write_report
 
     if cfg.model.head.kind != "classification":
         raise ValueError(f"a linear probe classifies: model.head.kind must be classification, not {cfg.model.head.kind}")
     if not cfg.train.run_name:
         cfg = replace(cfg, train=replace(cfg.train, run_name=default_run_name(cfg, prefix="probe")))
-    torch.manual_seed(cfg.train.seed)
-    model, report, cfg = prepare(cfg)
-    device = torch.device("cpu") if cfg.train.device in ("auto", "cpu") else torch.device(cfg.train.device)
-    model.to(device).requires_grad_(False)
+    f = probe_features(cfg)
+    model, report, cfg = f.model, f.report, f.cfg
+    train_x, train_y, eval_x, eval_y, t_feat = f.train_x, f.train_y, f.eval_x, f.eval_y, f.seconds
     run_dir = Path(cfg.train.out_dir) / str(cfg.train.run_name)
-    specs = list(model.encoder.specs.values())
-    tic = time.perf_counter()
-    train_x, train_y = extract_features(model, build_eval_loader(cfg, specs, train_split_stats=True), device)
-    eval_x, eval_y = extract_features(model, build_eval_loader(cfg, specs), device)
-    t_feat = time.perf_counter() - tic
     K = int(cfg.model.head.num_classes or 0)
     p = cfg.probe
     config_lib.save_json(cfg, run_dir / "config.json")
