@@ -48,11 +48,11 @@ def run(task: str, init: str, out: Path) -> dict:
     run_dir = out / args[-1].split("=", 1)[1]
     if (run_dir / "eval.json").is_file() and (run_dir / "wall.json").is_file():
         return {"task": task, "init": init, "dir": str(run_dir), "cached": True}
-    exe = Path(sys.executable).with_name("multimae")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.time()
     with open(out / f"{run_dir.name}.log", "w") as log:
-        r = subprocess.run([str(exe), *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        r = subprocess.run([sys.executable, "-m", "multimae.cli.main", *args], cwd=ROOT, env=env, stdout=log,
+                           stderr=subprocess.STDOUT)
     wall = time.time() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed (exit {r.returncode}); see {out / (run_dir.name + '.log')}")
