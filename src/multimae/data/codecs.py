@@ -2,7 +2,9 @@
 
 How a file is decoded depends on the modality's kind and the file extension, never its name:
 
-* ``image``: jpg / png / webp / bmp / tif -> uint8 (C,H,W) with C = ``spec.channels``.
+* ``image``: jpg / png / webp / bmp / tif -> uint8 (C,H,W) with C = ``spec.channels``, upright
+  (EXIF orientation applied), 16-bit greyscale scaled to 8 bits, transparency composited onto the
+  ImageNet mean colour (:func:`image_pixels`).
 * ``dense``: ``.npy`` -> float32 as stored (NaN/inf are invalid pixels: the datasets set them
   to 0 and count them, :func:`multimae.data.fields.validate_sample`); 16-bit PNG ->
   ``value * png_scale`` (1,H,W) (the official MultiMAE code reads depth PNGs as
@@ -21,7 +23,7 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from multimae.data.errors import DataError
@@ -37,6 +39,7 @@ EXTS: dict[str, tuple[str, ...]] = {
 LABEL_KEY = "label"
 
 PngScale = float | Mapping[str, float] | None
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
 
 def scale_for(png_scale: PngScale, key: str, default: float = OFFICIAL_PNG_SCALE) -> float:
@@ -48,11 +51,19 @@ def scale_for(png_scale: PngScale, key: str, default: float = OFFICIAL_PNG_SCALE
     return float(png_scale)
 
 
-def _open_image(data: bytes, where: str) -> Image.Image:
+def open_image(data: bytes, where: str, draft: tuple[int, int] | None = None) -> Image.Image:
+    """An image file's bytes -> a loaded PIL image, upright: the EXIF orientation is applied (a
+    phone photo tagged "rotate 90" comes out as it was shot). ``draft`` lets a JPEG decode at a
+    reduced scale of at least that size. :class:`DataError` naming ``where`` for a truncated or
+    unknown file."""
     try:
         img = Image.open(io.BytesIO(data))
+        if draft is not None and img.format == "JPEG":
+            img.draft("RGB", draft)
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if img.getexif().get(ORIENTATION_TAG, 1) != 1:
+            img = ImageOps.exif_transpose(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{where}: truncated or not an image ({type(e).__name__}: {e})") from None
     return img
 
@@ -68,14 +79,40 @@ def _image_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img)
 
 
-def decode_image(data: bytes, channels: int, where: str) -> Tensor:
-    """An 8-bit image file -> uint8 (C,H,W)."""
-    img = _open_image(data, where)
+# Transparent pixels are composited onto the ImageNet mean colour: after the input normalisation
+# they are 0, the value that padding and masked-out inputs have too.
+ALPHA_BACKGROUND = (124, 116, 104)
+
+
+def image_pixels(img: Image.Image, channels: int, where: str) -> np.ndarray:
+    """A decoded image -> uint8 (H,W,C) with C = ``channels`` (1 grey, 3 RGB, 4 RGBA).
+
+    * 16-bit and 32-bit integer greyscale (``I;16``, ``I``) is scaled to 8 bits (``v / 257``,
+      clipped to [0, 65535] first), not clipped at 255 (which turns most of it white);
+    * float greyscale (``F``) is read as [0, 1] intensities;
+    * transparency (``RGBA``, ``LA``, ``PA``, palette or ``RGB`` with a transparent colour) is
+      composited onto :data:`ALPHA_BACKGROUND` unless 4 channels (RGBA) are asked for.
+    """
     mode = {3: "RGB", 1: "L", 4: "RGBA"}.get(channels)
     if mode is None:
         raise DataError(f"{where}: cannot read a {channels}-channel image from an image file; use .npy")
+    if img.mode.startswith("I") or img.mode == "F":
+        v = np.asarray(img).astype(np.float64)
+        v = np.clip(v, 0, 1) * 255 if img.mode == "F" else np.clip(v, 0, 65535) / 257.0
+        img = Image.fromarray(np.rint(v).astype(np.uint8), "L")
+    if mode != "RGBA" and (img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        img = Image.alpha_composite(bg, rgba)
     arr = np.asarray(img.convert(mode))
-    return torch.from_numpy(np.ascontiguousarray(arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1)))
+    return arr.reshape(arr.shape[0], arr.shape[1], -1)
+
+
+def decode_image(data: bytes, channels: int, where: str) -> Tensor:
+    """An image file -> uint8 (C,H,W), upright (EXIF), 16-bit scaled, alpha composited
+    (:func:`image_pixels`)."""
+    arr = image_pixels(open_image(data, where), channels, where)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 def _load_npy(data: bytes, where: str) -> np.ndarray:
@@ -103,7 +140,7 @@ def decode_dense(data: bytes, ext: str, channels: int, png_scale: float, where: 
         if not np.issubdtype(arr.dtype, np.number):
             raise DataError(f"{where}: expected a numeric array, got dtype {arr.dtype}")
         return torch.from_numpy(np.ascontiguousarray(_chw(arr, channels, where), dtype=np.float32))
-    arr = _image_array(_open_image(data, where))
+    arr = _image_array(open_image(data, where))
     if arr.dtype == np.uint8:
         out = arr.astype(np.float32) / 127.5 - 1.0
     else:
@@ -113,7 +150,7 @@ def decode_dense(data: bytes, ext: str, channels: int, png_scale: float, where: 
 
 def decode_categorical(data: bytes, ext: str, where: str) -> Tensor:
     """A class-id map file (8/16-bit PNG or .npy) -> int64 (H,W)."""
-    arr = _load_npy(data, where) if ext == "npy" else _image_array(_open_image(data, where))
+    arr = _load_npy(data, where) if ext == "npy" else _image_array(open_image(data, where))
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim != 2:
