@@ -193,7 +193,7 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _class_names(cfg: FinetuneConfig) -> list[str] | None:
+def class_names(cfg: FinetuneConfig) -> list[str] | None:
     if cfg.data.source != "synthetic":
         return None
     from multimae.data.synthetic import LABEL_CLASSES, SEMSEG_CLASSES
@@ -207,7 +207,7 @@ def write_report(res: dict[str, Any], cfg: FinetuneConfig, run_dir: Path, step: 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     answer = res.get("baseline_answer")
-    names = _class_names(cfg)
+    names = class_names(cfg)
     if answer and answer["kind"] == "class" and names:
         answer_txt = f"always '{names[answer['value']]}'"
     elif answer and answer["kind"] == "class":
