@@ -47,6 +47,8 @@ class ModalitySpec:
             (depth: drop the 10% lowest and highest valid values for the statistics).
         hflip_negate: channels whose sign flips when the image is mirrored horizontally
             (surface normals: the x component), so paired flips keep the values correct.
+        ignore_index: a ``categorical`` target's "no label" id (e.g. 255), accepted by the
+            readers besides ``[0, num_classes)``; None: none.
     """
 
     name: str
@@ -64,6 +66,7 @@ class ModalitySpec:
     max_len: int = 0
     standardize: Literal["none", "robust"] = "none"
     hflip_negate: tuple[int, ...] = ()
+    ignore_index: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("image", "dense", "categorical", "text"):

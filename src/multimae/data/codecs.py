@@ -8,8 +8,9 @@ How a file is decoded depends on the modality's kind and the file extension, nev
 * ``dense``: ``.npy`` -> float32 as stored (NaN/inf are invalid pixels: the datasets set them
   to 0 and count them, :func:`multimae.data.fields.validate_sample`); 16-bit PNG ->
   ``value * png_scale`` (1,H,W) (the official MultiMAE code reads depth PNGs as
-  ``value / 2**16``, the default here); 8-bit PNG -> signed unit values ``value / 127.5 - 1``
-  (how surface normals are usually stored).
+  ``value / 2**16``, the default here); an 8-bit one-channel PNG (8-bit depth) the same way,
+  ``value * png_scale``, with a warning (256 levels); 8-bit PNGs of several channels -> signed
+  unit values ``value / 127.5 - 1`` (how surface normals are usually stored).
 * ``categorical``: 8- or 16-bit single-channel PNG, or ``.npy`` -> int64 (H,W).
 * ``text``: ``.txt`` UTF-8; the image-level label: ``.cls`` holding a decimal integer.
 
@@ -26,7 +27,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from multimae.data.errors import DataError
+from multimae.data.errors import DataError, log
 from multimae.modalities import ModalitySpec
 
 OFFICIAL_PNG_SCALE = 1.0 / 2**16  # what the official code multiplies 16-bit depth PNGs by
@@ -133,6 +134,15 @@ def _chw(arr: np.ndarray, channels: int, where: str) -> np.ndarray:
     return arr
 
 
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_once(what: tuple[str, str], message: str) -> None:
+    if what not in _WARNED:
+        _WARNED.add(what)
+        log.warning(message)
+
+
 def decode_dense(data: bytes, ext: str, channels: int, png_scale: float, where: str) -> Tensor:
     """A dense map file -> float32 (C,H,W); see the module doc for the encodings."""
     if ext == "npy":
@@ -141,7 +151,14 @@ def decode_dense(data: bytes, ext: str, channels: int, png_scale: float, where: 
             raise DataError(f"{where}: expected a numeric array, got dtype {arr.dtype}")
         return torch.from_numpy(np.ascontiguousarray(_chw(arr, channels, where), dtype=np.float32))
     arr = _image_array(open_image(data, where))
-    if arr.dtype == np.uint8:
+    if arr.dtype == np.uint8 and channels == 1:
+        # a one-channel map (depth) stored in 8 bits: its values, scaled like a 16-bit PNG's
+        _warn_once(("8bit", where.rsplit("/", 1)[0]),
+                   f"{where}: an 8-bit PNG as a one-channel dense map (depth): only 256 levels; read as "
+                   f"value x png_scale {png_scale:g} (0 = invalid), like a 16-bit PNG -- store depth as a 16-bit "
+                   "PNG or .npy to keep its precision")
+        out = (arr.astype(np.float64) * png_scale).astype(np.float32)
+    elif arr.dtype == np.uint8:
         out = arr.astype(np.float32) / 127.5 - 1.0
     else:
         out = (arr.astype(np.float64) * png_scale).astype(np.float32)
@@ -203,9 +220,12 @@ def validate_field(value: object, spec: ModalitySpec, where: str) -> None:
     if spec.kind == "categorical":
         if value.ndim != 2 or value.dtype != torch.int64:
             raise DataError(f"{where}: expected int64 (H,W) class ids, got {value.dtype} {tuple(value.shape)}")
-        if value.numel() and (int(value.max()) >= spec.num_classes or int(value.min()) < 0):
-            bad = int(value.max()) if int(value.max()) >= spec.num_classes else int(value.min())
-            raise DataError(f"{where}: class id {bad} outside [0, num_classes {spec.num_classes})")
+        out = (value < 0) | (value >= spec.num_classes)
+        if spec.ignore_index is not None:
+            out &= value != spec.ignore_index
+        if value.numel() and bool(out.any()):
+            extra = f" and not the ignore index {spec.ignore_index}" if spec.ignore_index is not None else ""
+            raise DataError(f"{where}: class id {int(value[out][0])} outside [0, num_classes {spec.num_classes}){extra}")
         return
     if value.ndim != 3 or value.shape[0] != spec.channels:
         raise DataError(f"{where}: expected ({spec.channels},H,W), got shape {tuple(value.shape)}")

@@ -40,6 +40,16 @@ def read_meta(root: str | os.PathLike) -> dict:
         raise DataError(f"{path}: unreadable dataset metadata ({e})") from None
 
 
+_NOTICES: set[tuple[str, ...]] = set()
+
+
+def _notice(*what: str) -> None:
+    """Log a notice once per process (the loader opens the data for training and evaluation)."""
+    if what not in _NOTICES:
+        _NOTICES.add(what)
+        log.warning(what[-1])
+
+
 def _list_modality(mdir: Path, spec: ModalitySpec) -> dict[tuple[str, str], Path]:
     """``(class, name) -> file`` for one modality directory."""
     if not mdir.is_dir():
@@ -48,6 +58,7 @@ def _list_modality(mdir: Path, spec: ModalitySpec) -> dict[tuple[str, str], Path
     exts = {f".{e}" for e in EXTS[spec.kind]}
     files: dict[tuple[str, str], Path] = {}
     for cdir in sorted(p for p in mdir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        before = len(files)
         for entry in os.scandir(cdir):
             stem, ext = os.path.splitext(entry.name)
             if entry.name.startswith(".") or ext.lower() not in exts or not entry.is_file():
@@ -56,9 +67,22 @@ def _list_modality(mdir: Path, spec: ModalitySpec) -> dict[tuple[str, str], Path
                 raise DataError(f"{cdir / entry.name}: two files for sample {cdir.name}/{stem} "
                                 f"({files[(cdir.name, stem)].name} and {entry.name})")
             files[(cdir.name, stem)] = Path(entry.path)
+        if len(files) == before:
+            _notice(str(cdir), "empty", f"{cdir}: empty class directory (no .{'/.'.join(EXTS[spec.kind])} file): "
+                    "it has no sample; as a class it keeps its place in the class list")
     if not files:
         raise DataError(f"{mdir}: empty, no .{'/.'.join(EXTS[spec.kind])} files under its class directories")
     return files
+
+
+def class_directories(root: str | os.PathLike, split: str, key: str) -> list[str]:
+    """The sorted class-directory names of ``root/split/key`` (``all`` included when present),
+    the torchvision ImageFolder order: label i is the i-th name."""
+    mdir = Path(root) / split / key
+    if not mdir.is_dir():
+        raise DataError(f"{mdir}: modality directory not found "
+                        "(expected root/<split>/<modality>/<class or all>/<name>.<ext>)")
+    return sorted(p.name for p in mdir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 class FolderDataset(Dataset):
@@ -74,6 +98,10 @@ class FolderDataset(Dataset):
             ``self.skipped`` and return the next good sample instead.
         label_from_class_dir: yield ``label`` (int64 ()) from the class directory unless it is "all".
         png_scale: 16-bit PNG scale(s) of dense modalities; None: metadata, else ``1 / 2**16``.
+        classes: the class list (label = index in it), e.g. the training split's for an
+            evaluation split, so that both index classes alike; a class directory not in it is a
+            DataError naming the directory. None: ``classes`` of the metadata, else this split's
+            sorted class directories (empty ones included, with a notice).
 
     Missing files are found when the index is built: with ``raise`` the constructor fails, with
     ``skip`` those samples are left out of the index (and counted).
@@ -81,7 +109,8 @@ class FolderDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str, modalities: Sequence[str | dict | ModalitySpec],
                  transform: Callable[[dict], dict] | None = None, on_error: str = "raise",
-                 label_from_class_dir: bool = True, png_scale: PngScale = None) -> None:
+                 label_from_class_dir: bool = True, png_scale: PngScale = None,
+                 classes: Sequence[str] | None = None) -> None:
         self.root, self.split, self.transform = Path(root), split, transform
         self.specs, want_label = resolve_fields(modalities)
         self.policy = ErrorPolicy(on_error)
@@ -96,13 +125,20 @@ class FolderDataset(Dataset):
         if not self.samples:
             raise DataError(f"{split_dir}: no sample has every modality {list(self.specs)}")
         class_dirs = sorted({next(iter(f.values())).parent.name for f in self.samples})
-        self.classes: list[str] = list(meta.get("classes") or [c for c in class_dirs if c != UNLABELLED])
+        first = split_dir / next(iter(self.specs))
+        own = [c for c in class_directories(self.root, split, next(iter(self.specs))) if c != UNLABELLED]
+        given = "classes" if classes is not None else None
+        self.classes: list[str] = list(meta.get("classes") or (classes if classes is not None else own))
         labelled = class_dirs != [UNLABELLED]
         if labelled and UNLABELLED in class_dirs:
             raise DataError(f"{split_dir}: mixes an '{UNLABELLED}' directory with class directories {class_dirs}")
         unknown = sorted(set(class_dirs) - set(self.classes) - {UNLABELLED})
         if unknown:
-            raise DataError(f"{split_dir}: class directories {unknown} are not in {META_FILE} classes")
+            whose = f"{META_FILE} classes" if meta.get("classes") else (
+                "the training split's class directories" if given else "the class list")
+            raise DataError(f"{first / unknown[0]}: class directory {unknown[0]!r} is not among {whose} "
+                            f"({len(self.classes)}: {', '.join(self.classes[:8])}{' ...' if len(self.classes) > 8 else ''})"
+                            + (f"; also unknown: {unknown[1:]}" if len(unknown) > 1 else ""))
         if want_label and not labelled:
             raise DataError(f"{split_dir}: 'label' requested but samples are under '{UNLABELLED}/', "
                             "not class directories")
@@ -186,16 +222,6 @@ def holdout(keys: Sequence[str], fraction: float) -> tuple[list[int], list[int]]
     held = sorted(ranked[:count])
     chosen = set(held)
     return [i for i in range(n) if i not in chosen], held
-
-
-_NOTICES: set[tuple[str, ...]] = set()
-
-
-def _notice(*what: str) -> None:
-    """Log a notice once per process (the loader opens the data for training and evaluation)."""
-    if what not in _NOTICES:
-        _NOTICES.add(what)
-        log.warning(what[-1])
 
 
 def open_folder(root: str | os.PathLike, split: str, specs: Sequence[str | dict | ModalitySpec], *,

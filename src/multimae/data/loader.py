@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from multimae.batch import Batch
 from multimae.data.config import DataConfig, MaskConfig
+from multimae.data.errors import DataError
 from multimae.masking import MaskPlan, dirichlet_plan, ratio_plan
 from multimae.modalities import ModalitySpec
 from multimae.seeding import generator as seeded
@@ -99,11 +100,27 @@ class SeededAugment(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         epoch, step, index = key
-        sample = self.transform(self.base[index], generator=seeded(self.seed, "augment", epoch, index))
+        sample = self._transformed(epoch, index)
         if self.unpaired is not None:
             self.unpaired(sample, seeded(self.seed, "unpair", index))
         sample[BATCH_TAG] = (epoch, 0, step)
         return sample
+
+    def _transformed(self, epoch: int, index: int) -> dict[str, Any]:
+        """The transformed sample ``index``. A DataError of the transform (a bad sample the reader
+        could not see) follows the dataset's ``on_error`` policy like the reader's own errors:
+        raised, or counted and replaced by the next sample."""
+        policy = getattr(self.base, "policy", None)
+        n = len(self.base)  # type: ignore[arg-type]
+        for attempt in range(n):
+            i = (index + attempt) % n
+            try:
+                return self.transform(self.base[i], generator=seeded(self.seed, "augment", epoch, i))
+            except DataError as err:
+                if policy is None:
+                    raise
+                policy.handle(err)
+        raise DataError(f"every one of the {n} samples is bad")
 
 
 @dataclass

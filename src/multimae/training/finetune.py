@@ -176,7 +176,7 @@ class FinetuneTrainer:
     ``train.max_steps``), evaluates on ``data.split`` and returns the run directory."""
 
     def __init__(self, cfg: FinetuneConfig) -> None:
-        from multimae.training.finetune_data import build_train_loader
+        from multimae.training.finetune_data import build_train_loader, check_eval_data
 
         self.info = D.init_distributed()
         t = cfg.train
@@ -193,6 +193,7 @@ class FinetuneTrainer:
         self.input_specs = list(self.model.encoder.specs.values())
         self.loader, self.sampler, per_epoch = build_train_loader(cfg, self.input_specs, self.info.rank,
                                                                   self.info.world_size)
+        check_eval_data(cfg, self.input_specs)  # a missing evaluation split fails now, not after training
         o = cfg.optim
         self.steps_per_epoch = max(1, per_epoch // o.accum_steps)
         self.total_steps = t.epochs * self.steps_per_epoch

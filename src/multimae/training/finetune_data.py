@@ -9,6 +9,7 @@ and ``shards`` (WebDataset tars; the label is the ``cls`` field). Bad input foll
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import torch
@@ -40,8 +41,8 @@ def _read_fields(inputs: Sequence[ModalitySpec], cfg: FinetuneConfig) -> list[An
     if spec is None:
         fields.append(LABEL)
     elif spec.key not in {s.key for s in inputs}:
-        if spec.kind == "categorical":  # read ignore labels too; the transform checks the range
-            spec = spec.with_(num_classes=max(spec.num_classes, cfg.data.ignore_index + 1))
+        if spec.kind == "categorical":  # ids outside [0, K) other than the ignore label: the reader's error
+            spec = spec.with_(ignore_index=cfg.data.ignore_index)
         fields.append(spec.with_(standardize="none"))
     return fields
 
@@ -59,12 +60,44 @@ def raw_dataset(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], split: str,
         ds: Dataset = SyntheticScenes(n, image_size=d.image_size, seed=d.seed + SPLITS.index(split), modalities=keys)
         return CachedDataset(ds) if d.cache else ds
     if d.source == "folder":
-        from multimae.data.folder import FolderDataset
+        from multimae.data.folder import UNLABELLED, FolderDataset, class_directories, read_meta
 
         if not d.root:
             raise DataError("data.root must be set for data.source=folder")
-        return FolderDataset(d.root, split, _read_fields(inputs, cfg), on_error=d.on_error)
+        fields = _read_fields(inputs, cfg)
+        classes = None
+        if cfg.model.head.kind == "classification":
+            # every split indexes the training split's classes (sorted directory names, as
+            # torchvision's ImageFolder), so a class missing from one split shifts no label
+            first = fields[0].key
+            classes = read_meta(d.root).get("classes") or [
+                c for c in class_directories(d.root, d.train_split, first) if c != UNLABELLED]
+            k = cfg.model.head.num_classes
+            if k is not None and len(classes) > k:
+                raise DataError(f"{d.root}/{d.train_split}/{first}: {len(classes)} class directories "
+                                f"({', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''}) but "
+                                f"model.head.num_classes={k}; set model.head.num_classes={len(classes)}")
+        return FolderDataset(d.root, split, fields, on_error=d.on_error, classes=classes)
     raise ValueError(f"data.source={d.source!r} streams (use shard_dataset)")
+
+
+def check_eval_data(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec]) -> None:
+    """Open the evaluation split a run will score (``data.split``) before its first step, so that a
+    missing or broken split fails at once, naming the directory or shard, not after training."""
+    d = cfg.data
+    if d.source == "folder":
+        raw_dataset(cfg, inputs, d.split, train=False)
+    elif d.source == "shards":
+        if not d.eval_urls:
+            raise DataError("data.eval_urls must be set for data.source=shards (the split scored after training)")
+        from braceexpand import braceexpand  # webdataset's own dependency
+
+        urls = shard_urls(d.eval_urls)
+        every = urls if isinstance(urls, list) else list(braceexpand(urls))
+        missing = [u for u in every if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+        if missing:
+            raise DataError(f"data.eval_urls: shard {missing[0]} not found"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def shard_dataset(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], urls: str | None, transform: Any,

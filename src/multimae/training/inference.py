@@ -5,11 +5,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from multimae.batch import Batch
 from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
 from multimae.config import from_dict
+from multimae.data.codecs import decode_image
 from multimae.data.errors import DataError
 from multimae.data.loader import BatchSpec, MaskCollator, eval_batches
 from multimae.model import MultiMAE
@@ -46,10 +46,10 @@ def visualize_files(model: MultiMAE, cfg: PretrainConfig, files: list[str], seed
     samples = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                arr = torch.from_numpy(__import__("numpy").asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-        except (OSError, ValueError) as e:
+            data = Path(f).read_bytes()
+        except OSError as e:
             raise DataError(f"image {f}: cannot be read ({e})") from e
+        arr = decode_image(data, 3, f"image {f}")  # upright (EXIF), alpha composited
         samples.append(tf({source.key: arr, "__key__": Path(f).stem}))
     batch = Batch({source.key: torch.stack([s[source.key] for s in samples])})
     spec = BatchSpec((source,), (source,), model.config.patch_size, model.config.image_size)
