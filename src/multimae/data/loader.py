@@ -99,7 +99,9 @@ class SeededAugment(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         epoch, step, index = key
-        sample = self.transform(self.base[index], generator=seeded(self.seed, "augment", epoch, index))
+        at_epoch = getattr(self.base, "item_at_epoch", None)  # e.g. a caption drawn per epoch
+        raw = at_epoch(index, epoch) if at_epoch is not None else self.base[index]
+        sample = self.transform(raw, generator=seeded(self.seed, "augment", epoch, index))
         if self.unpaired is not None:
             self.unpaired(sample, seeded(self.seed, "unpair", index))
         sample[BATCH_TAG] = (epoch, 0, step)
@@ -222,7 +224,7 @@ def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *,
 
         if not data.root:
             raise ValueError("data.root must name the CSV/TSV caption table for data.source=captions")
-        return CaptionTable(data.root, image_root=data.image_root, on_error=data.on_error)
+        return CaptionTable(data.root, image_root=data.image_root, on_error=data.on_error, seed=seed)
     raise ValueError(f"data.source={data.source!r} is not a map-style dataset (shards stream instead)")
 
 
