@@ -20,14 +20,17 @@ def _need(module: str) -> Any:
         raise DataError(f"reading MATLAB files needs {module.split('.')[0]}: {EXTRA}") from None
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def mat_version(path: Path) -> str:
-    """'5', '7.3', or '' from the 128-byte text header of a .mat file."""
+    """'5', '7.3', or '' from the 128-byte text header of a .mat file (an HDF5 file is '7.3')."""
     try:
         with open(path, "rb") as f:
-            head = f.read(128)
+            head = f.read(520)
     except OSError as e:
         raise DataError(f"{path}: unreadable ({e})") from None
-    if head.startswith(b"MATLAB 7.3"):
+    if head.startswith(b"MATLAB 7.3") or head.startswith(HDF5_SIGNATURE) or head[512:520] == HDF5_SIGNATURE:
         return "7.3"
     if head.startswith(b"MATLAB 5.0") or head.startswith(b"MATLAB"):
         return "5"
@@ -54,6 +57,8 @@ def load_v5(path: Path, expected: str, keys: tuple[str, ...], **kw: Any) -> dict
     if not path.is_file():
         raise DataError(f"{path}: not found (expected {expected})")
     sio = _need("scipy.io")
+    if mat_version(path) == "7.3":
+        raise DataError(f"{path}: is a MATLAB v7.3 (HDF5) file; expected the v5 {expected}")
     try:
         mat = sio.loadmat(path, **kw)
     except NotImplementedError:  # scipy: "Please use HDF reader for matlab v7.3 files"
