@@ -207,6 +207,19 @@ def test_ade20k_sizes_mapping_names_and_finetune(ade, tmp_path, capsys):
     assert res["num_samples"] == 2
 
 
+def test_ade20k_tab_separated_object_info(tmp_path):
+    from multimae.data import DataError
+    from multimae.data.prepare.ade20k import class_names
+
+    txt = tmp_path / "objectInfo150.txt"  # as in the download: tab-separated
+    txt.write_text("Idx\tRatio\tTrain\tVal\tName\n" + "".join(f"{i}\t0.1\t1\t1\twall{i};walls\n" for i in range(150, 0, -1)))
+    names = class_names(tmp_path)
+    assert names[0] == "wall1" and names[149] == "wall150"
+    txt.write_text("Idx\tName\n1\twall\n")
+    with pytest.raises(DataError, match=f"{txt}: expected Idx 1..150"):
+        class_names(tmp_path)
+
+
 def test_ade20k_missing_annotation_names_it(ade, tmp_path, capsys):
     import shutil
 
@@ -368,6 +381,10 @@ def test_coco_captions_per_image_draws_one_per_epoch(coco, tmp_path, capsys):
     assert draws == [CaptionTable(out / "captions_train.tsv", seed=5).item_at_epoch(cats, e)["caption"]
                      for e in range(12)]  # deterministic (resumable)
     assert ds.item_at_epoch(1, 3)["caption"] == "A red bus."
+    from multimae.data.loader import SeededAugment  # the training loader asks for the epoch's draw
+
+    aug = SeededAugment(ds, lambda s, generator: s, seed=0)
+    assert [aug[(e, 0, cats)]["caption"] for e in range(12)] == draws
     assert (out / "train" / "rgb" / "all" / "000000000001.jpg").stat().st_ino == \
         (coco["images"] / "000000000001.jpg").stat().st_ino
 

@@ -75,6 +75,7 @@ def _register_prepare(actions: argparse._SubParsersAction) -> None:
     n.set_defaults(func=_prepare)
     a = ds.add_parser("ade20k", help="ADE20K scene parsing (ADEChallengeData2016): rgb + 150-class semseg; train/val")
     a.add_argument("--src", required=True, help="the ADEChallengeData2016 directory")
+    a.add_argument("--object-info", help="objectInfo150.csv / .txt with the class names (default: the one in --src)")
     _common(a)
     a.set_defaults(func=_prepare)
     i = ds.add_parser("imagenet", help="ImageNet-1K: rgb/<wnid>/ for classification and pseudolabel; train/val")
@@ -104,7 +105,7 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.dataset == "nyuv2":
         line = P.prepare_nyuv2(args.mat, args.splits, args.mapping, **common)
     elif args.dataset == "ade20k":
-        line = P.prepare_ade20k(args.src, **common)
+        line = P.prepare_ade20k(args.src, object_info=args.object_info, **common)
     elif args.dataset == "imagenet":
         line = P.prepare_imagenet(args.src, val_labels=args.val_labels, devkit_meta=args.devkit_meta,
                                   link=args.link, **common)

@@ -55,11 +55,11 @@ def prepare_nyuv2(mat: str | Path, splits: str | Path, mapping: str | Path, out:
 
 
 def prepare_ade20k(src: str | Path, out: str | Path, fmt: str = "folder", limit: int | None = None,
-                   shard_size: int = 1000, progress: bool = True) -> str:
+                   shard_size: int = 1000, progress: bool = True, object_info: str | Path | None = None) -> str:
     from multimae.data.prepare import ade20k
 
     root = Path(out)
-    items, facts, _ = ade20k.items(Path(src), limit)
+    items, facts, _ = ade20k.items(Path(src), limit, Path(object_info) if object_info else None)
     report = _write(items, root, fmt, shard_size, progress, "ade20k")
     _record(root, fmt, "ade20k", facts, report.per_split, limit)
     return f"{closing_line('ade20k', report.per_split, ade20k.KNOWN, limit)}; {report.summary()} to {root}"

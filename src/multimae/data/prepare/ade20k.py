@@ -2,7 +2,8 @@
 
 Input: ``ADEChallengeData2016/images/{training,validation}/<name>.jpg`` and
 ``annotations/{training,validation}/<name>.png`` (uint8: 0 = other / unlabelled, 1..150 the
-classes), and ``objectInfo150.csv`` (or the tab-separated ``.txt``; columns
+classes), and ``objectInfo150.txt`` (tab-separated, in the download) or ``objectInfo150.csv``
+(the devkit's; columns
 ``Idx,Ratio,Train,Val,Name``) for the class names when present.
 
 Output: the jpg bytes unchanged (images keep their size) as ``rgb/all/<name>.jpg`` and the labels
@@ -24,9 +25,12 @@ NUM_CLASSES = 150
 IGNORE = 255
 
 
-def class_names(src: Path) -> list[str] | None:
-    """The 150 names (first name of each ``Name`` cell, before ';') or None without the file."""
-    path = next((src / f for f in ("objectInfo150.csv", "objectInfo150.txt") if (src / f).is_file()), None)
+def class_names(src: Path, path: Path | None = None) -> list[str] | None:
+    """The 150 names (first name of each ``Name`` cell, before ';') from ``path``, else from
+    ``src/objectInfo150.csv`` or ``.txt``; None without such a file."""
+    if path is not None and not Path(path).is_file():
+        raise DataError(f"{path}: not found (objectInfo150.csv / .txt)")
+    path = path or next((src / f for f in ("objectInfo150.csv", "objectInfo150.txt") if (src / f).is_file()), None)
     if path is None:
         return None
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -65,7 +69,7 @@ def _convert(image: Path, ann: Path) -> dict[str, bytes | Path]:
     return {"rgb": img_data, "semseg": encode_field(torch.from_numpy(lab), "semseg")[1]}
 
 
-def items(src: Path, limit: int | None = None) -> tuple[list[Item], dict, list[str]]:
+def items(src: Path, limit: int | None = None, object_info: Path | None = None) -> tuple[list[Item], dict, list[str]]:
     src = Path(src)
     if not (src / "images").is_dir() or not (src / "annotations").is_dir():
         raise DataError(f"{src}: expected ADEChallengeData2016 with images/ and annotations/ directories")
@@ -85,7 +89,7 @@ def items(src: Path, limit: int | None = None) -> tuple[list[Item], dict, list[s
                 raise DataError(f"{ann}: missing annotation of {img}")
             out.append(Item(split, "all", img.stem, {"rgb": "jpg", "semseg": "png"},
                             lambda img=img, ann=ann: _convert(img, ann), str(img)))
-    names = class_names(src) or [f"class_{i:03d}" for i in range(1, NUM_CLASSES + 1)]
+    names = class_names(src, object_info) or [f"class_{i:03d}" for i in range(1, NUM_CLASSES + 1)]
     facts = {"source": {"src": str(src)},
              "semseg": {"num_classes": NUM_CLASSES, "ignore_index": IGNORE, "classes": names,
                         "mapping": "raw 0 (other) -> 255; raw k in 1..150 -> k - 1"}}
