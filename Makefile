@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the local CUDA-build wheels run on the CPU; never an unpinned torch.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test,demo,pseudolabel,export]'
+	$(PY) -m pip install -q -e '.[test,demo,pseudolabel,datasets,export]'
 	touch $(STAMP)
 
 setup: $(STAMP)

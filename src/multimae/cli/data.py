@@ -3,6 +3,11 @@
     multimae data synthetic --out DIR --num N --size S --seed K --format folder|shards
     multimae data shards --folder ROOT --split train --modalities rgb,depth,semseg --out PATTERN
     multimae data check --folder ROOT --split train --modalities rgb,depth,semseg
+    multimae data prepare nyuv2 --mat nyu_depth_v2_labeled.mat --splits splits.mat --mapping classMapping40.mat --out ROOT
+    multimae data prepare ade20k --src ADEChallengeData2016 --out ROOT
+    multimae data prepare imagenet --src DIR [--val-labels LOC_val_solution.csv | ILSVRC2012_validation_ground_truth.txt
+                                   --devkit-meta meta.mat] --out ROOT
+    multimae data prepare coco-captions --images train2017 --captions captions_train2017.json --split train --out ROOT
 """
 from __future__ import annotations
 
@@ -42,6 +47,73 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k.add_argument("--modalities", default="rgb,depth,semseg")
     k.add_argument("--num-classes", type=int, default=None, help="override semseg num_classes")
     k.set_defaults(func=_check)
+
+    _register_prepare(actions)
+
+
+def _common(p: argparse.ArgumentParser, link: bool = False) -> None:
+    p.add_argument("--out", required=True, help="dataset root to write")
+    p.add_argument("--format", choices=("folder", "shards"), default="folder")
+    p.add_argument("--limit", type=int, default=None, help="at most this many samples per split (a quick subset)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (--format shards)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if link:
+        p.add_argument("--link", choices=("copy", "hardlink", "symlink"), default="copy",
+                       help="folder output: copy the image bytes (default) or link to the source files")
+
+
+def _register_prepare(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser("prepare", help="convert a public dataset's download into the folder layout (or shards)",
+                           description="Write the folder layout pretrain / finetune read (or shards), with "
+                                       "ROOT/multimae_data.json. Re-running resumes: finished files are skipped.")
+    ds = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    n = ds.add_parser("nyuv2", help="NYU Depth v2 labeled: rgb, depth (mm PNG), 40-class semseg; train/test")
+    n.add_argument("--mat", required=True, help="nyu_depth_v2_labeled.mat (MATLAB v7.3)")
+    n.add_argument("--splits", required=True, help="splits.mat (trainNdxs / testNdxs)")
+    n.add_argument("--mapping", required=True, help="classMapping40.mat (mapClass)")
+    _common(n)
+    n.set_defaults(func=_prepare)
+    a = ds.add_parser("ade20k", help="ADE20K scene parsing (ADEChallengeData2016): rgb + 150-class semseg; train/val")
+    a.add_argument("--src", required=True, help="the ADEChallengeData2016 directory")
+    a.add_argument("--object-info", help="objectInfo150.csv / .txt with the class names (default: the one in --src)")
+    _common(a)
+    a.set_defaults(func=_prepare)
+    i = ds.add_parser("imagenet", help="ImageNet-1K: rgb/<wnid>/ for classification and pseudolabel; train/val")
+    i.add_argument("--src", required=True, help="directory with train/<wnid>/*.JPEG and val/")
+    i.add_argument("--val-labels", help="flat val/: LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt")
+    i.add_argument("--devkit-meta", help="the devkit's meta.mat (with ILSVRC2012_validation_ground_truth.txt)")
+    _common(i, link=True)
+    i.set_defaults(func=_prepare)
+    c = ds.add_parser("coco-captions", help="COCO captions: the image-caption table (or shards) M3AE reads")
+    c.add_argument("--images", required=True, help="image directory, e.g. train2017")
+    c.add_argument("--captions", required=True, help="captions_train2017.json")
+    c.add_argument("--split", default="train")
+    c.add_argument("--per-sample", choices=("caption", "image"), default="caption",
+                   help="one sample per caption, or per image (one of its captions drawn per epoch)")
+    _common(c, link=True)
+    c.set_defaults(func=_prepare)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from multimae.data import prepare as P
+
+    common = dict(out=args.out, fmt=args.format, limit=args.limit, shard_size=args.shard_size,
+                  progress=not args.no_progress)
+    if args.limit is not None and args.limit < 1:
+        print(f"error: --limit must be >= 1, got {args.limit}", file=sys.stderr)
+        return 2
+    if args.dataset == "nyuv2":
+        line = P.prepare_nyuv2(args.mat, args.splits, args.mapping, **common)
+    elif args.dataset == "ade20k":
+        line = P.prepare_ade20k(args.src, object_info=args.object_info, **common)
+    elif args.dataset == "imagenet":
+        line = P.prepare_imagenet(args.src, val_labels=args.val_labels, devkit_meta=args.devkit_meta,
+                                  link=args.link, **common)
+    else:
+        line = P.prepare_coco_captions(args.images, args.captions, split=args.split, per_sample=args.per_sample,
+                                       link=args.link, **common)
+    print(line)
+    return 0
 
 
 def _specs(names: str, num_classes: int | None) -> list:

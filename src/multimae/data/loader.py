@@ -115,7 +115,9 @@ class SeededAugment(Dataset):
         for attempt in range(n):
             i = (index + attempt) % n
             try:
-                return self.transform(self.base[i], generator=seeded(self.seed, "augment", epoch, i))
+                at_epoch = getattr(self.base, "item_at_epoch", None)  # e.g. a caption drawn per epoch
+                raw = at_epoch(i, epoch) if at_epoch is not None else self.base[i]
+                return self.transform(raw, generator=seeded(self.seed, "augment", epoch, i))
             except DataError as err:
                 if policy is None:
                     raise
@@ -239,7 +241,7 @@ def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *,
 
         if not data.root:
             raise ValueError("data.root must name the CSV/TSV caption table for data.source=captions")
-        return CaptionTable(data.root, image_root=data.image_root, on_error=data.on_error)
+        return CaptionTable(data.root, image_root=data.image_root, on_error=data.on_error, seed=seed)
     raise ValueError(f"data.source={data.source!r} is not a map-style dataset (shards stream instead)")
 
 

@@ -64,13 +64,14 @@ def _encode_sample(sample: dict, image_format: str, png_scale: float) -> dict:
 
 
 def write_shards(samples: Iterable[dict], out_pattern: str, max_count: int, image_format: str = "jpg",
-                 png_scale: float = DEFAULT_WRITE_PNG_SCALE) -> list[str]:
+                 png_scale: float = DEFAULT_WRITE_PNG_SCALE, first: int = 0) -> list[str]:
     """Write raw samples into tar shards of at most ``max_count`` samples; returns their paths.
 
     ``out_pattern`` holds a ``%d``-style field for the shard number (``/x/shard-%06d.tar``).
     Fields are encoded by :func:`multimae.data.codecs.encode_field`; a ``bytes`` value whose name
     has an extension (``"rgb.jpg"``) is stored as is. Each shard is written to a temporary name
     and renamed when complete, and entries carry a fixed mtime, so output is reproducible.
+    ``first``: number of the first shard written (to add shards to a partly written set).
     """
     if max_count < 1:
         raise ValueError(f"max_count must be >= 1, got {max_count}")
@@ -88,7 +89,7 @@ def write_shards(samples: Iterable[dict], out_pattern: str, max_count: int, imag
                 if writer is not None:
                     writer.close()
                     os.replace(paths[-1] + ".tmp", paths[-1])
-                paths.append(out_pattern % len(paths))
+                paths.append(out_pattern % (first + len(paths)))
                 os.makedirs(os.path.dirname(os.path.abspath(paths[-1])), exist_ok=True)
                 writer, count = wds.TarWriter(paths[-1] + ".tmp", encoder=False, mtime=0.0), 0
             writer.write(_encode_sample(sample, image_format, png_scale))

@@ -49,13 +49,22 @@ class CaptionTable(Dataset):
         on_error: ``raise`` a DataError naming the table, line and file, or ``skip`` the row
             (counted in ``skipped``, a warning is logged).
         transform: applied to each raw sample.
+        seed: seeds the caption drawn per epoch from a ``captions`` cell (below).
+
+    A header naming the caption column ``captions`` makes each cell a JSON list of captions of one
+    image (one sample per image, as ``multimae data prepare coco-captions --per-sample image``
+    writes): :meth:`item_at_epoch` draws one of them with ``derive_seed(seed, "caption", epoch,
+    index)``, so the draw changes every epoch and a resumed run draws the same ones; plain
+    indexing gives epoch 0.
     """
 
     def __init__(self, path: str | os.PathLike, image_root: str | os.PathLike | None = None,
                  image_col: int | str = 0, caption_col: int | str = 1, delimiter: str | None = None,
                  header: bool | None = None, on_error: str = "raise",
-                 transform: Callable[[dict], dict] | None = None) -> None:
+                 transform: Callable[[dict], dict] | None = None, seed: int = 0) -> None:
         self.path = Path(path)
+        self.seed = seed
+        self.multi = False  # cells of the caption column are JSON lists (a "captions" header)
         if not self.path.is_file():
             raise DataError(f"caption table {self.path} not found")
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
@@ -90,13 +99,24 @@ class CaptionTable(Dataset):
                                     f"(header: {names if header else None})")
                 c = names.index(c)
             cols.append(c)
+        self.multi = bool(header) and cols[1] < len(names) and names[cols[1]] == "captions"
         rows = []
         for line, row in table[1:] if header else table:
             if len(row) <= max(cols):
                 self.policy.handle(DataError(f"caption table {self.path} line {line}: {len(row)} column(s), "
                                              f"expected at least {max(cols) + 1} (delimiter {self.delimiter!r})"))
                 continue
-            rows.append((line, row[cols[0]].strip(), row[cols[1]]))
+            cell: str | list[str] = row[cols[1]]
+            if self.multi:
+                try:
+                    cell = json.loads(cell)
+                except ValueError:
+                    cell = None  # type: ignore[assignment]
+                if not isinstance(cell, list) or not cell or not all(isinstance(c, str) for c in cell):
+                    self.policy.handle(DataError(f"caption table {self.path} line {line}: a 'captions' cell must "
+                                                 "be a non-empty JSON list of strings"))
+                    continue
+            rows.append((line, row[cols[0]].strip(), cell))
         return rows
 
     @property
@@ -107,10 +127,13 @@ class CaptionTable(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def load(self, index: int) -> dict:
-        """Decode row ``index`` (no transform); DataError naming the table line and the file if bad."""
+    def load(self, index: int, epoch: int = 0) -> dict:
+        """Decode row ``index`` (no transform; a ``captions`` row: the caption drawn for ``epoch``);
+        DataError naming the table line and the file if bad."""
         line, image, caption = self.rows[index]
         where = f"caption table {self.path} line {line}"
+        if isinstance(caption, list):
+            caption = caption[random.Random(derive_seed(self.seed, "caption", epoch, index)).randrange(len(caption))]
         caption = caption.strip()
         if not caption:
             raise DataError(f"{where}: empty caption (image {image})")
@@ -123,10 +146,14 @@ class CaptionTable(Dataset):
         return {IMAGE_KEY: rgb, TEXT_KEY: caption, "__key__": _sample_key(image, line)}
 
     def __getitem__(self, index: int) -> dict:
+        return self.item_at_epoch(index, 0)
+
+    def item_at_epoch(self, index: int, epoch: int) -> dict:
+        """Sample ``index`` of ``epoch`` (transformed; a bad row is skipped under ``on_error=skip``)."""
         n = len(self.rows)
         for attempt in range(max(n, 1)):
             try:
-                sample = self.load((index + attempt) % n)
+                sample = self.load((index + attempt) % n, epoch)
                 return self.transform(sample) if self.transform is not None else sample
             except DataError as err:
                 self.policy.handle(err)

@@ -15,7 +15,6 @@ robust standardisation used in pre-training removes any per-image scale and shif
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -27,16 +26,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from multimae.checkpoint.io import save_file_atomic
 from multimae.data.codecs import IMAGE_EXTS, decode_image, encode_field, encode_png16
 from multimae.data.errors import DataError, ErrorPolicy
-from multimae.data.folder import META_FILE, read_meta
+from multimae.data.folder import META_FILE
+from multimae.data.prepare.writing import METRIC_PNG_SCALE, metric_depth_mm, update_meta, write_bytes
 from multimae.pseudolabel.labelers import Labeler, MultiMAELabeler, is_multimae_checkpoint, load_labeler
 from multimae.pseudolabel.sources import InputItem, open_input
 
 log = logging.getLogger("multimae.pseudolabel")
 
-METRIC_PNG_SCALE = 1e-3
 RELATIVE_PNG_SCALE = 1.0 / 65535
 CLASSES_FILE = "semseg_classes.txt"
 
@@ -68,8 +66,7 @@ def encode_depth(depth: Tensor, units: str) -> tuple[np.ndarray, float]:
     d = depth[0].double()
     bad = ~torch.isfinite(d)
     if units == "metric":
-        q = torch.where(bad | (d <= 0), 0.0, (d / METRIC_PNG_SCALE).round().clamp(1, 65535))
-        return q.numpy().astype(np.uint16), METRIC_PNG_SCALE
+        return metric_depth_mm(d.numpy()), METRIC_PNG_SCALE
     good = d[~bad]
     if good.numel() == 0:
         return np.zeros(tuple(d.shape), np.uint16), RELATIVE_PNG_SCALE
@@ -89,8 +86,7 @@ def encode_classes(ids: Tensor, num_classes: int, where: str) -> bytes:
     return encode_field(ids, "semseg", where=where)[1]
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    save_file_atomic(path, lambda tmp: tmp.write_bytes(data))
+_write_bytes = write_bytes  # atomic (temporary name, fsync, rename), shared with `multimae data prepare`
 
 
 # --- outputs -------------------------------------------------------------------------------------
@@ -183,20 +179,19 @@ class ShardWriter:
 
 def _record_meta(root: Path, info: dict, depth_scale: float | None, fmt: str) -> None:
     """Merge this run's facts into ``root/multimae_data.json`` (atomic); refuses a conflicting re-run."""
-    meta = read_meta(root) if fmt == "folder" else {}
-    old = meta.get("pseudolabel", {})
-    for task, facts in info.items():
-        prev = old.get(task)
-        for k in ("units", "label_set", "num_classes", "classes"):
-            if prev and k in prev and k in facts and prev[k] != facts[k]:
-                raise DataError(f"{root / META_FILE}: {task} was labelled with {k}={prev[k]!r}, this run gives "
-                                f"{facts[k]!r}; use another --out")
-    meta.update(format="multimae-folder" if fmt == "folder" else "multimae-shards", version=1)
-    meta["pseudolabel"] = {**old, **info}
-    if depth_scale is not None:
-        meta["png_scale"] = {**meta.get("png_scale", {}), "depth": depth_scale}
-    root.mkdir(parents=True, exist_ok=True)
-    _write_bytes(root / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    def update(meta: dict) -> None:
+        old = meta.get("pseudolabel", {})
+        for task, facts in info.items():
+            prev = old.get(task)
+            for k in ("units", "label_set", "num_classes", "classes"):
+                if prev and k in prev and k in facts and prev[k] != facts[k]:
+                    raise DataError(f"{root / META_FILE}: {task} was labelled with {k}={prev[k]!r}, this run gives "
+                                    f"{facts[k]!r}; use another --out")
+        meta["pseudolabel"] = {**old, **info}
+        if depth_scale is not None:
+            meta["png_scale"] = {**meta.get("png_scale", {}), "depth": depth_scale}
+
+    update_meta(root, update, fmt)
     if "semseg" in info and "classes" in info["semseg"]:
         _write_bytes(root / CLASSES_FILE, ("\n".join(info["semseg"]["classes"]) + "\n").encode())
 
