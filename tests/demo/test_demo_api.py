@@ -26,7 +26,7 @@ def call(url: str, path: str, body: object = None, raw: bytes | None = None, met
          headers: dict | None = None) -> tuple[int, dict]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method or ("POST" if data is not None else "GET"),
-                                 headers=headers or {"Content-Type": "application/json"})
+                                 headers=headers or {"Content-Type": "application/octet-stream" if path == "/api/upload" else "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=180) as r:  # generous: CI machines can be busy
             return r.status, json.loads(r.read())

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from multimae.demo.errors import DemoError
+from multimae.demo.errors import DemoError, short
 from multimae.demo.images import (
     class_colors, decode_upload, patch_mask, png_data_url, prediction_image, set_class, shift_hue, show,
 )
@@ -147,11 +147,11 @@ class DemoEngine:
     # ------------------------------------------------------------------ samples
     def get(self, sample_id: object) -> Sample:
         if not isinstance(sample_id, str):
-            raise DemoError(f"'sample' must be a sample id string, got {sample_id!r}")
+            raise DemoError(f"'sample' must be a sample id string, got {short(sample_id)}")
         with self._store_lock:
             s = self._store.get(sample_id)
             if s is None:
-                raise DemoError(f"unknown sample {sample_id!r} (expired or never made); load an input again", 404)
+                raise DemoError(f"unknown sample {short(sample_id)} (expired or never made); load an input again", 404)
             self._store.move_to_end(sample_id)
             return s
 
@@ -260,7 +260,7 @@ class DemoEngine:
         names = [n for n, s in self.inputs.items() if s.key in sample.tensors]
         unknown = sorted(set(map(str, hidden)) - set(names))
         if unknown:
-            raise DemoError(f"'hidden' names {unknown}, which are not inputs of this sample {names}")
+            raise DemoError(f"'hidden' names {short(unknown)}, which are not inputs of this sample {names}")
         N = self._n_tokens
         masks = {}
         for n in names:
@@ -308,7 +308,7 @@ class DemoEngine:
         spec = self.inputs.get(modality) if isinstance(modality, str) else None
         if spec is None or spec.key not in sample.tensors:
             raise DemoError(f"'modality' must be an input of this sample, one of "
-                            f"{[n for n, s in self.inputs.items() if s.key in sample.tensors]}, got {modality!r}")
+                            f"{[n for n, s in self.inputs.items() if s.key in sample.tensors]}, got {short(modality)}")
         idx = _indices(patches, "patches", self._n_tokens)
         if not idx:
             raise DemoError("'patches' is empty: select the patches to edit first")
@@ -335,7 +335,7 @@ class DemoEngine:
 
 def _int(v: object, name: str, lo: int, hi: int) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
-        raise DemoError(f"'{name}' must be an integer, got {v!r}")
+        raise DemoError(f"'{name}' must be an integer, got {short(v)}")
     if not lo <= v <= hi:
         raise DemoError(f"'{name}' must be in [{lo}, {hi}], got {int(v)}")
     return int(v)
@@ -343,7 +343,7 @@ def _int(v: object, name: str, lo: int, hi: int) -> int:
 
 def _float(v: object, name: str, lo: float, hi: float) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise DemoError(f"'{name}' must be a number, got {v!r}")
+        raise DemoError(f"'{name}' must be a number, got {short(v)}")
     if not lo <= v <= hi:
         raise DemoError(f"'{name}' must be in [{lo}, {hi}], got {v}")
     return float(v)
@@ -357,7 +357,7 @@ def _indices(v: object, name: str, n: int) -> list[int]:
         raise DemoError(f"'{name}' has {len(v)} entries; there are only {n} patches")
     bad = [x for x in v if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n]
     if bad:
-        raise DemoError(f"'{name}': patch indices must be integers in [0, {n - 1}], got {bad[:5]}")
+        raise DemoError(f"'{name}': patch indices must be integers in [0, {n - 1}], got {short(bad[:5])}")
     return list(v)
 
 
