@@ -13,6 +13,9 @@ from multimae.training.config import PretrainConfig
 
 
 
+HEADER_TIMEOUT = 2.0  # the test server's deadline for a request head (the default is 10 s)
+
+
 def need_demo_extra() -> None:
     """Skip without the 'demo' extra; in CI (CI=true, where make test installs it) fail instead."""
     try:
@@ -68,5 +71,10 @@ def engine(run_dir, folder_root):
 def server(engine):
     from multimae.demo.app import serving
 
-    with serving(engine) as url:
+    with serving(engine, header_timeout=HEADER_TIMEOUT) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def header_timeout():
+    return HEADER_TIMEOUT

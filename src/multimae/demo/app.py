@@ -244,6 +244,11 @@ def _protocol(header_timeout: float) -> type:
             idle = self.cycle is None or self.cycle.response_complete
             if idle:
                 self._arm()  # a new request head starts (or goes on)
+                buffered = self.conn.trailing_data[0] + data
+                end = buffered.find(b"\r\n\r\n")  # h11 checks the size only of an incomplete head
+                if end > MAX_HEAD_BYTES or (end < 0 and len(buffered) > MAX_HEAD_BYTES):
+                    self._answer(buffered, "")
+                    return
             super().data_received(data)
             if self.cycle is not None and not self.cycle.response_complete:
                 self._disarm()  # the head is complete
@@ -253,10 +258,14 @@ def _protocol(header_timeout: float) -> type:
             super().connection_lost(exc)
 
         def send_400_response(self, msg: str) -> None:
+            self._answer(self.conn.trailing_data[0], msg)
+
+        def _answer(self, buffered: bytes, msg: str) -> None:
+            """Answer 414 / 431 (head over the limit) or 400 with ``msg``, then close lingering."""
             self._disarm()
-            buffered, _ = self.conn.trailing_data
-            if len(buffered) >= MAX_HEAD_BYTES:
-                line_done = b"\r\n" in buffered[:MAX_HEAD_BYTES + 2]
+            end = buffered.find(b"\r\n\r\n")
+            if end > MAX_HEAD_BYTES or (end < 0 and len(buffered) > MAX_HEAD_BYTES):
+                line_done = 0 <= buffered.find(b"\r\n") <= MAX_HEAD_BYTES
                 status, reason = (431, b"Request Header Fields Too Large") if line_done else (414, b"URI Too Long")
                 what = "request headers are" if line_done else "request line (URL) is"
                 msg = f"the {what} over the limit of {MAX_HEAD_BYTES} bytes"
