@@ -269,3 +269,25 @@ def test_cli_bad_input_exits_2_with_one_line(run_dir, engine, tmp_path, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert main(["demo", "--checkpoint", str(run_dir), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_predictions_show_the_visible_input_patches(server):
+    s = ok(server, "/api/sample", {"source": "synthetic", "index": 4})
+    hidden = {"rgb": list(range(8)), "depth": list(range(16)), "semseg": [15]}
+    p = ok(server, "/api/predict", {"sample": s["id"], "hidden": hidden})
+    rgb_pred, rgb_tgt = pixels(p["outputs"]["rgb"]["pred"]), pixels(p["outputs"]["rgb"]["target"])
+    np.testing.assert_array_equal(rgb_pred[16:], rgb_tgt[16:])  # patches 8..15 (rows 2, 3) were visible
+    assert np.abs(rgb_pred[:16] - rgb_tgt[:16]).mean() > 5  # hidden ones are the (random-init) prediction
+    seg_pred, seg_tgt = pixels(p["outputs"]["semseg"]["pred"]), pixels(p["outputs"]["semseg"]["target"])
+    np.testing.assert_array_equal(seg_pred[:6], seg_tgt[:6])  # only patch 15 (bottom right) hidden
+    d = pixels(p["outputs"]["depth"]["pred"])
+    assert not np.array_equal(d, pixels(p["outputs"]["depth"]["target"]))  # all hidden: all predicted
+
+
+def test_edited_titles_do_not_grow(server):
+    s = ok(server, "/api/sample", {"source": "synthetic", "index": 6})
+    titles = []
+    for k in range(4):
+        s = ok(server, "/api/edit", {"sample": s["id"], "modality": "rgb", "patches": [k], "hue": 30})
+        titles.append(s["title"])
+    assert titles == ["synthetic scene 6 (edited)"] * 4

@@ -290,10 +290,17 @@ class DemoEngine:
             ms = (time.perf_counter() - t0) * 1000
             self.last_ms = ms
         outputs = {}
+        by_key = {self.inputs[n].key: n for n in plan.masks if n in self.inputs}
         for t, s in self.tasks.items():
             target = sample.tensors.get(s.key)
-            entry: dict[str, Any] = {"pred": png_data_url(prediction_image(s, preds[t][0].cpu(), target, self.patch))}
-            entry["target"] = png_data_url(show(s, target)) if target is not None else None
+            pred = prediction_image(s, preds[t][0].cpu(), target, self.patch)
+            shown = show(s, target) if target is not None else None
+            if shown is not None and s.key in by_key and shown.shape == pred.shape:
+                # as in MultiMAE's figures: the visible input patches pasted in, the hidden ones predicted
+                visible = (~plan.masks[by_key[s.key]][0]).nonzero().flatten().tolist()
+                pred = torch.where(patch_mask(visible, self.grid, tuple(pred.shape[-2:])), shown, pred)
+            entry: dict[str, Any] = {"pred": png_data_url(pred)}
+            entry["target"] = png_data_url(shown) if shown is not None else None
             entry["target_origin"] = sample.origin.get(s.key, "none")
             outputs[t] = entry
         visible = {n: int((~m).sum()) for n, m in plan.masks.items()}
@@ -319,18 +326,21 @@ class DemoEngine:
                 raise DemoError(f"editing {spec.name} needs 'hue' (degrees)")
             degrees = _float(hue, "hue", -360.0, 360.0)
             new = shift_hue(spec, x, region, degrees)
-            what = f"hue {degrees:+.0f} deg"
         elif spec.kind == "categorical":
             if cls is None:
                 raise DemoError(f"editing {spec.name} needs 'class' (a class id)")
             k = _int(cls, "class", 0, spec.num_classes - 1)
             new = set_class(x, region, k)
-            what = f"class {k}"
         else:
             raise DemoError(f"{spec.name} ({spec.kind}) cannot be edited; rgb hue and semseg class can")
         tensors = dict(sample.tensors) | {spec.key: new}
         origin = dict(sample.origin) | {spec.key: f"{sample.origin[spec.key]}, edited"}
-        return self._keep(Sample(tensors, origin, f"{sample.title}; {spec.name} {len(idx)} patches {what}"))
+        return self._keep(Sample(tensors, origin, _edited(sample.title)))
+
+
+def _edited(title: str) -> str:
+    """The title of an edited sample: its input's title marked once, however many edits."""
+    return title if title.endswith(" (edited)") else f"{title} (edited)"
 
 
 def _int(v: object, name: str, lo: int, hi: int) -> int:
