@@ -7,11 +7,7 @@ import http.client
 import io
 import json
 import logging
-import os
-import select
 import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -189,27 +185,10 @@ def reset_peak(pid: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def server_process(run_dir, engine):  # engine: needs the demo extra
-    if not Path("/proc/self/status").exists():
+def test_near_cap_uploads_stay_within_a_memory_bound(cli_server):
+    if not Path(f"/proc/{cli_server.pid}/status").exists():
         pytest.skip("needs /proc (Linux) to read the server's peak memory")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "multimae.cli.main", "demo", "--checkpoint", str(run_dir),
-                             "--port", "0", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 240)
-        assert ready, "multimae demo printed nothing within 240 s"
-        line = proc.stdout.readline()
-        assert line.startswith("multimae demo: http://127.0.0.1:"), line
-        yield proc.pid, line.split()[2]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def test_near_cap_uploads_stay_within_a_memory_bound(server_process):
-    pid, url = server_process
+    pid, url = cli_server.pid, cli_server.url
     buf = io.BytesIO()
     Image.new("RGB", (NEAR_CAP, NEAR_CAP), (90, 140, 200)).save(buf, format="PNG")
     png = buf.getvalue()

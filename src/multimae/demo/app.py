@@ -160,7 +160,7 @@ def create_app(engine: DemoEngine, hosts: list[str] | None = None) -> Starlette:
     async def edit(request: Request) -> Any:
         b = await _json(request)
         s = await run_in_threadpool(engine.edit, b.get("sample"), b.get("modality"), b.get("patches"),
-                                    b.get("hue"), b.get("class"))
+                                    b.get("hue"), b.get("class"), b.get("caption"))
         return await run_in_threadpool(engine.describe, s)
 
     async def index(request: Request) -> Response:
