@@ -214,3 +214,13 @@ def test_near_cap_uploads_stay_within_a_memory_bound(cli_server):
           f"RSS rise after: {after_one:.0f} MB, {after_eight:.0f} MB")
     assert one < BOUND_ONE_MB and eight < BOUND_EIGHT_MB, (one, eight)
     assert after_one < BOUND_AFTER_MB and after_eight < BOUND_AFTER_MB, (after_one, after_eight)
+
+
+def test_allowed_host_names(engine):
+    from multimae.demo.app import allowed_hosts
+
+    assert allowed_hosts() == ["127.0.0.1", "localhost", "[::1]"]
+    assert allowed_hosts("Demo.Example") == ["127.0.0.1", "localhost", "[::1]", "demo.example"]
+    assert allowed_hosts("fe80::1")[-1] == "[fe80::1]"
+    wide = allowed_hosts("0.0.0.0")
+    assert "0.0.0.0" not in wide and socket.gethostname().lower() in wide

@@ -99,11 +99,18 @@ async def _json(request: Request) -> dict[str, Any]:
 
 def allowed_hosts(host: str | None = None) -> list[str]:
     """The Host header names the server answers (DNS rebinding: a page of another site whose
-    name resolves to 127.0.0.1 sends its own name): this machine's, and ``host`` if given."""
+    name resolves to 127.0.0.1 sends its own name): this machine's, and ``host`` if given (for
+    0.0.0.0 / ::, the machine's host name and its addresses)."""
     names = list(LOCAL_HOSTS)
-    if host and host not in ("0.0.0.0", "::"):
-        names.append(f"[{host}]" if ":" in host and not host.startswith("[") else host)
-    return list(dict.fromkeys(n.lower() for n in names))
+    if host in ("0.0.0.0", "::", ""):  # every interface: this machine's own names and addresses
+        try:
+            hostname = socket.gethostname()
+            names += [hostname, socket.getfqdn(), *socket.gethostbyname_ex(hostname)[2]]
+        except OSError:
+            pass
+    elif host:
+        names.append(host)
+    return list(dict.fromkeys((f"[{n}]" if ":" in n and not n.startswith("[") else n).lower() for n in names))
 
 
 def create_app(engine: DemoEngine, hosts: list[str] | None = None) -> Starlette:
