@@ -7,8 +7,11 @@ Endpoints (JSON in and out; errors are ``{"error": message}`` with a 4xx status)
 * ``POST /api/sample`` ``{"source": "synthetic"|"folder", "index": i}``: a new input sample.
 * ``POST /api/upload`` (body: the image file's bytes): a sample from an uploaded image.
 * ``POST /api/mask`` ``{"sample", "budget", "alpha", "seed"}``: a random Dirichlet mask.
-* ``POST /api/predict`` ``{"sample", "hidden": {modality: [patch indices]}}``: predictions.
-* ``POST /api/edit`` ``{"sample", "modality", "patches", "hue" | "class"}``: an edited sample.
+* ``POST /api/predict`` ``{"sample", "hidden": {modality: [patch (caption: word) indices]}}``:
+  predictions (for a prediction of an input modality, its visible patches are the input) and,
+  for an M3AE run, ``texts``: the caption with its hidden words predicted.
+* ``POST /api/edit`` ``{"sample", "modality", "patches", "hue" | "class"}`` or
+  ``{"sample", "modality": "caption", "caption": text}``: an edited sample.
 
 Limits: request line + headers within ``HEADER_TIMEOUT`` s and ``MAX_HEAD_BYTES`` (else the
 connection is closed, or answered 414 / 431); JSON endpoints take only ``Content-Type:
