@@ -47,3 +47,17 @@ def tune_malloc() -> bool:
             ok = mallopt(param, value) == 1 and ok
     _applied = ok
     return ok
+
+
+def trim_malloc() -> bool:
+    """Return glibc's free heap memory to the kernel (``malloc_trim(0)``); True if it released
+    any. For a server after a large, rare allocation (the demo after decoding an upload); a
+    no-op returning False off Linux/glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(fn(0))

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import select
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +15,9 @@ from multimae.config import to_dict
 from multimae.model import ModelConfig, MultiMAE
 from multimae.training.config import PretrainConfig
 
+
+
+HEADER_TIMEOUT = 2.0  # the test server's deadline for a request head (the default is 10 s)
 
 
 def need_demo_extra() -> None:
@@ -35,6 +42,30 @@ def tiny_run(root, image_size: int = 32):
     model = MultiMAE(cfg.model)
     save_checkpoint(root, 1, model.state_dict(), {"step": 1}, {"config": to_dict(cfg)})
     return root
+
+
+def tiny_m3ae_run(root, image_size: int = 32):
+    """A run directory of a random-init nano M3AE (rgb + caption, shared decoder), the
+    synthetic-m3ae-tiny config made small."""
+    from multimae.config import load_config
+    from multimae.training.loop import _size_text_vocabulary
+
+    cfg = load_config(PretrainConfig, "configs/pretrain/synthetic-m3ae-tiny.yaml",
+                      ["model.preset=nano", "model.depth=1", f"model.image_size={image_size}", "model.patch_size=8",
+                       "model.decoder_depth=1", f"data.image_size={image_size}"])
+    _size_text_vocabulary(cfg)
+    torch.manual_seed(0)
+    model = MultiMAE(cfg.model)
+    save_checkpoint(root, 1, model.state_dict(), {"step": 1}, {"config": to_dict(cfg)})
+    return root
+
+
+@pytest.fixture(scope="session")
+def m3ae_engine(tmp_path_factory):
+    need_demo_extra()
+    from multimae.demo import engine_from_checkpoint
+
+    return engine_from_checkpoint(tiny_m3ae_run(tmp_path_factory.mktemp("demo-m3ae") / "m3ae"))
 
 
 @pytest.fixture(scope="session")
@@ -68,5 +99,28 @@ def engine(run_dir, folder_root):
 def server(engine):
     from multimae.demo.app import serving
 
-    with serving(engine) as url:
+    with serving(engine, header_timeout=HEADER_TIMEOUT) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def header_timeout():
+    return HEADER_TIMEOUT
+
+
+@pytest.fixture(scope="session")
+def cli_server(run_dir, engine):  # engine: needs the demo extra
+    """``multimae demo`` in a subprocess on a free port: its pid, first stdout line and URL."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "multimae.cli.main", "demo", "--checkpoint", str(run_dir),
+                             "--port", "0", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 240)  # never hang the suite
+        assert ready, "multimae demo printed nothing within 240 s"
+        line = proc.stdout.readline()
+        assert line.startswith("multimae demo: http://"), (line, proc.stderr.read() if proc.poll() else "")
+        yield SimpleNamespace(pid=proc.pid, line=line, url=line.split()[2])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -5,12 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import select
 import socket
 import struct
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 import zlib
@@ -26,7 +22,7 @@ def call(url: str, path: str, body: object = None, raw: bytes | None = None, met
          headers: dict | None = None) -> tuple[int, dict]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method or ("POST" if data is not None else "GET"),
-                                 headers=headers or {"Content-Type": "application/json"})
+                                 headers=headers or {"Content-Type": "application/octet-stream" if path == "/api/upload" else "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=180) as r:  # generous: CI machines can be busy
             return r.status, json.loads(r.read())
@@ -238,21 +234,9 @@ def test_the_demo_writes_no_files(server, run_dir, folder_root, tmp_path, monkey
     assert not any(tmp_path.iterdir())
 
 
-def test_cli_prints_the_url_and_serves_on_localhost(run_dir, engine):  # engine: needs the demo extra
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "multimae.cli.main", "demo", "--checkpoint", str(run_dir),
-                             "--port", "0", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 240)  # never hang the suite
-        assert ready, "multimae demo printed nothing within 240 s"
-        line = proc.stdout.readline()
-        assert line.startswith("multimae demo: http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
-        url = line.split()[2]
-        assert ok(url, "/api/info")["grid"] == [4, 4]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+def test_cli_prints_the_url_and_serves_on_localhost(cli_server):
+    assert cli_server.line.startswith("multimae demo: http://127.0.0.1:"), cli_server.line
+    assert ok(cli_server.url, "/api/info")["grid"] == [4, 4]
 
 
 def test_cli_bad_input_exits_2_with_one_line(run_dir, engine, tmp_path, capsys):
@@ -269,3 +253,57 @@ def test_cli_bad_input_exits_2_with_one_line(run_dir, engine, tmp_path, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert main(["demo", "--checkpoint", str(run_dir), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_predictions_show_the_visible_input_patches(server):
+    s = ok(server, "/api/sample", {"source": "synthetic", "index": 4})
+    hidden = {"rgb": list(range(8)), "depth": list(range(16)), "semseg": [15]}
+    p = ok(server, "/api/predict", {"sample": s["id"], "hidden": hidden})
+    rgb_pred, rgb_tgt = pixels(p["outputs"]["rgb"]["pred"]), pixels(p["outputs"]["rgb"]["target"])
+    np.testing.assert_array_equal(rgb_pred[16:], rgb_tgt[16:])  # patches 8..15 (rows 2, 3) were visible
+    assert np.abs(rgb_pred[:16] - rgb_tgt[:16]).mean() > 5  # hidden ones are the (random-init) prediction
+    seg_pred, seg_tgt = pixels(p["outputs"]["semseg"]["pred"]), pixels(p["outputs"]["semseg"]["target"])
+    np.testing.assert_array_equal(seg_pred[:6], seg_tgt[:6])  # only patch 15 (bottom right) hidden
+    d = pixels(p["outputs"]["depth"]["pred"])
+    assert not np.array_equal(d, pixels(p["outputs"]["depth"]["target"]))  # all hidden: all predicted
+
+
+def test_edited_titles_do_not_grow(server):
+    s = ok(server, "/api/sample", {"source": "synthetic", "index": 6})
+    titles = []
+    for k in range(4):
+        s = ok(server, "/api/edit", {"sample": s["id"], "modality": "rgb", "patches": [k], "hue": 30})
+        titles.append(s["title"])
+    assert titles == ["synthetic scene 6 (edited)"] * 4
+
+
+def test_m3ae_caption_over_http(m3ae_engine):
+    from multimae.demo.app import serving
+
+    with serving(m3ae_engine) as url:
+        info = ok(url, "/api/info")
+        assert info["text"]["name"] == "caption" and info["text"]["outputs"] == ["caption"]
+        s = ok(url, "/api/sample", {"source": "synthetic", "index": 0})
+        words = s["text"]["tokens"]
+        assert s["text"]["origin"] == "true" and len(words) > 5 and s["text"]["caption"].startswith(words[0])
+        hidden = ok(url, "/api/mask", {"sample": s["id"], "budget": 8, "alpha": 1.0, "seed": 0})["hidden"]
+        assert len(hidden["caption"]) == round(info["text"]["ratio"] * len(words))
+        p = ok(url, "/api/predict", {"sample": s["id"], "hidden": hidden})
+        cap = p["texts"]["caption"]
+        assert [i for i, h in enumerate(cap["hidden"]) if h] == hidden["caption"]
+        assert [w for w, h in zip(cap["tokens"], cap["hidden"]) if not h] == \
+            [w for i, w in enumerate(words) if i not in hidden["caption"]]  # visible words as given
+        assert cap["target"] == s["text"]["caption"]
+        e = ok(url, "/api/edit", {"sample": s["id"], "modality": "caption", "caption": "a red cone on the left"})
+        assert e["text"]["tokens"] == ["a", "red", "cone", "on", "the", "left"] and e["text"]["origin"] == "edited"
+        p = ok(url, "/api/predict", {"sample": e["id"], "hidden": {"caption": [1, 2]}})
+        assert p["texts"]["caption"]["hidden"] == [False, True, True, False, False, False]
+        status, data = call(url, "/api/predict", {"sample": e["id"], "hidden": {"caption": [6]}})
+        assert status == 400 and "[0, 5]" in data["error"]
+        status, data = call(url, "/api/edit", {"sample": e["id"], "modality": "caption", "caption": 5})
+        assert status == 400 and "'caption'" in data["error"]
+        u = ok(url, "/api/upload", raw=image_bytes(40, 40))  # an upload has no caption until one is typed
+        assert u["text"]["origin"] == "none" and u["text"]["tokens"] == []
+        assert ok(url, "/api/predict", {"sample": u["id"], "hidden": {}})["texts"]["caption"]["tokens"] == []
+        e = ok(url, "/api/edit", {"sample": u["id"], "modality": "caption", "caption": "a blue box"})
+        assert e["text"]["tokens"] == ["a", "blue", "box"] and e["inputs"]["rgb"]["origin"] == "uploaded"

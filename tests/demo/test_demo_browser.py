@@ -150,6 +150,8 @@ def test_page_in_headless_chromium(driver, page_server, tmp_path):
     n = gh * gw
     info = p.js("return S.info")
     assert p.visible() == min(info["budget"], 3 * n) and len(p.preds()) == len(info["outputs"])
+    assert p.el("#folder-row").is_displayed() == ("folder" in info["sources"])
+    assert not p.el("#caption-box").is_displayed()  # no text modality
     assert all(src.startswith("data:image/png") for src in p.preds().values())
 
     # clicking a patch toggles it; dragging sweeps a row; the buttons set whole modalities
@@ -205,8 +207,10 @@ def test_page_in_headless_chromium(driver, page_server, tmp_path):
     assert p.canvas_png("rgb") != rgb_before and "edited" in p.el("#input-rgb .origin").text
     p.drag_patches("semseg", 0, gw - 1)
     driver.find_element(p.By.CSS_SELECTOR, "#class-select option[value='3']").click()
+    title = p.el("#sample-title").text
     p.act(lambda: p.el("#apply-class").click(), "semseg class edit")
     assert "edited" in p.el("#input-semseg .origin").text
+    assert p.el("#sample-title").text == title  # the title does not grow with every edit
     p.el("#clear-selection").click()
     p.el("input[name=mode][value=mask]").click()
     p.act(lambda: p.click_patch("depth", n // 2), "mask a depth patch after the edits")
@@ -232,3 +236,58 @@ def test_page_in_headless_chromium(driver, page_server, tmp_path):
         time.sleep(0.05)
     assert "not an image" in p.el("#error").text
     assert all("415" in e["message"] for e in console_errors(driver))
+
+
+@pytest.fixture(scope="module")
+def m3ae_server(m3ae_engine):
+    from multimae.demo.app import serving
+
+    with serving(m3ae_engine) as url:
+        yield url
+
+
+def test_m3ae_caption_is_shown_editable_and_predicted(driver, m3ae_server):
+    p = Page(driver)
+    driver.get(m3ae_server)
+    end = time.time() + 90
+    while p.js("return document.body.dataset.ready") != "1" and time.time() < end:
+        time.sleep(0.1)
+    assert p.js("return document.body.dataset.ready") == "1", p.el("#error").text
+    assert not p.el("#folder-row").is_displayed()  # no folder dataset: the row is hidden
+    assert p.el("#caption-box").is_displayed() and p.el("#caption-output").is_displayed()
+
+    def words(css: str) -> list[str]:
+        return [w.text for w in driver.find_elements(p.By.CSS_SELECTOR, css)]
+
+    caption = p.js("return S.sample.text.caption")
+    assert len(words("#caption-words .word")) > 5 and p.el("#caption-text").get_attribute("value") == caption
+    assert len(words("#caption-pred .word")) == len(words("#caption-words .word"))
+    masked = len(words("#caption-words .word.masked"))
+    assert masked > 0 and len(words("#caption-pred .word.predicted")) == masked  # the run's ratio hides words
+
+    # clicking a visible word hides it: it is predicted now
+    n = p.count()
+    driver.find_element(p.By.CSS_SELECTOR, "#caption-words .word:not(.masked)").click()
+    p.wait_prediction(n)
+    assert len(words("#caption-words .word.masked")) == masked + 1
+    assert len(words("#caption-pred .word.predicted")) == masked + 1
+
+    # the caption is editable: a new caption is tokenised, shown and predicted from
+    base = p.el("#sample-title").text
+    for text in ("a red cone on the left", "a blue box in the middle"):
+        n = p.count()
+        box = p.el("#caption-text")
+        box.clear()
+        box.send_keys(text)
+        p.el("#set-caption").click()
+        p.wait_prediction(n)
+        assert " ".join(words("#caption-words .word")) == text
+        assert p.el("#caption-origin").text == "(edited)"
+        assert len(words("#caption-pred .word")) == len(text.split())
+        assert p.el("#sample-title").text == base + " (edited)"  # the same after every edit
+    n = p.count()
+    p.el(f"#only-{p.js('return S.info.text.name')}").click()  # every rgb patch hidden
+    p.wait_prediction(n)
+    assert p.visible() == 0 and not words("#caption-words .word.masked")
+    assert p.el("#error").get_attribute("hidden") is not None, p.el("#error").text
+    assert console_errors(driver) == []

@@ -72,5 +72,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"multimae demo: {url}  ({engine.precision}, {torch.get_num_threads()} threads, "
                   f"warm-up {warm:.0f} ms{ms}; Ctrl-C to stop)", flush=True)
 
-        serve(engine, sock, on_ready=ready)
+        serve(engine, sock, on_ready=ready, host=args.host)
     return 0

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from multimae.demo.errors import DemoError
+from multimae.demo.errors import DemoError, short
 from multimae.demo.images import (
     class_colors, decode_upload, patch_mask, png_data_url, prediction_image, set_class, shift_hue, show,
 )
@@ -49,6 +49,7 @@ class Sample:
     tensors: dict[str, Tensor]
     origin: dict[str, str]
     title: str
+    pad: dict[str, Tensor] = field(default_factory=dict)  # text: (L,) bool, True = padding
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -84,7 +85,8 @@ class DemoEngine:
 
     def __init__(self, model: torch.nn.Module, image_size: int, default_visible: int = 32, default_alpha: float = 1.0,
                  folder: tuple[str | Path, str] | None = None, precision: str = "auto",
-                 limits: Limits = Limits(), class_names: Sequence[str] | None = None, scene_seed: int = 0) -> None:
+                 limits: Limits = Limits(), class_names: Sequence[str] | None = None, scene_seed: int = 0,
+                 tokenizer: Any = None, text_ratio: float = 0.75) -> None:
         self.model = model.eval()
         self.patch = model.config.patch_size
         if image_size % self.patch:
@@ -107,6 +109,16 @@ class DemoEngine:
         self._store_lock = threading.Lock()
         self.folder = self._open_folder(*folder) if folder else None
         self.last_ms: float | None = None
+        # M3AE: a text input (the caption) and text tasks; words are tokens, shown and masked one by one
+        texts = [s for s in model.input_specs.values() if s.kind == "text"]
+        self.text: ModalitySpec | None = texts[0] if texts else None
+        self.text_tasks: dict[str, ModalitySpec] = {n: s for n, s in model.output_specs.items() if s.kind == "text"}
+        self.text_ratio = text_ratio
+        self.text_encoder = None
+        if self.text is not None:
+            from multimae.data.tokenizers import TextEncoder, default_synthetic_tokenizer
+
+            self.text_encoder = TextEncoder(tokenizer or default_synthetic_tokenizer(), max_len=self.text.max_len)
 
     # ------------------------------------------------------------------ description
     def info(self) -> dict[str, Any]:
@@ -122,6 +134,8 @@ class DemoEngine:
 
         return {
             "inputs": [desc(s) for s in self.inputs.values()], "outputs": [desc(s) for s in self.tasks.values()],
+            "text": ({"name": self.text.name, "max_len": self.text.max_len, "ratio": self.text_ratio,
+                      "outputs": list(self.text_tasks)} if self.text is not None else None),
             "source_modality": self.source.name, "grid": list(self.grid), "patch_size": self.patch,
             "image_size": self.image_size, "tokens": len(self.inputs) * self.grid[0] * self.grid[1],
             "budget": self.default_visible, "alpha": self.default_alpha, "sources": self.sources,
@@ -140,18 +154,51 @@ class DemoEngine:
 
     def describe(self, sample: Sample) -> dict[str, Any]:
         """A sample as the page shows it: every input modality's image and origin."""
-        return {"id": sample.id, "title": sample.title,
-                "inputs": {n: {"image": png_data_url(show(s, sample.tensors[s.key])), "origin": sample.origin[s.key]}
-                           for n, s in self.inputs.items() if s.key in sample.tensors}}
+        out = {"id": sample.id, "title": sample.title,
+               "inputs": {n: {"image": png_data_url(show(s, sample.tensors[s.key])), "origin": sample.origin[s.key]}
+                          for n, s in self.inputs.items() if s.key in sample.tensors}}
+        t = self.text
+        if t is not None:
+            out["text"] = {"name": t.name, "tokens": self._words(sample),
+                           "caption": self._caption(sample.tensors[t.key], sample.pad[t.key]) if t.key in sample.tensors
+                           else "", "origin": sample.origin.get(t.key, "none")}
+        return out
+
+    # ------------------------------------------------------------------ text (M3AE)
+    def _words(self, sample: Sample) -> list[str]:
+        """The caption's tokens as strings (its real positions, padding left out)."""
+        if self.text is None or self.text.key not in sample.tensors:
+            return []
+        ids, pad = sample.tensors[self.text.key], sample.pad[self.text.key]
+        tok = self.text_encoder.tokenizer
+        return [tok.id_to_token(int(i)) or "?" for i in ids[~pad].tolist()]
+
+    def _caption(self, ids: Tensor, pad: Tensor) -> str:
+        return self.text_encoder.decode(ids, pad)[0]
+
+    def _with_caption(self, tensors: dict[str, Tensor], origin: dict[str, str], pad: dict[str, Tensor],
+                      caption: str | None, where: str) -> None:
+        """Put a caption (str) into a sample's tensors; nothing without a text input."""
+        if self.text is None or caption is None:
+            return
+        from multimae.data.errors import DataError
+
+        try:
+            enc = self.text_encoder([caption])
+        except DataError as e:
+            raise DemoError(str(e)) from None
+        tensors[self.text.key], pad[self.text.key] = enc["ids"][0], enc["pad"][0]
+        origin[self.text.key] = where
+
 
     # ------------------------------------------------------------------ samples
     def get(self, sample_id: object) -> Sample:
         if not isinstance(sample_id, str):
-            raise DemoError(f"'sample' must be a sample id string, got {sample_id!r}")
+            raise DemoError(f"'sample' must be a sample id string, got {short(sample_id)}")
         with self._store_lock:
             s = self._store.get(sample_id)
             if s is None:
-                raise DemoError(f"unknown sample {sample_id!r} (expired or never made); load an input again", 404)
+                raise DemoError(f"unknown sample {short(sample_id)} (expired or never made); load an input again", 404)
             self._store.move_to_end(sample_id)
             return s
 
@@ -168,9 +215,13 @@ class DemoEngine:
         specs = [s for s in self.inputs.values() if s.key in keys]
         return PairedTransform(specs, self.image_size, train=False)
 
-    def _complete(self, tensors: dict[str, Tensor], origin: dict[str, str], title: str) -> Sample:
+    def _complete(self, tensors: dict[str, Tensor], origin: dict[str, str], title: str,
+                  pad: dict[str, Tensor] | None = None) -> Sample:
         """Fill every input modality the sample lacks with the model's prediction from the
         source modality (all its patches visible)."""
+        pad = {} if pad is None else pad
+        if self.text is not None and self.text.key not in tensors:  # no caption: an empty one (all padding),
+            self._with_caption(tensors, origin, pad, "", "none")  # since the M3AE decoder needs its positions
         missing = [s for s in self.inputs.values() if s.key not in tensors]
         if missing:
             batch = {self.source.key: tensors[self.source.key][None].to(self.device)}
@@ -184,7 +235,7 @@ class DemoEngine:
                 p = preds[s.name][0].float().cpu()
                 tensors[s.key] = p.argmax(0) if s.kind == "categorical" else p
                 origin[s.key] = f"predicted from {self.source.name}"
-        return self._keep(Sample(tensors, origin, title))
+        return self._keep(Sample(tensors, origin, title, pad))
 
     @property
     def _n_tokens(self) -> int:
@@ -200,8 +251,9 @@ class DemoEngine:
         raw = generate(self.scene_seed, i, self.image_size)
         keys = [s.key for s in self.inputs.values() if s.key in SYNTHETIC_KEYS]
         out = self._transform(keys)({k: raw[k] for k in keys} | {"__key__": raw["__key__"]})
-        tensors = {k: out[k] for k in keys}
-        return self._complete(tensors, {k: "true" for k in keys}, f"synthetic scene {i}")
+        tensors, origin, pad = {k: out[k] for k in keys}, {k: "true" for k in keys}, {}
+        self._with_caption(tensors, origin, pad, raw.get("caption"), "true")
+        return self._complete(tensors, origin, f"synthetic scene {i}", pad)
 
     def _open_folder(self, root: str | Path, split: str) -> tuple[Any, list[str]]:
         from multimae.data.folder import FolderDataset
@@ -252,21 +304,32 @@ class DemoEngine:
         a = _float(alpha, "alpha", 0.01, 100.0)
         g = torch.Generator().manual_seed(_int(seed, "seed", 0, 2**62))
         plan = dirichlet_plan({n: self._n_tokens for n in names}, 1, k, a, generator=g)
-        return {n: plan.masks[n][0].nonzero().flatten().tolist() for n in names}
+        out = {n: plan.masks[n][0].nonzero().flatten().tolist() for n in names}
+        if self.text is not None and self.text.key in sample.tensors:  # M3AE: a ratio of the words hidden
+            n_words = int((~sample.pad[self.text.key]).sum())
+            hide = round(self.text_ratio * n_words)
+            out[self.text.name] = sorted(torch.randperm(n_words, generator=g)[:hide].tolist())
+        return out
 
     def _plan(self, sample: Sample, hidden: object) -> MaskPlan:
         if not isinstance(hidden, Mapping):
             raise DemoError("'hidden' must be an object: modality -> list of hidden patch indices")
         names = [n for n, s in self.inputs.items() if s.key in sample.tensors]
-        unknown = sorted(set(map(str, hidden)) - set(names))
+        text = self.text.name if self.text is not None and self.text.key in sample.tensors else None
+        unknown = sorted(set(map(str, hidden)) - set(names) - {text})
         if unknown:
-            raise DemoError(f"'hidden' names {unknown}, which are not inputs of this sample {names}")
+            raise DemoError(f"'hidden' names {short(unknown)}, which are not inputs of this sample {names}")
         N = self._n_tokens
         masks = {}
         for n in names:
             m = torch.zeros(1, N, dtype=torch.bool)
             m[0, _indices(hidden.get(n, []), f"hidden.{n}", N)] = True
             masks[n] = m
+        if text is not None:  # word positions; padding is never visible
+            pad = sample.pad[self.text.key]
+            m = pad.clone()[None]
+            m[0, _indices(hidden.get(text, []), f"hidden.{text}", max(1, int((~pad).sum())))] = True
+            masks[text] = m
         return MaskPlan(masks)
 
     # ------------------------------------------------------------------ predictions
@@ -279,36 +342,72 @@ class DemoEngine:
         """Every output task's prediction beside its target, for the given hidden patches."""
         sample = self.get(sample_id)
         plan = self._plan(sample, hidden)
-        batch = {self.inputs[n].key: sample.tensors[self.inputs[n].key][None].to(self.device) for n in plan.masks}
+        specs = {**self.inputs, **({self.text.name: self.text} if self.text is not None else {})}
+        batch = {specs[n].key: sample.tensors[specs[n].key][None].to(self.device) for n in plan.masks}
         for s in self.tasks.values():  # output-only tasks (norm_rgb) read their target's key
             if s.key in sample.tensors:
                 batch.setdefault(s.key, sample.tensors[s.key][None].to(self.device))
+        from multimae.batch import Batch
+
+        pads = {k: v[None].to(self.device) for k, v in sample.pad.items() if k in batch}
+        tasks = list(self.tasks) + (list(self.text_tasks) if pads else [])
         with self._lock:
             t0 = time.perf_counter()
             with torch.inference_mode(), self._autocast():
-                preds = self.model(batch, plan.to(self.device), tasks=list(self.tasks), compute_loss=False).preds
+                preds = self.model(Batch(batch, pads), plan.to(self.device), tasks=tasks, compute_loss=False).preds
             ms = (time.perf_counter() - t0) * 1000
             self.last_ms = ms
         outputs = {}
+        by_key = {self.inputs[n].key: n for n in plan.masks if n in self.inputs}
         for t, s in self.tasks.items():
             target = sample.tensors.get(s.key)
-            entry: dict[str, Any] = {"pred": png_data_url(prediction_image(s, preds[t][0].cpu(), target, self.patch))}
-            entry["target"] = png_data_url(show(s, target)) if target is not None else None
+            pred = prediction_image(s, preds[t][0].cpu(), target, self.patch)
+            shown = show(s, target) if target is not None else None
+            if shown is not None and s.key in by_key and shown.shape == pred.shape:
+                # as in MultiMAE's figures: the visible input patches pasted in, the hidden ones predicted
+                visible = (~plan.masks[by_key[s.key]][0]).nonzero().flatten().tolist()
+                pred = torch.where(patch_mask(visible, self.grid, tuple(pred.shape[-2:])), shown, pred)
+            entry: dict[str, Any] = {"pred": png_data_url(pred)}
+            entry["target"] = png_data_url(shown) if shown is not None else None
             entry["target_origin"] = sample.origin.get(s.key, "none")
             outputs[t] = entry
+        texts = {}
+        for t, s in self.text_tasks.items():
+            if t not in preds or s.key not in sample.tensors:
+                continue
+            ids, pad = sample.tensors[s.key], sample.pad[s.key]
+            guess = preds[t][0].float().argmax(-1).cpu()
+            hid = plan.masks[self.text.name][0].cpu() & ~pad if self.text is not None and s.key == self.text.key \
+                else ~pad
+            tok = self.text_encoder.tokenizer
+            real = (~pad).nonzero().flatten().tolist()
+            filled = torch.where(hid, guess, ids)  # visible words as given, hidden ones predicted
+            texts[t] = {"tokens": [tok.id_to_token(int(filled[j])) or "?" for j in real],
+                        "hidden": [bool(hid[j]) for j in real], "caption": self._caption(filled, pad),
+                        "target": self._caption(ids, pad)}
         visible = {n: int((~m).sum()) for n, m in plan.masks.items()}
-        return {"sample": sample.id, "outputs": outputs, "visible": visible, "model_ms": round(ms, 2)}
+        return {"sample": sample.id, "outputs": outputs, "texts": texts, "visible": visible,
+                "model_ms": round(ms, 2)}
 
     # ------------------------------------------------------------------ edits
     def edit(self, sample_id: object, modality: object, patches: object, hue: object = None,
-             cls: object = None) -> Sample:
-        """A new sample with the hue of some rgb patches rotated (``hue`` degrees) or some
-        semseg patches set to class ``cls``."""
+             cls: object = None, caption: object = None) -> Sample:
+        """A new sample with the hue of some rgb patches rotated (``hue`` degrees), some semseg
+        patches set to class ``cls``, or (M3AE) its caption replaced by ``caption``."""
         sample = self.get(sample_id)
+        if self.text is not None and modality == self.text.name:
+            if not isinstance(caption, str):
+                raise DemoError(f"editing {self.text.name} needs 'caption' (a string), got {short(caption)}")
+            if len(caption) > 20 * self.text.max_len:
+                raise DemoError(f"'caption' has {len(caption)} characters; {self.text.name} holds "
+                                f"{self.text.max_len} tokens")
+            tensors, origin, pad = dict(sample.tensors), dict(sample.origin), dict(sample.pad)
+            self._with_caption(tensors, origin, pad, caption, "edited")
+            return self._keep(Sample(tensors, origin, _edited(sample.title), pad))
         spec = self.inputs.get(modality) if isinstance(modality, str) else None
         if spec is None or spec.key not in sample.tensors:
             raise DemoError(f"'modality' must be an input of this sample, one of "
-                            f"{[n for n, s in self.inputs.items() if s.key in sample.tensors]}, got {modality!r}")
+                            f"{[n for n, s in self.inputs.items() if s.key in sample.tensors]}, got {short(modality)}")
         idx = _indices(patches, "patches", self._n_tokens)
         if not idx:
             raise DemoError("'patches' is empty: select the patches to edit first")
@@ -319,23 +418,26 @@ class DemoEngine:
                 raise DemoError(f"editing {spec.name} needs 'hue' (degrees)")
             degrees = _float(hue, "hue", -360.0, 360.0)
             new = shift_hue(spec, x, region, degrees)
-            what = f"hue {degrees:+.0f} deg"
         elif spec.kind == "categorical":
             if cls is None:
                 raise DemoError(f"editing {spec.name} needs 'class' (a class id)")
             k = _int(cls, "class", 0, spec.num_classes - 1)
             new = set_class(x, region, k)
-            what = f"class {k}"
         else:
             raise DemoError(f"{spec.name} ({spec.kind}) cannot be edited; rgb hue and semseg class can")
         tensors = dict(sample.tensors) | {spec.key: new}
         origin = dict(sample.origin) | {spec.key: f"{sample.origin[spec.key]}, edited"}
-        return self._keep(Sample(tensors, origin, f"{sample.title}; {spec.name} {len(idx)} patches {what}"))
+        return self._keep(Sample(tensors, origin, _edited(sample.title), dict(sample.pad)))
+
+
+def _edited(title: str) -> str:
+    """The title of an edited sample: its input's title marked once, however many edits."""
+    return title if title.endswith(" (edited)") else f"{title} (edited)"
 
 
 def _int(v: object, name: str, lo: int, hi: int) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
-        raise DemoError(f"'{name}' must be an integer, got {v!r}")
+        raise DemoError(f"'{name}' must be an integer, got {short(v)}")
     if not lo <= v <= hi:
         raise DemoError(f"'{name}' must be in [{lo}, {hi}], got {int(v)}")
     return int(v)
@@ -343,7 +445,7 @@ def _int(v: object, name: str, lo: int, hi: int) -> int:
 
 def _float(v: object, name: str, lo: float, hi: float) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise DemoError(f"'{name}' must be a number, got {v!r}")
+        raise DemoError(f"'{name}' must be a number, got {short(v)}")
     if not lo <= v <= hi:
         raise DemoError(f"'{name}' must be in [{lo}, {hi}], got {v}")
     return float(v)
@@ -357,7 +459,7 @@ def _indices(v: object, name: str, n: int) -> list[int]:
         raise DemoError(f"'{name}' has {len(v)} entries; there are only {n} patches")
     bad = [x for x in v if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n]
     if bad:
-        raise DemoError(f"'{name}': patch indices must be integers in [0, {n - 1}], got {bad[:5]}")
+        raise DemoError(f"'{name}': patch indices must be integers in [0, {n - 1}], got {short(bad[:5])}")
     return list(v)
 
 
@@ -381,6 +483,15 @@ def engine_from_checkpoint(path: str | Path, data: str | Path | None = None, spl
         from multimae.data.synthetic import SEMSEG_CLASSES
 
         names = SEMSEG_CLASSES
+    tokenizer, ratio = None, 0.75  # M3AE's text mask ratio
+    texts = [s for s in model.input_specs.values() if s.kind == "text"]
+    if texts:
+        from multimae.data.loader import load_text_tokenizer
+
+        tokenizer = load_text_tokenizer(cfg.data.tokenizer)
+        r = cfg.mask.ratios.get(texts[0].name, ratio)
+        ratio = float(sum(r) / 2 if isinstance(r, (tuple, list)) else r)
     return DemoEngine(model, cfg.data.image_size, cfg.mask.num_visible, cfg.mask.alpha, folder=folder,
                       precision=precision, limits=limits, class_names=names,
-                      scene_seed=cfg.train.seed + 10_000)  # the run's held-out scenes
+                      scene_seed=cfg.train.seed + 10_000,  # the run's held-out scenes
+                      tokenizer=tokenizer, text_ratio=ratio)

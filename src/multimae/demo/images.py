@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import warnings
 
 import numpy as np
@@ -15,14 +16,29 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from multimae.data.codecs import image_pixels, open_image
+from multimae.data.errors import DataError
 from multimae.demo.errors import DemoError
 from multimae.losses import patchify, unpatchify
 from multimae.modalities import ModalitySpec
+from multimae.perf import trim_malloc
 from multimae.viz import palette, render
 
 
+# Decoding an upload needs its full-size pixels once (a 6300x6300 PNG: 119 MB of RGB, several
+# times that while converting); only this many decodes run at once, so that concurrent uploads
+# queue instead of multiplying the peak memory.
+_DECODES = threading.BoundedSemaphore(1)
+RESIZABLE_MODES = ("RGB", "RGBA", "L", "LA", "RGBa", "La", "I", "F")  # PIL resizes these in place
+
+
 def decode_upload(data: bytes, max_bytes: int, max_pixels: int, max_side: int) -> Tensor:
-    """Image file bytes -> uint8 (3, H, W) RGB with max(H, W) <= ``max_side`` (shrunk, aspect kept).
+    """Image file bytes -> uint8 (3, H, W) RGB with max(H, W) <= ``max_side`` (shrunk, aspect
+    kept), decoded by :func:`multimae.data.codecs.open_image` and
+    :func:`~multimae.data.codecs.image_pixels`: upright (EXIF orientation), 16-bit scaled,
+    transparency composited onto ``ALPHA_BACKGROUND``. A JPEG is decoded at a reduced scale
+    (draft); other formats are decoded at full size, one upload at a time, and shrunk right
+    away, and the freed memory is returned to the system.
 
     Raises DemoError: 413 for more than ``max_bytes`` bytes or ``max_pixels`` pixels (checked
     from the header, before decoding), 415 when the bytes are not an image format PIL knows,
@@ -32,28 +48,45 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int, max_side: int) -
         raise DemoError("empty upload: send the image file as the request body")
     if len(data) > max_bytes:
         raise DemoError(f"upload of {len(data)} bytes is over the limit of {max_bytes} bytes", 413)
-    try:
+    try:  # the header only (PIL opens lazily): format and size, before any pixel is decoded
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise DemoError(f"image of {w}x{h} = {w * h} pixels is over the limit of {max_pixels}", 413)
-                if w < 1 or h < 1:
-                    raise DemoError(f"image has no pixels ({w}x{h})")
-                im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale
-                rgb = im.convert("RGB")  # forces decoding: truncated data fails here
-                rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-                arr = np.asarray(rgb).copy()
-    except DemoError:
-        raise
+            with Image.open(io.BytesIO(data)) as header:
+                w, h = header.size
     except UnidentifiedImageError:
         raise DemoError("upload is not an image (PNG, JPEG, WebP, BMP, GIF, TIFF ... expected)", 415) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DemoError(f"image too large: {e}", 413) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated / corrupt data
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise DemoError(f"image cannot be decoded ({e})") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    if w * h > max_pixels:
+        raise DemoError(f"image of {w}x{h} = {w * h} pixels is over the limit of {max_pixels}", 413)
+    if w < 1 or h < 1:
+        raise DemoError(f"image has no pixels ({w}x{h})")
+    with _DECODES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = open_image(data, "upload", draft=(max_side, max_side))
+                if img.mode in RESIZABLE_MODES:  # shrink first: the full-size copy is freed at once
+                    img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+                arr = image_pixels(img, 3, "upload")
+                del img
+                if max(arr.shape[:2]) > max_side:  # palette and 16-bit images: shrunk as RGB
+                    small = Image.fromarray(arr)
+                    small.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+                    arr = np.asarray(small)
+                out = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+                del arr
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise DemoError(f"image too large: {e}", 413) from None
+        except DataError as e:  # truncated / corrupt data
+            raise DemoError(f"image cannot be decoded ({str(e).removeprefix('upload: ')})") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise DemoError(f"image cannot be decoded ({e})") from None
+        finally:
+            trim_malloc()
+    return out
 
 
 def png_data_url(img: Tensor) -> str:

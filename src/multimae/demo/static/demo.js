@@ -39,10 +39,53 @@ async function api(path, body, raw) {
 function tokens() { return S.info.grid[0] * S.info.grid[1]; }
 function inputNames() { return S.info.inputs.map((m) => m.name).filter((n) => S.sample && n in S.sample.inputs); }
 function alpha() { return Math.pow(10, parseFloat($("alpha").value)); }
+function textName() { return S.info.text && hasCaption() ? S.info.text.name : null; }
+function hasCaption() { return !!(S.sample && S.sample.text && S.sample.text.origin !== "none"); }
 function hiddenObject() {
   const out = {};
   for (const n of inputNames()) out[n] = [...(S.hidden[n] || [])].sort((a, b) => a - b);
+  const t = textName();
+  if (t) out[t] = [...(S.hidden[t] || [])].sort((a, b) => a - b);
   return out;
+}
+
+// ---------------------------------------------------------------- the caption (M3AE)
+function drawCaption() {
+  if (!S.info.text) return;
+  const box = $("caption-words"), t = S.info.text.name, words = hasCaption() ? S.sample.text.tokens : [];
+  const hid = S.hidden[t] || new Set();
+  box.textContent = "";
+  words.forEach((w, i) => {
+    const span = document.createElement("span");
+    span.className = "word" + (hid.has(i) ? " masked" : "");
+    span.textContent = w;
+    span.dataset.index = String(i);
+    span.addEventListener("click", () => {
+      S.hidden[t] = S.hidden[t] || new Set();
+      if (S.hidden[t].has(i)) S.hidden[t].delete(i); else S.hidden[t].add(i);
+      drawCaption();
+      predict();
+    });
+    box.append(span);
+  });
+  $("caption-visible").textContent = `${words.length - [...hid].filter((i) => i < words.length).length} / ${words.length} words visible`;
+}
+
+function showCaption(texts) {
+  const out = $("caption-output"), t = S.info.text && S.info.text.outputs[0];
+  const o = t && texts ? texts[t] : null;
+  out.hidden = !o;
+  if (!o) return;
+  const box = $("caption-pred");
+  box.textContent = "";
+  o.tokens.forEach((w, i) => {
+    const span = document.createElement("span");
+    span.className = "word" + (o.hidden[i] ? " predicted" : "");
+    span.textContent = w;
+    box.append(span);
+  });
+  box.dataset.caption = o.caption;
+  $("caption-target").textContent = `target: ${o.target}`;
 }
 
 // ---------------------------------------------------------------- drawing the input grids
@@ -217,6 +260,7 @@ async function predict() {
       const t0 = performance.now();
       const res = await api("/api/predict", {sample: S.sample.id, hidden: hiddenObject()});
       showOutputs(res);
+      showCaption(res.texts);
       const rt = performance.now() - t0;
       $("timing").textContent = `prediction: model ${res.model_ms.toFixed(0)} ms, round trip ${rt.toFixed(0)} ms`;
       S.predictions += 1;
@@ -252,6 +296,14 @@ async function setSample(sample, keepMask) {
   b.max = String(total);
   if (parseInt(b.value, 10) > total) b.value = String(total);
   $("budget-val").textContent = b.value;
+  if (S.info.text) {
+    const t = S.info.text.name, n = hasCaption() ? sample.text.tokens.length : 0;
+    $("caption-box").hidden = false;
+    $("caption-origin").textContent = `(${hasCaption() ? sample.text.origin : "no caption: type one"})`;
+    $("caption-text").value = hasCaption() ? sample.text.caption : "";
+    S.hidden[t] = new Set([...(S.hidden[t] || [])].filter((i) => i < n));
+    drawCaption();
+  }
   if (keepMask && sameInputs) { drawAll(); await predict(); } else { await randomMask(); }
 }
 
@@ -261,6 +313,7 @@ async function randomMask() {
   S.hidden = {};
   for (const [n, idx] of Object.entries(res.hidden)) S.hidden[n] = new Set(idx);
   drawAll();
+  drawCaption();
   await predict();
 }
 
@@ -269,7 +322,13 @@ function setOnly(keep) {
     S.hidden[n] = new Set();
     if (keep !== null && n !== keep) for (let i = 0; i < tokens(); i++) S.hidden[n].add(i);
   }
+  const t = textName();
+  if (t) {
+    S.hidden[t] = new Set();
+    if (keep !== null && t !== keep) S.sample.text.tokens.forEach((_, i) => S.hidden[t].add(i));
+  }
   drawAll();
+  drawCaption();
   predict();
 }
 
@@ -314,6 +373,17 @@ async function init() {
     b.textContent = `only ${m.name}`;
     b.addEventListener("click", () => setOnly(m.name));
     buttons.append(b);
+  }
+  if (i.text) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.id = `only-${i.text.name}`;
+    b.textContent = `only ${i.text.name}`;
+    b.addEventListener("click", () => setOnly(i.text.name));
+    buttons.append(b);
+    $("caption-name").textContent = i.text.name;
+    $("set-caption").addEventListener("click", guard(() => edit(i.text.name, {caption: $("caption-text").value})));
+    $("caption-text").addEventListener("keydown", (ev) => { if (ev.key === "Enter") $("set-caption").click(); });
   }
   const hueIn = i.inputs.find((m) => m.edit === "hue"), clsIn = i.inputs.find((m) => m.edit === "class");
   $("hue-row").hidden = !hueIn;
