@@ -86,7 +86,8 @@ def test_official_pth_file_and_inferred_encoder(golden, meta, tmp_path):
     with torch.no_grad():
         _close(model.eval()({"rgb": golden["input.rgb"], "depth": golden["input.depth"]}), golden[key])
     assert report.source == str(p)
-    inferred, _ = build_transfer_model(TransferModelConfig(encoder=None, inputs=["rgb"], head=head), p)
+    inferred, _ = build_transfer_model(TransferModelConfig(encoder=None, inputs=["rgb"], head=head), p,
+                                       num_heads=int(meta["heads"]))  # not in the weights; width 64 is no ViT's
     assert (inferred.encoder.dim, inferred.encoder.depth, inferred.encoder.patch_size) == (64, 4, 16)
 
 
@@ -128,7 +129,7 @@ def test_official_pretraining_pth_gives_the_encoder(tmp_path):
     p = tmp_path / "official_pretrain.pth"
     torch.save({"model": sd, "args": None}, p)
     cfg = TransferModelConfig(encoder=None, inputs=["rgb", "depth"], head=HeadConfig(kind="depth"))
-    model, report = build_transfer_model(cfg, p)
+    model, report = build_transfer_model(cfg, p, num_heads=2)  # the golden's 2 heads: not in the weights
     own = model.state_dict()
     assert (model.encoder.dim, model.encoder.depth) == (48, 2)
     for k, v in sd.items():

@@ -232,8 +232,9 @@ def test_save_pretrained_dir_and_timm_vit_inits(tmp_path):
         torch.testing.assert_close(model.eval().encoder(b).last, mae.eval().encode(b).tokens, rtol=0, atol=1e-6)
     timm_sd, _, _ = to_timm_state_dict(mae)
     model, report = build_transfer_model(TransferModelConfig(encoder=None, inputs=["rgb"], head=head, drop_path=0.0),
-                                         {"module." + k: v for k, v in timm_sd.items()})  # a DDP-wrapped save
-    ref, _ = load_pretrained(timm_sd, outputs=[])
+                                         {"module." + k: v for k, v in timm_sd.items()},  # a DDP-wrapped save
+                                         num_heads=mae.config.num_heads)
+    ref, _ = load_pretrained(timm_sd, outputs=[], num_heads=mae.config.num_heads)
     assert isinstance(model.encoder.norm, torch.nn.LayerNorm) and "encoder.norm.weight" in report.loaded
     with torch.no_grad():
         torch.testing.assert_close(model.eval().encoder(b).last, ref.encode(b).tokens, rtol=0, atol=1e-5)

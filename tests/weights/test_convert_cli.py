@@ -57,5 +57,6 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
     torch.save({"model": mae_state_dict()}, tmp_path / "mae.pth")
-    assert main(["convert", str(tmp_path / "mae.pth"), str(tmp_path / "vit.pth"), "--to", "timm"]) == 2
+    assert main(["convert", str(tmp_path / "mae.pth"), str(tmp_path / "vit.pth"), "--to", "timm",
+                 "--num-heads", "2"]) == 2
     assert "writes a .safetensors file" in capsys.readouterr().err

@@ -124,8 +124,9 @@ def infer_official_config(sd: Mapping[str, Tensor], num_heads: int | None = None
                           **overrides: Any) -> ModelConfig:
     """The :class:`ModelConfig` of an official MultiMAE state_dict, read off its tensor shapes.
 
-    Head counts are not visible in the weights: ``num_heads`` defaults to dim // 64 (ViT
-    convention) and ``decoder_heads`` to 8 (the official decoders)."""
+    Head counts are not visible in the weights: ``num_heads`` defaults to the standard ViT's of
+    that width (ViT-B 12, ...; another width needs ``num_heads``) and ``decoder_heads`` to 8
+    (the official decoders)."""
     if "global_tokens" not in sd:
         raise ConversionError("not a MultiMAE state_dict: no 'global_tokens'")
     dim = sd["global_tokens"].shape[-1]
@@ -175,8 +176,10 @@ def infer_official_config(sd: Mapping[str, Tensor], num_heads: int | None = None
             mods[n] = {"kind": "dense", "loss": "l1", "channels": out // ((patch_size or 16) ** 2)}
     if patch_size is None:
         raise ConversionError("cannot infer the patch size: no input adapter in the state_dict")
+    from multimae.checkpoint.vit import default_heads
+
     cfg = dict(
-        preset="base", dim=dim, depth=depth, num_heads=num_heads or max(1, dim // 64),
+        preset="base", dim=dim, depth=depth, num_heads=default_heads(dim, "official MultiMAE weights", num_heads),
         mlp_ratio=sd["encoder.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0,
         patch_size=patch_size, image_size=(grid or 14) * patch_size, num_global_tokens=sd["global_tokens"].shape[1],
         inputs=inputs, outputs=outputs, modalities=mods,
@@ -306,7 +309,8 @@ def load_official_multimae(source: str | os.PathLike | Mapping[str, Tensor], num
 
     ``source``: a ``.pth`` (the ``model`` entry, or a bare state_dict), a ``.safetensors``
     file, or a state_dict. Architecture is read off the tensors; head counts (not stored in
-    weights) default to dim // 64 for the encoder and 8 for the decoders. ``overrides`` set
+    weights) default to the standard ViT's for the encoder (another width needs ``num_heads``) and
+    8 for the decoders. ``overrides`` set
     other :class:`ModelConfig` fields: ``image_size=384`` regenerates the sine-cosine position
     tables for the new grid; ``inputs`` / ``outputs`` keep a subset (``outputs=[]``: encoder only).
     """

@@ -209,7 +209,7 @@ def _from_state_dict(sd: dict[str, Tensor], source: str, overrides: Mapping[str,
                      ) -> tuple[MultiMAE, ConversionReport]:
     sd = _strip_prefix(sd)
     if is_vit_layout(sd):
-        fields, ours, report, fresh = vit_to_multimae(sd, source)
+        fields, ours, report, fresh = vit_to_multimae(sd, source, overrides.get("num_heads"))
         return _build(fields, overrides, ours, report, fresh), report
     if "global_tokens" in sd and any(k.startswith("input_adapters.") for k in sd):
         over = dict(overrides)
@@ -304,7 +304,8 @@ def init_from(model: MultiMAE, source: str | os.PathLike | Mapping[str, Tensor],
     different shapes is a :class:`ConversionError` (the architectures differ: dim, patch size ...).
     """
     cfg = model.config
-    src, report = load_pretrained(source, **{"image_size": cfg.image_size, **overrides})
+    # the head count is the model's (weights do not store it: external ones would be refused)
+    src, report = load_pretrained(source, **{"image_size": cfg.image_size, "num_heads": cfg.num_heads, **overrides})
     own = model.state_dict()
     take, shapes = {}, []
     for k, v in src.state_dict().items():

@@ -46,8 +46,8 @@ TIMM_NAMES: dict[tuple[int, int, int, int], str] = {
     (1024, 24, 16, 16): "vit_large_patch16_224",
     (1280, 32, 16, 14): "vit_huge_patch14_224",
 }
-#: head counts by width for the ViT sizes whose dim // 64 rule fails (ViT-Ti, ViT-H)
-_KNOWN_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+#: head counts of the standard ViT widths (Ti, S, M, B, L, H, g, G, e); any other width must be told
+KNOWN_HEADS = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16, 1792: 16}
 
 MAE_DECODER_PREFIXES = ("decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
                         "decoder_pred.")
@@ -75,12 +75,22 @@ def is_mae(sd: Mapping[str, Tensor]) -> bool:
     return sincos_layout(pos[:, 1:].transpose(1, 2).reshape(1, -1, g, g)) == "cols_first"
 
 
-def default_heads(dim: int) -> int:
-    """Attention heads of a ViT of width ``dim`` (not stored in the weights)."""
-    return _KNOWN_HEADS.get(dim, max(1, dim // 64))
+def default_heads(dim: int, source: str = "checkpoint", num_heads: int | None = None) -> int:
+    """Attention heads of a ViT of width ``dim``: ``num_heads`` when given, else the standard ViT's
+    of that width (:data:`KNOWN_HEADS`). Weights do not store the head count, and a wrong one gives
+    wrong tokens without any error, so another width is refused with a message naming the setting."""
+    if num_heads is not None:
+        if dim % int(num_heads):
+            raise ConversionError(f"{source}: num_heads={num_heads} does not divide the width {dim}")
+        return int(num_heads)
+    if dim not in KNOWN_HEADS:
+        raise ConversionError(f"{source}: width {dim} is not a standard ViT's and the weights do not record the "
+                              f"head count; pass num_heads= (from_pretrained(..., num_heads=H), "
+                              f"`multimae convert --num-heads H`, train.init with model.num_heads=H)")
+    return KNOWN_HEADS[dim]
 
 
-def vit_to_multimae(sd: Mapping[str, Tensor], source: str = "state_dict"
+def vit_to_multimae(sd: Mapping[str, Tensor], source: str = "state_dict", num_heads: int | None = None
                     ) -> tuple[dict[str, Any], dict[str, Tensor], ConversionReport, tuple[str, ...]]:
     """Map a timm / MAE ViT state dict onto a MultiMAE rgb encoder (no decoders).
 
@@ -142,7 +152,7 @@ def vit_to_multimae(sd: Mapping[str, Tensor], source: str = "state_dict"
                               f"qk-norm, pre-norm ... are not supported): {sorted(unknown)}")
     cfg: dict[str, Any] = dict(
         preset=_preset_of(dim, depth),
-        dim=dim, depth=depth, num_heads=default_heads(dim),
+        dim=dim, depth=depth, num_heads=default_heads(dim, source, num_heads),
         mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0,
         patch_size=patch, image_size=g * patch, num_global_tokens=1, inputs=["rgb"], outputs=[],
         encoder_norm="norm.weight" in sd,

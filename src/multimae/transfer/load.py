@@ -291,7 +291,8 @@ def _read_files(init: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict[st
     return read_state_dict(p), None, str(p)
 
 
-def _read_init(init: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], ModelConfig | None, str]:
+def _read_init(init: str | os.PathLike | Mapping[str, Tensor], num_heads: int | None = None
+               ) -> tuple[dict[str, Tensor], ModelConfig | None, str]:
     """(state dict in MultiMAE or transfer names, encoder config if known, description).
 
     A DDP ``module.`` prefix is removed; a timm / facebookresearch-mae ViT is mapped onto an rgb
@@ -300,7 +301,7 @@ def _read_init(init: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict[str
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if is_vit_layout(sd):
-        fields, sd, _, _ = vit_to_multimae(sd, source)
+        fields, sd, _, _ = vit_to_multimae(sd, source, num_heads)
         recorded = recorded or model_config(fields)
     return sd, recorded, source
 
@@ -318,7 +319,8 @@ def _check_arch(cfg_enc: ModelConfig, recorded: ModelConfig | None, source: str)
 
 
 def build_transfer_model(cfg: TransferModelConfig, init: str | os.PathLike | Mapping[str, Tensor] | None = None,
-                         head_task: str | None = None) -> tuple[TransferModel, LoadReport]:
+                         head_task: str | None = None, num_heads: int | None = None
+                         ) -> tuple[TransferModel, LoadReport]:
     """Build a :class:`TransferModel` and initialise it from ``init``.
 
     init: ``None`` / ``"scratch"``; a run or checkpoint directory of this library (pretraining:
@@ -326,22 +328,23 @@ def build_transfer_model(cfg: TransferModelConfig, init: str | os.PathLike | Map
         model's); a ``save_pretrained`` directory; a ``.safetensors`` weights file; an official
         MultiMAE ``.pth`` (pretraining or fine-tuned); a timm / MAE ViT; or a state dict.
     ``cfg.encoder = None`` takes the encoder architecture from ``init`` (the run's config, or the
-    official tensors' shapes with dim // 64 heads). ``head_task`` chooses among several official
-    heads of the model's kind.
+    official tensors' shapes; ``num_heads``, not stored in weights, is then the standard ViT's of
+    that width or must be given). ``head_task`` chooses among several official heads of the model's kind.
     """
     if init is None or (isinstance(init, str) and init == "scratch"):
         if cfg.encoder is None:
             raise ValueError("init=scratch needs model.encoder (an architecture, e.g. {preset: nano})")
         model = TransferModel(cfg)
         return model, LoadReport("scratch", new_inputs=list(cfg.inputs), missing=sorted(model.state_dict()))
-    sd, recorded, source = _read_init(init)
+    heads = cfg.encoder.num_heads if cfg.encoder is not None else num_heads
+    sd, recorded, source = _read_init(init, heads)
     transfer_layout = _is_transfer_layout(sd)
     if cfg.encoder is None:
         if recorded is None:
             if transfer_layout:
                 raise ConversionError(f"{source}: a transfer-model state dict without a config; set model.encoder")
             enc_sd = {k: v for k, v in sd.items() if not k.startswith("output_adapters.")}
-            recorded = infer_official_config(enc_sd)
+            recorded = infer_official_config(enc_sd, heads)
         cfg = replace(cfg, encoder=recorded)
     else:
         _check_arch(cfg.encoder, recorded, source)
