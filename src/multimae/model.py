@@ -57,6 +57,9 @@ class ModelConfig:
     # a final LayerNorm after the encoder blocks: MultiMAE has none; MAE / timm ViTs do (kept when
     # their weights are imported, so features match theirs; see multimae.checkpoint.vit)
     encoder_norm: bool = False
+    # LayerNorm eps of the encoder blocks and the final norm (1e-6: MultiMAE / MAE / timm;
+    # transformers' ViT and ViTMAE use 1e-12, read from their config.json)
+    norm_eps: float = 1e-6
     # attention kernel of every layer: "auto" (explicit softmax(qk)v for CPU bf16/fp16, where it
     # is faster, fused SDPA elsewhere), "fused" or "manual"; same values up to rounding
     attention: Literal["auto", "fused", "manual"] = "auto"
@@ -122,8 +125,9 @@ class MultiMAE(nn.Module):
             n: build_input_adapter(s, cfg.dim, cfg.patch_size, cfg.image_size) for n, s in self.input_specs.items()})
         self.global_tokens = nn.Parameter(torch.zeros(1, cfg.num_global_tokens, cfg.dim))
         dpr = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()  # cpu: builds under torch.device("meta") too
-        self.encoder = nn.Sequential(*[Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, drop_path=d) for d in dpr])
-        self.encoder_norm = nn.LayerNorm(cfg.dim, eps=1e-6) if cfg.encoder_norm else nn.Identity()
+        self.encoder = nn.Sequential(*[Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, drop_path=d, norm_eps=cfg.norm_eps)
+                                       for d in dpr])
+        self.encoder_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.encoder_norm else nn.Identity()
         if cfg.decoder == "shared":
             self.output_adapters = nn.ModuleDict()
             self.shared_decoder = SharedDecoder(list(self.output_specs.values()), cfg.dim, cfg.decoder_dim,

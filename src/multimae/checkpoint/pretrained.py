@@ -8,7 +8,8 @@ A pretrained directory is the layout the Hugging Face Hub serves, so it uploads 
 
 :func:`load_pretrained` accepts such a directory, a run or checkpoint directory of this library
 (or its ``model.safetensors``), an official MultiMAE ``.pth``, a facebookresearch/mae ``.pth``
-(encoder-only or ``_full``), a timm ViT state dict (``.pth`` / ``.safetensors``) or an in-memory
+(encoder-only or ``_full``), a timm ViT state dict (``.pth`` / ``.safetensors``), a transformers
+``ViTMAE*`` / ``ViT*`` directory (:mod:`.hf`) or an in-memory
 state dict, and applies :class:`~multimae.model.ModelConfig` overrides on load (``image_size``,
 ``inputs``, ``outputs`` ...). Every load returns a :class:`~.convert.ConversionReport`.
 Nothing is unpickled beyond tensors (:func:`~.convert.read_state_dict`).
@@ -42,6 +43,7 @@ from multimae.checkpoint.io import (
     resolve_checkpoint,
     save_file_atomic,
 )
+from multimae.checkpoint.hf import hf_config, load_hf_vit
 from multimae.checkpoint.vit import is_vit_layout, vit_to_multimae
 from multimae.model import MultiMAE
 
@@ -53,7 +55,8 @@ PRETRAINED_FORMAT_VERSION = 1
 __all__ = ["CONFIG_FILE", "PRETRAINED_FORMAT_VERSION", "init_from", "load_pretrained", "save_pretrained", "model_card"]
 
 _ACCEPTED = ("a save_pretrained directory (config.json + model.safetensors), a run or checkpoint directory, "
-             "an official MultiMAE / MAE .pth, or a timm ViT .pth/.safetensors")
+             "an official MultiMAE / MAE .pth, a timm ViT .pth/.safetensors, or a transformers ViT / ViTMAE "
+             "directory")
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +274,10 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, Tensor], **override
         if p.is_file() and p.name == WEIGHTS_FILE and (_is_pretrained_dir(p.parent) or (p.parent / META_FILE).is_file()):
             p = p.parent
         training = None
-        if p.is_dir() and _is_pretrained_dir(p):
+        if p.is_dir() and hf_config(p) is not None:  # transformers ViT / ViTMAE save_pretrained directory
+            fields, ours, report, fresh = load_hf_vit(p, overrides.get("num_heads"))
+            model = _build(fields, overrides, ours, report, fresh)
+        elif p.is_dir() and _is_pretrained_dir(p):
             cfg = _read_pretrained_config(p)
             report = ConversionReport(str(p), "multimae")
             model = _build(cfg["model"], overrides, _load_weights_file(p / WEIGHTS_FILE), report)

@@ -10,11 +10,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert", help="convert weights: MultiMAE / official / MAE / timm -> a pretrained directory or a timm ViT",
         description="SRC: a save_pretrained directory, a run or checkpoint directory, an official MultiMAE or "
-                    "MAE .pth, or a timm ViT .pth/.safetensors. DST: a directory (--to multimae) or a "
-                    ".safetensors file (--to timm: the rgb encoder as a timm VisionTransformer state dict).")
+                    "MAE .pth, a timm ViT .pth/.safetensors, or a transformers ViT / ViTMAE directory. DST: a "
+                    "directory (--to multimae), a .safetensors file (--to timm: the rgb encoder as a timm "
+                    "VisionTransformer state dict) or a directory (--to transformers: a ViTMAEModel).")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", choices=["multimae", "timm"], default="multimae")
+    p.add_argument("--to", choices=["multimae", "timm", "transformers"], default="multimae",
+                   help="transformers: a ViTMAEModel directory (config.json + model.safetensors)")
     p.add_argument("--image-size", type=int, help="fit the position tables to this image size")
     p.add_argument("--inputs", help="comma list of input modalities to keep (e.g. rgb)")
     p.add_argument("--outputs", help="comma list of output tasks to keep; '' = encoder only")
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             overrides[key] = val
     if args.num_heads:
         overrides["num_heads"] = args.num_heads
-    if args.to == "timm":
+    if args.to in ("timm", "transformers"):
         overrides.setdefault("outputs", [])
     model, report = load_pretrained(args.src, **overrides)
     print("\n".join(report.lines()))
@@ -49,6 +51,15 @@ def run(args: argparse.Namespace) -> int:
         model.save_pretrained(dst)
         print(f"wrote {dst}/ (config.json, model.safetensors, README.md); load with "
               f"MultiMAE.from_pretrained({str(dst)!r})")
+        return 0
+    if args.to == "transformers":
+        from multimae.checkpoint.hf import to_transformers_vitmae
+
+        out, export = to_transformers_vitmae(model, dst, args.input)
+        print("\n".join(export.lines()))
+        print(f"wrote {out}/ (config.json, model.safetensors); load with\n"
+              f"  transformers.ViTMAEModel.from_pretrained({str(out)!r})  "
+              "# pass noise=torch.arange(N).expand(B, N) to keep the patch order")
         return 0
     from safetensors.torch import save_file
 

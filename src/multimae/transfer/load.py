@@ -31,6 +31,7 @@ from torch import Tensor
 
 from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
 from multimae.checkpoint.convert import ConversionError, fit_error, infer_official_config, model_config, read_state_dict
+from multimae.checkpoint.hf import hf_config, load_hf_vit
 from multimae.checkpoint.io import META_FILE, WEIGHTS_FILE
 from multimae.checkpoint.resize import resize_pos_table
 from multimae.checkpoint.vit import is_vit_layout, vit_to_multimae
@@ -269,13 +270,18 @@ def _encoder_from_meta(meta: dict[str, Any], source: str) -> ModelConfig | None:
         raise ConversionError(f"{source}: cannot read the encoder config from meta.json ({e})") from e
 
 
-def _read_files(init: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], ModelConfig | None, str]:
+def _read_files(init: str | os.PathLike | Mapping[str, Tensor], num_heads: int | None = None
+                ) -> tuple[dict[str, Tensor], ModelConfig | None, str]:
     if isinstance(init, Mapping):
         return dict(init), None, "state_dict"
     p = Path(init)
     if not p.exists():
         raise FileNotFoundError(f"init {p} does not exist (expected 'scratch', a run or checkpoint directory, "
-                                f"a save_pretrained directory, a .safetensors or an official / MAE / timm .pth)")
+                                f"a save_pretrained directory, a .safetensors, an official / MAE / timm .pth or "
+                                f"a transformers ViT / ViTMAE directory)")
+    if p.is_dir() and hf_config(p) is not None:
+        fields, sd, _, _ = load_hf_vit(p, num_heads)
+        return sd, model_config(fields), str(p)
     if p.is_file() and p.name == WEIGHTS_FILE and ((p.parent / META_FILE).is_file() or (p.parent / "config.json").is_file()):
         p = p.parent
     if p.is_dir() and not (p / META_FILE).is_file() and (p / "config.json").is_file() and (p / WEIGHTS_FILE).is_file():
@@ -297,7 +303,7 @@ def _read_init(init: str | os.PathLike | Mapping[str, Tensor], num_heads: int | 
 
     A DDP ``module.`` prefix is removed; a timm / facebookresearch-mae ViT is mapped onto an rgb
     MultiMAE encoder (:func:`multimae.checkpoint.vit.vit_to_multimae`)."""
-    sd, recorded, source = _read_files(init)
+    sd, recorded, source = _read_files(init, num_heads)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if is_vit_layout(sd):
