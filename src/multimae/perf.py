@@ -25,6 +25,16 @@ _SETTINGS = (  # (parameter, value, environment variable that overrides it)
 _applied: bool | None = None
 
 
+def _glibc(name: str) -> "ctypes._CFuncPtr | None":
+    """A glibc function by name, or None off Linux/glibc (macOS, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def tune_malloc() -> bool:
     """Apply the allocator settings once per process; True if glibc accepted them.
 
@@ -34,11 +44,8 @@ def tune_malloc() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = True
@@ -53,11 +60,8 @@ def trim_malloc() -> bool:
     """Return glibc's free heap memory to the kernel (``malloc_trim(0)``); True if it released
     any. For a server after a large, rare allocation (the demo after decoding an upload); a
     no-op returning False off Linux/glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    fn = _glibc("malloc_trim")
+    if fn is None:
         return False
     fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     return bool(fn(0))
