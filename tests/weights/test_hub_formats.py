@@ -7,7 +7,7 @@ from transformers import (ViTConfig, ViTForImageClassification, ViTMAEConfig, Vi
                           ViTModel)
 
 from multimae.checkpoint.convert import ConversionError
-from multimae.checkpoint.hf import to_transformers_vitmae
+from multimae.checkpoint.vit import to_transformers_vitmae
 from multimae.cli.main import main
 from multimae.model import ModelConfig, MultiMAE
 from multimae.transfer import HeadConfig, TransferModelConfig, build_transfer_model

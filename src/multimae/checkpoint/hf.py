@@ -10,7 +10,11 @@ are renamed to the timm layout and mapped onto an rgb MultiMAE encoder by
 ``layernorm`` -> ``encoder_norm``). ViTMAE's decoder, ViT's pooler and classifier are reported
 unused.
 
-Out: :func:`to_transformers_vitmae` writes a ``ViTMAEModel`` directory
+This module only renames (it imports nothing of the model, so the checkpoint layer gains no
+import circle); :func:`multimae.checkpoint.vit.load_hf_vit` and
+:func:`multimae.checkpoint.vit.to_transformers_vitmae` are the loaders built on it.
+
+Out: :func:`multimae.checkpoint.vit.to_transformers_vitmae` writes a ``ViTMAEModel`` directory
 (``transformers.ViTMAEModel.from_pretrained(dir)`` loads it with no missing key); like the timm
 export, a MultiMAE encoder without a final norm gets an identity-affine ``layernorm``.
 ``ViTMAEModel`` shuffles the patches by random noise even at ``mask_ratio`` 0 (written as 0.0):
@@ -27,8 +31,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from multimae.checkpoint.convert import ConversionError, ConversionReport, read_state_dict
-from multimae.checkpoint.vit import to_timm_state_dict, vit_to_multimae
+from multimae.checkpoint.io import CheckpointError
 
 HF_MODEL_TYPES = ("vit_mae", "vit")
 CONFIG = "config.json"
@@ -51,22 +54,20 @@ def hf_config(path: str | os.PathLike) -> dict[str, Any] | None:
     return cfg if isinstance(cfg, dict) and cfg.get("model_type") in HF_MODEL_TYPES else None
 
 
-def _weights(d: Path) -> dict[str, Tensor]:
+def weight_files(d: Path) -> list[Path]:
+    """The weight files of a transformers directory (one, or the shards of an index)."""
     if (d / "model.safetensors").is_file():
-        return read_state_dict(d / "model.safetensors")
+        return [d / "model.safetensors"]
     index = d / "model.safetensors.index.json"
     if index.is_file():
         try:
             files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConversionError(f"{index}: not a safetensors index ({e})") from None
-        sd: dict[str, Tensor] = {}
-        for name in files:
-            sd.update(read_state_dict(d / name))
-        return sd
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        return [d / name for name in files]
     if (d / "pytorch_model.bin").is_file():
-        return read_state_dict(d / "pytorch_model.bin")  # weights_only: tensors, never code
-    raise ConversionError(f"{d}: a transformers {hf_config(d)['model_type']} directory without weights "  # type: ignore[index]
+        return [d / "pytorch_model.bin"]  # read weights_only: tensors, never code
+    raise CheckpointError(f"{d}: a transformers {hf_config(d)['model_type']} directory without weights "  # type: ignore[index]
                           "(model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
 
 
@@ -105,14 +106,14 @@ def hf_to_timm(sd: Mapping[str, Tensor], cfg: Mapping[str, Any], source: str
                 continue
             name, _, param = rest.rpartition(".")
             if name not in _LAYER_NAMES:
-                raise ConversionError(f"{source}: key {key!r} has no place in a ViT block (not supported)")
+                raise CheckpointError(f"{source}: key {key!r} has no place in a ViT block (not supported)")
             out[f"blocks.{i}.{_LAYER_NAMES[name]}.{param}"] = v
         else:
-            raise ConversionError(f"{source}: key {key!r} has no place in a MultiMAE encoder")
+            raise CheckpointError(f"{source}: key {key!r} has no place in a MultiMAE encoder")
     for i, parts in qkv.items():
         w = parts.get("weight", {})
         if set(w) != {"query", "key", "value"}:
-            raise ConversionError(f"{source}: layer {i} lacks one of query/key/value weights")
+            raise CheckpointError(f"{source}: layer {i} lacks one of query/key/value weights")
         out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([w["query"], w["key"], w["value"]], 0)
         b = parts.get("bias")
         if b is not None and set(b) == {"query", "key", "value"}:
@@ -122,49 +123,34 @@ def hf_to_timm(sd: Mapping[str, Tensor], cfg: Mapping[str, Any], source: str
     return out, dropped
 
 
-def load_hf_vit(path: str | os.PathLike, num_heads: int | None = None
-                ) -> tuple[dict[str, Any], dict[str, Tensor], ConversionReport, tuple[str, ...]]:
-    """A transformers ViT / ViTMAE directory -> (ModelConfig fields, MultiMAE state dict, report,
-    fresh keys), as :func:`multimae.checkpoint.vit.vit_to_multimae` returns them."""
-    d = Path(path)
-    cfg = hf_config(d)
-    if cfg is None:
-        raise ConversionError(f"{d}: not a transformers ViT / ViTMAE directory (config.json model_type "
-                              f"{HF_MODEL_TYPES})")
-    where = str(d / CONFIG)
-    act = cfg.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise ConversionError(f"{where}: hidden_act {act!r} is not supported (the MultiMAE encoder uses exact GELU)")
-    if int(cfg.get("num_channels", 3)) != 3:
-        raise ConversionError(f"{where}: num_channels {cfg.get('num_channels')}: the rgb input takes 3")
-    heads = num_heads if num_heads is not None else cfg.get("num_attention_heads")
-    if heads is None:
-        raise ConversionError(f"{where}: no num_attention_heads; pass num_heads=")
-    timm_sd, dropped = hf_to_timm(_weights(d), cfg, str(d))
-    fields, ours, report, fresh = vit_to_multimae(timm_sd, str(d), int(heads))
-    report.kind = f"transformers-{cfg['model_type']}"
-    report.dropped.update(dropped)
+def hf_fields(cfg: Mapping[str, Any], fields: dict[str, Any], where: str) -> dict[str, Any]:
+    """ModelConfig fields read off the weights, completed and checked with ``config.json``."""
+    fields = dict(fields)
     fields["norm_eps"] = float(cfg.get("layer_norm_eps", 1e-12))
     if "intermediate_size" in cfg:
         fields["mlp_ratio"] = int(cfg["intermediate_size"]) / int(cfg.get("hidden_size", fields["dim"]))
-    for name, ours_ in (("hidden_size", fields["dim"]), ("num_hidden_layers", fields["depth"]),
-                        ("patch_size", fields["patch_size"]), ("image_size", fields["image_size"])):
-        if name in cfg and int(cfg[name]) != int(ours_):
-            raise ConversionError(f"{where}: {name} {cfg[name]} disagrees with the weights ({ours_})")
-    return fields, ours, report, fresh
+    for name, ours in (("hidden_size", fields["dim"]), ("num_hidden_layers", fields["depth"]),
+                       ("patch_size", fields["patch_size"]), ("image_size", fields["image_size"])):
+        if name in cfg and int(cfg[name]) != int(ours):
+            raise CheckpointError(f"{where}: {name} {cfg[name]} disagrees with the weights ({ours})")
+    return fields
 
 
-def to_transformers_vitmae(model: torch.nn.Module, directory: str | os.PathLike, input_name: str = "rgb"
-                           ) -> tuple[Path, ConversionReport]:
-    """Write ``model``'s encoder (one image input) as a transformers ``ViTMAEModel`` directory:
-    ``config.json`` + ``model.safetensors`` (atomic). Returns the directory and the report."""
-    from safetensors.torch import save_file
+def check_hf_config(cfg: Mapping[str, Any], where: str, num_heads: int | None) -> int:
+    """Refuse what the MultiMAE encoder is not (another activation, other channels); the head count."""
+    act = cfg.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (the MultiMAE encoder uses exact GELU)")
+    if int(cfg.get("num_channels", 3)) != 3:
+        raise CheckpointError(f"{where}: num_channels {cfg.get('num_channels')}: the rgb input takes 3")
+    heads = num_heads if num_heads is not None else cfg.get("num_attention_heads")
+    if heads is None:
+        raise CheckpointError(f"{where}: no num_attention_heads; pass num_heads=")
+    return int(heads)
 
-    from multimae.checkpoint.io import save_file_atomic
 
-    sd, kwargs, report = to_timm_state_dict(model, input_name)
-    cfg = model.config
-    report.kind = "transformers ViTMAEModel export"
+def timm_to_hf(sd: Mapping[str, Tensor], dim: int) -> dict[str, Tensor]:
+    """timm ViT names (:func:`multimae.checkpoint.vit.to_timm_state_dict`) -> transformers ViTMAEModel names."""
     out: dict[str, Tensor] = {
         "embeddings.cls_token": sd["cls_token"],
         "embeddings.position_embeddings": sd["pos_embed"],
@@ -173,7 +159,6 @@ def to_transformers_vitmae(model: torch.nn.Module, directory: str | os.PathLike,
         "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"],
     }
     inverse = {v: k for k, v in _LAYER_NAMES.items()}
-    D = cfg.dim
     for k, v in sd.items():
         m = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$", k)
         if not m:
@@ -181,22 +166,20 @@ def to_transformers_vitmae(model: torch.nn.Module, directory: str | os.PathLike,
         i, name, param = m[1], m[2], m[3]
         if name == "attn.qkv":
             for j, part in enumerate(("query", "key", "value")):
-                out[f"encoder.layer.{i}.attention.attention.{part}.{param}"] = v[j * D:(j + 1) * D]
+                out[f"encoder.layer.{i}.attention.attention.{part}.{param}"] = v[j * dim:(j + 1) * dim]
         else:
             out[f"encoder.layer.{i}.{inverse[name]}.{param}"] = v
-    config = {
+    return {k: v.detach().float().contiguous() for k, v in out.items()}
+
+
+def vitmae_config(dim: int, depth: int, heads: int, mlp_ratio: float, norm_eps: float, image_size: int,
+                  patch_size: int, channels: int) -> dict[str, Any]:
+    """The ``config.json`` of a transformers ViTMAEModel of that architecture (mask ratio 0)."""
+    return {
         "model_type": "vit_mae", "architectures": ["ViTMAEModel"],
-        "hidden_size": D, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
-        "intermediate_size": int(round(cfg.mlp_ratio * D)), "hidden_act": "gelu",
+        "hidden_size": dim, "num_hidden_layers": depth, "num_attention_heads": heads,
+        "intermediate_size": int(round(mlp_ratio * dim)), "hidden_act": "gelu",
         "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
-        "layer_norm_eps": float(getattr(cfg, "norm_eps", 1e-6)), "image_size": int(kwargs["img_size"]),
-        "patch_size": cfg.patch_size, "num_channels": int(kwargs["in_chans"]), "qkv_bias": True,
-        "mask_ratio": 0.0, "norm_pix_loss": False,
+        "layer_norm_eps": norm_eps, "image_size": image_size, "patch_size": patch_size,
+        "num_channels": channels, "qkv_bias": True, "mask_ratio": 0.0, "norm_pix_loss": False,
     }
-    d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise ConversionError(f"{d} exists and is not a directory")
-    weights = {k: v.detach().float().contiguous() for k, v in out.items()}
-    save_file_atomic(d / "model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
-    save_file_atomic(d / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
-    return d, report

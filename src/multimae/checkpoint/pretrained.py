@@ -43,8 +43,8 @@ from multimae.checkpoint.io import (
     resolve_checkpoint,
     save_file_atomic,
 )
-from multimae.checkpoint.hf import hf_config, load_hf_vit
-from multimae.checkpoint.vit import is_vit_layout, vit_to_multimae
+from multimae.checkpoint.hf import hf_config
+from multimae.checkpoint.vit import is_vit_layout, load_hf_vit, vit_to_multimae
 from multimae.model import MultiMAE
 
 CONFIG_FILE = "config.json"

@@ -231,3 +231,57 @@ def to_timm_state_dict(model: torch.nn.Module, input_name: str = "rgb", image_si
     if name is not None and cfg.mlp_ratio == 4.0 and spec.channels == 3:
         kwargs["model_name"] = name
     return sd, kwargs, report
+
+
+# --- transformers ViT / ViTMAE directories (names in multimae.checkpoint.hf) ---------------------
+
+
+def load_hf_vit(path: Any, num_heads: int | None = None
+                ) -> tuple[dict[str, Any], dict[str, Tensor], ConversionReport, tuple[str, ...]]:
+    """A transformers ViT / ViTMAE directory -> (ModelConfig fields, MultiMAE state dict, report,
+    fresh keys), as :func:`vit_to_multimae` returns them; heads, eps and sizes from ``config.json``."""
+    from pathlib import Path
+
+    from multimae.checkpoint import hf
+    from multimae.checkpoint.convert import read_state_dict
+
+    d = Path(path)
+    cfg = hf.hf_config(d)
+    if cfg is None:
+        raise ConversionError(f"{d}: not a transformers ViT / ViTMAE directory (config.json model_type "
+                              f"{hf.HF_MODEL_TYPES})")
+    where = str(d / hf.CONFIG)
+    heads = hf.check_hf_config(cfg, where, num_heads)
+    sd: dict[str, Tensor] = {}
+    for f in hf.weight_files(d):
+        sd.update(read_state_dict(f))
+    timm_sd, dropped = hf.hf_to_timm(sd, cfg, str(d))
+    fields, ours, report, fresh = vit_to_multimae(timm_sd, str(d), heads)
+    report.kind = f"transformers-{cfg['model_type']}"
+    report.dropped.update(dropped)
+    return hf.hf_fields(cfg, fields, where), ours, report, fresh
+
+
+def to_transformers_vitmae(model: torch.nn.Module, directory: Any, input_name: str = "rgb") -> tuple[Any, ConversionReport]:
+    """Write ``model``'s encoder (one image input) as a transformers ``ViTMAEModel`` directory:
+    ``config.json`` + ``model.safetensors``, each written atomically. Returns (directory, report)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from multimae.checkpoint import hf
+    from multimae.checkpoint.io import save_file_atomic
+
+    sd, kwargs, report = to_timm_state_dict(model, input_name)
+    cfg = model.config
+    report.kind = "transformers ViTMAEModel export"
+    weights = hf.timm_to_hf(sd, cfg.dim)
+    config = hf.vitmae_config(cfg.dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, float(cfg.norm_eps),
+                              int(kwargs["img_size"]), cfg.patch_size, int(kwargs["in_chans"]))
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise ConversionError(f"{d} exists and is not a directory")
+    save_file_atomic(d / "model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
+    save_file_atomic(d / hf.CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    return d, report

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
               f"MultiMAE.from_pretrained({str(dst)!r})")
         return 0
     if args.to == "transformers":
-        from multimae.checkpoint.hf import to_transformers_vitmae
+        from multimae.checkpoint.vit import to_transformers_vitmae
 
         out, export = to_transformers_vitmae(model, dst, args.input)
         print("\n".join(export.lines()))

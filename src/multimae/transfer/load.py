@@ -31,10 +31,10 @@ from torch import Tensor
 
 from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
 from multimae.checkpoint.convert import ConversionError, fit_error, infer_official_config, model_config, read_state_dict
-from multimae.checkpoint.hf import hf_config, load_hf_vit
+from multimae.checkpoint.hf import hf_config
 from multimae.checkpoint.io import META_FILE, WEIGHTS_FILE
 from multimae.checkpoint.resize import resize_pos_table
-from multimae.checkpoint.vit import is_vit_layout, vit_to_multimae
+from multimae.checkpoint.vit import is_vit_layout, load_hf_vit, vit_to_multimae
 from multimae.config import from_dict
 from multimae.model import ModelConfig
 from multimae.transfer.model import TransferModel, TransferModelConfig
