@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # module name under multimae.cli -> each registers one or more subcommands
-_SUBCOMMAND_MODULES = ["pretrain", "visualize", "data", "tokenizer", "info", "demo", "convert", "pseudolabel", "finetune"]
+_SUBCOMMAND_MODULES = ["pretrain", "visualize", "data", "tokenizer", "info", "demo", "convert", "pseudolabel", "finetune", "predict"]
 
 
 def build_parser() -> argparse.ArgumentParser:
