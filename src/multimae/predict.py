@@ -372,9 +372,14 @@ class PredictReport:
 
 
 def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str], out: str | os.PathLike,
-                  batch_size: int = 8, progress: bool = True, topk: int = 5) -> PredictReport:
+                  batch_size: int = 8, progress: bool = True, topk: int = 5,
+                  pairs: dict[str, str | os.PathLike] | None = None) -> PredictReport:
     """Predict every image of ``input`` (a folder, image files, or .tar shards) into ``out``;
-    resumable (finished images are skipped), bad files reported, skipped and counted."""
+    resumable (finished images are skipped), bad files reported, skipped and counted.
+
+    The first input modality is read from ``input``; every other one from a paired directory
+    (``pairs[name]``; default for a dataset's ``rgb/`` input: its sibling ``<name>/``) holding a
+    file of the same relative path and stem (any extension the modality can be read from)."""
     from tqdm.auto import tqdm
 
     from multimae.pseudolabel.run import _batches
@@ -382,8 +387,7 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
 
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    if len(predictor.inputs) != 1:
-        raise DataError(f"predict_files reads one image modality; the run takes {[s.name for s in predictor.inputs]}")
+    pairs = {k: Path(v) for k, v in (pairs or {}).items()}
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     if isinstance(input, (list, tuple)) and not (len(input) == 1 and Path(input[0]).is_dir()):
@@ -431,7 +435,10 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
             raws, names = [], []
             for it in batch:
                 try:
-                    raws.append({spec0.key: read_image(it.read(), spec0.channels, f"image {it.where}")})
+                    raw = {spec0.key: read_image(it.read(), spec0.channels, f"image {it.where}")}
+                    for sp in predictor.inputs[1:]:
+                        raw[sp.key] = _paired(sp, it, input, pairs)
+                    raws.append(raw)
                     names.append(it.name)
                 except DataError as err:
                     report.bad += 1
@@ -459,6 +466,37 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
         report.seconds = time.perf_counter() - start
         _write_meta(root, predictor, report)
     return report
+
+
+def _paired(spec: Any, item: Any, input: Any, pairs: dict[str, Path]) -> Tensor:
+    """Modality ``spec`` of ``item`` from its paired directory (see :func:`predict_files`)."""
+    from multimae.data.codecs import EXTS, decode_field, scale_for
+    from multimae.data.folder import read_meta
+
+    src = Path(item.where)
+    base = Path(input[0] if isinstance(input, (list, tuple)) else input)
+    layout = src.parent.parent.name == "rgb"  # a dataset layout: <split>/rgb/<class>/<name>.<ext>
+    if spec.name in pairs:
+        pdir = pairs[spec.name]
+        if layout:
+            rel = Path(src.parent.name) / src.stem
+        elif base.is_dir() and src.is_relative_to(base):
+            rel = src.relative_to(base).with_suffix("")
+        else:
+            rel = Path(src.stem)
+    elif layout:
+        pdir, rel = src.parent.parent.parent / spec.name, Path(src.parent.name) / src.stem
+    else:
+        raise DataError(f"image {item.where}: input {spec.name!r} needs a paired directory (--pair {spec.name}=DIR)")
+    cands = [pdir / f"{rel}.{e}" for e in EXTS[spec.kind]]
+    f = next((c for c in cands if c.is_file()), None)
+    if f is None:
+        raise DataError(f"image {item.where}: no paired {spec.name} file {pdir / rel}.{{{','.join(EXTS[spec.kind])}}}")
+    meta = next((m for d in (pdir, pdir.parent, pdir.parent.parent) if (m := read_meta(d))), {})
+    scale = scale_for(meta.get("png_scale"), spec.key)  # as the folder datasets read it
+    v = decode_field(f.read_bytes(), f.suffix[1:], spec, scale, f"{spec.name} {f}")
+    assert isinstance(v, Tensor)
+    return v
 
 
 def _write_meta(root: Path, predictor: Predictor, report: PredictReport) -> None:

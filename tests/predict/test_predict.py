@@ -168,3 +168,35 @@ def test_cli_predict(runs, photos, tmp_path, capsys):
     assert len(meta["tasks"]["semseg"]["classes"]) == 6
     rc = main(["predict", "--checkpoint", str(tmp_path / "nope"), "--input", str(photos), "--out", str(out)])
     assert rc == 2
+
+
+def test_pretraining_run_from_rgb_and_paired_depth(runs, photos, tmp_path):
+    from multimae.data.codecs import encode_png16
+
+    run, model, _ = runs["pretrain"]
+    ddir = tmp_path / "depth"
+    ddir.mkdir()
+    sizes = {"cat_rot": (151, 100), "astronaut": (128, 128)}  # coffee_portrait has no depth: counted bad
+    for name, (H, W) in sizes.items():
+        yy, xx = np.mgrid[0:H, 0:W]
+        (ddir / f"{name}.png").write_bytes(encode_png16((1000 + 20 * yy + xx).astype(np.uint16)))
+    pred = Predictor.from_run(run, device="cpu", inputs=["rgb", "depth"])
+    out = tmp_path / "o"
+    r = predict_files(pred, photos, out, batch_size=4, progress=False, pairs={"depth": ddir})
+    assert (r.predicted, r.bad) == (2, 2)
+    assert any("no paired depth" in b for b in r.bad_files)
+    sem = np.asarray(Image.open(out / "cat_rot.semseg.png"))
+    assert sem.shape == (151, 100)
+    # values: the forward on evaluate's preprocessing of rgb + depth
+    img = read_image((photos / "cat_rot.jpg").read_bytes(), 3, "x")
+    from multimae.data.codecs import decode_field, OFFICIAL_PNG_SCALE
+    dep = decode_field((ddir / "cat_rot.png").read_bytes(), "png", model.input_specs["depth"], OFFICIAL_PNG_SCALE, "d")
+    got = pred.predict_raw([{"rgb": img, "depth": dep}])[0]["depth"]
+    tf = TransferTransform([model.input_specs["rgb"], model.input_specs["depth"]], "label", None, 32, False,
+                           letterbox_eval=True)
+    x = tf.transform_inputs({"rgb": img, "depth": dep})
+    with torch.no_grad():
+        want = model({"rgb": x["rgb"][None], "depth": x["depth"][None]}, compute_loss=False).preds["depth"][0]
+    up = torch.nn.functional.interpolate(want[None], size=(151, 151), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(got, up[:, :151, :100])
+    np.testing.assert_allclose(np.load(out / "cat_rot.depth.npy"), got.numpy(), atol=1e-5, rtol=1e-5)
