@@ -143,23 +143,21 @@ class Predictor:
 
     def model_inputs(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
         """The run's evaluation preprocessing of one raw sample (uint8 images)."""
-        return {s.key: v for s, v in ((s, self.transform.transform_inputs(raw)[s.key]) for s in self.inputs)}
+        x = self.transform.transform_inputs(raw)
+        return {s.key: x[s.key] for s in self.inputs}
 
     def predict_raw(self, raws: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Raw samples (modality key -> uint8 (C,H,W) / float dense) -> per sample, task ->
         prediction at the sample's size (logits or values; classification (K,))."""
         if self.window:
             return [self._slide(r) for r in raws]
+        # every image becomes one (S, S) model input, whatever its size: one forward per batch
+        xs = [self.model_inputs(r) for r in raws]
+        preds = self._forward({k: torch.stack([x[k] for x in xs]) for k in xs[0]})
         res: list[dict[str, Tensor]] = [{} for _ in raws]
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, r in enumerate(raws):  # batches by size: same-size images share the letterbox geometry
-            groups.setdefault(_size(r), []).append(i)
-        for (h, w), idx in groups.items():
-            xs = [self.model_inputs(raws[i]) for i in idx]
-            preds = self._forward({k: torch.stack([x[k] for x in xs]) for k in xs[0]})
-            for t, p in preds.items():
-                for j, i in enumerate(idx):
-                    res[i][t] = p[j].cpu() if p.ndim == 2 else self._unletterbox(p[j].cpu(), h, w)
+        for t, p in preds.items():
+            for i, r in enumerate(raws):
+                res[i][t] = p[i].cpu() if p.ndim == 2 else self._unletterbox(p[i].cpu(), *_size(r))
         return res
 
     def _unletterbox(self, p: Tensor, h: int, w: int) -> Tensor:

@@ -200,3 +200,19 @@ def test_pretraining_run_from_rgb_and_paired_depth(runs, photos, tmp_path):
     up = torch.nn.functional.interpolate(want[None], size=(151, 151), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(got, up[:, :151, :100])
     np.testing.assert_allclose(np.load(out / "cat_rot.depth.npy"), got.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_shard_input(runs, photos, tmp_path):
+    import tarfile
+
+    tar = tmp_path / "val-000000.tar"
+    with tarfile.open(tar, "w") as t:
+        for key, f in (("s1", "astronaut.png"), ("s2", "cat_rot.jpg")):
+            data = (photos / f).read_bytes()
+            info = tarfile.TarInfo(f"{key}.{f.rsplit('.', 1)[1]}")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    pred = Predictor.from_run(runs["semseg"][0], device="cpu")
+    r = predict_files(pred, str(tar), tmp_path / "o", progress=False)
+    assert (r.predicted, r.bad) == (2, 0)
+    assert np.asarray(Image.open(tmp_path / "o" / "s2.semseg.png")).shape == (151, 100)
