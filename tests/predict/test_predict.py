@@ -2,7 +2,6 @@
 one, for each head kind and a pretraining run: files, upright sizes, values equal evaluate's forward."""
 import io
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
