@@ -6,7 +6,8 @@ import importlib
 import sys
 
 # module name under multimae.cli -> each registers one or more subcommands
-_SUBCOMMAND_MODULES = ["pretrain", "visualize", "data", "tokenizer", "info", "demo", "convert", "pseudolabel", "finetune", "export"]
+_SUBCOMMAND_MODULES = ["pretrain", "visualize", "data", "tokenizer", "info", "demo", "convert", "pseudolabel", "finetune",
+                       "export", "predict"]
 
 
 def build_parser() -> argparse.ArgumentParser:

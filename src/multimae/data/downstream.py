@@ -129,6 +129,19 @@ class TransferTransform:
             return float(self.ignore_index) if is_target else 0.0
         return float("nan") if spec.kind == "dense" else 0.0
 
+    def transform_inputs(self, raw: dict, seed: int = 0) -> dict:
+        """The model inputs of a raw sample (letterboxed first when evaluating a dense task):
+        ``{input keys..., "__key__"}``. The evaluation forward of ``multimae evaluate`` and
+        ``multimae predict`` both go through here."""
+        if self.letterbox:
+            raw = dict(raw)
+            for s in self.inputs:
+                if s.is_spatial and s.key in raw:
+                    raw[s.key] = letterbox(raw[s.key].float() if s.kind == "dense" else raw[s.key],
+                                           self._pad_value(s, False))
+        out = self.input_tf(raw, generator=torch.Generator().manual_seed(seed))
+        return {k: v for k, v in out.items() if k in {s.key for s in self.inputs} or k == "__key__"}
+
     def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
         where = f"sample {sample.get('__key__', '?')}"
         g = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -151,15 +164,9 @@ class TransferTransform:
             tsample[self.spec.key] = mark_invalid(t) if self.spec.kind == "dense" else t
         elif LABEL not in raw:
             raise DataError(f"{where}: no image-level 'label' (has {sorted(raw)})")
-        if self.letterbox:
-            for s in self.inputs:
-                if s.is_spatial and s.key in raw:
-                    raw[s.key] = letterbox(raw[s.key].float() if s.kind == "dense" else raw[s.key],
-                                           self._pad_value(s, False))
-            if self.spec is not None:
-                tsample[self.spec.key] = letterbox(tsample[self.spec.key], self._pad_value(self.spec, True))
-        out = self.input_tf(raw, generator=torch.Generator().manual_seed(seed))
-        out = {k: v for k, v in out.items() if k in {s.key for s in self.inputs} or k == "__key__"}
+        if self.letterbox and self.spec is not None:
+            tsample[self.spec.key] = letterbox(tsample[self.spec.key], self._pad_value(self.spec, True))
+        out = self.transform_inputs(raw, seed)
         if self.spec is None:
             out[TARGET] = torch.as_tensor(raw[LABEL], dtype=torch.int64).reshape(())
             return out

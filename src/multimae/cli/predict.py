@@ -1,0 +1,51 @@
+"""``multimae predict``: a trained run's predictions on any images.
+
+    multimae predict --checkpoint runs/ft-depth --input photos/ --out preds/ [--window]
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="predict with a fine-tuning or pretraining run on a folder, files or shards",
+        description="Predict every image of --input with a fine-tuning run (classification top-k to "
+                    "classification.jsonl; segmentation ids + colour PNG; depth 16-bit PNG + preview; other dense "
+                    "targets .npy + preview) or a pretraining run (every decoder's prediction from --inputs), at each "
+                    "image's upright original size. Re-running skips finished images; unreadable images are "
+                    "reported, skipped and counted. OUT/multimae_predict.json records scales, classes and counts.")
+    p.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    p.add_argument("--input", required=True, nargs="+", help="an image folder, image files, or .tar shards")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--inputs", default=None, help="input modalities, comma-separated (default: the run's / rgb)")
+    p.add_argument("--pair", action="append", default=[], metavar="MODALITY=DIR",
+                   help="directory of an extra input modality, files paired with --input's by relative path and "
+                        "stem (a dataset's rgb/ input finds its sibling <modality>/ by itself); repeatable")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on a CUDA device supporting it, else fp32")
+    p.add_argument("--window", action="store_true",
+                   help="sliding-window inference (averaged overlapping windows) instead of letterboxing")
+    p.add_argument("--topk", type=int, default=5, help="classification: classes per image")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from multimae.predict import Predictor, predict_files
+
+    from multimae.config import ConfigError
+
+    inputs = args.inputs.split(",") if args.inputs else None
+    bad = [x for x in args.pair if "=" not in x]
+    if bad:
+        raise ConfigError(f"--pair {bad[0]}: expected MODALITY=DIR")
+    pairs = dict(x.split("=", 1) for x in args.pair)
+    pred = Predictor.from_run(args.checkpoint, args.device, args.precision, inputs, args.window)
+    r = predict_files(pred, args.input, args.out, args.batch_size, not args.no_progress, args.topk,
+                      pairs)
+    print(f"predicted {r.predicted} images ({r.already_done} done before, {r.bad} bad) in {r.seconds:.1f}s "
+          f"-> {args.out}", flush=True)
+    return 0

@@ -1,0 +1,525 @@
+"""Inference on any images: :class:`Predictor` (Python) and :func:`predict_files` (``multimae predict``).
+
+A run is either a fine-tuning run (classification, segmentation, depth or another dense head) or
+a pretraining run (every decoder's prediction from the given inputs: cross-modal predictions).
+
+Preprocessing is the run's evaluation transform (:class:`multimae.data.downstream.TransferTransform`,
+the one ``multimae evaluate`` uses): dense tasks letterbox (longest side resized to the model's
+image size, the rest padded), classification centre-crops. Predictions are mapped back to the
+image's original size (EXIF orientation applied by :func:`multimae.data.codecs.open_image`, so
+"original" means upright). ``window=True`` slides overlapping windows of the model's image size
+over the image resized so its shorter side is the model size, averaging logits / values (the
+mmseg ``slide`` inference).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from multimae.data.codecs import encode_png16, image_pixels, open_image
+from multimae.data.errors import DataError
+
+META_FILE = "multimae_predict.json"
+CLS_FILE = "classification.jsonl"
+DEPTH_PNG_SCALE = 1e-3  # metric depth PNGs: millimetres
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on a CUDA device with bf16 support, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+@dataclass
+class Output:
+    """How one predicted task is written: ``kind`` classification | segmentation | depth | dense;
+    ``units``: what depth values mean."""
+
+    kind: str
+    classes: list[str] | None = None
+    units: str | None = None
+
+
+@dataclass
+class Predictor:
+    """A trained run ready for inference. ``Predictor.from_run(path)``; ``predictor(images)`` with
+    uint8 (3,H,W) tensors or paths / bytes -> one dict per image: task -> prediction at the
+    image's size ((K,) logits; (K,H,W) logits; (C,H,W) values)."""
+
+    model: torch.nn.Module
+    kind: str  # "finetune" or "pretrain"
+    inputs: list[Any]  # ModalitySpec of the inputs
+    image_size: int
+    transform: Any  # TransferTransform (letterbox or centre crop)
+    outputs: dict[str, Output]
+    run: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
+    window: bool = False
+
+    @classmethod
+    def from_run(cls, path: str | os.PathLike, device: str = "auto", precision: str = "auto",
+                 inputs: Sequence[str] | None = None, window: bool = False) -> "Predictor":
+        from multimae.checkpoint import load_meta, resolve_checkpoint
+        from multimae.data.downstream import TransferTransform
+
+        ckpt = resolve_checkpoint(path)
+        meta = load_meta(ckpt)
+        dev = resolve_device(device)
+        prec = resolve_precision(precision, dev)
+        if meta.get("kind") == "finetune":
+            model, cfg = _load_finetune(ckpt, meta)
+            specs = list(model.encoder.specs.values())
+            if inputs is not None and list(inputs) != [s.name for s in specs]:
+                raise DataError(f"--inputs {','.join(inputs)}: the fine-tuning run {ckpt} takes "
+                                f"{','.join(s.name for s in specs)}")
+            from multimae.training.finetune_config import target_of
+            from multimae.training.finetune_data import DENSE_KINDS
+
+            kind = cfg.model.head.kind
+            tf = TransferTransform(specs, "label", None, cfg.data.image_size, False,
+                                   letterbox_eval=kind in DENSE_KINDS)
+            names = _class_names(cfg)
+            units = "metric" if kind == "depth" else None
+            outs = {target_of(cfg): Output(kind, names, units)}
+            size = cfg.data.image_size
+            run_kind = "finetune"
+        elif meta.get("kind") == "probe":
+            raise DataError(f"{ckpt}: a linear probe run; predict takes fine-tuning or pretraining runs")
+        else:
+            from multimae.training.inference import load_pretrained
+
+            model, pcfg, _ = load_pretrained(ckpt)
+            names = [n for n, s in model.input_specs.items() if s.is_spatial]
+            chosen = list(inputs) if inputs is not None else names[:1]
+            bad = [n for n in chosen if n not in model.input_specs]
+            if bad:
+                raise DataError(f"--inputs {','.join(chosen)}: {bad} not among the run's inputs {names}")
+            specs = [model.input_specs[n] for n in chosen]
+            size = pcfg.model.image_size
+            tf = TransferTransform(specs, "label", None, size, False, letterbox_eval=True)
+            outs = {}
+            for t, s in model.output_specs.items():
+                if s.kind == "text":
+                    continue
+                if s.kind == "categorical":
+                    outs[t] = Output("segmentation", [str(i) for i in range(s.num_classes)])
+                else:
+                    outs[t] = Output("dense", units="robust-standardised" if s.standardize == "robust" else None)
+            run_kind = "pretrain"
+        model.eval().to(dev)
+        return cls(model, run_kind, specs, size, tf, outs, str(ckpt), dev, prec, window)
+
+    # ----------------------------------------------------------------------------- forward
+    def _forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        from multimae.training.step import autocast
+
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.no_grad(), autocast(self.precision, self.device):
+            if self.kind == "finetune":
+                (task,) = self.outputs
+                return {task: self.model(batch).float()}
+            out = self.model(batch, compute_loss=False)
+            return {t: out.preds[t].float() for t in self.outputs}
+
+    def model_inputs(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The run's evaluation preprocessing of one raw sample (uint8 images)."""
+        x = self.transform.transform_inputs(raw)
+        return {s.key: x[s.key] for s in self.inputs}
+
+    def predict_raw(self, raws: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Raw samples (modality key -> uint8 (C,H,W) / float dense) -> per sample, task ->
+        prediction at the sample's size (logits or values; classification (K,))."""
+        if self.window:
+            return [self._slide(r) for r in raws]
+        # every image becomes one (S, S) model input, whatever its size: one forward per batch
+        xs = [self.model_inputs(r) for r in raws]
+        preds = self._forward({k: torch.stack([x[k] for x in xs]) for k in xs[0]})
+        res: list[dict[str, Tensor]] = [{} for _ in raws]
+        for t, p in preds.items():
+            for i, r in enumerate(raws):
+                res[i][t] = p[i].cpu() if p.ndim == 2 else self._unletterbox(p[i].cpu(), *_size(r))
+        return res
+
+    def _unletterbox(self, p: Tensor, h: int, w: int) -> Tensor:
+        """(C,S,S) prediction of a letterboxed (h,w) image -> (C,h,w)."""
+        if not self.transform.letterbox:  # centre crop (dense prediction of a classification run: none)
+            return F.interpolate(p[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        s = max(h, w)
+        up = F.interpolate(p[None], size=(s, s), mode="bilinear", align_corners=False)[0]
+        return up[:, :h, :w].contiguous()
+
+    def _slide(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sliding-window inference: the image resized so its shorter side is the model size, windows
+        of the model size with stride 2/3 of it, logits / values averaged, resized back."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
+        if self.kind == "finetune" and next(iter(self.outputs.values())).kind == "classification":
+            raise DataError("--window applies to dense predictions, not a classification run")
+        h, w = _size(raw)
+        S = self.image_size
+        r = S / min(h, w)
+        H, W = max(S, round(h * r)), max(S, round(w * r))
+        full = {}  # the run's resize + normalisation (as PairedTransform), at (H, W)
+        for s in self.inputs:
+            x = TF.resize(raw[s.key] if s.kind == "image" else raw[s.key].float(), [H, W],
+                          interpolation=InterpolationMode.BILINEAR, antialias=True)
+            x = x.float() / 255.0 if s.kind == "image" and not x.is_floating_point() else x.float()
+            full[s.key] = _normalise(x, s)
+        stride = max(1, (2 * S) // 3)
+        ys = _starts(H, S, stride)
+        xs = _starts(W, S, stride)
+        sums: dict[str, Tensor] = {}
+        count = torch.zeros(1, H, W)
+        for y0 in ys:
+            for x0 in xs:
+                crop = {k: v[None, :, y0:y0 + S, x0:x0 + S] for k, v in full.items()}
+                for t, p in self._forward(crop).items():
+                    p = p[0].cpu()
+                    if p.shape[-2:] != (S, S):
+                        p = F.interpolate(p[None], size=(S, S), mode="bilinear", align_corners=False)[0]
+                    if t not in sums:
+                        sums[t] = torch.zeros(p.shape[0], H, W)
+                    sums[t][:, y0:y0 + S, x0:x0 + S] += p
+                count[:, y0:y0 + S, x0:x0 + S] += 1
+        return {t: F.interpolate((v / count)[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+                for t, v in sums.items()}
+
+    def __call__(self, images: Iterable[Any]) -> list[dict[str, Tensor]]:
+        """rgb images (uint8 (3,H,W) tensors, paths or bytes) -> per image, task -> prediction
+        (segmentation / dense: (K or C, H, W) at the image's upright size; classification: (K,) logits)."""
+        if len(self.inputs) != 1:
+            raise DataError(f"this predictor takes {[s.name for s in self.inputs]}; use predict_raw with a dict per sample")
+        key = self.inputs[0].key
+        raws = []
+        for im in images:
+            if isinstance(im, (str, os.PathLike)):
+                im = Path(im).read_bytes()
+            if isinstance(im, (bytes, bytearray)):
+                im = read_image(bytes(im), self.inputs[0].channels, "image")
+            raws.append({key: im})
+        return self.predict_raw(raws)
+
+
+def _normalise(x: Tensor, spec: Any) -> Tensor:
+    if spec.kind == "image" and spec.mean is not None:
+        mean = torch.tensor(spec.mean).view(-1, 1, 1)
+        std = torch.tensor(spec.std if spec.std is not None else (1.0,)).view(-1, 1, 1)
+        return (x - mean) / std
+    if spec.kind == "dense" and spec.standardize == "robust":
+        from multimae.data.transforms import robust_standardize
+
+        return robust_standardize(x)
+    return x
+
+
+def _starts(n: int, size: int, stride: int) -> list[int]:
+    if n <= size:
+        return [0]
+    k = math.ceil((n - size) / stride) + 1
+    return sorted({min(i * stride, n - size) for i in range(k)})
+
+
+def _size(raw: dict[str, Tensor]) -> tuple[int, int]:
+    v = next(iter(raw.values()))
+    return int(v.shape[-2]), int(v.shape[-1])
+
+
+def read_image(data: bytes, channels: int, where: str) -> Tensor:
+    """Bytes -> upright uint8 (C,H,W) through the one decoder."""
+    arr = image_pixels(open_image(data, where), channels, where)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def _load_finetune(ckpt: Path, meta: dict) -> tuple[Any, Any]:
+    """The transfer model and config of a fine-tuning checkpoint, as ``multimae evaluate`` builds them."""
+    from multimae.checkpoint import load_weights
+    from multimae.checkpoint.convert import load_state_strict
+    from multimae.config import from_dict
+    from multimae.training.finetune_config import FinetuneConfig
+    from multimae.transfer import TransferModel
+
+    cfg = from_dict(FinetuneConfig, meta["config"])
+    model = TransferModel(cfg.model)
+    load_state_strict(model, load_weights(ckpt), str(ckpt))
+    return model, cfg
+
+
+def _class_names(cfg: Any) -> list[str] | None:
+    from multimae.training.finetune_eval import _class_names as names
+
+    n = names(cfg)
+    K = int(cfg.model.head.num_classes or 0)
+    return n if n else ([str(i) for i in range(K)] if K else None)
+
+
+# ---------------------------------------------------------------------------------- writing
+
+def _atomic(path: Path, data: bytes) -> None:
+    from multimae.checkpoint.io import save_file_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file_atomic(path, lambda p: p.write_bytes(data))
+
+
+def _png(arr: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _colour(ids: Tensor, n: int) -> np.ndarray:
+    from multimae.viz import palette
+
+    return (palette(max(n, 1))[ids.clamp(0, max(n, 1) - 1)] * 255).round().byte().numpy()
+
+
+def _preview(x: Tensor) -> np.ndarray:
+    from multimae.viz import colormap
+
+    v = x[0].float()
+    lo, hi = torch.quantile(v.flatten(), 0.02), torch.quantile(v.flatten(), 0.98)
+    img = x[:3].float().add(1).div(2).clamp(0, 1) if x.shape[0] == 3 else colormap((v - lo) / (hi - lo + 1e-6))
+    return (img.permute(1, 2, 0) * 255).round().byte().numpy()
+
+
+def legend_png(classes: Sequence[str]) -> bytes:
+    """A legend: one row per class, its colour and its name."""
+    from PIL import Image, ImageDraw
+
+    row = 14
+    im = Image.new("RGB", (180, row * len(classes) + 4), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    cols = _colour(torch.arange(len(classes)), len(classes))
+    for i, name in enumerate(classes):
+        d.rectangle([2, 2 + i * row, 14, 12 + i * row], fill=tuple(int(c) for c in cols[i]))
+        d.text((20, 2 + i * row), f"{i} {name}", fill=(0, 0, 0))
+    return _png(np.asarray(im))
+
+
+def output_files(task: str, out: Output, name: str) -> list[str]:
+    """The files written for one image and task (relative to the output directory)."""
+    if out.kind == "classification":
+        return []
+    if out.kind == "segmentation":
+        return [f"{name}.{task}.png", f"{name}.{task}.color.png"]
+    if out.kind == "depth":
+        return [f"{name}.{task}.png", f"{name}.{task}.preview.png"]
+    return [f"{name}.{task}.npy", f"{name}.{task}.preview.png"]
+
+
+def write_prediction(root: Path, task: str, out: Output, name: str, pred: Tensor, topk: int = 5) -> dict | None:
+    """Write one task's prediction of one image; returns the JSONL record of a classification."""
+    if out.kind == "classification":
+        prob = pred.float().softmax(-1)
+        k = min(topk, prob.numel())
+        p, i = prob.topk(k)
+        return {"image": name, "top": [{"class": int(c), "name": (out.classes or [])[int(c)] if out.classes else str(int(c)),
+                                        "prob": float(q)} for q, c in zip(p, i)]}
+    files = [root / f for f in output_files(task, out, name)]
+    if out.kind == "segmentation":
+        ids = pred.argmax(0)
+        n = len(out.classes or []) or pred.shape[0]
+        _atomic(files[0], _png(ids.numpy().astype(np.uint8 if n <= 256 else np.uint16)))
+        _atomic(files[1], _png(_colour(ids, n)))
+    elif out.kind == "depth":
+        q = np.clip(np.rint(pred[0].double().numpy() / DEPTH_PNG_SCALE), 0, 65535).astype(np.uint16)
+        _atomic(files[0], encode_png16(q))
+        _atomic(files[1], _png(_preview(pred)))
+    else:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, pred.float().numpy())
+        _atomic(files[0], buf.getvalue())
+        _atomic(files[1], _png(_preview(pred)))
+    return None
+
+
+@dataclass
+class PredictReport:
+    predicted: int = 0
+    already_done: int = 0
+    bad: int = 0
+    seconds: float = 0.0
+    bad_files: list[str] = field(default_factory=list)
+
+
+def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str], out: str | os.PathLike,
+                  batch_size: int = 8, progress: bool = True, topk: int = 5,
+                  pairs: dict[str, str | os.PathLike] | None = None) -> PredictReport:
+    """Predict every image of ``input`` (a folder, image files, or .tar shards) into ``out``;
+    resumable (finished images are skipped), bad files reported, skipped and counted.
+
+    The first input modality is read from ``input``; every other one from a paired directory
+    (``pairs[name]``; default for a dataset's ``rgb/`` input: its sibling ``<name>/``) holding a
+    file of the same relative path and stem (any extension the modality can be read from)."""
+    from tqdm.auto import tqdm
+
+    from multimae.pseudolabel.run import _batches
+    from multimae.pseudolabel.sources import InputItem, _file_reader, _safe_name, open_input
+
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    pairs = {k: Path(v) for k, v in (pairs or {}).items()}
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    if isinstance(input, (list, tuple)) and not (len(input) == 1 and Path(input[0]).is_dir()):
+        items: Any = []
+        for f in input:
+            p = Path(f)
+            if not p.is_file():
+                raise DataError(f"input {p}: not a file")
+            items.append(InputItem("all", _safe_name(p.stem), p.suffix[1:].lower(), str(p), _file_reader(p)))
+        total: int | None = len(items)
+    else:
+        spec = input[0] if isinstance(input, (list, tuple)) else input
+        _, items, total = open_input(spec)
+    cls_path = root / CLS_FILE
+    done_cls = set()
+    if cls_path.exists():
+        for line in cls_path.read_text().splitlines():
+            if line.strip():
+                done_cls.add(json.loads(line)["image"])
+    report = PredictReport()
+    start = time.perf_counter()
+    spec0 = predictor.inputs[0]
+
+    def done(name: str) -> bool:
+        for t, o in predictor.outputs.items():
+            if o.kind == "classification":
+                if name not in done_cls:
+                    return False
+            elif not all((root / f).exists() for f in output_files(t, o, name)):
+                return False
+        return True
+
+    def pending() -> Iterable[Any]:
+        for it in items:
+            if done(it.name):
+                report.already_done += 1
+                bar.update(1)
+                continue
+            yield it
+
+    bar = tqdm(total=total, unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
+    records = []
+    try:
+        for batch in _batches(pending(), batch_size):
+            raws, names = [], []
+            for it in batch:
+                try:
+                    raw = {spec0.key: read_image(it.read(), spec0.channels, f"image {it.where}")}
+                    for sp in predictor.inputs[1:]:
+                        raw[sp.key] = _paired(sp, it, input, pairs)
+                    raws.append(raw)
+                    names.append(it.name)
+                except DataError as err:
+                    report.bad += 1
+                    report.bad_files.append(str(err))
+                    print(f"skipped: {err}", flush=True)
+                    bar.update(1)
+            if not raws:
+                continue
+            for name, preds in zip(names, predictor.predict_raw(raws)):
+                for t, p in preds.items():
+                    rec = write_prediction(root, t, predictor.outputs[t], name, p, topk)
+                    if rec is not None:
+                        records.append(rec)
+                report.predicted += 1
+            if records:
+                with open(cls_path, "a") as f:  # one line per image, appended after its batch
+                    f.write("".join(json.dumps(r) + "\n" for r in records))
+                    f.flush()
+                    os.fsync(f.fileno())
+                records = []
+            bar.update(len(raws))
+            bar.set_postfix(bad=report.bad, done_before=report.already_done, refresh=False)
+    finally:
+        bar.close()
+        report.seconds = time.perf_counter() - start
+        _write_meta(root, predictor, report)
+    return report
+
+
+def _paired(spec: Any, item: Any, input: Any, pairs: dict[str, Path]) -> Tensor:
+    """Modality ``spec`` of ``item`` from its paired directory (see :func:`predict_files`)."""
+    from multimae.data.codecs import EXTS, decode_field, scale_for
+    from multimae.data.folder import read_meta
+
+    src = Path(item.where)
+    base = Path(input[0] if isinstance(input, (list, tuple)) else input)
+    layout = src.parent.parent.name == "rgb"  # a dataset layout: <split>/rgb/<class>/<name>.<ext>
+    if spec.name in pairs:
+        pdir = pairs[spec.name]
+        if layout:
+            rel = Path(src.parent.name) / src.stem
+        elif base.is_dir() and src.is_relative_to(base):
+            rel = src.relative_to(base).with_suffix("")
+        else:
+            rel = Path(src.stem)
+    elif layout:
+        pdir, rel = src.parent.parent.parent / spec.name, Path(src.parent.name) / src.stem
+    else:
+        raise DataError(f"image {item.where}: input {spec.name!r} needs a paired directory (--pair {spec.name}=DIR)")
+    cands = [pdir / f"{rel}.{e}" for e in EXTS[spec.kind]]
+    f = next((c for c in cands if c.is_file()), None)
+    if f is None:
+        raise DataError(f"image {item.where}: no paired {spec.name} file {pdir / rel}.{{{','.join(EXTS[spec.kind])}}}")
+    meta = next((m for d in (pdir, pdir.parent, pdir.parent.parent) if (m := read_meta(d))), {})
+    scale = scale_for(meta.get("png_scale"), spec.key)  # as the folder datasets read it
+    v = decode_field(f.read_bytes(), f.suffix[1:], spec, scale, f"{spec.name} {f}")
+    assert isinstance(v, Tensor)
+    return v
+
+
+def _write_meta(root: Path, predictor: Predictor, report: PredictReport) -> None:
+    tasks = {}
+    for t, o in predictor.outputs.items():
+        info: dict[str, Any] = {"kind": o.kind}
+        if o.classes:
+            info["classes"] = o.classes
+        if o.kind == "depth":
+            info.update(png_scale=DEPTH_PNG_SCALE, units="the run's depth units (metres for metric data)",
+                        files="<name>.%s.png (16-bit, value * png_scale), <name>.%s.preview.png" % (t, t))
+        elif o.kind == "dense":
+            info["files"] = f"<name>.{t}.npy (float32 (C,H,W)), <name>.{t}.preview.png"
+            if o.units:
+                info["units"] = o.units + (" (per-image standardised, not metres)" if o.units.startswith("robust") else "")
+        elif o.kind == "segmentation":
+            info["files"] = f"<name>.{t}.png (class ids), <name>.{t}.color.png; legend {t}.legend.png"
+            _atomic(root / f"{t}.legend.png", legend_png(o.classes or []))
+        else:
+            info["files"] = f"{CLS_FILE} (top-k per image)"
+        tasks[t] = info
+    meta = {"run": predictor.run, "run_kind": predictor.kind, "inputs": [s.name for s in predictor.inputs],
+            "image_size": predictor.image_size, "window": predictor.window,
+            "preprocessing": "sliding window" if predictor.window else
+            ("letterbox" if predictor.transform.letterbox else "centre crop"),
+            "tasks": tasks, "png_scale": {t: DEPTH_PNG_SCALE for t, o in predictor.outputs.items() if o.kind == "depth"},
+            "counts": {"predicted": report.predicted, "already_done": report.already_done, "bad": report.bad}}
+    _atomic(root / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
