@@ -85,24 +85,24 @@ class _Probe(nn.Module):
 
 
 def _finetune_model(ckpt: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any]:
+    if meta["kind"] == "finetune":
+        from multimae.training.finetune_eval import load_finetuned
+
+        return load_finetuned(ckpt, meta)
     from multimae.checkpoint import load_weights
     from multimae.checkpoint.convert import load_state_strict
     from multimae.config import from_dict
     from multimae.training.finetune_config import FinetuneConfig
+    from multimae.training.probe import PROBE_PREFIX, LinearProbe
     from multimae.transfer import TransferModel
 
     cfg = from_dict(FinetuneConfig, meta["config"])
     model = TransferModel(cfg.model)
     weights = load_weights(ckpt)
-    if meta["kind"] == "probe":
-        from multimae.training.probe import PROBE_PREFIX, LinearProbe
-
-        load_state_strict(model, {k: v for k, v in weights.items() if not k.startswith(PROBE_PREFIX)}, str(ckpt))
-        probe = LinearProbe(model.encoder.dim, int(cfg.model.head.num_classes or 0))
-        probe.load_state_dict({k[len(PROBE_PREFIX):]: v for k, v in weights.items() if k.startswith(PROBE_PREFIX)})
-        return _Probe(model, probe), cfg
-    load_state_strict(model, weights, str(ckpt))
-    return model, cfg
+    load_state_strict(model, {k: v for k, v in weights.items() if not k.startswith(PROBE_PREFIX)}, str(ckpt))
+    probe = LinearProbe(model.encoder.dim, int(cfg.model.head.num_classes or 0))
+    probe.load_state_dict({k[len(PROBE_PREFIX):]: v for k, v in weights.items() if k.startswith(PROBE_PREFIX)})
+    return _Probe(model, probe), cfg
 
 
 def load_exportable(source: str | os.PathLike, inputs: Sequence[str] | None = None,
@@ -194,6 +194,8 @@ def export_onnx(source: str | os.PathLike | nn.Module, out: str | os.PathLike, i
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     name = desc["output"]
+    if name in keys:  # a depth head over a depth input: ONNX names must differ (else the input is renamed)
+        name = f"{name}_pred"
     with torch.no_grad():
         program = torch.onnx.export(wrapped, example, input_names=keys, output_names=[name],
                                     dynamic_shapes=(tuple({0: batch_dim} for _ in keys),), opset_version=opset,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multimae.data.codecs import encode_png16, image_pixels, open_image
+from multimae.data.codecs import decode_image, encode_png16
 from multimae.data.errors import DataError
 
 META_FILE = "multimae_predict.json"
@@ -87,7 +87,9 @@ class Predictor:
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         if meta.get("kind") == "finetune":
-            model, cfg = _load_finetune(ckpt, meta)
+            from multimae.training.finetune_eval import load_finetuned
+
+            model, cfg = load_finetuned(ckpt, meta)
             specs = list(model.encoder.specs.values())
             if inputs is not None and list(inputs) != [s.name for s in specs]:
                 raise DataError(f"--inputs {','.join(inputs)}: the fine-tuning run {ckpt} takes "
@@ -216,7 +218,7 @@ class Predictor:
             if isinstance(im, (str, os.PathLike)):
                 im = Path(im).read_bytes()
             if isinstance(im, (bytes, bytearray)):
-                im = read_image(bytes(im), self.inputs[0].channels, "image")
+                im = decode_image(bytes(im), self.inputs[0].channels, "image")
             raws.append({key: im})
         return self.predict_raw(raws)
 
@@ -245,28 +247,9 @@ def _size(raw: dict[str, Tensor]) -> tuple[int, int]:
     return int(v.shape[-2]), int(v.shape[-1])
 
 
-def read_image(data: bytes, channels: int, where: str) -> Tensor:
-    """Bytes -> upright uint8 (C,H,W) through the one decoder."""
-    arr = image_pixels(open_image(data, where), channels, where)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-
-
-def _load_finetune(ckpt: Path, meta: dict) -> tuple[Any, Any]:
-    """The transfer model and config of a fine-tuning checkpoint, as ``multimae evaluate`` builds them."""
-    from multimae.checkpoint import load_weights
-    from multimae.checkpoint.convert import load_state_strict
-    from multimae.config import from_dict
-    from multimae.training.finetune_config import FinetuneConfig
-    from multimae.transfer import TransferModel
-
-    cfg = from_dict(FinetuneConfig, meta["config"])
-    model = TransferModel(cfg.model)
-    load_state_strict(model, load_weights(ckpt), str(ckpt))
-    return model, cfg
-
-
 def _class_names(cfg: Any) -> list[str] | None:
-    from multimae.training.finetune_eval import _class_names as names
+    """The class names of a run, else "0" .. "K-1"."""
+    from multimae.training.finetune_eval import class_names as names
 
     n = names(cfg)
     K = int(cfg.model.head.num_classes or 0)
@@ -433,7 +416,7 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
             raws, names = [], []
             for it in batch:
                 try:
-                    raw = {spec0.key: read_image(it.read(), spec0.channels, f"image {it.where}")}
+                    raw = {spec0.key: decode_image(it.read(), spec0.channels, f"image {it.where}")}
                     for sp in predictor.inputs[1:]:
                         raw[sp.key] = _paired(sp, it, input, pairs)
                     raws.append(raw)

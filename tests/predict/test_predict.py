@@ -14,7 +14,8 @@ from multimae.cli.main import main
 from multimae.config import load_config, to_dict
 from multimae.data.downstream import TransferTransform
 from multimae.model import ModelConfig, MultiMAE
-from multimae.predict import META_FILE, Predictor, predict_files, read_image
+from multimae.data.codecs import decode_image
+from multimae.predict import META_FILE, Predictor, predict_files
 from multimae.training.finetune import prepare
 from multimae.training.finetune_config import FinetuneConfig
 from multimae.training.finetune_data import build_transform
@@ -106,7 +107,7 @@ def test_predict_files_sizes_values_resume(runs, photos, tmp_path, task):
     assert (r2.predicted, r2.already_done, r2.bad) == (0, 3, 1)
 
     # values: the model's forward on evaluate's preprocessing of the same (upright) image
-    img = read_image((photos / "coffee_portrait.png").read_bytes(), 3, "x")
+    img = decode_image((photos / "coffee_portrait.png").read_bytes(), 3, "x")
     got = pred([img])[0]
     if task == "pretrain":
         tf = TransferTransform([model.input_specs["rgb"]], "label", None, 32, False, letterbox_eval=True)
@@ -138,7 +139,7 @@ def test_predict_files_sizes_values_resume(runs, photos, tmp_path, task):
 
 def test_exif_rotated_equals_manually_rotated(runs, photos):
     pred = Predictor.from_run(runs["semseg"][0], device="cpu")
-    rot = read_image((photos / "cat_rot.jpg").read_bytes(), 3, "rot")
+    rot = decode_image((photos / "cat_rot.jpg").read_bytes(), 3, "rot")
     with Image.open(photos / "cat_rot.jpg") as im:
         manual = torch.from_numpy(np.asarray(im.convert("RGB").transpose(Image.Transpose.ROTATE_270)).copy()).permute(2, 0, 1)
     assert rot.shape == manual.shape == (3, 151, 100)
@@ -148,11 +149,11 @@ def test_exif_rotated_equals_manually_rotated(runs, photos):
 
 def test_window_equals_letterbox_when_it_covers_the_image(runs, photos):
     run = runs["depth"][0]
-    square = read_image((photos / "astronaut.png").read_bytes(), 3, "a")  # 128x128 > 32
+    square = decode_image((photos / "astronaut.png").read_bytes(), 3, "a")  # 128x128 > 32
     lb = Predictor.from_run(run, device="cpu")([square])[0]["depth"]
     win = Predictor.from_run(run, device="cpu", window=True)
     torch.testing.assert_close(win([square])[0]["depth"], lb, atol=1e-4, rtol=1e-4)
-    portrait = read_image((photos / "coffee_portrait.png").read_bytes(), 3, "c")
+    portrait = decode_image((photos / "coffee_portrait.png").read_bytes(), 3, "c")
     out = win([portrait])[0]["depth"]
     assert out.shape == (1, *portrait.shape[-2:]) and torch.isfinite(out).all()
 
@@ -187,7 +188,7 @@ def test_pretraining_run_from_rgb_and_paired_depth(runs, photos, tmp_path):
     sem = np.asarray(Image.open(out / "cat_rot.semseg.png"))
     assert sem.shape == (151, 100)
     # values: the forward on evaluate's preprocessing of rgb + depth
-    img = read_image((photos / "cat_rot.jpg").read_bytes(), 3, "x")
+    img = decode_image((photos / "cat_rot.jpg").read_bytes(), 3, "x")
     from multimae.data.codecs import decode_field, OFFICIAL_PNG_SCALE
     dep = decode_field((ddir / "cat_rot.png").read_bytes(), "png", model.input_specs["depth"], OFFICIAL_PNG_SCALE, "d")
     got = pred.predict_raw([{"rgb": img, "depth": dep}])[0]["depth"]

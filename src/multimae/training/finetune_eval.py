@@ -233,6 +233,20 @@ def write_report(res: dict[str, Any], cfg: FinetuneConfig, run_dir: Path, step: 
     return md
 
 
+def load_finetuned(ckpt: Path, meta: dict[str, Any]) -> tuple[torch.nn.Module, FinetuneConfig]:
+    """The transfer model (weights loaded strictly) and config of a fine-tuning checkpoint, as
+    ``multimae evaluate`` builds them; used by ``predict`` and ``export``."""
+    from multimae.checkpoint import load_weights
+    from multimae.checkpoint.convert import load_state_strict
+    from multimae.config import from_dict
+    from multimae.transfer import TransferModel
+
+    cfg = from_dict(FinetuneConfig, meta["config"])
+    model = TransferModel(cfg.model)
+    load_state_strict(model, load_weights(ckpt), str(ckpt))
+    return model, cfg
+
+
 def evaluate_run(path: str | Path, overrides: Sequence[str] = (), device: str = "cpu") -> dict[str, Any]:
     """Re-score a saved fine-tuning or probe run (``multimae evaluate``): its config from the
     checkpoint, ``overrides`` applied (e.g. ``data.split=test``); writes ``eval-<split>.md/json``
