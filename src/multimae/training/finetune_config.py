@@ -43,6 +43,13 @@ class FinetuneDataConfig:
     crop_scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area fraction (training)
     hflip: float = 0.5
     ignore_index: int = 255  # segmentation label that is never scored (also the padding label)
+    # evaluation view: "auto" = letterbox (longest side resized + padded) for dense tasks, centre
+    # crop for classification; "center_crop" = shorter side resized + centre square (the official
+    # NYUv2 depth evaluation); "letterbox"
+    eval_transform: Literal["auto", "letterbox", "center_crop"] = "auto"
+    # centre crop keeps this fraction of the shorter side (0.875 = resize 256 + crop 224, official
+    # ImageNet evaluation); 1.0 = the whole shorter side
+    eval_crop_pct: float = 1.0
     shuffle_buffer: int = 1000  # shards
     on_error: Literal["raise", "skip"] = "raise"
 

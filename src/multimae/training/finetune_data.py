@@ -108,9 +108,12 @@ def build_transform(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], train: 
         spatial = sum(1 for s in inputs if s.is_spatial)
         photometric = a.randaugment_space == "photometric" or (a.randaugment_space == "auto" and spatial > 1)
         ra = build_randaugment(a.randaugment_ops, a.randaugment_magnitude, photometric)
+    if not 0.0 < d.eval_crop_pct <= 1.0:
+        raise ValueError(f"data.eval_crop_pct={d.eval_crop_pct}: must be in (0, 1]")
+    letterbox = d.eval_transform == "letterbox" or (d.eval_transform == "auto" and cfg.model.head.kind in DENSE_KINDS)
     return TransferTransform(inputs, target_of(cfg), task_target_spec(cfg), d.image_size, train, d.crop_scale,
-                             d.hflip, letterbox_eval=cfg.model.head.kind in DENSE_KINDS,
-                             ignore_index=d.ignore_index, randaugment=ra)
+                             d.hflip, letterbox_eval=letterbox, ignore_index=d.ignore_index, randaugment=ra,
+                             eval_crop_pct=d.eval_crop_pct)
 
 
 def train_collate(samples: list[dict]) -> tuple[dict, None]:
