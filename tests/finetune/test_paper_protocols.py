@@ -39,6 +39,20 @@ def test_nyuv2_depth_evaluates_on_the_centre_crop():
     assert (build_transform(auto, _specs(auto), train=False)(raw)[TARGET] > 5).any()
 
 
+def test_nyuv2_depth_trains_on_random_squares_of_the_shorter_side():
+    """Official NYUv2 depth training crop: shorter side resized to S, a random S x S crop (no
+    rescaling): every crop spans the full height of a landscape image, at random horizontal offsets."""
+    from multimae.data.transforms import PairedTransform
+
+    tf = PairedTransform(["rgb"], 16, train=True, train_crop="shorter_side")
+    g = torch.Generator().manual_seed(0)
+    boxes = [tf.params(48, 64, g)[0] for _ in range(50)]
+    assert all(b[0] == 0 and b[2] == 48 and b[3] == 48 for b in boxes)
+    assert len({b[1] for b in boxes}) > 5 and all(0 <= b[1] <= 16 for b in boxes)
+    cfg = load_config(FinetuneConfig, "configs/finetune/nyuv2-depth.yaml", [TINY_ENC, "model.head.hooks=null"])
+    assert build_transform(cfg, _specs(cfg), train=True).input_tf.train_crop == "shorter_side"
+
+
 def test_in1k_evaluates_on_the_central_87_5_percent():
     """Official ImageNet evaluation: resize to size / 0.875, centre crop: a 2-px frame of a 32-px
     image (12.5% of the side) is cut away."""

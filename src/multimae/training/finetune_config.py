@@ -41,6 +41,9 @@ class FinetuneDataConfig:
     cache: bool = True  # synthetic: render once into memory
     num_workers: int = 1
     crop_scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area fraction (training)
+    # training crop: "random_resized" (RandomResizedCrop with crop_scale) or "shorter_side" (the
+    # shorter side resized to image_size, then a random square crop: the official NYUv2 depth one)
+    train_crop: Literal["random_resized", "shorter_side"] = "random_resized"
     hflip: float = 0.5
     ignore_index: int = 255  # segmentation label that is never scored (also the padding label)
     # evaluation view: "auto" = letterbox (longest side resized + padded) for dense tasks, centre

@@ -113,7 +113,7 @@ def build_transform(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], train: 
     letterbox = d.eval_transform == "letterbox" or (d.eval_transform == "auto" and cfg.model.head.kind in DENSE_KINDS)
     return TransferTransform(inputs, target_of(cfg), task_target_spec(cfg), d.image_size, train, d.crop_scale,
                              d.hflip, letterbox_eval=letterbox, ignore_index=d.ignore_index, randaugment=ra,
-                             eval_crop_pct=d.eval_crop_pct)
+                             eval_crop_pct=d.eval_crop_pct, train_crop=d.train_crop)
 
 
 def train_collate(samples: list[dict]) -> tuple[dict, None]:
