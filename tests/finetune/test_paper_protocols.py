@@ -53,6 +53,23 @@ def test_nyuv2_depth_trains_on_random_squares_of_the_shorter_side():
     assert build_transform(cfg, _specs(cfg), train=True).input_tf.train_crop == "shorter_side"
 
 
+def test_colour_jitter_and_grayscale_reach_the_training_rgb():
+    cfg = load_config(FinetuneConfig, "configs/finetune/nyuv2-depth.yaml", [TINY_ENC, "model.head.hooks=null",
+                                                                            "data.image_size=16", "aug.grayscale_prob=1.0"])
+    rgb = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    rgb[0] = 200  # saturated red
+    raw = {"rgb": rgb, "depth": torch.ones(1, 16, 16), "__key__": "a"}
+    out = build_transform(cfg, _specs(cfg), train=True)(raw, generator=torch.Generator().manual_seed(0))["rgb"]
+    spec = _specs(cfg)[0]
+    pix = out * torch.tensor(spec.std).view(3, 1, 1) + torch.tensor(spec.mean).view(3, 1, 1)
+    assert float((pix.amax(0) - pix.amin(0)).max()) < 0.02  # grey: the channels agree
+    off = load_config(FinetuneConfig, "configs/finetune/nyuv2-depth.yaml", [TINY_ENC, "model.head.hooks=null",
+                                                                            "data.image_size=16", "aug.color_jitter=null",
+                                                                            "aug.grayscale_prob=0.0"])
+    out = build_transform(off, _specs(off), train=True)(raw, generator=torch.Generator().manual_seed(0))["rgb"]
+    assert float(out[0].mean() - out[1].mean()) > 1.0  # still red
+
+
 def test_in1k_evaluates_on_the_central_87_5_percent():
     """Official ImageNet evaluation: resize to size / 0.875, centre crop: a 2-px frame of a 32-px
     image (12.5% of the side) is cut away."""

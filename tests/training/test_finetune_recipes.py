@@ -18,7 +18,7 @@ SEMSEG = {  # run_finetuning_semseg.py defaults + keys shared by the NYUv2 / ADE
     "opt": "adamw", "lr": 1e-4, "warmup_lr": 1e-6, "min_lr": 0.0, "warmup_epochs": 1, "layer_decay": 0.75,
     "opt_betas": [0.9, 0.999], "opt_eps": 1e-8, "weight_decay": 0.05, "weight_decay_end": None,
     "clip_grad": None, "ignore_index": 255, "aug_name": "simple", "seg_reduce_zero_label": True,
-    "eval_resize": "letterbox", "fp16": True, "num_workers": 16, "hflip": 0.5, "learnable_pos_emb": False,
+    "eval_resize": "letterbox", "color_jitter": [0.4, 0.4, 0.2, 0.1, 0.5], "fp16": True, "num_workers": 16, "hflip": 0.5, "learnable_pos_emb": False,
 }
 OFFICIAL = {
     # cfgs/finetune/semseg/nyu/ft_nyu_200e_multimae-b_{rgb,depth,rgb-depth}.yaml
@@ -41,7 +41,8 @@ OFFICIAL = {
         "warmup_epochs": 100, "batch_size": 64, "input_size": 256, "layer_decay": 0.75, "weight_decay": 1e-4,
         "opt_betas": [0.9, 0.999], "opt_eps": 1e-8, "weight_decay_end": None, "clip_grad": None,
         "eval_freq": 250, "eval_batch_size": 96, "eval_resize": "center_crop", "num_workers": 16, "hflip": 0.5,
-        "fp16": False, "aug_name": "nyu-augs", "color_augs": True, "standardize_depth": False,
+        "fp16": False, "aug_name": "nyu-augs", "color_augs": True, "color_jitter": [0.1255, 0.4, 0.5, 0.2, 0.5],
+        "grayscale": 0.3, "standardize_depth": False,
         "use_mask_valid": True, "max_val_images": 100, "target_standardize": [2070.7764, 777.5723],
     },
     # cfgs/finetune/cls/ft_in1k_100e_multimae-b.yaml + run_finetuning_cls.py defaults
@@ -59,7 +60,6 @@ OFFICIAL = {
 
 #: official keys where we differ on purpose (value: how and why; also in the config comment + README)
 DIFFERENT = {
-    "color_augs": "no colour jitter / grayscale for depth (RandomResizedCrop + flip only)",
     "fp16": "bf16 autocast (no loss scaling) instead of fp16 + GradScaler (fp32 where the official is fp32)",
     "max_val_images": "the whole split is scored (official: a random 100-image subset of the NYUv2 test set)",
     "target_standardize": "depth in metres, not standardised with the NYU mean/std in mm; berHu is "
@@ -74,6 +74,7 @@ DIFFERENT_IN = {
     (n, "aug_name"): "RandomResizedCrop(data.crop_scale) + flip instead of large-scale jitter (0.1-2.0) + colour jitter"
     for n in ("nyuv2-semseg-rgb", "nyuv2-semseg-depth", "nyuv2-semseg-rgbd", "ade20k-semseg")
 }
+DIFFERENT_IN[("nyuv2-semseg-depth", "color_jitter")] = "no rgb input: nothing to jitter (the official jitters unused rgb)"
 NOT_COMPARED = {
     "seg_reduce_zero_label": "done once by `multimae data prepare` (ids 0..K-1, 255 = unlabeled)",
     "use_mask_valid": "invalid depth (0) is invalid everywhere: masked in inputs, targets and metrics",
@@ -115,6 +116,9 @@ def _ours(name: str) -> dict:
         "use_mean_pooling": not h.use_global, "smoothing": a.label_smoothing, "mixup": a.mixup, "cutmix": a.cutmix,
         "mixup_prob": a.mixup_prob, "mixup_switch_prob": a.mixup_switch_prob, "crop_scale": list(d.crop_scale),
         "crop_pct": d.eval_crop_pct if not letterbox else -1,
+        "color_jitter": None if a.color_jitter is None else [*a.color_jitter, a.color_jitter_prob],
+        "grayscale": a.grayscale_prob,
+        "color_augs": a.color_jitter is not None and a.grayscale_prob > 0,
         # nyu-augs = shorter side resized + random crop + flip (its colour part: color_augs)
         "aug_name": "nyu-augs" if d.train_crop == "shorter_side" else "random_resized_crop",
     }

@@ -84,6 +84,12 @@ class AugConfig:
     # "auto": photometric operations only when there is more than one spatial input (geometric
     # ones would move rgb away from the other modalities), else all of them
     randaugment_space: Literal["auto", "all", "photometric"] = "auto"
+    # colour jitter of the rgb input (training): [brightness, contrast, saturation, hue] as in
+    # torchvision ColorJitter (factors 1 +- b, 1 +- c, 1 +- s, hue +- h), applied with probability
+    # color_jitter_prob; then grayscale with probability grayscale_prob. null: off
+    color_jitter: list[float] | None = None
+    color_jitter_prob: float = 0.5
+    grayscale_prob: float = 0.0
     mixup: float = 0.0  # timm Mixup alpha (classification; 0 = off)
     cutmix: float = 0.0  # timm CutMix alpha (0 = off)
     mixup_prob: float = 1.0
