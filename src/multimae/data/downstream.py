@@ -108,19 +108,23 @@ class TransferTransform:
         train: random resized crop + flip (+ RandAugment); else centre crop or letterbox.
         letterbox_eval: evaluation resizes the longest side and pads (dense tasks).
         ignore_index: padding label of categorical targets.
+        eval_crop_pct: evaluation centre crop keeps this fraction of the shorter side.
+        train_crop: "random_resized" or "shorter_side" (random square of the shorter side's size).
         randaugment: a module applied to the raw uint8 rgb before cropping (train only); its
             randomness is seeded from the sample's generator, so it is reproducible.
     """
 
     def __init__(self, inputs: Sequence[ModalitySpec], target: str, spec: ModalitySpec | None, image_size: int,
                  train: bool, scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5,
-                 letterbox_eval: bool = False, ignore_index: int = 255, randaugment: nn.Module | None = None) -> None:
+                 letterbox_eval: bool = False, ignore_index: int = 255, randaugment: nn.Module | None = None,
+                 eval_crop_pct: float = 1.0, train_crop: str = "random_resized") -> None:
         self.inputs = list(inputs)
         self.target, self.spec = target, spec
         self.train, self.letterbox = train, letterbox_eval and not train
         self.ignore_index = ignore_index
         self.randaugment = randaugment if train else None
-        kw: dict[str, Any] = dict(train=train, scale=tuple(scale), hflip=hflip)
+        kw: dict[str, Any] = dict(train=train, scale=tuple(scale), hflip=hflip,
+                                  eval_crop_pct=1.0 if self.letterbox else eval_crop_pct, train_crop=train_crop)
         self.input_tf = PairedTransform(self.inputs, image_size, **kw)
         self.target_tf = PairedTransform([spec], image_size, **kw) if spec is not None else None
 

@@ -86,9 +86,10 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def center_crop_box(height: int, width: int) -> Box:
-    """The centred square box: resizing it to S equals resize-shorter-side-to-S + centre crop."""
-    side = min(height, width)
+def center_crop_box(height: int, width: int, crop_pct: float = 1.0) -> Box:
+    """The centred square box: resizing it to S equals resize-shorter-side-to-S + centre crop;
+    ``crop_pct`` < 1 keeps that fraction of the shorter side (resize to S / crop_pct, crop S)."""
+    side = max(1, int(round(min(height, width) * crop_pct)))
     return (height - side) // 2, (width - side) // 2, side, side
 
 
@@ -146,6 +147,9 @@ class PairedTransform:
             worker layout; then call :meth:`set_epoch` every epoch (ShardDataset does it), and note
             that persistent DataLoader workers never see that call.
         trunc: fraction dropped at each end by the robust standardisation.
+        eval_crop_pct: evaluation centre crop keeps this fraction of the shorter side.
+        train_crop: ``"random_resized"`` (RandomResizedCrop with ``scale`` / ``ratio``) or
+            ``"shorter_side"`` (a random square as large as the shorter side: resize + RandomCrop).
 
     ``__call__(sample, generator=None)`` returns the batch keys ``spec.key`` of the specs plus
     ``label``, ``__key__`` and any other string fields; other tensors are dropped.
@@ -153,7 +157,8 @@ class PairedTransform:
 
     def __init__(self, specs: Sequence[ModalitySpec | str | dict], image_size: int, train: bool = True,
                  scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 hflip: float = 0.5, seed: int | None = None, trunc: float = 0.1) -> None:
+                 hflip: float = 0.5, seed: int | None = None, trunc: float = 0.1, eval_crop_pct: float = 1.0,
+                 train_crop: str = "random_resized") -> None:
         self.specs = by_key(resolve(list(specs)))
         for spec in self.specs.values():
             if spec.is_spatial and image_size % spec.stride:
@@ -161,6 +166,10 @@ class PairedTransform:
         self.image_size, self.train = image_size, train
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
         self.seed, self.epoch, self.trunc = seed, 0, trunc
+        self.eval_crop_pct = float(eval_crop_pct)
+        if train_crop not in ("random_resized", "shorter_side"):
+            raise ValueError(f"train_crop={train_crop!r}: expected 'random_resized' or 'shorter_side'")
+        self.train_crop = train_crop
         self._process_gen: tuple[int, torch.Generator] | None = None
 
     def __getstate__(self) -> dict:
@@ -187,8 +196,14 @@ class PairedTransform:
     def params(self, height: int, width: int, generator: torch.Generator | None) -> tuple[Box, bool]:
         """The crop box and flip decision for an input of size (height, width)."""
         if not self.train:
-            return center_crop_box(height, width), False
-        box = random_resized_crop_box(height, width, self.scale, self.ratio, generator)
+            return center_crop_box(height, width, self.eval_crop_pct), False
+        if self.train_crop == "shorter_side":  # resize the shorter side to S, random S x S crop
+            side = min(height, width)
+            top = int(torch.randint(0, height - side + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - side + 1, (1,), generator=generator))
+            box = (top, left, side, side)
+        else:
+            box = random_resized_crop_box(height, width, self.scale, self.ratio, generator)
         flip = self.hflip > 0 and float(torch.rand(1, generator=generator)) < self.hflip
         return box, flip
 

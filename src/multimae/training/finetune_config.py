@@ -41,8 +41,18 @@ class FinetuneDataConfig:
     cache: bool = True  # synthetic: render once into memory
     num_workers: int = 1
     crop_scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area fraction (training)
+    # training crop: "random_resized" (RandomResizedCrop with crop_scale) or "shorter_side" (the
+    # shorter side resized to image_size, then a random square crop: the official NYUv2 depth one)
+    train_crop: Literal["random_resized", "shorter_side"] = "random_resized"
     hflip: float = 0.5
     ignore_index: int = 255  # segmentation label that is never scored (also the padding label)
+    # evaluation view: "auto" = letterbox (longest side resized + padded) for dense tasks, centre
+    # crop for classification; "center_crop" = shorter side resized + centre square (the official
+    # NYUv2 depth evaluation); "letterbox"
+    eval_transform: Literal["auto", "letterbox", "center_crop"] = "auto"
+    # centre crop keeps this fraction of the shorter side (0.875 = resize 256 + crop 224, official
+    # ImageNet evaluation); 1.0 = the whole shorter side
+    eval_crop_pct: float = 1.0
     shuffle_buffer: int = 1000  # shards
     on_error: Literal["raise", "skip"] = "raise"
 
@@ -74,6 +84,12 @@ class AugConfig:
     # "auto": photometric operations only when there is more than one spatial input (geometric
     # ones would move rgb away from the other modalities), else all of them
     randaugment_space: Literal["auto", "all", "photometric"] = "auto"
+    # colour jitter of the rgb input (training): [brightness, contrast, saturation, hue] as in
+    # torchvision ColorJitter (factors 1 +- b, 1 +- c, 1 +- s, hue +- h), applied with probability
+    # color_jitter_prob; then grayscale with probability grayscale_prob. null: off
+    color_jitter: list[float] | None = None
+    color_jitter_prob: float = 0.5
+    grayscale_prob: float = 0.0
     mixup: float = 0.0  # timm Mixup alpha (classification; 0 = off)
     cutmix: float = 0.0  # timm CutMix alpha (0 = off)
     mixup_prob: float = 1.0

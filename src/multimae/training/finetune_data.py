@@ -141,9 +141,27 @@ def build_transform(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], train: 
         spatial = sum(1 for s in inputs if s.is_spatial)
         photometric = a.randaugment_space == "photometric" or (a.randaugment_space == "auto" and spatial > 1)
         ra = build_randaugment(a.randaugment_ops, a.randaugment_magnitude, photometric)
+    if train and (a.color_jitter is not None or a.grayscale_prob > 0):
+        if "rgb" not in {s.key for s in inputs}:
+            raise ValueError("aug.color_jitter / aug.grayscale_prob need an rgb input")
+        from torchvision.transforms import v2
+
+        ops: list[Any] = [ra] if ra is not None else []
+        if a.color_jitter is not None:
+            if len(a.color_jitter) != 4:
+                raise ValueError(f"aug.color_jitter={a.color_jitter}: expected [brightness, contrast, saturation, hue]")
+            b, c, s_, h = (float(x) for x in a.color_jitter)
+            ops.append(v2.RandomApply([v2.ColorJitter(brightness=b, contrast=c, saturation=s_, hue=h)],
+                                      p=a.color_jitter_prob))
+        if a.grayscale_prob > 0:
+            ops.append(v2.RandomGrayscale(p=a.grayscale_prob))
+        ra = v2.Compose(ops)
+    if not 0.0 < d.eval_crop_pct <= 1.0:
+        raise ValueError(f"data.eval_crop_pct={d.eval_crop_pct}: must be in (0, 1]")
+    letterbox = d.eval_transform == "letterbox" or (d.eval_transform == "auto" and cfg.model.head.kind in DENSE_KINDS)
     return TransferTransform(inputs, target_of(cfg), task_target_spec(cfg), d.image_size, train, d.crop_scale,
-                             d.hflip, letterbox_eval=cfg.model.head.kind in DENSE_KINDS,
-                             ignore_index=d.ignore_index, randaugment=ra)
+                             d.hflip, letterbox_eval=letterbox, ignore_index=d.ignore_index, randaugment=ra,
+                             eval_crop_pct=d.eval_crop_pct, train_crop=d.train_crop)
 
 
 def train_collate(samples: list[dict]) -> tuple[dict, None]:
