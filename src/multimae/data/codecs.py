@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from multimae.data.errors import DataError, log
+from multimae.data.errors import DataError, notice_once
 from multimae.modalities import ModalitySpec
 
 OFFICIAL_PNG_SCALE = 1.0 / 2**16  # what the official code multiplies 16-bit depth PNGs by
@@ -134,15 +134,6 @@ def _chw(arr: np.ndarray, channels: int, where: str) -> np.ndarray:
     return arr
 
 
-_WARNED: set[tuple[str, str]] = set()
-
-
-def _warn_once(what: tuple[str, str], message: str) -> None:
-    if what not in _WARNED:
-        _WARNED.add(what)
-        log.warning(message)
-
-
 def decode_dense(data: bytes, ext: str, channels: int, png_scale: float, where: str) -> Tensor:
     """A dense map file -> float32 (C,H,W); see the module doc for the encodings."""
     if ext == "npy":
@@ -153,10 +144,10 @@ def decode_dense(data: bytes, ext: str, channels: int, png_scale: float, where: 
     arr = _image_array(open_image(data, where))
     if arr.dtype == np.uint8 and channels == 1:
         # a one-channel map (depth) stored in 8 bits: its values, scaled like a 16-bit PNG's
-        _warn_once(("8bit", where.rsplit("/", 1)[0]),
-                   f"{where}: an 8-bit PNG as a one-channel dense map (depth): only 256 levels; read as "
-                   f"value x png_scale {png_scale:g} (0 = invalid), like a 16-bit PNG -- store depth as a 16-bit "
-                   "PNG or .npy to keep its precision")
+        notice_once("8bit", where.rsplit("/", 1)[0],
+                    f"{where}: an 8-bit PNG as a one-channel dense map (depth): only 256 levels; read as "
+                    f"value x png_scale {png_scale:g} (0 = invalid), like a 16-bit PNG -- store depth as a 16-bit "
+                    "PNG or .npy to keep its precision")
         out = (arr.astype(np.float64) * png_scale).astype(np.float32)
     elif arr.dtype == np.uint8:
         out = arr.astype(np.float32) / 127.5 - 1.0

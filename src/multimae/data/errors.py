@@ -16,6 +16,17 @@ OnError = Literal["raise", "skip"]
 log = logging.getLogger("multimae.data")
 
 
+_NOTICES: set[tuple[str, ...]] = set()
+
+
+def notice_once(*what: str) -> None:
+    """Log ``what[-1]`` as a warning once per process for the key ``what`` (datasets are opened
+    for training and evaluation, and files decoded many times: one notice says it)."""
+    if what not in _NOTICES:
+        _NOTICES.add(what)
+        log.warning(what[-1])
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file or sample key and what is wrong."""
 

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Subset
 from multimae.data.codecs import (
     DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, decode_field, encode_field, scale_for,
 )
-from multimae.data.errors import DataError, ErrorPolicy, log
+from multimae.data.errors import DataError, ErrorPolicy, notice_once
 from multimae.data.fields import resolve_fields, validate_sample
 from multimae.modalities import ModalitySpec
 from multimae.seeding import derive_seed
@@ -38,16 +38,6 @@ def read_meta(root: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable dataset metadata ({e})") from None
-
-
-_NOTICES: set[tuple[str, ...]] = set()
-
-
-def _notice(*what: str) -> None:
-    """Log a notice once per process (the loader opens the data for training and evaluation)."""
-    if what not in _NOTICES:
-        _NOTICES.add(what)
-        log.warning(what[-1])
 
 
 def _list_modality(mdir: Path, spec: ModalitySpec) -> dict[tuple[str, str], Path]:
@@ -68,7 +58,7 @@ def _list_modality(mdir: Path, spec: ModalitySpec) -> dict[tuple[str, str], Path
                                 f"({files[(cdir.name, stem)].name} and {entry.name})")
             files[(cdir.name, stem)] = Path(entry.path)
         if len(files) == before:
-            _notice(str(cdir), "empty", f"{cdir}: empty class directory (no .{'/.'.join(EXTS[spec.kind])} file): "
+            notice_once(str(cdir), "empty", f"{cdir}: empty class directory (no .{'/.'.join(EXTS[spec.kind])} file): "
                     "it has no sample; as a class it keeps its place in the class list")
     if not files:
         raise DataError(f"{mdir}: empty, no .{'/.'.join(EXTS[spec.kind])} files under its class directories")
@@ -125,18 +115,21 @@ class FolderDataset(Dataset):
         if not self.samples:
             raise DataError(f"{split_dir}: no sample has every modality {list(self.specs)}")
         class_dirs = sorted({next(iter(f.values())).parent.name for f in self.samples})
-        first = split_dir / next(iter(self.specs))
-        own = [c for c in class_directories(self.root, split, next(iter(self.specs))) if c != UNLABELLED]
-        given = "classes" if classes is not None else None
-        self.classes: list[str] = list(meta.get("classes") or (classes if classes is not None else own))
+        first_key = next(iter(self.specs))
+        if meta.get("classes"):
+            self.classes: list[str] = list(meta["classes"])
+        elif classes is not None:
+            self.classes = list(classes)
+        else:
+            self.classes = [c for c in class_directories(self.root, split, first_key) if c != UNLABELLED]
         labelled = class_dirs != [UNLABELLED]
         if labelled and UNLABELLED in class_dirs:
             raise DataError(f"{split_dir}: mixes an '{UNLABELLED}' directory with class directories {class_dirs}")
         unknown = sorted(set(class_dirs) - set(self.classes) - {UNLABELLED})
         if unknown:
             whose = f"{META_FILE} classes" if meta.get("classes") else (
-                "the training split's class directories" if given else "the class list")
-            raise DataError(f"{first / unknown[0]}: class directory {unknown[0]!r} is not among {whose} "
+                "the training split's class directories" if classes is not None else "the class list")
+            raise DataError(f"{split_dir / first_key / unknown[0]}: class directory {unknown[0]!r} is not among {whose} "
                             f"({len(self.classes)}: {', '.join(self.classes[:8])}{' ...' if len(self.classes) > 8 else ''})"
                             + (f"; also unknown: {unknown[1:]}" if len(unknown) > 1 else ""))
         if want_label and not labelled:
@@ -239,13 +232,13 @@ def open_folder(root: str | os.PathLike, split: str, specs: Sequence[str | dict 
     full = FolderDataset(root, split, specs, on_error=on_error)
     if val_fraction <= 0:
         if not train:
-            _notice(str(root), val_split, "none", f"{Path(root) / val_split}: no validation split and "
+            notice_once(str(root), val_split, "none", f"{Path(root) / val_split}: no validation split and "
                     f"data.val_fraction=0: held-out evaluation and figure skipped (set data.val_fraction, e.g. "
                     f"0.05, to hold out part of {split}/)")
             return None
         return full
     keep, held = holdout([full.key(i) for i in range(len(full))], val_fraction)
-    _notice(str(root), val_split, "holdout", f"{Path(root) / val_split}: no validation split; holding out {len(held)} "
+    notice_once(str(root), val_split, "holdout", f"{Path(root) / val_split}: no validation split; holding out {len(held)} "
             f"of {len(full)} samples of {split}/ for validation (data.val_fraction={val_fraction:g}, fixed by "
             "the sample names)")
     return Subset(full, keep if train else held)
