@@ -111,11 +111,11 @@ class SeededAugment(Dataset):
         could not see) follows the dataset's ``on_error`` policy like the reader's own errors:
         raised, or counted and replaced by the next sample."""
         policy = getattr(self.base, "policy", None)
+        at_epoch = getattr(self.base, "item_at_epoch", None)  # e.g. a caption drawn per epoch
         n = len(self.base)  # type: ignore[arg-type]
         for attempt in range(n):
             i = (index + attempt) % n
             try:
-                at_epoch = getattr(self.base, "item_at_epoch", None)  # e.g. a caption drawn per epoch
                 raw = at_epoch(i, epoch) if at_epoch is not None else self.base[i]
                 return self.transform(raw, generator=seeded(self.seed, "augment", epoch, i))
             except DataError as err:
