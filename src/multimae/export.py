@@ -148,15 +148,13 @@ def load_exportable(source: str | os.PathLike, inputs: Sequence[str] | None = No
         return model.eval(), desc
     from multimae.transfer import HeadConfig, TransferModelConfig, build_transfer_model
 
-    enc_inputs = list(inputs) if inputs else None
-    if enc_inputs is None:
-        from multimae.transfer.load import _read_init
+    from multimae.transfer.load import _read_init
 
-        _, recorded, _ = _read_init(source)
-        enc_inputs = list(recorded.inputs) if recorded is not None else ["rgb"]
-    cfg = TransferModelConfig(encoder=None, inputs=enc_inputs, head=HeadConfig(kind="classification", num_classes=1),
-                              drop_path=0.0)
-    model, _ = build_transfer_model(cfg, init=str(source))
+    sd, recorded, _ = _read_init(source)  # read once: weights in MultiMAE names + the recorded architecture
+    enc_inputs = list(inputs) if inputs else (list(recorded.inputs) if recorded is not None else ["rgb"])
+    cfg = TransferModelConfig(encoder=recorded, inputs=enc_inputs,
+                              head=HeadConfig(kind="classification", num_classes=1), drop_path=0.0)
+    model, _ = build_transfer_model(cfg, init=sd)
     enc = model.encoder
     desc = {"kind": "encoder", "output": "tokens", "specs": list(enc.specs.values()),
             "image_size": int(enc.config.image_size), "patch_size": int(enc.patch_size), "source": str(source),
