@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multimae.data.codecs import decode_image, encode_png16
+from multimae.data.codecs import _png_bytes, decode_image, encode_png16
+from multimae.data.prepare.writing import write_bytes
 from multimae.data.errors import DataError
 
 META_FILE = "multimae_predict.json"
@@ -258,23 +259,6 @@ def _class_names(cfg: Any) -> list[str] | None:
 
 # ---------------------------------------------------------------------------------- writing
 
-def _atomic(path: Path, data: bytes) -> None:
-    from multimae.checkpoint.io import save_file_atomic
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file_atomic(path, lambda p: p.write_bytes(data))
-
-
-def _png(arr: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
 def _colour(ids: Tensor, n: int) -> np.ndarray:
     from multimae.viz import palette
 
@@ -301,7 +285,7 @@ def legend_png(classes: Sequence[str]) -> bytes:
     for i, name in enumerate(classes):
         d.rectangle([2, 2 + i * row, 14, 12 + i * row], fill=tuple(int(c) for c in cols[i]))
         d.text((20, 2 + i * row), f"{i} {name}", fill=(0, 0, 0))
-    return _png(np.asarray(im))
+    return _png_bytes(np.asarray(im), compress_level=1)
 
 
 def output_files(task: str, out: Output, name: str) -> list[str]:
@@ -327,19 +311,19 @@ def write_prediction(root: Path, task: str, out: Output, name: str, pred: Tensor
     if out.kind == "segmentation":
         ids = pred.argmax(0)
         n = len(out.classes or []) or pred.shape[0]
-        _atomic(files[0], _png(ids.numpy().astype(np.uint8 if n <= 256 else np.uint16)))
-        _atomic(files[1], _png(_colour(ids, n)))
+        write_bytes(files[0], _png_bytes(ids.numpy().astype(np.uint8 if n <= 256 else np.uint16), compress_level=1))
+        write_bytes(files[1], _png_bytes(_colour(ids, n), compress_level=1))
     elif out.kind == "depth":
         q = np.clip(np.rint(pred[0].double().numpy() / DEPTH_PNG_SCALE), 0, 65535).astype(np.uint16)
-        _atomic(files[0], encode_png16(q))
-        _atomic(files[1], _png(_preview(pred)))
+        write_bytes(files[0], encode_png16(q))
+        write_bytes(files[1], _png_bytes(_preview(pred), compress_level=1))
     else:
         import io
 
         buf = io.BytesIO()
         np.save(buf, pred.float().numpy())
-        _atomic(files[0], buf.getvalue())
-        _atomic(files[1], _png(_preview(pred)))
+        write_bytes(files[0], buf.getvalue())
+        write_bytes(files[1], _png_bytes(_preview(pred), compress_level=1))
     return None
 
 
@@ -495,7 +479,7 @@ def _write_meta(root: Path, predictor: Predictor, report: PredictReport) -> None
                 info["units"] = o.units + (" (per-image standardised, not metres)" if o.units.startswith("robust") else "")
         elif o.kind == "segmentation":
             info["files"] = f"<name>.{t}.png (class ids), <name>.{t}.color.png; legend {t}.legend.png"
-            _atomic(root / f"{t}.legend.png", legend_png(o.classes or []))
+            write_bytes(root / f"{t}.legend.png", legend_png(o.classes or []))
         else:
             info["files"] = f"{CLS_FILE} (top-k per image)"
         tasks[t] = info
@@ -505,4 +489,4 @@ def _write_meta(root: Path, predictor: Predictor, report: PredictReport) -> None
             ("letterbox" if predictor.transform.letterbox else "centre crop"),
             "tasks": tasks, "png_scale": {t: DEPTH_PNG_SCALE for t, o in predictor.outputs.items() if o.kind == "depth"},
             "counts": {"predicted": report.predicted, "already_done": report.already_done, "bad": report.bad}}
-    _atomic(root / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    write_bytes(root / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
