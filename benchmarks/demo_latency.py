@@ -33,7 +33,7 @@ from multimae.demo import engine_from_checkpoint
 from multimae.demo.app import serving
 from multimae.demo.engine import native_bf16
 from multimae.model import MultiMAE
-from multimae.training.config import PretrainConfig
+from multimae.tasks.pretrain_config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -34,8 +34,8 @@ def main() -> int:
     from multimae.config import load_config
     from multimae.data.synthetic import COLORS, OBJECT_TYPES
     from multimae.evaluation.text_eval import caption_word_accuracy, caption_word_recall
-    from multimae.training.config import PretrainConfig
-    from multimae.training.loop import Trainer
+    from multimae.tasks.pretrain_config import PretrainConfig
+    from multimae.tasks.pretrain import Trainer
     from multimae.data.loader import BatchSpec, eval_batches, load_text_tokenizer, text_collator
     from multimae.data.synthetic import SyntheticScenes
 

@@ -46,8 +46,8 @@ from multimae.layers.attention import set_attention
 from multimae.masking import dirichlet_plan
 from multimae.model import ModelConfig, MultiMAE
 from multimae.perf import tune_malloc
-from multimae.training.optim import build_optimizer
-from multimae.training.step import train_step
+from multimae.engine.optim import build_optimizer
+from multimae.engine.step import train_step
 
 INPUTS = ["rgb", "depth", "semseg"]
 OUTPUTS = ["rgb", "depth", "semseg", "norm_rgb"]

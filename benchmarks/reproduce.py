@@ -212,8 +212,8 @@ def _patch_scene_cache() -> None:
     a scene depends only on (seed, index)."""
     from multimae.data.loader import CachedDataset
     from multimae.data.synthetic import SyntheticScenes
-    from multimae.training import finetune_data
-    from multimae.training.finetune_config import SPLITS, target_of
+    from multimae.engine import finetune_data
+    from multimae.tasks.finetune_config import SPLITS, target_of
 
     original = finetune_data.raw_dataset
 
@@ -282,7 +282,7 @@ def _ood(cfg: Any, run_dir: Path) -> dict[str, Any]:
     import torch
 
     from multimae.data.synthetic import LABEL_CLASSES
-    from multimae.training.probe import probe_features, train_probe
+    from multimae.tasks.probe import probe_features, train_probe
 
     f = probe_features(cfg)
     cfg, report = f.cfg, f.report
@@ -325,8 +325,8 @@ def run_job(job: Job, out: str, budget: Budget, cls_epochs: int | None) -> dict[
     with open(rd / "job.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         torch.set_num_threads(1)
         if job.stage == "pretrain":
-            from multimae.training.config import PretrainConfig
-            from multimae.training.loop import Trainer
+            from multimae.tasks.pretrain_config import PretrainConfig
+            from multimae.tasks.pretrain import Trainer
 
             cfg_path, extra = PRETRAIN[job.arm]
             cfg = load_config(PretrainConfig, ROOT / cfg_path, extra + _pretrain_overrides(job, out_p, budget))
@@ -337,19 +337,19 @@ def run_job(job: Job, out: str, budget: Budget, cls_epochs: int | None) -> dict[
                    "inputs": list(cfg.model.inputs), "outputs": list(cfg.model.outputs),
                    "params_m": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 3)}
         else:
-            from multimae.training.finetune_config import FinetuneConfig
+            from multimae.tasks.finetune_config import FinetuneConfig
 
             cfg_path, _, kind = TASKS[job.task]
             cfg = load_config(FinetuneConfig, ROOT / cfg_path, _transfer_overrides(job, out_p, budget, cls_epochs))
             if kind == "finetune":
-                from multimae.training.finetune import FinetuneTrainer
+                from multimae.tasks.finetune import FinetuneTrainer
 
                 trainer = FinetuneTrainer(cfg)
                 trainer.fit()
                 res = dict(trainer.eval_result or {})
                 res["steps"] = trainer.step
             elif kind == "probe":
-                from multimae.training.probe import run_probe
+                from multimae.tasks.probe import run_probe
 
                 _, res = run_probe(cfg)
             else:
@@ -872,7 +872,7 @@ def _cls_epochs(budget: Budget) -> int | None:
     """Epochs of the classification fine-tune: the config's own (it is being re-tuned), capped at
     ``cls_max_epochs``; None keeps the config's value."""
     from multimae.config import load_config
-    from multimae.training.finetune_config import FinetuneConfig
+    from multimae.tasks.finetune_config import FinetuneConfig
 
     cfg = load_config(FinetuneConfig, ROOT / TASKS["cls_rgb"][0], [])
     if cfg.train.epochs > budget.cls_max_epochs:

@@ -252,8 +252,8 @@ def our_step(preset: str, precision: str, batch: int, device: torch.device, comp
     from multimae.data.transforms import robust_standardize
     from multimae.layers.attention import set_attention_mode
     from multimae.perf import tune_malloc
-    from multimae.training.optim import build_optimizer
-    from multimae.training.step import train_step
+    from multimae.engine.optim import build_optimizer
+    from multimae.engine.step import train_step
 
     tune_malloc()
     set_attention_mode("auto")

@@ -86,14 +86,14 @@ class _Probe(nn.Module):
 
 def _finetune_model(ckpt: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any]:
     if meta["kind"] == "finetune":
-        from multimae.training.finetune_eval import load_finetuned
+        from multimae.tasks.finetune_eval import load_finetuned
 
         return load_finetuned(ckpt, meta)
     from multimae.checkpoint import load_weights
     from multimae.checkpoint.convert import load_state_strict
     from multimae.config import from_dict
-    from multimae.training.finetune_config import FinetuneConfig
-    from multimae.training.probe import PROBE_PREFIX, LinearProbe
+    from multimae.tasks.finetune_config import FinetuneConfig
+    from multimae.tasks.probe import PROBE_PREFIX, LinearProbe
     from multimae.transfer import TransferModel
 
     cfg = from_dict(FinetuneConfig, meta["config"])
@@ -135,11 +135,11 @@ def load_exportable(source: str | os.PathLike, inputs: Sequence[str] | None = No
         elif meta["kind"] == "probe":
             desc = {"kind": "probe", "output": "logits"}
         else:
-            from multimae.training.finetune_config import target_of
+            from multimae.tasks.finetune_config import target_of
 
             out = "logits" if head.kind in ("classification", "segmentation") else target_of(cfg)
             desc = {"kind": head.kind, "output": out}
-        from multimae.training.finetune_eval import class_names
+        from multimae.tasks.finetune_eval import class_names
 
         names = class_names(cfg)
         desc.update(specs=list(tm.encoder.specs.values()), image_size=int(tm.encoder.config.image_size),

@@ -88,15 +88,15 @@ class Predictor:
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         if meta.get("kind") == "finetune":
-            from multimae.training.finetune_eval import load_finetuned
+            from multimae.tasks.finetune_eval import load_finetuned
 
             model, cfg = load_finetuned(ckpt, meta)
             specs = list(model.encoder.specs.values())
             if inputs is not None and list(inputs) != [s.name for s in specs]:
                 raise DataError(f"--inputs {','.join(inputs)}: the fine-tuning run {ckpt} takes "
                                 f"{','.join(s.name for s in specs)}")
-            from multimae.training.finetune_config import target_of
-            from multimae.training.finetune_data import DENSE_KINDS
+            from multimae.tasks.finetune_config import target_of
+            from multimae.tasks.finetune_data import DENSE_KINDS
 
             kind = cfg.model.head.kind
             tf = TransferTransform(specs, "label", None, cfg.data.image_size, False,
@@ -109,7 +109,7 @@ class Predictor:
         elif meta.get("kind") == "probe":
             raise DataError(f"{ckpt}: a linear probe run; predict takes fine-tuning or pretraining runs")
         else:
-            from multimae.training.inference import load_pretrained
+            from multimae.tasks.inference import load_pretrained
 
             model, pcfg, _ = load_pretrained(ckpt)
             names = [n for n, s in model.input_specs.items() if s.is_spatial]
@@ -134,7 +134,7 @@ class Predictor:
 
     # ----------------------------------------------------------------------------- forward
     def _forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        from multimae.training.step import autocast
+        from multimae.engine.step import autocast
 
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.no_grad(), autocast(self.precision, self.device):
@@ -250,7 +250,7 @@ def _size(raw: dict[str, Tensor]) -> tuple[int, int]:
 
 def _class_names(cfg: Any) -> list[str] | None:
     """The class names of a run, else "0" .. "K-1"."""
-    from multimae.training.finetune_eval import class_names as names
+    from multimae.tasks.finetune_eval import class_names as names
 
     n = names(cfg)
     K = int(cfg.model.head.num_classes or 0)

@@ -13,7 +13,7 @@ import torch
 from multimae.checkpoint import save_checkpoint
 from multimae.config import to_dict
 from multimae.model import ModelConfig, MultiMAE
-from multimae.training.config import PretrainConfig
+from multimae.tasks.pretrain_config import PretrainConfig
 
 
 
@@ -48,7 +48,7 @@ def tiny_m3ae_run(root, image_size: int = 32):
     """A run directory of a random-init nano M3AE (rgb + caption, shared decoder), the
     synthetic-m3ae-tiny config made small."""
     from multimae.config import load_config
-    from multimae.training.loop import _size_text_vocabulary
+    from multimae.tasks.pretrain import _size_text_vocabulary
 
     cfg = load_config(PretrainConfig, "configs/pretrain/synthetic-m3ae-tiny.yaml",
                       ["model.preset=nano", "model.depth=1", f"model.image_size={image_size}", "model.patch_size=8",

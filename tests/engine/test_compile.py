@@ -13,8 +13,8 @@ import torch
 from multimae.checkpoint import find_latest, load_weights
 from multimae.config import load_config
 from multimae.model import MultiMAE
-from multimae.training.config import PretrainConfig
-from multimae.training.loop import Trainer
+from multimae.tasks.pretrain_config import PretrainConfig
+from multimae.tasks.pretrain import Trainer
 
 NANO = ["model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "data.image_size=32",
         "data.num_samples=16", "data.num_workers=0", "data.cache=false", "mask.num_visible=12", "optim.lr=1e-3",

@@ -24,7 +24,7 @@ def global_batch():
 
 def _worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    from multimae import distributed as D
+    from multimae.engine import distributed as D
 
     info = D.init_distributed("gloo")
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ from multimae import MultiMAE
 from multimae.checkpoint import find_latest, list_checkpoints, load_weights
 from multimae.cli.main import main
 from multimae.config import load_config
-from multimae.training.config import PretrainConfig
-from multimae.training.loop import Trainer
+from multimae.tasks.pretrain_config import PretrainConfig
+from multimae.tasks.pretrain import Trainer
 
 SMALL = ["model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "data.image_size=32",
          "data.num_samples=16", "data.num_workers=0", "data.cache=false", "mask.num_visible=12", "optim.lr=1e-3",

@@ -10,8 +10,8 @@ import torch
 
 from multimae.checkpoint import find_latest, load_weights
 from multimae.config import load_config
-from multimae.training.config import PretrainConfig
-from multimae.training.loop import Trainer
+from multimae.tasks.pretrain_config import PretrainConfig
+from multimae.tasks.pretrain import Trainer
 
 TINY = [
     "model.preset=nano", "model.depth=2", "model.image_size=32", "model.patch_size=8",
@@ -54,7 +54,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_accumulation_matches_a_big_batch(tmp_path):
     """2 micro-batches of 4 accumulate to the gradient of the batch of 8 they came from."""
-    from multimae.training.step import train_step
+    from multimae.engine.step import train_step
 
     cfg = cfg_for(tmp_path, "train.run_name=acc")
     tr = Trainer(cfg)
@@ -81,7 +81,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_non_finite_loss_is_reported(tmp_path):
-    from multimae.training.step import NonFiniteLossError, train_step
+    from multimae.engine.step import NonFiniteLossError, train_step
 
     tr = Trainer(cfg_for(tmp_path, "train.run_name=nan"))
     batch, plan = next(iter(tr.loader))

@@ -6,8 +6,8 @@ from multimae.checkpoint import find_latest, load_weights
 from multimae.config import load_config
 from multimae.data.shards import write_shards
 from multimae.data.synthetic import SyntheticScenes
-from multimae.training.config import PretrainConfig
-from multimae.training.loop import Trainer
+from multimae.tasks.pretrain_config import PretrainConfig
+from multimae.tasks.pretrain import Trainer
 
 TINY = [
     "model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "model.decoder_depth=1",

@@ -12,8 +12,8 @@ from multimae.cli.main import main
 from multimae.config import load_config, to_dict
 from multimae.export import export_onnx, load_exportable, run_onnx
 from multimae.model import ModelConfig, MultiMAE
-from multimae.training.finetune import FinetuneTrainer
-from multimae.training.finetune_config import FinetuneConfig
+from multimae.tasks.finetune import FinetuneTrainer
+from multimae.tasks.finetune_config import FinetuneConfig
 
 ENC = ("model.encoder={preset: nano, dim: 48, depth: 2, num_heads: 2, patch_size: 8, image_size: 32, "
        "modalities: {semseg: {num_classes: 6}}}")
@@ -85,7 +85,7 @@ def test_pretraining_run_encoder_and_cli(tmp_path, capsys):
 
 
 def test_probe_run_exports_the_probe(tmp_path):
-    from multimae.training.probe import run_probe
+    from multimae.tasks.probe import run_probe
 
     cfg = ModelConfig(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32,
                       inputs=["rgb"], outputs=["rgb"], decoder_dim=16, decoder_depth=1, decoder_heads=2)

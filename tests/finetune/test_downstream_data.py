@@ -6,8 +6,8 @@ from multimae.config import load_config
 from multimae.data.downstream import TransferTransform, target_spec
 from multimae.data.errors import DataError
 from multimae.modalities import get
-from multimae.training.finetune_config import FinetuneConfig
-from multimae.training.finetune_data import build_eval_loader, build_train_loader
+from multimae.tasks.finetune_config import FinetuneConfig
+from multimae.tasks.finetune_data import build_eval_loader, build_train_loader
 
 
 def _raw(h=24, w=16, cls=2):

@@ -8,10 +8,10 @@ import torch
 from multimae.checkpoint import find_latest, load_weights, save_checkpoint
 from multimae.config import load_config, to_dict
 from multimae.model import ModelConfig, MultiMAE
-from multimae.training.finetune import FinetuneObjective, FinetuneTrainer, build_loss, build_mixup
-from multimae.training.finetune_config import FinetuneConfig
-from multimae.training.finetune_eval import evaluate_run
-from multimae.training.step import train_step
+from multimae.tasks.finetune import FinetuneObjective, FinetuneTrainer, build_loss, build_mixup
+from multimae.tasks.finetune_config import FinetuneConfig
+from multimae.tasks.finetune_eval import evaluate_run
+from multimae.engine.step import train_step
 
 ENC = dict(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32,
            modalities={"semseg": {"num_classes": 6}})
@@ -153,7 +153,7 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_linear_probe_runs_fast_and_evaluates(tmp_path, pretrain_run):
-    from multimae.training.probe import run_probe
+    from multimae.tasks.probe import run_probe
 
     run, _ = pretrain_run
     cfg = cfg_for(tmp_path, "probe", f"init={run}", "data.train_samples=64", "probe.epochs=20")
@@ -168,7 +168,7 @@ def test_linear_probe_runs_fast_and_evaluates(tmp_path, pretrain_run):
 
 def test_loss_and_mixup_choices(tmp_path):
     cfg = cfg_for(tmp_path, "cls", "aug.mixup=0.8", "model.inputs=[rgb,semseg]")
-    from multimae.training.finetune import prepare
+    from multimae.tasks.finetune import prepare
 
     model, _, cfg = prepare(cfg)
     with pytest.raises(ValueError, match="categorical"):

@@ -12,8 +12,8 @@ from multimae.checkpoint import find_latest, load_weights
 from multimae.config import load_config
 from multimae.data.shards import write_shards
 from multimae.data.synthetic import SyntheticScenes
-from multimae.training.finetune import FinetuneTrainer
-from multimae.training.finetune_config import FinetuneConfig
+from multimae.tasks.finetune import FinetuneTrainer
+from multimae.tasks.finetune_config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_ENCODER = ("model.encoder={preset: nano, dim: 48, depth: 2, num_heads: 2, patch_size: 8, image_size: 32, "

@@ -13,8 +13,8 @@ from PIL import Image
 from multimae.cli.main import main
 from multimae.config import load_config
 from multimae.modalities import get
-from multimae.training.finetune_config import FinetuneConfig
-from multimae.training.finetune_data import build_eval_loader
+from multimae.tasks.finetune_config import FinetuneConfig
+from multimae.tasks.finetune_data import build_eval_loader
 
 TINY = ["model.encoder={preset: nano, dim: 32, depth: 1, num_heads: 2, patch_size: 8, image_size: 32}",
         "data.image_size=32", "data.num_workers=0", "train.batch_size=2", "train.eval_batch_size=4",

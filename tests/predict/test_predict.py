@@ -16,9 +16,9 @@ from multimae.data.downstream import TransferTransform
 from multimae.model import ModelConfig, MultiMAE
 from multimae.data.codecs import decode_image
 from multimae.predict import META_FILE, Predictor, predict_files
-from multimae.training.finetune import prepare
-from multimae.training.finetune_config import FinetuneConfig
-from multimae.training.finetune_data import build_transform
+from multimae.tasks.finetune import prepare
+from multimae.tasks.finetune_config import FinetuneConfig
+from multimae.tasks.finetune_data import build_transform
 
 ENC = "{preset: nano, dim: 48, depth: 2, num_heads: 2, patch_size: 8, image_size: 32, modalities: {semseg: {num_classes: 6}}}"
 HEAD = {"cls": [], "semseg": ["model.head.embed_dim=64"],

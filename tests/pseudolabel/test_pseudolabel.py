@@ -72,8 +72,8 @@ def test_outputs_at_each_images_size_and_dtype(labelled, capsys):
 
 def test_layout_loads_pretrains_and_the_result_labels_again(labelled, tmp_path):
     from multimae.config import load_config
-    from multimae.training.config import PretrainConfig
-    from multimae.training.loop import Trainer
+    from multimae.tasks.pretrain_config import PretrainConfig
+    from multimae.tasks.pretrain import Trainer
 
     _, photos, out = labelled
     ds = FolderDataset(out, "train", ["rgb", "depth", "semseg"])

@@ -5,9 +5,9 @@ import torch
 from multimae.batch import Batch
 
 from multimae.config import load_config
-from multimae.training.config import PretrainConfig
-from multimae.training.loop import Trainer
-from multimae.training.step import train_step
+from multimae.tasks.pretrain_config import PretrainConfig
+from multimae.tasks.pretrain import Trainer
+from multimae.engine.step import train_step
 
 SMALL = ["model.preset=nano", "model.depth=2", "model.image_size=32", "model.patch_size=8", "model.decoder_depth=1",
          "data.image_size=32", "data.num_samples=64", "data.val_samples=8", "data.num_workers=0", "data.cache=false",

@@ -22,9 +22,9 @@ def _worker(rank: int, port: int) -> None:
                       LOCAL_RANK=str(rank))
     warnings.simplefilter("error")  # any warning (the stride one included) fails the step
     torch.set_num_threads(1)
-    from multimae import distributed as D
-    from multimae.training.optim import build_optimizer
-    from multimae.training.step import train_step
+    from multimae.engine import distributed as D
+    from multimae.engine.optim import build_optimizer
+    from multimae.engine.step import train_step
 
     info = D.init_distributed("gloo")
     try:

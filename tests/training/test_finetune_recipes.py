@@ -10,7 +10,7 @@ state the same differences.
 import pytest
 
 from multimae.config import load_config
-from multimae.training.finetune_config import FinetuneConfig
+from multimae.tasks.finetune_config import FinetuneConfig
 
 SEMSEG = {  # run_finetuning_semseg.py defaults + keys shared by the NYUv2 / ADE20K yamls
     "model": "multivit_base", "patch_size": 16, "num_global_tokens": 1, "drop_path_encoder": 0.1,
@@ -152,7 +152,7 @@ def test_deliberate_differences_are_documented_in_the_config(name):
 def test_schedule_and_optimizer_defaults_are_the_official_ones():
     import inspect
 
-    from multimae.training.optim import WarmupCosine, build_optimizer
+    from multimae.engine.optim import WarmupCosine, build_optimizer
 
     assert inspect.signature(build_optimizer).parameters["eps"].default == 1e-8
     assert inspect.signature(WarmupCosine).parameters["warmup_start_lr"].default == 1e-6

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from multimae.training.optim import (
+from multimae.engine.optim import (
     WarmupCosine,
     build_optimizer,
     cosine_schedule,

@@ -8,7 +8,7 @@ resolves to (COMPARED) or listed in NOT_COMPARED with the reason, so a key canno
 import pytest
 
 from multimae.config import load_config
-from multimae.training.config import PretrainConfig
+from multimae.tasks.pretrain_config import PretrainConfig
 
 RECIPE = "configs/pretrain/multimae-b-1600e.yaml"
 
@@ -133,14 +133,14 @@ def test_recipe_matches_the_official_value(key):
 def test_optimizer_eps_default_is_the_official_one():
     import inspect
 
-    from multimae.training.optim import build_optimizer
+    from multimae.engine.optim import build_optimizer
 
     assert inspect.signature(build_optimizer).parameters["eps"].default == OFFICIAL["opt_eps"]
 
 
 def test_warmup_lr_reaches_the_scheduler(tmp_path):
     """optim.warmup_lr is the lr of the first step; it rises linearly to the peak lr."""
-    from multimae.training.loop import Trainer
+    from multimae.tasks.pretrain import Trainer
 
     cfg = load_config(PretrainConfig, "configs/pretrain/synthetic-tiny.yaml", [
         "model.depth=1", "model.image_size=32", "model.patch_size=8", "data.image_size=32", "data.num_samples=16",

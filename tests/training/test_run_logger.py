@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from multimae.training.logging import Progress, RunLogger
+from multimae.engine.logging import Progress, RunLogger
 
 
 def test_jsonl_lines_and_tensorboard(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 import pytest
 
 from multimae.config import ConfigError, from_dict, to_dict
-from multimae.training.config import PretrainConfig, upgrade_saved_config
+from multimae.tasks.pretrain_config import PretrainConfig, upgrade_saved_config
 
 
 def test_train_attention_of_an_old_run_becomes_model_attention() -> None:

@@ -9,8 +9,8 @@ from multimae.config import load_config
 from multimae.data import collate
 from multimae.data.synthetic import SyntheticScenes
 from multimae.data.transforms import PairedTransform
-from multimae.training.config import PretrainConfig
-from multimae.training.step import train_step
+from multimae.tasks.pretrain_config import PretrainConfig
+from multimae.engine.step import train_step
 
 
 def _model(**kw) -> MultiMAE:

@@ -7,7 +7,7 @@ from multimae.checkpoint.convert import ConversionError
 from multimae.config import from_dict, to_dict
 from multimae.heads import default_hooks, default_layer_dims
 from multimae.model import ModelConfig, MultiMAE
-from multimae.training.optim import param_groups
+from multimae.engine.optim import param_groups
 from multimae.transfer import HeadConfig, TransferModel, TransferModelConfig, build_transfer_model
 
 ENC = dict(preset="nano", dim=32, depth=3, num_heads=2, patch_size=16, image_size=32)

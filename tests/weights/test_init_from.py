@@ -6,7 +6,7 @@ from multimae import ModelConfig, MultiMAE
 from multimae.checkpoint.convert import ConversionError
 from multimae.checkpoint.pretrained import init_from
 from multimae.config import load_config
-from multimae.training.config import PretrainConfig
+from multimae.tasks.pretrain_config import PretrainConfig
 from weights_testutils import mae_state_dict
 
 

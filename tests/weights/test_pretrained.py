@@ -9,7 +9,7 @@ from multimae.checkpoint import CheckpointError, save_checkpoint
 from multimae.checkpoint.convert import ConversionError, load_official_multimae
 from multimae.checkpoint.pretrained import load_pretrained
 from multimae.config import to_dict
-from multimae.training.config import PretrainConfig
+from multimae.tasks.pretrain_config import PretrainConfig
 
 CFG = dict(preset="nano", dim=32, depth=2, num_heads=2, image_size=32, patch_size=8, decoder_dim=16,
            decoder_depth=1, decoder_heads=2, modalities={"semseg": {"num_classes": 5}})

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace, extra: list[str] | None = None):
     from multimae.config import ConfigError, load_config
-    from multimae.training.finetune_config import FinetuneConfig
+    from multimae.tasks.finetune_config import FinetuneConfig
 
     try:
         return load_config(FinetuneConfig, args.config, list(args.overrides) + (extra or []))
@@ -50,7 +50,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     cfg = _load(args, [f"train.resume={args.resume}"] if args.resume else None)
     if cfg is None:
         return 2
-    from multimae.training.finetune import FinetuneTrainer
+    from multimae.tasks.finetune import FinetuneTrainer
 
     trainer = FinetuneTrainer(cfg)
     run_dir = trainer.fit()
@@ -61,7 +61,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from multimae.config import ConfigError
-    from multimae.training.finetune_eval import evaluate_run
+    from multimae.tasks.finetune_eval import evaluate_run
 
     try:
         evaluate_run(args.checkpoint, list(args.overrides))
@@ -75,7 +75,7 @@ def run_probe(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return 2
-    from multimae.training.probe import run_probe as probe
+    from multimae.tasks.probe import run_probe as probe
 
     run_dir, _ = probe(cfg)
     print(f"run directory: {run_dir}")

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from multimae.config import ConfigError, load_config, resolve_config_path
-    from multimae.training.config import PretrainConfig
+    from multimae.tasks.pretrain_config import PretrainConfig
 
     overrides = list(args.overrides)
     if args.resume:
@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from multimae.training.report import finish_run
-    from multimae.training.loop import Trainer
+    from multimae.tasks.pretrain_report import finish_run
+    from multimae.tasks.pretrain import Trainer
 
     trainer = Trainer(cfg)
     run_dir = trainer.fit()

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from multimae.training.inference import load_pretrained, visualize_files, visualize_heldout
+    from multimae.tasks.inference import load_pretrained, visualize_files, visualize_heldout
     from multimae.viz import save_png
 
     model, cfg, ckpt = load_pretrained(args.checkpoint)

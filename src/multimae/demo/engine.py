@@ -470,7 +470,7 @@ def engine_from_checkpoint(path: str | Path, data: str | Path | None = None, spl
     ``data``: a folder dataset root to offer samples from (default: the run's own, when it
     trained on one); ``split``: its split (default ``val`` when it exists, else the run's).
     """
-    from multimae.training.inference import load_pretrained
+    from multimae.tasks.inference import load_pretrained
 
     model, cfg, _ = load_pretrained(path)
     root = data if data is not None else (cfg.data.root if cfg.data.source == "folder" else None)

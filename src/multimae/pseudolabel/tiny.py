@@ -52,7 +52,7 @@ def save_random_multimae(run_dir: str | os.PathLike, preset: str = "base", image
     from multimae.checkpoint import save_checkpoint
     from multimae.config import to_dict
     from multimae.model import ModelConfig, MultiMAE
-    from multimae.training.config import PretrainConfig
+    from multimae.tasks.pretrain_config import PretrainConfig
 
     cfg = PretrainConfig(model=ModelConfig(preset=preset, image_size=image_size, inputs=["rgb"],
                                            outputs=["depth", "semseg"],

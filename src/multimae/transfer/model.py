@@ -6,7 +6,7 @@ modalities, concatenated in the order of ``TransferModelConfig.inputs`` -> the g
 appended -> pre-norm transformer blocks (stochastic depth) -> no final norm.
 
 Parameter names are chosen for layer-wise lr decay with
-:func:`multimae.training.optim.vit_layer_id`: ``encoder.input_adapters.*`` and
+:func:`multimae.engine.optim.vit_layer_id`: ``encoder.input_adapters.*`` and
 ``encoder.global_tokens`` are layer 0, ``encoder.blocks.<i>.*`` layer i+1, everything under
 ``head.`` the last layer (no head parameter name contains ``blocks.<i>.`` or an embedding pattern).
 """
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from multimae.adapters.output import Segment
 from multimae.heads import ClassificationHead, DPTHead, SegmentationHead, default_hooks, default_layer_dims
 from multimae.model import ModelConfig, MultiMAE
-from multimae.training.optim import vit_layer_id
+from multimae.engine.optim import vit_layer_id
 
 HeadKind = Literal["classification", "segmentation", "depth", "dense"]
 
@@ -219,7 +219,7 @@ class TransferModel(nn.Module):
         return self.num_layers + 1
 
     def encoder_layer_ids(self) -> Callable[[str], int]:
-        """``param name -> layer id`` for :func:`multimae.training.optim.param_groups` (``layer_id_fn``)."""
+        """``param name -> layer id`` for :func:`multimae.engine.optim.param_groups` (``layer_id_fn``)."""
         return self.layer_id
 
     def no_weight_decay(self) -> set[str]:

@@ -26,8 +26,8 @@ from torch import Tensor
 
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.evaluation import metrics as M
-from multimae.training.finetune_config import FinetuneConfig, target_of
-from multimae.training.step import autocast
+from multimae.tasks.finetune_config import FinetuneConfig, target_of
+from multimae.engine.step import autocast
 
 BASELINE_SAMPLES = 512
 #: Metric direction, for the "better" column: True = higher is better.
@@ -96,7 +96,7 @@ def fit_baseline(cfg: FinetuneConfig, input_specs: Sequence[Any], limit: int = B
                  ) -> dict[str, Any]:
     """The constant answer of the training split: {"kind": "class", "value": c} or
     {"kind": "mean", "value": [per-channel mean]}."""
-    from multimae.training.finetune_data import build_eval_loader
+    from multimae.tasks.finetune_data import build_eval_loader
 
     kind = cfg.model.head.kind
     K = int(cfg.model.head.num_classes or 0)
@@ -153,7 +153,7 @@ def evaluate_model(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.de
 
     Returns {"metrics", "baseline", "baseline_answer", "per_class_iou"?, "num_samples", "split"}.
     """
-    from multimae.training.finetune_data import build_eval_loader
+    from multimae.tasks.finetune_data import build_eval_loader
 
     specs = list(model.encoder.specs.values())  # type: ignore[union-attr]
     split = split or cfg.data.split
@@ -282,8 +282,8 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = (), device: str = 
 
 def _evaluate_probe(model: Any, weights: dict[str, Tensor], cfg: FinetuneConfig, device: str) -> dict[str, Any]:
     from multimae.checkpoint.convert import load_state_strict
-    from multimae.training.finetune_data import build_eval_loader
-    from multimae.training.probe import PROBE_PREFIX, LinearProbe, extract_features, probe_scores
+    from multimae.tasks.finetune_data import build_eval_loader
+    from multimae.tasks.probe import PROBE_PREFIX, LinearProbe, extract_features, probe_scores
 
     load_state_strict(model, {k: v for k, v in weights.items() if not k.startswith(PROBE_PREFIX)}, "probe run")
     K = int(cfg.model.head.num_classes or 0)

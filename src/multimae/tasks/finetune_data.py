@@ -21,7 +21,7 @@ from multimae.data.errors import DataError
 from multimae.data.loader import CachedDataset, ResumableBatchSampler, SeededAugment, shard_urls
 from multimae.modalities import ModalitySpec
 from multimae.seeding import derive_seed
-from multimae.training.finetune_config import SPLITS, FinetuneConfig, target_of
+from multimae.tasks.finetune_config import SPLITS, FinetuneConfig, target_of
 
 #: Tasks evaluated by letterboxing (resize longest side + pad) rather than a centre crop.
 DENSE_KINDS = ("segmentation", "depth", "dense")

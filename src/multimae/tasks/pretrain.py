@@ -3,7 +3,7 @@
 Rank-aware (torchrun + DDP), resumable to the exact step (weights, optimizer, schedule, RNG and
 data position live in every checkpoint), logging to a progress bar, ``metrics.jsonl`` and
 TensorBoard. The loop never looks at modality names: it moves ``(batch, plan)`` pairs from the
-loader (:mod:`multimae.data.loader`) into :func:`multimae.training.step.train_step`.
+loader (:mod:`multimae.data.loader`) into :func:`multimae.engine.step.train_step`.
 """
 from __future__ import annotations
 
@@ -16,18 +16,18 @@ from typing import Any
 import torch
 
 from multimae import config as config_lib
-from multimae import distributed as D
+from multimae.engine import distributed as D
 from multimae.batch import Batch
 from multimae.checkpoint import find_latest, resolve_checkpoint, restore_rng_state, save_checkpoint
 from multimae.data.loader import BatchSpec, build_loader, data_counts, load_text_tokenizer
 from multimae.masking import MaskPlan
 from multimae.model import MultiMAE
 from multimae.perf import tune_malloc
-from multimae.training.config import PretrainConfig
-from multimae.training.logging import Progress, RunLogger
-from multimae.training.optim import WarmupCosine, build_optimizer, scaled_lr
-from multimae.training.state import restore_train_state, train_state
-from multimae.training.step import train_step
+from multimae.tasks.pretrain_config import PretrainConfig
+from multimae.engine.logging import Progress, RunLogger
+from multimae.engine.optim import WarmupCosine, build_optimizer, scaled_lr
+from multimae.engine.state import restore_train_state, train_state
+from multimae.engine.step import train_step
 
 
 def _move(batch: Batch, plan: MaskPlan, device: torch.device) -> tuple[Batch, MaskPlan]:

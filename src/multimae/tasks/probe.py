@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from multimae import config as config_lib
 from multimae.checkpoint import save_checkpoint
 from multimae.data.downstream import TARGET
-from multimae.training.finetune import default_run_name, prepare
-from multimae.training.finetune_config import FinetuneConfig
-from multimae.training.logging import Progress, RunLogger
-from multimae.training.optim import WarmupCosine
+from multimae.tasks.finetune import default_run_name, prepare
+from multimae.tasks.finetune_config import FinetuneConfig
+from multimae.engine.logging import Progress, RunLogger
+from multimae.engine.optim import WarmupCosine
 from multimae.transfer import LoadReport, TransferModel
 
 PROBE_PREFIX = "probe."
@@ -108,7 +108,7 @@ class ProbeFeatures:
 
     model: TransferModel
     report: LoadReport
-    cfg: FinetuneConfig  # completed by :func:`~multimae.training.finetune.prepare`
+    cfg: FinetuneConfig  # completed by :func:`~multimae.tasks.finetune.prepare`
     train_x: Tensor
     train_y: Tensor
     eval_x: Tensor
@@ -118,7 +118,7 @@ class ProbeFeatures:
 
 def probe_features(cfg: FinetuneConfig) -> ProbeFeatures:
     """Build the frozen encoder (seeded by ``train.seed``) and extract both splits' features once."""
-    from multimae.training.finetune_data import build_eval_loader
+    from multimae.tasks.finetune_data import build_eval_loader
 
     torch.manual_seed(cfg.train.seed)
     model, report, cfg = prepare(cfg)
@@ -134,7 +134,7 @@ def probe_features(cfg: FinetuneConfig) -> ProbeFeatures:
 def run_probe(cfg: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     """Linear-probe ``cfg.init`` on ``cfg.data`` (classification); returns the run directory and
     the evaluation result (metrics, baseline)."""
-    from multimae.training.finetune_eval import class_baseline, write_report
+    from multimae.tasks.finetune_eval import class_baseline, write_report
 
     if cfg.model.head.kind != "classification":
         raise ValueError(f"a linear probe classifies: model.head.kind must be classification, not {cfg.model.head.kind}")

@@ -14,7 +14,7 @@ from multimae.data.errors import DataError
 from multimae.data.loader import BatchSpec, MaskCollator, eval_batches
 from multimae.model import MultiMAE
 from multimae.seeding import generator
-from multimae.training.config import PretrainConfig, upgrade_saved_config
+from multimae.tasks.pretrain_config import PretrainConfig, upgrade_saved_config
 from multimae.viz import reconstruction_grid, run_vocabulary
 
 

@@ -1,9 +1,9 @@
 """The fine-tuning loop: ``finetune(config) -> run directory``.
 
 A fine-tune is the pretraining engine with a head and another loss: the same
-:func:`~multimae.training.step.train_step` (accumulation, clipping, autocast, non-finite checks)
+:func:`~multimae.engine.step.train_step` (accumulation, clipping, autocast, non-finite checks)
 drives a :class:`FinetuneObjective` (transfer model + task loss + mixup), optimised by AdamW with
-layer-wise lr decay under the warm-up + cosine :class:`~multimae.training.optim.WarmupCosine`.
+layer-wise lr decay under the warm-up + cosine :class:`~multimae.engine.optim.WarmupCosine`.
 Rank-aware (torchrun + DDP), resumable to the exact step (weights, optimizer, schedule, RNG and
 data position are in every checkpoint), logging to a progress bar, ``metrics.jsonl`` and
 TensorBoard, and ending with ``eval.md`` / ``eval.json`` (metrics on ``data.split`` next to a
@@ -22,16 +22,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multimae import config as config_lib
-from multimae import distributed as D
+from multimae.engine import distributed as D
 from multimae.checkpoint import CheckpointError, find_latest, resolve_checkpoint, restore_rng_state, save_checkpoint
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.layers.attention import set_attention
 from multimae.perf import tune_malloc
-from multimae.training.finetune_config import FinetuneConfig, target_of
-from multimae.training.logging import Progress, RunLogger
-from multimae.training.optim import WarmupCosine, build_optimizer, scaled_lr
-from multimae.training.state import restore_train_state, train_state
-from multimae.training.step import train_step
+from multimae.tasks.finetune_config import FinetuneConfig, target_of
+from multimae.engine.logging import Progress, RunLogger
+from multimae.engine.optim import WarmupCosine, build_optimizer, scaled_lr
+from multimae.engine.state import restore_train_state, train_state
+from multimae.engine.step import train_step
 from multimae.transfer import LoadReport, TransferModel, build_transfer_model
 
 LossFn = Callable[[Tensor, dict[str, Any]], Tensor]
@@ -98,7 +98,7 @@ def build_mixup(cfg: FinetuneConfig) -> Any:
 
 @dataclass
 class StepOutput:
-    """What :func:`~multimae.training.step.train_step` reads from a forward pass."""
+    """What :func:`~multimae.engine.step.train_step` reads from a forward pass."""
 
     loss: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
@@ -176,7 +176,7 @@ class FinetuneTrainer:
     ``train.max_steps``), evaluates on ``data.split`` and returns the run directory."""
 
     def __init__(self, cfg: FinetuneConfig) -> None:
-        from multimae.training.finetune_data import build_train_loader, check_eval_data
+        from multimae.tasks.finetune_data import build_train_loader, check_eval_data
 
         self.info = D.init_distributed()
         t = cfg.train
@@ -307,7 +307,7 @@ class FinetuneTrainer:
     def _evaluate(self, logger: RunLogger, final: bool) -> None:
         """Score ``data.split`` on rank 0 (others wait); the final one writes eval.md / eval.json."""
         if self.info.is_main:
-            from multimae.training.finetune_eval import evaluate_model, write_report
+            from multimae.tasks.finetune_eval import evaluate_model, write_report
 
             res = evaluate_model(self.model, self.cfg, device=self.device)
             logger.log_scalars(self.step, {f"eval/{k}": v for k, v in res["metrics"].items()})
