@@ -35,7 +35,8 @@ def main() -> int:
     from multimae.data.synthetic import COLORS, OBJECT_TYPES
     from multimae.evaluation.text_eval import caption_word_accuracy, caption_word_recall
     from multimae.tasks.pretrain_config import PretrainConfig
-    from multimae.tasks.pretrain import Trainer
+    from multimae.engine.trainer import Trainer
+    from multimae.tasks.pretrain import PretrainTask
     from multimae.data.loader import BatchSpec, eval_batches, load_text_tokenizer, text_collator
     from multimae.data.synthetic import SyntheticScenes
 
@@ -45,7 +46,7 @@ def main() -> int:
     per_epoch = cfg.data.num_samples // cfg.train.batch_size
     cfg.train.epochs = -(-args.steps // per_epoch)  # the cosine schedule ends with the run
     t0 = time.time()
-    trainer = Trainer(cfg)
+    trainer = Trainer(PretrainTask(cfg))
     if not args.eval_only:
         trainer.fit()
     train_s = time.time() - t0

@@ -326,11 +326,12 @@ def run_job(job: Job, out: str, budget: Budget, cls_epochs: int | None) -> dict[
         torch.set_num_threads(1)
         if job.stage == "pretrain":
             from multimae.tasks.pretrain_config import PretrainConfig
-            from multimae.tasks.pretrain import Trainer
+            from multimae.engine.trainer import Trainer
+            from multimae.tasks.pretrain import PretrainTask
 
             cfg_path, extra = PRETRAIN[job.arm]
             cfg = load_config(PretrainConfig, ROOT / cfg_path, extra + _pretrain_overrides(job, out_p, budget))
-            trainer = Trainer(cfg)
+            trainer = Trainer(PretrainTask(cfg))
             trainer.fit()
             res = {"steps": trainer.step, "total_steps": trainer.total_steps, "batch_size": cfg.train.batch_size,
                    "num_visible": cfg.mask.num_visible, "mask": asdict(cfg.mask),
@@ -342,11 +343,12 @@ def run_job(job: Job, out: str, budget: Budget, cls_epochs: int | None) -> dict[
             cfg_path, _, kind = TASKS[job.task]
             cfg = load_config(FinetuneConfig, ROOT / cfg_path, _transfer_overrides(job, out_p, budget, cls_epochs))
             if kind == "finetune":
-                from multimae.tasks.finetune import FinetuneTrainer
+                from multimae.engine.trainer import Trainer
+                from multimae.tasks.finetune import FinetuneTask
 
-                trainer = FinetuneTrainer(cfg)
+                trainer = Trainer(FinetuneTask(cfg))
                 trainer.fit()
-                res = dict(trainer.eval_result or {})
+                res = dict(trainer.task.eval_result or {})
                 res["steps"] = trainer.step
             elif kind == "probe":
                 from multimae.tasks.probe import run_probe

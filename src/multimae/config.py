@@ -388,7 +388,12 @@ def _build_dataclass(cls: type[T], value: Any, key: str) -> T:
     kwargs = {}
     for name, f in fields.items():
         if name in value:
-            kwargs[name] = _convert(hints.get(name, Any), value[name], _join(key, name))
+            given = value[name]
+            if isinstance(given, Mapping) and f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+                if dataclasses.is_dataclass(default) and default != type(default)():
+                    given = {**to_dict(default), **given}  # a section keeps its holder's own defaults
+            kwargs[name] = _convert(hints.get(name, Any), given, _join(key, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key '{_join(key, name)}'")
     try:

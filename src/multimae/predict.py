@@ -109,9 +109,9 @@ class Predictor:
         elif meta.get("kind") == "probe":
             raise DataError(f"{ckpt}: a linear probe run; predict takes fine-tuning or pretraining runs")
         else:
-            from multimae.tasks.inference import load_pretrained
+            from multimae.tasks.inference import load_pretrain_run
 
-            model, pcfg, _ = load_pretrained(ckpt)
+            model, pcfg, _ = load_pretrain_run(ckpt)
             names = [n for n, s in model.input_specs.items() if s.is_spatial]
             chosen = list(inputs) if inputs is not None else names[:1]
             bad = [n for n in chosen if n not in model.input_specs]

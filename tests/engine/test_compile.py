@@ -14,7 +14,8 @@ from multimae.checkpoint import find_latest, load_weights
 from multimae.config import load_config
 from multimae.model import MultiMAE
 from multimae.tasks.pretrain_config import PretrainConfig
-from multimae.tasks.pretrain import Trainer
+from multimae.engine.trainer import Trainer
+from multimae.tasks.pretrain import PretrainTask
 
 NANO = ["model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "data.image_size=32",
         "data.num_samples=16", "data.num_workers=0", "data.cache=false", "mask.num_visible=12", "optim.lr=1e-3",
@@ -29,10 +30,10 @@ def _losses(run) -> list[float]:
 def _check(tmp_path, backend: str, rel: float) -> None:
     cfg = lambda name, *extra: load_config(PretrainConfig, "configs/pretrain/synthetic-tiny.yaml",  # noqa: E731
                                            NANO + [f"train.out_dir={tmp_path}", f"train.run_name={name}", *extra])
-    compiled = Trainer(cfg("compiled", "train.compile=true", f"train.compile_backend={backend}"))
+    compiled = Trainer(PretrainTask(cfg("compiled", "train.compile=true", f"train.compile_backend={backend}")))
     assert compiled.net is not compiled.model and hasattr(compiled.net, "_orig_mod")
     run = compiled.fit()
-    eager = Trainer(cfg("eager")).fit()
+    eager = Trainer(PretrainTask(cfg("eager"))).fit()
     got, want = _losses(run), _losses(eager)
     assert len(got) == len(want) == 2 and all(torch.isfinite(torch.tensor(got)))
     assert got == pytest.approx(want, rel=rel)

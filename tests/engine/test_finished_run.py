@@ -10,7 +10,8 @@ from multimae.checkpoint import find_latest, list_checkpoints, load_weights
 from multimae.cli.main import main
 from multimae.config import load_config
 from multimae.tasks.pretrain_config import PretrainConfig
-from multimae.tasks.pretrain import Trainer
+from multimae.engine.trainer import Trainer
+from multimae.tasks.pretrain import PretrainTask
 
 SMALL = ["model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "data.image_size=32",
          "data.num_samples=16", "data.num_workers=0", "data.cache=false", "mask.num_visible=12", "optim.lr=1e-3",
@@ -21,8 +22,8 @@ SMALL = ["model.preset=nano", "model.depth=1", "model.image_size=32", "model.pat
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    trainer = Trainer(load_config(PretrainConfig, "configs/pretrain/synthetic-tiny.yaml",
-                                  SMALL + [f"train.out_dir={out}", "train.run_name=done"]))
+    trainer = Trainer(PretrainTask(load_config(PretrainConfig, "configs/pretrain/synthetic-tiny.yaml",
+                                  SMALL + [f"train.out_dir={out}", "train.run_name=done"])))
     return trainer, trainer.fit()
 
 

@@ -11,7 +11,8 @@ import torch
 from multimae.checkpoint import find_latest, load_weights
 from multimae.config import load_config
 from multimae.tasks.pretrain_config import PretrainConfig
-from multimae.tasks.pretrain import Trainer
+from multimae.engine.trainer import Trainer
+from multimae.tasks.pretrain import PretrainTask
 
 TINY = [
     "model.preset=nano", "model.depth=2", "model.image_size=32", "model.patch_size=8",
@@ -28,7 +29,7 @@ def cfg_for(tmp_path, *extra):
 
 def test_loss_falls_on_synthetic_scenes(tmp_path):
     cfg = cfg_for(tmp_path, "train.run_name=fall", "train.epochs=8", "data.num_samples=128")
-    run = Trainer(cfg).fit()
+    run = Trainer(PretrainTask(cfg)).fit()
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     first = sum(r["loss"] for r in rows[:3]) / 3
     last = sum(r["loss"] for r in rows[-3:]) / 3
@@ -38,9 +39,9 @@ def test_loss_falls_on_synthetic_scenes(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    full = Trainer(cfg_for(tmp_path, "train.run_name=a", "train.max_steps=10", "train.ckpt_every=100")).fit()
-    Trainer(cfg_for(tmp_path, "train.run_name=b", "train.max_steps=5", "train.ckpt_every=100")).fit()
-    resumed = Trainer(cfg_for(tmp_path, "train.run_name=b", "train.max_steps=10", "train.ckpt_every=100"))
+    full = Trainer(PretrainTask(cfg_for(tmp_path, "train.run_name=a", "train.max_steps=10", "train.ckpt_every=100"))).fit()
+    Trainer(PretrainTask(cfg_for(tmp_path, "train.run_name=b", "train.max_steps=5", "train.ckpt_every=100"))).fit()
+    resumed = Trainer(PretrainTask(cfg_for(tmp_path, "train.run_name=b", "train.max_steps=10", "train.ckpt_every=100")))
     assert resumed.step == 5
     resumed.fit()
     wa, wb = load_weights(find_latest(full)), load_weights(find_latest(tmp_path / "b"))
@@ -48,7 +49,7 @@ def test_resume_continues_exactly(tmp_path):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     # and the run did change the weights (the check above cannot pass vacuously)
-    init = Trainer(cfg_for(tmp_path, "train.run_name=c", "train.max_steps=0", "train.resume=null")).model.state_dict()
+    init = Trainer(PretrainTask(cfg_for(tmp_path, "train.run_name=c", "train.max_steps=0", "train.resume=null"))).model.state_dict()
     assert not torch.equal(init["encoder.0.attn.qkv.weight"], wa["encoder.0.attn.qkv.weight"])
 
 
@@ -57,7 +58,7 @@ def test_accumulation_matches_a_big_batch(tmp_path):
     from multimae.engine.step import train_step
 
     cfg = cfg_for(tmp_path, "train.run_name=acc")
-    tr = Trainer(cfg)
+    tr = Trainer(PretrainTask(cfg))
     batch, plan = next(iter(tr.loader))
     model = tr.model
     halves = [({k: v[s] for k, v in batch.items() if isinstance(v, torch.Tensor)}, plan.__class__({k: m[s] for k, m in plan.masks.items()}))
@@ -83,7 +84,7 @@ def test_config_errors_name_the_key(tmp_path):
 def test_non_finite_loss_is_reported(tmp_path):
     from multimae.engine.step import NonFiniteLossError, train_step
 
-    tr = Trainer(cfg_for(tmp_path, "train.run_name=nan"))
+    tr = Trainer(PretrainTask(cfg_for(tmp_path, "train.run_name=nan")))
     batch, plan = next(iter(tr.loader))
     batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     batch["depth"] = batch["depth"].clone()
@@ -102,7 +103,7 @@ def test_pretrain_streams_webdataset_shards(tmp_path):
     assert len(urls) == 3
     cfg = cfg_for(tmp_path, "train.run_name=shards", "data.source=shards", f"data.urls={','.join(urls)}",
                   "data.num_samples=48", "data.shuffle_buffer=16", "train.epochs=2", "train.eval_at_end=false")
-    tr = Trainer(cfg)
+    tr = Trainer(PretrainTask(cfg))
     assert tr.steps_per_epoch == 6
     run = tr.fit()
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

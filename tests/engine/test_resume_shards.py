@@ -7,7 +7,8 @@ from multimae.config import load_config
 from multimae.data.shards import write_shards
 from multimae.data.synthetic import SyntheticScenes
 from multimae.tasks.pretrain_config import PretrainConfig
-from multimae.tasks.pretrain import Trainer
+from multimae.engine.trainer import Trainer
+from multimae.tasks.pretrain import PretrainTask
 
 TINY = [
     "model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "model.decoder_depth=1",
@@ -27,16 +28,16 @@ def test_shard_run_resumed_mid_epoch_matches_uninterrupted(tmp_path):
                            TINY + [f"train.out_dir={tmp_path}", f"data.urls={','.join(urls)}", f"train.run_name={name}",
                                    f"train.max_steps={steps}", *extra])
 
-    full = Trainer(cfg("full", 9))
+    full = Trainer(PretrainTask(cfg("full", 9)))
     assert full.steps_per_epoch == 6
     full.fit()
-    Trainer(cfg("cut", 7)).fit()  # stops at batch 1 of epoch 1 (odd: the DataLoader workers swap roles)
-    resumed = Trainer(cfg("cut", 9))
+    Trainer(PretrainTask(cfg("cut", 7))).fit()  # stops at batch 1 of epoch 1 (odd: the DataLoader workers swap roles)
+    resumed = Trainer(PretrainTask(cfg("cut", 9)))
     assert resumed.step == 7
     resumed.fit()
     wa, wb = load_weights(find_latest(tmp_path / "full")), load_weights(find_latest(tmp_path / "cut"))
     assert set(wa) == set(wb)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    init = Trainer(cfg("init", 0, "train.resume=null")).model.state_dict()
+    init = Trainer(PretrainTask(cfg("init", 0, "train.resume=null"))).model.state_dict()
     assert not torch.equal(init["encoder.0.attn.qkv.weight"], wa["encoder.0.attn.qkv.weight"])

@@ -12,7 +12,8 @@ from multimae.cli.main import main
 from multimae.config import load_config, to_dict
 from multimae.export import export_onnx, load_exportable, run_onnx
 from multimae.model import ModelConfig, MultiMAE
-from multimae.tasks.finetune import FinetuneTrainer
+from multimae.engine.trainer import Trainer
+from multimae.tasks.finetune import FinetuneTask
 from multimae.tasks.finetune_config import FinetuneConfig
 
 ENC = ("model.encoder={preset: nano, dim: 48, depth: 2, num_heads: 2, patch_size: 8, image_size: 32, "
@@ -27,7 +28,7 @@ def _run(tmp_path, task, *extra):
     ov = [o for o in ov if task in ("depth", "normals") or ("feature_dim" not in o and "layer_dims" not in o)]
     cfg = load_config(FinetuneConfig, f"configs/finetune/synthetic-{task}.yaml",
                       ov + [f"train.out_dir={tmp_path}", "train.run_name=r", *extra])
-    return FinetuneTrainer(cfg).fit(evaluate=False)
+    return Trainer(FinetuneTask(cfg)).fit(evaluate=False)
 
 
 def _check(run, out, batch=5, **kw):

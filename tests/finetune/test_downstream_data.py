@@ -51,8 +51,9 @@ def test_folder_classification_layout(tmp_path):
     batch = next(iter(build_eval_loader(cfg, specs)))
     want = {f"{LABEL_CLASSES[int(s['label'])]}/{s['__key__']}": int(s["label"])
             for s in SyntheticScenes(8, 32, seed=4, modalities=["label"])}
-    assert dict(zip(batch["__key__"], batch["target"].tolist())) == want
+    assert dict(zip(batch.extra["__key__"], batch["target"].tolist())) == want
     assert batch["rgb"].shape == (8, 3, 32, 32) and batch["depth"].shape == (8, 1, 32, 32)
-    loader, sampler, per_epoch = build_train_loader(cfg, specs)
+    loader, position = build_train_loader(cfg, specs)
+    per_epoch = len(position)
     (b, _), = [next(iter(loader))]
-    assert per_epoch == 2 and b["target"].shape == (4,) and "__batch__" not in b
+    assert per_epoch == 2 and b["target"].shape == (4,) and "__batch__" not in b and "__batch__" not in b.extra

@@ -8,9 +8,10 @@ import torch
 from multimae.checkpoint import find_latest, load_weights, save_checkpoint
 from multimae.config import load_config, to_dict
 from multimae.model import ModelConfig, MultiMAE
-from multimae.tasks.finetune import FinetuneObjective, FinetuneTrainer, build_loss, build_mixup
+from multimae.engine.trainer import Trainer
+from multimae.tasks.finetune import FinetuneObjective, FinetuneTask, build_loss, build_mixup
 from multimae.tasks.finetune_config import FinetuneConfig
-from multimae.tasks.finetune_eval import evaluate_run
+from multimae.tasks.evaluate import evaluate_run
 from multimae.engine.step import train_step
 
 ENC = dict(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32,
@@ -45,7 +46,7 @@ def pretrain_run(tmp_path_factory):
 
 def test_init_from_pretraining_run_gradients_and_layer_decay(tmp_path, pretrain_run):
     run, sd = pretrain_run
-    tr = FinetuneTrainer(cfg_for(tmp_path, "semseg", f"init={run}", "optim.layer_decay=0.75"))
+    tr = Trainer(FinetuneTask(cfg_for(tmp_path, "semseg", f"init={run}", "optim.layer_decay=0.75")))
     own = tr.model.state_dict()
     for i in range(2):  # every encoder tensor is the checkpoint's, exactly
         for k in [k for k in sd if k.startswith(f"encoder.{i}.")]:
@@ -53,7 +54,7 @@ def test_init_from_pretraining_run_gradients_and_layer_decay(tmp_path, pretrain_
     for k in [k for k in sd if k.startswith("input_adapters.rgb.")]:
         assert torch.equal(own["encoder." + k], sd[k]), k
     assert torch.equal(own["encoder.global_tokens"], sd["global_tokens"])
-    assert tr.report.new_inputs == [] and any(k.startswith("head.") for k in tr.report.missing)
+    assert tr.task.report.new_inputs == [] and any(k.startswith("head.") for k in tr.task.report.missing)
 
     # layer decay: lr(first block) / lr(last block) = 0.75 ** (depth - 1); head at the peak lr
     def lr_of(name):
@@ -65,7 +66,7 @@ def test_init_from_pretraining_run_gradients_and_layer_decay(tmp_path, pretrain_
         tr.scheduler.step()
 
     # one step: the head and the encoder (blocks and input projection) all get gradients
-    micro = next(tr._batches())
+    micro = next(tr.batches())
     stats = train_step(tr.net, micro, tr.optimizer, scheduler=tr.scheduler)
     assert torch.isfinite(torch.tensor(stats["loss"]))
     for prefix in ("head.", "encoder.blocks.0.", "encoder.input_adapters.rgb."):
@@ -76,8 +77,8 @@ def test_init_from_pretraining_run_gradients_and_layer_decay(tmp_path, pretrain_
 def test_never_pretrained_modality_and_multimodal_input(tmp_path, pretrain_run):
     """rgb + depth on an encoder pretrained without depth: depth gets a fresh projection that trains."""
     run, sd = pretrain_run
-    tr = FinetuneTrainer(cfg_for(tmp_path, "depth", f"init={run}", "model.inputs=[rgb,depth]", "train.max_steps=2"))
-    assert tr.report.new_inputs == ["depth"]
+    tr = Trainer(FinetuneTask(cfg_for(tmp_path, "depth", f"init={run}", "model.inputs=[rgb,depth]", "train.max_steps=2")))
+    assert tr.task.report.new_inputs == ["depth"]
     assert torch.equal(tr.model.state_dict()["encoder.blocks.1.mlp.fc1.weight"], sd["encoder.1.mlp.fc1.weight"])
     before = tr.model.encoder.input_adapters["depth"].proj.weight.detach().clone()
     tr.fit()
@@ -106,8 +107,8 @@ def learned(tmp_path_factory):
         if task not in runs:
             extra, _, _ = LEARN[task]
             d = tmp_path_factory.mktemp(task)
-            runs[task] = FinetuneTrainer(cfg_for(d, task, *extra, "optim.warmup_epochs=0.5",
-                                                 "data.crop_scale=[0.6,1.0]")).fit()
+            runs[task] = Trainer(FinetuneTask(cfg_for(d, task, *extra, "optim.warmup_epochs=0.5",
+                                                 "data.crop_scale=[0.6,1.0]"))).fit()
         return runs[task]
     return get
 
@@ -139,16 +140,16 @@ def test_resume_is_exact(tmp_path):
     (timm, numpy RNG) and drop path (torch RNG) all drawing randomness."""
     extra = ["aug.randaugment=true", "aug.mixup=0.8", "aug.cutmix=1.0", "train.epochs=2", "train.ckpt_every=100",
              "model.drop_path=0.2"]
-    full = FinetuneTrainer(cfg_for(tmp_path, "cls", *extra, "train.run_name=a")).fit(evaluate=False)
-    FinetuneTrainer(cfg_for(tmp_path, "cls", *extra, "train.run_name=b", "train.max_steps=3")).fit()
-    resumed = FinetuneTrainer(cfg_for(tmp_path, "cls", *extra, "train.run_name=b"))
+    full = Trainer(FinetuneTask(cfg_for(tmp_path, "cls", *extra, "train.run_name=a"))).fit(evaluate=False)
+    Trainer(FinetuneTask(cfg_for(tmp_path, "cls", *extra, "train.run_name=b", "train.max_steps=3"))).fit()
+    resumed = Trainer(FinetuneTask(cfg_for(tmp_path, "cls", *extra, "train.run_name=b")))
     assert resumed.step == 3
     resumed.fit(evaluate=False)
     wa, wb = load_weights(find_latest(full)), load_weights(find_latest(tmp_path / "b"))
     assert set(wa) == set(wb)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    fresh = FinetuneTrainer(cfg_for(tmp_path, "cls", *extra, "train.run_name=c", "train.max_steps=0"))
+    fresh = Trainer(FinetuneTask(cfg_for(tmp_path, "cls", *extra, "train.run_name=c", "train.max_steps=0")))
     assert not torch.equal(fresh.model.state_dict()["head.fc.weight"], wa["head.fc.weight"])
 
 
@@ -168,7 +169,7 @@ def test_linear_probe_runs_fast_and_evaluates(tmp_path, pretrain_run):
 
 def test_loss_and_mixup_choices(tmp_path):
     cfg = cfg_for(tmp_path, "cls", "aug.mixup=0.8", "model.inputs=[rgb,semseg]")
-    from multimae.tasks.finetune import prepare
+    from multimae.tasks.downstream import prepare
 
     model, _, cfg = prepare(cfg)
     with pytest.raises(ValueError, match="categorical"):

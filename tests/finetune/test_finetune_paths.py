@@ -12,7 +12,8 @@ from multimae.checkpoint import find_latest, load_weights
 from multimae.config import load_config
 from multimae.data.shards import write_shards
 from multimae.data.synthetic import SyntheticScenes
-from multimae.tasks.finetune import FinetuneTrainer
+from multimae.engine.trainer import Trainer
+from multimae.tasks.finetune import FinetuneTask
 from multimae.tasks.finetune_config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +52,7 @@ def test_segmentation_and_classification_from_shards(tmp_path):
     assert "4 steps/epoch" in r.stdout  # 16 samples counted from the shards / batch 4
     # classification reads the label from the shards' ``cls`` field (in process: no second CLI start)
     cfg = load_config(FinetuneConfig, "configs/finetune/synthetic-cls.yaml", TINY + shard_args + ["train.run_name=cls"])
-    trainer = FinetuneTrainer(cfg)
+    trainer = Trainer(FinetuneTask(cfg))
     assert trainer.steps_per_epoch == 4
     trainer.fit()
     for task, metric in (("semseg", "miou"), ("cls", "top1")):

@@ -68,7 +68,7 @@ def test_eval_labels_index_the_training_classes(tmp_path):
     cfg = load_config(FinetuneConfig, "configs/finetune/folder-cls.yaml",
                       TINY + [f"data.root={tmp_path}", "model.head.num_classes=3"])
     batch = next(iter(build_eval_loader(cfg, [get("rgb")])))
-    assert dict(zip(batch["__key__"], batch["target"].tolist())) == {"b/b0": 1, "c/c0": 2}
+    assert dict(zip(batch.extra["__key__"], batch["target"].tolist())) == {"b/b0": 1, "c/c0": 2}
 
 
 def test_unknown_eval_class_is_named_before_training(tmp_path, capsys):
@@ -104,7 +104,7 @@ def test_empty_class_directory_trains_with_a_notice(tmp_path, caplog):
     cfg = load_config(FinetuneConfig, "configs/finetune/folder-cls.yaml",
                       TINY + [f"data.root={tmp_path}", "model.head.num_classes=3"])
     batch = next(iter(build_eval_loader(cfg, [get("rgb")])))
-    assert dict(zip(batch["__key__"], batch["target"].tolist())) == {"a/a0": 0, "c/c0": 2}  # b keeps index 1
+    assert dict(zip(batch.extra["__key__"], batch["target"].tolist())) == {"a/a0": 0, "c/c0": 2}  # b keeps index 1
 
 
 def test_semseg_id_out_of_range_names_the_file_and_is_skippable(tmp_path, capsys):

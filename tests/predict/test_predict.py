@@ -16,7 +16,7 @@ from multimae.data.downstream import TransferTransform
 from multimae.model import ModelConfig, MultiMAE
 from multimae.data.codecs import decode_image
 from multimae.predict import META_FILE, Predictor, predict_files
-from multimae.tasks.finetune import prepare
+from multimae.tasks.downstream import prepare
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.finetune_data import build_transform
 

@@ -73,7 +73,8 @@ def test_outputs_at_each_images_size_and_dtype(labelled, capsys):
 def test_layout_loads_pretrains_and_the_result_labels_again(labelled, tmp_path):
     from multimae.config import load_config
     from multimae.tasks.pretrain_config import PretrainConfig
-    from multimae.tasks.pretrain import Trainer
+    from multimae.engine.trainer import Trainer
+    from multimae.tasks.pretrain import PretrainTask
 
     _, photos, out = labelled
     ds = FolderDataset(out, "train", ["rgb", "depth", "semseg"])
@@ -89,7 +90,7 @@ def test_layout_loads_pretrains_and_the_result_labels_again(labelled, tmp_path):
         "data.source=folder", f"data.root={out}", "data.split=train", "data.image_size=32", "data.num_workers=0",
         "data.cache=false", "mask.num_visible=12", "train.batch_size=2", "train.max_steps=2", "train.log_every=1",
         "train.figure_at_end=false", f"train.out_dir={tmp_path}", "train.run_name=pl"])
-    run = Trainer(cfg).fit()
+    run = Trainer(PretrainTask(cfg)).fit()
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows) and "loss/semseg" in rows[-1]
 

@@ -6,7 +6,8 @@ from multimae.batch import Batch
 
 from multimae.config import load_config
 from multimae.tasks.pretrain_config import PretrainConfig
-from multimae.tasks.pretrain import Trainer
+from multimae.engine.trainer import Trainer
+from multimae.tasks.pretrain import PretrainTask
 from multimae.engine.step import train_step
 
 SMALL = ["model.preset=nano", "model.depth=2", "model.image_size=32", "model.patch_size=8", "model.decoder_depth=1",
@@ -17,7 +18,7 @@ SMALL = ["model.preset=nano", "model.depth=2", "model.image_size=32", "model.pat
 def trainer(tmp_path, *extra):
     cfg = load_config(PretrainConfig, "configs/pretrain/synthetic-m3ae-tiny.yaml",
                       SMALL + [f"train.out_dir={tmp_path}", *extra])
-    return Trainer(cfg)
+    return Trainer(PretrainTask(cfg))
 
 
 def test_paired_image_only_and_text_only_batches_train(tmp_path):
@@ -80,7 +81,7 @@ def test_multitask_m3ae_config_trains_with_per_sample_ratios(tmp_path):
                       SMALL + [f"train.out_dir={tmp_path}", "train.run_name=mt", "train.max_steps=2",
                                "train.eval_at_end=false"])
     assert cfg.mask.ratios == {"rgb": (0.25, 0.75), "caption": (0.5, 1.0)}
-    tr = Trainer(cfg)
+    tr = Trainer(PretrainTask(cfg))
     assert set(tr.model.output_specs) == {"rgb", "depth", "semseg", "caption"}
     batch, plan = next(iter(tr.loader))
     real = ~batch.pad["caption"]

@@ -140,13 +140,14 @@ def test_optimizer_eps_default_is_the_official_one():
 
 def test_warmup_lr_reaches_the_scheduler(tmp_path):
     """optim.warmup_lr is the lr of the first step; it rises linearly to the peak lr."""
-    from multimae.tasks.pretrain import Trainer
+    from multimae.engine.trainer import Trainer
+    from multimae.tasks.pretrain import PretrainTask
 
     cfg = load_config(PretrainConfig, "configs/pretrain/synthetic-tiny.yaml", [
         "model.depth=1", "model.image_size=32", "model.patch_size=8", "data.image_size=32", "data.num_samples=16",
         "data.num_workers=0", "data.cache=false", "mask.num_visible=12", "train.batch_size=8", "optim.lr=1e-3",
         "optim.warmup_steps=4", "optim.warmup_lr=3e-5", f"train.out_dir={tmp_path}", "train.resume=null"])
-    tr = Trainer(cfg)
+    tr = Trainer(PretrainTask(cfg))
     lrs = []
     for _ in range(5):
         lrs.append(tr.optimizer.param_groups[0]["lr"])

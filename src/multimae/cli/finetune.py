@@ -50,9 +50,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     cfg = _load(args, [f"train.resume={args.resume}"] if args.resume else None)
     if cfg is None:
         return 2
-    from multimae.tasks.finetune import FinetuneTrainer
+    from multimae.engine.trainer import Trainer
+    from multimae.tasks.finetune import FinetuneTask
 
-    trainer = FinetuneTrainer(cfg)
+    trainer = Trainer(FinetuneTask(cfg))
     run_dir = trainer.fit()
     if trainer.info.is_main:
         print(f"run directory: {run_dir}")
@@ -61,7 +62,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from multimae.config import ConfigError
-    from multimae.tasks.finetune_eval import evaluate_run
+    from multimae.tasks.evaluate import evaluate_run
 
     try:
         evaluate_run(args.checkpoint, list(args.overrides))

@@ -30,12 +30,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from multimae.tasks.pretrain_report import finish_run
-    from multimae.tasks.pretrain import Trainer
+    from multimae.engine.trainer import Trainer
+    from multimae.tasks.pretrain import PretrainTask
 
-    trainer = Trainer(cfg)
-    run_dir = trainer.fit()
-    if trainer.info.is_main:
-        finish_run(trainer, evaluate=cfg.train.eval_at_end and not args.no_eval, figure=cfg.train.figure_at_end)
+    trainer = Trainer(PretrainTask(cfg))
+    run_dir = trainer.fit(evaluate=not args.no_eval)  # held-out eval.md + reconstruction.png at the end
     print(f"run directory: {run_dir}") if trainer.info.is_main else None
     return 0

@@ -22,10 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from multimae.tasks.inference import load_pretrained, visualize_files, visualize_heldout
+    from multimae.tasks.inference import load_pretrain_run, visualize_files, visualize_heldout
     from multimae.viz import save_png
 
-    model, cfg, ckpt = load_pretrained(args.checkpoint)
+    model, cfg, ckpt = load_pretrain_run(args.checkpoint)
     if args.input == "heldout":
         fig = visualize_heldout(model, cfg, args.num, args.seed)
     else:

@@ -204,6 +204,16 @@ class MaskCollator:
         return batch, self.plan(batch, seeded(self.seed, "mask", epoch, self.rank, worker, index))
 
 
+
+#: Offset of the synthetic held-out scenes' stream from the training seed.
+HELD_OUT_OFFSET = 10_000
+
+
+def held_out_seed(seed: int) -> int:
+    """The seed of a pretraining run's held-out synthetic scenes (its end-of-run evaluation, the
+    demo's scenes): ``train.seed + HELD_OUT_OFFSET``."""
+    return seed + HELD_OUT_OFFSET
+
 def resolve_image_size(data: DataConfig, spec: BatchSpec) -> DataConfig:
     """``data`` with ``image_size`` taken from the model's when left None (a copy); a value set on
     purpose is kept (the model resamples its position tables to other sizes)."""
@@ -226,7 +236,7 @@ def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *,
             raise ValueError("data.image_size is None: set it, or take the model's with resolve_image_size")
 
         n = data.num_samples if train else data.val_samples
-        ds: Dataset = SyntheticScenes(n, image_size=data.image_size, seed=seed if train else seed + 10_000,
+        ds: Dataset = SyntheticScenes(n, image_size=data.image_size, seed=seed if train else held_out_seed(seed),
                                       modalities=names)
         return CachedDataset(ds) if data.cache else ds
     if data.source == "folder":

@@ -470,19 +470,19 @@ def engine_from_checkpoint(path: str | Path, data: str | Path | None = None, spl
     ``data``: a folder dataset root to offer samples from (default: the run's own, when it
     trained on one); ``split``: its split (default ``val`` when it exists, else the run's).
     """
-    from multimae.tasks.inference import load_pretrained
+    from multimae.tasks.inference import load_pretrain_run
 
-    model, cfg, _ = load_pretrained(path)
-    root = data if data is not None else (cfg.data.root if cfg.data.source == "folder" else None)
+    from multimae.data.loader import held_out_seed
+    from multimae.data.sources import get_source
+
+    model, cfg, _ = load_pretrain_run(path)
+    source = get_source(cfg.data.source)
+    root = data if data is not None else (cfg.data.root if source.browsable_root else None)
     folder = None
     if root is not None:
         chosen = split or ("val" if (Path(root) / "val").is_dir() else cfg.data.split)
         folder = (root, chosen)
-    names = None
-    if cfg.data.source == "synthetic":
-        from multimae.data.synthetic import SEMSEG_CLASSES
-
-        names = SEMSEG_CLASSES
+    names = source.classes("segmentation")
     tokenizer, ratio = None, 0.75  # M3AE's text mask ratio
     texts = [s for s in model.input_specs.values() if s.kind == "text"]
     if texts:
@@ -493,5 +493,5 @@ def engine_from_checkpoint(path: str | Path, data: str | Path | None = None, spl
         ratio = float(sum(r) / 2 if isinstance(r, (tuple, list)) else r)
     return DemoEngine(model, cfg.data.image_size, cfg.mask.num_visible, cfg.mask.alpha, folder=folder,
                       precision=precision, limits=limits, class_names=names,
-                      scene_seed=cfg.train.seed + 10_000,  # the run's held-out scenes
+                      scene_seed=held_out_seed(cfg.train.seed),  # the run's held-out scenes
                       tokenizer=tokenizer, text_ratio=ratio)

@@ -7,6 +7,7 @@ compile are applied outside (they wrap the model or set the ``precision`` argume
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from multimae.batch import Batch
 from multimae.masking import MaskPlan
 
-Micro = tuple[Batch | dict[str, Any], MaskPlan | None]
+Micro = tuple[Batch, MaskPlan | None]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,7 +47,7 @@ def _check_finite(losses: dict[str, Tensor], step: int | None) -> None:
             "enable gradient clipping (optim.clip_grad), or check the inputs for NaN/inf.")
 
 
-def train_step(model: nn.Module, batch: Batch | dict[str, Any] | Sequence[Micro], optimizer: torch.optim.Optimizer,
+def train_step(model: nn.Module, batch: Batch | Mapping[str, Any] | Sequence[Micro], optimizer: torch.optim.Optimizer,
                plan: MaskPlan | None = None, *, scheduler: Any = None, precision: str = "fp32",
                scaler: "torch.amp.GradScaler | None" = None, clip_grad: float | None = None,
                step: int | None = None, no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -54,13 +55,13 @@ def train_step(model: nn.Module, batch: Batch | dict[str, Any] | Sequence[Micro]
     """Forward, backward and one optimizer step, over one batch or a list of micro-batches.
 
     Args:
-        batch: a Batch or batch dict (with ``plan``), or a list of ``(batch, plan)`` micro-batches whose
-            gradients are accumulated (each scaled by 1 / len).
+        batch: a Batch (with ``plan``; a plain mapping of tensors is read as one, :meth:`Batch.of`), or
+            a list of ``(Batch, plan)`` micro-batches whose gradients are accumulated (each scaled by 1 / len).
         no_sync: DDP's ``model.no_sync`` to skip the all-reduce on all but the last micro-batch.
     Returns: ``{"loss": total, "loss/<task>": ..., "grad_norm": ..., "lr": ...}`` (floats).
     Raises: NonFiniteLossError naming the step and task losses.
     """
-    micro: list[Micro] = [(batch, plan)] if isinstance(batch, (Batch, dict)) else list(batch)
+    micro: list[Micro] = [(Batch.of(batch), plan)] if isinstance(batch, Mapping) else list(batch)
     device = next(model.parameters()).device
     model.train()
     optimizer.zero_grad(set_to_none=True)

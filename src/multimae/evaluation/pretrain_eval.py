@@ -35,7 +35,7 @@ class EvalRow:
         return self.model > self.baseline if self.metric == "acc" else self.model < self.baseline
 
 
-def baseline_prediction(spec: ModalitySpec, target: Tensor, patch: int) -> Tensor:
+def per_image_baseline(spec: ModalitySpec, target: Tensor, patch: int) -> Tensor:
     """The trivial prediction for a target: per-image channel mean (after norm-pix if the task
     uses it), or log per-image class frequencies for class maps. Same shape as the model's."""
     if spec.kind == "text":  # the caption's own token histogram at every position
@@ -88,7 +88,7 @@ def evaluate(model: MultiMAE, batches: Iterable[tuple[Batch | dict[str, Any], Ma
     for batch, plan in batches:
         batch = Batch.of(batch)
         B = batch.size
-        base = {t: baseline_prediction(s, batch[s.key], s.patch(p)) for t, s in model.output_specs.items()
+        base = {t: per_image_baseline(s, batch[s.key], s.patch(p)) for t, s in model.output_specs.items()
                 if s.key in batch}
         out = model(batch, plan)
         base_l = model.losses(base, batch, out.plan)
@@ -115,7 +115,7 @@ def evaluate(model: MultiMAE, batches: Iterable[tuple[Batch | dict[str, Any], Ma
     return [EvalRow(s, t, m, v[0] / v[2], v[1] / v[2]) for (s, t, m), v in sums.items()]
 
 
-def format_table(rows: list[EvalRow]) -> str:
+def format_eval_rows(rows: list[EvalRow]) -> str:
     lines = ["| setting | task | metric | model | baseline | beats baseline |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.setting} | {r.task} | {r.metric} | {r.model:.4f} | {r.baseline:.4f} | "
@@ -123,9 +123,9 @@ def format_table(rows: list[EvalRow]) -> str:
     return "\n".join(lines)
 
 
-def write_report(rows: list[EvalRow], run_dir: Path, header: str = "") -> Path:
+def write_eval_rows(rows: list[EvalRow], run_dir: Path, header: str = "") -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps([asdict(r) | {"better": r.better} for r in rows], indent=2))
     path = run_dir / "eval.md"
-    path.write_text((header + "\n\n" if header else "") + format_table(rows) + "\n")
+    path.write_text((header + "\n\n" if header else "") + format_eval_rows(rows) + "\n")
     return path

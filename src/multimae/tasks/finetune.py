@@ -1,40 +1,34 @@
-"""The fine-tuning loop: ``finetune(config) -> run directory``.
+"""Fine-tuning as a task of the engine: ``finetune(config) -> run directory``.
 
-A fine-tune is the pretraining engine with a head and another loss: the same
-:func:`~multimae.engine.step.train_step` (accumulation, clipping, autocast, non-finite checks)
-drives a :class:`FinetuneObjective` (transfer model + task loss + mixup), optimised by AdamW with
-layer-wise lr decay under the warm-up + cosine :class:`~multimae.engine.optim.WarmupCosine`.
-Rank-aware (torchrun + DDP), resumable to the exact step (weights, optimizer, schedule, RNG and
-data position are in every checkpoint), logging to a progress bar, ``metrics.jsonl`` and
-TensorBoard, and ending with ``eval.md`` / ``eval.json`` (metrics on ``data.split`` next to a
-trivial baseline).
+:class:`FinetuneTask` builds the transfer model (encoder from ``init`` + head,
+:func:`multimae.tasks.downstream.prepare`), the :class:`FinetuneObjective` the step optimises
+(task loss + mixup), the downstream training loader (``(Batch, None)`` micro-batches), layer-wise
+lr decay over the encoder, periodic and final evaluation on ``data.split`` (``eval.md`` /
+``eval.json`` next to a trivial baseline). The :class:`~multimae.engine.trainer.Trainer` does the
+rest (distributed set-up, AdamW + warm-up / cosine, exact resume, the loop, checkpoints).
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multimae import config as config_lib
-from multimae.engine import distributed as D
-from multimae.checkpoint import CheckpointError, find_latest, resolve_checkpoint, restore_rng_state, save_checkpoint
+from multimae.batch import Batch
 from multimae.data.downstream import TARGET, TARGET_VALID
+from multimae.engine import distributed as D
+from multimae.engine.distributed import DistInfo
+from multimae.engine.logging import RunLogger
+from multimae.engine.trainer import Task, Trainer
 from multimae.layers.attention import set_attention
-from multimae.perf import tune_malloc
+from multimae.tasks.downstream import Datasets, prepare
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
-from multimae.engine.logging import Progress, RunLogger
-from multimae.engine.optim import WarmupCosine, build_optimizer, scaled_lr
-from multimae.engine.state import restore_train_state, train_state
-from multimae.engine.step import train_step
-from multimae.transfer import LoadReport, TransferModel, build_transfer_model
+from multimae.transfer import TransferModel
 
-LossFn = Callable[[Tensor, dict[str, Any]], Tensor]
+LossFn = Callable[[Tensor, Batch], Tensor]
 
 
 def loss_name(cfg: FinetuneConfig) -> str:
@@ -56,7 +50,7 @@ def build_loss(cfg: FinetuneConfig) -> LossFn:
 
         soft, smoothing = SoftTargetCrossEntropy(), cfg.aug.label_smoothing
 
-        def cls_loss(pred: Tensor, batch: dict[str, Any]) -> Tensor:
+        def cls_loss(pred: Tensor, batch: Batch) -> Tensor:
             t = batch[TARGET]
             if t.is_floating_point():  # mixed soft targets
                 return soft(pred.float(), t)
@@ -65,7 +59,7 @@ def build_loss(cfg: FinetuneConfig) -> LossFn:
     if name == "ce":
         ignore = cfg.data.ignore_index
 
-        def seg_loss(pred: Tensor, batch: dict[str, Any]) -> Tensor:
+        def seg_loss(pred: Tensor, batch: Batch) -> Tensor:
             t = batch[TARGET]
             if not bool((t != ignore).any()):
                 return pred.sum() * 0.0  # a batch of padding only: no gradient, no NaN
@@ -78,7 +72,7 @@ def build_loss(cfg: FinetuneConfig) -> LossFn:
 
         return lambda pred, batch: berhu_loss(pred.float(), batch[TARGET], batch[TARGET_VALID])
 
-    def l1_loss(pred: Tensor, batch: dict[str, Any]) -> Tensor:
+    def l1_loss(pred: Tensor, batch: Batch) -> Tensor:
         valid = batch[TARGET_VALID].expand_as(pred)
         n = valid.sum().clamp_min(1)
         return ((pred.float() - batch[TARGET]).abs() * valid).sum() / n
@@ -122,18 +116,16 @@ class FinetuneObjective(nn.Module):
                 raise ValueError(f"aug.mixup / aug.cutmix cannot mix categorical or text inputs {bad}; "
                                  "set both to 0 for this input set")
 
-    def _mix(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def _mix(self, batch: Batch) -> Batch:
         keys = [s.key for s in self.input_specs]
         x = torch.cat([batch[k] for k in keys], dim=1)
         if x.shape[0] % 2:
             raise ValueError(f"mixup needs an even batch size, got {x.shape[0]}")
         x, target = self.mixup(x, batch[TARGET])
-        out = dict(batch, **{TARGET: target})
-        for k, part in zip(keys, torch.split(x, [batch[k].shape[1] for k in keys], dim=1)):
-            out[k] = part
-        return out
+        parts = dict(zip(keys, torch.split(x, [batch[k].shape[1] for k in keys], dim=1)))
+        return Batch({**batch.tensors, **parts, TARGET: target}, extra=batch.extra)
 
-    def forward(self, batch: dict[str, Any], plan: Any = None) -> StepOutput:
+    def forward(self, batch: Batch, plan: Any = None) -> StepOutput:
         if self.mixup is not None and self.training:
             batch = self._mix(batch)
         pred = self.model({s.key: batch[s.key] for s in self.input_specs})
@@ -141,183 +133,73 @@ class FinetuneObjective(nn.Module):
         return StepOutput(loss, {self.task: loss})
 
 
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+class FinetuneTask(Task):
+    """A fine-tuning run of ``cfg``; ``datasets(split, train) -> map-style dataset`` replaces the
+    configured source's raw datasets (an injection point for benchmarks and custom data)."""
 
-
-def default_run_name(cfg: FinetuneConfig, prefix: str = "ft") -> str:
-    """``<prefix>-<head kind>-<inputs>-<init name>``, e.g. ``ft-classification-rgb-synthetic-tiny``."""
-    init = "scratch" if cfg.init in ("", "scratch") else Path(cfg.init.rstrip("/")).name.removesuffix(".pth")
-    return f"{prefix}-{cfg.model.head.kind}-{'+'.join(cfg.model.inputs)}-{init}"
-
-
-def prepare(cfg: FinetuneConfig, init: str | None = None) -> tuple[TransferModel, LoadReport, FinetuneConfig]:
-    """Build the transfer model from ``init`` (default ``cfg.init``) and return the config
-    completed with what the model fixed (encoder architecture read from the init, number of
-    classes of the synthetic tasks, run name)."""
-    from multimae.data.synthetic import LABEL_CLASSES, SEMSEG_CLASSES
-
-    head = cfg.model.head
-    if head.num_classes is None and cfg.data.source == "synthetic":
-        head = replace(head, num_classes=len(LABEL_CLASSES) if head.kind == "classification"
-                       else len(SEMSEG_CLASSES) if head.kind == "segmentation" else None)
-    if head.kind == "dense" and cfg.model.head.out_channels == 1 and target_of(cfg) == "normals":
-        head = replace(head, out_channels=3)
-    cfg = replace(cfg, model=replace(cfg.model, head=head))
-    model, report = build_transfer_model(cfg.model, cfg.init if init is None else init)
-    cfg = replace(cfg, model=replace(cfg.model, encoder=model.encoder.config))
-    if not cfg.train.run_name:
-        cfg = replace(cfg, train=replace(cfg.train, run_name=default_run_name(cfg)))
-    return model, report, cfg
-
-
-class FinetuneTrainer:
-    """State of one fine-tuning run; ``fit()`` trains to the end of the schedule (or
-    ``train.max_steps``), evaluates on ``data.split`` and returns the run directory."""
-
-    def __init__(self, cfg: FinetuneConfig) -> None:
-        from multimae.tasks.finetune_data import build_train_loader, check_eval_data
-
-        self.info = D.init_distributed()
-        t = cfg.train
-        self.device = self.info.device if t.device == "auto" else torch.device(t.device)
-        if t.tune_malloc:
-            tune_malloc()
-        torch.manual_seed(t.seed)  # identical head initialisation on every rank
-        self.model, self.report, self.cfg = prepare(cfg)
-        set_attention(self.model, t.attention)  # the kernel is the model's, per layer
-        cfg, t = self.cfg, self.cfg.train
-        self.model.to(self.device)
-        self.run_dir = Path(t.out_dir) / t.run_name
-        self.task = target_of(cfg)
-        self.input_specs = list(self.model.encoder.specs.values())
-        self.loader, self.sampler, per_epoch = build_train_loader(cfg, self.input_specs, self.info.rank,
-                                                                  self.info.world_size)
-        check_eval_data(cfg, self.input_specs)  # a missing evaluation split fails now, not after training
-        o = cfg.optim
-        self.steps_per_epoch = max(1, per_epoch // o.accum_steps)
-        self.total_steps = t.epochs * self.steps_per_epoch
-        global_batch = t.batch_size * self.info.world_size * o.accum_steps
-        self.lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, global_batch)
-        decay = dict(layer_decay=o.layer_decay, layer_id_fn=self.model.encoder_layer_ids(),
-                     num_layers=self.model.num_layers) if o.layer_decay is not None else {}
-        self.optimizer = build_optimizer(self.model, lr=self.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                                         implementation=o.implementation, no_decay_norm_bias=True,
-                                         no_decay_names=sorted(self.model.no_weight_decay()), **decay)
-        warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * self.steps_per_epoch)
-        self.scheduler = WarmupCosine(self.optimizer, self.total_steps, min(warmup, self.total_steps), o.min_lr)
-        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-        self.objective = FinetuneObjective(self.model, build_loss(cfg), self.task, build_mixup(cfg))
-        self.step = 0
-        self._rng_after_resume: dict | None = None
-        self._resume()
-        seed = D.rank_seed(t.seed, self.info.rank) + self.step
-        torch.manual_seed(seed)  # drop path and mixup draw per rank
-        np.random.seed(seed % 2**32)
-        self.net: nn.Module = D.wrap_ddp(self.objective, self.info) if self.info.is_distributed else self.objective
-        if t.compile:
-            self.net = torch.compile(self.net)
-
-    # ------------------------------------------------------------------ checkpoints
-    def _resume(self) -> None:
-        r = self.cfg.train.resume
-        if not r:
-            if find_latest(self.run_dir) is not None:
-                raise CheckpointError(f"{self.run_dir} already holds checkpoints of another run; resume it "
-                                      "(train.resume=auto), or pick another train.run_name")
-            return
-        path = find_latest(self.run_dir) if r == "auto" else resolve_checkpoint(r)
-        if path is None:
-            return
-        self.step, self._rng_after_resume = restore_train_state(path, self.model, self.optimizer,
-                                                                self.scheduler, self.scaler)
-        if self.info.is_main:
-            print(f"resumed from {path} at step {self.step}", flush=True)
-
-    def save(self) -> Path | None:
-        """Checkpoint on rank 0 (every rank holds the same weights under DDP)."""
-        if not self.info.is_main:
-            return None
-        state = train_state(self.optimizer, self.scheduler, self.scaler, self.step)
-        meta = {"config": config_lib.to_dict(self.cfg), "epoch": self.step // self.steps_per_epoch,
-                "kind": "finetune", "task": self.task, "init_report": self.report.summary()}
-        return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), state, meta, self.cfg.train.keep_last)
-
-    # ------------------------------------------------------------------ loop
-    def _batches(self):
-        """Lists of ``accum_steps`` micro-batches from the current step on (exact data position
-        after a resume: each epoch starts where the step counter says)."""
-        accum = self.cfg.optim.accum_steps
-        while True:
-            epoch, pos = divmod(self.step, self.steps_per_epoch)
-            if self.sampler is not None:
-                self.sampler.set_epoch(epoch, pos * accum)
-            elif hasattr(self.loader.dataset, "set_epoch"):
-                self.loader.dataset.set_epoch(epoch)
-            group = []
-            for b, p in self.loader:
-                group.append((_to(b, self.device), p))
-                if len(group) == accum:
-                    yield group
-                    group = []
-
-    def fit(self, evaluate: bool = True) -> Path:
-        t = self.cfg.train
-        last = self.total_steps if t.max_steps is None else min(self.total_steps, t.max_steps)
-        if self._rng_after_resume:
-            restore_rng_state(self._rng_after_resume)
-        logger = RunLogger(self.run_dir, enabled=self.info.is_main)
-        if self.info.is_main:
-            config_lib.save_json(self.cfg, self.run_dir / "config.json")
-            print(f"run {self.run_dir}: {self.report.summary()}", flush=True)
-            print(f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, task {self.task} "
-                  f"({self.cfg.model.head.kind}, inputs {'+'.join(self.cfg.model.inputs)}), "
-                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} total, lr {self.lr:.3g}, "
-                  f"layer decay {self.cfg.optim.layer_decay}, world size {self.info.world_size}", flush=True)
-        progress = Progress(last, initial=self.step, enabled=self.info.is_main, log_every=t.log_every)
-        imgs_per_step = t.batch_size * self.info.world_size * self.cfg.optim.accum_steps
-        no_sync = getattr(self.net, "no_sync", None)
-        tic = time.perf_counter()
-        batches = self._batches()
+    def __init__(self, cfg: FinetuneConfig, datasets: Datasets | None = None) -> None:
+        self.cfg, self.datasets = cfg, datasets
         self.eval_result: dict[str, Any] | None = None
-        while self.step < last:
-            micro = next(batches)
-            stats = train_step(self.net, micro, self.optimizer, scheduler=self.scheduler, precision=t.precision,
-                               scaler=self.scaler, clip_grad=self.cfg.optim.clip_grad, step=self.step,
-                               no_sync=no_sync)
-            self.step += 1
-            progress.update(1, loss=stats["loss"], lr=stats["lr"], imgs=imgs_per_step)
-            if self.step % t.log_every == 0 or self.step == last:
-                dt = time.perf_counter() - tic
-                stats["imgs_per_s"] = imgs_per_step * t.log_every / max(dt, 1e-9)
-                stats["epoch"] = self.step / self.steps_per_epoch
-                logger.log_scalars(self.step, stats)
-                tic = time.perf_counter()
-            if self.step % t.ckpt_every == 0 or self.step == last:
-                self.save()
-            if t.eval_every and self.step % (t.eval_every * self.steps_per_epoch) == 0 and self.step < last:
-                self._evaluate(logger, final=False)
-        progress.close()
-        if evaluate and self.step == self.total_steps:
-            self._evaluate(logger, final=True)
-        logger.close()
-        D.barrier()
-        return self.run_dir
+        self._baseline: dict[str, Any] | None = None
 
-    def _evaluate(self, logger: RunLogger, final: bool) -> None:
-        """Score ``data.split`` on rank 0 (others wait); the final one writes eval.md / eval.json."""
-        if self.info.is_main:
-            from multimae.tasks.finetune_eval import evaluate_model, write_report
+    def build(self, device: torch.device, info: DistInfo) -> None:
+        from multimae.tasks.finetune_data import check_eval_data
 
-            res = evaluate_model(self.model, self.cfg, device=self.device)
-            logger.log_scalars(self.step, {f"eval/{k}": v for k, v in res["metrics"].items()})
+        self.model, self.report, self.cfg = prepare(self.cfg)
+        set_attention(self.model, self.cfg.train.attention)  # the kernel is the model's, per layer
+        self.task = target_of(self.cfg)
+        self.input_specs = list(self.model.encoder.specs.values())
+        check_eval_data(self.cfg, self.input_specs, self.datasets)  # a missing split fails now, not after training
+        self.objective = FinetuneObjective(self.model, build_loss(self.cfg), self.task, build_mixup(self.cfg))
+
+    def loader(self, rank: int, world_size: int) -> tuple[Any, Any]:
+        from multimae.tasks.finetune_data import build_train_loader
+
+        return build_train_loader(self.cfg, self.input_specs, rank, world_size, self.datasets)
+
+    def layer_ids(self) -> tuple[Callable[[str], int], int]:
+        return self.model.encoder_layer_ids(), self.model.num_layers
+
+    def describe(self, trainer: Trainer) -> list[str]:
+        c = self.cfg
+        return [f"run {trainer.run_dir}: {self.report.summary()}",
+                f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, task {self.task} "
+                f"({c.model.head.kind}, inputs {'+'.join(c.model.inputs)}), {trainer.steps_per_epoch} steps/epoch, "
+                f"{trainer.total_steps} total, lr {trainer.lr:.3g}, layer decay {c.optim.layer_decay}, "
+                f"world size {trainer.info.world_size}"]
+
+    def checkpoint_meta(self, trainer: Trainer) -> dict[str, Any]:
+        return {"kind": "finetune", "task": self.task, "init_report": self.report.summary()}
+
+    def after_step(self, trainer: Trainer, logger: RunLogger) -> None:
+        every = self.cfg.train.eval_every
+        last = trainer.total_steps if self.cfg.train.max_steps is None else min(trainer.total_steps,
+                                                                                self.cfg.train.max_steps)
+        if every and trainer.step % (every * trainer.steps_per_epoch) == 0 and trainer.step < last:
+            self._evaluate(trainer, logger, final=False)
+
+    def finish(self, trainer: Trainer, logger: RunLogger, evaluate: bool) -> None:
+        if evaluate and trainer.step == trainer.total_steps:
+            self._evaluate(trainer, logger, final=True)
+
+    def _evaluate(self, trainer: Trainer, logger: RunLogger, final: bool) -> None:
+        """Score ``data.split`` on rank 0 (others wait); the final one writes eval.md / eval.json.
+        The trivial baseline is fitted once per run."""
+        if trainer.info.is_main:
+            from multimae.tasks.finetune_eval import evaluate_model, fit_baseline, write_eval_report
+
+            if self._baseline is None:
+                self._baseline = fit_baseline(self.cfg, self.input_specs, datasets=self.datasets)
+            res = evaluate_model(self.model, self.cfg, device=trainer.device, baseline=self._baseline,
+                                 datasets=self.datasets)
+            logger.log_scalars(trainer.step, {f"eval/{k}": v for k, v in res["metrics"].items()})
             if final:
                 self.eval_result = res
-                write_report(res, self.cfg, self.run_dir, self.step, self.report.summary())
+                write_eval_report(res, self.cfg, trainer.run_dir, trainer.step, self.report.summary())
             self.model.train()
         D.barrier()
 
 
-def finetune(cfg: FinetuneConfig) -> Path:
+def finetune(cfg: FinetuneConfig, datasets: Datasets | None = None) -> Path:
     """Fine-tune as ``cfg`` says; returns the run directory (checkpoints, logs, config, eval.md)."""
-    return FinetuneTrainer(cfg).fit()
+    return Trainer(FinetuneTask(cfg, datasets)).fit()

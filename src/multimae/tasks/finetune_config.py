@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from multimae.engine.config import OptimConfig, RunConfig
 from multimae.transfer import TransferModelConfig
 
 #: Synthetic downstream scenes use the streams ``seed + {0, 1, 2}`` for train / val / test. Pre-
@@ -23,7 +24,7 @@ class FinetuneDataConfig:
     """Downstream data. ``split`` is the split evaluated at the end of training and by
     ``multimae evaluate`` (``data.split=test`` there scores the test split)."""
 
-    source: Literal["synthetic", "folder", "shards"] = "synthetic"
+    source: str = "synthetic"  # a registered source (multimae.data.sources): synthetic, folder, shards
     root: str | None = None  # folder: root/<split>/<modality>/<class or all>/<name>.<ext>
     train_urls: str | None = None  # shards: training shards (brace pattern or comma list)
     eval_urls: str | None = None  # shards: shards of the evaluated split
@@ -57,21 +58,9 @@ class FinetuneDataConfig:
     on_error: Literal["raise", "skip"] = "raise"
 
 
-@dataclass
-class FinetuneOptimConfig:
-    """AdamW with layer-wise lr decay and a warm-up + cosine schedule (per optimizer step)."""
-
-    base_lr: float = 5e-4  # lr = base_lr * global_batch / 256 (paper, classification)
-    lr: float | None = None  # absolute peak lr; overrides base_lr scaling
-    min_lr: float = 1e-6
-    warmup_epochs: float = 5.0
-    warmup_steps: int | None = None  # overrides warmup_epochs
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float | None = 0.65  # lr scale layer_decay ** (depth + 1 - layer); null: none
-    clip_grad: float | None = None
-    accum_steps: int = 1
-    implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"
+def finetune_optim() -> OptimConfig:
+    """Fine-tuning's optimizer defaults: AdamW with layer-wise lr decay 0.65 (official)."""
+    return OptimConfig(base_lr=5e-4, min_lr=1e-6, warmup_epochs=5.0, betas=(0.9, 0.999), layer_decay=0.65)
 
 
 @dataclass
@@ -98,25 +87,18 @@ class AugConfig:
 
 
 @dataclass
-class FinetuneTrainConfig:
+class FinetuneTrainConfig(RunConfig):
+    """The run of a fine-tune (:class:`~multimae.engine.config.RunConfig`, other defaults) and its
+    loss, attention kernel and evaluation."""
+
     epochs: int = 10
-    max_steps: int | None = None  # stop after this many optimizer steps (interrupt; resume later)
     batch_size: int = 32  # per rank (per micro-batch)
+    run_name: str | None = None  # None: ft-<head kind>-<inputs>-<init name>
+    keep_last: int = 2
     eval_batch_size: int = 64
     loss: Literal["auto", "ce", "berhu", "l1"] = "auto"  # auto: ce / ce / berhu / l1 by head kind
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False
     attention: Literal["auto", "fused", "manual"] = "auto"
-    tune_malloc: bool = True
-    seed: int = 0
-    out_dir: str = "runs"
-    run_name: str | None = None  # None: ft-<head kind>-<inputs>-<init name>
-    resume: str | None = "auto"  # "auto": the run's latest checkpoint if any; a path; null
-    ckpt_every: int = 500  # optimizer steps
-    keep_last: int = 2
-    log_every: int = 20
     eval_every: int = 0  # evaluate every N epochs as well (0: only at the end)
-    device: str = "auto"
 
 
 @dataclass
@@ -134,7 +116,7 @@ class FinetuneConfig:
     model: TransferModelConfig = field(default_factory=TransferModelConfig)
     init: str = "scratch"  # scratch | a pretraining or fine-tuning run | checkpoint dir | .safetensors | .pth
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
-    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    optim: OptimConfig = field(default_factory=finetune_optim)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)

@@ -15,13 +15,16 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from multimae.batch import Batch
 from multimae.data import collate
 from multimae.data.downstream import LABEL, TransferTransform, build_randaugment, target_spec
 from multimae.data.errors import DataError
 from multimae.data.loader import CachedDataset, ResumableBatchSampler, SeededAugment, shard_urls
 from multimae.modalities import ModalitySpec
+from multimae.data.sources import Request, get_source
 from multimae.seeding import derive_seed
-from multimae.tasks.finetune_config import SPLITS, FinetuneConfig, target_of
+from multimae.tasks.downstream import Datasets
+from multimae.tasks.finetune_config import FinetuneConfig, target_of
 
 #: Tasks evaluated by letterboxing (resize longest side + pad) rather than a centre crop.
 DENSE_KINDS = ("segmentation", "depth", "dense")
@@ -47,57 +50,40 @@ def _read_fields(inputs: Sequence[ModalitySpec], cfg: FinetuneConfig) -> list[An
     return fields
 
 
-def raw_dataset(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], split: str, train: bool) -> Dataset:
-    """The untransformed map-style dataset of ``split`` (synthetic or folder)."""
-    d = cfg.data
-    if d.source == "synthetic":
-        from multimae.data.synthetic import SyntheticScenes
-
-        if split not in SPLITS:
-            raise DataError(f"synthetic downstream data has splits {list(SPLITS)}, not {split!r}")
-        n = {"train": d.train_samples, "val": d.val_samples, "test": d.test_samples}[split]
-        keys = sorted({s.key for s in inputs} | {target_of(cfg)})
-        ds: Dataset = SyntheticScenes(n, image_size=d.image_size, seed=d.seed + SPLITS.index(split), modalities=keys)
-        return CachedDataset(ds) if d.cache else ds
-    if d.source == "folder":
-        from multimae.data.folder import UNLABELLED, FolderDataset, class_directories, read_meta
-
-        if not d.root:
-            raise DataError("data.root must be set for data.source=folder")
-        fields = _read_fields(inputs, cfg)
-        classes = None
-        if cfg.model.head.kind == "classification":
-            # every split indexes the training split's classes (sorted directory names, as
-            # torchvision's ImageFolder), so a class missing from one split shifts no label
-            first = fields[0].key
-            classes = read_meta(d.root).get("classes") or [
-                c for c in class_directories(d.root, d.train_split, first) if c != UNLABELLED]
-            k = cfg.model.head.num_classes
-            if k is not None and len(classes) > k:
-                raise DataError(f"{d.root}/{d.train_split}/{first}: {len(classes)} class directories "
-                                f"({', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''}) but "
-                                f"model.head.num_classes={k}; set model.head.num_classes={len(classes)}")
-        return FolderDataset(d.root, split, fields, on_error=d.on_error, classes=classes)
-    raise ValueError(f"data.source={d.source!r} streams (use shard_dataset)")
+def raw_dataset(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], split: str, train: bool,
+                datasets: Datasets | None = None) -> Dataset:
+    """The untransformed map-style dataset of ``split``: ``datasets(split, train)`` when given,
+    else the registered source's (:mod:`multimae.data.sources`)."""
+    if datasets is not None:
+        return datasets(split, train)
+    source = get_source(cfg.data.source)
+    if source.dataset is None:
+        raise ValueError(f"data.source={cfg.data.source!r} streams (use shard_dataset)")
+    return source.dataset(Request(cfg.data, _read_fields(inputs, cfg), split, train,
+                                  classification=cfg.model.head.kind == "classification",
+                                  num_classes=cfg.model.head.num_classes))
 
 
-def check_eval_data(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec]) -> None:
+def check_eval_data(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], datasets: Datasets | None = None) -> None:
     """Open the evaluation split a run will score (``data.split``) before its first step, so that a
     missing or broken split fails at once, naming the directory or shard, not after training."""
-    d = cfg.data
-    if d.source == "folder":
-        raw_dataset(cfg, inputs, d.split, train=False)
-    elif d.source == "shards":
-        if not d.eval_urls:
-            raise DataError("data.eval_urls must be set for data.source=shards (the split scored after training)")
-        from braceexpand import braceexpand  # webdataset's own dependency
+    d, source = cfg.data, get_source(cfg.data.source)
+    if datasets is not None:
+        return
+    if not source.streams:
+        if source.open_to_check:
+            raw_dataset(cfg, inputs, d.split, train=False)
+        return
+    if not d.eval_urls:
+        raise DataError("data.eval_urls must be set for data.source=shards (the split scored after training)")
+    from braceexpand import braceexpand  # webdataset's own dependency
 
-        urls = shard_urls(d.eval_urls)
-        every = urls if isinstance(urls, list) else list(braceexpand(urls))
-        missing = [u for u in every if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
-        if missing:
-            raise DataError(f"data.eval_urls: shard {missing[0]} not found"
-                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    urls = shard_urls(d.eval_urls)
+    every = urls if isinstance(urls, list) else list(braceexpand(urls))
+    missing = [u for u in every if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+    if missing:
+        raise DataError(f"data.eval_urls: shard {missing[0]} not found"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def shard_dataset(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], urls: str | None, transform: Any,
@@ -164,32 +150,51 @@ def build_transform(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], train: 
                              eval_crop_pct=d.eval_crop_pct, train_crop=d.train_crop)
 
 
-def train_collate(samples: list[dict]) -> tuple[dict, None]:
-    """Stack samples into a ``(batch, None)`` micro-batch (no mask plan in fine-tuning)."""
+def train_collate(samples: list[dict]) -> tuple[Batch, None]:
+    """Stack samples into a ``(Batch, None)`` micro-batch (no mask plan in fine-tuning)."""
     for s in samples:
         s.pop("__batch__", None)
-    return collate(samples), None
+    return Batch.of(collate(samples)), None
 
 
-def build_train_loader(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], rank: int = 0, world_size: int = 1
-                       ) -> tuple[DataLoader, ResumableBatchSampler | None, int]:
-    """Training loader of ``(batch, None)``, its resumable sampler (None for shards), and the
-    number of batches per rank per epoch."""
+def eval_collate(samples: list[dict]) -> Batch:
+    """Stack evaluation samples into a Batch (tensors; ``__key__`` and other lists in ``extra``)."""
+    return Batch.of(collate(samples))
+
+
+class _StreamPosition:
+    """The position of a streamed training set: its epoch (the shuffle and augmentation seed) and
+    batches per epoch; streams restart an epoch from its beginning."""
+
+    def __init__(self, dataset: Any, batches: int) -> None:
+        self.dataset, self.batches = dataset, batches
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+def build_train_loader(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], rank: int = 0, world_size: int = 1,
+                       datasets: Datasets | None = None) -> tuple[DataLoader, Any]:
+    """Training loader of ``(Batch, None)`` micro-batches and its position (``len()`` batches per
+    rank per epoch, ``set_epoch(epoch, start_batch)``)."""
     d, t = cfg.data, cfg.train
     tf = build_transform(cfg, inputs, train=True)
     kw: dict[str, Any] = dict(num_workers=d.num_workers, collate_fn=train_collate, persistent_workers=False,
                               pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(t.seed))
     if d.num_workers > 0:
         kw["prefetch_factor"] = 4
-    if d.source == "shards":
+    if datasets is None and get_source(d.source).streams:
         ds = shard_dataset(cfg, inputs, d.train_urls, tf, True, rank, world_size)
         per_rank = len(ds)  # type: ignore[arg-type]
         if per_rank < t.batch_size:
             raise DataError(f"{per_rank} training samples per rank are fewer than one batch of {t.batch_size}")
-        return DataLoader(ds, batch_size=t.batch_size, drop_last=True, **kw), None, per_rank // t.batch_size
-    base = raw_dataset(cfg, inputs, d.train_split, train=True)
+        return DataLoader(ds, batch_size=t.batch_size, drop_last=True, **kw), _StreamPosition(ds, per_rank // t.batch_size)
+    base = raw_dataset(cfg, inputs, d.train_split, train=True, datasets=datasets)
     sampler = ResumableBatchSampler(len(base), t.batch_size, t.seed, rank, world_size)  # type: ignore[arg-type]
-    return DataLoader(SeededAugment(base, tf, t.seed), batch_sampler=sampler, **kw), sampler, len(sampler)
+    return DataLoader(SeededAugment(base, tf, t.seed), batch_sampler=sampler, **kw), sampler
 
 
 class _Transformed(Dataset):
@@ -204,18 +209,19 @@ class _Transformed(Dataset):
 
 
 def build_eval_loader(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], split: str | None = None,
-                      train_split_stats: bool = False, limit: int | None = None) -> DataLoader:
+                      train_split_stats: bool = False, limit: int | None = None,
+                      datasets: Datasets | None = None) -> DataLoader:
     """Deterministic loader over ``split`` (default ``data.split``) with the evaluation transform,
     in dataset order; ``train_split_stats`` reads the training split instead (for baselines)."""
     d = cfg.data
     split = d.train_split if train_split_stats else (split or d.split)
     tf = build_transform(cfg, inputs, train=False)
-    if d.source == "shards":
+    if datasets is None and get_source(d.source).streams:
         ds: Any = shard_dataset(cfg, inputs, d.train_urls if train_split_stats else d.eval_urls, tf, False)
     else:
-        base = raw_dataset(cfg, inputs, split, train=False)
+        base = raw_dataset(cfg, inputs, split, train=False, datasets=datasets)
         if limit is not None and len(base) > limit:  # type: ignore[arg-type]
             base = torch.utils.data.Subset(base, range(limit))
         ds = _Transformed(base, tf)
     return DataLoader(ds, batch_size=cfg.train.eval_batch_size, shuffle=False, num_workers=d.num_workers,
-                      collate_fn=collate)
+                      collate_fn=eval_collate)

@@ -24,8 +24,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from multimae.batch import Batch
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.evaluation import metrics as M
+from multimae.tasks.downstream import Datasets
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
 from multimae.engine.step import autocast
 
@@ -92,8 +94,8 @@ def scorer_for(cfg: FinetuneConfig) -> Scorer:
 
 # ------------------------------------------------------------------------------------ baselines
 
-def fit_baseline(cfg: FinetuneConfig, input_specs: Sequence[Any], limit: int = BASELINE_SAMPLES
-                 ) -> dict[str, Any]:
+def fit_baseline(cfg: FinetuneConfig, input_specs: Sequence[Any], limit: int = BASELINE_SAMPLES,
+                 datasets: Datasets | None = None) -> dict[str, Any]:
     """The constant answer of the training split: {"kind": "class", "value": c} or
     {"kind": "mean", "value": [per-channel mean]}."""
     from multimae.tasks.finetune_data import build_eval_loader
@@ -104,7 +106,7 @@ def fit_baseline(cfg: FinetuneConfig, input_specs: Sequence[Any], limit: int = B
     sums: Tensor | None = None
     n_px = 0.0
     seen = 0
-    for batch in build_eval_loader(cfg, input_specs, train_split_stats=True, limit=limit):
+    for batch in build_eval_loader(cfg, input_specs, train_split_stats=True, limit=limit, datasets=datasets):
         t = batch[TARGET]
         if kind in ("classification", "segmentation"):
             t = t[t != cfg.data.ignore_index] if kind == "segmentation" else t
@@ -123,8 +125,8 @@ def fit_baseline(cfg: FinetuneConfig, input_specs: Sequence[Any], limit: int = B
     return {"kind": "mean", "value": (sums / max(n_px, 1.0)).tolist()}
 
 
-def baseline_prediction(baseline: dict[str, Any], batch: dict[str, Any], num_classes: int, kind: str) -> Tensor:
-    """The baseline's prediction for a batch, shaped like the model's."""
+def constant_answer(baseline: dict[str, Any], batch: Batch, num_classes: int, kind: str) -> Tensor:
+    """The trivial baseline's answer for a batch, shaped like the model's prediction."""
     t = batch[TARGET]
     B = t.shape[0]
     if baseline["kind"] == "class":
@@ -148,7 +150,8 @@ def class_baseline(train_y: Tensor, eval_y: Tensor, num_classes: int) -> dict[st
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device | str = "cpu",
-                   split: str | None = None, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+                   split: str | None = None, baseline: dict[str, Any] | None = None,
+                   datasets: Datasets | None = None) -> dict[str, Any]:
     """Score ``model`` on ``split`` (default ``data.split``) and the training-split baseline.
 
     Returns {"metrics", "baseline", "baseline_answer", "per_class_iou"?, "num_samples", "split"}.
@@ -158,16 +161,16 @@ def evaluate_model(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.de
     specs = list(model.encoder.specs.values())  # type: ignore[union-attr]
     split = split or cfg.data.split
     kind, K = cfg.model.head.kind, int(cfg.model.head.num_classes or 0)
-    baseline = baseline or fit_baseline(cfg, specs)
+    baseline = baseline or fit_baseline(cfg, specs, datasets=datasets)
     ours, base = scorer_for(cfg), scorer_for(cfg)
     was_training = model.training
     model.eval()
     n = 0
-    for batch in build_eval_loader(cfg, specs, split):
+    for batch in build_eval_loader(cfg, specs, split, datasets=datasets):
         with autocast(cfg.train.precision, device):
             pred = model({s.key: batch[s.key].to(device) for s in specs})
         ours.update(pred, batch)
-        base.update(baseline_prediction(baseline, batch, K, kind), batch)
+        base.update(constant_answer(baseline, batch, K, kind), batch)
         n += batch[TARGET].shape[0]
     model.train(was_training)
     out: dict[str, Any] = {"metrics": ours.scores(), "baseline": base.scores(), "baseline_answer": baseline,
@@ -182,7 +185,7 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
 
 
-def format_table(res: dict[str, Any]) -> str:
+def format_metrics_table(res: dict[str, Any]) -> str:
     """Markdown table: metric | model | baseline | better."""
     rows = ["| metric | model | trivial baseline | model better |", "|---|---|---|---|"]
     for k, v in res["metrics"].items():
@@ -194,15 +197,14 @@ def format_table(res: dict[str, Any]) -> str:
 
 
 def class_names(cfg: FinetuneConfig) -> list[str] | None:
-    if cfg.data.source != "synthetic":
-        return None
-    from multimae.data.synthetic import LABEL_CLASSES, SEMSEG_CLASSES
+    """The class names of the run's source, when it fixes them (the synthetic scenes)."""
+    from multimae.data.sources import get_source
 
-    return list(SEMSEG_CLASSES if cfg.model.head.kind == "segmentation" else LABEL_CLASSES)
+    return get_source(cfg.data.source).classes(cfg.model.head.kind)
 
 
-def write_report(res: dict[str, Any], cfg: FinetuneConfig, run_dir: Path, step: int, init: str,
-                 protocol: str = "fine-tune", name: str = "eval") -> Path:
+def write_eval_report(res: dict[str, Any], cfg: FinetuneConfig, run_dir: Path, step: int, init: str,
+                      protocol: str = "fine-tune", name: str = "eval") -> Path:
     """Write ``<name>.md`` (human) and ``<name>.json`` (machine) into ``run_dir``; prints the table."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -219,7 +221,7 @@ def write_report(res: dict[str, Any], cfg: FinetuneConfig, run_dir: Path, step: 
     lines = [f"# {protocol}: {cfg.model.head.kind} of '{target_of(cfg)}' from {'+'.join(cfg.model.inputs)}", "",
              f"{protocol} for {step} steps from {init}. Scored on the '{res['split']}' split "
              f"({res['num_samples']} samples, {cfg.data.image_size}px, source {cfg.data.source}); the trivial "
-             f"baseline answers {answer_txt} (learnt from the training split).", "", format_table(res), ""]
+             f"baseline answers {answer_txt} (learnt from the training split).", "", format_metrics_table(res), ""]
     if res.get("per_class_iou"):
         labels = names or [str(i) for i in range(len(res["per_class_iou"]))]
         lines += ["| class | IoU | baseline IoU |", "|---|---|---|"]
@@ -245,53 +247,3 @@ def load_finetuned(ckpt: Path, meta: dict[str, Any]) -> tuple[torch.nn.Module, F
     model = TransferModel(cfg.model)
     load_state_strict(model, load_weights(ckpt), str(ckpt))
     return model, cfg
-
-
-def evaluate_run(path: str | Path, overrides: Sequence[str] = (), device: str = "cpu") -> dict[str, Any]:
-    """Re-score a saved fine-tuning or probe run (``multimae evaluate``): its config from the
-    checkpoint, ``overrides`` applied (e.g. ``data.split=test``); writes ``eval-<split>.md/json``
-    into the run directory and returns the result."""
-    from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
-    from multimae.config import apply_overrides, from_dict
-
-    ckpt = resolve_checkpoint(path)
-    meta = load_meta(ckpt)
-    if meta.get("kind") not in ("finetune", "probe"):
-        from multimae.config import ConfigError
-
-        raise ConfigError(f"{ckpt} is not a fine-tuning or probe run (meta kind {meta.get('kind')!r}); "
-                          "pretraining runs are evaluated at the end of 'multimae pretrain'")
-    cfg = from_dict(FinetuneConfig, apply_overrides(meta["config"], list(overrides)))
-    run_dir = ckpt.parent.parent
-    torch.manual_seed(cfg.train.seed)
-    from multimae.transfer import TransferModel
-
-    model = TransferModel(cfg.model)
-    weights = load_weights(ckpt)
-    if meta["kind"] == "probe":
-        res = _evaluate_probe(model, weights, cfg, device)
-    else:
-        from multimae.checkpoint.convert import load_state_strict
-
-        load_state_strict(model, weights, str(ckpt))
-        res = evaluate_model(model, cfg, device)
-    write_report(res, cfg, run_dir, int(meta["step"]), meta.get("init_report", cfg.init),
-                 protocol="linear probe" if meta["kind"] == "probe" else "fine-tune", name=f"eval-{res['split']}")
-    return res
-
-
-def _evaluate_probe(model: Any, weights: dict[str, Tensor], cfg: FinetuneConfig, device: str) -> dict[str, Any]:
-    from multimae.checkpoint.convert import load_state_strict
-    from multimae.tasks.finetune_data import build_eval_loader
-    from multimae.tasks.probe import PROBE_PREFIX, LinearProbe, extract_features, probe_scores
-
-    load_state_strict(model, {k: v for k, v in weights.items() if not k.startswith(PROBE_PREFIX)}, "probe run")
-    K = int(cfg.model.head.num_classes or 0)
-    probe = LinearProbe(model.encoder.dim, K)
-    probe.load_state_dict({k[len(PROBE_PREFIX):]: v for k, v in weights.items() if k.startswith(PROBE_PREFIX)})
-    specs = list(model.encoder.specs.values())
-    x, y = extract_features(model, build_eval_loader(cfg, specs), torch.device(device))
-    train_y = torch.cat([b[TARGET] for b in build_eval_loader(cfg, specs, train_split_stats=True)])
-    return {"metrics": probe_scores(probe, x, y, K), "baseline": class_baseline(train_y, y, K),
-            "num_samples": len(y), "split": cfg.data.split}
-

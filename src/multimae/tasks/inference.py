@@ -18,7 +18,7 @@ from multimae.tasks.pretrain_config import PretrainConfig, upgrade_saved_config
 from multimae.viz import reconstruction_grid, run_vocabulary
 
 
-def load_pretrained(path: str | Path) -> tuple[MultiMAE, PretrainConfig, Path]:
+def load_pretrain_run(path: str | Path) -> tuple[MultiMAE, PretrainConfig, Path]:
     """Model (eval mode), run config and checkpoint path from a run or checkpoint directory."""
     ckpt = resolve_checkpoint(path)
     meta = load_meta(ckpt)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from multimae import config as config_lib
 from multimae.checkpoint import save_checkpoint
 from multimae.data.downstream import TARGET
-from multimae.tasks.finetune import default_run_name, prepare
+from multimae.tasks.downstream import Datasets, default_run_name, prepare
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.engine.logging import Progress, RunLogger
 from multimae.engine.optim import WarmupCosine
@@ -116,7 +116,7 @@ class ProbeFeatures:
     seconds: float  # feature extraction time
 
 
-def probe_features(cfg: FinetuneConfig) -> ProbeFeatures:
+def probe_features(cfg: FinetuneConfig, datasets: Datasets | None = None) -> ProbeFeatures:
     """Build the frozen encoder (seeded by ``train.seed``) and extract both splits' features once."""
     from multimae.tasks.finetune_data import build_eval_loader
 
@@ -126,21 +126,22 @@ def probe_features(cfg: FinetuneConfig) -> ProbeFeatures:
     model.to(device).requires_grad_(False)
     specs = list(model.encoder.specs.values())
     tic = time.perf_counter()
-    train_x, train_y = extract_features(model, build_eval_loader(cfg, specs, train_split_stats=True), device)
-    eval_x, eval_y = extract_features(model, build_eval_loader(cfg, specs), device)
+    train_x, train_y = extract_features(model, build_eval_loader(cfg, specs, train_split_stats=True,
+                                                                 datasets=datasets), device)
+    eval_x, eval_y = extract_features(model, build_eval_loader(cfg, specs, datasets=datasets), device)
     return ProbeFeatures(model, report, cfg, train_x, train_y, eval_x, eval_y, time.perf_counter() - tic)
 
 
-def run_probe(cfg: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
+def run_probe(cfg: FinetuneConfig, datasets: Datasets | None = None) -> tuple[Path, dict[str, Any]]:
     """Linear-probe ``cfg.init`` on ``cfg.data`` (classification); returns the run directory and
     the evaluation result (metrics, baseline)."""
-    from multimae.tasks.finetune_eval import class_baseline, write_report
+    from multimae.tasks.finetune_eval import class_baseline, write_eval_report
 
     if cfg.model.head.kind != "classification":
         raise ValueError(f"a linear probe classifies: model.head.kind must be classification, not {cfg.model.head.kind}")
     if not cfg.train.run_name:
         cfg = replace(cfg, train=replace(cfg.train, run_name=default_run_name(cfg, prefix="probe")))
-    f = probe_features(cfg)
+    f = probe_features(cfg, datasets)
     model, report, cfg = f.model, f.report, f.cfg
     train_x, train_y, eval_x, eval_y, t_feat = f.train_x, f.train_y, f.eval_x, f.eval_y, f.seconds
     run_dir = Path(cfg.train.out_dir) / str(cfg.train.run_name)
@@ -165,5 +166,23 @@ def run_probe(cfg: FinetuneConfig) -> tuple[Path, dict[str, Any]]:
     base = class_baseline(train_y, eval_y, K)
     res = {"metrics": metrics, "baseline": base, "num_samples": len(eval_y), "split": cfg.data.split,
            "time": {"features_s": round(t_feat, 2), "fit_s": round(t_fit, 2)}}
-    write_report(res, cfg, run_dir, steps, report.summary(), protocol="linear probe")
+    write_eval_report(res, cfg, run_dir, steps, report.summary(), protocol="linear probe")
     return run_dir, res
+
+
+def evaluate_probe_weights(model: Any, weights: dict[str, Tensor], cfg: FinetuneConfig, device: str
+                           ) -> dict[str, Any]:
+    """Score a saved probe run's weights (encoder + ``probe.*``) on ``cfg.data.split``."""
+    from multimae.checkpoint.convert import load_state_strict
+    from multimae.tasks.finetune_data import build_eval_loader
+    from multimae.tasks.finetune_eval import class_baseline
+
+    load_state_strict(model, {k: v for k, v in weights.items() if not k.startswith(PROBE_PREFIX)}, "probe run")
+    K = int(cfg.model.head.num_classes or 0)
+    probe = LinearProbe(model.encoder.dim, K)
+    probe.load_state_dict({k[len(PROBE_PREFIX):]: v for k, v in weights.items() if k.startswith(PROBE_PREFIX)})
+    specs = list(model.encoder.specs.values())
+    x, y = extract_features(model, build_eval_loader(cfg, specs), torch.device(device))
+    train_y = torch.cat([b[TARGET] for b in build_eval_loader(cfg, specs, train_split_stats=True)])
+    return {"metrics": probe_scores(probe, x, y, K), "baseline": class_baseline(train_y, y, K),
+            "num_samples": len(y), "split": cfg.data.split}

@@ -1,0 +1,50 @@
+"""The config components every task shares: the run (:class:`RunConfig`) and the optimizer and
+schedule (:class:`OptimConfig`). A task's config holds them as its ``train`` and ``optim``
+sections; a task that needs other defaults says so where it holds the section (e.g. fine-tuning's
+``optim`` starts from ``base_lr=5e-4``, ``layer_decay=0.65``), and YAML / JSON keys left out of a
+section keep those defaults (:func:`multimae.config.from_dict`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (optionally with layer-wise lr decay) under a linear warm-up + cosine schedule, per
+    optimizer step."""
+
+    base_lr: float = 1e-4  # lr = base_lr * global_batch / 256 (paper)
+    lr: float | None = None  # absolute lr; overrides base_lr scaling when set
+    min_lr: float = 0.0
+    warmup_epochs: float = 40.0
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
+    warmup_lr: float = 1e-6  # lr of the first warm-up step, rising linearly to lr (official: 1e-6)
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    layer_decay: float | None = None  # lr scale layer_decay ** (depth + 1 - layer); null: none
+    decay_norm_bias: bool = False  # weight decay on LayerNorm weights and biases
+    clip_grad: float | None = None
+    accum_steps: int = 1
+    implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"  # AdamW kernels (auto: fused)
+
+
+@dataclass
+class RunConfig:
+    """Length, batch, precision, seeding, run directory, checkpointing and logging of a run."""
+
+    epochs: int = 1600
+    max_steps: int | None = None  # stop early after this many optimizer steps (resume later)
+    batch_size: int = 256  # per rank (per micro-batch)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": trace only, no code generation)
+    tune_malloc: bool = True  # keep freed memory in glibc's heap (multimae.perf.tune_malloc)
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: str | None = "pretrain"
+    resume: str | None = "auto"  # "auto": latest checkpoint of the run if any; a path; null
+    ckpt_every: int = 500  # optimizer steps
+    keep_last: int = 3
+    log_every: int = 20
+    device: str = "auto"

@@ -1,0 +1,232 @@
+"""The engine: one :class:`Trainer` that runs any :class:`Task` (pretraining, fine-tuning).
+
+The Trainer owns what every run does the same way: the distributed set-up (torchrun + DDP),
+seeding, the optimizer (AdamW, optional layer-wise lr decay) and its warm-up + cosine schedule,
+exact resume (weights, optimizer, schedule, scaler, RNG and data position live in every
+checkpoint), the batches (``accum_steps`` micro-batches per optimizer step, each epoch starting
+where the step counter says), the one training loop and the checkpoints. A task owns what differs:
+its model, the objective the step optimises, its loader, its evaluation and what its checkpoints
+say about themselves. The loop never looks at modality names: it moves ``(Batch, plan)`` pairs
+from the task's loader into :func:`multimae.engine.step.train_step`.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from multimae import config as config_lib
+from multimae.checkpoint import CheckpointError, find_latest, resolve_checkpoint, restore_rng_state, save_checkpoint
+from multimae.engine import distributed as D
+from multimae.engine.config import OptimConfig, RunConfig
+from multimae.engine.logging import Progress, RunLogger
+from multimae.engine.optim import WarmupCosine, build_optimizer, scaled_lr
+from multimae.engine.state import restore_train_state, train_state
+from multimae.engine.step import train_step
+from multimae.perf import tune_malloc
+
+
+class Position(Protocol):
+    """Where the loader is: ``len()`` batches per epoch and rank; ``set_epoch(epoch, start_batch)``."""
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None: ...
+
+
+class Task:
+    """What a task gives the :class:`Trainer`. ``cfg`` has ``train`` (a RunConfig) and ``optim``
+    (an OptimConfig). ``build`` sets ``model`` (the module whose weights are optimised and saved)
+    and ``objective`` (the module the step calls as ``objective(batch, plan)``, returning an output
+    with ``loss`` and ``losses``); both are built on the CPU after the Trainer seeded the RNG."""
+
+    cfg: Any
+    model: nn.Module
+    objective: nn.Module
+
+    def build(self, device: torch.device, info: D.DistInfo) -> None:
+        raise NotImplementedError
+
+    def loader(self, rank: int, world_size: int) -> tuple[Iterable[Any], Position]:
+        """The training loader of ``(Batch, plan)`` micro-batches and its position."""
+        raise NotImplementedError
+
+    def layer_ids(self) -> tuple[Callable[[str], int], int] | None:
+        """``(param name -> layer id, number of layers)`` for ``optim.layer_decay``; None: the task's
+        model has no layers to decay."""
+        return None
+
+    def started(self, trainer: "Trainer") -> None:
+        """Called once the Trainer resumed or not (``trainer.step``): e.g. initialise a fresh run
+        from other weights."""
+
+    def describe(self, trainer: "Trainer") -> list[str]:
+        """The lines printed when the run starts."""
+        return []
+
+    def checkpoint_meta(self, trainer: "Trainer") -> dict[str, Any]:
+        """What a checkpoint says about itself besides the config and epoch."""
+        return {}
+
+    def log_stats(self, trainer: "Trainer") -> dict[str, float]:
+        """Extra scalars logged with the step's (e.g. data counts)."""
+        return {}
+
+    def after_step(self, trainer: "Trainer", logger: RunLogger) -> None:
+        """After every optimizer step, before its checkpoint (figures, periodic evaluation)."""
+
+    def finish(self, trainer: "Trainer", logger: RunLogger, evaluate: bool) -> None:
+        """After the last step of this invocation (final evaluation, figure, summary)."""
+
+
+class Trainer:
+    """Holds one run of ``task``; ``fit()`` trains until the schedule or ``train.max_steps`` ends
+    and returns the run directory."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.info = D.init_distributed()
+        t: RunConfig = task.cfg.train
+        self.device = self.info.device if t.device == "auto" else torch.device(t.device)
+        if t.tune_malloc:
+            tune_malloc()
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        task.build(self.device, self.info)
+        self.model = task.model.to(self.device)
+        self.loader, self.position = task.loader(self.info.rank, self.info.world_size)
+        o: OptimConfig = self.cfg.optim
+        self.steps_per_epoch = max(1, len(self.position) // o.accum_steps)
+        self.total_steps = t.epochs * self.steps_per_epoch
+        global_batch = t.batch_size * self.info.world_size * o.accum_steps
+        self.lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, global_batch)
+        decay: dict[str, Any] = {}
+        if o.layer_decay is not None:
+            ids = task.layer_ids()
+            if ids is None:
+                raise config_lib.ConfigError("optim.layer_decay: this task does not decay the lr by layer (fine-tuning does); "
+                                             "set optim.layer_decay=null")
+            decay = dict(layer_decay=o.layer_decay, layer_id_fn=ids[0], num_layers=ids[1])
+        self.optimizer = build_optimizer(self.model, lr=self.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                         implementation=o.implementation, no_decay_norm_bias=not o.decay_norm_bias,
+                                         no_decay_names=sorted(self.model.no_weight_decay()), **decay)
+        warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = WarmupCosine(self.optimizer, self.total_steps, min(warmup, self.total_steps), o.min_lr,
+                                      warmup_start_lr=o.warmup_lr)
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+        self.step = 0
+        self._rng_after_resume: dict | None = None
+        self._resume()
+        task.started(self)
+        seed = D.rank_seed(t.seed, self.info.rank) + self.step
+        torch.manual_seed(seed)  # drop path, mixup and masking noise per rank
+        np.random.seed(seed % 2**32)
+        self.net: nn.Module = task.objective
+        if self.info.is_distributed:
+            self.net = D.wrap_ddp(self.net, self.info)
+        if t.compile:
+            self.net = torch.compile(self.net, backend=t.compile_backend)
+
+    @property
+    def cfg(self) -> Any:
+        """The task's config (completed by the task when it built its model)."""
+        return self.task.cfg
+
+    @property
+    def run_dir(self) -> Path:
+        t = self.cfg.train
+        return Path(t.out_dir) / str(t.run_name)
+
+    # ------------------------------------------------------------------ state and checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The resumable training state: optimizer, schedule, scaler, step and every RNG."""
+        return train_state(self.optimizer, self.scheduler, self.scaler, self.step)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (the RNG when ``fit`` starts)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self._rng_after_resume = int(state["step"]), state.get("rng")
+
+    def _resume(self) -> None:
+        r = self.cfg.train.resume
+        if not r:
+            if find_latest(self.run_dir) is not None:
+                raise CheckpointError(f"{self.run_dir} already holds checkpoints of another run; resume it "
+                                      "(train.resume=auto), or pick another train.run_name")
+            return
+        path = find_latest(self.run_dir) if r == "auto" else resolve_checkpoint(r)
+        if path is None:
+            return
+        self.step, self._rng_after_resume = restore_train_state(path, self.model, self.optimizer,
+                                                                self.scheduler, self.scaler)
+        if self.info.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> Path | None:
+        """Checkpoint on rank 0 (all ranks hold the same weights under DDP)."""
+        if not self.info.is_main:
+            return None
+        meta = {"config": config_lib.to_dict(self.cfg), "epoch": self.step // self.steps_per_epoch,
+                **self.task.checkpoint_meta(self)}
+        return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.state_dict(), meta,
+                               self.cfg.train.keep_last)
+
+    # ------------------------------------------------------------------ loop
+    def batches(self):
+        """Lists of ``accum_steps`` (Batch, plan) micro-batches on the device, from the current
+        step on; each epoch starts where the step counter says (exact position after a resume)."""
+        accum = self.cfg.optim.accum_steps
+        while True:
+            epoch, pos = divmod(self.step, self.steps_per_epoch)
+            self.position.set_epoch(epoch, pos * accum)
+            group = []
+            for b, p in self.loader:
+                group.append((b.to(self.device), p.to(self.device) if p is not None else None))
+                if len(group) == accum:
+                    yield group
+                    group = []
+
+    def fit(self, evaluate: bool = True) -> Path:
+        """Train to the end of the schedule (or ``train.max_steps``); then the task's end of run
+        (``evaluate``: its final evaluation when the schedule is complete)."""
+        t = self.cfg.train
+        last = self.total_steps if t.max_steps is None else min(self.total_steps, t.max_steps)
+        if self._rng_after_resume:
+            restore_rng_state(self._rng_after_resume)
+        logger = RunLogger(self.run_dir, enabled=self.info.is_main)
+        if self.info.is_main:
+            config_lib.save_json(self.cfg, self.run_dir / "config.json")
+            for line in self.task.describe(self):
+                print(line, flush=True)
+        progress = Progress(last, initial=self.step, enabled=self.info.is_main, log_every=t.log_every)
+        imgs_per_step = t.batch_size * self.info.world_size * self.cfg.optim.accum_steps
+        no_sync = getattr(self.net, "no_sync", None)
+        tic = time.perf_counter()
+        batches = self.batches()
+        while self.step < last:
+            stats = train_step(self.net, next(batches), self.optimizer, scheduler=self.scheduler,
+                               precision=t.precision, scaler=self.scaler, clip_grad=self.cfg.optim.clip_grad,
+                               step=self.step, no_sync=no_sync)
+            self.step += 1
+            progress.update(1, loss=stats["loss"], lr=stats["lr"], imgs=imgs_per_step)
+            if self.step % t.log_every == 0 or self.step == last:
+                dt = time.perf_counter() - tic
+                stats["imgs_per_s"] = imgs_per_step * t.log_every / max(dt, 1e-9)
+                stats["epoch"] = self.step / self.steps_per_epoch
+                stats.update(self.task.log_stats(self))
+                logger.log_scalars(self.step, stats)
+                tic = time.perf_counter()
+            self.task.after_step(self, logger)
+            if self.step % t.ckpt_every == 0 or self.step == last:
+                self.save()
+        progress.close()
+        self.task.finish(self, logger, evaluate)
+        logger.close()
+        D.barrier()
+        return self.run_dir

@@ -1,0 +1,42 @@
+"""What fine-tuning and linear probing share: the transfer model built from a run's ``init`` with
+the config completed from it, the default run name, and the type of a dataset injection."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from torch.utils.data import Dataset
+
+from multimae.data.sources import get_source
+from multimae.tasks.finetune_config import FinetuneConfig, target_of
+from multimae.transfer import LoadReport, TransferModel, build_transfer_model
+
+#: ``datasets(split, train) -> map-style dataset``: raw (untransformed) downstream samples that
+#: replace the configured source's (e.g. a benchmark's own scenes).
+Datasets = Callable[[str, bool], Dataset]
+
+
+def default_run_name(cfg: FinetuneConfig, prefix: str = "ft") -> str:
+    """``<prefix>-<head kind>-<inputs>-<init name>``, e.g. ``ft-classification-rgb-synthetic-tiny``."""
+    init = "scratch" if cfg.init in ("", "scratch") else Path(cfg.init.rstrip("/")).name.removesuffix(".pth")
+    return f"{prefix}-{cfg.model.head.kind}-{'+'.join(cfg.model.inputs)}-{init}"
+
+
+def prepare(cfg: FinetuneConfig, init: str | None = None) -> tuple[TransferModel, LoadReport, FinetuneConfig]:
+    """Build the transfer model from ``init`` (default ``cfg.init``) and return the config
+    completed with what the model fixed (encoder architecture read from the init, number of
+    classes of a source with fixed classes, run name): a copy, ``cfg`` is not changed."""
+    head = cfg.model.head
+    if head.num_classes is None:
+        names = get_source(cfg.data.source).classes(head.kind)
+        if names is not None:
+            head = replace(head, num_classes=len(names))
+    if head.kind == "dense" and cfg.model.head.out_channels == 1 and target_of(cfg) == "normals":
+        head = replace(head, out_channels=3)
+    cfg = replace(cfg, model=replace(cfg.model, head=head))
+    model, report = build_transfer_model(cfg.model, cfg.init if init is None else init)
+    cfg = replace(cfg, model=replace(cfg.model, encoder=model.encoder.config))
+    if not cfg.train.run_name:
+        cfg = replace(cfg, train=replace(cfg.train, run_name=default_run_name(cfg)))
+    return model, report, cfg
