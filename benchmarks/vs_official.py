@@ -250,13 +250,11 @@ def our_step(preset: str, precision: str, batch: int, device: torch.device, comp
     allocator tuning, ``train.attention=auto``), with a fresh seeded Dirichlet plan every step."""
     from multimae import dirichlet_plan
     from multimae.data.transforms import robust_standardize
-    from multimae.layers.attention import set_attention_mode
     from multimae.perf import tune_malloc
     from multimae.engine.optim import build_optimizer
     from multimae.engine.step import train_step
 
     tune_malloc()
-    set_attention_mode("auto")
     model = our_model(preset, device)
     opt = build_optimizer(model, lr=1e-4 * batch / 256)
     run = torch.compile(model) if compile_model else model

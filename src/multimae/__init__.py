@@ -1,9 +1,8 @@
 """multimae: multi-modal, multi-task masked autoencoders (MultiMAE, M3AE) in PyTorch."""
-from multimae.checkpoint.convert import load_official_multimae
 from multimae.masking import MaskPlan, dirichlet_plan, ratio_plan
 from multimae.modalities import ModalitySpec, register
-from multimae.model import ModelConfig, MultiMAE, Outputs
+from multimae.model import ModelConfig, MultiMAE, Outputs, load_official_multimae, load_pretrained
 
 __version__ = "0.1.0"
 __all__ = ["MaskPlan", "ModalitySpec", "ModelConfig", "MultiMAE", "Outputs", "dirichlet_plan",
-           "load_official_multimae", "ratio_plan", "register", "__version__"]
+           "load_official_multimae", "load_pretrained", "ratio_plan", "register", "__version__"]

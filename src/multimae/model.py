@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,74 +17,14 @@ from multimae.adapters.input import build_input_adapter
 from multimae.adapters.output import EncodedTokens, Segment, SpatialDecoder
 from multimae.adapters.text import SharedDecoder, TextDecoder
 from multimae.batch import Batch
+from multimae.checkpoint.convert import ConversionReport, ConvertedWeights, fit_state_dict, read_official_multimae
 from multimae.layers.attention import Block, set_attention
 from multimae.losses import masked_mean, token_loss
 from multimae.masking import MaskPlan
-from multimae.presets import preset as get_preset
+from multimae.model_config import ModelConfig
 
-
-@dataclass
-class ModelConfig:
-    """Architecture of a MultiMAE. Size fields left ``None`` come from ``preset``.
-
-    ``modalities`` changes registered specs or declares new ones, e.g.
-    ``{"semseg": {"num_classes": 21}, "normals": {}}`` or a full spec dict for a new name.
-    """
-
-    preset: str = "base"
-    dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float = 4.0
-    drop_path: float = 0.0
-    patch_size: int = 16
-    image_size: int = 224  # size the position tables are built for; other sizes are resampled
-    num_global_tokens: int = 1
-    inputs: list[str] = field(default_factory=lambda: ["rgb", "depth", "semseg"])
-    outputs: list[str] = field(default_factory=lambda: ["rgb", "depth", "semseg"])
-    modalities: dict[str, dict[str, Any]] = field(default_factory=dict)
-    decoder_dim: int | None = None
-    decoder_depth: int | None = None
-    decoder_heads: int | None = None
-    use_task_queries: bool = True
-    # "per_task": MultiMAE, one cross-attention decoder per task; "shared": M3AE, one transformer
-    # decoder over all modalities with per-modality mask tokens and linear heads
-    decoder: Literal["per_task", "shared"] = "per_task"
-    loss_weights: dict[str, float] = field(default_factory=dict)
-    # tasks whose decoder runs in fp32 even under mixed-precision autocast (official recipe:
-    # ``fp32_output_adapters: semseg``); per-task decoders only
-    fp32_outputs: list[str] = field(default_factory=list)
-    # a final LayerNorm after the encoder blocks: MultiMAE has none; MAE / timm ViTs do (kept when
-    # their weights are imported, so features match theirs; see multimae.checkpoint.vit)
-    encoder_norm: bool = False
-    # LayerNorm eps of the encoder blocks and the final norm (1e-6: MultiMAE / MAE / timm;
-    # transformers' ViT and ViTMAE use 1e-12, read from their config.json)
-    norm_eps: float = 1e-6
-    # attention kernel of every layer: "auto" (explicit softmax(qk)v for CPU bf16/fp16, where it
-    # is faster, fused SDPA elsewhere), "fused" or "manual"; same values up to rounding
-    attention: Literal["auto", "fused", "manual"] = "auto"
-
-    def resolved(self) -> "ModelConfig":
-        """A copy with every size filled in from the preset."""
-        p = get_preset(self.preset)
-        d = dict(self.__dict__)
-        for k, v in p.items():
-            if d.get(k) is None:
-                d[k] = v
-        return ModelConfig(**d)
-
-    def specs(self, names: Sequence[str]) -> list[M.ModalitySpec]:
-        out = []
-        for n in names:
-            over = dict(self.modalities.get(n, {}))
-            if n in M.registered():
-                out.append(M.get(n).with_(**over) if over else M.get(n))
-            else:
-                if not over:
-                    raise KeyError(f"unknown modality {n!r}; registered: {sorted(M.registered())}; "
-                                   f"declare it under model.modalities.{n} (kind, channels, ...)")
-                out.append(M.ModalitySpec(name=n, **over))
-        return out
+__all__ = ["ModelConfig", "MultiMAE", "Outputs", "image_size_of", "load_official_multimae", "load_pretrained",
+           "run_encoder", "tokenize"]
 
 
 @dataclass
@@ -172,13 +112,26 @@ class MultiMAE(nn.Module):
     # ------------------------------------------------------------------ weights in and out
     @classmethod
     def from_pretrained(cls, source: Any, **overrides: Any) -> "MultiMAE":
-        """A model from a ``save_pretrained`` directory, a run / checkpoint directory of this
-        library, an official MultiMAE ``.pth``, a MAE ``.pth`` or a timm ViT state dict;
-        ``overrides`` change :class:`ModelConfig` fields on load (``image_size=384``,
-        ``inputs=["rgb"]``, ``outputs=[]``). See :func:`multimae.checkpoint.pretrained.load_pretrained`."""
-        from multimae.checkpoint.pretrained import load_pretrained
+        """A model (eval mode) from a ``save_pretrained`` directory, a run / checkpoint directory of
+        this library, an official MultiMAE ``.pth``, a MAE ``.pth``, a timm ViT state dict or a
+        transformers ViT / ViTMAE directory; ``overrides`` change :class:`ModelConfig` fields on load
+        (``image_size=384``, ``inputs=["rgb"]``, ``outputs=[]``). :func:`load_pretrained` also
+        returns the report; the reading and converting is
+        :func:`multimae.checkpoint.pretrained.read_pretrained`."""
+        from multimae.checkpoint.pretrained import read_pretrained
 
-        return load_pretrained(source, **overrides)[0]
+        return cls.from_converted(read_pretrained(source, **overrides))[0]
+
+    @classmethod
+    def from_converted(cls, weights: ConvertedWeights) -> tuple["MultiMAE", ConversionReport]:
+        """The model (eval mode) that ``weights`` (read and converted by :mod:`multimae.checkpoint`)
+        describe, with their tensors fitted in (position tables resized to its grid, dropped and
+        fresh keys reported: :func:`multimae.checkpoint.convert.fit_state_dict`), and the report."""
+        model = cls(weights.config)
+        fit_state_dict(model, weights.state_dict, weights.report, weights.fresh)
+        if weights.provenance is not None:
+            model.provenance = dict(weights.provenance)
+        return model.eval(), weights.report
 
     def save_pretrained(self, directory: Any, **card: Any) -> Any:
         """Write ``config.json`` + ``model.safetensors`` + ``README.md`` (a Hugging Face Hub
@@ -203,30 +156,12 @@ class MultiMAE(nn.Module):
 
     def image_size_of(self, batch: dict[str, Any]) -> tuple[int, int]:
         """(H, W) of the full-resolution image implied by the batch; all spatial modalities must agree."""
-        sizes = {}
-        for s in list(self.input_specs.values()) + list(self.output_specs.values()):
-            t = batch.get(s.key)
-            if isinstance(t, Tensor) and s.is_spatial and t.ndim >= 3:
-                sizes[s.key] = (t.shape[-2] * s.stride, t.shape[-1] * s.stride)
-        if not sizes:
-            raise ValueError(f"batch has no image modality among {sorted(self.input_specs)}; keys: {sorted(batch)}")
-        if len(set(sizes.values())) > 1:
-            desc = ", ".join(f"{k}: {h}x{w}" for k, (h, w) in sizes.items())
-            raise ValueError(f"modalities imply different image sizes ({desc}); semseg-like inputs are at 1/stride")
-        return next(iter(sizes.values()))
+        return image_size_of([*self.input_specs.values(), *self.output_specs.values()], batch)
 
     # ------------------------------------------------------------------ forward
     def tokenize(self, batch: dict[str, Any], names: Sequence[str]) -> tuple[Tensor, list[Segment]]:
         """Input tokens of ``names``, concatenated: (B, N, D), and where each modality sits."""
-        toks, layout, start = [], [], 0
-        p = self.config.patch_size
-        for n in names:
-            spec = self.input_specs[n]
-            t = self.input_adapters[n](batch[spec.key])
-            toks.append(t)
-            layout.append(Segment(n, start, t.shape[1], spec.grid(batch[spec.key].shape, p)))
-            start += t.shape[1]
-        return torch.cat(toks, dim=1), layout
+        return tokenize(self.input_adapters, self.input_specs, batch, names, self.config.patch_size)
 
     def _input_names(self, batch: dict[str, Any], plan: MaskPlan | None) -> list[str]:
         if plan is not None:
@@ -289,12 +224,8 @@ class MultiMAE(nn.Module):
         if not bool(visible_pad.any()):
             visible_pad = None
         x = tokens.gather(1, ids_keep[..., None].expand(-1, -1, D))
-        G = self.global_tokens.shape[1]
-        x = torch.cat([x, self.global_tokens.expand(B, -1, -1).to(x.dtype)], dim=1)
-        key_pad = None if visible_pad is None else torch.cat([visible_pad, visible_pad.new_zeros(B, G)], dim=1)
-        for blk in self.encoder:
-            x = blk(x, key_pad)
-        return EncodedTokens(self.encoder_norm(x), ids_keep, visible_pad, masked, layout, G)
+        x, _ = run_encoder(x, self.global_tokens, self.encoder, self.encoder_norm, visible_pad)
+        return EncodedTokens(x, ids_keep, visible_pad, masked, layout, self.global_tokens.shape[1])
 
     def decode(self, enc: EncodedTokens, image_size: tuple[int, int], tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         p = self.config.patch_size
@@ -347,3 +278,108 @@ class MultiMAE(nn.Module):
                 weight = (~absent if weight is None else weight & ~absent)
             out[t] = masked_mean(per_token, weight)
         return out
+
+
+# ---------------------------------------------------------------------- the encoder pass
+# One implementation for every encoder built from MultiMAE parts: MultiMAE.encode (visible tokens,
+# padding) and multimae.transfer.TransferEncoder (all tokens, intermediate layers) call these.
+
+def tokenize(adapters: Mapping[str, nn.Module], specs: Mapping[str, M.ModalitySpec], batch: Mapping[str, Any],
+             names: Sequence[str], patch_size: int) -> tuple[Tensor, list[Segment]]:
+    """Tokens of the modalities ``names`` (each through its input adapter), concatenated in that
+    order: (B, N, D), and where each modality sits (its token grid, None for text)."""
+    toks, layout, start = [], [], 0
+    for n in names:
+        spec = specs[n]
+        t = adapters[n](batch[spec.key])
+        toks.append(t)
+        layout.append(Segment(n, start, t.shape[1], spec.grid(batch[spec.key].shape, patch_size)))
+        start += t.shape[1]
+    return torch.cat(toks, dim=1), layout
+
+
+def image_size_of(specs: Iterable[M.ModalitySpec], batch: Mapping[str, Any]) -> tuple[int, int]:
+    """(H, W) of the full-resolution image implied by the batch's tensors of the spatial modalities
+    among ``specs`` (a 1/stride modality counts at full resolution); all must agree."""
+    specs = list(specs)
+    sizes = {}
+    for s in specs:
+        t = batch.get(s.key)
+        if isinstance(t, Tensor) and s.is_spatial and t.ndim >= 3:
+            sizes[s.key] = (t.shape[-2] * s.stride, t.shape[-1] * s.stride)
+    if not sizes:
+        names = sorted(dict.fromkeys(s.name for s in specs))
+        raise ValueError(f"batch has no image modality among {names}; keys: {sorted(batch)}")
+    if len(set(sizes.values())) > 1:
+        desc = ", ".join(f"{k}: {h}x{w}" for k, (h, w) in sizes.items())
+        raise ValueError(f"modalities imply different image sizes ({desc}); semseg-like inputs are at 1/stride")
+    return next(iter(sizes.values()))
+
+
+def run_encoder(x: Tensor, global_tokens: Tensor, blocks: Sequence[nn.Module], norm: nn.Module,
+                key_pad: Tensor | None = None, return_layers: Iterable[int] = (), final: bool = True
+                ) -> tuple[Tensor, dict[int, Tensor]]:
+    """The encoder pass: (B, N, D) tokens -> the G global tokens appended -> blocks -> final norm.
+
+    key_pad: (B, N) True = an empty slot kept out of attention (the global tokens never are).
+    return_layers: block indices whose outputs (B, N + G, D), never normed, are returned too.
+    final=False with ``return_layers``: stop after the last of them; the tokens returned are then
+    that block's output, not normed. Returns ``(tokens (B, N + G, D), {block: its output})``.
+    """
+    B = x.shape[0]
+    G = global_tokens.shape[1]
+    x = torch.cat([x, global_tokens.expand(B, -1, -1).to(x.dtype)], dim=1)
+    if key_pad is not None:
+        key_pad = torch.cat([key_pad, key_pad.new_zeros(B, G)], dim=1)
+    depth = len(blocks)
+    want = set(return_layers)
+    bad = [i for i in want if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"encoder layer(s) {sorted(bad)} outside 0..{depth - 1}")
+    stop = max(want) + 1 if want and not final else depth
+    layers = {}
+    for i, blk in enumerate(blocks):
+        if i == stop:
+            break
+        x = blk(x, key_pad)
+        if i in want:
+            layers[i] = x
+    return (norm(x) if stop == depth else x), layers
+
+
+def load_pretrained(source: Any, **overrides: Any) -> tuple[MultiMAE, ConversionReport]:
+    """:meth:`MultiMAE.from_pretrained` with the :class:`~multimae.checkpoint.convert.ConversionReport`
+    of what was mapped, dropped, added and resized.
+
+    source: a ``save_pretrained`` directory, a run or checkpoint directory (or its
+    ``model.safetensors``), an official MultiMAE / MAE ``.pth``, a timm ViT ``.pth`` /
+    ``.safetensors``, a transformers ViT / ViTMAE directory or a state dict
+    (:func:`multimae.checkpoint.pretrained.read_pretrained`). overrides: :class:`ModelConfig` fields,
+    e.g. ``image_size=384`` (sine-cosine tables regenerated, learned ones resampled),
+    ``inputs=["rgb"]`` (other input adapters dropped), ``outputs=[]`` (encoder only; decoders
+    dropped), ``outputs=["rgb", "depth"]`` on a MAE encoder (fresh decoders, reported as added), or
+    ``num_heads`` for an external checkpoint whose head count is not the ViT default. The model's
+    ``provenance`` attribute records the source and, for runs, the training data and steps.
+    """
+    from multimae.checkpoint.pretrained import read_pretrained
+
+    return MultiMAE.from_converted(read_pretrained(source, **overrides))
+
+
+def load_official_multimae(source: Any, num_heads: int | None = None, decoder_heads: int | None = None,
+                           **overrides: Any) -> MultiMAE:
+    """Build a :class:`MultiMAE` from an official MultiMAE checkpoint, in one line::
+
+        model = multimae.load_official_multimae("multimae-b_98_rgb+-depth-semseg_1600e.pth")
+
+    ``source``: a ``.pth`` (the ``model`` entry, or a bare state_dict), a ``.safetensors``
+    file, or a state_dict. Architecture is read off the tensors; head counts (not stored in
+    weights) default to the standard ViT's for the encoder (another width needs ``num_heads``) and
+    8 for the decoders. ``overrides`` set other :class:`ModelConfig` fields: ``image_size=384``
+    regenerates the sine-cosine position tables for the new grid; ``inputs`` / ``outputs`` keep a
+    subset (``outputs=[]``: encoder only). (Eval mode is not set: the model is as built.)
+    """
+    weights = read_official_multimae(source, num_heads, decoder_heads, **overrides)
+    model = MultiMAE(weights.config)
+    fit_state_dict(model, weights.state_dict, weights.report)
+    return model

@@ -87,7 +87,7 @@ def test_config_only_modality_pretrains_from_the_cli(tmp_path, caplog):
     assert "4 held-out samples" in (run / "eval.md").read_text()
     assert (run / "reconstruction.png").is_file()
 
-    from multimae.checkpoint.pretrained import load_pretrained
+    from multimae.model import load_pretrained
 
     model, _ = load_pretrained(run)
     assert model.input_specs["curvature"] == ModalitySpec("curvature", "dense", channels=2, loss="l1")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from multimae.checkpoint.convert import load_official_multimae
+from multimae.model import load_official_multimae
 from multimae.masking import MaskPlan, official_explicit_plan
 
 ORDER = ["rgb", "depth", "semseg"]

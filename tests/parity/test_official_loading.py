@@ -4,7 +4,8 @@ import argparse
 import pytest
 import torch
 
-from multimae.checkpoint.convert import ConversionError, load_official_multimae, read_state_dict
+from multimae.checkpoint.convert import ConversionError, read_state_dict
+from multimae.model import load_official_multimae
 
 
 def official_base_state(tsv):

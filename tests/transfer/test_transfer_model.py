@@ -152,6 +152,11 @@ def test_bad_inputs_are_named():
         TransferModel(TransferModelConfig(encoder=_enc(), inputs=["depth"], head=HeadConfig(kind="segmentation", num_classes=2)))
     with pytest.raises(ValueError, match="num_classes"):
         TransferModel(TransferModelConfig(encoder=_enc(), head=HeadConfig(kind="classification")))
+    # the image-size and layer checks are the model's encoder pass (multimae.model.run_encoder)
+    with pytest.raises(ValueError, match=r"different image sizes \(rgb: 32x32, depth: 48x48\)"):
+        model({"rgb": torch.randn(1, 3, 32, 32), "depth": torch.randn(1, 1, 48, 48)})
+    with pytest.raises(ValueError, match=r"layer\(s\) \[3\] outside 0..2"):
+        model.encoder(_batch(), return_layers=[1, 3])
 
 
 @pytest.mark.parametrize("kind", ["segmentation", "depth"])
@@ -217,8 +222,9 @@ def test_finetune_run_to_another_task_keeps_encoder_fresh_head(tmp_path):
 
 def test_save_pretrained_dir_and_timm_vit_inits(tmp_path):
     """A save_pretrained directory and a timm ViT state dict (which carries a final norm) both
-    give the encoder the library's own loader gives (multimae.checkpoint.load_pretrained)."""
-    from multimae.checkpoint.pretrained import load_pretrained, save_pretrained
+    give the encoder the library's own loader gives (multimae.load_pretrained)."""
+    from multimae.checkpoint.pretrained import save_pretrained
+    from multimae.model import load_pretrained
     from multimae.checkpoint.vit import to_timm_state_dict
 
     mae, _ = _pretrain_run(tmp_path, inputs=("rgb",))

@@ -40,6 +40,21 @@ def test_mismatches_are_errors_or_reported():
     assert report.dropped["encoder_norm.weight"].startswith("no final norm in this model (model.encoder_norm=true")
 
 
+def test_inputs_left_out_are_dropped_not_copied():
+    """No second model is built: the source's tensors go straight into the run's model, and an
+    ``inputs`` override keeps the adapters it leaves out at their initialisation."""
+    sd = mae_state_dict()
+    m = model()
+    before = m.state_dict()["input_adapters.rgb.proj.weight"].clone()
+    report = init_from(m, sd, inputs=[])
+    after = m.state_dict()
+    assert torch.equal(after["input_adapters.rgb.proj.weight"], before)
+    assert report.dropped["input_adapters.rgb.proj.weight"] == "input 'rgb' not requested"
+    assert torch.equal(after["encoder.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"])
+    assert report.mapped["encoder.0.attn.qkv.weight"] == "blocks.0.attn.qkv.weight"
+    assert "input_adapters.rgb.proj.weight" not in report.mapped
+
+
 def test_run_config_key():
     cfg = load_config(PretrainConfig, None, ["train.init=mae_pretrain_vit_base.pth"])
     assert cfg.train.init == "mae_pretrain_vit_base.pth"

@@ -6,8 +6,8 @@ import torch
 
 from multimae import ModelConfig, MultiMAE
 from multimae.checkpoint import CheckpointError, save_checkpoint
-from multimae.checkpoint.convert import ConversionError, load_official_multimae
-from multimae.checkpoint.pretrained import load_pretrained
+from multimae.checkpoint.convert import ConversionError
+from multimae.model import load_official_multimae, load_pretrained
 from multimae.config import to_dict
 from multimae.tasks.pretrain_config import PretrainConfig
 

@@ -1,4 +1,9 @@
-"""Loading external checkpoints into :class:`multimae.model.MultiMAE`.
+"""Reading external checkpoints for :class:`multimae.model.MultiMAE`: weights and configs only.
+
+This layer sits below the model: it never imports :mod:`multimae.model`. It reads state dicts,
+infers model configs (:class:`~multimae.model_config.ModelConfig`, in :class:`ConvertedWeights`) and fits tensors
+into a model it is given (:func:`fit_state_dict`); the model builds itself from them
+(:meth:`multimae.model.MultiMAE.from_converted`, :func:`multimae.model.load_official_multimae`).
 
 One filter function per source. Official MultiMAE (EPFL-VILAB/MultiMAE) checkpoints use the
 same parameter names as this library, so the filter only infers the architecture from the
@@ -18,10 +23,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from multimae import modalities as M
-from multimae.model import ModelConfig, MultiMAE
+from multimae.model_config import ModelConfig
 
 
 class ConversionError(ValueError):
@@ -115,6 +120,43 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[st
     return dict(obj)
 
 
+#: head counts of the standard ViT widths (Ti, S, M, B, L, H, g, G, e); any other width must be told
+KNOWN_HEADS = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16, 1792: 16}
+
+
+def default_heads(dim: int, source: str = "checkpoint", num_heads: int | None = None) -> int:
+    """Attention heads of a ViT of width ``dim``: ``num_heads`` when given, else the standard ViT's
+    of that width (:data:`KNOWN_HEADS`). Weights do not store the head count, and a wrong one gives
+    wrong tokens without any error, so another width is refused with a message naming the setting."""
+    if num_heads is not None:
+        if dim % int(num_heads):
+            raise ConversionError(f"{source}: num_heads={num_heads} does not divide the width {dim}")
+        return int(num_heads)
+    if dim not in KNOWN_HEADS:
+        raise ConversionError(f"{source}: width {dim} is not a standard ViT's and the weights do not record the "
+                              f"head count; pass num_heads= (from_pretrained(..., num_heads=H), "
+                              f"`multimae convert --num-heads H`, train.init with model.num_heads=H)")
+    return KNOWN_HEADS[dim]
+
+
+@dataclass
+class ConvertedWeights:
+    """A source of weights, read and converted: what a model is built from
+    (:meth:`multimae.model.MultiMAE.from_converted`).
+
+    config: the architecture (overrides applied); state_dict: tensors in MultiMAE names, position
+    tables still at the source's grid; report: what was mapped / dropped so far (building fills in
+    resized / added); fresh: model keys the source has none of, to leave at their initialisation;
+    provenance: where the weights came from (set as ``model.provenance``), None for none.
+    """
+
+    config: ModelConfig
+    state_dict: dict[str, Tensor]
+    report: ConversionReport
+    fresh: tuple[str, ...] = ()
+    provenance: dict[str, Any] | None = None
+
+
 def _count(sd: Mapping[str, Tensor], pattern: str) -> int:
     rx = re.compile(pattern)
     return len({m.group(1) for k in sd if (m := rx.match(k))})
@@ -176,8 +218,6 @@ def infer_official_config(sd: Mapping[str, Tensor], num_heads: int | None = None
             mods[n] = {"kind": "dense", "loss": "l1", "channels": out // ((patch_size or 16) ** 2)}
     if patch_size is None:
         raise ConversionError("cannot infer the patch size: no input adapter in the state_dict")
-    from multimae.checkpoint.vit import default_heads
-
     cfg = dict(
         preset="base", dim=dim, depth=depth, num_heads=default_heads(dim, "official MultiMAE weights", num_heads),
         mlp_ratio=sd["encoder.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0,
@@ -215,9 +255,10 @@ def _adapter_of(key: str) -> tuple[str, str] | None:
     return None
 
 
-def fit_state_dict(model: MultiMAE, sd: Mapping[str, Tensor], report: ConversionReport,
+def fit_state_dict(model: nn.Module, sd: Mapping[str, Tensor], report: ConversionReport,
                    fresh: tuple[str, ...] = ()) -> None:
-    """Load ``sd`` (MultiMAE names) into ``model``, fitting it to the model's configuration.
+    """Load ``sd`` (MultiMAE names) into ``model`` (a :class:`~multimae.model.MultiMAE`), fitting
+    it to the model's configuration.
 
     * position tables built for another grid: sine-cosine ones regenerated, learned ones resampled
       (:mod:`multimae.checkpoint.resize`), listed in ``report.resized``;
@@ -289,30 +330,13 @@ def load_state_strict(model: torch.nn.Module, sd: Mapping[str, Tensor], source: 
     model.load_state_dict({k: v for k, v in sd.items()}, strict=True)
 
 
-def convert_official_multimae(sd: Mapping[str, Tensor], source: str = "state_dict", num_heads: int | None = None,
-                              decoder_heads: int | None = None, **overrides: Any
-                              ) -> tuple[MultiMAE, ConversionReport]:
-    """:func:`load_official_multimae` on a state dict, with the :class:`ConversionReport`."""
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    cfg = infer_official_config(sd, num_heads, decoder_heads, **overrides)
-    model = MultiMAE(cfg)
-    report = ConversionReport(source, "official-multimae")
-    fit_state_dict(model, sd, report)
-    return model, report
-
-
-def load_official_multimae(source: str | os.PathLike | Mapping[str, Tensor], num_heads: int | None = None,
-                           decoder_heads: int | None = None, **overrides: Any) -> MultiMAE:
-    """Build a :class:`MultiMAE` from an official MultiMAE checkpoint, in one line::
-
-        model = multimae.load_official_multimae("multimae-b_98_rgb+-depth-semseg_1600e.pth")
-
-    ``source``: a ``.pth`` (the ``model`` entry, or a bare state_dict), a ``.safetensors``
-    file, or a state_dict. Architecture is read off the tensors; head counts (not stored in
-    weights) default to the standard ViT's for the encoder (another width needs ``num_heads``) and
-    8 for the decoders. ``overrides`` set
-    other :class:`ModelConfig` fields: ``image_size=384`` regenerates the sine-cosine position
-    tables for the new grid; ``inputs`` / ``outputs`` keep a subset (``outputs=[]``: encoder only).
-    """
+def read_official_multimae(source: str | os.PathLike | Mapping[str, Tensor], num_heads: int | None = None,
+                           decoder_heads: int | None = None, **overrides: Any) -> ConvertedWeights:
+    """An official MultiMAE checkpoint (a ``.pth``: its ``model`` entry or a bare state_dict; a
+    ``.safetensors`` file; a state_dict) read: the architecture inferred from its tensors
+    (:func:`infer_official_config`, ``overrides`` applied) and the tensors as fp32.
+    :func:`multimae.load_official_multimae` builds the model."""
     name = str(source) if not isinstance(source, Mapping) else "state_dict"
-    return convert_official_multimae(read_state_dict(source), name, num_heads, decoder_heads, **overrides)[0]
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in read_state_dict(source).items()}
+    cfg = infer_official_config(sd, num_heads, decoder_heads, **overrides)
+    return ConvertedWeights(cfg, sd, ConversionReport(name, "official-multimae"))

@@ -1,4 +1,4 @@
-"""``save_pretrained`` / ``from_pretrained``: one loader for every source of weights.
+"""``save_pretrained`` / ``from_pretrained``: one reader for every source of weights.
 
 A pretrained directory is the layout the Hugging Face Hub serves, so it uploads unchanged::
 
@@ -6,12 +6,15 @@ A pretrained directory is the layout the Hugging Face Hub serves, so it uploads 
     DIR/model.safetensors  the weights (safetensors; never pickled)
     DIR/README.md          model card: modalities, preset, training data / steps when known, how to load
 
-:func:`load_pretrained` accepts such a directory, a run or checkpoint directory of this library
+:func:`read_pretrained` accepts such a directory, a run or checkpoint directory of this library
 (or its ``model.safetensors``), an official MultiMAE ``.pth``, a facebookresearch/mae ``.pth``
 (encoder-only or ``_full``), a timm ViT state dict (``.pth`` / ``.safetensors``), a transformers
 ``ViTMAE*`` / ``ViT*`` directory (:mod:`.hf`) or an in-memory
 state dict, and applies :class:`~multimae.model.ModelConfig` overrides on load (``image_size``,
-``inputs``, ``outputs`` ...). Every load returns a :class:`~.convert.ConversionReport`.
+``inputs``, ``outputs`` ...). It returns :class:`~.convert.ConvertedWeights` (a config, the
+tensors, a :class:`~.convert.ConversionReport`); the model is built above this layer
+(:meth:`multimae.model.MultiMAE.from_pretrained`, :func:`multimae.model.load_pretrained`), and
+:func:`init_from` fits them into a model it is given. Nothing here imports :mod:`multimae.model`.
 Nothing is unpickled beyond tensors (:func:`~.convert.read_state_dict`).
 """
 from __future__ import annotations
@@ -22,12 +25,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from safetensors.torch import save_file as _st_save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from multimae.checkpoint.convert import (
     ConversionError,
     ConversionReport,
-    fit_state_dict,
+    ConvertedWeights,
     infer_official_config,
     model_config,
     read_state_dict,
@@ -44,15 +47,16 @@ from multimae.checkpoint.io import (
     save_file_atomic,
 )
 from multimae.checkpoint.hf import hf_config
+from multimae.checkpoint.resize import fit_pos_tables
 from multimae.checkpoint.vit import is_vit_layout, load_hf_vit, vit_to_multimae
-from multimae.model import MultiMAE
+from multimae.model_config import ModelConfig
 
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 #: Version of the pretrained-directory layout; readers refuse newer ones.
 PRETRAINED_FORMAT_VERSION = 1
 
-__all__ = ["CONFIG_FILE", "PRETRAINED_FORMAT_VERSION", "init_from", "load_pretrained", "save_pretrained", "model_card"]
+__all__ = ["CONFIG_FILE", "PRETRAINED_FORMAT_VERSION", "init_from", "model_card", "read_pretrained", "save_pretrained"]
 
 _ACCEPTED = ("a save_pretrained directory (config.json + model.safetensors), a run or checkpoint directory, "
              "an official MultiMAE / MAE .pth, a timm ViT .pth/.safetensors, or a transformers ViT / ViTMAE "
@@ -63,12 +67,13 @@ _ACCEPTED = ("a save_pretrained directory (config.json + model.safetensors), a r
 # Saving
 # --------------------------------------------------------------------------------------------
 
-def save_pretrained(model: MultiMAE, directory: str | os.PathLike, training: Mapping[str, Any] | None = None,
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, training: Mapping[str, Any] | None = None,
                     source: str | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` and a ``README.md`` model card into ``directory``.
 
+    model: a :class:`~multimae.model.MultiMAE` (its ``config`` and ``state_dict()`` are written).
     training: what the weights were trained on, for the card (``{"data": ..., "steps": ...}``);
-        defaults to what :func:`load_pretrained` recorded in ``model.provenance``.
+        defaults to what loading recorded in ``model.provenance`` (:func:`read_pretrained`).
     Each file is written atomically; ``config.json`` last, so a directory holding it is complete.
     """
     from multimae.config import to_dict
@@ -98,8 +103,6 @@ def save_pretrained(model: MultiMAE, directory: str | os.PathLike, training: Map
 
 
 def _modality_line(cfg: Mapping[str, Any], names: list[str]) -> str:
-    from multimae.model import ModelConfig
-
     if not names:
         return "none (encoder only)"
     specs = ModelConfig(**{**cfg, "inputs": [], "outputs": []}).specs(names)
@@ -194,11 +197,9 @@ def _run_model_fields(meta: Mapping[str, Any], where: Path) -> dict[str, Any]:
     return model
 
 
-def _build(fields: Mapping[str, Any], overrides: Mapping[str, Any], sd: Mapping[str, Tensor],
-           report: ConversionReport, fresh: tuple[str, ...] = ()) -> MultiMAE:
-    model = MultiMAE(model_config(fields, overrides))
-    fit_state_dict(model, sd, report, fresh)
-    return model
+def _weights(fields: Mapping[str, Any], overrides: Mapping[str, Any], sd: Mapping[str, Tensor],
+             report: ConversionReport, fresh: tuple[str, ...] = ()) -> ConvertedWeights:
+    return ConvertedWeights(model_config(fields, overrides), dict(sd), report, fresh)
 
 
 def _strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -208,12 +209,11 @@ def _strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return sd
 
 
-def _from_state_dict(sd: dict[str, Tensor], source: str, overrides: Mapping[str, Any]
-                     ) -> tuple[MultiMAE, ConversionReport]:
+def _from_state_dict(sd: dict[str, Tensor], source: str, overrides: Mapping[str, Any]) -> ConvertedWeights:
     sd = _strip_prefix(sd)
     if is_vit_layout(sd):
         fields, ours, report, fresh = vit_to_multimae(sd, source, overrides.get("num_heads"))
-        return _build(fields, overrides, ours, report, fresh), report
+        return _weights(fields, overrides, ours, report, fresh)
     if "global_tokens" in sd and any(k.startswith("input_adapters.") for k in sd):
         over = dict(overrides)
         heads = over.pop("num_heads", None)
@@ -232,7 +232,7 @@ def _from_state_dict(sd: dict[str, Tensor], source: str, overrides: Mapping[str,
                                   "multimae.transfer.build_transfer_model)") from e
         from multimae.config import to_dict
 
-        return _build(to_dict(cfg), over, sd, report), report
+        return _weights(to_dict(cfg), over, sd, report)
     shown = sorted(sd)[:8]
     raise ConversionError(f"{source}: unrecognised state dict (first keys {shown}); expected {_ACCEPTED}")
 
@@ -252,70 +252,88 @@ def _export_hints(p: Path) -> dict[str, Any]:
     return {"num_heads": int(kwargs["num_heads"])} if isinstance(kwargs, dict) and "num_heads" in kwargs else {}
 
 
-def load_pretrained(source: str | os.PathLike | Mapping[str, Tensor], **overrides: Any
-                    ) -> tuple[MultiMAE, ConversionReport]:
-    """A :class:`MultiMAE` (eval mode) and the report of what was mapped, dropped, added, resized.
+def read_pretrained(source: str | os.PathLike | Mapping[str, Tensor], **overrides: Any) -> ConvertedWeights:
+    """Read ``source`` (see the module docstring) and convert it: the :class:`ModelConfig` (with
+    ``overrides`` applied, every field checked), the tensors in MultiMAE names, the report so far
+    and the provenance (the source and, for runs, the training data and steps).
 
-    source: see the module docstring. overrides: :class:`ModelConfig` fields, e.g.
-    ``image_size=384`` (sine-cosine tables regenerated, learned ones resampled), ``inputs=["rgb"]``
-    (other input adapters dropped), ``outputs=[]`` (encoder only; decoders dropped),
-    ``outputs=["rgb", "depth"]`` on a MAE encoder (fresh decoders, reported as added), or
-    ``num_heads`` for an external checkpoint whose head count is not the ViT default.
-    The model's ``provenance`` attribute records the source and, for runs, the training data and steps.
+    overrides: :class:`ModelConfig` fields (``image_size=384``, ``inputs=["rgb"]``, ``outputs=[]``,
+    ``num_heads`` for an external checkpoint whose head count is not the ViT default ...).
+    :func:`multimae.model.load_pretrained` / :meth:`multimae.model.MultiMAE.from_pretrained` build
+    the model from the result.
     """
     origin: tuple[str, str] | None = None
+    training = None
     if isinstance(source, Mapping):
-        model, report = _from_state_dict(dict(source), "state_dict", overrides)
-        training = None
+        weights = _from_state_dict(dict(source), "state_dict", overrides)
     else:
         p = Path(source)
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist (expected {_ACCEPTED})")
         if p.is_file() and p.name == WEIGHTS_FILE and (_is_pretrained_dir(p.parent) or (p.parent / META_FILE).is_file()):
             p = p.parent
-        training = None
         if p.is_dir() and hf_config(p) is not None:  # transformers ViT / ViTMAE save_pretrained directory
             fields, ours, report, fresh = load_hf_vit(p, overrides.get("num_heads"))
-            model = _build(fields, overrides, ours, report, fresh)
+            weights = _weights(fields, overrides, ours, report, fresh)
         elif p.is_dir() and _is_pretrained_dir(p):
             cfg = _read_pretrained_config(p)
-            report = ConversionReport(str(p), "multimae")
-            model = _build(cfg["model"], overrides, _load_weights_file(p / WEIGHTS_FILE), report)
+            weights = _weights(cfg["model"], overrides, _load_weights_file(p / WEIGHTS_FILE),
+                               ConversionReport(str(p), "multimae"))
             training = cfg.get("training")
             origin = (cfg["source"], cfg.get("source_kind", "multimae")) if cfg.get("source") else None
         elif p.is_dir():
             ckpt = resolve_checkpoint(p)
             meta = load_meta(ckpt)
-            report = ConversionReport(str(ckpt), "multimae")
-            model = _build(_run_model_fields(meta, ckpt), overrides, _load_weights_file(ckpt / WEIGHTS_FILE), report)
+            weights = _weights(_run_model_fields(meta, ckpt), overrides, _load_weights_file(ckpt / WEIGHTS_FILE),
+                               ConversionReport(str(ckpt), "multimae"))
             data = (meta.get("config") or {}).get("data") or {}
             training = {"data": _describe_data(data), "steps": meta.get("step"), "run": str(ckpt)}
         else:
             hints = _export_hints(p)
-            model, report = _from_state_dict(read_state_dict(p), str(p), {**hints, **overrides})
+            weights = _from_state_dict(read_state_dict(p), str(p), {**hints, **overrides})
+    report = weights.report
     src, kind = origin or (report.source, report.kind)  # converted weights keep where they first came from
-    model.provenance = {"source": src, "source_kind": kind, **({"training": training} if training else {})}
-    return model.eval(), report
+    weights.provenance = {"source": src, "source_kind": kind, **({"training": training} if training else {})}
+    return weights
 
 
-def init_from(model: MultiMAE, source: str | os.PathLike | Mapping[str, Tensor], **overrides: Any
+def _not_requested(key: str, config: ModelConfig) -> str | None:
+    """Why a source tensor has no place in a model of ``config``'s modalities, or None."""
+    for prefix, kind, names in (("input_adapters.", "input", config.inputs), ("output_adapters.", "output",
+                                                                             config.outputs)):
+        if key.startswith(prefix) and key[len(prefix):].split(".")[0] not in names:
+            return f"{kind} {key[len(prefix):].split('.')[0]!r} not requested"
+    return None
+
+
+def init_from(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor], **overrides: Any
               ) -> ConversionReport:
-    """Start ``model`` (e.g. the one a run is about to train) from the weights of ``source``.
+    """Start ``model`` (a :class:`~multimae.model.MultiMAE`, e.g. the one a run is about to train)
+    from the weights of ``source``.
 
-    ``source`` is anything :func:`load_pretrained` reads (a MAE or timm ViT, an official
-    checkpoint, a run, a pretrained directory); it is first fitted to the model's image size. Every
-    tensor whose name and shape match is copied; the model's other tensors keep their
-    initialisation (``report.added``, e.g. the decoders when starting from a MAE encoder); source
-    tensors the model has no place for are ``report.dropped``. A tensor present in both with
-    different shapes is a :class:`ConversionError` (the architectures differ: dim, patch size ...).
+    ``source`` is anything :func:`read_pretrained` reads (a MAE or timm ViT, an official
+    checkpoint, a run, a pretrained directory); its position tables are fitted to the model's grid
+    (``report.resized``). Every tensor whose name and shape match is copied; the model's other
+    tensors keep their initialisation (``report.added``, e.g. the decoders when starting from a MAE
+    encoder); source tensors the model has no place for, and adapters of modalities ``overrides``
+    leave out (``inputs=[...]``), are ``report.dropped``. A tensor present in both with different
+    shapes is a :class:`ConversionError` (the architectures differ: dim, patch size ...).
+    No second model is built: the tensors go straight into ``model``.
     """
     cfg = model.config
     # the head count is the model's (weights do not store it: external ones would be refused)
-    src, report = load_pretrained(source, **{"image_size": cfg.image_size, "num_heads": cfg.num_heads, **overrides})
+    weights = read_pretrained(source, **{"image_size": cfg.image_size, "num_heads": cfg.num_heads, **overrides})
+    report = weights.report
     own = model.state_dict()
+    modes = {f"input_adapters.{n}.pos_emb": getattr(a, "pos_mode", "bicubic") for n, a in model.input_adapters.items()}
+    sd, report.resized = fit_pos_tables(weights.state_dict, own, modes)
     take, shapes = {}, []
-    for k, v in src.state_dict().items():
-        if k not in own:
+    for k in [*(k for k in own if k in sd), *(k for k in sd if k not in own)]:  # in the model's order
+        v = sd[k]
+        why = _not_requested(k, weights.config)
+        if why is not None:
+            report.dropped[k] = why
+        elif k not in own:
             why = ("no final norm in this model (model.encoder_norm=true keeps it)" if k.startswith("encoder_norm.")
                    else "no place in this model")
             report.dropped[k] = why
@@ -325,6 +343,7 @@ def init_from(model: MultiMAE, source: str | os.PathLike | Mapping[str, Tensor],
             take[k] = v.to(own[k].dtype)
     if shapes:
         raise ConversionError(f"{report.source} does not fit the model being trained -- shape mismatches: {shapes}")
+    report.mapped = {k: report.mapped.get(k, k) for k in take}
     report.added = {k: "not in the source (freshly initialised)" for k in own if k not in take}
     model.load_state_dict({**own, **take}, strict=True)
     return report

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from multimae.checkpoint.convert import ConversionError, ConversionReport
+from multimae.checkpoint.convert import ConversionError, ConversionReport, default_heads, read_state_dict
 from multimae.checkpoint.resize import resize_pos_table, sincos_layout
 
 #: (dim, depth, heads, patch size) -> timm model name, for ``timm.create_model(name, pretrained=False,
@@ -46,9 +46,6 @@ TIMM_NAMES: dict[tuple[int, int, int, int], str] = {
     (1024, 24, 16, 16): "vit_large_patch16_224",
     (1280, 32, 16, 14): "vit_huge_patch14_224",
 }
-#: head counts of the standard ViT widths (Ti, S, M, B, L, H, g, G, e); any other width must be told
-KNOWN_HEADS = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16, 1792: 16}
-
 MAE_DECODER_PREFIXES = ("decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
                         "decoder_pred.")
 _UNUSED = {"head.": "classification head (unused)", "fc_norm.": "pooled-feature norm of a timm/MAE classifier (unused)",
@@ -73,21 +70,6 @@ def is_mae(sd: Mapping[str, Tensor]) -> bool:
     if g * g != pos.shape[1] - 1 or bool(pos[0, 0].abs().max() > 0):
         return False
     return sincos_layout(pos[:, 1:].transpose(1, 2).reshape(1, -1, g, g)) == "cols_first"
-
-
-def default_heads(dim: int, source: str = "checkpoint", num_heads: int | None = None) -> int:
-    """Attention heads of a ViT of width ``dim``: ``num_heads`` when given, else the standard ViT's
-    of that width (:data:`KNOWN_HEADS`). Weights do not store the head count, and a wrong one gives
-    wrong tokens without any error, so another width is refused with a message naming the setting."""
-    if num_heads is not None:
-        if dim % int(num_heads):
-            raise ConversionError(f"{source}: num_heads={num_heads} does not divide the width {dim}")
-        return int(num_heads)
-    if dim not in KNOWN_HEADS:
-        raise ConversionError(f"{source}: width {dim} is not a standard ViT's and the weights do not record the "
-                              f"head count; pass num_heads= (from_pretrained(..., num_heads=H), "
-                              f"`multimae convert --num-heads H`, train.init with model.num_heads=H)")
-    return KNOWN_HEADS[dim]
 
 
 def vit_to_multimae(sd: Mapping[str, Tensor], source: str = "state_dict", num_heads: int | None = None
@@ -243,7 +225,6 @@ def load_hf_vit(path: Any, num_heads: int | None = None
     from pathlib import Path
 
     from multimae.checkpoint import hf
-    from multimae.checkpoint.convert import read_state_dict
 
     d = Path(path)
     cfg = hf.hf_config(d)

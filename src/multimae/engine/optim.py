@@ -8,12 +8,13 @@ its state is one integer, so resuming reproduces the learning-rate sequence exac
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
+
+from multimae.layers.layer_decay import EMBED_PATTERNS, vit_layer_id  # noqa: F401 (re-exported)
 
 __all__ = [
     "param_groups",
@@ -23,33 +24,6 @@ __all__ = [
     "WarmupCosine",
     "scaled_lr",
 ]
-
-#: Parameter-name substrings that belong to the embedding "layer 0" in :func:`vit_layer_id`.
-EMBED_PATTERNS: tuple[str, ...] = (
-    "input_adapters",
-    "patch_embed",
-    "pos_emb",
-    "pos_embed",
-    "global_tokens",
-    "cls_token",
-    "mask_token",
-)
-_BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-
-
-def vit_layer_id(name: str, num_layers: int, embed_patterns: Iterable[str] = EMBED_PATTERNS) -> int:
-    """Layer index of a ViT parameter for layer-wise lr decay.
-
-    Embeddings (names containing one of ``embed_patterns``) -> 0; ``...blocks.<i>.`` -> ``i + 1``;
-    anything else (final norm, heads) -> ``num_layers + 1``.
-    """
-    if any(p in name for p in embed_patterns):
-        return 0
-    m = _BLOCK_RE.search(name)
-    if m:
-        return int(m.group(1)) + 1
-    return num_layers + 1
-
 
 def param_groups(
     model: nn.Module,

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from multimae.layers.mlp import Mlp
 
 ATTENTION_MODES = ("auto", "fused", "manual")
-_DEPRECATED_DEFAULT: str | None = None  # set only by the deprecated set_attention_mode
 
 
 def check_attention_mode(mode: str) -> str:
@@ -40,16 +39,8 @@ def set_attention(module: nn.Module, mode: str) -> nn.Module:
     return module
 
 
-def set_attention_mode(mode: str) -> None:
-    """Deprecated: a process-wide override of every layer's mode. Use ``ModelConfig.attention``
-    or :func:`set_attention` on a model. Removed once no caller is left."""
-    global _DEPRECATED_DEFAULT
-    _DEPRECATED_DEFAULT = None if check_attention_mode(mode) == "auto" else mode
-
-
 def use_fused(q: Tensor, mode: str) -> bool:
     """Whether ``mode`` runs the fused kernel for queries ``q`` (auto: not for CPU bf16/fp16)."""
-    mode = _DEPRECATED_DEFAULT or mode
     if mode == "auto":
         return not (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16))
     return mode == "fused"

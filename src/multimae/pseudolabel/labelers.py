@@ -320,7 +320,7 @@ class MultiMAELabeler:
 
     def __init__(self, path: str | Path, tasks: Sequence[str] = ("depth", "semseg"), device: str = "auto",
                  precision: str = "auto", image_size: int | None = None) -> None:
-        from multimae.checkpoint.pretrained import load_pretrained
+        from multimae.model import load_pretrained
 
         self.path = Path(path)
         self.device = resolve_device(device)

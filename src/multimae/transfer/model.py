@@ -3,10 +3,12 @@
 The encoder is this library's MultiMAE encoder without decoders and without masking (what the
 official fine-tuning code calls MultiViT): per-modality input adapters -> tokens of all given
 modalities, concatenated in the order of ``TransferModelConfig.inputs`` -> the global token(s)
-appended -> pre-norm transformer blocks (stochastic depth) -> no final norm.
+appended -> pre-norm transformer blocks (stochastic depth) -> no final norm. The pass itself is
+the model's (:func:`multimae.model.tokenize`, :func:`multimae.model.run_encoder`), so the two
+cannot drift apart.
 
 Parameter names are chosen for layer-wise lr decay with
-:func:`multimae.engine.optim.vit_layer_id`: ``encoder.input_adapters.*`` and
+:func:`multimae.layers.layer_decay.vit_layer_id`: ``encoder.input_adapters.*`` and
 ``encoder.global_tokens`` are layer 0, ``encoder.blocks.<i>.*`` layer i+1, everything under
 ``head.`` the last layer (no head parameter name contains ``blocks.<i>.`` or an embedding pattern).
 """
@@ -20,8 +22,8 @@ from torch import Tensor, nn
 
 from multimae.adapters.output import Segment
 from multimae.heads import ClassificationHead, DPTHead, SegmentationHead, default_hooks, default_layer_dims
-from multimae.model import ModelConfig, MultiMAE
-from multimae.engine.optim import vit_layer_id
+from multimae.layers.layer_decay import vit_layer_id
+from multimae.model import ModelConfig, MultiMAE, image_size_of, run_encoder, tokenize
 
 HeadKind = Literal["classification", "segmentation", "depth", "dense"]
 
@@ -123,44 +125,19 @@ class TransferEncoder(nn.Module):
 
     def tokenize(self, batch: dict[str, Any]) -> tuple[Tensor, list[Segment], tuple[int, int]]:
         """Tokens of every input, concatenated: (B, N, D), their layout and the image size (H, W)."""
-        toks, layout, sizes, start = [], [], {}, 0
-        p = self.patch_size
-        for n, spec in self.specs.items():
-            if spec.key not in batch:
-                raise KeyError(f"batch has no {spec.key!r} (transfer inputs: {list(self.specs)}); keys: {sorted(batch)}")
-            x = batch[spec.key]
-            t = self.input_adapters[n](x)
-            grid = None
-            if spec.is_spatial:
-                sizes[n] = (x.shape[-2] * spec.stride, x.shape[-1] * spec.stride)
-                grid = (sizes[n][0] // p, sizes[n][1] // p)
-            layout.append(Segment(n, start, t.shape[1], grid))
-            toks.append(t)
-            start += t.shape[1]
-        if len(set(sizes.values())) > 1:
-            desc = ", ".join(f"{k}: {h}x{w}" for k, (h, w) in sizes.items())
-            raise ValueError(f"transfer inputs imply different image sizes ({desc})")
-        if not sizes:
-            raise ValueError(f"transfer inputs {list(self.specs)} include no image modality")
-        return torch.cat(toks, dim=1), layout, next(iter(sizes.values()))
+        missing = [sp.key for sp in self.specs.values() if sp.key not in batch]
+        if missing:
+            raise KeyError(f"batch has no {missing[0]!r} (transfer inputs: {list(self.specs)}); keys: {sorted(batch)}")
+        size = image_size_of(self.specs.values(), batch)
+        tokens, layout = tokenize(self.input_adapters, self.specs, batch, list(self.specs), self.patch_size)
+        return tokens, layout, size
 
     def forward(self, batch: dict[str, Any], return_layers: Sequence[int] = (), final: bool = True) -> EncoderOutput:
         """``final=False``: stop after the last block in ``return_layers`` (``last`` is then that
         block's output, not normed) -- what a DPT head needs, without the blocks after its hooks."""
         x, layout, size = self.tokenize(batch)
-        B = x.shape[0]
-        x = torch.cat([x, self.global_tokens.expand(B, -1, -1).to(x.dtype)], dim=1)
-        want = set(return_layers)
-        bad = [i for i in want if not 0 <= i < self.depth]
-        if bad:
-            raise ValueError(f"TransferEncoder: layer(s) {sorted(bad)} outside 0..{self.depth - 1}")
-        stop = max(want) + 1 if want and not final else self.depth
-        layers = {}
-        for i, blk in enumerate(self.blocks[:stop]):
-            x = blk(x)
-            if i in want:
-                layers[i] = x
-        return EncoderOutput(self.norm(x) if stop == self.depth else x, layers, layout, size)
+        last, layers = run_encoder(x, self.global_tokens, self.blocks, self.norm, None, return_layers, final)
+        return EncoderOutput(last, layers, layout, size)
 
 
 def build_head(cfg: HeadConfig, dim: int, depth: int) -> nn.Module:
