@@ -157,6 +157,9 @@ def _check_readme_python(ns, cwd):
     assert ns["preds"]["depth"].shape == (1, 1, 64, 64)
     assert ns["preds"]["semseg"].shape == (1, 6, 16, 16)  # 6 classes at 1/4 resolution
     assert torch.isfinite(ns["preds"]["rgb"]).all()
+    with torch.no_grad():  # what the comment says: the prediction from this rgb alone
+        want = ns["model"]({"rgb": ns["rgb"]}).preds
+    assert set(ns["preds"]) == set(want) and all(torch.equal(ns["preds"][k], want[k]) for k in want)
 
 
 def _check_model_api(ns, cwd):
@@ -269,7 +272,8 @@ def workspace(tmp_path_factory):
 
 
 def _run(block: Block, cwd: Path, ws: Workspace, monkeypatch, ns: dict | None = None) -> dict:
-    ex = EXAMPLES.get(block.name, Example()) if block.name else Example()
+    assert block.name is None or block.name in EXAMPLES, f"{block.id}: no EXAMPLES[{block.name!r}] in this test"
+    ex = EXAMPLES[block.name] if block.name else Example()
     monkeypatch.chdir(REPO)  # workspace builders use repository config paths
     for name in ex.needs:
         if not (cwd / name).exists():
