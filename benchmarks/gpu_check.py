@@ -700,7 +700,7 @@ def markdown(res: dict[str, Any]) -> str:
             L.append(f"\n{k.upper()}: {r['wrapper']}; process group {r.get('process_group')}"
                      + (f"; {r['vs_eager']:.2f}x the eager img/s" if r.get("vs_eager") else "") + ".")
     notes = [r["note"] for r in R.values() if isinstance(r, dict) and r.get("note")]
-    L += [""] + [f"Note: {n}." for n in notes]
+    L += [""] + [f"Note: {n}." for n in notes] + ([""] if notes else [])
     L += ["## Fine-tuning step per head", "",
           "One `train_step` per head at its recipe (config, image size, batch, precision), model from "
           "`build_transfer_model` (random init), AdamW with layer decay from `build_optimizer`, random inputs.", "",
