@@ -347,7 +347,8 @@ def _pretrain_run(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None],
         extra["graphs"] = int(c["stats"].get("unique_graphs", 0))
         breaks = c["graph_break"]
         extra["graph_breaks"] = int(sum(breaks.values()))
-        extra["graph_break_reasons"] = [k[:160] for k, _ in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]]
+        extra["graph_break_reasons"] = [re.sub(r"\s+", " ", k).replace("`", "'")[:200]
+                                        for k, _ in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]]
     reset_peak = torch.cuda.reset_peak_memory_stats if setup.cuda else (lambda *_: None)
     reset_peak(dev)
     # a wrapped model takes at least two steps: DDP reports unused parameters only on the second
