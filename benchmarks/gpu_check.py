@@ -1,0 +1,832 @@
+"""GPU check: one command that tells the first user with a GPU whether the fast paths work and how fast they are.
+
+    python benchmarks/gpu_check.py                  # on a CUDA machine: <= ~6 min on one GPU
+    python benchmarks/gpu_check.py --dry-run        # the same code on the CPU at tiny size (~30 s)
+
+Writes ``benchmarks/results/gpu_check.md`` and ``.json`` (``--dry-run``: ``--out`` or a temporary
+directory, never the committed results). Sections, each run even when an earlier one failed (a
+failure is recorded in the report and makes the exit code 1):
+
+* environment: GPU, torch / CUDA, the nominal dense bf16 peak of the GPU (table below; "unknown"
+  otherwise) and a measured bf16 matmul peak;
+* attention: ``torch.backends.cuda.flash_sdp_enabled()``, a probe forward of the pretraining model
+  under ``sdpa_kernel(SDPBackend.FLASH_ATTENTION)`` (only the flash kernel allowed: it fails if
+  flash cannot run), and the flash ops torch.profiler sees in one ordinary training step;
+* optimizer: that ``build_optimizer`` built fused AdamW and that the fused kernel ran (profiler);
+* pre-training: ViT-B at the official setting (``configs/pretrain/multimae-b-1600e.yaml``: rgb +
+  depth + semseg in, rgb / depth / semseg / norm_rgb out, 224 px, 98 visible tokens from a fresh
+  Dirichlet plan per step, AdamW, bf16 autocast) -- ``train_step`` eager and ``torch.compile``-d:
+  img/s, s/step, peak memory (``torch.cuda.max_memory_allocated``), model FLOPs per step
+  (``FlopCounterMode`` on one eager step) and MFU against the nominal and measured peaks;
+* distributed: the same step in a 1-rank process group (NCCL; gloo on the CPU) under DDP and
+  under FSDP2 (``torch.distributed.fsdp.fully_shard``);
+* fine-tuning: one ``train_step`` per head at its recipe (ConvNeXt semseg ``nyuv2-semseg-rgb``,
+  DPT depth ``nyuv2-depth``, linear classification ``in1k-cls``), through ``build_transfer_model``;
+* inference: the eval-mode forward (``torch.no_grad``, the step's precision) of each fine-tuned
+  model and of the pretraining model at its recipe's evaluation batch;
+* goal: >= 1500 img/s ViT-B pretraining on one H100 (the paper: ~444 img/s per A100), judged.
+
+A batch that does not fit in memory is halved (up to three times) and the report says so.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import shlex
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# ----------------------------------------------------------------------------- library entry points
+# Every multimae import of this script is here, so moving modules means editing this block only.
+from multimae.checkpoint.io import save_file_atomic
+from multimae.config import load_config
+from multimae.data.downstream import TARGET, TARGET_VALID
+from multimae.distributed import cleanup as dist_cleanup
+from multimae.distributed import init_distributed
+from multimae.masking import dirichlet_plan
+from multimae.model import MultiMAE
+from multimae.perf import tune_malloc
+from multimae.training.config import PretrainConfig
+from multimae.training.finetune import FinetuneObjective, build_loss, build_mixup
+from multimae.training.finetune_config import FinetuneConfig, target_of
+from multimae.training.optim import build_optimizer, scaled_lr
+from multimae.training.step import autocast, train_step
+from multimae.transfer import build_transfer_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PRETRAIN_CONFIG = "pretrain/multimae-b-1600e"
+FINETUNE_CONFIGS = {"semseg (ConvNeXt)": "finetune/nyuv2-semseg-rgb", "depth (DPT)": "finetune/nyuv2-depth",
+                    "cls (linear)": "finetune/in1k-cls"}
+GOAL_H100_IMG_S = 1500.0
+PAPER_A100_IMG_S = 444.0
+# Nominal dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets; first match
+# of the device name wins. "NVIDIA H100 80GB HBM3" is the SXM part.
+PEAK_BF16_TFLOPS: list[tuple[str, float | None, str]] = [
+    (r"H100.*PCIe", 756.0, "H100 PCIe"),
+    (r"H100 NVL", 835.0, "H100 NVL"),
+    (r"H100|GH200", 989.0, "H100 SXM"),
+    (r"A100", 312.0, "A100"),
+    (r"\bL4\b", 121.0, "L4"),
+    (r"A10\b", 125.0, "A10"),
+    (r"A10G", 70.0, "A10G (AWS; NVIDIA publishes no datasheet, commonly cited figure)"),
+    (r"RTX 4090", 165.0, "RTX 4090 (fp32 accumulate)"),
+    (r"RTX 3090", 71.0, "RTX 3090 (fp32 accumulate)"),
+    (r"V100", None, "V100 (no bf16 tensor cores: bf16 is emulated; fp16 peak 125)"),
+]
+
+
+def nominal_peak(name: str) -> tuple[float | None, str]:
+    """(dense bf16 TFLOP/s or None, which entry) for a device name; (None, "unknown") off the table."""
+    for pattern, tflops, label in PEAK_BF16_TFLOPS:
+        if re.search(pattern, name):
+            return tflops, label
+    return None, "unknown"
+
+
+# ----------------------------------------------------------------------------- setup
+@dataclass
+class Setup:
+    """What differs between the GPU run and the dry run; everything else is the same code."""
+
+    device: torch.device
+    dry_run: bool
+    precision: str  # of the pretraining step and of inference
+    backend: str  # process-group backend
+    compile: bool
+    pretrain_overrides: list[str]
+    finetune_overrides: list[str]
+    pretrain_batch: int | None  # None: the config's train.batch_size
+    finetune_batch: int | None  # None: each recipe's train.batch_size
+    warmup: int  # untimed steps before the timed ones (pretraining, fine-tuning, inference)
+    steps: int  # timed pretraining steps per row
+    ft_steps: int  # timed fine-tuning steps per head
+    infer_steps: int  # timed inference forwards
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def make_setup(a: argparse.Namespace) -> Setup:
+    if a.dry_run:
+        # tiny preset at 32 px: 2 x 2 patches per modality, 12 tokens, 2 visible (1/6, as 98 of 588);
+        # no warm-up and one timed step per row: the dry run proves the code runs, it measures nothing
+        s = a.dry_run_size
+        tiny = ["model.preset=tiny", f"model.image_size={s}", f"data.image_size={s}",
+                f"mask.num_visible={max(1, 3 * (s // 16) ** 2 // 6)}"]
+        ft = ["model.encoder.preset=tiny", f"model.encoder.image_size={s}", f"data.image_size={s}",
+              "model.head.embed_dim=null", "train.eval_batch_size=2"]
+        return Setup(torch.device("cpu"), True, a.precision or "fp32", "gloo", a.compile is True, tiny, ft,
+                     a.batch or 2, 2, 0, a.steps or 1, 1, 1)
+    return Setup(torch.device("cuda", torch.cuda.current_device()), False, a.precision or "bf16", "nccl",
+                 a.compile is not False, [], [], a.batch, None, 3, a.steps or 10, 3, 5)
+
+
+# ----------------------------------------------------------------------------- measuring
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def reset_memory(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def peak_memory_gb(dev: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+
+
+def timed(fn: Callable[[], Any], dev: torch.device) -> float:
+    sync(dev)
+    t = time.perf_counter()
+    fn()
+    sync(dev)
+    return time.perf_counter() - t
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs (matmul, conv, attention; forward and backward) of one call, by FlopCounterMode."""
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
+def profile_ops(fn: Callable[[], Any], dev: torch.device) -> dict[str, int]:
+    """Op and kernel names torch.profiler records in one call -> occurrences."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(dev)
+    names: dict[str, int] = {}
+    for e in prof.events():
+        names[e.name] = names.get(e.name, 0) + 1
+    return names
+
+
+def matching(names: dict[str, int], *needles: str) -> dict[str, int]:
+    return {k: v for k, v in sorted(names.items()) if any(n in k.lower() for n in needles)}
+
+
+def run_timed(step: Callable[[int], Any], warmup: int, steps: int, dev: torch.device) -> dict[str, Any]:
+    """Warm-up calls, then timed calls (each synchronised); ``step(i)`` gets a running index."""
+    warm = [timed(lambda i=i: step(i), dev) for i in range(warmup)]
+    times = [timed(lambda i=i: step(warmup + i), dev) for i in range(steps)]
+    return {"warmup_s": warm, "times_s": times, "s_per_step": statistics.median(times)}
+
+
+def with_oom_retry(run: Callable[[int], dict[str, Any]], batch: int, dev: torch.device, log: Callable[[str], None],
+                   tries: int = 3) -> dict[str, Any]:
+    """``run(batch)``; on CUDA out-of-memory, halve the batch (at most ``tries`` times)."""
+    first = batch
+    for _ in range(tries + 1):
+        try:
+            res = run(batch)
+            if batch != first:
+                res["note"] = f"batch reduced from {first} to {batch} (CUDA out of memory)"
+            return res
+        except torch.cuda.OutOfMemoryError:
+            if batch <= 1:
+                raise
+        # outside the except block, so the failed attempt's tensors are freed
+        log(f"  out of memory at batch {batch}; retrying at {batch // 2}")
+        batch //= 2
+        reset_memory(dev)
+    raise RuntimeError(f"CUDA out of memory down to batch {batch}")
+
+
+def rates(res: dict[str, Any], batch: int, flops: float | None, peaks: dict[str, float | None]) -> dict[str, Any]:
+    """img/s, achieved TFLOP/s and MFU against each known peak (TFLOP/s)."""
+    s = res["s_per_step"]
+    res["batch"] = batch
+    res["img_s"] = batch / s
+    if flops:
+        res["flops_per_step"] = flops
+        res["tflops"] = flops / s / 1e12
+        res["mfu"] = {k: (res["tflops"] / p if p else None) for k, p in peaks.items()}
+    return res
+
+
+# ----------------------------------------------------------------------------- pre-training
+class Pretrain:
+    """The official-setting MultiMAE, its AdamW and a cycle of random (batch, plan) on the device."""
+
+    def __init__(self, setup: Setup, batch: int | None) -> None:
+        self.cfg = load_config(PretrainConfig, PRETRAIN_CONFIG, setup.pretrain_overrides)
+        self.setup, dev = setup, setup.device
+        self.batch = batch or self.cfg.train.batch_size
+        torch.manual_seed(0)
+        self.model = MultiMAE(self.cfg.model).to(dev)
+        self.size = self.cfg.model.image_size
+        self.classes = self.model.input_specs["semseg"].num_classes
+        counts = self.model.token_counts(self.size)
+        g = torch.Generator().manual_seed(0)
+        semseg_size = self.size // self.model.input_specs["semseg"].stride
+        self.inputs = []
+        for _ in range(4):  # distinct batches and plans, drawn before any timing
+            b = {"rgb": torch.randn(self.batch, 3, self.size, self.size, generator=g),
+                 "depth": torch.randn(self.batch, 1, self.size, self.size, generator=g),
+                 "semseg": torch.randint(0, self.classes, (self.batch, semseg_size, semseg_size), generator=g)}
+            plan = dirichlet_plan(counts, self.batch, self.cfg.mask.num_visible, self.cfg.mask.alpha, generator=g)
+            self.inputs.append(({k: v.to(dev) for k, v in b.items()}, plan.to(dev)))
+        self.net: torch.nn.Module = self.model
+        self.opt: torch.optim.Optimizer | None = None
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        self.opt = build_optimizer(self.model, lr=scaled_lr(o.base_lr, self.batch), betas=tuple(o.betas),
+                                   weight_decay=o.weight_decay, implementation=o.implementation,
+                                   no_decay_norm_bias=not o.decay_norm_bias,
+                                   no_decay_names=sorted(self.model.no_weight_decay()))
+        return self.opt
+
+    def step(self, i: int) -> dict[str, float]:
+        b, plan = self.inputs[i % len(self.inputs)]
+        assert self.opt is not None
+        return train_step(self.net, b, self.opt, plan, precision=self.setup.precision)
+
+    def forward(self, i: int = 0) -> Any:
+        b, plan = self.inputs[i % len(self.inputs)]
+        with autocast(self.setup.precision, self.setup.device):
+            return self.net(b, plan)
+
+
+def section_attention_and_optimizer(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = setup.device
+    reset_memory(dev)
+    pt = Pretrain(setup, 2 if setup.cuda else setup.pretrain_batch)
+    opt = pt.make_optimizer()
+    out: dict[str, Any] = {"flash_sdp_enabled": bool(torch.backends.cuda.flash_sdp_enabled()),
+                           "precision": setup.precision}
+    if setup.cuda:
+        fn = getattr(torch.backends.cuda, "is_flash_attention_available", None)
+        out["flash_attention_available"] = bool(fn()) if fn is not None else None
+    # probe: only the flash kernel allowed; SDPA raises "No available kernel" if flash cannot run
+    pt.model.eval()
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            o = pt.forward(0)
+            sync(dev)
+        out["forced_flash_forward"] = "ok"
+        out["forced_flash_loss"] = float(o.loss)
+    except RuntimeError as e:
+        out["forced_flash_forward"] = f"failed: {str(e).splitlines()[0][:300]}"
+    pt.model.train()
+    # one ordinary training step (default SDPA dispatch), profiled
+    if setup.warmup:
+        pt.step(0)  # warm-up (lazy CUDA init, cuBLAS handles, AdamW state)
+    names = profile_ops(lambda: pt.step(1), dev)
+    out["flash_ops_in_step"] = matching(names, "flash")
+    out["other_attention_ops_in_step"] = matching(names, "efficient_attention", "_scaled_dot_product_attention_math",
+                                                  "cudnn_attention")
+    group = opt.param_groups[0]
+    out["adamw_fused_flag"] = bool(group.get("fused"))
+    out["adamw_implementation_config"] = pt.cfg.optim.implementation
+    out["fused_adamw_ops_in_step"] = matching(names, "fused_adam")
+    out["flash_ok"] = out["forced_flash_forward"] == "ok" and bool(out["flash_ops_in_step"])
+    out["fused_adamw_ok"] = out["adamw_fused_flag"] and bool(out["fused_adamw_ops_in_step"])
+    log(f"  flash: forced forward {out['forced_flash_forward']}, ops in step {sorted(out['flash_ops_in_step'])[:3]}; "
+        f"fused AdamW flag {out['adamw_fused_flag']}, ops {sorted(out['fused_adamw_ops_in_step'])}")
+    return out
+
+
+def _pretrain_run(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None], mode: str,
+                  batch: int) -> dict[str, Any]:
+    """mode: eager | compiled | ddp | fsdp."""
+    dev = setup.device
+    reset_memory(dev)
+    pt = Pretrain(setup, batch)
+    extra: dict[str, Any] = {}
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # multimae.distributed.wrap_ddp returns the bare model at world size 1, so DDP is applied here
+        pt.net = DistributedDataParallel(pt.model, device_ids=[dev.index] if setup.cuda else None)
+        extra["wrapper"] = "torch DistributedDataParallel over the group from multimae.distributed.init_distributed"
+    elif mode == "fsdp":
+        extra["wrapper"] = shard(pt.model)
+    pt.make_optimizer()  # after sharding: FSDP2 replaces the parameters by DTensors
+    flops = None
+    if mode == "eager":  # the counted step is also the first warm-up step (not timed)
+        flops = count_flops(lambda: pt.step(0))
+        ctx["pretrain_flops"] = flops
+    if mode == "compiled":
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        pt.net = torch.compile(pt.model)
+        t0 = time.perf_counter()
+        pt.step(0)
+        sync(dev)
+        extra["first_step_s"] = time.perf_counter() - t0  # includes compilation
+        c = torch._dynamo.utils.counters
+        extra["graphs"] = int(c["stats"].get("unique_graphs", 0))
+        breaks = c["graph_break"]
+        extra["graph_breaks"] = int(sum(breaks.values()))
+        extra["graph_break_reasons"] = [re.sub(r"\s+", " ", k).replace("`", "'")[:200]
+                                        for k, _ in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]]
+    reset_peak = torch.cuda.reset_peak_memory_stats if setup.cuda else (lambda *_: None)
+    reset_peak(dev)
+    # a wrapped model takes at least two steps: DDP reports unused parameters only on the second
+    steps = setup.steps if mode in ("eager", "compiled") else max(2, setup.steps)
+    res = run_timed(pt.step, setup.warmup, steps, dev)
+    res["peak_memory_gb"] = peak_memory_gb(dev)
+    res.update(extra)
+    res = rates(res, pt.batch, flops or ctx.get("pretrain_flops"), ctx["peaks"])
+    if mode == "compiled":  # which attention kernel the compiled graph calls
+        res["flash_ops_in_step"] = matching(profile_ops(lambda: pt.step(1), dev), "flash")
+    del pt
+    return res
+
+
+def section_pretrain(mode: str) -> Callable[[Setup, dict[str, Any], Callable[[str], None]], dict[str, Any]]:
+    def run(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+        if mode == "compiled" and not setup.compile:
+            return {"status": "skipped", "reason": "dry run (compiling takes minutes on a CPU; --compile forces it)"
+                    if setup.dry_run else "--no-compile"}
+        batch = ctx.get("pretrain_batch") or setup.pretrain_batch or \
+            load_config(PretrainConfig, PRETRAIN_CONFIG, setup.pretrain_overrides).train.batch_size
+        res = with_oom_retry(lambda b: _pretrain_run(setup, ctx, log, mode, b), batch, setup.device, log)
+        ctx.setdefault("pretrain_batch", res["batch"])  # later rows use the batch that fitted
+        log(f"  {mode}: {res['img_s']:.1f} img/s, {res['s_per_step'] * 1e3:.1f} ms/step, batch {res['batch']}")
+        return res
+    return run
+
+
+# ----------------------------------------------------------------------------- distributed
+def init_single_rank(setup: Setup) -> str:
+    """A 1-rank process group through multimae.distributed.init_distributed (torchrun's variables
+    are set here when absent)."""
+    if not torch.distributed.is_initialized():
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+            os.environ.setdefault(k, v)
+        init_distributed(setup.backend)
+    return f"{torch.distributed.get_backend()}, world size {torch.distributed.get_world_size()}"
+
+
+def shard(model: torch.nn.Module) -> str:
+    """FSDP2 over ``model``: ``fully_shard`` on every encoder block, then on the root; fp32 parameters
+    (the step's autocast computes in bf16), as the DDP row. Called directly: this library has no
+    FSDP entry point on this branch (``train.parallel=fsdp`` is being added in multimae.parallel)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for blk in model.encoder:
+        fully_shard(blk)
+    fully_shard(model)
+    return "torch.distributed.fsdp.fully_shard on each encoder block and the root, called directly " \
+           "(fp32 parameters + autocast; not multimae.parallel)"
+
+
+def section_distributed(mode: str) -> Callable[[Setup, dict[str, Any], Callable[[str], None]], dict[str, Any]]:
+    def run(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+        group = init_single_rank(setup)
+        res = section_pretrain(mode)(setup, ctx, log)
+        res["process_group"] = group
+        eager = ctx["results"].get("pretrain_eager", {})
+        if eager.get("img_s"):
+            res["vs_eager"] = res["img_s"] / eager["img_s"]
+        return res
+    return run
+
+
+# ----------------------------------------------------------------------------- fine-tuning + inference
+def finetune_batch(cfg: FinetuneConfig, model: torch.nn.Module, batch: int, g: torch.Generator,
+                   dev: torch.device) -> dict[str, torch.Tensor]:
+    s = cfg.data.image_size or cfg.model.encoder.image_size
+    kind = cfg.model.head.kind
+    b: dict[str, torch.Tensor] = {spec.key: torch.randn(batch, spec.channels, s, s, generator=g)
+                                  for spec in model.encoder.specs.values()}
+    if kind == "classification":
+        b[TARGET] = torch.randint(0, cfg.model.head.num_classes, (batch,), generator=g)
+    elif kind == "segmentation":
+        b[TARGET] = torch.randint(0, cfg.model.head.num_classes, (batch, s, s), generator=g)
+    else:
+        b[TARGET] = torch.rand(batch, cfg.model.head.out_channels, s, s, generator=g) * 10
+        b[TARGET_VALID] = torch.ones(batch, 1, s, s, dtype=torch.bool)
+    return {k: v.to(dev) for k, v in b.items()}
+
+
+def _finetune_run(setup: Setup, ctx: dict[str, Any], name: str, batch: int | None) -> dict[str, Any]:
+    dev = setup.device
+    reset_memory(dev)
+    overrides = list(setup.finetune_overrides) + ([f"train.batch_size={batch}"] if batch else [])
+    if setup.dry_run:
+        overrides.append(f"train.precision={setup.precision}")
+    cfg = load_config(FinetuneConfig, FINETUNE_CONFIGS[name], overrides)
+    torch.manual_seed(0)
+    model, _ = build_transfer_model(cfg.model, None)
+    model.to(dev)
+    objective = FinetuneObjective(model, build_loss(cfg), target_of(cfg), build_mixup(cfg))
+    o, t = cfg.optim, cfg.train
+    decay = dict(layer_decay=o.layer_decay, layer_id_fn=model.encoder_layer_ids(),
+                 num_layers=model.num_layers) if o.layer_decay is not None else {}
+    lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, t.batch_size)
+    opt = build_optimizer(model, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                          implementation=o.implementation, no_decay_norm_bias=True,
+                          no_decay_names=sorted(model.no_weight_decay()), **decay)
+    g = torch.Generator().manual_seed(1)
+    batches = [finetune_batch(cfg, model, t.batch_size, g, dev) for _ in range(2)]
+
+    def step(i: int) -> dict[str, float]:
+        return train_step(objective, batches[i % 2], opt, precision=t.precision, clip_grad=o.clip_grad)
+
+    flops = count_flops(lambda: step(0))  # also the first warm-up step (not timed)
+    torch.cuda.reset_peak_memory_stats(dev) if setup.cuda else None
+    res = run_timed(step, setup.warmup, setup.ft_steps, dev)
+    res["peak_memory_gb"] = peak_memory_gb(dev)
+    res = rates(res, t.batch_size, flops, ctx["peaks"])
+    res.update(config=FINETUNE_CONFIGS[name], precision=t.precision, image_size=cfg.data.image_size,
+               adamw_fused=bool(opt.param_groups[0].get("fused")))
+    # inference: the eval-mode forward at the recipe's evaluation batch
+    eb = t.eval_batch_size or t.batch_size
+    x = {k: v for k, v in finetune_batch(cfg, model, eb, g, dev).items() if k not in (TARGET, TARGET_VALID)}
+    prec = t.precision if setup.dry_run else setup.precision
+    model.eval()
+
+    def infer(_: int) -> Any:
+        with torch.no_grad(), autocast(prec, dev):
+            return model(x)
+
+    iflops = count_flops(lambda: infer(0))
+    reset_memory(dev)
+    inf = run_timed(infer, setup.warmup, setup.infer_steps, dev)
+    inf["peak_memory_gb"] = peak_memory_gb(dev)
+    inf = rates(inf, eb, iflops, ctx["peaks"])
+    inf.update(precision=prec, image_size=cfg.data.image_size)
+    ctx["results"].setdefault("inference", {})[name] = inf
+    del model, objective, opt, batches
+    return res
+
+
+def section_finetune(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in FINETUNE_CONFIGS:
+        try:
+            cfg_batch = setup.finetune_batch or load_config(FinetuneConfig, FINETUNE_CONFIGS[name],
+                                                             setup.finetune_overrides).train.batch_size
+            if setup.dry_run:
+                cfg_batch = 2
+            out[name] = with_oom_retry(lambda b, n=name: _finetune_run(setup, ctx, n, b), cfg_batch, setup.device, log)
+            r = out[name]
+            log(f"  {name}: {r['img_s']:.1f} img/s train ({r['precision']}, batch {r['batch']}), "
+                f"{ctx['results']['inference'][name]['img_s']:.1f} img/s inference")
+        except Exception as e:  # one head failing must not hide the others
+            out[name] = {"status": "error", "error": f"{type(e).__name__}: {e}",
+                         "traceback": traceback.format_exc()[-2000:]}
+            log(f"  {name}: FAILED {type(e).__name__}: {e}")
+    bad = [n for n, r in out.items() if r.get("status") == "error"]
+    if bad:
+        out["status"] = "error"
+        out["error"] = f"failed heads: {', '.join(bad)}"
+    return out
+
+
+def section_inference_pretrain(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """The pretraining model's eval forward with rgb only: every decoder predicts (cross-modal)."""
+    dev = setup.device
+    reset_memory(dev)
+    pt = Pretrain(setup, ctx.get("pretrain_batch") or setup.pretrain_batch)
+    pt.model.eval()
+    x = {"rgb": pt.inputs[0][0]["rgb"]}
+
+    def infer(_: int) -> Any:
+        with torch.no_grad(), autocast(setup.precision, dev):
+            return pt.model(x, compute_loss=False)
+
+    flops = count_flops(lambda: infer(0))
+    reset_memory(dev)
+    res = run_timed(infer, setup.warmup, setup.infer_steps, dev)
+    res["peak_memory_gb"] = peak_memory_gb(dev)
+    res = rates(res, pt.batch, flops, ctx["peaks"])
+    res.update(precision=setup.precision, inputs="rgb (all 196 tokens), all decoders")
+    ctx["results"].setdefault("inference", {})["pretrain model, rgb -> all"] = res
+    log(f"  pretrain model forward: {res['img_s']:.1f} img/s")
+    return res
+
+
+# ----------------------------------------------------------------------------- environment + goal
+def measured_matmul_peak(dev: torch.device) -> float:
+    """Best TFLOP/s of a square bf16 matmul (8192 on a GPU, 512 on the CPU)."""
+    n = 8192 if dev.type == "cuda" else 512
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    a @ b
+    best = min(timed(lambda: a @ b, dev) for _ in range(5 if dev.type == "cuda" else 2))
+    return 2 * n**3 / best / 1e12
+
+
+def section_environment(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    dev = setup.device
+    out: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                           "cpu": _cpu_model(), "cpus": os.cpu_count(), "dry_run": setup.dry_run}
+    if setup.cuda:
+        p = torch.cuda.get_device_properties(dev)
+        out.update(gpu=torch.cuda.get_device_name(dev), capability=f"{p.major}.{p.minor}",
+                   memory_gb=p.total_memory / 2**30, cuda=torch.version.cuda, gpus=torch.cuda.device_count(),
+                   bf16_supported=torch.cuda.is_bf16_supported())
+        nominal, entry = nominal_peak(out["gpu"])
+    else:
+        out["gpu"] = "none (dry run on the CPU)"
+        nominal, entry = None, "unknown (CPU)"
+    out["nominal_bf16_tflops"], out["peak_table_entry"] = nominal, entry
+    out["measured_bf16_matmul_tflops"] = measured_matmul_peak(dev)
+    ctx["peaks"] = {"nominal": nominal, "measured": out["measured_bf16_matmul_tflops"]}
+    log(f"  {out['gpu']}; nominal bf16 peak {nominal} ({entry}); measured {out['measured_bf16_matmul_tflops']:.2f} TFLOP/s")
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def judge_goal(results: dict[str, Any]) -> dict[str, Any]:
+    env = results.get("environment", {})
+    rows = {k: results.get(k, {}) for k in ("pretrain_eager", "pretrain_compiled")}
+    got = {k: r["img_s"] for k, r in rows.items() if isinstance(r, dict) and r.get("img_s")}
+    if not got:
+        return {"verdict": "no pretraining throughput measured"}
+    best_key = max(got, key=got.get)
+    best = got[best_key]
+    out: dict[str, Any] = {"best_img_s": best, "best_row": best_key, "goal_h100_img_s": GOAL_H100_IMG_S,
+                           "paper_a100_img_s": PAPER_A100_IMG_S}
+    if env.get("dry_run"):
+        out["verdict"] = "not judged: dry run (tiny model on the CPU; the numbers only prove the code runs)"
+        return out
+    gpu, nominal = env.get("gpu", ""), env.get("nominal_bf16_tflops")
+    if "H100" in gpu and env.get("peak_table_entry", "").startswith("H100"):
+        ok = best >= GOAL_H100_IMG_S
+        out["verdict"] = (f"{'MET' if ok else 'NOT MET'}: {best:.0f} img/s ({best_key}) on {gpu} against the goal of "
+                          f"{GOAL_H100_IMG_S:.0f} img/s; {best / PAPER_A100_IMG_S:.1f}x the paper's "
+                          f"{PAPER_A100_IMG_S:.0f} img/s per A100")
+        out["met"] = ok
+    elif nominal:
+        equiv = GOAL_H100_IMG_S * nominal / 989.0
+        out["goal_scaled_img_s"] = equiv
+        out["verdict"] = (f"not an H100: {best:.0f} img/s ({best_key}) on {gpu}; the goal scaled by the nominal bf16 "
+                          f"peak ({nominal:.0f} / 989 TFLOP/s) is {equiv:.0f} img/s, which this run "
+                          f"{'meets' if best >= equiv else 'does not meet'} (an estimate, not the goal); "
+                          f"{best / PAPER_A100_IMG_S:.2f}x the paper's {PAPER_A100_IMG_S:.0f} img/s per A100")
+    else:
+        out["verdict"] = (f"not judged: {gpu} has no known bf16 peak; {best:.0f} img/s ({best_key}), "
+                          f"{best / PAPER_A100_IMG_S:.2f}x the paper's {PAPER_A100_IMG_S:.0f} img/s per A100")
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def _f(x: Any, fmt: str = "{:.1f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _mfu(r: dict[str, Any]) -> str:
+    m = r.get("mfu") or {}
+    parts = []
+    if m.get("nominal") is not None:
+        parts.append(f"{100 * m['nominal']:.1f}% nominal")
+    if m.get("measured") is not None:
+        parts.append(f"{100 * m['measured']:.1f}% measured")
+    return ", ".join(parts) or "-"
+
+
+def _prec(p: str) -> str:
+    return "fp32 (no autocast; TF32 matmuls on a GPU)" if p == "fp32" else f"{p} autocast"
+
+
+def _flash_verdict(att: dict[str, Any]) -> str:
+    if att.get("flash_ok"):
+        return "flash SDPA used"
+    forced = att.get("forced_flash_forward") == "ok"
+    other = ", ".join(att.get("other_attention_ops_in_step") or {}) or "no fused attention op"
+    return (f"flash SDPA NOT used by default: it runs when forced, but the ordinary step called {other}" if forced
+            else "flash SDPA NOT available: the forced probe failed")
+
+
+def _row(name: str, r: dict[str, Any]) -> str:
+    if not isinstance(r, dict) or r.get("status") in ("error", "skipped") or "img_s" not in r:
+        why = (r or {}).get("error") or (r or {}).get("reason") or "not run"
+        return f"| {name} | {(r or {}).get('status', 'not run')}: {why} | | | | | | |"
+    return (f"| {name} | {r['batch']} | {_f(r['img_s'])} | {_f(r['s_per_step'] * 1e3)} | {_f(r.get('peak_memory_gb'), '{:.2f}')} "
+            f"| {_f((r.get('flops_per_step') or 0) / 1e9 or None)} | {_f(r.get('tflops'), '{:.2f}')} | {_mfu(r)} |")
+
+
+HEADER = ("| row | batch | img/s | ms/step | peak mem (GB) | GFLOP/step | TFLOP/s | MFU |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def markdown(res: dict[str, Any]) -> str:
+    meta, R = res["meta"], res["results"]
+    env = R.get("environment", {})
+    att = R.get("attention_optimizer", {})
+    L = ["# GPU check", "",
+         f"Produced by `{meta['command']}` on {meta['date']} in {meta['wall_s']:.0f} s"
+         + (" (DRY RUN: tiny model on the CPU; proves the code runs, the numbers mean nothing)" if meta["dry_run"] else "")
+         + ".", "", "## Environment", ""]
+    for k in ("gpu", "capability", "memory_gb", "gpus", "cuda", "torch", "python", "cpu", "cpus", "bf16_supported",
+              "peak_table_entry", "nominal_bf16_tflops", "measured_bf16_matmul_tflops"):
+        if k in env:
+            v = env[k]
+            L.append(f"- {k}: {_f(v, '{:.2f}') if isinstance(v, float) else v}")
+    if env.get("status") == "error":
+        L.append(f"- FAILED: {env['error']}")
+    L += ["", "## Attention kernel (flash SDPA)", ""]
+    if att.get("status") == "error":
+        L.append(f"FAILED: {att['error']}")
+    else:
+        L += [f"- `torch.backends.cuda.flash_sdp_enabled()`: {att.get('flash_sdp_enabled')}",
+              f"- probe forward under `sdpa_kernel(SDPBackend.FLASH_ATTENTION)`: {att.get('forced_flash_forward')}",
+              f"- flash ops in one ordinary training step (torch.profiler): "
+              f"{', '.join(f'`{k}` x{v}' for k, v in (att.get('flash_ops_in_step') or {}).items()) or 'none'}",
+              f"- other attention kernels in that step: "
+              f"{', '.join(f'`{k}` x{v}' for k, v in (att.get('other_attention_ops_in_step') or {}).items()) or 'none'}",
+              f"- verdict: **{_flash_verdict(att)}**"]
+    L += ["", "## Optimizer (fused AdamW)", ""]
+    if att.get("status") != "error":
+        L += [f"- `optim.implementation` of the config: `{att.get('adamw_implementation_config')}`; "
+              f"`build_optimizer` gave `fused={att.get('adamw_fused_flag')}`",
+              f"- fused kernels in the profiled step: "
+              f"{', '.join(f'`{k}` x{v}' for k, v in (att.get('fused_adamw_ops_in_step') or {}).items()) or 'none'}",
+              f"- verdict: **{'fused AdamW used' if att.get('fused_adamw_ok') else 'fused AdamW NOT confirmed'}**"]
+    L += ["", "## Pre-training step", "",
+          f"`{PRETRAIN_CONFIG}` (rgb + depth + semseg in, rgb / depth / semseg / norm_rgb out, "
+          f"{meta['image_size']} px, {meta['num_visible']} visible tokens, fresh Dirichlet plans, AdamW from "
+          f"`build_optimizer`), `train_step` with {_prec(meta['precision'])}; random inputs on the device; "
+          f"median of the timed steps (each synchronised). MFU: achieved FLOP/s (FlopCounterMode on one eager "
+          f"step) over the nominal bf16 peak of the GPU and over the measured bf16 matmul peak.", "", HEADER]
+    for k, name in (("pretrain_eager", "eager"), ("pretrain_compiled", "torch.compile"),
+                    ("ddp", "DDP, 1 rank"), ("fsdp", "FSDP2, 1 rank")):
+        L.append(_row(name, R.get(k, {})))
+    comp = R.get("pretrain_compiled", {})
+    if comp.get("first_step_s") is not None:
+        L += ["", f"torch.compile: first step (compilation) {comp['first_step_s']:.1f} s, {comp.get('graphs')} graphs, "
+                  f"{comp.get('graph_breaks')} graph breaks"
+              + (": " + "; ".join(f"`{r}`" for r in comp.get("graph_break_reasons", [])) if comp.get("graph_breaks") else "")
+              + "; flash ops in a compiled step: "
+              + (", ".join(f"`{k}` x{v}" for k, v in (comp.get("flash_ops_in_step") or {}).items()) or "none") + "."]
+    for k in ("ddp", "fsdp"):
+        r = R.get(k, {})
+        if r.get("wrapper"):
+            L.append(f"\n{k.upper()}: {r['wrapper']}; process group {r.get('process_group')}"
+                     + (f"; {r['vs_eager']:.2f}x the eager img/s" if r.get("vs_eager") else "") + ".")
+    notes = [r["note"] for r in R.values() if isinstance(r, dict) and r.get("note")]
+    L += [""] + [f"Note: {n}." for n in notes] + ([""] if notes else [])
+    L += ["## Fine-tuning step per head", "",
+          "One `train_step` per head at its recipe (config, image size, batch, precision), model from "
+          "`build_transfer_model` (random init), AdamW with layer decay from `build_optimizer`, random inputs.", "",
+          HEADER]
+    ft = R.get("finetune", {})
+    for name in FINETUNE_CONFIGS:
+        r = ft.get(name, {})
+        label = f"{name}: `{r.get('config', FINETUNE_CONFIGS[name])}`, {r.get('image_size', '?')} px, {r.get('precision', '?')}"
+        L.append(_row(label, r))
+    L += ["", "MFU is always against the bf16 peaks; the depth recipe trains in fp32 (official), whose TF32 peak "
+          "is half the bf16 one on A100 / H100.", ""]
+    L += ["## Inference", "", "Eval-mode forward (`torch.no_grad`) at the recipe's evaluation batch "
+          "(the model's forward, not `multimae.predict.Predictor`: no decoding or resizing).", "", HEADER]
+    for name, r in (R.get("inference") or {}).items():
+        L.append(_row(f"{name} ({r.get('precision')}, {r.get('image_size', meta['image_size'])} px)", r))
+    if (R.get("inference_pretrain") or {}).get("status") == "error":
+        L.append(_row("pretrain model", R["inference_pretrain"]))
+    goal = R.get("goal", {})
+    L += ["", "## Goal", "", f">= {GOAL_H100_IMG_S:.0f} img/s ViT-B pretraining at this setting on one H100 (the paper: "
+          f"~{PAPER_A100_IMG_S:.0f} img/s per A100).", "", f"**{goal.get('verdict', 'not judged')}**", ""]
+    failed = [k for k, r in R.items() if isinstance(r, dict) and r.get("status") == "error"]
+    L += ["## Failures", ""] + ([f"- {k}: {R[k]['error']}" for k in failed] or ["none"]) + [""]
+    return "\n".join(L)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+# ----------------------------------------------------------------------------- main
+SECTIONS: list[tuple[str, Callable[[Setup, dict[str, Any], Callable[[str], None]], dict[str, Any]]]] = [
+    ("environment", section_environment),
+    ("attention_optimizer", section_attention_and_optimizer),
+    ("pretrain_eager", section_pretrain("eager")),
+    ("pretrain_compiled", section_pretrain("compiled")),
+    ("ddp", section_distributed("ddp")),
+    ("fsdp", section_distributed("fsdp")),
+    ("finetune", section_finetune),
+    ("inference_pretrain", section_inference_pretrain),
+]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="the same code on the CPU at tiny size (gloo, no compile)")
+    ap.add_argument("--out", default=None, help="directory for gpu_check.md/.json (default benchmarks/results; "
+                                                "--dry-run: a temporary directory)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="time the torch.compile'd step (default: on a GPU yes, in a dry run no)")
+    ap.add_argument("--batch", type=int, default=None, help="pretraining batch (default: the config's 256; dry run 4)")
+    ap.add_argument("--steps", type=int, default=None, help="timed pretraining steps per row (default 10; dry run 2)")
+    ap.add_argument("--precision", choices=["bf16", "fp32", "fp16"], default=None,
+                    help="of the pretraining step and inference (default bf16; dry run fp32)")
+    ap.add_argument("--dry-run-size", type=int, default=32, help="image size of the dry run (multiple of 16)")
+    ap.add_argument("--only", default=None, help=f"comma list of sections ({', '.join(n for n, _ in SECTIONS)})")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse_args(argv)
+    if not a.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is False, torch "
+              f"{torch.__version__}, CUDA build {torch.version.cuda}). Run it on a machine with an NVIDIA GPU, "
+              "or use --dry-run to exercise the same code on the CPU at tiny size.", file=sys.stderr)
+        return 2
+    setup = make_setup(a)
+    out_dir = Path(a.out) if a.out else (Path(tempfile.mkdtemp(prefix="gpu_check-")) if a.dry_run else RESULTS)
+    tune_malloc()
+    if setup.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif a.dry_run:
+        torch.set_num_threads(1)  # a tiny model gains nothing from threads; a shared machine loses a lot
+    only = set(a.only.split(",")) if a.only else None
+    unknown = (only or set()) - {n for n, _ in SECTIONS}
+    if unknown:
+        print(f"gpu_check: --only: unknown sections {sorted(unknown)}", file=sys.stderr)
+        return 2
+    pcfg = load_config(PretrainConfig, PRETRAIN_CONFIG, setup.pretrain_overrides)
+    t_start = time.perf_counter()
+    ctx: dict[str, Any] = {"results": {}, "peaks": {"nominal": None, "measured": None}}
+    res = {"meta": {"command": "python benchmarks/gpu_check.py " + shlex.join(argv), "dry_run": setup.dry_run,
+                    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                    "precision": setup.precision, "image_size": pcfg.model.image_size,
+                    "num_visible": pcfg.mask.num_visible, "wall_s": 0.0},
+           "results": ctx["results"]}
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    def write() -> None:
+        res["meta"]["wall_s"] = time.perf_counter() - t_start
+        write_atomic(out_dir / "gpu_check.json", json.dumps(res, indent=1, default=str))
+        write_atomic(out_dir / "gpu_check.md", markdown(res))
+
+    try:
+        for name, fn in SECTIONS:
+            if only is not None and name not in only and name != "environment":
+                continue
+            log(f"[{time.perf_counter() - t_start:6.1f}s] {name}")
+            t0 = time.perf_counter()
+            try:
+                r = fn(setup, ctx, log)
+            except Exception as e:  # record and go on: the report is most useful when it is complete
+                r = {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}",
+                     "traceback": traceback.format_exc()[-3000:]}
+                log(f"  FAILED: {r['error']}")
+            r.setdefault("status", "ok")
+            r["section_s"] = time.perf_counter() - t0
+            if name in ctx["results"] and isinstance(ctx["results"][name], dict):  # e.g. inference filled earlier
+                ctx["results"][name].update(r)
+            else:
+                ctx["results"][name] = r
+            ctx["results"]["goal"] = judge_goal(ctx["results"])
+            write()
+    finally:
+        dist_cleanup()
+    print(markdown(res))
+    log(f"wrote {out_dir / 'gpu_check.md'} and .json")
+    failed = [k for k, r in ctx["results"].items() if isinstance(r, dict) and r.get("status") == "error"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
