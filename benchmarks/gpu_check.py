@@ -57,16 +57,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from multimae.checkpoint.io import save_file_atomic
 from multimae.config import load_config
 from multimae.data.downstream import TARGET, TARGET_VALID
-from multimae.distributed import cleanup as dist_cleanup
-from multimae.distributed import init_distributed
+from multimae.engine.distributed import cleanup as dist_cleanup
+from multimae.engine.distributed import init_distributed
 from multimae.masking import dirichlet_plan
 from multimae.model import MultiMAE
 from multimae.perf import tune_malloc
-from multimae.training.config import PretrainConfig
-from multimae.training.finetune import FinetuneObjective, build_loss, build_mixup
-from multimae.training.finetune_config import FinetuneConfig, target_of
-from multimae.training.optim import build_optimizer, scaled_lr
-from multimae.training.step import autocast, train_step
+from multimae.tasks.pretrain_config import PretrainConfig
+from multimae.tasks.finetune import FinetuneObjective, build_loss, build_mixup
+from multimae.tasks.finetune_config import FinetuneConfig, target_of
+from multimae.engine.optim import build_optimizer, scaled_lr
+from multimae.engine.step import autocast, train_step
 from multimae.transfer import build_transfer_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,9 +323,9 @@ def _pretrain_run(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None],
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        # multimae.distributed.wrap_ddp returns the bare model at world size 1, so DDP is applied here
+        # multimae.engine.distributed.wrap_ddp returns the bare model at world size 1, so DDP is applied here
         pt.net = DistributedDataParallel(pt.model, device_ids=[dev.index] if setup.cuda else None)
-        extra["wrapper"] = "torch DistributedDataParallel over the group from multimae.distributed.init_distributed"
+        extra["wrapper"] = "torch DistributedDataParallel over the group from multimae.engine.distributed.init_distributed"
     elif mode == "fsdp":
         extra["wrapper"] = shard(pt.model)
     pt.make_optimizer()  # after sharding: FSDP2 replaces the parameters by DTensors
@@ -379,7 +379,7 @@ def section_pretrain(mode: str) -> Callable[[Setup, dict[str, Any], Callable[[st
 
 # ----------------------------------------------------------------------------- distributed
 def init_single_rank(setup: Setup) -> str:
-    """A 1-rank process group through multimae.distributed.init_distributed (torchrun's variables
+    """A 1-rank process group through multimae.engine.distributed.init_distributed (torchrun's variables
     are set here when absent)."""
     if not torch.distributed.is_initialized():
         if "MASTER_PORT" not in os.environ:
