@@ -92,11 +92,12 @@ def _finetune_model(ckpt: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any]:
     from multimae.checkpoint import load_weights
     from multimae.checkpoint.convert import load_state_strict
     from multimae.config import from_dict
+    from multimae.engine.config import upgrade_saved_config
     from multimae.tasks.finetune_config import FinetuneConfig
     from multimae.tasks.probe import PROBE_PREFIX, LinearProbe
     from multimae.transfer import TransferModel
 
-    cfg = from_dict(FinetuneConfig, meta["config"])
+    cfg = from_dict(FinetuneConfig, upgrade_saved_config(meta["config"]))
     model = TransferModel(cfg.model)
     weights = load_weights(ckpt)
     load_state_strict(model, {k: v for k, v in weights.items() if not k.startswith(PROBE_PREFIX)}, str(ckpt))

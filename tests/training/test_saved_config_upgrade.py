@@ -20,3 +20,15 @@ def test_current_configs_pass_through_unchanged() -> None:
     cfg = PretrainConfig()
     cfg.model.attention = "fused"
     assert from_dict(PretrainConfig, upgrade_saved_config(to_dict(cfg))) == cfg
+
+
+def test_a_fine_tuning_run_saved_with_train_attention_loads_with_model_attention() -> None:
+    """Fine-tuning's attention kernel is ``model.attention`` too (it was ``train.attention``)."""
+    from multimae.tasks.finetune_config import FinetuneConfig
+
+    old = to_dict(FinetuneConfig())
+    old["model"].pop("attention")
+    old["train"]["attention"] = "manual"
+    with pytest.raises(ConfigError, match="train.attention"):
+        from_dict(FinetuneConfig, old)
+    assert from_dict(FinetuneConfig, upgrade_saved_config(old)).model.attention == "manual"

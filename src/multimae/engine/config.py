@@ -48,3 +48,17 @@ class RunConfig:
     keep_last: int = 3
     log_every: int = 20
     device: str = "auto"
+
+
+def upgrade_saved_config(d: dict) -> dict:
+    """A run config (pretraining or fine-tuning) saved by an earlier version, in the current schema
+    (a copy; unknown keys stay unknown and are reported by ``from_dict``). ``train.attention``
+    became ``model.attention``."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    train = d.get("train")
+    if isinstance(train, dict) and "attention" in train:
+        mode = train.pop("attention")
+        model = d.setdefault("model", {})
+        if isinstance(model, dict):
+            model.setdefault("attention", mode)
+    return d

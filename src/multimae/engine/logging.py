@@ -38,7 +38,17 @@ def _scalar(key: str, value: Any) -> float | int:
     return value
 
 
-class RunLogger:
+class _Closing:
+    """``with obj:`` closes ``obj`` at the end."""
+
+    def __enter__(self):  # noqa: ANN204 - the subclass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # type: ignore[attr-defined]
+
+
+class RunLogger(_Closing):
     """Append scalar metrics to ``run_dir/metrics.jsonl`` and mirror them to TensorBoard.
 
     Each :meth:`log_scalars` call writes one flushed line ``{"step", "time", <name>: value}``.
@@ -138,11 +148,6 @@ class RunLogger:
             self._writer.close()
             self._writer = None
 
-    def __enter__(self) -> RunLogger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -154,7 +159,7 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-class Progress:
+class Progress(_Closing):
     """Training progress on stderr: a tqdm bar on a terminal, plain lines otherwise (CI, files).
 
     ``update(n, loss=..., lr=..., imgs=...)`` advances by ``n`` steps; ``imgs`` is the number of
@@ -256,11 +261,6 @@ class Progress:
             self._bar.close()
             self._bar = None
 
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _isatty(stream: IO[str]) -> bool:

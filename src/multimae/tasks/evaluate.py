@@ -16,6 +16,7 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = (), device: str = 
     from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
     from multimae.checkpoint.convert import load_state_strict
     from multimae.config import ConfigError, apply_overrides, from_dict
+    from multimae.engine.config import upgrade_saved_config
     from multimae.tasks.finetune_eval import evaluate_model, write_eval_report
     from multimae.tasks.probe import evaluate_probe_weights
     from multimae.transfer import TransferModel
@@ -25,7 +26,7 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = (), device: str = 
     if meta.get("kind") not in ("finetune", "probe"):
         raise ConfigError(f"{ckpt} is not a fine-tuning or probe run (meta kind {meta.get('kind')!r}); "
                           "pretraining runs are evaluated at the end of 'multimae pretrain'")
-    cfg = from_dict(FinetuneConfig, apply_overrides(meta["config"], list(overrides)))
+    cfg = from_dict(FinetuneConfig, apply_overrides(upgrade_saved_config(meta["config"]), list(overrides)))
     run_dir = ckpt.parent.parent
     torch.manual_seed(cfg.train.seed)
     model = TransferModel(cfg.model)

@@ -146,7 +146,7 @@ class FinetuneTask(Task):
         from multimae.tasks.finetune_data import check_eval_data
 
         self.model, self.report, self.cfg = prepare(self.cfg)
-        set_attention(self.model, self.cfg.train.attention)  # the kernel is the model's, per layer
+        set_attention(self.model, self.cfg.model.attention)  # the kernel is the model's, per layer
         self.task = target_of(self.cfg)
         self.input_specs = list(self.model.encoder.specs.values())
         check_eval_data(self.cfg, self.input_specs, self.datasets)  # a missing split fails now, not after training

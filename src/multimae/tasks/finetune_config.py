@@ -97,7 +97,6 @@ class FinetuneTrainConfig(RunConfig):
     keep_last: int = 2
     eval_batch_size: int = 64
     loss: Literal["auto", "ce", "berhu", "l1"] = "auto"  # auto: ce / ce / berhu / l1 by head kind
-    attention: Literal["auto", "fused", "manual"] = "auto"
     eval_every: int = 0  # evaluate every N epochs as well (0: only at the end)
 
 

@@ -243,7 +243,9 @@ def load_finetuned(ckpt: Path, meta: dict[str, Any]) -> tuple[torch.nn.Module, F
     from multimae.config import from_dict
     from multimae.transfer import TransferModel
 
-    cfg = from_dict(FinetuneConfig, meta["config"])
+    from multimae.engine.config import upgrade_saved_config
+
+    cfg = from_dict(FinetuneConfig, upgrade_saved_config(meta["config"]))
     model = TransferModel(cfg.model)
     load_state_strict(model, load_weights(ckpt), str(ckpt))
     return model, cfg

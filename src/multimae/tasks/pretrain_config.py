@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from multimae.data.config import DataConfig, MaskConfig
-from multimae.engine.config import OptimConfig, RunConfig
+from multimae.engine.config import OptimConfig, RunConfig, upgrade_saved_config  # noqa: F401 (re-exported)
 from multimae.model import ModelConfig
 
 
@@ -27,16 +27,3 @@ class PretrainConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def upgrade_saved_config(d: dict) -> dict:
-    """A run config saved by an earlier version, in the current schema (a copy; unknown keys stay
-    unknown and are reported by ``from_dict``). ``train.attention`` became ``model.attention``."""
-    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
-    train = d.get("train")
-    if isinstance(train, dict) and "attention" in train:
-        mode = train.pop("attention")
-        model = d.setdefault("model", {})
-        if isinstance(model, dict):
-            model.setdefault("attention", mode)
-    return d

@@ -73,12 +73,15 @@ class TransferModelConfig:
     inputs: modalities fed to the encoder, any subset (a modality the checkpoint has no input
         projection for gets a fresh one).
     drop_path: stochastic-depth rate of the last block (linearly increasing from 0).
+    attention: the attention kernel of every layer, as ``ModelConfig.attention`` (pretraining's
+        ``model.attention``).
     """
 
     encoder: ModelConfig | None = None
     inputs: list[str] = field(default_factory=lambda: ["rgb"])
     head: HeadConfig = field(default_factory=HeadConfig)
     drop_path: float = 0.1
+    attention: Literal["auto", "fused", "manual"] = "auto"
 
 
 @dataclass
