@@ -250,7 +250,8 @@ def decode_packed(data: bytes, ext: str, spec: ModalitySpec, png_scale: float, w
     if spec.kind == "dense":
         if spec.channels != 1 or not (math.isfinite(png_scale) and png_scale > 1e-30):
             return decode_field(data, ext, spec, png_scale, where)
-        arr = _image_array(open_image(data, where))
+        img = open_image(data, where)
+        arr = np.asarray(img) if img.mode in ("I;16", "L", "P") else _image_array(img)  # no astype copy
         if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):  # e.g. an RGB or 32-bit file
             return decode_dense(data, ext, spec.channels, png_scale, where)  # its error, or a float tensor
         if arr.dtype == np.uint8:

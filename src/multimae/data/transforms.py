@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import warnings
 from typing import Sequence
 
@@ -65,10 +66,10 @@ def robust_standardize_fast(depth: Tensor, valid: Tensor | None = None, trunc: f
                             all_valid: bool = False) -> Tensor:
     """:func:`robust_standardize` with the truncation found by selection instead of a sort.
 
-    The kept values are the same multiset (``np.partition`` at the two cut ranks), so only the
-    order of the float32 sums behind the mean and variance differs: the output matches
-    :func:`robust_standardize` to about 1e-6 (tested in ``tests/data/test_fast_path.py``), in
-    O(n) instead of O(n log n) -- a quarter of the time for a 224x224 map. ``all_valid``: every
+    The kept values are the same multiset (``np.partition`` at the two cut ranks); their mean and
+    variance are summed in float64 (the reference sums the sorted values in float32), so the
+    output matches :func:`robust_standardize` to about 1e-6 (tested in
+    ``tests/data/test_fast_path.py``), in O(n) instead of O(n log n). ``all_valid``: every
     pixel is valid (what ``valid`` all True means, without building it).
     """
     x = depth.float()
@@ -80,14 +81,15 @@ def robust_standardize_fast(depth: Tensor, valid: Tensor | None = None, trunc: f
     if n == 0:
         return torch.zeros_like(x)
     lo, hi = int(trunc * n), int((1 - trunc) * n)
-    if hi - lo >= 2:
-        part = np.partition(vals.detach().cpu().numpy(), (lo, hi - 1))
-        kept = torch.from_numpy(part[lo:hi])
-    else:
-        kept = vals
-    var = kept.var() if kept.numel() > 1 else kept.new_zeros(())
-    out = (x - kept.mean()) / torch.sqrt(var + 1e-6)
-    return out if every else torch.where(valid, out, torch.zeros((), dtype=out.dtype))
+    v = vals.detach().cpu().numpy()
+    kept = np.partition(v, (lo, hi - 1))[lo:hi] if hi - lo >= 2 else v
+    # float64 sums (numpy pairwise): as close to the exact statistics as the reference's float32 ones
+    mean64 = kept.mean(dtype=np.float64)
+    var64 = kept.var(dtype=np.float64, ddof=1) if kept.size > 1 else 0.0
+    mean = torch.tensor(mean64, dtype=torch.float32)
+    var = torch.tensor(var64, dtype=torch.float32)
+    out = (x - mean).div_(torch.sqrt(var + 1e-6))
+    return out if every else out.masked_fill_(~valid, 0.0)
 
 
 def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -162,6 +164,28 @@ def _resize_categorical(x: Tensor, box: Box, size: int) -> Tensor:
     return out[0]
 
 
+def _bilinear(x: Tensor, size: int) -> Tensor:
+    """``TF.resize(x, [size, size], BILINEAR, antialias=True)`` of a (C,h,w) float32 or uint8 tensor
+    (a crop view), the same ``interpolate`` call without torchvision's per-call dispatch; uint8
+    only where torchvision resizes uint8 natively (else its own path)."""
+    c, h, w = x.shape
+    if (h, w) == (size, size):
+        return x  # torchvision returns the input unchanged too
+    if x.dtype == torch.uint8 and not _NATIVE_UINT8:
+        return TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    img = x.reshape(1, c, h, w)
+    strides = img.stride()
+    if img.is_contiguous(memory_format=torch.channels_last) and img.numel() != strides[0]:
+        img = img.as_strided((1, c, h, w), [img.numel(), *strides[1:]])  # as torchvision: keep channels-last
+    out = torch.nn.functional.interpolate(img, size=[size, size], mode="bilinear", align_corners=False, antialias=True)
+    return out.reshape(c, size, size)
+
+
+# torchvision resizes uint8 bilinear natively on these CPUs (torchvision's _do_native_uint8_resize_on_cpu)
+_NATIVE_UINT8 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or \
+    platform.machine() in ("aarch64", "arm64")
+
+
 def _readonly_view(arr: np.ndarray) -> Tensor:
     """A tensor sharing a (possibly read-only) array's memory; the fast path only reads it."""
     if arr.flags.writeable:
@@ -176,8 +200,8 @@ def _image_fast(x: Packed, box: Box, size: int, spec: ModalitySpec, flip: bool,
     """:func:`_resize_image` (+ flip) of packed (H,W,C) uint8 pixels, bit for bit: the same uint8
     kernel reads the pixels in place (channels-last view, no (C,H,W) copy); flipping and the
     float conversion happen on the 224x224 output only. ``norm``: (mean, std) (C,1,1) or None."""
-    hwc = _readonly_view(x.array).permute(2, 0, 1)
-    out = TF.resized_crop(hwc, *box, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    top, left, h, w = box
+    out = _bilinear(_readonly_view(x.array).permute(2, 0, 1)[:, top:top + h, left:left + w], size)
     out = (out.flip(-1) if flip else out).contiguous().float() / 255.0
     return (out - norm[0]) / norm[1] if norm is not None else out
 
@@ -189,13 +213,11 @@ def _dense_fast(x: Packed, box: Box, size: int, spec: ModalitySpec) -> tuple[Ten
     The validity is None when every pixel is valid."""
     top, left, h, w = box
     crop = x.dense_float(top, left, h, w)
-    full = (0, 0, h, w)
-    kw = dict(interpolation=InterpolationMode.BILINEAR, antialias=True)
     if spec.standardize != "robust" or bool(x.array.all()):  # every pixel valid: valid = None
-        return TF.resized_crop(crop, *full, [size, size], **kw), None
+        return _bilinear(crop, size), None
     valid = crop != 0
-    num = TF.resized_crop(torch.where(valid, crop, torch.zeros(())), *full, [size, size], **kw)
-    den = TF.resized_crop(valid.float(), *full, [size, size], **kw)
+    num = _bilinear(torch.where(valid, crop, torch.zeros(())), size)
+    den = _bilinear(valid.float(), size)
     ok = den >= 0.5
     return torch.where(ok, num / den.clamp_min(1e-6), torch.zeros(())), ok
 
