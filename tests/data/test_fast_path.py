@@ -273,3 +273,36 @@ def test_packed_falls_back_for_other_encodings(tmp_path: Path) -> None:
     depth = modalities.resolve(["depth"])[0]
     assert torch.is_tensor(decode_packed(buf.getvalue(), "npy", depth, 1.0, "d.npy"))
     assert codecs.Packed("categorical", np.zeros((3, 4), np.uint8)).shape == (3, 4)
+
+
+# --- pre-resized shards (multimae data shards --resize) -------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_shards_cli_resize_stores_the_shorter_side(folder: Path, tmp_path: Path) -> None:
+    from multimae.cli.main import main
+
+    pattern = str(tmp_path / "r-%04d.tar")
+    assert main(["data", "shards", "--folder", str(folder), "--modalities", "rgb,depth,semseg", "--num-classes",
+                 "300", "--out", pattern, "--resize", "40"]) == 0
+    urls = sorted(str(p) for p in tmp_path.glob("r-*.tar"))
+    src = FolderDataset(folder, "train", SPECS)
+    small = {s["__key__"]: s for s in ShardDataset(urls, SPECS, shuffle_buffer=0)}
+    assert len(small) == len(src)
+    for i in range(len(src)):
+        full = src.load(i)
+        got = small[full["__key__"]]
+        h, w = full["rgb"].shape[-2:]
+        if min(h, w) <= 40:  # never enlarged: stored as it was
+            assert all(torch.equal(full[k], got[k]) for k in ("rgb", "depth", "semseg"))
+            continue
+        assert min(got["rgb"].shape[-2:]) == 40 and got["rgb"].shape[-2:] == got["depth"].shape[-2:] \
+            == got["semseg"].shape[-2:]
+        want = TF.resize(full["rgb"], [40], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        err = (got["rgb"].float() - want.float()).abs().mean((1, 2))
+        assert float(err[:2].max()) < 3.0 and float(err[2]) < 8.0, err  # JPEG q95 re-encoding (channel 2: noise)
+        assert set(got["semseg"].unique().tolist()) <= set(full["semseg"].unique().tolist())
+        d, valid = got["depth"], got["depth"] > 0
+        assert bool(valid.any()) and float(d[valid].min()) >= float(full["depth"][full["depth"] > 0].min()) - 1e-3
+        assert float(d.max()) <= float(full["depth"].max()) + 1e-3
+    assert main(["data", "shards", "--folder", str(folder), "--out", pattern, "--resize", "0"]) == 2

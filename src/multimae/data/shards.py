@@ -13,6 +13,7 @@ yield the same number of samples per epoch (repeating or truncating its stream),
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import random
 import tarfile
 from typing import Callable, Iterable, Iterator, Literal, Sequence
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
@@ -102,21 +104,41 @@ def write_shards(samples: Iterable[dict], out_pattern: str, max_count: int, imag
     return paths
 
 
-def folder_samples(folder: "FolderDataset") -> Iterator[dict]:  # noqa: F821 (doc type)
+def folder_samples(folder: "FolderDataset", resize: int | None = None) -> Iterator[dict]:  # noqa: F821 (doc type)
     """Samples of a FolderDataset with each file's original bytes, for a lossless copy to shards.
 
     Every sample is decoded and validated first (errors follow the dataset's ``on_error``).
+    ``resize``: store the samples resized to that shorter side instead (never enlarged; see
+    :func:`multimae.data.transforms.resize_shorter_side`), re-encoded in their files' formats:
+    JPEG (quality 95, no chroma subsampling) and PNG, depth with the same PNG scale. Pre-resized
+    shards decode faster when the sources are much larger than the training crops, but they are
+    not a lossless copy: training then crops a resampled image.
     """
+    from multimae.data.transforms import resize_shorter_side
+
+    if resize is not None and resize < 1:
+        raise ValueError(f"resize must be a positive shorter side in pixels, got {resize}")
     for i in range(len(folder)):
         try:
-            folder.load(i)
+            sample = folder.load(i)
         except DataError as err:
             folder.policy.handle(err)
             continue
         out: dict = {"__key__": folder.key(i), "__png_scale__": {}}
+        small = resize_shorter_side(sample, folder.specs, resize) if resize is not None else None
         for key, path in folder.files(i).items():
             ext = path.suffix[1:].lower()
-            out[f"{key}.{ext}"] = path.read_bytes()
+            if small is not None and small[key] is not sample[key]:
+                if ext == "npy":
+                    buf = io.BytesIO()
+                    np.save(buf, small[key].numpy())
+                    data = buf.getvalue()
+                else:
+                    fmt = "jpg" if ext in ("jpg", "jpeg") else "png"
+                    ext, data = encode_field(small[key], key, fmt, folder.png_scale[key], where=f"{path} resized")
+                out[f"{key}.{ext}"] = data
+            else:
+                out[f"{key}.{ext}"] = path.read_bytes()
             if folder.specs[key].kind == "dense" and ext == "png":
                 out["__png_scale__"][key] = folder.png_scale[key]
         if folder.with_label:

@@ -405,6 +405,39 @@ class PairedTransform:
         return self._finish_dense(out, valid, spec)
 
 
+def resize_shorter_side(sample: dict, specs: dict[str, ModalitySpec], side: int) -> dict:
+    """A copy of a raw sample whose spatial fields are resized so that the shorter side is
+    ``side`` (never enlarged: a sample already that small is returned as is), to store
+    pre-resized data (``multimae data shards --resize``).
+
+    Per kind, as the transforms resample: images bilinear with antialiasing (uint8 kept), dense
+    maps bilinear over valid pixels only (an output pixel with less than half its weight on valid
+    pixels becomes invalid, 0), class maps nearest
+    (half-pixel centres). The sizes follow torchvision's shorter-side resize.
+    """
+    spatial = [k for k, spec in specs.items() if spec.is_spatial and torch.is_tensor(sample.get(k))]
+    if not spatial:
+        return dict(sample)
+    h, w = spatial_size(sample, [specs[k] for k in spatial], f"sample {sample.get('__key__', '?')}")
+    if min(h, w) <= side:
+        return dict(sample)
+    out = dict(sample)
+    for key in spatial:
+        spec, x = specs[key], sample[key]
+        if spec.kind == "categorical":
+            out[key] = TF.resize(x[None], [side], interpolation=InterpolationMode.NEAREST_EXACT)[0]
+        elif spec.kind == "image":
+            out[key] = TF.resize(x, [side], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        else:
+            xf = x.float()
+            valid = _dense_valid(xf, spec)
+            kw = dict(interpolation=InterpolationMode.BILINEAR, antialias=True)
+            num = TF.resize(torch.where(valid, xf, torch.zeros(())), [side], **kw)
+            den = TF.resize(valid.float(), [side], **kw)
+            out[key] = torch.where(den >= 0.5, num / den.clamp_min(1e-6), torch.zeros(()))
+    return out
+
+
 def spatial_size(sample: dict, specs: Sequence[ModalitySpec], where: str) -> tuple[int, int]:
     """The common (H, W) of a sample's spatial modalities; DataError if they differ."""
     sizes = {s.key: tuple(sample[s.key].shape[-2:]) for s in specs
