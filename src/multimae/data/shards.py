@@ -93,7 +93,9 @@ def write_shards(samples: Iterable[dict], out_pattern: str, max_count: int, imag
                     os.replace(paths[-1] + ".tmp", paths[-1])
                 paths.append(out_pattern % (first + len(paths)))
                 os.makedirs(os.path.dirname(os.path.abspath(paths[-1])), exist_ok=True)
-                writer, count = wds.TarWriter(paths[-1] + ".tmp", encoder=False, mtime=0.0), 0
+                # an int mtime: a float one makes tarfile add a PAX header to every entry, which
+                # doubles the header parsing of every read (0.2 ms per sample)
+                writer, count = wds.TarWriter(paths[-1] + ".tmp", encoder=False, mtime=0), 0
             writer.write(_encode_sample(sample, image_format, png_scale))
             count += 1
     finally:

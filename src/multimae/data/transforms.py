@@ -84,8 +84,10 @@ def robust_standardize_fast(depth: Tensor, valid: Tensor | None = None, trunc: f
     v = vals.detach().cpu().numpy()
     kept = np.partition(v, (lo, hi - 1))[lo:hi] if hi - lo >= 2 else v
     # float64 sums (numpy pairwise): as close to the exact statistics as the reference's float32 ones
-    mean64 = kept.mean(dtype=np.float64)
-    var64 = kept.var(dtype=np.float64, ddof=1) if kept.size > 1 else 0.0
+    k64 = kept.astype(np.float64)
+    mean64 = k64.mean()
+    dev = k64 - mean64
+    var64 = float(np.square(dev, out=dev).sum()) / (kept.size - 1) if kept.size > 1 else 0.0  # no BLAS threads
     mean = torch.tensor(mean64, dtype=torch.float32)
     var = torch.tensor(var64, dtype=torch.float32)
     out = (x - mean).div_(torch.sqrt(var + 1e-6))
