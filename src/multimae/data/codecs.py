@@ -15,6 +15,11 @@ How a file is decoded depends on the modality's kind and the file extension, nev
 * ``text``: ``.txt`` UTF-8; the image-level label: ``.cls`` holding a decimal integer.
 
 16-bit PNGs are decoded by hand (PIL mode ``I;16`` -> numpy uint16) so that no value is lost.
+
+The fast data path (:func:`decode_packed`, datasets built with ``packed=True``) keeps image, one-
+channel dense and categorical image files as :class:`Packed` integers instead -- the same pixels,
+:meth:`Packed.tensor` is bit for bit :func:`decode_field` -- so that
+``PairedTransform(fast=True)`` converts only the crop it keeps.
 """
 from __future__ import annotations
 
@@ -207,9 +212,9 @@ class Packed:
 
     ``array`` holds the pixels as decoded (possibly read-only, never written): uint8 (H,W,C) for
     an ``image``, uint8 / uint16 (H,W) for a one-channel ``dense`` map (value = ``array * scale``)
-    or a ``categorical`` map (class ids). :meth:`tensor` gives exactly what :func:`decode_field` returns for the same file (the
-    reference); :class:`~multimae.data.transforms.PairedTransform` with ``fast=True`` crops and
-    resizes the integers directly instead, converting only the crop.
+    or a ``categorical`` map (class ids). :meth:`tensor` gives exactly what :func:`decode_field`
+    returns for the same file (the reference); :class:`~multimae.data.transforms.PairedTransform`
+    with ``fast=True`` crops and resizes the integers directly instead, converting only the crop.
     """
 
     kind: str

@@ -14,6 +14,10 @@ Randomness comes only from a ``torch.Generator``: the one passed to ``__call__``
 integer ``seed``, one derived from ``(seed, epoch, sample key)`` (reproducible, independent of
 workers; call ``set_epoch`` every epoch); else (``seed=None``, the default) a per-process generator
 seeded from ``torch.initial_seed()``, which DataLoader sets differently in every worker and epoch.
+
+``PairedTransform(fast=True)`` (the training loader's default, ``data.fast_decode``) is the fast
+path over :class:`~multimae.data.codecs.Packed` fields: the same boxes, flips and seeds, rgb and
+semseg bit for bit the reference's, depth within 1e-5 (see ``tests/data/test_fast_path.py``).
 """
 from __future__ import annotations
 
@@ -414,10 +418,11 @@ def resize_shorter_side(sample: dict, specs: dict[str, ModalitySpec], side: int)
 
     Per kind, as the transforms resample: images bilinear with antialiasing (uint8 kept), dense
     maps bilinear over valid pixels only (an output pixel with less than half its weight on valid
-    pixels becomes invalid, 0), class maps nearest
-    (half-pixel centres). The sizes follow torchvision's shorter-side resize.
+    pixels becomes invalid, 0), class maps nearest (half-pixel centres). The sizes follow
+    torchvision's shorter-side resize. Packed fields are decoded first.
     """
-    spatial = [k for k, spec in specs.items() if spec.is_spatial and torch.is_tensor(sample.get(k))]
+    spatial = [k for k, spec in specs.items()
+               if spec.is_spatial and (torch.is_tensor(sample.get(k)) or isinstance(sample.get(k), Packed))]
     if not spatial:
         return dict(sample)
     h, w = spatial_size(sample, [specs[k] for k in spatial], f"sample {sample.get('__key__', '?')}")
@@ -426,6 +431,7 @@ def resize_shorter_side(sample: dict, specs: dict[str, ModalitySpec], side: int)
     out = dict(sample)
     for key in spatial:
         spec, x = specs[key], sample[key]
+        x = x.tensor() if isinstance(x, Packed) else x
         if spec.kind == "categorical":
             out[key] = TF.resize(x[None], [side], interpolation=InterpolationMode.NEAREST_EXACT)[0]
         elif spec.kind == "image":
