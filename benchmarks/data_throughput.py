@@ -5,6 +5,13 @@ row says otherwise. Loading rows read 256x256 samples from disk and apply the pr
 transforms (RandomResizedCrop 0.2-1 + flip to 224x224, rgb normalisation, robust depth
 standardisation, semseg at 1/4) to rgb, depth and semseg.
 
+Reference vs fast path: the reference decodes every file into the documented raw-sample tensors
+(``decode_field``) and runs ``PairedTransform(fast=False)``; the fast path (what ``build_loader``
+uses, ``data.fast_decode``) decodes into ``Packed`` integers (``packed=True``) and runs
+``PairedTransform(fast=True)``. Both read the same files with the same seeds, measured in one run
+in alternating chunks (``--rounds``), and the outputs are compared sample by sample (rgb and depth
+max abs difference, semseg agreement).
+
     python benchmarks/data_throughput.py [--num 200] [--out benchmarks/results/data_throughput.md]
 
 The last part checks that the training loader keeps up: ``build_loader`` with the default
@@ -25,7 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -35,11 +42,12 @@ from multimae.data import collate
 from multimae.data.config import DataConfig, MaskConfig
 from multimae.data.folder import FolderDataset, write_folder
 from multimae.data.loader import BatchSpec, build_loader
-from multimae.data.shards import ShardDataset, write_shards
+from multimae.data.shards import ShardDataset, folder_samples, write_shards
 from multimae.data.synthetic import LABEL_CLASSES, SPEC_OVERRIDES, SyntheticScenes
 from multimae.data.transforms import PairedTransform
 
 PRETRAIN = ["rgb", "depth", "semseg"]
+H100_IMG_S = 1500.0  # images/s one H100 trains ViT-B MultiMAE at (the issue's figure): cores = 1500 / rate
 KEEP_UP = 3.0  # the loader must deliver this many times what a training step consumes
 STEP_BATCH = 8
 VS_OFFICIAL = Path(__file__).parent / "results" / "vs_official.json"
@@ -92,6 +100,51 @@ def rate(items: Callable[[], Iterable], n: int) -> tuple[float, float]:
     return count / (time.perf_counter() - wall), count / max(time.process_time() - cpu, 1e-9)
 
 
+def endless(make: Callable[[], Iterable]) -> Iterator:
+    """The items of ``make()`` again and again (a small dataset read for more samples than it has)."""
+    while True:
+        yield from make()
+
+
+def interleaved(paths: dict[str, Callable[[], Iterable]], n: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Samples per wall second and per CPU second of each path, ``n`` samples each, measured in
+    ``rounds`` alternating chunks (A B A B ...) so that a change in machine load hits both alike."""
+    its = {k: endless(make) for k, make in paths.items()}
+    for it in its.values():
+        next(it)  # warm-up
+    wall = {k: 0.0 for k in paths}
+    cpu = {k: 0.0 for k in paths}
+    chunk = max(1, n // rounds)
+    done = 0
+    while done < n:
+        m = min(chunk, n - done)
+        for k, it in its.items():
+            w, c = time.perf_counter(), time.process_time()
+            for _ in range(m):
+                next(it)
+            wall[k] += time.perf_counter() - w
+            cpu[k] += time.process_time() - c
+        done += m
+    return {k: (n / wall[k], n / max(cpu[k], 1e-9)) for k in paths}
+
+
+def agreement(ref: Iterable[dict], fast: Iterable[dict], n: int) -> dict[str, float]:
+    """Fast vs reference outputs of the same samples: max abs differences and semseg agreement."""
+    out = {"samples": 0, "rgb_max_abs": 0.0, "rgb_equal": 0, "depth_max_abs": 0.0, "semseg_agree": 0.0,
+           "semseg_equal": 0}
+    for a, b, _ in zip(ref, fast, range(n)):
+        if a["__key__"] != b["__key__"]:
+            raise RuntimeError(f"paths read different samples: {a['__key__']} vs {b['__key__']}")
+        out["samples"] += 1
+        out["rgb_max_abs"] = max(out["rgb_max_abs"], float((a["rgb"] - b["rgb"]).abs().max()))
+        out["rgb_equal"] += int(torch.equal(a["rgb"], b["rgb"]))
+        out["depth_max_abs"] = max(out["depth_max_abs"], float((a["depth"] - b["depth"]).abs().max()))
+        out["semseg_agree"] += float((a["semseg"] == b["semseg"]).float().mean())
+        out["semseg_equal"] += int(torch.equal(a["semseg"], b["semseg"]))
+    out["semseg_agree"] = 100.0 * out["semseg_agree"] / max(out["samples"], 1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num", type=int, default=200, help="samples per measurement")
@@ -99,12 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-seconds", type=float, default=None,
                     help="seconds per training step (batch 8) to compare the loader with (default: from vs_official.json)")
     ap.add_argument("--loader-batches", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=8, help="alternating chunks of the reference vs fast comparison")
+    ap.add_argument("--large", type=int, default=512, help="side of the large-source comparison (0: skip it)")
+    ap.add_argument("--skip-keep-up", action="store_true", help="skip the DataLoader / keep-up part")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     n = args.num
     specs = modalities.resolve(PRETRAIN, SPEC_OVERRIDES)
     tf = PairedTransform(specs, 224)
+    fast_tf = PairedTransform(specs, 224, fast=True)
     rows: list[tuple[str, float, float | None]] = []
+    compare: list[dict] = []
 
     def add(name: str, value: tuple[float, float | None]) -> None:
         rows.append((name, *value))
@@ -132,23 +190,96 @@ def main(argv: list[str] | None = None) -> int:
         add("write shards 256x256 (same encodings) incl. rendering",
             timed(lambda: urls.extend(write_shards(src, os.path.join(tmp, "shard-%04d.tar"), 100))))
 
-        folder = FolderDataset(tmp, "train", specs, transform=tf)
-        add("folder loading 256->224 + pretraining transforms (1 thread)",
-            rate(lambda: (folder[i] for i in range(len(folder))), n))
-        shards = ShardDataset(urls, specs, transform=tf, shuffle_buffer=100)
-        add("shard loading 256->224 + pretraining transforms (1 thread)", rate(lambda: iter(shards), n))
+        compare.append(compare_paths("folder 256->224", "folder", tmp, urls, specs, tf, fast_tf, n, args.rounds, add))
+        compare.append(compare_paths("shards 256->224", "shards", tmp, urls, specs, tf, fast_tf, n, args.rounds, add))
         raw = ShardDataset(urls, specs, shuffle_buffer=100)
-        add("shard loading + decoding only, no transforms (1 thread)", rate(lambda: iter(raw), n))
-        loader = DataLoader(ShardDataset(urls, specs, transform=tf, shuffle_buffer=100, samples_per_rank=4 * n),
-                            batch_size=32, num_workers=2, collate_fn=collate)
+        packed = ShardDataset(urls, specs, shuffle_buffer=100, packed=True)
+        dec = interleaved({"ref": lambda: iter(raw), "fast": lambda: iter(packed)}, n, args.rounds)
+        add("shard loading + decoding only, no transforms, reference decode_field (1 thread)", dec["ref"])
+        add("shard loading + decoding only, no transforms, packed decode (1 thread)", dec["fast"])
+        loader = DataLoader(ShardDataset(urls, specs, transform=fast_tf, shuffle_buffer=100, samples_per_rank=4 * n,
+                                         packed=True), batch_size=32, num_workers=2, collate_fn=collate)
         batches = rate(lambda: iter(loader), (4 * n) // 32 - 2)
-        add(f"shard loading + transforms, DataLoader 2 workers, batch 32 ({os.cpu_count()} CPUs)",
+        add(f"shard loading + transforms, fast path, DataLoader 2 workers, batch 32 ({os.cpu_count()} CPUs)",
             (32 * batches[0], None))
 
-        keep = keep_up(args, specs, tmp, rows)
+        keep = [] if args.skip_keep_up else keep_up(args, specs, tmp, rows)
+    if args.large:
+        with tempfile.TemporaryDirectory() as tmp:
+            side = args.large
+            src = SyntheticScenes(n + 1, side, seed=2, modalities=PRETRAIN + ["label"])
+            write_folder(src, tmp, "train", image_format="jpg", classes=LABEL_CLASSES)
+            compare.append(compare_paths(f"folder {side}->224", "folder", tmp, [], specs, tf, fast_tf, n,
+                                         args.rounds, add))
+            # the same samples stored pre-resized (multimae data shards --resize 256), fast path
+            small = write_shards(folder_samples(FolderDataset(tmp, "train", specs), resize=256),
+                                 os.path.join(tmp, "small-%04d.tar"), 100)
+            ref_big = FolderDataset(tmp, "train", specs, transform=tf)
+            fast_small = ShardDataset(small, specs, transform=fast_tf, shuffle_buffer=100, packed=True)
+            r = interleaved({"ref": lambda: (ref_big[i] for i in range(len(ref_big))),
+                             "fast": lambda: iter(fast_small)}, n, args.rounds)
+            add(f"folder {side}->224 + pretraining transforms, reference path (1 thread, vs pre-resized)", r["ref"])
+            add(f"shards {side} pre-resized to 256 (--resize 256) + transforms, fast path (1 thread)", r["fast"])
+            compare.append({"name": f"shards {side} pre-resized to 256 (--resize 256) vs folder {side} reference",
+                            "ref": r["ref"][1], "fast": r["fast"][1], "resampled": True})
+    keep = fast_section(compare) + keep
 
     write_table(args.out, rows, n, keep)
     return 0
+
+
+def compare_paths(name: str, kind: str, root: str, urls: list[str], specs: list, tf: PairedTransform,
+                  fast_tf: PairedTransform, n: int, rounds: int, add: Callable) -> dict:
+    """Reference vs fast path on the same folder / shards: interleaved rates and output agreement."""
+    if kind == "folder":
+        ref = FolderDataset(root, "train", specs, transform=tf)
+        fast = FolderDataset(root, "train", specs, transform=fast_tf, packed=True)
+        paths = {"ref": lambda: (ref[i] for i in range(len(ref))), "fast": lambda: (fast[i] for i in range(len(fast)))}
+    else:
+        ref = ShardDataset(urls, specs, transform=tf, shuffle_buffer=100)
+        fast = ShardDataset(urls, specs, transform=fast_tf, shuffle_buffer=100, packed=True)
+        paths = {"ref": lambda: iter(ref), "fast": lambda: iter(fast)}
+    rates = interleaved(paths, n, rounds)
+    add(f"{name} + pretraining transforms, reference path (1 thread)", rates["ref"])
+    add(f"{name} + pretraining transforms, fast path (1 thread)", rates["fast"])
+    # the same samples with the same seeds through both paths
+    seeded_ref = PairedTransform(specs, 224, seed=7)
+    seeded_fast = PairedTransform(specs, 224, seed=7, fast=True)
+    if kind == "folder":
+        a = FolderDataset(root, "train", specs, transform=seeded_ref)
+        b = FolderDataset(root, "train", specs, transform=seeded_fast, packed=True)
+        agree = agreement((a[i] for i in range(len(a))), (b[i] for i in range(len(b))), n)
+    else:
+        agree = agreement(iter(ShardDataset(urls, specs, transform=seeded_ref, shuffle_buffer=0)),
+                          iter(ShardDataset(urls, specs, transform=seeded_fast, shuffle_buffer=0, packed=True)), n)
+    return {"name": name, "ref": rates["ref"][1], "fast": rates["fast"][1], **agree}
+
+
+def fast_section(compare: list[dict]) -> list[str]:
+    """The reference vs fast table, the H100 core count and the agreement of the outputs."""
+    out = ["## Fast path vs reference (same run, interleaved)", "",
+           f"Samples per CPU second on 1 thread (decode + pretraining transforms); cores one H100 needs = "
+           f"{H100_IMG_S:.0f} img/s / fast rate (goal <= 5, i.e. >= {H100_IMG_S / 5:.0f} samples/CPU-s).", "",
+           "| source | reference samples/CPU-s | fast samples/CPU-s | speed-up | cores for 1500 img/s (ref -> fast) |",
+           "|---|---:|---:|---:|---:|"]
+    for c in compare:
+        out.append(f"| {c['name']} | {c['ref']:.1f} | {c['fast']:.1f} | {c['fast'] / c['ref']:.2f}x | "
+                   f"{H100_IMG_S / c['ref']:.1f} -> {H100_IMG_S / c['fast']:.1f} |")
+    out += ["", "Outputs of the same samples and seeds through both paths:", "",
+            "| source | samples | rgb identical | rgb max abs diff | depth max abs diff | semseg identical | "
+            "semseg label agreement |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for c in compare:
+        if c.get("resampled"):
+            continue  # another image: not comparable pixel for pixel
+        out.append(f"| {c['name']} | {c['samples']} | {c['rgb_equal']} | {c['rgb_max_abs']:.3g} | "
+                   f"{c['depth_max_abs']:.3g} | {c['semseg_equal']} | {c['semseg_agree']:.2f}% |")
+    out += ["", "rgb (after normalisation) and semseg are bit for bit the reference's; depth differs only by the "
+            "summation of its robust statistics (selection + float64 sums instead of a sort + float32 sums), "
+            "tolerance 1e-5 of max(1, |value|) (tests/data/test_fast_path.py). Pre-resized shards are another "
+            "(resampled, re-encoded) image, so they are compared for speed only.", ""]
+    for line in out:
+        print(line)
+    return out
 
 
 def keep_up(args: argparse.Namespace, specs: list, folder_root: str, rows: list) -> list[str]:
@@ -156,7 +287,7 @@ def keep_up(args: argparse.Namespace, specs: list, folder_root: str, rows: list)
     found = (args.step_seconds, "--step-seconds") if args.step_seconds else vit_s_step_seconds()
     workers = DataConfig().num_workers
     one_thread = {"synthetic": next(r[2] for r in rows if r[0].startswith("synthetic 224x224 on the fly")),
-                  "folder": next(r[2] for r in rows if r[0].startswith("folder loading"))}
+                  "folder": next(r[2] for r in rows if r[0].startswith("folder 256->224") and "fast path" in r[0])}
     out = ["## Does the loader keep up?", ""]
     if found is None:
         return out + ["No step time: run `benchmarks/vs_official.py` first or pass `--step-seconds`.", ""]

@@ -15,11 +15,17 @@ How a file is decoded depends on the modality's kind and the file extension, nev
 * ``text``: ``.txt`` UTF-8; the image-level label: ``.cls`` holding a decimal integer.
 
 16-bit PNGs are decoded by hand (PIL mode ``I;16`` -> numpy uint16) so that no value is lost.
+
+The fast data path (:func:`decode_packed`, datasets built with ``packed=True``) keeps image, one-
+channel dense and categorical image files as :class:`Packed` integers instead -- the same pixels,
+:meth:`Packed.tensor` is bit for bit :func:`decode_field` -- so that
+``PairedTransform(fast=True)`` converts only the crop it keeps.
 """
 from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -105,7 +111,7 @@ def image_pixels(img: Image.Image, channels: int, where: str) -> np.ndarray:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
         img = Image.alpha_composite(bg, rgba)
-    arr = np.asarray(img.convert(mode))
+    arr = np.asarray(img if img.mode == mode else img.convert(mode))
     return arr.reshape(arr.shape[0], arr.shape[1], -1)
 
 
@@ -197,6 +203,92 @@ def decode_field(data: bytes, ext: str, spec: ModalitySpec, png_scale: float, wh
     return decode_text(data, where)
 
 
+# --- packed decoding (the fast path) --------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Packed:
+    """A decoded field kept at its stored integer type until the transform crops it.
+
+    ``array`` holds the pixels as decoded (possibly read-only, never written): uint8 (H,W,C) for
+    an ``image``, uint8 / uint16 (H,W) for a one-channel ``dense`` map (value = ``array * scale``)
+    or a ``categorical`` map (class ids). :meth:`tensor` gives exactly what :func:`decode_field`
+    returns for the same file (the reference); :class:`~multimae.data.transforms.PairedTransform`
+    with ``fast=True`` crops and resizes the integers directly instead, converting only the crop.
+    """
+
+    kind: str
+    array: np.ndarray
+    scale: float = 1.0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of :meth:`tensor`: (C,H,W) for image / dense, (H,W) for categorical."""
+        a = self.array
+        if self.kind == "image":
+            return (a.shape[2], a.shape[0], a.shape[1])
+        return (1, *a.shape) if self.kind == "dense" else tuple(a.shape)
+
+    def tensor(self) -> Tensor:
+        """The reference decoding: bit for bit what :func:`decode_field` gives for this file."""
+        if self.kind == "image":
+            return torch.from_numpy(np.ascontiguousarray(self.array.transpose(2, 0, 1)))
+        if self.kind == "dense":
+            return torch.from_numpy((self.array.astype(np.float64) * self.scale).astype(np.float32)[None])
+        return torch.from_numpy(self.array.astype(np.int64))
+
+    def dense_float(self, top: int, left: int, height: int, width: int) -> Tensor:
+        """float32 (1,h,w) of a crop of a dense map: the same values as ``tensor()`` cropped."""
+        crop = self.array[top:top + height, left:left + width]
+        return torch.from_numpy((crop.astype(np.float64) * self.scale).astype(np.float32)[None])
+
+
+def decode_packed(data: bytes, ext: str, spec: ModalitySpec, png_scale: float, where: str) -> Tensor | str | Packed:
+    """Like :func:`decode_field`, but image files (rgb), one-channel dense PNGs (depth) and
+    categorical PNGs (semseg) come back as :class:`Packed` integers; every other field (``.npy``,
+    multi-channel dense maps, text) is decoded as :func:`decode_field` does."""
+    ext = ext.lower()
+    if ext == "npy" or ext not in EXTS[spec.kind] or spec.kind == "text":
+        return decode_field(data, ext, spec, png_scale, where)
+    if spec.kind == "image":
+        return Packed("image", image_pixels(open_image(data, where), spec.channels, where))
+    if spec.kind == "dense":
+        if spec.channels != 1 or not (math.isfinite(png_scale) and png_scale > 1e-30):
+            return decode_field(data, ext, spec, png_scale, where)
+        img = open_image(data, where)
+        arr = np.asarray(img) if img.mode in ("I;16", "L", "P") else _image_array(img)  # no astype copy
+        if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):  # e.g. an RGB or 32-bit file
+            return decode_dense(data, ext, spec.channels, png_scale, where)  # its error, or a float tensor
+        if arr.dtype == np.uint8:
+            notice_once("8bit", where.rsplit("/", 1)[0],
+                        f"{where}: an 8-bit PNG as a one-channel dense map (depth): only 256 levels; read as "
+                        f"value x png_scale {png_scale:g} (0 = invalid), like a 16-bit PNG -- store depth as a 16-bit "
+                        "PNG or .npy to keep its precision")
+        return Packed("dense", arr, png_scale)
+    arr = _image_array(open_image(data, where))
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16) or arr.size == 0:
+        return decode_categorical(data, ext, where)  # its error, or an int64 tensor
+    return Packed("categorical", arr)
+
+
+def validate_packed(value: Packed, spec: ModalitySpec, where: str) -> None:
+    """:func:`validate_field` for a :class:`Packed` field, on its integers: the same checks and,
+    when one fails, the same error (the reference check then runs on :meth:`Packed.tensor`)."""
+    if value.kind != spec.kind:
+        raise DataError(f"{where}: a packed {value.kind} field for a {spec.kind} modality")
+    a = value.array
+    if spec.kind == "categorical":
+        ok = a.size > 0 and int(a.max()) < spec.num_classes
+    elif spec.kind == "dense":
+        ok = spec.standardize != "robust" or bool(a.any())
+    else:
+        ok = a.ndim == 3 and a.shape[2] == spec.channels
+    if not ok:
+        validate_field(value.tensor(), spec, where)
+
+
 # --- validation ----------------------------------------------------------------------------------
 
 
@@ -206,6 +298,8 @@ def validate_field(value: object, spec: ModalitySpec, where: str) -> None:
         if not isinstance(value, str):
             raise DataError(f"{where}: expected text, got {type(value).__name__}")
         return
+    if isinstance(value, Packed):
+        return validate_packed(value, spec, where)
     if not torch.is_tensor(value):
         raise DataError(f"{where}: expected a tensor, got {type(value).__name__}")
     if spec.kind == "categorical":

@@ -29,6 +29,9 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000  # shards
     on_error: Literal["raise", "skip"] = "raise"
+    # the fast data path (folder / shards: Packed integer decoding + PairedTransform(fast=True)):
+    # rgb and semseg bit for bit as the reference path, depth within 1e-5; false: the reference
+    fast_decode: bool = True
     # text modality (M3AE)
     tokenizer: str = "synthetic"  # "synthetic" (built in, offline), or a tokenizer.json / BERT vocab.txt
     text_overflow: Literal["truncate", "error"] = "truncate"  # captions longer than max_len

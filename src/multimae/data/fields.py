@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from multimae.data.codecs import LABEL_KEY, validate_field
+from multimae.data.codecs import LABEL_KEY, Packed, validate_field
 from multimae.data.errors import DataError
 from multimae.modalities import ModalitySpec, registered, resolve
 
@@ -45,19 +45,20 @@ def validate_sample(sample: dict, specs: dict[str, ModalitySpec], where: dict[st
     they are set to 0 in place -- for depth-like maps (``standardize="robust"``) 0 already means
     invalid, so they are left out of the statistics -- and counted. A dense map without any valid
     pixel is a DataError. ``where`` maps a field key to the text naming it in errors (a file path,
-    or sample + shard).
+    or sample + shard). :class:`~multimae.data.codecs.Packed` fields are checked on their integers.
     """
     repaired = 0
     for key, spec in specs.items():
         validate_field(sample[key], spec, where.get(key, sample_where))
         value = sample[key]
-        if spec.kind == "dense" and value.is_floating_point():
+        if spec.kind == "dense" and torch.is_tensor(value) and value.is_floating_point():
             bad = ~torch.isfinite(value)
             n = int(bad.sum())
             if n:
                 sample[key] = value.masked_fill(bad, 0.0)
                 repaired += n
-    sizes = {k: tuple(sample[k].shape[-2:]) for k, s in specs.items() if s.is_spatial and torch.is_tensor(sample[k])}
+    sizes = {k: tuple(sample[k].shape[-2:]) for k, s in specs.items()
+             if s.is_spatial and (torch.is_tensor(sample[k]) or isinstance(sample[k], Packed))}
     if len(set(sizes.values())) > 1:
         desc = "; ".join(f"{k} {h}x{w} ({where.get(k, k)})" for k, (h, w) in sizes.items())
         raise DataError(f"{sample_where}: modalities have different sizes: {desc}")

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from multimae.data.codecs import (
-    DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, decode_field, encode_field, scale_for,
+    DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, decode_field, decode_packed, encode_field,
+    scale_for,
 )
 from multimae.data.errors import DataError, ErrorPolicy, notice_once
 from multimae.data.fields import resolve_fields, validate_sample
@@ -92,6 +93,9 @@ class FolderDataset(Dataset):
             evaluation split, so that both index classes alike; a class directory not in it is a
             DataError naming the directory. None: ``classes`` of the metadata, else this split's
             sorted class directories (empty ones included, with a notice).
+        packed: decode rgb / one-channel dense / categorical image files into
+            :class:`~multimae.data.codecs.Packed` integers (validated as such) for a
+            ``PairedTransform(fast=True)``, instead of the documented raw-sample tensors.
 
     Missing files are found when the index is built: with ``raise`` the constructor fails, with
     ``skip`` those samples are left out of the index (and counted).
@@ -100,8 +104,9 @@ class FolderDataset(Dataset):
     def __init__(self, root: str | os.PathLike, split: str, modalities: Sequence[str | dict | ModalitySpec],
                  transform: Callable[[dict], dict] | None = None, on_error: str = "raise",
                  label_from_class_dir: bool = True, png_scale: PngScale = None,
-                 classes: Sequence[str] | None = None) -> None:
+                 classes: Sequence[str] | None = None, packed: bool = False) -> None:
         self.root, self.split, self.transform = Path(root), split, transform
+        self.packed = bool(packed)
         self.specs, want_label = resolve_fields(modalities)
         self.policy = ErrorPolicy(on_error)
         meta = read_meta(root)
@@ -180,7 +185,8 @@ class FolderDataset(Dataset):
                 data = path.read_bytes()
             except OSError as e:
                 raise DataError(f"{where[key]}: unreadable ({e})") from None
-            sample[key] = decode_field(data, path.suffix[1:], self.specs[key], self.png_scale[key], where[key])
+            decode = decode_packed if self.packed else decode_field
+            sample[key] = decode(data, path.suffix[1:], self.specs[key], self.png_scale[key], where[key])
         self.policy.count_invalid(
             validate_sample(sample, self.specs, where, f"sample {sample['__key__']} in {self.root / self.split}"))
         if self.with_label:
@@ -219,17 +225,18 @@ def holdout(keys: Sequence[str], fraction: float) -> tuple[list[int], list[int]]
 
 def open_folder(root: str | os.PathLike, split: str, specs: Sequence[str | dict | ModalitySpec], *,
                 val_split: str = "val", val_fraction: float = 0.0, train: bool = True,
-                on_error: str = "raise") -> Dataset | None:
+                on_error: str = "raise", packed: bool = False) -> Dataset | None:
     """The training data (``train=True``) or the validation data of a folder dataset.
 
     Validation is ``root/<val_split>`` when that directory exists. Otherwise, with
     ``val_fraction > 0``, it is a fixed slice of ``root/<split>`` (:func:`holdout`), which the
     training data then leaves out; with ``val_fraction == 0`` there is none: training uses all
     of ``split`` and the validation data is None (one notice says evaluation is skipped).
+    ``packed``: see :class:`FolderDataset`.
     """
     if (Path(root) / val_split).is_dir():
-        return FolderDataset(root, split if train else val_split, specs, on_error=on_error)
-    full = FolderDataset(root, split, specs, on_error=on_error)
+        return FolderDataset(root, split if train else val_split, specs, on_error=on_error, packed=packed)
+    full = FolderDataset(root, split, specs, on_error=on_error, packed=packed)
     if val_fraction <= 0:
         if not train:
             notice_once(str(root), val_split, "none", f"{Path(root) / val_split}: no validation split and "

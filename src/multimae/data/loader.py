@@ -225,9 +225,12 @@ def shard_urls(urls: str) -> str | list[str]:
     return urls.split(",") if "," in urls and "{" not in urls else urls
 
 
-def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *, train: bool = True) -> Dataset | None:
+def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *, train: bool = True,
+                  packed: bool = False) -> Dataset | None:
     """The raw (untransformed) dataset a DataConfig describes; ``train=False``: its validation data
-    (a folder dataset without any: None, see :func:`multimae.data.folder.open_folder`)."""
+    (a folder dataset without any: None, see :func:`multimae.data.folder.open_folder`).
+    ``packed``: a folder yields :class:`~multimae.data.codecs.Packed` fields, for a
+    ``PairedTransform(fast=True)``."""
     names = sorted({s.key for s in specs})
     if data.source == "synthetic":
         from multimae.data.synthetic import SyntheticScenes
@@ -245,7 +248,7 @@ def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *,
         if not data.root:
             raise ValueError("data.root must be set for data.source=folder")
         return open_folder(data.root, data.split, specs, val_split=data.val_split, val_fraction=data.val_fraction,
-                           train=train, on_error=data.on_error)
+                           train=train, on_error=data.on_error, packed=packed)
     if data.source == "captions":
         from multimae.data.text import CaptionTable
 
@@ -265,7 +268,8 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
     data = resolve_image_size(data, spec)
     specs = list(spec.specs)
     collator = MaskCollator(spec, mask, seed, rank, text=text_collator(data, specs))
-    transform = PairedTransform(specs, data.image_size, train=True, scale=tuple(data.crop_scale), hflip=data.hflip)
+    transform = PairedTransform(specs, data.image_size, train=True, scale=tuple(data.crop_scale), hflip=data.hflip,
+                                fast=data.fast_decode)
     unpaired = None
     if data.image_only or data.text_only:
         unpaired = Unpairing([s.key for s in specs if s.kind == "text"], [s.key for s in specs if s.is_spatial],
@@ -281,11 +285,12 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
         if not data.urls:
             raise ValueError("data.urls must be set for data.source=shards")
         stream = ShardDataset(shard_urls(data.urls), specs, shuffle_buffer=data.shuffle_buffer,
-                              seed=seed, on_error=data.on_error, rank=rank, world_size=world_size)
+                              seed=seed, on_error=data.on_error, rank=rank, world_size=world_size,
+                              packed=data.fast_decode)
         batches = StreamBatches(stream, transform, batch_size, data.num_samples // (world_size * batch_size), seed,
                                 unpaired)
         return DataLoader(batches, batch_size=None, **kw), batches
-    base = build_dataset(data, specs, seed)
+    base = build_dataset(data, specs, seed, packed=data.fast_decode)
     sampler = ResumableBatchSampler(len(base), batch_size, seed, rank, world_size)  # type: ignore[arg-type]
     return DataLoader(SeededAugment(base, transform, seed, unpaired), batch_sampler=sampler, **kw), sampler
 

@@ -14,18 +14,26 @@ Randomness comes only from a ``torch.Generator``: the one passed to ``__call__``
 integer ``seed``, one derived from ``(seed, epoch, sample key)`` (reproducible, independent of
 workers; call ``set_epoch`` every epoch); else (``seed=None``, the default) a per-process generator
 seeded from ``torch.initial_seed()``, which DataLoader sets differently in every worker and epoch.
+
+``PairedTransform(fast=True)`` (the training loader's default, ``data.fast_decode``) is the fast
+path over :class:`~multimae.data.codecs.Packed` fields: the same boxes, flips and seeds, rgb and
+semseg bit for bit the reference's, depth within 1e-5 (see ``tests/data/test_fast_path.py``).
 """
 from __future__ import annotations
 
 import math
 import os
+import platform
+import warnings
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from multimae.data.codecs import Packed
 from multimae.data.errors import DataError
 from multimae.data.fields import by_key
 from multimae.modalities import ModalitySpec, resolve
@@ -56,6 +64,38 @@ def robust_standardize(depth: Tensor, valid: Tensor | None = None, trunc: float 
     var = kept.var() if kept.numel() > 1 else kept.new_zeros(())
     out = (x - kept.mean()) / torch.sqrt(var + 1e-6)
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype))
+
+
+def robust_standardize_fast(depth: Tensor, valid: Tensor | None = None, trunc: float = 0.1,
+                            all_valid: bool = False) -> Tensor:
+    """:func:`robust_standardize` with the truncation found by selection instead of a sort.
+
+    The kept values are the same multiset (``np.partition`` at the two cut ranks); their mean and
+    variance are summed in float64 (the reference sums the sorted values in float32), so the
+    output matches :func:`robust_standardize` to about 1e-6 (tested in
+    ``tests/data/test_fast_path.py``), in O(n) instead of O(n log n). ``all_valid``: every
+    pixel is valid (what ``valid`` all True means, without building it).
+    """
+    x = depth.float()
+    if valid is None and not all_valid:
+        valid = torch.isfinite(x) & (x != 0)
+    every = all_valid or bool(valid.all())
+    vals = x.reshape(-1) if every else x[valid]
+    n = vals.numel()
+    if n == 0:
+        return torch.zeros_like(x)
+    lo, hi = int(trunc * n), int((1 - trunc) * n)
+    v = vals.detach().cpu().numpy()
+    kept = np.partition(v, (lo, hi - 1))[lo:hi] if hi - lo >= 2 else v
+    # float64 sums (numpy pairwise): as close to the exact statistics as the reference's float32 ones
+    k64 = kept.astype(np.float64)
+    mean64 = k64.mean()
+    dev = k64 - mean64
+    var64 = float(np.square(dev, out=dev).sum()) / (kept.size - 1) if kept.size > 1 else 0.0  # no BLAS threads
+    mean = torch.tensor(mean64, dtype=torch.float32)
+    var = torch.tensor(var64, dtype=torch.float32)
+    out = (x - mean).div_(torch.sqrt(var + 1e-6))
+    return out if every else out.masked_fill_(~valid, 0.0)
 
 
 def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -130,6 +170,83 @@ def _resize_categorical(x: Tensor, box: Box, size: int) -> Tensor:
     return out[0]
 
 
+def _bilinear(x: Tensor, size: int) -> Tensor:
+    """``TF.resize(x, [size, size], BILINEAR, antialias=True)`` of a (C,h,w) float32 or uint8 tensor
+    (a crop view), the same ``interpolate`` call without torchvision's per-call dispatch; uint8
+    only where torchvision resizes uint8 natively (else its own path)."""
+    c, h, w = x.shape
+    if (h, w) == (size, size):
+        return x  # torchvision returns the input unchanged too
+    if x.dtype == torch.uint8 and not _NATIVE_UINT8:
+        return TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    img = x.reshape(1, c, h, w)
+    strides = img.stride()
+    if img.is_contiguous(memory_format=torch.channels_last) and img.numel() != strides[0]:
+        img = img.as_strided((1, c, h, w), [img.numel(), *strides[1:]])  # as torchvision: keep channels-last
+    out = torch.nn.functional.interpolate(img, size=[size, size], mode="bilinear", align_corners=False, antialias=True)
+    return out.reshape(c, size, size)
+
+
+# torchvision resizes uint8 bilinear natively on these CPUs (torchvision's _do_native_uint8_resize_on_cpu)
+_NATIVE_UINT8 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or \
+    platform.machine() in ("aarch64", "arm64")
+
+
+def _readonly_view(arr: np.ndarray) -> Tensor:
+    """A tensor sharing a (possibly read-only) array's memory; the fast path only reads it."""
+    if arr.flags.writeable:
+        return torch.from_numpy(arr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not writable": it is never written
+        return torch.from_numpy(arr)
+
+
+def _image_fast(x: Packed, box: Box, size: int, spec: ModalitySpec, flip: bool,
+                norm: tuple[Tensor, Tensor] | None) -> Tensor:
+    """:func:`_resize_image` (+ flip) of packed (H,W,C) uint8 pixels, bit for bit: the same uint8
+    kernel reads the pixels in place (channels-last view, no (C,H,W) copy); flipping and the
+    float conversion happen on the 224x224 output only. ``norm``: (mean, std) (C,1,1) or None."""
+    top, left, h, w = box
+    out = _bilinear(_readonly_view(x.array).permute(2, 0, 1)[:, top:top + h, left:left + w], size)
+    out = (out.flip(-1) if flip else out).contiguous().float() / 255.0
+    return (out - norm[0]) / norm[1] if norm is not None else out
+
+
+def _dense_fast(x: Packed, box: Box, size: int, spec: ModalitySpec) -> tuple[Tensor, Tensor | None]:
+    """:func:`_resize_dense` of a packed one-channel map, bit for bit: only the crop is converted
+    to float; whether any pixel of the whole map is invalid (which picks the reference's plain or
+    masked interpolation) is read from the integers (0 = invalid for robust-standardised maps).
+    The validity is None when every pixel is valid."""
+    top, left, h, w = box
+    crop = x.dense_float(top, left, h, w)
+    if spec.standardize != "robust" or bool(x.array.all()):  # every pixel valid: valid = None
+        return _bilinear(crop, size), None
+    valid = crop != 0
+    num = _bilinear(torch.where(valid, crop, torch.zeros(())), size)
+    den = _bilinear(valid.float(), size)
+    ok = den >= 0.5
+    return torch.where(ok, num / den.clamp_min(1e-6), torch.zeros(())), ok
+
+
+def nearest_exact_index(in_size: int, out_size: int) -> np.ndarray:
+    """Source indices of ``InterpolationMode.NEAREST_EXACT`` (torch's float32 arithmetic):
+    ``min(floor((i + 0.5) * (in / out)), in - 1)``."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    idx = np.floor((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
+def _categorical_fast(x: Packed, box: Box, size: int, flip: bool) -> Tensor:
+    """:func:`_resize_categorical` (+ flip) of packed class ids, bit for bit: the nearest source
+    pixels are gathered from the crop box directly, and only the output becomes int64."""
+    top, left, h, w = box
+    rows = top + nearest_exact_index(h, size)
+    cols = left + nearest_exact_index(w, size)
+    if flip:
+        cols = cols[::-1]
+    return torch.from_numpy(x.array[rows[:, None], cols[None, :]].astype(np.int64))
+
+
 class PairedTransform:
     """Crop, flip and normalise every modality of a raw sample in the same way.
 
@@ -150,6 +267,13 @@ class PairedTransform:
         eval_crop_pct: evaluation centre crop keeps this fraction of the shorter side.
         train_crop: ``"random_resized"`` (RandomResizedCrop with ``scale`` / ``ratio``) or
             ``"shorter_side"`` (a random square as large as the shorter side: resize + RandomCrop).
+        fast: the fast path. :class:`~multimae.data.codecs.Packed` fields (datasets built with
+            ``packed=True``) are cropped as integers -- rgb resized by the same uint8 kernel in
+            place, depth converted to float only inside the crop box, semseg gathered by nearest
+            index from the crop box -- bit for bit the reference's output; depth (any input) is
+            robust-standardised by selection (:func:`robust_standardize_fast`, equal to ~1e-6).
+            False (default): the reference path, which decodes packed fields first
+            (:meth:`Packed.tensor`). Crop boxes, flips and seeding are the same in both.
 
     ``__call__(sample, generator=None)`` returns the batch keys ``spec.key`` of the specs plus
     ``label``, ``__key__`` and any other string fields; other tensors are dropped.
@@ -158,7 +282,7 @@ class PairedTransform:
     def __init__(self, specs: Sequence[ModalitySpec | str | dict], image_size: int, train: bool = True,
                  scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  hflip: float = 0.5, seed: int | None = None, trunc: float = 0.1, eval_crop_pct: float = 1.0,
-                 train_crop: str = "random_resized") -> None:
+                 train_crop: str = "random_resized", fast: bool = False) -> None:
         self.specs = by_key(resolve(list(specs)))
         for spec in self.specs.values():
             if spec.is_spatial and image_size % spec.stride:
@@ -170,6 +294,7 @@ class PairedTransform:
         if train_crop not in ("random_resized", "shorter_side"):
             raise ValueError(f"train_crop={train_crop!r}: expected 'random_resized' or 'shorter_side'")
         self.train_crop = train_crop
+        self.fast = bool(fast)
         self._process_gen: tuple[int, torch.Generator] | None = None
 
     def __getstate__(self) -> dict:
@@ -181,7 +306,7 @@ class PairedTransform:
 
     def __repr__(self) -> str:
         return (f"PairedTransform(keys={list(self.specs)}, image_size={self.image_size}, train={self.train}, "
-                f"scale={self.scale}, ratio={self.ratio}, hflip={self.hflip})")
+                f"scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}{', fast=True' if self.fast else ''})")
 
     def _generator(self, sample: dict) -> torch.Generator:
         key = sample.get("__key__")
@@ -228,7 +353,14 @@ class PairedTransform:
             if not isinstance(x, str):
                 raise DataError(f"{where}: {spec.key!r} should be a str, got {type(x).__name__}")
             return x
-        assert isinstance(x, Tensor)
+        if isinstance(x, Packed):
+            if x.kind != spec.kind:
+                raise DataError(f"{where}: {spec.key!r} is a packed {x.kind} field, not {spec.kind}")
+            if self.fast:
+                return self._apply_packed(x, spec, box, flip)
+            x = x.tensor()  # the reference: decode fully, then crop
+        if not isinstance(x, Tensor):
+            raise DataError(f"{where}: {spec.key!r} should be a tensor, got {type(x).__name__}")
         if spec.kind == "categorical":
             out = _resize_categorical(x, box, self.image_size // spec.stride)
             return out.flip(-1) if flip else out
@@ -241,15 +373,83 @@ class PairedTransform:
             out, valid = out.flip(-1), valid.flip(-1)
             for c in spec.hflip_negate:
                 out[c] = -out[c]
+        return self._finish_dense(out, valid, spec)
+
+    def _finish_dense(self, out: Tensor, valid: Tensor | None, spec: ModalitySpec) -> Tensor:
+        """Standardise (or zero the invalid pixels of) a resized dense map; ``valid`` None: all valid."""
         if spec.standardize == "robust":
-            return robust_standardize(out, valid.expand_as(out), self.trunc)
-        return torch.where(valid, out, torch.zeros(()))
+            if not self.fast:
+                return robust_standardize(out, valid.expand_as(out), self.trunc)
+            if valid is None:
+                return robust_standardize_fast(out, None, self.trunc, all_valid=True)
+            return robust_standardize_fast(out, valid.expand_as(out), self.trunc)
+        return out if valid is None else torch.where(valid, out, torch.zeros(()))
+
+    def _norm(self, spec: ModalitySpec) -> tuple[Tensor, Tensor] | None:
+        """(mean, std) tensors (C,1,1) of an image spec, made once per transform."""
+        if spec.mean is None:
+            return None
+        cache = self.__dict__.setdefault("_norms", {})
+        if spec.key not in cache:
+            cache[spec.key] = (torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1),
+                               torch.tensor(spec.std if spec.std is not None else (1.0,),
+                                            dtype=torch.float32).view(-1, 1, 1))
+        return cache[spec.key]
+
+    def _apply_packed(self, x: Packed, spec: ModalitySpec, box: Box, flip: bool) -> Tensor:
+        """The fast path of one packed field (same values as the reference, see ``fast``)."""
+        size = self.image_size // spec.stride
+        if spec.kind == "categorical":
+            return _categorical_fast(x, box, size, flip)
+        if spec.kind == "image":
+            return _image_fast(x, box, size, spec, flip, self._norm(spec))
+        out, valid = _dense_fast(x, box, size, spec)
+        if flip:
+            out, valid = out.flip(-1), (None if valid is None else valid.flip(-1))
+            for c in spec.hflip_negate:
+                out[c] = -out[c]
+        return self._finish_dense(out, valid, spec)
+
+
+def resize_shorter_side(sample: dict, specs: dict[str, ModalitySpec], side: int) -> dict:
+    """A copy of a raw sample whose spatial fields are resized so that the shorter side is
+    ``side`` (never enlarged: a sample already that small is returned as is), to store
+    pre-resized data (``multimae data shards --resize``).
+
+    Per kind, as the transforms resample: images bilinear with antialiasing (uint8 kept), dense
+    maps bilinear over valid pixels only (an output pixel with less than half its weight on valid
+    pixels becomes invalid, 0), class maps nearest (half-pixel centres). The sizes follow
+    torchvision's shorter-side resize. Packed fields are decoded first.
+    """
+    spatial = [k for k, spec in specs.items()
+               if spec.is_spatial and (torch.is_tensor(sample.get(k)) or isinstance(sample.get(k), Packed))]
+    if not spatial:
+        return dict(sample)
+    h, w = spatial_size(sample, [specs[k] for k in spatial], f"sample {sample.get('__key__', '?')}")
+    if min(h, w) <= side:
+        return dict(sample)
+    out = dict(sample)
+    for key in spatial:
+        spec, x = specs[key], sample[key]
+        x = x.tensor() if isinstance(x, Packed) else x
+        if spec.kind == "categorical":
+            out[key] = TF.resize(x[None], [side], interpolation=InterpolationMode.NEAREST_EXACT)[0]
+        elif spec.kind == "image":
+            out[key] = TF.resize(x, [side], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        else:
+            xf = x.float()
+            valid = _dense_valid(xf, spec)
+            kw = dict(interpolation=InterpolationMode.BILINEAR, antialias=True)
+            num = TF.resize(torch.where(valid, xf, torch.zeros(())), [side], **kw)
+            den = TF.resize(valid.float(), [side], **kw)
+            out[key] = torch.where(den >= 0.5, num / den.clamp_min(1e-6), torch.zeros(()))
+    return out
 
 
 def spatial_size(sample: dict, specs: Sequence[ModalitySpec], where: str) -> tuple[int, int]:
     """The common (H, W) of a sample's spatial modalities; DataError if they differ."""
     sizes = {s.key: tuple(sample[s.key].shape[-2:]) for s in specs
-             if s.is_spatial and torch.is_tensor(sample.get(s.key))}
+             if s.is_spatial and (torch.is_tensor(sample.get(s.key)) or isinstance(sample.get(s.key), Packed))}
     if not sizes:
         raise DataError(f"{where}: no spatial modality among {[s.key for s in specs]} (has {sorted(sample)})")
     if len(set(sizes.values())) > 1:
