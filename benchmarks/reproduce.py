@@ -212,15 +212,15 @@ def _patch_scene_cache() -> None:
     a scene depends only on (seed, index)."""
     from multimae.data.loader import CachedDataset
     from multimae.data.synthetic import SyntheticScenes
-    from multimae.engine import finetune_data
+    from multimae.tasks import finetune_data
     from multimae.tasks.finetune_config import SPLITS, target_of
 
     original = finetune_data.raw_dataset
 
-    def raw_dataset(cfg: Any, inputs: Any, split: str, train: bool) -> Any:
+    def raw_dataset(cfg: Any, inputs: Any, split: str, train: bool, datasets: Any = None) -> Any:
         d = cfg.data
         if d.source != "synthetic" or not d.cache or split not in SPLITS:
-            return original(cfg, inputs, split, train)
+            return original(cfg, inputs, split, train, datasets)
         n = {"train": d.train_samples, "val": d.val_samples, "test": d.test_samples}[split]
         key = (d.seed + SPLITS.index(split), n, d.image_size)
         if key not in _SCENES:
