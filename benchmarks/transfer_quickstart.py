@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""The README's transfer table: every synthetic fine-tuning recipe and the linear probe, from the
-quick-start checkpoint and from scratch, with the commands the README shows.
+"""The transfer table of docs/finetuning.md (quick start transfer): every synthetic fine-tuning recipe and the linear probe, from the
+quick-start checkpoint and from scratch, with the commands docs/finetuning.md shows.
 
     python benchmarks/transfer_quickstart.py [--init runs/synthetic-tiny] [--workers 2] [--tasks cls,semseg,...]
 

@@ -4,7 +4,7 @@ OFFICIAL holds, per config, the values of the official EPFL-VILAB/MultiMAE yaml 
 with the search tool's read_file) and, for keys the yaml leaves to the script, the argument-parser
 defaults of run_finetuning_{semseg,depth,cls}.py (commits 00acf3a / 4fb5518). Every key is either
 compared with what our config resolves to or listed in DIFFERENT / NOT_COMPARED with the reason, so
-a key cannot be forgotten; the configs' header comments and the README's "Paper protocols" table
+a key cannot be forgotten; the configs' header comments and docs/finetuning.md's "Paper protocols" table
 state the same differences.
 """
 import pytest
@@ -58,7 +58,7 @@ OFFICIAL = {
     },
 }
 
-#: official keys where we differ on purpose (value: how and why; also in the config comment + README)
+#: official keys where we differ on purpose (value: how and why; also in the config comment + docs/finetuning.md)
 DIFFERENT = {
     "fp16": "bf16 autocast (no loss scaling) instead of fp16 + GradScaler (fp32 where the official is fp32)",
     "max_val_images": "the whole split is scored (official: a random 100-image subset of the NYUv2 test set)",
