@@ -48,12 +48,12 @@ def tiny_m3ae_run(root, image_size: int = 32):
     """A run directory of a random-init nano M3AE (rgb + caption, shared decoder), the
     synthetic-m3ae-tiny config made small."""
     from multimae.config import load_config
-    from multimae.tasks.pretrain import _size_text_vocabulary
+    from multimae.tasks.pretrain import completed_config
 
     cfg = load_config(PretrainConfig, "configs/pretrain/synthetic-m3ae-tiny.yaml",
                       ["model.preset=nano", "model.depth=1", f"model.image_size={image_size}", "model.patch_size=8",
                        "model.decoder_depth=1", f"data.image_size={image_size}"])
-    _size_text_vocabulary(cfg)
+    cfg = completed_config(cfg)
     torch.manual_seed(0)
     model = MultiMAE(cfg.model)
     save_checkpoint(root, 1, model.state_dict(), {"step": 1}, {"config": to_dict(cfg)})
