@@ -667,7 +667,8 @@ def run_finetune(a: argparse.Namespace, off: dict[str, Any] | None, device: torc
         log(f"== fine-tuning {name}: {task.label}, {preset_label(a.preset)}, {size} px, batch {batch}")
         steps = build_ft_variants(names, off, name, a.preset, a, device)
         x = make_ft_batch(task, size, batch, device)
-        base = {"label": task.label, "size": size, "batch": batch, "official_size": task.size,
+        base = {"label": task.label, "size": size, "batch": batch, "official_size": task.size, "run": ft["date"],
+                "load_at_start": os.getloadavg()[0],
                 "official_batch": task.batch, "official_config": task.official_config, "config": task.config,
                 "params": {n: sum(p.numel() for p in s.model.parameters()) for n, s in steps.items()}}
 
