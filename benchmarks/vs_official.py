@@ -963,6 +963,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                    "(default: the official config's)")
     ap.add_argument("--ft-batch", default="", help="fine-tuning batch: N or TASK=N,... (default: the official config's)")
     ap.add_argument("--ft-note", action="append", default=[], help="free text under Fine-tuning notes (repeatable)")
+    ap.add_argument("--ft-render", type=Path, nargs="+", default=None,
+                    help="only merge the fine-tuning sections of these .json results (tasks of later files win) "
+                         "into --out, keeping the pretraining results of --out's .json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.device == "auto":
@@ -986,6 +989,8 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(a)
     if a.render:
         return render(a.render, a)
+    if a.ft_render:
+        return ft_render(a.ft_render, a)
     if not (a.official / "run_pretraining_multimae.py").is_file():
         print(f"vs_official: no official MultiMAE checkout at {a.official} (run_pretraining_multimae.py missing); "
               "pass --official PATH", file=sys.stderr)
@@ -1080,6 +1085,48 @@ def main(argv: list[str] | None = None) -> int:
         write_json(res, a.out.with_suffix(".json"))
         log(f"wrote {a.out} and {a.out.with_suffix('.json').name}")
     print(text)
+    return 0
+
+
+def merge_ft(fts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One fine-tuning section from several runs: tasks of later runs replace earlier ones; the
+    runs' commands, dates and load notes are all listed."""
+    owner: dict[str, int] = {}
+    for i, ft in enumerate(fts):
+        owner.update({t: i for t in ft["tasks"]})
+    used = [fts[i] for i in sorted(set(owner.values()))]
+    for i, ft in enumerate(fts):  # only the tasks a run contributes
+        fts[i] = dict(ft, tasks={t: r for t, r in ft["tasks"].items() if owner[t] == i})
+    out = dict(fts[-1])
+    out["tasks"] = {}
+    for ft in fts:
+        out["tasks"].update(ft["tasks"])
+    if len(used) > 1:
+        out["argv"] = [" ; ".join(" ".join(ft["argv"]) for ft in used)]
+        out["date"] = " / ".join(dict.fromkeys(ft["date"] for ft in used))
+        out["load_note"] = " ".join(f"Run of {ft['date']} ({', '.join(ft['tasks'])}): {ft.get('load_note', '(partial)')}"
+                                    for ft in fts if ft["tasks"])
+        out["notes"] = list(dict.fromkeys(n for ft in used for n in ft.get("notes", [])))
+        if any(ft["settings"] != used[0]["settings"] for ft in used):
+            out["notes"].append("The merged runs used different settings: " + "; ".join(str(ft["settings"]) for ft in used))
+    out["verdicts"] = ft_verdicts(out)
+    return out
+
+
+def ft_render(paths: list[Path], a: argparse.Namespace) -> int:
+    """``--ft-render A.json B.json``: merge fine-tuning runs into --out (pretraining results kept)."""
+    fts = [json.loads(p.read_text())["finetune"] for p in paths]
+    prev = a.out.with_suffix(".json")
+    res: dict[str, Any] = json.loads(prev.read_text()) if prev.is_file() else {}
+    for r in res.get("presets", {}).values():
+        r["profile"] = {n: (t, [tuple(o) for o in ops]) for n, (t, ops) in r.get("profile", {}).items()}
+    res["finetune"] = merge_ft(fts)
+    if a.ft_note:
+        res["finetune"]["notes"] = list(res["finetune"].get("notes", [])) + list(a.ft_note)
+    text = markdown(res)
+    a.out.write_text(text + "\n")
+    write_json(res, prev)
+    print("\n".join(ft_markdown(res["finetune"])))
     return 0
 
 
