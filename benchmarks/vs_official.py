@@ -10,6 +10,15 @@ default ``../shared/official-multimae``); nothing of it lives in this repository
     python benchmarks/vs_official.py --presets small --steps 7 --profile
     python benchmarks/vs_official.py --official /path/to/MultiMAE --out /tmp/vs.md
 
+Fine-tuning (``--finetune``): one step of each official fine-tuning setting -- semseg from rgb and
+from rgb+depth (ConvNeXt adapter), depth (DPT adapter), classification (linear adapter) -- every
+token, no masking, fp32, official MultiViT against this project's transfer model + task loss, at
+the official configs' image sizes and batches unless ``--ft-size`` / ``--ft-batch`` say otherwise.
+The pretraining results already in ``--out``'s .json are kept; ``--ft-render`` merges runs.
+
+    python benchmarks/vs_official.py --finetune all --ft-size semseg-rgb=256,semseg-rgbd=256 --ft-batch 2 \
+        --threads 1 --steps 5 --warmup 1 --child-steps 2 --profile
+
 Timing: every variant warms up, then the timed steps go round-robin (official, ours fp32, ours
 bf16, official, ...), so drift and other jobs on a shared machine slow all variants alike; the
 median of ``--steps`` (>= 7 by default) is reported. Peak memory: each variant runs a few steps
@@ -773,7 +782,9 @@ def ft_markdown(ft: dict[str, Any]) -> list[str]:
             lines += [f"| `{k}` | {sec:.3f} | {100 * sec / total:.1f}% | {c} |" for k, sec, c in ops]
             lines.append("")
     if ft.get("notes"):
-        lines += ["## Fine-tuning notes", ""] + ft["notes"] + [""]
+        lines += ["## Fine-tuning notes", ""]
+        for n in ft["notes"]:
+            lines += [n, ""]
     return lines
 
 
