@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from timm.models.convnext import ConvNeXtBlock
 from torch import Tensor, nn
@@ -57,9 +58,19 @@ class SegmentationHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        # The map runs channels-last (NHWC strides) throughout: timm's block computes its LayerNorm
+        # and MLP channels-last anyway, and the 7x7 depthwise convolution runs its forward +
+        # backward ~1.8x faster on channels-last input than on NCHW on CPU (oneDNN). The
+        # convolution weights are channels-last too, so that every weight gradient has its
+        # parameter's strides (DDP's bucket layout); for these shapes ([C, 1, 7, 7], [K, C, 1, 1])
+        # the two layouts differ only in size-1 dimensions, so the tensors stay contiguous
+        # (state dicts and safetensors files are unchanged).
+        self.convnext.to(memory_format=torch.channels_last)
+        self.classifier.to(memory_format=torch.channels_last)
 
     def to_map(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-        """(B, gh*gw, embed_dim) -> (B, C, gh*s, gw*s): token (i, j) fills the s x s block at (i*s, j*s).
+        """(B, gh*gw, embed_dim) -> (B, C, gh*s, gw*s) with channels-last strides: token (i, j)
+        fills the s x s block at (i*s, j*s).
 
         The projected vector of a token is read as (s*s, C): pixel-major, channels last.
         """
@@ -68,14 +79,16 @@ class SegmentationHead(nn.Module):
         s, C = self.side, self.channels
         if N != gh * gw:
             raise ValueError(f"SegmentationHead: {N} tokens do not fill a {gh}x{gw} grid")
-        x = tokens.reshape(B, gh, gw, s, s, C)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, gh * s, gw * s)
+        x = tokens.reshape(B, gh, gw, s, s, C).permute(0, 1, 3, 2, 4, 5).reshape(B, gh * s, gw * s, C)
+        return x.permute(0, 3, 1, 2)
 
     def forward(self, tokens: Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
         x = self.to_map(self.proj(tokens), grid)
-        # timm's ConvNeXt block returns channels-last strides; feeding each convolution a
-        # contiguous map keeps its weight gradient in the parameter's own layout (DDP warns otherwise)
+        # every convolution gets a channels-last map, the layout of its weight: the gradient then
+        # keeps the parameter's strides (DDP warns otherwise). No copy: the map and timm's block
+        # outputs are channels-last already.
+        cl = torch.channels_last
         for blk in self.convnext:
-            x = blk(x.contiguous())
-        x = self.classifier(x.contiguous())
+            x = blk(x.contiguous(memory_format=cl))
+        x = self.classifier(x.contiguous(memory_format=cl))
         return F.interpolate(x, size=tuple(image_size), mode="bilinear", align_corners=False)
