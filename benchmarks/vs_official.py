@@ -592,10 +592,10 @@ def our_ft_step(name: str, preset: str, size: int, batch: int, device: torch.dev
     from multimae.config import load_config
     from multimae.layers.attention import set_attention
     from multimae.perf import tune_malloc
-    from multimae.training.finetune import FinetuneObjective, build_loss
-    from multimae.training.finetune_config import FinetuneConfig, target_of
-    from multimae.training.optim import build_optimizer, scaled_lr
-    from multimae.training.step import train_step
+    from multimae.tasks.finetune import FinetuneObjective, build_loss
+    from multimae.tasks.finetune_config import FinetuneConfig, target_of
+    from multimae.engine.optim import build_optimizer, scaled_lr
+    from multimae.engine.step import train_step
     from multimae.transfer import build_transfer_model
 
     task = FT_TASKS[name]
@@ -735,7 +735,7 @@ def ft_markdown(ft: dict[str, Any]) -> list[str]:
              "adapter, its optimizer factory and `NativeScalerWithGradNormCount` (which measures the gradient "
              "norm; ours does too), the loss of the official script (cross-entropy ignoring 255; berHu on valid "
              "pixels; label-smoothed cross-entropy). Ours: the shipped `configs/finetune/*.yaml` of the task, "
-             "`multimae.transfer.build_transfer_model`, the loss of `multimae.training.finetune.build_loss`, "
+             "`multimae.transfer.build_transfer_model`, the loss of `multimae.tasks.finetune.build_loss`, "
              "`train_step`. Mixup / cutmix off on both sides; inputs are synthetic tensors, depth input already "
              "standardised (both code bases standardise in the data pipeline / before the model). Every variant "
              f"warms up ({s.warmup} steps), then official and ours alternate round-robin in one process; medians "
