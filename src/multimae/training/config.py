@@ -44,6 +44,10 @@ class TrainConfig:
     eval_at_end: bool = True
     figure_at_end: bool = True
     device: str = "auto"
+    # "ddp": every rank holds the whole model; "fsdp": FSDP2, parameters / gradients / optimizer state
+    # sharded over the ranks, per transformer block (multimae.parallel)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False  # recompute each transformer block in the backward pass
     # weights to start a fresh run from: a MAE / timm ViT, an official checkpoint, a run or a
     # save_pretrained directory (multimae.checkpoint.pretrained.init_from); resuming ignores it
     init: str | None = None

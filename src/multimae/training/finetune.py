@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from multimae import config as config_lib
 from multimae import distributed as D
+from multimae import parallel as P
 from multimae.checkpoint import CheckpointError, find_latest, resolve_checkpoint, restore_rng_state, save_checkpoint
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.layers.attention import set_attention
@@ -30,7 +31,7 @@ from multimae.perf import tune_malloc
 from multimae.training.finetune_config import FinetuneConfig, target_of
 from multimae.training.logging import Progress, RunLogger
 from multimae.training.optim import WarmupCosine, build_optimizer, scaled_lr
-from multimae.training.state import restore_train_state, train_state
+from multimae.training.state import train_state
 from multimae.training.step import train_step
 from multimae.transfer import LoadReport, TransferModel, build_transfer_model
 
@@ -188,6 +189,9 @@ class FinetuneTrainer:
         set_attention(self.model, t.attention)  # the kernel is the model's, per layer
         cfg, t = self.cfg, self.cfg.train
         self.model.to(self.device)
+        # [parallel hook 1/5] activation checkpointing + FSDP sharding, in place, before the optimizer
+        # is built (FSDP replaces the parameters); a no-op for train.parallel=ddp without checkpointing
+        P.prepare_model(self.model, t, self.info)
         self.run_dir = Path(t.out_dir) / t.run_name
         self.task = target_of(cfg)
         self.input_specs = list(self.model.encoder.specs.values())
@@ -214,7 +218,8 @@ class FinetuneTrainer:
         seed = D.rank_seed(t.seed, self.info.rank) + self.step
         torch.manual_seed(seed)  # drop path and mixup draw per rank
         np.random.seed(seed % 2**32)
-        self.net: nn.Module = D.wrap_ddp(self.objective, self.info) if self.info.is_distributed else self.objective
+        # [parallel hook 2/5] DDP around the objective (ddp, several ranks), else the objective itself
+        self.net: nn.Module = P.wrap(self.objective, t, self.info)
         if t.compile:
             self.net = torch.compile(self.net)
 
@@ -229,18 +234,21 @@ class FinetuneTrainer:
         path = find_latest(self.run_dir) if r == "auto" else resolve_checkpoint(r)
         if path is None:
             return
-        self.step, self._rng_after_resume = restore_train_state(path, self.model, self.optimizer,
-                                                                self.scheduler, self.scaler)
+        # [parallel hook 3/5] a DDP checkpoint as before; an FSDP one (sharded/) through DCP on every rank
+        self.step, self._rng_after_resume = P.restore(path, self.model, self.optimizer, self.scheduler, self.scaler)
         if self.info.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def save(self) -> Path | None:
         """Checkpoint on rank 0 (every rank holds the same weights under DDP)."""
+        meta = {"config": config_lib.to_dict(self.cfg), "epoch": self.step // self.steps_per_epoch,
+                "kind": "finetune", "task": self.task, "init_report": self.report.summary()}
+        if P.is_sharded(self.model):  # [parallel hook 4/5] FSDP: every rank writes its shard (collective)
+            return P.save_sharded(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
+                                  meta, self.cfg.train.keep_last)
         if not self.info.is_main:
             return None
         state = train_state(self.optimizer, self.scheduler, self.scaler, self.step)
-        meta = {"config": config_lib.to_dict(self.cfg), "epoch": self.step // self.steps_per_epoch,
-                "kind": "finetune", "task": self.task, "init_report": self.report.summary()}
         return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), state, meta, self.cfg.train.keep_last)
 
     # ------------------------------------------------------------------ loop
@@ -306,10 +314,12 @@ class FinetuneTrainer:
 
     def _evaluate(self, logger: RunLogger, final: bool) -> None:
         """Score ``data.split`` on rank 0 (others wait); the final one writes eval.md / eval.json."""
+        # [parallel hook 5/5] FSDP: a plain copy of the weights on rank 0 (collective); else the model
+        model = P.unsharded_copy(self.model)
         if self.info.is_main:
             from multimae.training.finetune_eval import evaluate_model, write_report
 
-            res = evaluate_model(self.model, self.cfg, device=self.device)
+            res = evaluate_model(model, self.cfg, device=self.device)
             logger.log_scalars(self.step, {f"eval/{k}": v for k, v in res["metrics"].items()})
             if final:
                 self.eval_result = res

@@ -117,6 +117,10 @@ class FinetuneTrainConfig:
     log_every: int = 20
     eval_every: int = 0  # evaluate every N epochs as well (0: only at the end)
     device: str = "auto"
+    # "ddp": every rank holds the whole model; "fsdp": FSDP2, parameters / gradients / optimizer state
+    # sharded over the ranks, per transformer block (multimae.parallel)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False  # recompute each transformer block in the backward pass
 
 
 @dataclass

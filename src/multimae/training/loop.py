@@ -17,6 +17,7 @@ import torch
 
 from multimae import config as config_lib
 from multimae import distributed as D
+from multimae import parallel as P
 from multimae.batch import Batch
 from multimae.checkpoint import find_latest, resolve_checkpoint, restore_rng_state, save_checkpoint
 from multimae.data.loader import BatchSpec, build_loader, data_counts, load_text_tokenizer
@@ -26,7 +27,7 @@ from multimae.perf import tune_malloc
 from multimae.training.config import PretrainConfig
 from multimae.training.logging import Progress, RunLogger
 from multimae.training.optim import WarmupCosine, build_optimizer, scaled_lr
-from multimae.training.state import restore_train_state, train_state
+from multimae.training.state import train_state
 from multimae.training.step import train_step
 
 
@@ -48,6 +49,9 @@ class Trainer:
         _size_text_vocabulary(cfg)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = MultiMAE(cfg.model).to(self.device)
+        # [parallel hook 1/5] activation checkpointing + FSDP sharding, in place, before the optimizer
+        # is built (FSDP replaces the parameters); a no-op for train.parallel=ddp without checkpointing
+        P.prepare_model(self.model, t, self.info)
         if cfg.data.image_size is None:  # the data follow the model unless set on purpose
             cfg.data.image_size = self.model.config.image_size
         self.run_dir = Path(t.out_dir) / t.run_name
@@ -75,9 +79,8 @@ class Trainer:
             if self.info.is_main:
                 print("init: " + "\n".join(report.lines()), flush=True)
         torch.manual_seed(D.rank_seed(t.seed, self.info.rank) + self.step)  # drop-path noise per rank
-        self.net: torch.nn.Module = self.model
-        if self.info.is_distributed:
-            self.net = D.wrap_ddp(self.model, self.info)
+        # [parallel hook 2/5] DDP around the model (ddp, several ranks), else the (maybe sharded) model
+        self.net: torch.nn.Module = P.wrap(self.model, t, self.info)
         if t.compile:
             self.net = torch.compile(self.net, backend=t.compile_backend)
 
@@ -89,18 +92,21 @@ class Trainer:
         path = find_latest(self.run_dir) if r == "auto" else resolve_checkpoint(r)
         if path is None:
             return
-        self.step, self._rng_after_resume = restore_train_state(path, self.model, self.optimizer,
-                                                                self.scheduler, self.scaler)
+        # [parallel hook 3/5] a DDP checkpoint as before; an FSDP one (sharded/) through DCP on every rank
+        self.step, self._rng_after_resume = P.restore(path, self.model, self.optimizer, self.scheduler, self.scaler)
         if self.info.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def save(self) -> Path | None:
         """Checkpoint on rank 0 (all ranks hold the same weights under DDP)."""
+        meta = {"config": config_lib.to_dict(self.cfg), "epoch": self.step // self.steps_per_epoch,
+                "model_config": config_lib.to_dict(self.model.config)}
+        if P.is_sharded(self.model):  # [parallel hook 4/5] FSDP: every rank writes its shard (collective)
+            return P.save_sharded(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
+                                  meta, self.cfg.train.keep_last)
         if not self.info.is_main:
             return None
         state = train_state(self.optimizer, self.scheduler, self.scaler, self.step)
-        meta = {"config": config_lib.to_dict(self.cfg), "epoch": self.step // self.steps_per_epoch,
-                "model_config": config_lib.to_dict(self.model.config)}
         return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), state, meta, self.cfg.train.keep_last)
 
     # ------------------------------------------------------------------ loop
@@ -156,6 +162,9 @@ class Trainer:
         if self.info.is_main and any(counts.values()):
             print(f"data: {counts['data/invalid_pixels']} invalid pixel(s) (NaN/inf) set to 0, "
                   f"{counts['data/skipped']} bad sample(s) skipped (metrics.jsonl: data/*)", flush=True)
+        # [parallel hook 5/5] FSDP: rank 0 goes on with a plain copy of the trained weights (collective),
+        # for the figure here and finish_run (rank 0 alone); a no-op for ddp
+        self.model = P.unsharded_copy(self.model)
         if self.info.is_main:
             self._log_figure(logger)
         logger.close()
