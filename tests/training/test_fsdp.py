@@ -63,6 +63,8 @@ def _worker(rank: int, port: int, out: str) -> None:
                                                                            f"train.run_name={name}", *extra]))
 
         pre("pre-ddp").fit()
+        # bf16 parameters / reductions, with the semseg decoder kept in fp32 (its own fp32 FSDP unit)
+        pre("pre-fsdp-bf16", *FSDP, "train.precision=bf16", "model.fp32_outputs=[semseg]", "train.max_steps=2").fit()
         trainer = pre("pre-fsdp", *FSDP)
         trainer.fit()
         if rank == 0:  # what `multimae pretrain` does next, on rank 0 alone
@@ -104,6 +106,14 @@ def test_fsdp_pretraining_matches_ddp(runs):
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+
+
+def test_fsdp_bf16_runs(runs):
+    rec = losses(runs / "pre-fsdp-bf16")
+    assert sorted(rec) == [1, 2] and all(0 < v < 100 for v in rec.values())
+    assert rec[1] == pytest.approx(losses(runs / "pre-ddp")[1], rel=0.05)  # bf16 rounding only
+    w = load_weights(runs / "pre-fsdp-bf16")
+    assert {v.dtype for v in w.values() if v.is_floating_point()} == {torch.float32}  # fp32 master weights
 
 
 def test_fsdp_finetuning_matches_ddp(runs):
