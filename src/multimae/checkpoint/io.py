@@ -203,10 +203,15 @@ def _iterdir(path: Path) -> list[Path]:
 
 
 def _write_checkpoint_files(
-    tmp: Path, weights: dict[str, torch.Tensor], train_state: dict, meta: dict
+    tmp: Path, weights: dict[str, torch.Tensor], train_state: dict, meta: dict,
+    extra_dirs: Mapping[str, Path] | None = None,
 ) -> None:
     _st_save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     torch.save(train_state, tmp / STATE_FILE)
+    for name, src in (extra_dirs or {}).items():  # already written (and fsync'ed) by their owner
+        if not Path(src).is_dir():
+            raise CheckpointError(f"extra checkpoint directory {src} (for {name}/) does not exist")
+        os.replace(src, tmp / name)
     _write_json(tmp / META_FILE, meta)  # last: its presence marks the directory complete
     for name in (WEIGHTS_FILE, STATE_FILE, META_FILE):
         _fsync_file(tmp / name)
@@ -220,6 +225,7 @@ def save_checkpoint(
     train_state: dict,
     meta: dict,
     keep_last: int = 3,
+    extra_dirs: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> Path:
     """Atomically write the checkpoint ``run_dir/checkpoints/step-<step>/`` and prune old ones.
 
@@ -233,6 +239,9 @@ def save_checkpoint(
         meta: JSON-serialisable extras; ``"config"`` (a dict) and ``"epoch"`` are expected.
             ``format_version``, ``step``, ``library_version`` and ``time`` are filled in.
         keep_last: keep this many newest checkpoints after a successful save (<= 0: keep all).
+        extra_dirs: ``{name: directory}`` moved (renamed, same file system) into the checkpoint as
+            ``name/`` before ``meta.json`` is written, e.g. the sharded train state of an FSDP run
+            (:mod:`multimae.engine.parallel`).
     Returns:
         The final checkpoint directory.
     """
@@ -260,7 +269,8 @@ def save_checkpoint(
     tmp.mkdir()
     old = None
     try:
-        _write_checkpoint_files(tmp, weights, train_state, full_meta)
+        _write_checkpoint_files(tmp, weights, train_state, full_meta,
+                                {k: Path(v) for k, v in (extra_dirs or {}).items()})
         if final.exists():  # re-saving a step: move the old one aside, then swap
             old = root / f"{_OLD_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)

@@ -48,6 +48,10 @@ class RunConfig:
     keep_last: int = 3
     log_every: int = 20
     device: str = "auto"
+    # "ddp": every rank holds the whole model; "fsdp": FSDP2, parameters / gradients / optimizer state
+    # sharded over the ranks, per transformer block (multimae.engine.parallel)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False  # recompute each transformer block in the backward pass
 
 
 def upgrade_saved_config(d: dict) -> dict:

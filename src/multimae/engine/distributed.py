@@ -1,4 +1,5 @@
-"""Distributed helpers: the only module of the library that imports ``torch.distributed``.
+"""Distributed helpers: with :mod:`multimae.engine.parallel` (FSDP2, sharded checkpoints), the only
+module of the library that imports ``torch.distributed``.
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
 :func:`init_distributed` reads them and falls back to a single process when they are absent.

@@ -22,10 +22,11 @@ from torch import nn
 from multimae import config as config_lib
 from multimae.checkpoint import CheckpointError, find_latest, resolve_checkpoint, restore_rng_state, save_checkpoint
 from multimae.engine import distributed as D
+from multimae.engine import parallel as P
 from multimae.engine.config import OptimConfig, RunConfig
 from multimae.engine.logging import Progress, RunLogger
 from multimae.engine.optim import WarmupCosine, build_optimizer, scaled_lr
-from multimae.engine.state import restore_train_state, train_state
+from multimae.engine.state import train_state
 from multimae.engine.step import train_step
 from multimae.perf import tune_malloc
 
@@ -97,6 +98,9 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         task.build(self.device, self.info)
         self.model = task.model.to(self.device)
+        # activation checkpointing and FSDP sharding, in place, before the optimizer is built (FSDP
+        # replaces the parameters); a no-op for train.parallel=ddp without checkpointing
+        P.prepare_model(self.model, t, self.info)
         self.loader, self.position = task.loader(self.info.rank, self.info.world_size)
         o: OptimConfig = self.cfg.optim
         self.steps_per_epoch = max(1, len(self.position) // o.accum_steps)
@@ -124,9 +128,7 @@ class Trainer:
         seed = D.rank_seed(t.seed, self.info.rank) + self.step
         torch.manual_seed(seed)  # drop path, mixup and masking noise per rank
         np.random.seed(seed % 2**32)
-        self.net: nn.Module = task.objective
-        if self.info.is_distributed:
-            self.net = D.wrap_ddp(self.net, self.info)
+        self.net: nn.Module = P.wrap(task.objective, t, self.info)  # DDP (several ranks), else as is
         if t.compile:
             self.net = torch.compile(self.net, backend=t.compile_backend)
 
@@ -163,17 +165,21 @@ class Trainer:
         path = find_latest(self.run_dir) if r == "auto" else resolve_checkpoint(r)
         if path is None:
             return
-        self.step, self._rng_after_resume = restore_train_state(path, self.model, self.optimizer,
-                                                                self.scheduler, self.scaler)
+        # a DDP checkpoint as saved by rank 0; an FSDP one (sharded/) through DCP on every rank
+        self.step, self._rng_after_resume = P.restore(path, self.model, self.optimizer, self.scheduler, self.scaler)
         if self.info.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def save(self) -> Path | None:
-        """Checkpoint on rank 0 (all ranks hold the same weights under DDP)."""
-        if not self.info.is_main:
-            return None
+        """Checkpoint on rank 0 (all ranks hold the same weights under DDP); under FSDP every rank
+        writes its shard (collective) and rank 0 the gathered full weights."""
         meta = {"config": config_lib.to_dict(self.cfg), "epoch": self.step // self.steps_per_epoch,
                 **self.task.checkpoint_meta(self)}
+        if P.is_sharded(self.model):
+            return P.save_sharded(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
+                                  meta, self.cfg.train.keep_last)
+        if not self.info.is_main:
+            return None
         return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.state_dict(), meta,
                                self.cfg.train.keep_last)
 
@@ -226,6 +232,8 @@ class Trainer:
             if self.step % t.ckpt_every == 0 or self.step == last:
                 self.save()
         progress.close()
+        if P.is_sharded(self.model):  # FSDP: rank 0 ends the run (figures, evaluation) on a plain copy
+            self.model = self.task.model = P.unsharded_copy(self.model)  # (collective; no save() after this)
         self.task.finish(self, logger, evaluate)
         logger.close()
         D.barrier()

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from multimae.batch import Batch
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.engine import distributed as D
+from multimae.engine import parallel as P
 from multimae.engine.distributed import DistInfo
 from multimae.engine.logging import RunLogger
 from multimae.engine.trainer import Task, Trainer
@@ -185,12 +186,14 @@ class FinetuneTask(Task):
     def _evaluate(self, trainer: Trainer, logger: RunLogger, final: bool) -> None:
         """Score ``data.split`` on rank 0 (others wait); the final one writes eval.md / eval.json.
         The trivial baseline is fitted once per run."""
+        # FSDP, mid-run: a plain copy of the weights on rank 0 (collective; at the end the Trainer made one)
+        model = self.model if final else P.unsharded_copy(self.model)
         if trainer.info.is_main:
             from multimae.tasks.finetune_eval import evaluate_model, fit_baseline, write_eval_report
 
             if self._baseline is None:
                 self._baseline = fit_baseline(self.cfg, self.input_specs, datasets=self.datasets)
-            res = evaluate_model(self.model, self.cfg, device=trainer.device, baseline=self._baseline,
+            res = evaluate_model(model, self.cfg, device=trainer.device, baseline=self._baseline,
                                  datasets=self.datasets)
             logger.log_scalars(trainer.step, {f"eval/{k}": v for k, v in res["metrics"].items()})
             if final:
