@@ -28,4 +28,15 @@ def restore_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    return int(state["step"]), state.get("rng")
+    return int(state["step"]), rank_rng(state)
+
+
+def rank_rng(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The RNG state this rank resumes with: its own when the checkpoint holds every rank's
+    (``rng_ranks``, a DDP run of the same world size), else the saving rank's."""
+    from multimae.engine import distributed as D
+
+    ranks = state.get("rng_ranks")
+    if ranks and len(ranks) == D.get_world_size():
+        return ranks[D.get_rank()]
+    return state.get("rng")

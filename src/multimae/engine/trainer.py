@@ -178,10 +178,12 @@ class Trainer:
         if P.is_sharded(self.model):
             return P.save_sharded(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
                                   meta, self.cfg.train.keep_last)
+        state = self.state_dict()
+        if self.info.is_distributed:  # each rank's RNG (drop path, mixup draws differ per rank): collective
+            state["rng_ranks"] = D.all_gather_object(state["rng"])
         if not self.info.is_main:
             return None
-        return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.state_dict(), meta,
-                               self.cfg.train.keep_last)
+        return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), state, meta, self.cfg.train.keep_last)
 
     # ------------------------------------------------------------------ loop
     def batches(self):
