@@ -61,7 +61,7 @@ from multimae.engine.distributed import cleanup as dist_cleanup
 from multimae.engine.distributed import init_distributed
 from multimae.masking import dirichlet_plan
 from multimae.model import MultiMAE
-from multimae.perf import tune_malloc
+from multimae.perf import cpu_model, tune_malloc
 from multimae.tasks.pretrain_config import PretrainConfig
 from multimae.tasks.finetune import FinetuneObjective, build_loss, build_mixup
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
@@ -546,7 +546,7 @@ def measured_matmul_peak(dev: torch.device) -> float:
 def section_environment(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     dev = setup.device
     out: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
-                           "cpu": _cpu_model(), "cpus": os.cpu_count(), "dry_run": setup.dry_run}
+                           "cpu": cpu_model(), "cpus": os.cpu_count(), "dry_run": setup.dry_run}
     if setup.cuda:
         p = torch.cuda.get_device_properties(dev)
         out.update(gpu=torch.cuda.get_device_name(dev), capability=f"{p.major}.{p.minor}",
@@ -561,16 +561,6 @@ def section_environment(setup: Setup, ctx: dict[str, Any], log: Callable[[str], 
     ctx["peaks"] = {"nominal": nominal, "measured": out["measured_bf16_matmul_tflops"]}
     log(f"  {out['gpu']}; nominal bf16 peak {nominal} ({entry}); measured {out['measured_bf16_matmul_tflops']:.2f} TFLOP/s")
     return out
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def judge_goal(results: dict[str, Any]) -> dict[str, Any]:

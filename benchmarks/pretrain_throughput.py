@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from multimae.layers.attention import set_attention
 from multimae.masking import dirichlet_plan
 from multimae.model import ModelConfig, MultiMAE
-from multimae.perf import tune_malloc
+from multimae.perf import cpu_model, tune_malloc
 from multimae.engine.optim import build_optimizer
 from multimae.engine.step import train_step
 
@@ -66,16 +66,6 @@ RESULTS = Path(__file__).parent / "results" / "pretrain_throughput.md"
 
 
 # ----------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

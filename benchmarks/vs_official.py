@@ -1086,15 +1086,21 @@ def main(argv: list[str] | None = None) -> int:
                         "(other jobs share the machine: absolute times are noisy, the interleaved ratios less so).")
     res["verdicts"] = verdicts(res)
     text = markdown(res)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = a.out.with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, a.out)
-        write_json(res, a.out.with_suffix(".json"))
-        log(f"wrote {a.out} and {a.out.with_suffix('.json').name}")
+    write_results(a.out, res, text, log)
     print(text)
     return 0
+
+
+def write_results(out: Path | None, res: dict[str, Any], text: str, log: Any) -> None:
+    """The markdown report and its JSON, each written atomically (nothing without --out)."""
+    if not out:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, out)
+    write_json(res, out.with_suffix(".json"))
+    log(f"wrote {out} and {out.with_suffix('.json').name}")
 
 
 def merge_ft(fts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1154,13 +1160,7 @@ def finetune_main(a: argparse.Namespace, off: dict[str, Any] | None, device: tor
 
     res["finetune"] = run_finetune(a, off, device, log, write_partial)
     text = markdown(res)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = a.out.with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, a.out)
-        write_json(res, a.out.with_suffix(".json"))
-        log(f"wrote {a.out} and {a.out.with_suffix('.json').name}")
+    write_results(a.out, res, text, log)
     print("\n".join(ft_markdown(res["finetune"])))
     return 0
 

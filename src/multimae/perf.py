@@ -65,3 +65,17 @@ def trim_malloc() -> bool:
         return False
     fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     return bool(fn(0))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for benchmark reports; ``unknown`` when unreadable."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
