@@ -209,9 +209,10 @@ def result_file(out: Path, job: Job) -> Path:
     return d / {"ood": "ood.json", "caption": "caption.json"}.get(kind, "eval.json")
 
 
-def build_jobs(budget: Budget, plan: list[tuple[tuple[str, ...], tuple[str, ...]]] | None = None) -> list[Job]:
-    """Priority order: stage by stage of ``plan`` ((arms, tasks) pairs, default one stage of
-    every arm and task), within a stage seed by seed (so an early stop leaves whole seeds),
+def build_jobs(budget: Budget, plan: list[tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...] | None]] | None
+               = None) -> list[Job]:
+    """Priority order: stage by stage of ``plan`` ((arms, tasks, seeds or None = all) triples,
+    default one stage of every arm, task and seed), within a stage seed by seed (so an early stop leaves whole seeds),
     pretraining first, then the transfer jobs of that seed, longest first. A job listed by an
     earlier stage is not repeated."""
     jobs: list[Job] = []
@@ -222,8 +223,8 @@ def build_jobs(budget: Budget, plan: list[tuple[tuple[str, ...], tuple[str, ...]
             seen.add(job.name)
             jobs.append(job)
 
-    for arms, tasks in plan or [(budget.arms, budget.tasks)]:
-        for seed in range(budget.seeds):
+    for arms, tasks, seeds in plan or [(budget.arms, budget.tasks, None)]:
+        for seed in (range(budget.seeds) if seeds is None else [s for s in seeds if s < budget.seeds]):
             for arm in arms:  # in the order given (--arms / --plan)
                 if arm in PRETRAIN:
                     add(Job("pretrain", arm, seed))
@@ -1135,8 +1136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ALL_ARMS)} (default "
                     f"{','.join(ARMS)})")
     ap.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)}")
-    ap.add_argument("--plan", default=None, help="priority stages instead of --arms/--tasks: 'ARMS/TASKS;ARMS/TASKS;"
-                    "...' (comma lists); stage by stage, each seed by seed; the report covers the union")
+    ap.add_argument("--plan", default=None, help="priority stages instead of --arms/--tasks: 'ARMS/TASKS[/SEEDS];...' "
+                    "(comma lists; SEEDS default all of --seeds); stage by stage, each seed by seed; the report "
+                    "covers the union of arms and tasks and --seeds seeds")
     ap.add_argument("--note", action="append", default=[], help="a paragraph added under 'Wall time' (repeatable)")
     ap.add_argument("--tag", default=None, help="name of a variant run (an investigation): its runs go to "
                     "runs/reproduce-TAG and its results to benchmarks/results/reproduce-TAG.md/.json and "
@@ -1165,16 +1167,21 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--plan replaces --arms / --tasks")
         plan = []
         for stage in args.plan.split(";"):
-            if stage.count("/") != 1:
-                ap.error(f"--plan: stage {stage!r} is not ARMS/TASKS")
-            arms_s, tasks_s = (tuple(v.strip() for v in part.split(",") if v.strip()) for part in stage.split("/"))
+            if stage.count("/") not in (1, 2):
+                ap.error(f"--plan: stage {stage!r} is not ARMS/TASKS or ARMS/TASKS/SEEDS")
+            parts = [tuple(v.strip() for v in part.split(",") if v.strip()) for part in stage.split("/")]
+            arms_s, tasks_s = parts[0], parts[1]
+            try:
+                seeds_s = tuple(int(v) for v in parts[2]) if len(parts) == 3 else None
+            except ValueError:
+                ap.error(f"--plan: stage {stage!r}: seeds must be integers")
             for vals, allowed, what in ((arms_s, ALL_ARMS, "arm"), (tasks_s, tuple(TASKS), "task")):
                 bad = [v for v in vals if v not in allowed]
                 if bad or not vals:
                     ap.error(f"--plan: stage {stage!r}: unknown or no {what}s {bad}; choose from {list(allowed)}")
-            plan.append((arms_s, tasks_s))
-        over["arms"] = tuple(dict.fromkeys(a for arms_s, _ in plan for a in arms_s))
-        over["tasks"] = tuple(dict.fromkeys(t for _, tasks_s in plan for t in tasks_s))
+            plan.append((arms_s, tasks_s, seeds_s))
+        over["arms"] = tuple(dict.fromkeys(a for arms_s, _, _ in plan for a in arms_s))
+        over["tasks"] = tuple(dict.fromkeys(t for _, tasks_s, _ in plan for t in tasks_s))
     if over:
         budget = Budget(**{**asdict(budget), **over})
     suffix = f"-{args.tag}" if args.tag else ""
