@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrained", default="mae-s0,m3ae-s0", help="pretraining runs ARM-sSEED under RUNS/pretrain")
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--margin", type=float, default=3.0, help="points a pretrained encoder must clear the random mean by")
-    ap.add_argument("--out", default="runs/probe-task-check")
+    ap.add_argument("--out", default="runs/probe-task-check", help="run directories of the probe jobs (may be the "
+                    "--runs directory itself: finished jobs and cached features are reused)")
+    ap.add_argument("--note", action="append", default=[], help="a paragraph added below the table (repeatable)")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "probe_task_check"))
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         L.append(f"| `{task}` | {what} | {m:.1f} ± {sd:.1f} | " + " | ".join(f"{res[k][task]:.1f}" for k in pre) +
                  f" | {'yes (' + ', '.join(ok) + ')' if ok else 'no'} |")
     L.append("")
+    for note in args.note:
+        L += [note, ""]
     text = "\n".join(L) + "\n"
     print(text)
     Path(args.results + ".md").write_text(text)

@@ -179,6 +179,9 @@ def test_scene_attributes_are_what_the_label_and_caption_say() -> None:
         assert attrs["count"] == len(mentioned)
         colour, kind = ATTRIBUTE_CLASSES["colour"][attrs["colour"]], ATTRIBUTE_CLASSES["type"][attrs["type"]]
         assert (colour, kind) in mentioned, (sample["caption"], colour, kind)
+        if attrs["count"] == 1:  # a lone object is placed in words: the position attribute's third
+            where = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+            assert where[ATTRIBUTE_CLASSES["position"][attrs["position"]]] in sample["caption"], sample["caption"]
         for k, v in attrs.items():
             assert 0 <= v < len(ATTRIBUTE_CLASSES[k])
             seen[k].add(v)

@@ -441,6 +441,9 @@ ATTRIBUTE_CLASSES: dict[str, list[str]] = {
     "type": list(LABEL_CLASSES),  # type of the largest visible object (the scene's label)
     "colour": list(COLORS),  # colour word of that object
     "count": [str(k) for k in range(7)],  # how many objects the caption describes (0-6)
+    # where that object is in the image, in the thirds the caption's "on the left / in the middle /
+    # on the right" uses (the caption orders its objects from left to right)
+    "position": ["left", "middle", "right"],
 }
 
 
@@ -453,9 +456,11 @@ def scene_attributes(seed: int, index: int, height: int, width: int | None = Non
     counts = np.bincount(instance.ravel() + 1, minlength=len(scene.objects) + 1)[1:]
     visible = int(sum(1 for c in counts if c >= _MIN_VISIBLE * instance.size))
     if not scene.objects:
-        return {"type": 0, "colour": 0, "count": 0}
+        return {"type": 0, "colour": 0, "count": 0, "position": 1}
     largest = scene.objects[int(counts.argmax())]
-    return {"type": OBJECT_TYPES.index(largest.type), "colour": list(COLORS).index(largest.color), "count": visible}
+    x = project_x(scene, largest.x, largest.height / 2, largest.z)
+    return {"type": OBJECT_TYPES.index(largest.type), "colour": list(COLORS).index(largest.color), "count": visible,
+            "position": 0 if x < -1 / 3 else 2 if x > 1 / 3 else 1}
 
 
 def generate(seed: int, index: int, height: int, width: int | None = None) -> dict:
