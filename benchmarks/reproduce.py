@@ -890,7 +890,9 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
     L.append("Rows: pretraining arm; columns: transfer task / input modalities. Semseg: 6 classes (floor, wall, "
              "box, cone, cylinder, sphere), mIoU %. Depth from RGB: δ1 % (higher is better), AbsRel (lower is "
              "better). Classification of the dominant object type (4 classes): fine-tuned top-1 % and linear "
-             "probe top-1 %. OOD: AUROC % (see below). Every number is on the held-out downstream test scenes.")
+             "probe top-1 %; further probes of scene attributes top-1 %. OOD: AUROC % (see below). Caption: % "
+             "(M3AE arms; see below). Every number is on held-out scenes (downstream test scenes; caption: "
+             "held-out pretraining-stream scenes).")
     L.append("")
     L.append("| arm | " + " | ".join(headers) + " |")
     L.append("|---|" + "---:|" * len(headers))
@@ -903,16 +905,17 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
     L.append("Trivial baseline: the best constant answer learnt from the training split (the library's `eval.json` "
              "baseline: majority class, most frequent pixel class, mean depth); 50 = chance AUROC.")
     L.append("")
-    L.append("The paper's layout (MultiMAE Table 3, NYUv2 semantic segmentation, mIoU %) next to ours:")
-    L.append("")
-    L.append("| arm | RGB | D | RGB-D |")
-    L.append("|---|---:|---:|---:|")
-    L.append("| MAE (paper, ViT-B, NYUv2) | 50.8 | 23.4 | 49.3 |")
-    L.append("| MultiMAE (paper, ViT-B, NYUv2) | 52.0 | 41.4 | 56.0 |")
-    for arm in arms:
-        L.append(f"| {ARM_LABEL[arm]} (here) | " + " | ".join(
-            _fmt(stats[arm][h]) for h in ("semseg RGB mIoU", "semseg D mIoU", "semseg RGB-D mIoU")) + " |")
-    L.append("")
+    if any(t in budget.tasks for t in ("seg_rgb", "seg_d", "seg_rgbd")):
+        L.append("The paper's layout (MultiMAE Table 3, NYUv2 semantic segmentation, mIoU %) next to ours:")
+        L.append("")
+        L.append("| arm | RGB | D | RGB-D |")
+        L.append("|---|---:|---:|---:|")
+        L.append("| MAE (paper, ViT-B, NYUv2) | 50.8 | 23.4 | 49.3 |")
+        L.append("| MultiMAE (paper, ViT-B, NYUv2) | 52.0 | 41.4 | 56.0 |")
+        for arm in arms:
+            L.append(f"| {ARM_LABEL[arm]} (here) | " + " | ".join(
+                _fmt(stats[arm][h]) for h in ("semseg RGB mIoU", "semseg D mIoU", "semseg RGB-D mIoU")) + " |")
+        L.append("")
     L.append(f"![results]({os.path.relpath(figure, results_dir)})")
     L.append("")
     L.append("## Claims")
@@ -1057,7 +1060,8 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
     path.write_text(md)
     (results_dir / f"{name}.json").write_text(json.dumps(
         {"budget": asdict(budget), "machine": minfo, "command": cmd, "columns": headers, "raw": data["raw"],
-         "stats": {a: {h: dict(zip(("mean", "std", "n"), s)) for h, s in v.items()} for a, v in stats.items()},
+         "stats": {a: {h: dict(zip(("mean", "std", "n"), s)) for h, s in v.items()} for a, v in stats.items()
+                   if a in arms},
          "baseline": data["baseline"], "claims": claims, "timings": timings, "pretrain": data["pretrain"],
          "quick": quick}, indent=2, default=str) + "\n")
     draw_figure(stats, figure, quick, arms, columns)
