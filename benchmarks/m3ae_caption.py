@@ -48,7 +48,7 @@ def main() -> int:
     t0 = time.time()
     trainer = Trainer(PretrainTask(cfg))
     if not args.eval_only:
-        trainer.fit()
+        trainer.fit(evaluate=False)  # scored below
     train_s = time.time() - t0
     model = trainer.model.eval()
     tok = load_text_tokenizer(cfg.data.tokenizer)

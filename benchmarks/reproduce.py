@@ -45,45 +45,93 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("multimae", "mae", "m3ae", "scratch")
-ARM_LABEL = {"multimae": "MultiMAE", "mae": "MAE", "m3ae": "M3AE", "scratch": "scratch"}
+ARMS = ("multimae", "mae", "m3ae", "scratch")  # the default run
+# M3AE text mask ratio ablation (M3AE paper: 50-90% text masking beats BERT's 15%); the M3AE arm
+# above is the 75% point. Only run when named in --arms.
+TEXT_MASK_ARMS = ("m3ae_t15", "m3ae_t50", "m3ae_t50_90")
+ALL_ARMS = (*ARMS[:3], *TEXT_MASK_ARMS, ARMS[3])
+ARM_LABEL = {"multimae": "MultiMAE", "mae": "MAE", "m3ae": "M3AE", "scratch": "scratch",
+             "m3ae_t15": "M3AE text 15%", "m3ae_t50": "M3AE text 50%", "m3ae_t50_90": "M3AE text 50-90%"}
 ARM_WHAT = {
     "multimae": "rgb + depth + semseg in and out, 32 of 192 tokens visible, Dirichlet(1) split",
     "mae": "rgb in, rgb out, 32 of 64 tokens visible (same code and config, one modality)",
     "m3ae": "rgb + caption in and out, M3AE recipe: mask ratio 0.75 each, one shared decoder, caption loss 0.5",
     "scratch": "no pretraining (random init, same transfer recipe)",
+    "m3ae_t15": "the M3AE arm with a BERT-like text mask ratio of 0.15 (image 0.75)",
+    "m3ae_t50": "the M3AE arm with a text mask ratio of 0.5 (image 0.75)",
+    "m3ae_t50_90": "the M3AE arm with a text mask ratio drawn per sample uniformly from [0.5, 0.9] (the paper's "
+                   "good range; image 0.75)",
 }
 PRETRAIN = {  # arm -> (config, overrides)
     "multimae": ("configs/pretrain/synthetic-tiny.yaml", []),
     "mae": ("configs/pretrain/synthetic-tiny.yaml", ["model.inputs=[rgb]", "model.outputs=[rgb]"]),
     "m3ae": ("configs/pretrain/synthetic-m3ae-tiny.yaml", []),
+    "m3ae_t15": ("configs/pretrain/synthetic-m3ae-tiny.yaml", ["mask.ratios={rgb: 0.75, caption: 0.15}"]),
+    "m3ae_t50": ("configs/pretrain/synthetic-m3ae-tiny.yaml", ["mask.ratios={rgb: 0.75, caption: 0.5}"]),
+    "m3ae_t50_90": ("configs/pretrain/synthetic-m3ae-tiny.yaml", ["mask.ratios={rgb: 0.75, caption: [0.5, 0.9]}"]),
 }
-# task -> (config, overrides, kind); kind: finetune | probe | ood
+# task -> (config, overrides, kind); kind: finetune | probe | ood | caption
+PROBE_CFG = "configs/finetune/synthetic-probe.yaml"
 TASKS = {
     "depth_rgb": ("configs/finetune/synthetic-depth.yaml", ["model.inputs=[rgb]", "model.head.main_tasks=[rgb]"], "finetune"),
     "seg_rgbd": ("configs/finetune/synthetic-semseg.yaml", ["model.inputs=[rgb,depth]", "model.head.main_tasks=[rgb]"], "finetune"),
     "seg_rgb": ("configs/finetune/synthetic-semseg.yaml", ["model.inputs=[rgb]", "model.head.main_tasks=[rgb]"], "finetune"),
     "seg_d": ("configs/finetune/synthetic-semseg.yaml", ["model.inputs=[depth]", "model.head.main_tasks=[depth]"], "finetune"),
-    # classification keeps the short recipe its first seeds ran with (RandAugment, crops of 35-100%
-    # of the area, 1 warm-up epoch), pinned here now that the config file has a longer one
-    "cls_rgb": ("configs/finetune/synthetic-cls.yaml", ["model.inputs=[rgb]", "aug.randaugment=true",
-                "data.crop_scale=[0.35,1.0]", "optim.warmup_epochs=1"], "finetune"),
-    "probe_rgb": ("configs/finetune/synthetic-probe.yaml", ["model.inputs=[rgb]"], "probe"),
-    "ood_rgb": ("configs/finetune/synthetic-probe.yaml", ["model.inputs=[rgb]"], "ood"),
+    # RGB-D input with the head reading the rgb AND the depth tokens (concatenated on channels)
+    "seg_rgbd_head2": ("configs/finetune/synthetic-semseg.yaml", ["model.inputs=[rgb,depth]",
+                       "model.head.main_tasks=[rgb,depth]"], "finetune"),
+    # classification: the config's own recipe (4096 scenes, batch 32, 3 epochs = 384 steps, crops of
+    # >= 80% of the area, no RandAugment): the short recipe the first runs pinned (1024 scenes, 128
+    # steps, RandAugment, 35-100% crops) left every arm at the majority class
+    "cls": ("configs/finetune/synthetic-cls.yaml", ["model.inputs=[rgb]"], "finetune"),
+    "probe_rgb": (PROBE_CFG, ["model.inputs=[rgb]"], "probe"),
+    "ood_rgb": (PROBE_CFG, ["model.inputs=[rgb]"], "ood"),
+    # probes of caption-named attributes (synthetic.scene_attributes) on the same frozen features
+    "probe_colour": (PROBE_CFG, ["model.inputs=[rgb]", "model.head.num_classes=8"], "probe"),
+    "probe_count": (PROBE_CFG, ["model.inputs=[rgb]", "model.head.num_classes=7"], "probe"),
+    "probe_position": (PROBE_CFG, ["model.inputs=[rgb]", "model.head.num_classes=3"], "probe"),
+    "ood_type2": (PROBE_CFG, ["model.inputs=[rgb]"], "ood"),
+    "ood_colour": (PROBE_CFG, ["model.inputs=[rgb]"], "ood"),
+    # M3AE only: the caption words predicted from the image alone (benchmarks/m3ae_caption.py's metric)
+    "caption": ("", [], "caption"),
+}
+# probe / OOD task -> (attribute of synthetic.ATTRIBUTE_CLASSES, in-distribution classes, OOD classes)
+PROBE_ATTR: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "probe_rgb": ("type", (), ()),
+    "probe_colour": ("colour", (), ()),
+    "probe_count": ("count", (), ()),
+    "probe_position": ("position", (), ()),
+    "ood_rgb": ("type", ("box", "cone", "cylinder"), ("sphere",)),
+    "ood_type2": ("type", ("box", "cone"), ("cylinder", "sphere")),
+    "ood_colour": ("colour", ("red", "yellow", "green", "blue", "pink"), ("orange", "cyan", "purple")),
 }
 # (task, metric, header, higher is better)
 COLUMNS = [
     ("seg_rgb", "miou", "semseg RGB mIoU", True),
     ("seg_d", "miou", "semseg D mIoU", True),
     ("seg_rgbd", "miou", "semseg RGB-D mIoU", True),
+    ("seg_rgbd_head2", "miou", "semseg RGB-D mIoU (head on rgb+depth)", True),
     ("depth_rgb", "delta1", "depth δ1", True),
     ("depth_rgb", "absrel", "depth AbsRel", False),
-    ("cls_rgb", "top1", "cls top-1 (FT)", True),
+    ("cls", "top1", "cls top-1 (FT)", True),
     ("probe_rgb", "top1", "probe top-1", True),
+    ("probe_colour", "top1", "probe colour top-1", True),
+    ("probe_count", "top1", "probe count top-1", True),
+    ("probe_position", "top1", "probe position top-1", True),
     ("ood_rgb", "auroc", "OOD AUROC (MSP)", True),
+    ("ood_type2", "auroc", "OOD types AUROC", True),
+    ("ood_colour", "auroc", "OOD colours AUROC", True),
+    ("caption", "colour_acc", "caption colour acc", True),
+    ("caption", "type_acc", "caption type acc", True),
+    ("caption", "colour_recall", "caption colour recall", True),
+    ("caption", "type_recall", "caption type recall", True),
 ]
-OOD_IN = ("box", "cone", "cylinder")  # in-distribution dominant object types
-OOD_OUT = ("sphere",)  # held out: never seen by the probe
+PROBE_TEXT = {"type": "type of the largest visible object (4 classes, the scene label)",
+              "colour": "colour of the largest visible object (8 classes)",
+              "count": "number of objects the caption describes (classes 0-6)",
+              "position": "image third (left / middle / right) of the largest visible object"}
+CAPTION_ARMS = ("m3ae", *TEXT_MASK_ARMS)  # arms whose pretraining predicts captions
+DEFAULT_TASKS = ("depth_rgb", "seg_rgbd", "seg_rgb", "seg_d", "cls", "probe_rgb", "ood_rgb")
 DOWNSTREAM_KEYS = ("rgb", "depth", "semseg", "label")
 
 
@@ -100,10 +148,10 @@ class Budget:
     ft_warmup: int = 10  # warm-up steps of the semseg / depth fine-tunes (their configs say 1 epoch)
     test_scenes: int = 384
     probe_epochs: int = 100
-    cls_max_epochs: int = 2  # cap on the classification config's epochs (budget); its recipe is kept
+    cls_own_recipe: bool = True  # classification: the config's recipe as is (False: ft_* sizes, 1 epoch)
     ckpt_every: int = 50
     arms: tuple[str, ...] = ARMS  # --arms: a subset (an investigation run)
-    tasks: tuple[str, ...] = tuple(TASKS)  # --tasks: a subset
+    tasks: tuple[str, ...] = DEFAULT_TASKS  # --tasks: a subset, or further tasks of TASKS
 
     @property
     def pretrain_epochs(self) -> int:
@@ -116,7 +164,8 @@ class Budget:
 
 FULL = Budget()
 QUICK = Budget(seeds=1, pretrain_steps=2, pretrain_batch=8, pretrain_scenes=16, pretrain_warmup=1, ft_batch=8,
-               ft_train_scenes=16, ft_epochs=1, ft_warmup=1, test_scenes=16, probe_epochs=2, cls_max_epochs=1, ckpt_every=50)
+               ft_train_scenes=16, ft_epochs=1, ft_warmup=1, test_scenes=16, probe_epochs=2, cls_own_recipe=False,
+               ckpt_every=50)
 
 BUDGET_REASON = """\
 Measured on this machine before choosing (2-vCPU AMD EPYC, one torch thread per process, two of
@@ -161,21 +210,34 @@ def result_file(out: Path, job: Job) -> Path:
     if job.stage == "pretrain":
         return d / "pretrain_done.json"
     kind = TASKS[job.task][2]
-    return d / ("ood.json" if kind == "ood" else "eval.json")
+    return d / {"ood": "ood.json", "caption": "caption.json"}.get(kind, "eval.json")
 
 
-def build_jobs(budget: Budget) -> list[Job]:
-    """Priority order: seed by seed (so an early stop leaves whole seeds), pretraining first, then
-    the transfer jobs of that seed, longest first."""
+def build_jobs(budget: Budget, plan: list[tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...] | None]] | None
+               = None) -> list[Job]:
+    """Priority order: stage by stage of ``plan`` ((arms, tasks, seeds or None = all) triples,
+    default one stage of every arm, task and seed), within a stage seed by seed (so an early stop leaves whole seeds),
+    pretraining first, then the transfer jobs of that seed, longest first. A job listed by an
+    earlier stage is not repeated."""
     jobs: list[Job] = []
-    for seed in range(budget.seeds):
-        for arm in PRETRAIN:
-            if arm in budget.arms:
-                jobs.append(Job("pretrain", arm, seed))
-        for task in budget.tasks:
-            for arm in budget.arms:
-                deps = [] if arm == "scratch" else [Job("pretrain", arm, seed).name]
-                jobs.append(Job("transfer", arm, seed, task, deps))
+    seen: set[str] = set()
+
+    def add(job: Job) -> None:
+        if job.name not in seen:
+            seen.add(job.name)
+            jobs.append(job)
+
+    for arms, tasks, seeds in plan or [(budget.arms, budget.tasks, None)]:
+        for seed in (range(budget.seeds) if seeds is None else [s for s in seeds if s < budget.seeds]):
+            for arm in arms:  # in the order given (--arms / --plan)
+                if arm in PRETRAIN:
+                    add(Job("pretrain", arm, seed))
+            for task in tasks:
+                for arm in arms:
+                    if TASKS[task][2] == "caption" and arm not in CAPTION_ARMS:
+                        continue  # only a caption-predicting pretraining has a caption to score
+                    deps = [] if arm == "scratch" else [Job("pretrain", arm, seed).name]
+                    add(Job("transfer", arm, seed, task, deps))
     return jobs
 
 
@@ -189,7 +251,6 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
-    _patch_scene_cache()
 
 
 class _KeyView:
@@ -206,52 +267,54 @@ class _KeyView:
         return {k: v for k, v in self.base[i].items() if k in self.keys or k == "__key__"}
 
 
-def _patch_scene_cache() -> None:
-    """Render each downstream split once per worker process and share it between jobs (the
-    library's ``data.cache`` renders it once per job). Same scenes as the library would render:
-    a scene depends only on (seed, index)."""
+def scene_datasets(cfg: Any) -> Any:
+    """The raw downstream datasets of ``cfg`` with each synthetic split rendered once per worker
+    process and shared between jobs (the library's ``data.cache`` renders it once per job), given
+    to the library through its injection point (``FinetuneTask(cfg, datasets=...)``,
+    ``probe_features(cfg, datasets)``). Same scenes as the library would render: a scene depends
+    only on (seed, index). None (the library's own datasets) for other sources or splits."""
     from multimae.data.loader import CachedDataset
     from multimae.data.synthetic import SyntheticScenes
-    from multimae.tasks import finetune_data
     from multimae.tasks.finetune_config import SPLITS, target_of
 
-    original = finetune_data.raw_dataset
+    d = cfg.data
+    if d.source != "synthetic" or not d.cache or {d.train_split, d.split} - set(SPLITS):
+        return None
+    keys = set(cfg.model.inputs) | {target_of(cfg)}
 
-    def raw_dataset(cfg: Any, inputs: Any, split: str, train: bool, datasets: Any = None) -> Any:
-        d = cfg.data
-        if d.source != "synthetic" or not d.cache or split not in SPLITS:
-            return original(cfg, inputs, split, train, datasets)
+    def datasets(split: str, train: bool) -> Any:
         n = {"train": d.train_samples, "val": d.val_samples, "test": d.test_samples}[split]
         key = (d.seed + SPLITS.index(split), n, d.image_size)
         if key not in _SCENES:
             _SCENES[key] = CachedDataset(SyntheticScenes(n, image_size=d.image_size, seed=key[0],
                                                          modalities=list(DOWNSTREAM_KEYS)))
-        return _KeyView(_SCENES[key], {s.key for s in inputs} | {target_of(cfg)})
-
-    finetune_data.raw_dataset = raw_dataset
+        return _KeyView(_SCENES[key], keys)
+    return datasets
 
 
 def _pretrain_overrides(job: Job, out: Path, b: Budget) -> list[str]:
     return [f"train.seed={job.seed}", f"train.out_dir={out / 'pretrain'}", f"train.run_name={job.arm}-s{job.seed}",
             f"train.batch_size={b.pretrain_batch}", f"data.num_samples={b.pretrain_scenes}",
             f"train.epochs={b.pretrain_epochs}", f"optim.warmup_steps={b.pretrain_warmup}", "data.num_workers=0",
-            "data.val_samples=8", f"train.ckpt_every={b.ckpt_every}", "train.log_every=25", "train.keep_last=1"]
+            "data.val_samples=8", f"train.ckpt_every={b.ckpt_every}", "train.log_every=25", "train.keep_last=1",
+            "train.figure_at_end=false"]
 
 
-def _transfer_overrides(job: Job, out: Path, b: Budget, cls_epochs: int | None) -> list[str]:
+def _transfer_overrides(job: Job, out: Path, b: Budget) -> list[str]:
     cfg_path, extra, kind = TASKS[job.task]
     init = "scratch" if job.arm == "scratch" else str(out / "pretrain" / f"{job.arm}-s{job.seed}")
+    own = job.task == "cls" and b.cls_own_recipe  # the config's sizes, batch and epochs as they are
     ov = [f"init={init}", *extra, f"train.seed={job.seed}", f"train.out_dir={out / 'transfer' / job.task}",
-          f"train.run_name={job.arm}-s{job.seed}", "data.split=test", f"data.train_samples={b.ft_train_scenes}",
+          f"train.run_name={job.arm}-s{job.seed}", "data.split=test",
+          *([] if own else [f"data.train_samples={b.ft_train_scenes}"]),
           f"data.test_samples={b.test_scenes}", "data.num_workers=0", f"train.ckpt_every={b.ckpt_every}",
           "train.keep_last=1", "train.log_every=16"]
     if kind == "finetune":
-        ov += [f"train.batch_size={b.ft_batch}"]
-        if job.task == "cls_rgb":
-            if cls_epochs is not None:
-                ov.append(f"train.epochs={cls_epochs}")
+        if job.task == "cls":
+            if not own:
+                ov += [f"train.batch_size={b.ft_batch}", "train.epochs=1"]
         else:
-            ov += [f"train.epochs={b.ft_epochs}", f"optim.warmup_steps={b.ft_warmup}"]
+            ov += [f"train.batch_size={b.ft_batch}", f"train.epochs={b.ft_epochs}", f"optim.warmup_steps={b.ft_warmup}"]
     else:
         ov.append(f"probe.epochs={b.probe_epochs}")
     return ov
@@ -276,20 +339,129 @@ def auroc(pos: list[float], neg: list[float]) -> float:
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def _ood(cfg: Any, run_dir: Path) -> dict[str, Any]:
-    """Linear probe on the in-distribution classes (frozen features, the library's probe), MSP
-    scores of held-out in-distribution vs OOD test scenes, AUROC (in-distribution positive)."""
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic: a result file exists only complete (it marks its job done)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+_ATTRS: dict[tuple, Any] = {}
+
+
+def _attributes(seed: int, n: int, size: int) -> dict[str, Any]:
+    """``synthetic.scene_attributes`` of scenes 0..n-1 of a stream, (n,) long tensors per attribute
+    (rendered once per worker process)."""
     import torch
 
-    from multimae.data.synthetic import LABEL_CLASSES
-    from multimae.tasks.probe import probe_features, train_probe
+    from multimae.data.synthetic import ATTRIBUTE_CLASSES, scene_attributes
 
-    f = probe_features(cfg)
+    key = (seed, n, size)
+    if key not in _ATTRS:
+        rows = [scene_attributes(seed, i, size) for i in range(n)]
+        _ATTRS[key] = {a: torch.tensor([r[a] for r in rows], dtype=torch.long) for a in ATTRIBUTE_CLASSES}
+    return _ATTRS[key]
+
+
+@dataclass
+class _Features:
+    """What the probe / OOD jobs need of ``multimae.tasks.probe.ProbeFeatures`` (cacheable)."""
+
+    cfg: Any
+    train_x: Any
+    train_y: Any
+    eval_x: Any
+    eval_y: Any
+    report: str
+    seconds: float
+
+
+def _features(cfg: Any, cache: Path | None) -> _Features:
+    """The library's ``probe_features`` of ``cfg`` (frozen encoder, mean-token features of both
+    splits), cached in ``cache`` (one file per encoder, shared by its probe / OOD tasks: the
+    features depend only on the encoder, the inputs and the scenes, which the file name and a
+    stored key pin)."""
+    import torch
+
+    from multimae.tasks.probe import probe_features
+
+    d = cfg.data
+    key = {"init": str(cfg.init), "inputs": list(cfg.model.inputs), "seed": cfg.train.seed, "data_seed": d.seed,
+           "train": [d.train_split, d.train_samples], "eval": [d.split, d.test_samples, d.val_samples],
+           "image_size": d.image_size}
+    if cache is not None and cache.exists():
+        blob = torch.load(cache, weights_only=False)
+        if blob["key"] == key:
+            return _Features(cfg, blob["train_x"], blob["train_y"], blob["eval_x"], blob["eval_y"], blob["report"],
+                             blob["seconds"])
+    f = probe_features(cfg, scene_datasets(cfg))
+    out = _Features(f.cfg, f.train_x, f.train_y, f.eval_x, f.eval_y, f.report.summary(), f.seconds)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        torch.save({"key": key, "train_x": out.train_x, "train_y": out.train_y, "eval_x": out.eval_x,
+                    "eval_y": out.eval_y, "report": out.report, "seconds": out.seconds}, tmp)
+        os.replace(tmp, cache)
+    return out
+
+
+def _probe_data(cfg: Any, attr: str, cache: Path | None = None) -> tuple[_Features, Any, Any]:
+    """Frozen features of the training and evaluation splits (``_features``) and the attribute
+    ``attr`` of their scenes as labels; the features come in dataset order, which is checked
+    against the scene label (the ``type`` attribute)."""
+    from multimae.tasks.finetune_config import SPLITS
+
+    f = _features(cfg, cache)
+    d = f.cfg.data
+    labels = []
+    for split, n, y in ((d.train_split, d.train_samples, f.train_y), (d.split, {"val": d.val_samples, "test":
+                        d.test_samples, "train": d.train_samples}[d.split], f.eval_y)):
+        a = _attributes(d.seed + SPLITS.index(split), n, d.image_size)
+        if len(y) != n or not bool((a["type"] == y).all()):
+            raise RuntimeError(f"probe features of split {split!r} are not in scene order ({len(y)} labels, {n} "
+                               f"scenes): cannot attach the {attr!r} attribute")
+        labels.append(a[attr])
+    return f, labels[0], labels[1]
+
+
+def _attr_probe(cfg: Any, run_dir: Path, task: str, cache: Path | None = None) -> dict[str, Any]:
+    """Linear probe (the library's ``train_probe``) of a scene attribute on frozen features; top-1
+    on the evaluation split and the majority-class baseline of the training split."""
+    from multimae.data.synthetic import ATTRIBUTE_CLASSES
+    from multimae.tasks.probe import probe_scores, train_probe
+
+    attr = PROBE_ATTR[task][0]
+    K = len(ATTRIBUTE_CLASSES[attr])
+    f, tr_y, te_y = _probe_data(cfg, attr, cache)
+    p = f.cfg.probe
+    probe = train_probe(f.train_x, tr_y, K, p.epochs, p.batch_size, p.lr, p.weight_decay, f.cfg.train.seed)
+    metrics = probe_scores(probe, f.eval_x, te_y, K)
+    major = int(tr_y.bincount(minlength=K).argmax())
+    res = {"metrics": metrics, "baseline": {"top1": 100.0 * float((te_y == major).float().mean())},
+           "attribute": attr, "classes": ATTRIBUTE_CLASSES[attr], "num_train": len(tr_y), "num_samples": len(te_y),
+           "split": f.cfg.data.split, "init_report": f.report, "time": {"features_s": round(f.seconds, 2)}}
+    _write_json(run_dir / "eval.json", res)
+    return res
+
+
+def _ood(cfg: Any, run_dir: Path, task: str, cache: Path | None = None) -> dict[str, Any]:
+    """Linear probe on the in-distribution classes of an attribute (frozen features, the library's
+    probe), MSP scores of held-out in-distribution vs OOD test scenes, AUROC (in-distribution
+    positive)."""
+    import torch
+
+    from multimae.data.synthetic import ATTRIBUTE_CLASSES
+    from multimae.tasks.probe import train_probe
+
+    attr, ood_in, ood_out = PROBE_ATTR[task]
+    classes = ATTRIBUTE_CLASSES[attr]
+    f, tr_y, te_y = _probe_data(cfg, attr, cache)
     cfg, report = f.cfg, f.report
-    tr_x, tr_y, te_x, te_y, t_feat = f.train_x, f.train_y, f.eval_x, f.eval_y, f.seconds
-    in_ids = [LABEL_CLASSES.index(c) for c in OOD_IN]
-    out_ids = [LABEL_CLASSES.index(c) for c in OOD_OUT]
-    remap = torch.full((len(LABEL_CLASSES),), -1, dtype=torch.long)
+    tr_x, te_x, t_feat = f.train_x, f.eval_x, f.seconds
+    in_ids = [classes.index(c) for c in ood_in]
+    out_ids = [classes.index(c) for c in ood_out]
+    remap = torch.full((len(classes),), -1, dtype=torch.long)
     remap[torch.tensor(in_ids)] = torch.arange(len(in_ids))
     tr_in = remap[tr_y] >= 0
     p = cfg.probe
@@ -303,16 +475,58 @@ def _ood(cfg: Any, run_dir: Path) -> dict[str, Any]:
     acc_in = 100.0 * float((pred[te_in] == remap[te_y[te_in]]).float().mean()) if te_in.any() else float("nan")
     res = {"metrics": {"auroc": 100.0 * auroc(msp[te_in].tolist(), msp[te_out].tolist()), "id_top1": acc_in},
            "score": "max-softmax probability (MSP) of a linear probe (BatchNorm + linear) on frozen mean-token "
-                    "features; in-distribution = positive",
-           "in_classes": list(OOD_IN), "ood_classes": list(OOD_OUT), "num_train_in": int(tr_in.sum()),
+                    "features; in-distribution = positive", "attribute": attr,
+           "in_classes": list(ood_in), "ood_classes": list(ood_out), "num_train_in": int(tr_in.sum()),
            "num_test_in": int(te_in.sum()), "num_test_ood": int(te_out.sum()), "split": cfg.data.split,
-           "init_report": report.summary(), "time": {"features_s": round(t_feat, 2)}}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "ood.json").write_text(json.dumps(res, indent=2) + "\n")
+           "init_report": report, "time": {"features_s": round(t_feat, 2)}}
+    _write_json(run_dir / "ood.json", res)
     return res
 
 
-def run_job(job: Job, out: str, budget: Budget, cls_epochs: int | None) -> dict[str, Any]:
+CAPTION_VAL_SCENES = 256  # held-out scenes of the caption metric (as benchmarks/m3ae_caption.py)
+
+
+def _caption_eval(pretrain_dir: Path, run_dir: Path, seed: int) -> dict[str, Any]:
+    """benchmarks/m3ae_caption.py's metric on a pretrained M3AE: the caption fully masked, the image
+    fully visible, accuracy at the positions of colour / object-type words and position-free recall
+    of those words (``multimae.evaluation.text_eval``), on held-out pretraining-stream scenes."""
+    from multimae.data.loader import BatchSpec, eval_batches, load_text_tokenizer, text_collator
+    from multimae.data.synthetic import COLORS, OBJECT_TYPES, SyntheticScenes
+    from multimae.evaluation.text_eval import caption_word_accuracy, caption_word_recall
+    from multimae.tasks.inference import load_pretrain_run
+
+    model, cfg, ckpt = load_pretrain_run(pretrain_dir)
+    tok = load_text_tokenizer(cfg.data.tokenizer)
+    classes = {"colour": [tok.token_to_id(w) for w in COLORS], "type": [tok.token_to_id(w) for w in OBJECT_TYPES]}
+    if any(i is None for v in classes.values() for i in v):
+        raise RuntimeError(f"tokenizer {cfg.data.tokenizer!r} does not have every colour / type word as one token")
+    collate = text_collator(cfg.data, list(model.input_specs.values()))
+    n_cap = 2000
+    cap_file = run_dir.parents[2] / "features" / f"train-captions-s{seed}.json"  # shared by the arms of a seed
+    if cap_file.exists():
+        train_caps = json.loads(cap_file.read_text())
+    else:
+        train_caps = [SyntheticScenes(n_cap, image_size=32, seed=seed, modalities=["caption"])[i]["caption"]
+                      for i in range(n_cap)]
+        _write_json(cap_file, train_caps)
+    enc = collate.encoder(train_caps)
+    cfg.data.val_samples = CAPTION_VAL_SCENES
+    batches = eval_batches(BatchSpec.of(model), cfg.data, cfg.mask, seed, batch_size=32)
+    acc = caption_word_accuracy(model, batches, "caption", classes, enc["ids"], enc["pad"])
+    rec = caption_word_recall(model, batches, "caption", classes, enc["ids"], enc["pad"])
+    metrics = {f"{c}_acc": 100.0 * r["model"] for c, r in acc.items()}
+    metrics.update({f"{c}_recall": 100.0 * r["model"] for c, r in rec.items()})
+    base = {f"{c}_acc": 100.0 * max(r["class_frequency_baseline"], r["position_frequency_baseline"])
+            for c, r in acc.items()}
+    base.update({f"{c}_recall": 100.0 * r["frequency_baseline"] for c, r in rec.items()})
+    res = {"metrics": metrics, "baseline": base, "accuracy": acc, "recall": rec, "checkpoint": str(ckpt),
+           "val_scenes": CAPTION_VAL_SCENES, "protocol": "caption fully masked, image fully visible; held-out "
+           "scenes of the pretraining data's validation stream (benchmarks/m3ae_caption.py)"}
+    _write_json(run_dir / "caption.json", res)
+    return res
+
+
+def run_job(job: Job, out: str, budget: Budget) -> dict[str, Any]:
     """Runs in a worker process: one pretraining or transfer job; output to its run dir's job.log."""
     import torch
 
@@ -332,42 +546,41 @@ def run_job(job: Job, out: str, budget: Budget, cls_epochs: int | None) -> dict[
             cfg_path, extra = PRETRAIN[job.arm]
             cfg = load_config(PretrainConfig, ROOT / cfg_path, extra + _pretrain_overrides(job, out_p, budget))
             trainer = Trainer(PretrainTask(cfg))
-            trainer.fit()
+            trainer.fit(evaluate=False)  # the transfer jobs evaluate it
             res = {"steps": trainer.step, "total_steps": trainer.total_steps, "batch_size": cfg.train.batch_size,
                    "num_visible": cfg.mask.num_visible, "mask": asdict(cfg.mask),
                    "inputs": list(cfg.model.inputs), "outputs": list(cfg.model.outputs),
                    "params_m": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 3)}
+        elif TASKS[job.task][2] == "caption":
+            res = _caption_eval(out_p / "pretrain" / f"{job.arm}-s{job.seed}", rd, job.seed)
         else:
             from multimae.tasks.finetune_config import FinetuneConfig
 
             cfg_path, _, kind = TASKS[job.task]
-            cfg = load_config(FinetuneConfig, ROOT / cfg_path, _transfer_overrides(job, out_p, budget, cls_epochs))
+            cfg = load_config(FinetuneConfig, ROOT / cfg_path, _transfer_overrides(job, out_p, budget))
             if kind == "finetune":
                 from multimae.engine.trainer import Trainer
                 from multimae.tasks.finetune import FinetuneTask
 
-                trainer = Trainer(FinetuneTask(cfg))
+                trainer = Trainer(FinetuneTask(cfg, datasets=scene_datasets(cfg)))
                 trainer.fit()
                 res = dict(trainer.task.eval_result or {})
                 res["steps"] = trainer.step
-            elif kind == "probe":
-                from multimae.tasks.probe import run_probe
-
-                _, res = run_probe(cfg)
+            elif kind == "probe":  # probe_rgb (the scene label) as the library's run_probe, on cached features
+                res = _attr_probe(cfg, rd, job.task, out_p / "features" / f"{job.arm}-s{job.seed}.pt")
             else:
-                res = _ood(cfg, rd)
+                res = _ood(cfg, rd, job.task, out_p / "features" / f"{job.arm}-s{job.seed}.pt")
     res["job_s"] = round(time.perf_counter() - tic, 1)
     if job.stage == "pretrain":
-        (rd / "pretrain_done.json").write_text(json.dumps(res, indent=2) + "\n")
+        _write_json(rd / "pretrain_done.json", res)
     else:
-        (rd / "job_time.json").write_text(json.dumps({"job_s": res["job_s"]}) + "\n")
+        _write_json(rd / "job_time.json", {"job_s": res["job_s"]})
     return res
 
 
 # ------------------------------------------------------------------------------ scheduling
 
-def schedule(jobs: list[Job], out: Path, budget: Budget, workers: int, stop_at: float | None,
-             cls_epochs: int | None) -> dict[str, Any]:
+def schedule(jobs: list[Job], out: Path, budget: Budget, workers: int, stop_at: float | None) -> dict[str, Any]:
     """Run the jobs on ``workers`` processes, dependencies first, skipping finished ones; no new
     job starts after ``stop_at`` (epoch seconds). Returns per-job records."""
     t0 = time.time()
@@ -415,7 +628,7 @@ def schedule(jobs: list[Job], out: Path, budget: Budget, workers: int, stop_at: 
                 if ready is None:
                     continue
                 pending.remove(ready)
-                fut = pool.submit(run_job, ready, str(out), budget, cls_epochs)
+                fut = pool.submit(run_job, ready, str(out), budget)
                 running[fut] = (ready, time.time())
                 print(f"[start] {ready.name} (elapsed {_hms(time.time() - t0)})", flush=True)
             if not running:
@@ -470,7 +683,7 @@ def collect(out: Path, budget: Budget) -> dict[str, Any]:
     baseline: dict[str, float] = {}
     job_times: dict[str, list[float]] = {}
     steps: dict[str, set] = {}
-    for arm in ARMS:
+    for arm in ALL_ARMS:
         raw[arm] = {header: [] for _, _, header, _ in COLUMNS}
         for task in dict.fromkeys(t for t, _, _, _ in COLUMNS):  # the columns' order
             cols = [(metric, header) for t, metric, header, _ in COLUMNS if t == task]
@@ -499,7 +712,7 @@ def collect(out: Path, budget: Budget) -> dict[str, Any]:
                 pre_times.setdefault(arm, []).append(r["job_s"])
                 pre_info[arm] = {k: r.get(k) for k in ("steps", "batch_size", "inputs", "outputs", "num_visible",
                                                        "mask", "params_m")}
-    stats = {arm: {h: _mean_std([v for v in raw[arm][h] if v is not None]) for h in raw[arm]} for arm in ARMS}
+    stats = {arm: {h: _mean_std([v for v in raw[arm][h] if v is not None]) for h in raw[arm]} for arm in ALL_ARMS}
     return {"raw": raw, "stats": stats, "baseline": baseline, "job_times": job_times, "pretrain_times": pre_times,
             "pretrain": pre_info, "transfer_steps": {k: sorted(v) for k, v in steps.items()}}
 
@@ -524,6 +737,15 @@ VERDICT = {"better": "reproduced", "worse": "not reproduced", "overlap": "inconc
 
 # (claim id, short name, paper statement, [(a, b, column header, claimed: '>' a better than b, '<' a
 # worse than b, in the metric's sense)]); a / b are an arm (with the column) or "arm:column"
+PROBE_COLUMNS = ("probe top-1", "probe colour top-1", "probe count top-1", "probe position top-1")
+OOD_COLUMNS = ("OOD AUROC (MSP)", "OOD types AUROC", "OOD colours AUROC")
+# C4 / C5 judge every candidate task. benchmarks/results/probe_task_check.md (random encoders of
+# seeds 0-2 vs the 800-step MAE and M3AE of seed 0): none of the first six (type, colour, count
+# probes; three OOD splits) separates them; the position probe, added after that check (an
+# exploratory search over further attributes on the same seed-0 features), does. Claim T repeats
+# the check over every seed.
+C4_COLUMNS = PROBE_COLUMNS
+C5_COLUMNS = OOD_COLUMNS
 CLAIMS = [
     ("C1", "MultiMAE transfers from RGB as well as MAE", "MultiMAE pretrained at equal budget transfers at least as well as MAE from RGB (paper, NYUv2 "
            "semseg RGB: MultiMAE 52.0 vs MAE 50.8)",
@@ -534,15 +756,30 @@ CLAIMS = [
            "23.4; RGB-D: 56.0 vs 49.3; MultiMAE RGB-D 56.0 > RGB 52.0; MAE RGB-D 49.3 < RGB 50.8)",
      [("multimae", "mae", "semseg D mIoU", ">"), ("multimae", "mae", "semseg RGB-D mIoU", ">"),
       ("multimae:semseg RGB-D mIoU", "multimae:semseg RGB mIoU", "", ">"),
-      ("mae:semseg RGB-D mIoU", "mae:semseg RGB mIoU", "", "<")]),
+      ("mae:semseg RGB-D mIoU", "mae:semseg RGB mIoU", "", "<"),
+      # the same with the head reading the depth tokens too (task seg_rgbd_head2)
+      ("multimae", "mae", "semseg RGB-D mIoU (head on rgb+depth)", ">"),
+      ("multimae:semseg RGB-D mIoU (head on rgb+depth)", "multimae:semseg RGB mIoU", "", ">"),
+      ("mae:semseg RGB-D mIoU (head on rgb+depth)", "mae:semseg RGB mIoU", "", "<")]),
     ("C3", "MultiMAE and MAE beat scratch", "Both MultiMAE and MAE pretraining beat training from scratch",
      [(arm, "scratch", col, ">") for arm in ("multimae", "mae")
       for col in ("semseg RGB mIoU", "depth δ1", "cls top-1 (FT)")]),
     ("C4", "M3AE: captions improve the linear probe", "M3AE: language in pretraining improves the image representation (linear probe): M3AE > MAE",
-     [("m3ae", "mae", "probe top-1", ">")]),
+     [("m3ae", "mae", col, ">") for col in C4_COLUMNS]),
     ("C5", "M3AE: captions improve OOD detection", "M3AE: language in pretraining improves out-of-distribution detection: M3AE > MAE",
-     [("m3ae", "mae", "OOD AUROC (MSP)", ">")]),
+     [("m3ae", "mae", col, ">") for col in C5_COLUMNS]),
+    ("C6", "M3AE: a high text mask ratio beats BERT's 15%", "M3AE ablation: a high text mask ratio (50-90%) trains "
+           "better than a BERT-like 15% (here: the linear probes and caption prediction of text 50%, 75% = the M3AE "
+           "arm, and 50-90% sampled per caption, each vs 15%)",
+     [(arm, "m3ae_t15", col, ">") for arm in ("m3ae_t50", "m3ae", "m3ae_t50_90")
+      for col in (*C4_COLUMNS, "caption colour acc", "caption type acc")]),
 ]
+# The task check (run first, `--tag taskcheck`): do the probe / OOD tasks separate a pretrained
+# encoder from a random one? Listed for the record; C4 / C5 use the tasks that passed it.
+CHECK = ("T", "probe / OOD tasks separate pretrained from random encoders", "Task check: frozen features of a "
+         "pretrained encoder (MAE, and M3AE) score above those of a random one (scratch) on each probe / OOD task",
+         [(arm, "scratch", col, ">") for arm in ("mae", "m3ae") for col in (*PROBE_COLUMNS, *OOD_COLUMNS)])
+CLAIMS.insert(0, CHECK)
 HIGHER = {h: hi for _, _, h, hi in COLUMNS}
 
 
@@ -620,6 +857,9 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
                  results_dir: Path, figure: Path, quick: bool) -> Path:
     data = collect(out, budget)
     stats = data["stats"]
+    cls_text = ("`configs/finetune/synthetic-cls.yaml` as it is (its training scenes, batch, epochs and recipe)"
+                if budget.cls_own_recipe else f"`configs/finetune/synthetic-cls.yaml` at batch {budget.ft_batch} on "
+                f"{budget.ft_train_scenes} scenes for 1 epoch (smoke-run sizes)")
     claims = judge(stats)
     argv, skip = [], False  # the command that ran the jobs: without the report-only flags
     for a in sys.argv[1:]:
@@ -632,7 +872,7 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
     cmd = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/reproduce.py", *argv])
     minfo = machine_info()
     columns = [c for c in COLUMNS if c[0] in budget.tasks]
-    arms = [a for a in ARMS if a in budget.arms]
+    arms = [a for a in ALL_ARMS if a in budget.arms]
     headers = [h for _, _, h, _ in columns]
     L: list[str] = []
     L.append("# Reproducing the MultiMAE and M3AE findings in miniature (synthetic scenes)")
@@ -652,7 +892,9 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
     L.append("Rows: pretraining arm; columns: transfer task / input modalities. Semseg: 6 classes (floor, wall, "
              "box, cone, cylinder, sphere), mIoU %. Depth from RGB: δ1 % (higher is better), AbsRel (lower is "
              "better). Classification of the dominant object type (4 classes): fine-tuned top-1 % and linear "
-             "probe top-1 %. OOD: AUROC % (see below). Every number is on the held-out downstream test scenes.")
+             "probe top-1 %; further probes of scene attributes top-1 %. OOD: AUROC % (see below). Caption: % "
+             "(M3AE arms; see below). Every number is on held-out scenes (downstream test scenes; caption: "
+             "held-out pretraining-stream scenes).")
     L.append("")
     L.append("| arm | " + " | ".join(headers) + " |")
     L.append("|---|" + "---:|" * len(headers))
@@ -665,16 +907,17 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
     L.append("Trivial baseline: the best constant answer learnt from the training split (the library's `eval.json` "
              "baseline: majority class, most frequent pixel class, mean depth); 50 = chance AUROC.")
     L.append("")
-    L.append("The paper's layout (MultiMAE Table 3, NYUv2 semantic segmentation, mIoU %) next to ours:")
-    L.append("")
-    L.append("| arm | RGB | D | RGB-D |")
-    L.append("|---|---:|---:|---:|")
-    L.append("| MAE (paper, ViT-B, NYUv2) | 50.8 | 23.4 | 49.3 |")
-    L.append("| MultiMAE (paper, ViT-B, NYUv2) | 52.0 | 41.4 | 56.0 |")
-    for arm in arms:
-        L.append(f"| {ARM_LABEL[arm]} (here) | " + " | ".join(
-            _fmt(stats[arm][h]) for h in ("semseg RGB mIoU", "semseg D mIoU", "semseg RGB-D mIoU")) + " |")
-    L.append("")
+    if any(t in budget.tasks for t in ("seg_rgb", "seg_d", "seg_rgbd")):
+        L.append("The paper's layout (MultiMAE Table 3, NYUv2 semantic segmentation, mIoU %) next to ours:")
+        L.append("")
+        L.append("| arm | RGB | D | RGB-D |")
+        L.append("|---|---:|---:|---:|")
+        L.append("| MAE (paper, ViT-B, NYUv2) | 50.8 | 23.4 | 49.3 |")
+        L.append("| MultiMAE (paper, ViT-B, NYUv2) | 52.0 | 41.4 | 56.0 |")
+        for arm in arms:
+            L.append(f"| {ARM_LABEL[arm]} (here) | " + " | ".join(
+                _fmt(stats[arm][h]) for h in ("semseg RGB mIoU", "semseg D mIoU", "semseg RGB-D mIoU")) + " |")
+        L.append("")
     L.append(f"![results]({os.path.relpath(figure, results_dir)})")
     L.append("")
     L.append("## Claims")
@@ -716,16 +959,14 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
              f"augmentation, drop path); pretraining {budget.pretrain_steps} steps at batch {budget.pretrain_batch} "
              f"({budget.pretrain_scenes} scenes per epoch, rendered once per run, {budget.pretrain_warmup} warm-up "
              f"steps); fine-tuning at batch {budget.ft_batch} on {budget.ft_train_scenes} training scenes for "
-             f"{budget.ft_epochs} epoch(s) ({budget.ft_steps} steps, {budget.ft_warmup} warm-up steps; classification: "
-             f"`configs/finetune/synthetic-cls.yaml` with the short recipe pinned in `TASKS` (RandAugment, crops "
-             f"of 35-100% of the area, 1 warm-up epoch: the recipe that config had when this benchmark was "
-             f"written), {budget.cls_max_epochs} epochs); linear probes "
+             f"{budget.ft_epochs} epoch(s) ({budget.ft_steps} steps, {budget.ft_warmup} warm-up steps); classification "
+             f"(task `cls`): {cls_text}; linear probes "
              f"{budget.probe_epochs} epochs on cached features; scored on {budget.test_scenes} test scenes "
              f"(`data.split=test`, stream 1000002; training scenes stream 1000000). Everything else is the "
              f"recipe of the `configs/finetune/synthetic-*.yaml` file of the task. Steps per transfer task in "
              f"this run: {json.dumps(data['transfer_steps'])}.")
     L.append("")
-    L.append("Why this budget:")
+    L.append("Why the main run's budget (200 pretraining steps; variants change it as their command says):")
     L.append("")
     L.append(BUDGET_REASON)
     L.append("")
@@ -733,14 +974,38 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
              "RGB-D = `[rgb,depth]` with the head on the rgb tokens as in the paper; an input the checkpoint "
              "has no projection for (depth for MAE and M3AE, any input for scratch) starts fresh.")
     L.append("")
-    L.append(f"OOD detection: a linear probe (the library's `train_probe`: BatchNorm without affine + linear, on "
-             f"the mean of the frozen encoder's final tokens) is trained on the training scenes whose dominant "
-             f"object is a {', '.join(OOD_IN)}; the test scenes dominated by a {'/'.join(OOD_OUT)} are "
-             f"out-of-distribution. Score: the maximum softmax probability (MSP); AUROC of separating the "
-             f"in-distribution test scenes (positive) from the OOD ones, by the Mann-Whitney statistic "
-             f"(`auroc()`, ties count 1/2). A scene's 'dominant object' is the library's label (largest visible "
-             f"object), so OOD scenes usually also contain in-distribution objects: a hard, noisy OOD split.")
-    L.append("")
+    probes = [t for t in budget.tasks if TASKS[t][2] == "probe"]
+    if probes:
+        L.append("Linear probes (the library's `train_probe`: BatchNorm without affine + linear, on the mean of the "
+                 "frozen encoder's final tokens, cached): " + "; ".join(
+                     f"`{t}` = {PROBE_TEXT[PROBE_ATTR[t][0]]}" for t in probes) + ". The attributes are "
+                 "`multimae.data.synthetic.scene_attributes` of the same scenes; the captions name the type, colour "
+                 "and count, and order the objects from left to right (a lone one placed in words).")
+        L.append("")
+    oods = [t for t in budget.tasks if TASKS[t][2] == "ood"]
+    if oods:
+        L.append("OOD detection: a linear probe (as above) is trained on the training scenes whose attribute is one "
+                 "of the in-distribution classes; the test scenes of the held-out classes are out-of-distribution. "
+                 "Score: the maximum softmax probability (MSP); AUROC of separating the in-distribution test scenes "
+                 "(positive) from the OOD ones, by the Mann-Whitney statistic (`auroc()`, ties count 1/2). Splits: " +
+                 "; ".join(f"`{t}` = {PROBE_TEXT[PROBE_ATTR[t][0]]}, in {'/'.join(PROBE_ATTR[t][1])}, OOD "
+                           f"{'/'.join(PROBE_ATTR[t][2])}" for t in oods) + ". The attribute is that of the largest "
+                 "visible object, so OOD scenes usually also contain in-distribution objects.")
+        L.append("")
+    if "caption" in budget.tasks:
+        L.append(f"Caption prediction (task `caption`, M3AE arms only): `benchmarks/m3ae_caption.py`'s metric on the "
+                 f"pretrained model: {CAPTION_VAL_SCENES} held-out scenes of the pretraining stream's validation "
+                 "split, caption fully masked, image fully visible; *acc* = accuracy (%) at the caption positions "
+                 "whose true token is a colour / object-type word, *recall* = position-free recall (%) of the "
+                 "caption's colour / type words (the k most probable class words at any position, k = true "
+                 "count). Baseline row: the better of the most frequent class word and the most frequent token at "
+                 "the position (acc), the k most frequent training words (recall).")
+        L.append("")
+    if any(a in budget.arms for a in TEXT_MASK_ARMS):
+        L.append("Text mask ratio (C6): the M3AE arms differ only in `mask.ratios.caption` (0.15, 0.5, 0.75 = the "
+                 "M3AE arm, and a ratio drawn per sample from [0.5, 0.9]); image ratio 0.75, shared decoder, "
+                 "caption loss weight 0.5, same steps, data and seeds.")
+        L.append("")
     L.append("Known confound: the M3AE arm differs from the MAE arm in more than the caption (mask ratio 0.75 "
              "vs 0.5 of the rgb tokens, one shared decoder vs a per-task decoder), because the MAE arm is "
              "defined by the MultiMAE comparison (same visible-token count). C4/C5 compare against that MAE.")
@@ -797,7 +1062,8 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
     path.write_text(md)
     (results_dir / f"{name}.json").write_text(json.dumps(
         {"budget": asdict(budget), "machine": minfo, "command": cmd, "columns": headers, "raw": data["raw"],
-         "stats": {a: {h: dict(zip(("mean", "std", "n"), s)) for h, s in v.items()} for a, v in stats.items()},
+         "stats": {a: {h: dict(zip(("mean", "std", "n"), s)) for h, s in v.items()} for a, v in stats.items()
+                   if a in arms},
          "baseline": data["baseline"], "claims": claims, "timings": timings, "pretrain": data["pretrain"],
          "quick": quick}, indent=2, default=str) + "\n")
     draw_figure(stats, figure, quick, arms, columns)
@@ -806,7 +1072,8 @@ def write_report(out: Path, budget: Budget, args: argparse.Namespace, timings: d
 
 # ---------------------------------------------------------------------------------- figure
 
-COLOURS = {"multimae": (31, 119, 180), "mae": (255, 127, 14), "m3ae": (44, 160, 44), "scratch": (127, 127, 127)}
+COLOURS = {"multimae": (31, 119, 180), "mae": (255, 127, 14), "m3ae": (44, 160, 44), "scratch": (127, 127, 127),
+           "m3ae_t15": (214, 39, 40), "m3ae_t50": (148, 103, 189), "m3ae_t50_90": (140, 86, 75)}
 
 
 def draw_figure(stats: dict, path: Path, quick: bool, arms: list[str] | None = None,
@@ -870,19 +1137,6 @@ def draw_figure(stats: dict, path: Path, quick: bool, arms: list[str] | None = N
 
 # ------------------------------------------------------------------------------------ main
 
-def _cls_epochs(budget: Budget) -> int | None:
-    """Epochs of the classification fine-tune: the config's own (it is being re-tuned), capped at
-    ``cls_max_epochs``; None keeps the config's value."""
-    from multimae.config import load_config
-    from multimae.tasks.finetune_config import FinetuneConfig
-
-    cfg = load_config(FinetuneConfig, ROOT / TASKS["cls_rgb"][0], [])
-    if cfg.train.epochs > budget.cls_max_epochs:
-        print(f"classification: config epochs {cfg.train.epochs} capped at {budget.cls_max_epochs} (budget)", flush=True)
-        return budget.cls_max_epochs
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -895,8 +1149,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from existing runs")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="override the pretraining steps of every arm")
     ap.add_argument("--ft-epochs", type=int, default=None, help="override the semseg / depth fine-tuning epochs")
-    ap.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)}")
+    ap.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ALL_ARMS)} (default "
+                    f"{','.join(ARMS)})")
     ap.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)}")
+    ap.add_argument("--plan", default=None, help="priority stages instead of --arms/--tasks: 'ARMS/TASKS[/SEEDS];...' "
+                    "(comma lists; SEEDS default all of --seeds); stage by stage, each seed by seed; the report "
+                    "covers the union of arms and tasks and --seeds seeds")
     ap.add_argument("--note", action="append", default=[], help="a paragraph added under 'Wall time' (repeatable)")
     ap.add_argument("--tag", default=None, help="name of a variant run (an investigation): its runs go to "
                     "runs/reproduce-TAG and its results to benchmarks/results/reproduce-TAG.md/.json and "
@@ -911,7 +1169,7 @@ def main(argv: list[str] | None = None) -> int:
         over["pretrain_steps"] = args.pretrain_steps
     if args.ft_epochs is not None:
         over["ft_epochs"] = args.ft_epochs
-    for name, allowed in (("arms", ARMS), ("tasks", tuple(TASKS))):
+    for name, allowed in (("arms", ALL_ARMS), ("tasks", tuple(TASKS))):
         val = getattr(args, name)
         if val:
             chosen = tuple(v.strip() for v in val.split(",") if v.strip())
@@ -919,6 +1177,27 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 ap.error(f"--{name}: unknown {bad}; choose from {list(allowed)}")
             over[name] = chosen
+    plan = None
+    if args.plan:
+        if args.arms or args.tasks:
+            ap.error("--plan replaces --arms / --tasks")
+        plan = []
+        for stage in args.plan.split(";"):
+            if stage.count("/") not in (1, 2):
+                ap.error(f"--plan: stage {stage!r} is not ARMS/TASKS or ARMS/TASKS/SEEDS")
+            parts = [tuple(v.strip() for v in part.split(",") if v.strip()) for part in stage.split("/")]
+            arms_s, tasks_s = parts[0], parts[1]
+            try:
+                seeds_s = tuple(int(v) for v in parts[2]) if len(parts) == 3 else None
+            except ValueError:
+                ap.error(f"--plan: stage {stage!r}: seeds must be integers")
+            for vals, allowed, what in ((arms_s, ALL_ARMS, "arm"), (tasks_s, tuple(TASKS), "task")):
+                bad = [v for v in vals if v not in allowed]
+                if bad or not vals:
+                    ap.error(f"--plan: stage {stage!r}: unknown or no {what}s {bad}; choose from {list(allowed)}")
+            plan.append((arms_s, tasks_s, seeds_s))
+        over["arms"] = tuple(dict.fromkeys(a for arms_s, _, _ in plan for a in arms_s))
+        over["tasks"] = tuple(dict.fromkeys(t for _, tasks_s, _ in plan for t in tasks_s))
     if over:
         budget = Budget(**{**asdict(budget), **over})
     suffix = f"-{args.tag}" if args.tag else ""
@@ -941,12 +1220,11 @@ def main(argv: list[str] | None = None) -> int:
     tfile = out / "timings.json"
     timings = json.loads(tfile.read_text()) if tfile.exists() else {"stages": {}, "total_wall_s": 0.0}
     t0 = time.time()
-    jobs = build_jobs(budget)
+    jobs = build_jobs(budget, plan)
     if not args.report_only:
-        cls_epochs = _cls_epochs(budget)
         print(f"reproduce: out {out}, {budget.seeds} seed(s), pretrain {budget.pretrain_steps} steps x "
               f"{budget.pretrain_batch}, fine-tune {budget.ft_steps} steps x {budget.ft_batch}", flush=True)
-        records = schedule(jobs, out, budget, args.workers, stop_at, cls_epochs)
+        records = schedule(jobs, out, budget, args.workers, stop_at)
         for stage in ("pretrain", "transfer"):
             recs = [r for k, r in records.items() if k.startswith(stage + "/") and r.get("status") == "ok"]
             st = timings["stages"].setdefault(stage, {"jobs": 0, "worker_s": 0.0, "span_s": 0.0, "invocations": 0})

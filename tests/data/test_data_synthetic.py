@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from multimae.data import collate
 from multimae.modalities import ModalitySpec
 from multimae.data.synthetic import (
-    COLORS, LABEL_CLASSES, OBJECT_TYPES, SEMSEG_CLASSES, SIZE_WORDS, Scene, SceneObject, SyntheticScenes, _shading,
-    describe, render, sample_scene, scene_vocabulary,
+    ATTRIBUTE_CLASSES, COLORS, LABEL_CLASSES, OBJECT_TYPES, SEMSEG_CLASSES, SIZE_WORDS, Scene, SceneObject, SyntheticScenes, _shading,
+    describe, generate, render, sample_scene, scene_attributes, scene_vocabulary,
 )
 
 
@@ -164,3 +164,26 @@ def test_caption_orders_objects_left_to_right_in_the_image() -> None:
     assert pairs >= 40 and lone >= 10, (pairs, lone)
 
 
+
+
+def test_scene_attributes_are_what_the_label_and_caption_say() -> None:
+    """type = the sample's label; count = the objects the caption describes; colour = the colour
+    word of the largest object, which the caption names; all vary over scenes."""
+    pattern = re.compile(r"a (?:small|medium|large) (\w+) (\w+)")
+    seen: dict[str, set[int]] = {k: set() for k in ATTRIBUTE_CLASSES}
+    for i in range(40):
+        sample, attrs = generate(5, i, 64), scene_attributes(5, i, 64)
+        assert set(attrs) == set(ATTRIBUTE_CLASSES)
+        assert attrs["type"] == int(sample["label"])
+        mentioned = pattern.findall(sample["caption"])
+        assert attrs["count"] == len(mentioned)
+        colour, kind = ATTRIBUTE_CLASSES["colour"][attrs["colour"]], ATTRIBUTE_CLASSES["type"][attrs["type"]]
+        assert (colour, kind) in mentioned, (sample["caption"], colour, kind)
+        if attrs["count"] == 1:  # a lone object is placed in words: the position attribute's third
+            where = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+            assert where[ATTRIBUTE_CLASSES["position"][attrs["position"]]] in sample["caption"], sample["caption"]
+        for k, v in attrs.items():
+            assert 0 <= v < len(ATTRIBUTE_CLASSES[k])
+            seen[k].add(v)
+    assert all(len(v) >= 3 for v in seen.values()), seen
+    assert scene_attributes(5, 3, 32) == scene_attributes(5, 3, 32)  # deterministic

@@ -435,6 +435,34 @@ def describe(scene: Scene, instance: np.ndarray) -> tuple[str, int]:
     return " ".join(sentences), label
 
 
+# Image-level attributes a caption states, for probing frozen features beyond the scene label:
+# name -> class names (the attribute's value indexes them). "type" is the scene's ``label``.
+ATTRIBUTE_CLASSES: dict[str, list[str]] = {
+    "type": list(LABEL_CLASSES),  # type of the largest visible object (the scene's label)
+    "colour": list(COLORS),  # colour word of that object
+    "count": [str(k) for k in range(7)],  # how many objects the caption describes (0-6)
+    # where that object is in the image, in the thirds the caption's "on the left / in the middle /
+    # on the right" uses (the caption orders its objects from left to right)
+    "position": ["left", "middle", "right"],
+}
+
+
+def scene_attributes(seed: int, index: int, height: int, width: int | None = None) -> dict[str, int]:
+    """The :data:`ATTRIBUTE_CLASSES` attributes of sample ``index`` of stream ``seed`` rendered at
+    ``height`` x ``width`` (visibility, hence the largest object and the count, depends on the
+    resolution as in :func:`generate`): indices into each attribute's class list."""
+    scene = sample_scene(seed, index)
+    instance = render(scene, height, width)["instance"]
+    counts = np.bincount(instance.ravel() + 1, minlength=len(scene.objects) + 1)[1:]
+    visible = int(sum(1 for c in counts if c >= _MIN_VISIBLE * instance.size))
+    if not scene.objects:
+        return {"type": 0, "colour": 0, "count": 0, "position": 1}
+    largest = scene.objects[int(counts.argmax())]
+    x = project_x(scene, largest.x, largest.height / 2, largest.z)
+    return {"type": OBJECT_TYPES.index(largest.type), "colour": list(COLORS).index(largest.color), "count": visible,
+            "position": 0 if x < -1 / 3 else 2 if x > 1 / 3 else 1}
+
+
 def generate(seed: int, index: int, height: int, width: int | None = None) -> dict:
     """One raw sample (all of SAMPLE_KEYS plus ``__key__``) as torch tensors, see the data contract."""
     scene = sample_scene(seed, index)
