@@ -138,6 +138,12 @@ class Trainer:
         return self.task.cfg
 
     @property
+    def last_step(self) -> int:
+        """The step this invocation of ``fit`` stops at: the schedule's end or ``train.max_steps``."""
+        t = self.cfg.train
+        return self.total_steps if t.max_steps is None else min(self.total_steps, t.max_steps)
+
+    @property
     def run_dir(self) -> Path:
         t = self.cfg.train
         return Path(t.out_dir) / str(t.run_name)
@@ -204,7 +210,7 @@ class Trainer:
         """Train to the end of the schedule (or ``train.max_steps``); then the task's end of run
         (``evaluate``: its final evaluation when the schedule is complete)."""
         t = self.cfg.train
-        last = self.total_steps if t.max_steps is None else min(self.total_steps, t.max_steps)
+        last = self.last_step
         if self._rng_after_resume:
             restore_rng_state(self._rng_after_resume)
         logger = RunLogger(self.run_dir, enabled=self.info.is_main)

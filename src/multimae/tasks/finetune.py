@@ -174,9 +174,7 @@ class FinetuneTask(Task):
 
     def after_step(self, trainer: Trainer, logger: RunLogger) -> None:
         every = self.cfg.train.eval_every
-        last = trainer.total_steps if self.cfg.train.max_steps is None else min(trainer.total_steps,
-                                                                                self.cfg.train.max_steps)
-        if every and trainer.step % (every * trainer.steps_per_epoch) == 0 and trainer.step < last:
+        if every and trainer.step % (every * trainer.steps_per_epoch) == 0 and trainer.step < trainer.last_step:
             self._evaluate(trainer, logger, final=False)
 
     def finish(self, trainer: Trainer, logger: RunLogger, evaluate: bool) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from multimae.data.sources import SYNTHETIC_SPLITS
 from multimae.engine.config import OptimConfig, RunConfig
 from multimae.transfer import TransferModelConfig
 
@@ -16,7 +17,7 @@ from multimae.transfer import TransferModelConfig
 #: training uses ``train.seed`` (default 0) and ``train.seed + 10000`` (its held-out scenes), so
 #: the two never share a scene unless a pretraining seed is set within 10000 of this one.
 DOWNSTREAM_SEED = 1_000_000
-SPLITS = ("train", "val", "test")
+SPLITS = SYNTHETIC_SPLITS
 
 
 @dataclass

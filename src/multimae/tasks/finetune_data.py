@@ -19,7 +19,7 @@ from multimae.batch import Batch
 from multimae.data import collate
 from multimae.data.downstream import LABEL, TransferTransform, build_randaugment, target_spec
 from multimae.data.errors import DataError
-from multimae.data.loader import CachedDataset, ResumableBatchSampler, SeededAugment, shard_urls
+from multimae.data.loader import ResumableBatchSampler, SeededAugment, shard_urls
 from multimae.modalities import ModalitySpec
 from multimae.data.sources import Request, get_source
 from multimae.seeding import derive_seed
