@@ -55,17 +55,57 @@ class LowRes:
         cols = rows[..., c0] * (1 - cl) + rows[..., c1] * cl  # (C, r, w), as torch: columns first
         return cols[:, r0 - lo] * (1 - rl)[:, None] + cols[:, r1 - lo] * rl[:, None]
 
-    def bands(self, budget: int = BAND_BYTES) -> Iterator[tuple[int, int, Tensor]]:
-        """``(y0, y1, band)`` covering every row, each band within ``budget`` bytes of float32."""
+    def bands(self, budget: int | None = None) -> Iterator[tuple[int, int, Tensor]]:
+        """``(y0, y1, band)`` covering every row, each band within ``budget`` (default
+        :data:`BAND_BYTES`) bytes of float32."""
         h, w = self.size
+        budget = BAND_BYTES if budget is None else budget
         step = max(1, budget // max(1, 4 * self.channels * w))
         for y0 in range(0, h, step):
             y1 = min(h, y0 + step)
             yield y0, y1, self.band(y0, y1)
 
+    def class_ids(self, out: np.ndarray) -> None:
+        """Fill ``out`` (h, w) with the argmax over channels of the full-resolution prediction,
+        cell by cell (the output block between four neighbouring source pixels), computing only
+        the classes that can win in a cell: bilinear values are convex combinations of the four
+        corners, so a class whose largest corner value is below another's smallest never wins."""
+        p = self.p.float()
+        C, hs, ws = p.shape
+        h, w = self.size
+        if 4 * C * h * w <= BAND_BYTES:  # small: directly
+            out[:] = self.full().argmax(0).numpy()
+            return
+        nr, nc = (torch.arange(hs) + 1).clamp(max=hs - 1), (torch.arange(ws) + 1).clamp(max=ws - 1)
+        corners = torch.stack([p, p[:, nr], p[:, :, nc], p[:, nr][:, :, nc]])
+        can = corners.amax(0) >= corners.amin(0).amax(0)  # (C, hs, ws): may win in the cell
+        del corners
+        r0, _, rl = _taps(hs, self.up[0], 0, h)
+        c0, _, cl = _taps(ws, self.up[1], 0, w)
+        for a, ys, ye in _runs(r0):
+            wy = rl[ys:ye, None]
+            for b, xs, xe in _runs(c0):
+                ks = can[:, a, b].nonzero()[:, 0]
+                if len(ks) == 1:
+                    out[ys:ye, xs:xe] = int(ks[0])
+                    continue
+                q = p[ks][:, [a, int(nr[a])]][:, :, [b, int(nc[b])]]  # (K, 2, 2) corners
+                wx = cl[xs:xe]
+                top = q[:, 0, 0, None] * (1 - wx) + q[:, 0, 1, None] * wx  # as torch: columns, then rows
+                bot = q[:, 1, 0, None] * (1 - wx) + q[:, 1, 1, None] * wx
+                val = top[:, None] * (1 - wy) + bot[:, None] * wy  # (K, rows, cols)
+                out[ys:ye, xs:xe] = ks[val.argmax(0)].numpy()
+
     def full(self) -> Tensor:
         """The whole (C, h, w) prediction (the Python API; memory C*h*w floats)."""
         return self.band(0, self.size[0])
+
+
+def _runs(idx: Tensor) -> list[tuple[int, int, int]]:
+    """``(value, start, end)`` of each run of equal values of a non-decreasing index vector."""
+    vals, counts = torch.unique_consecutive(idx, return_counts=True)
+    ends = counts.cumsum(0)
+    return [(int(v), int(e - c), int(e)) for v, c, e in zip(vals, counts, ends)]
 
 
 def _taps(n_in: int, n_out: int, i0: int, i1: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -87,8 +127,7 @@ def write_ids(path: Path, pred: LowRes, num_classes: int) -> np.ndarray:
     from multimae.data.prepare.writing import write_bytes
 
     ids = np.empty(pred.size, np.uint8 if num_classes <= 256 else np.uint16)
-    for y0, y1, b in pred.bands():
-        ids[y0:y1] = b.argmax(0).numpy()
+    pred.class_ids(ids)
     write_bytes(path, _png_bytes(ids, compress_level=1))
     return ids
 
