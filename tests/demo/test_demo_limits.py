@@ -244,12 +244,13 @@ def _answer(s: socket.socket) -> int:
 
 
 def test_stalled_uploads_get_a_deadline_and_cannot_starve_other_requests(engine):
-    """Uploads that stall mid-body: at most max_uploads are buffered (the rest get a 503 at once),
-    every other request is answered meanwhile, and the stalled ones get a 408 at the deadline."""
+    """Uploads that stall mid-body: at most max_uploads are buffered (the rest wait upload_wait s,
+    unread, then get a 503), every other request is answered meanwhile, and the stalled ones get a
+    408 at the deadline."""
     from multimae.demo.app import serving
 
     deadline = 2.0
-    with serving(engine, body_timeout=deadline, max_uploads=2) as url:
+    with serving(engine, body_timeout=deadline, max_uploads=2, upload_wait=0.5) as url:
         t0 = time.monotonic()
         stalled = [_stalled_upload(url) for _ in range(2)]
         time.sleep(0.3)  # both are being read now
