@@ -244,3 +244,15 @@ def test_peak_memory_of_a_24mp_photo_through_a_150_class_head(tmp_path):
     ids = np.asarray(Image.open(tmp_path / "o/phone.semseg.png"))
     assert ids.shape == (4000, 6000) and ids.dtype == np.uint8 and ids.max() < 150
     print(f"peak {peak_gb:.2f} GB")
+
+
+@pytest.mark.parametrize("mode,channels,fmt", [("L", 1, "PNG"), ("P", 1, "GIF"), ("RGB", 3, "JPEG"), ("I;16", 1, "PNG")])
+def test_decoded_images_own_writable_memory(mode, channels, fmt):
+    """torch warns "the given NumPy array is not writable" for PIL's read-only arrays: a decoded
+    image is a copy the caller may write."""
+    from multimae.data.codecs import decode_image
+
+    buf = io.BytesIO()
+    Image.new(mode, (8, 6)).save(buf, format=fmt)
+    t = decode_image(buf.getvalue(), channels, "x")
+    assert t.shape == (channels, 6, 8) and t.numpy().flags.writeable
