@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -197,8 +198,12 @@ def check_pixels(data: bytes, max_pixels: int, where: str) -> None:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below decides
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+    except Image.DecompressionBombError as e:  # over twice PIL's own limit: over any budget
+        raise DataError(f"{where}: over the budget of {max_pixels} pixels (--max-pixels; {e})") from None
     except Exception:  # not an image: decoding says so, naming the file
         return
     if w * h > max_pixels:

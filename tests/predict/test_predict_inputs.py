@@ -22,6 +22,7 @@ from skimage import data as skdata
 from multimae.checkpoint import save_checkpoint
 from multimae.cli.main import main
 from multimae.config import load_config, to_dict
+from multimae.data.errors import DataError
 from multimae.predict import META_FILE, Output, Predictor, write_prediction
 from multimae.predict_io import LowRes, write_array, write_preview
 from multimae.tasks.downstream import prepare
@@ -158,6 +159,12 @@ def test_an_image_over_the_pixel_budget_is_a_bad_input(runs, photo_bytes, tmp_pa
     assert "predicted 1 images (0 done before, 1 bad)" in text
     assert "big.png: 3000x2000 = 6000000 pixels is over the budget of 1000000" in text
     assert sorted(p.name for p in out.iterdir() if "big" in p.name) == []
+    # a PNG whose header claims 200 MP (PIL's decompression-bomb error): the same one line
+    from multimae.predict_io import check_pixels
+
+    Image.new("1", (20000, 10000)).save(src / "bomb.png")
+    with pytest.raises(DataError, match="bomb.png: over the budget of 40000000 pixels"):
+        check_pixels((src / "bomb.png").read_bytes(), 40_000_000, str(src / "bomb.png"))
 
 
 def test_bands_equal_a_full_size_resize():
