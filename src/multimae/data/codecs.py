@@ -71,6 +71,8 @@ def open_image(data: bytes, where: str, draft: tuple[int, int] | None = None) ->
         img.load()
         if img.getexif().get(ORIENTATION_TAG, 1) != 1:
             img = ImageOps.exif_transpose(img)
+    except ImageTooLargeError:
+        raise
     except Image.DecompressionBombError as e:  # PIL's own check, at twice its MAX_IMAGE_PIXELS
         raise ImageTooLargeError(f"{where}: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
