@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from multimae.batch import Batch
-from multimae.data.config import DataConfig, MaskConfig
+from multimae.data.config import DataConfig, MaskConfig, epoch_samples
 from multimae.data.errors import DataError
 from multimae.masking import MaskPlan, dirichlet_plan, ratio_plan
 from multimae.modalities import ModalitySpec
@@ -287,7 +287,12 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
         stream = ShardDataset(shard_urls(data.urls), specs, shuffle_buffer=data.shuffle_buffer,
                               seed=seed, on_error=data.on_error, rank=rank, world_size=world_size,
                               packed=data.fast_decode)
-        batches = StreamBatches(stream, transform, batch_size, data.num_samples // (world_size * batch_size), seed,
+        n, how = epoch_samples(data)
+        per_rank = n // (world_size * batch_size)  # batches per rank and epoch
+        if per_rank < 1:
+            raise DataError(f"an epoch of {n} samples ({how}) is less than one batch of {batch_size} x "
+                            f"{world_size} rank(s)")
+        batches = StreamBatches(stream, transform, batch_size, per_rank, seed,
                                 unpaired)
         return DataLoader(batches, batch_size=None, **kw), batches
     base = build_dataset(data, specs, seed, packed=data.fast_decode)
