@@ -377,9 +377,12 @@ def eval_batches(spec: BatchSpec, data: DataConfig, mask: MaskConfig, seed: int,
     n = len(base) if limit is None else min(limit, len(base))
     collator = MaskCollator(spec, mask, seed + 1, text=text_collator(data, specs))
     out = []
-    # full batches only (a single short one when n < batch_size)
-    for s in range(0, max(n - batch_size, 0) + 1, batch_size):
-        samples = [transform(base[i]) for i in range(s, min(s + batch_size, n))]
+    # every sample, in batches of near-equal size (24 at batch 16: 12 + 12; no batch of one, whose
+    # per-batch baselines would be trivial)
+    k = -(-n // batch_size)
+    bounds = [i * n // k for i in range(k + 1)] if n else []
+    for s, e in zip(bounds, bounds[1:]):
+        samples = [transform(base[i]) for i in range(s, e)]
         for smp in samples:
             smp[BATCH_TAG] = (0, 0, s)
         out.append(collator(samples))
