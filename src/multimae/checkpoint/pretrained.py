@@ -188,8 +188,9 @@ def _check_fits(fields: Mapping[str, Any], weights_file: Path, where: Path) -> N
 
     if not weights_file.is_file():
         return  # the loader names the missing file
+    shapes = header_shapes(weights_file)  # an unreadable file: ConversionError naming it
     try:
-        check_config_fits(model_config(fields), header_shapes(weights_file), str(where))
+        check_config_fits(model_config(fields), shapes, str(where))
     except (ConfigError, ConversionError) as e:
         text = str(e)
         raise CheckpointError(text if text.startswith(str(where)) else f"{where}: {text}") from None

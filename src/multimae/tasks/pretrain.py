@@ -111,7 +111,7 @@ def completed_config(cfg: PretrainConfig) -> PretrainConfig:
             mods[name] = {**over, "num_classes": load_text_tokenizer(cfg.data.tokenizer).get_vocab_size()}
     train = cfg.train if cfg.train.run_name else replace(cfg.train, run_name="pretrain")
     data = cfg.data
-    if data.num_samples is None:  # shards: the epoch is what they hold (recorded: a resume keeps it)
+    if data.num_samples is None and data.source == "shards":  # the epoch is what they hold (a resume keeps it)
         data = replace(data, num_samples=epoch_samples(data)[0])
     return replace(cfg, model=replace(cfg.model, modalities=mods), train=train, data=data)
 
