@@ -3,7 +3,6 @@ sample replaced by another; the linear probe's progress counts optimizer steps."
 import io
 import json
 
-import numpy as np
 import torch
 
 from multimae.cli.main import main

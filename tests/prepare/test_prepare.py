@@ -448,7 +448,8 @@ def test_coco_captions_same_names_in_two_folders_stay_two_images(tmp_path, capsy
                              "--no-progress"], capsys)
     assert rc == 0 and "train 2 " in stdout
     for sub in ("sub1", "sub2"):
-        assert (out / "train" / "rgb" / "all" / f"{sub}__dup.jpg").read_bytes() == (images / sub / "dup.jpg").read_bytes()
+        written = out / "train" / "rgb" / "all" / f"{sub}__dup.jpg"
+        assert written.read_bytes() == (images / sub / "dup.jpg").read_bytes()
     ds = CaptionTable(out / "captions_train.tsv")
     assert sorted(ds.load(i)["caption"] for i in range(len(ds))) == ["caption of sub1/dup.jpg",
                                                                      "caption of sub2/dup.jpg"]

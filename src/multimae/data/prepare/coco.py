@@ -105,8 +105,8 @@ def items(images: Path, captions: Path, split: str, per_sample: str = "caption",
         if ext not in IMAGE_EXTS:
             raise DataError(f"{where}: {name!r} is not an image file name (.{' .'.join(IMAGE_EXTS)})")
         if fmt == "folder":
-            out.append(Item(split, "all", stem, {"rgb": ext}, lambda src=src, w=where: {"rgb": check_image_file(src, w)},
-                            str(src)))
+            out.append(Item(split, "all", stem, {"rgb": ext},
+                            lambda src=src, w=where: {"rgb": check_image_file(src, w)}, str(src)))
             rows.append((f"{split}/rgb/all/{stem}.{ext}", [c for _, c in caps]))
         else:
             for ann_id, cap in caps:
