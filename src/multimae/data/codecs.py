@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from multimae.data.errors import DataError, notice_once
+from multimae.data.errors import DataError, ImageTooLargeError, notice_once
 from multimae.modalities import ModalitySpec
 
 OFFICIAL_PNG_SCALE = 1.0 / 2**16  # what the official code multiplies 16-bit depth PNGs by
@@ -65,14 +65,30 @@ def open_image(data: bytes, where: str, draft: tuple[int, int] | None = None) ->
     unknown file."""
     try:
         img = Image.open(io.BytesIO(data))
+        check_pixels(img.size, where)
         if draft is not None and img.format == "JPEG":
             img.draft("RGB", draft)
         img.load()
         if img.getexif().get(ORIENTATION_TAG, 1) != 1:
             img = ImageOps.exif_transpose(img)
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own check, at twice its MAX_IMAGE_PIXELS
+        raise ImageTooLargeError(f"{where}: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{where}: truncated or not an image ({type(e).__name__}: {e})") from None
     return img
+
+
+def check_pixels(size: tuple[int, int], where: str) -> None:
+    """Refuse an image whose header declares more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels
+    (about 89 MP by default; PIL itself only warns below twice that) before it is decoded: a
+    decompression bomb is bad data (:class:`ImageTooLargeError`, skippable), not an allocation of
+    gigabytes. Raise ``PIL.Image.MAX_IMAGE_PIXELS`` (None: no limit) to read larger images."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise ImageTooLargeError(f"{where}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels is over the limit of "
+                                 f"{limit} (PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?)")
 
 
 def _image_array(img: Image.Image) -> np.ndarray:

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from multimae.batch import Batch
-from multimae.data.config import DataConfig, MaskConfig
+from multimae.data.config import DataConfig, MaskConfig, epoch_samples
 from multimae.data.errors import DataError
 from multimae.masking import MaskPlan, dirichlet_plan, ratio_plan
 from multimae.modalities import ModalitySpec
@@ -287,7 +287,12 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
         stream = ShardDataset(shard_urls(data.urls), specs, shuffle_buffer=data.shuffle_buffer,
                               seed=seed, on_error=data.on_error, rank=rank, world_size=world_size,
                               packed=data.fast_decode)
-        batches = StreamBatches(stream, transform, batch_size, data.num_samples // (world_size * batch_size), seed,
+        n, how = epoch_samples(data)
+        per_rank = n // (world_size * batch_size)  # batches per rank and epoch
+        if per_rank < 1:
+            raise DataError(f"an epoch of {n} samples ({how}) is less than one batch of {batch_size} x "
+                            f"{world_size} rank(s)")
+        batches = StreamBatches(stream, transform, batch_size, per_rank, seed,
                                 unpaired)
         return DataLoader(batches, batch_size=None, **kw), batches
     base = build_dataset(data, specs, seed, packed=data.fast_decode)
@@ -372,9 +377,12 @@ def eval_batches(spec: BatchSpec, data: DataConfig, mask: MaskConfig, seed: int,
     n = len(base) if limit is None else min(limit, len(base))
     collator = MaskCollator(spec, mask, seed + 1, text=text_collator(data, specs))
     out = []
-    # full batches only (a single short one when n < batch_size)
-    for s in range(0, max(n - batch_size, 0) + 1, batch_size):
-        samples = [transform(base[i]) for i in range(s, min(s + batch_size, n))]
+    # every sample, in batches of near-equal size (24 at batch 16: 12 + 12; no batch of one, whose
+    # per-batch baselines would be trivial)
+    k = -(-n // batch_size)
+    bounds = [i * n // k for i in range(k + 1)] if n else []
+    for s, e in zip(bounds, bounds[1:]):
+        samples = [transform(base[i]) for i in range(s, e)]
         for smp in samples:
             smp[BATCH_TAG] = (0, 0, s)
         out.append(collator(samples))
