@@ -26,7 +26,10 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale (paper: 0.2-1)
     hflip: float = 0.5
     cache: bool = False  # synthetic: render once into memory, augment on the fly
-    num_workers: int = 2
+    # loader worker processes per rank; "auto": the cores this process may use, shared by this
+    # node's ranks (LOCAL_WORLD_SIZE), less one for the training step, 1 to 16 (shard runs resume
+    # exactly only with the same number: resume "auto" runs on the same kind of machine)
+    num_workers: int | Literal["auto"] = 2
     shuffle_buffer: int = 1000  # shards
     on_error: Literal["raise", "skip"] = "raise"
     # the fast data path (folder / shards: Packed integer decoding + PairedTransform(fast=True)):
