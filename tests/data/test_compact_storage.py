@@ -153,3 +153,61 @@ def test_compact_shards_resume_mid_epoch_exactly(tmp_path: Path) -> None:
     assert len(full) == 6
     for start in (1, 4):
         assert _batches(urls, start) == full[start:]
+
+
+def _tar(path: Path, fmt: int, entries: list[tuple[str, bytes | None]]) -> Path:
+    """A tar of regular files (bytes), directories (None) and a symlink ("->target")."""
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif data.startswith(b"->"):
+                info.type, info.linkname = tarfile.SYMTYPE, data[2:].decode()
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _tarfile_entries(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path, "r|") as tar:
+        return [(i.name, tar.extractfile(i).read()) for i in tar if i.isreg()]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_yields_what_tarfile_yields(tmp_path: Path, fmt: int) -> None:
+    from multimae.data.shards import tar_entries
+
+    deep = "/".join(["d" * 30] * 4) + "/k1.rgb.jpg"  # > 100 characters: ustar prefix / GNU long name / pax path
+    entries = [("dir", None), ("dir/k0.rgb.jpg", b"x" * 700), ("dir/k0.cls", b"3"), (deep, b"y" * 512),
+               ("k2.depth.zst", b""), ("k3.semseg.png", bytes(range(256)) * 3)]
+    if fmt == tarfile.PAX_FORMAT:
+        entries.append(("käse/k4.caption.txt", "non-ascii name".encode()))
+    path = _tar(tmp_path / "a.tar", fmt, entries)
+    assert list(tar_entries(str(path))) == _tarfile_entries(path)
+    # a symlink: tarfile takes over from there, with the same result
+    path = _tar(tmp_path / "b.tar", fmt, entries[:3] + [("k9.link", b"->dir/k0.cls")] + entries[3:])
+    assert list(tar_entries(str(path))) == _tarfile_entries(path)
+
+
+def test_tar_reader_refuses_damaged_archives(tmp_path: Path) -> None:
+    from multimae.data.shards import tar_entries
+
+    good = _tar(tmp_path / "a.tar", tarfile.GNU_FORMAT, [("k0.rgb.jpg", b"x" * 2000), ("k1.rgb.jpg", b"z" * 100)])
+    data = good.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:1500])
+    with pytest.raises(ValueError, match="unexpected end of data"):
+        list(tar_entries(str(tmp_path / "cut.tar")))
+    bad = bytearray(data)
+    bad[0] ^= 1  # the first header's name: its checksum no longer matches
+    (tmp_path / "bad.tar").write_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="bad checksum at offset 0"):
+        list(tar_entries(str(tmp_path / "bad.tar")))
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty file"):
+        list(tar_entries(str(tmp_path / "empty.tar")))
+    (tmp_path / "noend.tar").write_bytes(data[:512 + 2048 + 512 + 512])  # no end-of-archive blocks
+    assert [n for n, _ in tar_entries(str(tmp_path / "noend.tar"))] == ["k0.rgb.jpg", "k1.rgb.jpg"]

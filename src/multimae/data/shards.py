@@ -19,6 +19,8 @@ import json
 import math
 import os
 import random
+import re
+import struct
 import tarfile
 from typing import Callable, Iterable, Iterator, Literal, Sequence
 
@@ -172,6 +174,94 @@ def count_samples(urls: str | Sequence[str]) -> int:
     return total
 
 
+_ZERO_BLOCK = bytes(512)
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these names too
+
+
+def _header_size(h: bytes) -> int:
+    field = h[124:136]
+    if field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    return int(field.rstrip(b"\0 ").strip() or b"0", 8)
+
+
+def _header_name(h: bytes) -> str:
+    name = h[:100].split(b"\0", 1)[0]
+    prefix = h[345:500].split(b"\0", 1)[0] if h[257:263] == b"ustar\0" else b""
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
+
+
+def _check_header(h: bytes, offset: int) -> None:
+    """tarfile's checksum test: the unsigned or (old archivers) signed byte sum, the field as spaces."""
+    try:
+        stored = int(h[148:156].rstrip(b"\0 ").strip(), 8)
+    except ValueError:
+        raise ValueError(f"bad checksum at offset {offset}") from None
+    unsigned = sum(h) - sum(h[148:156]) + 256
+    if stored != unsigned and stored != sum(struct.unpack("148b8x356b", h)) + 256:
+        raise ValueError(f"bad checksum at offset {offset}")
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``length key=value\n`` records of a pax extended header."""
+    out, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        length = int(data[pos:data.index(b" ", pos)])
+        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def tar_entries(path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of a local tar, in order: the files tarfile's stream mode
+    yields, ~20x faster per entry (0.02 vs 0.4 ms per 5-entry sample, measured). Headers are parsed
+    here (checksum checked, ustar prefixes, GNU long names, pax ``path`` / ``size``); at any other
+    entry type (links, sparse files, global pax headers) tarfile reads the rest of the archive.
+    ValueError for a truncated or damaged archive."""
+    with open(path, "rb", buffering=1 << 20) as f:
+        long_name, pax, offset = None, {}, 0
+        while True:
+            h = f.read(512)
+            if not h and offset:
+                return
+            if len(h) < 512:
+                raise ValueError("empty file" if not offset else "unexpected end of data")
+            if h == _ZERO_BLOCK:
+                return
+            _check_header(h, offset)
+            kind = h[156:157]
+            if kind not in (b"0", b"\0", b"5", b"L", b"x"):
+                f.seek(offset)
+                with tarfile.open(fileobj=f, mode="r|") as rest:  # the rest of the archive, by tarfile
+                    for info in rest:
+                        if info.isreg():
+                            yield info.name, rest.extractfile(info).read()
+                return
+            size = int(pax["size"]) if "size" in pax and kind in (b"0", b"\0") else _header_size(h)
+            data = f.read(size)
+            if len(data) < size or len(f.read(-size % 512)) < -size % 512:
+                raise ValueError("unexpected end of data")
+            offset += 512 + size + (-size % 512)
+            if kind == b"L":
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            elif kind == b"x":
+                pax = _pax_records(data)
+            else:
+                name = pax.get("path") or long_name or _header_name(h)
+                long_name, pax = None, {}
+                if kind != b"5":
+                    yield name, data
+
+
+def _file_samples(url: str) -> Iterator[dict]:
+    """What webdataset's tar_file_expander yields for a local shard, from :func:`tar_entries`."""
+    for name, data in tar_entries(url):
+        if ("/" not in name and name.startswith("__") and name.endswith("__")) or _SKIP_META.match(name):
+            continue
+        yield {"fname": name, "data": data, "__url__": url}
+
+
 def assign_shards(num_shards: int, rank: int, world_size: int, worker: int, num_workers: int
                   ) -> tuple[list[int], tuple[int, int] | None, tuple[int, int] | None]:
     """Which shards one (rank, worker) reads, and sample-level filters when shards are too few.
@@ -276,8 +366,8 @@ class ShardDataset(IterableDataset):
     def _read_shard(self, url: str) -> Iterator[dict]:
         """Raw byte samples of one shard; a broken tar raises DataError naming it."""
         try:
-            stream = group_by_keys(tar_file_expander(url_opener([{"url": url}])))
-            yield from stream
+            files = _file_samples(url) if os.path.isfile(url) else tar_file_expander(url_opener([{"url": url}]))
+            yield from group_by_keys(files)
         except (tarfile.TarError, OSError, ValueError, EOFError) as e:
             raise DataError(f"shard {url}: truncated or not a tar file ({type(e).__name__}: {e})") from None
 
