@@ -264,8 +264,8 @@ def three_paths(name: str, kind: str, root: str, png: list[str], zst: list[str],
     return {"name": name, "rates": rates, **agree}
 
 
-def step_profile(urls: list[str], specs: list, n: int) -> list[str]:
-    """CPU time per sample of each step of the fast path on compact shards (one thread)."""
+def _profile(urls: list[str], specs: list, n: int) -> dict[str, float]:
+    """CPU seconds per sample of each step of the fast path over ``n`` samples of ``urls``."""
     ds = ShardDataset(urls, specs, shuffle_buffer=0, packed=True)
     tf = PairedTransform(specs, 224, fast=True, seed=0)
     cost: dict[str, float] = {}
@@ -278,23 +278,35 @@ def step_profile(urls: list[str], specs: list, n: int) -> list[str]:
 
     stream = endless(lambda: ds._raw_stream(list(range(len(urls))), list(urls), None, None))
     for _ in range(n):
-        raw = clock("read tar entries (webdataset)", lambda: next(stream))
+        raw = clock("read tar entries", lambda: next(stream))
         meta = json.loads(raw.get("json", b"{}")).get("png_scale", {})
         sample = {"__key__": raw["__key__"]}
         for spec in specs:
             field = next(f for f in raw if f.split(".")[0] == spec.key and not f.startswith("__"))
             ext = field.split(".", 1)[1]
-            sample[spec.key] = clock(f"decode {spec.key} (.{ext})", lambda: decode_packed(
+            sample[spec.key] = clock(f"decode {spec.key}", lambda: decode_packed(
                 raw[field], ext, spec, float(meta.get(spec.key, 1e-3)), field))
         box, flip = clock("crop box + flip draw", lambda: tf.params(256, 256, tf._generator(sample)))
         for spec in specs:
             clock(f"transform {spec.key}", lambda: tf._apply_packed(sample[spec.key], spec, box, flip))
-    total = sum(cost.values())
-    out = ["## Where the fast path's time goes (compact shards, one thread)", "",
-           f"CPU time per sample of each step over {n} samples (the steps timed one by one, so the total is a "
-           f"little above the interleaved rate): {1e3 * total / n:.3f} ms, i.e. {n / total:.0f} samples/CPU-s.", "",
-           "| step | ms per sample | share |", "|---|---:|---:|"]
-    out += [f"| {k} | {1e3 * v / n:.3f} | {100 * v / total:.0f}% |" for k, v in cost.items()]
+    return {k: v / n for k, v in cost.items()}
+
+
+def step_profile(zst: list[str], png: list[str], specs: list, n: int) -> list[str]:
+    """Where the fast path's time goes: per-step CPU time on compact shards and on PNG maps (what
+    folders hold), one thread."""
+    cols = {"compact shards (.zst maps)": _profile(zst, specs, n), "PNG maps (as in folders)": _profile(png, specs, n)}
+    out = ["## Where the fast path's time goes (one thread)", "",
+           f"CPU ms per sample of each step over {n} samples, the steps timed one by one (so the totals are a "
+           "little above the interleaved rates); JPEG rgb in both, depth and semseg as .zst or 16-bit / 8-bit PNG.", "",
+           "| step | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for step in next(iter(cols.values())):
+        out.append(f"| {step} | " + " | ".join(f"{1e3 * c[step]:.3f} ({100 * c[step] / sum(c.values()):.0f}%)"
+                                               for c in cols.values()) + " |")
+    out.append("| total (samples per CPU second) | " + " | ".join(
+        f"{1e3 * sum(c.values()):.3f} ({1 / sum(c.values()):.0f})" for c in cols.values()) + " |")
+    for line in out:
+        print(line)
     return out + [""]
 
 
@@ -353,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {k: sum(os.path.getsize(u) for u in urls) / (n + 1) / 1024 for k, urls in (("png", png), ("zst", zst))}
         lines = paths_section(compare, load) + [
             f"Shard bytes per sample: {sizes['png']:.1f} KiB with PNG maps, {sizes['zst']:.1f} KiB with .zst maps.", ""]
-        lines += step_profile(zst, specs, n)
+        lines += step_profile(zst, png, specs, n)
         rates = {c["name"].split()[0]: c["rates"]["fast"][1] for c in compare}
         if not args.skip_keep_up:
             lines += keep_up(args, specs, tmp, zst, rates)
