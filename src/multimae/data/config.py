@@ -33,7 +33,7 @@ class DataConfig:
     shuffle_buffer: int = 1000  # shards
     on_error: Literal["raise", "skip"] = "raise"
     # the fast data path (folder / shards: Packed integer decoding + PairedTransform(fast=True)):
-    # rgb and semseg bit for bit as the reference path, depth within 1e-5; false: the reference
+    # semseg bit for bit as the reference path, rgb within 1e-6, depth within 1e-5; false: the reference
     fast_decode: bool = True
     # text modality (M3AE)
     tokenizer: str = "synthetic"  # "synthetic" (built in, offline), or a tokenizer.json / BERT vocab.txt

@@ -16,8 +16,9 @@ workers; call ``set_epoch`` every epoch); else (``seed=None``, the default) a pe
 seeded from ``torch.initial_seed()``, which DataLoader sets differently in every worker and epoch.
 
 ``PairedTransform(fast=True)`` (the training loader's default, ``data.fast_decode``) is the fast
-path over :class:`~multimae.data.codecs.Packed` fields: the same boxes, flips and seeds, rgb and
-semseg bit for bit the reference's, depth within 1e-5 (see ``tests/data/test_fast_path.py``).
+path over :class:`~multimae.data.codecs.Packed` fields: the same boxes, flips and seeds, semseg
+bit for bit the reference's, rgb within 1e-6 (a fused normalisation), depth within 1e-5 (see
+``tests/data/test_fast_path.py``).
 """
 from __future__ import annotations
 
@@ -273,8 +274,9 @@ class PairedTransform:
         fast: the fast path. :class:`~multimae.data.codecs.Packed` fields (datasets built with
             ``packed=True``) are cropped as integers -- rgb resized by the same uint8 kernel in
             place, depth converted to float only inside the crop box, semseg gathered by nearest
-            index from the crop box -- bit for bit the reference's output; depth (any input) is
-            robust-standardised by :func:`robust_standardize_fast` (equal to ~1e-6).
+            index from the crop box -- the reference's pixels, rgb normalised by one fused
+            multiply-add (within 1e-6); depth (any input) is robust-standardised by
+            :func:`robust_standardize_fast` (equal to ~1e-6).
             False (default): the reference path, which decodes packed fields first
             (:meth:`Packed.tensor`). Crop boxes, flips and seeding are the same in both.
 
