@@ -22,6 +22,7 @@ bit for bit the reference's, rgb within 1e-6 (a fused normalisation), depth with
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -232,12 +233,15 @@ def _dense_fast(x: Packed, box: Box, size: int, spec: ModalitySpec) -> tuple[Ten
     return torch.where(ok, num / den.clamp_min(1e-6), torch.zeros(())), ok
 
 
+@functools.lru_cache(maxsize=4096)  # a few hundred crop sides per output size: computed once each
 def nearest_exact_index(in_size: int, out_size: int) -> np.ndarray:
     """Source indices of ``InterpolationMode.NEAREST_EXACT`` (torch's float32 arithmetic):
-    ``min(floor((i + 0.5) * (in / out)), in - 1)``."""
+    ``min(floor((i + 0.5) * (in / out)), in - 1)``; read-only (shared by every call)."""
     scale = np.float32(in_size) / np.float32(out_size)
     idx = np.floor((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale).astype(np.int64)
-    return np.minimum(idx, in_size - 1)
+    idx = np.minimum(idx, in_size - 1)
+    idx.flags.writeable = False
+    return idx
 
 
 def _categorical_fast(x: Packed, box: Box, size: int, flip: bool) -> Tensor:
