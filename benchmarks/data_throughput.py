@@ -151,7 +151,7 @@ def plain_sample(rgb: bytes, depth: bytes, semseg: bytes, depth_scale: float = 1
     """One sample the way a user writes it without this library: Pillow decoding, one torchvision
     v2 RandomResizedCrop + flip applied jointly to Image / Image / Mask, normalisation, semseg at
     1/4, robust (trimmed 10%) depth standardisation over the valid pixels."""
-    img = tv_tensors.Image(torch.from_numpy(np.asarray(Image.open(io.BytesIO(rgb)).convert("RGB"))).permute(2, 0, 1))
+    img = tv_tensors.Image(v2.functional.pil_to_tensor(Image.open(io.BytesIO(rgb)).convert("RGB")))
     d = np.asarray(Image.open(io.BytesIO(depth))).astype(np.float32) * depth_scale
     dep = tv_tensors.Image(torch.from_numpy(d)[None])
     sem = tv_tensors.Mask(torch.from_numpy(np.asarray(Image.open(io.BytesIO(semseg))).astype(np.int64))[None])
