@@ -173,12 +173,10 @@ def _resize_categorical(x: Tensor, box: Box, size: int) -> Tensor:
     return out[0]
 
 
-def _bilinear(x: Tensor, size: int, antialias: bool = True) -> Tensor:
+def _bilinear(x: Tensor, size: int) -> Tensor:
     """``TF.resize(x, [size, size], BILINEAR, antialias=True)`` of a (C,h,w) float32 or uint8 tensor
     (a crop view), the same ``interpolate`` call without torchvision's per-call dispatch; uint8
-    only where torchvision resizes uint8 natively (else its own path). ``antialias=False`` (float
-    crops no larger than the output: the same interpolation, computed by the plain bilinear
-    kernel, ~2x faster and equal to ~1e-7 relative)."""
+    only where torchvision resizes uint8 natively (else its own path)."""
     c, h, w = x.shape
     if (h, w) == (size, size):
         return x  # torchvision returns the input unchanged too
@@ -188,8 +186,7 @@ def _bilinear(x: Tensor, size: int, antialias: bool = True) -> Tensor:
     strides = img.stride()
     if img.is_contiguous(memory_format=torch.channels_last) and img.numel() != strides[0]:
         img = img.as_strided((1, c, h, w), [img.numel(), *strides[1:]])  # as torchvision: keep channels-last
-    out = torch.nn.functional.interpolate(img, size=[size, size], mode="bilinear", align_corners=False,
-                                          antialias=antialias)
+    out = torch.nn.functional.interpolate(img, size=[size, size], mode="bilinear", align_corners=False, antialias=True)
     return out.reshape(c, size, size)
 
 
@@ -221,16 +218,14 @@ def _image_fast(x: Packed, box: Box, size: int, spec: ModalitySpec, flip: bool,
 
 
 def _dense_fast(x: Packed, box: Box, size: int, spec: ModalitySpec) -> tuple[Tensor, Tensor | None]:
-    """:func:`_resize_dense` of a packed one-channel map: only the crop is converted to float;
-    whether any pixel of the whole map is invalid (which picks the reference's plain or masked
-    interpolation) is read from the integers (0 = invalid for robust-standardised maps). The
-    validity is None when every pixel is valid; then a crop no larger than the output (upsampled:
-    antialiasing changes nothing) is resized by the plain bilinear kernel, equal to ~1e-7
-    relative; the masked interpolation is the reference's bit for bit (its 0.5 weight threshold)."""
+    """:func:`_resize_dense` of a packed one-channel map, bit for bit: only the crop is converted
+    to float; whether any pixel of the whole map is invalid (which picks the reference's plain or
+    masked interpolation) is read from the integers (0 = invalid for robust-standardised maps).
+    The validity is None when every pixel is valid."""
     top, left, h, w = box
     crop = x.dense_float(top, left, h, w)
     if spec.standardize != "robust" or bool(x.array.all()):  # every pixel valid: valid = None
-        return _bilinear(crop, size, antialias=h > size or w > size), None
+        return _bilinear(crop, size), None
     valid = crop != 0
     num = _bilinear(torch.where(valid, crop, torch.zeros(())), size)
     den = _bilinear(valid.float(), size)
