@@ -11,7 +11,7 @@ Paths, measured in one run in alternating chunks (``--rounds``) so that load cha
   RandomResizedCrop + flip over Image / Image / Mask, normalise, trimmed depth statistics);
 * reference: ``decode_field`` tensors + ``PairedTransform(fast=False)`` (``data.fast_decode=false``);
 * main fast: the fast path as main had it before issue 31 (PIL JPEG decoding, tarfile, PNG maps,
-  the older depth resize, depth statistics and rgb normalisation, :func:`main_fast_path`);
+  main's depth statistics and rgb normalisation, :func:`main_fast_path`);
 * fast: this fast path (simplejpeg, ``.zst`` maps in shards written by ``multimae data shards``).
 
 Fast vs reference outputs are compared sample by sample with the same seeds. A per-step profile
@@ -218,14 +218,6 @@ def _main_image_fast(x, box, size, spec, flip, norm):  # type: ignore[no-untyped
     return (out - _MEAN_STD[0]) / _MEAN_STD[1]
 
 
-_BILINEAR = transforms._bilinear
-
-
-def _main_bilinear(x: torch.Tensor, size: int, antialias: bool = True) -> torch.Tensor:
-    """main's resize: the antialiased kernel for every crop."""
-    return _BILINEAR(x, size)
-
-
 def _main_file_samples(url: str) -> Iterator[dict]:
     """main's tar reading: webdataset's expander (Python's tarfile)."""
     return tar_file_expander(url_opener([{"url": url}]))
@@ -233,11 +225,11 @@ def _main_file_samples(url: str) -> Iterator[dict]:
 
 @contextlib.contextmanager
 def main_fast_path() -> Iterator[None]:
-    """Run the fast path as main had it: PIL decodes JPEGs, tarfile reads shards, the old depth
-    resize, depth statistics and rgb normalisation (fed PNG maps, it is main's fast path; only
-    the cached nearest-exact indices of semseg stay)."""
+    """Run the fast path as main had it: PIL decodes JPEGs, tarfile reads shards, main's depth
+    statistics and rgb normalisation (fed PNG maps, it is main's fast path; only the cached
+    nearest-exact indices of semseg stay)."""
     patches = [(codecs, "simplejpeg", None), (transforms, "robust_standardize_fast", _main_robust_standardize_fast),
-               (transforms, "_image_fast", _main_image_fast), (transforms, "_bilinear", _main_bilinear),
+               (transforms, "_image_fast", _main_image_fast),
                (shards, "_file_samples", _main_file_samples)]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     for mod, name, value in patches:
