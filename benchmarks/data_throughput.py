@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num", type=int, default=200, help="samples per path and source")
     ap.add_argument("--rounds", type=int, default=8, help="alternating chunks of the interleaved comparison")
-    ap.add_argument("--quick", action="store_true", help="a dry run: 24 samples, 3 rounds, no keep-up part")
+    ap.add_argument("--quick", action="store_true", help="a dry run: at most 24 samples, 3 rounds, no keep-up part")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "data_throughput.md"))
     ap.add_argument("--step-seconds", type=float, default=None,
                     help="seconds per training step (batch 8) to compare the loader with (default: from vs_official.json)")
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-keep-up", action="store_true", help="skip the DataLoader / keep-up part")
     args = ap.parse_args(argv)
     if args.quick:
-        args.num, args.rounds, args.skip_keep_up, args.loader_batches = 24, 3, True, 4
+        args.num, args.rounds, args.skip_keep_up, args.loader_batches = min(args.num, 24), 3, True, 4
     torch.set_num_threads(1)
     n = args.num
     specs = modalities.resolve(PRETRAIN, SPEC_OVERRIDES)
