@@ -28,11 +28,14 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale (paper: 0.2-1)
     hflip: float = 0.5
     cache: bool = False  # synthetic: render once into memory, augment on the fly
-    num_workers: int = 2
+    # loader worker processes per rank; "auto": the cores this process may use, shared by this
+    # node's ranks (LOCAL_WORLD_SIZE), less one for the training step, 1 to 16 (shard runs resume
+    # exactly only with the same number: resume "auto" runs on the same kind of machine)
+    num_workers: int | Literal["auto"] = 2
     shuffle_buffer: int = 1000  # shards
     on_error: Literal["raise", "skip"] = "raise"
     # the fast data path (folder / shards: Packed integer decoding + PairedTransform(fast=True)):
-    # rgb and semseg bit for bit as the reference path, depth within 1e-5; false: the reference
+    # semseg bit for bit as the reference path, rgb within 1e-6, depth within 1e-5; false: the reference
     fast_decode: bool = True
     # text modality (M3AE)
     tokenizer: str = "synthetic"  # "synthetic" (built in, offline), or a tokenizer.json / BERT vocab.txt

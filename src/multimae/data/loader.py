@@ -19,6 +19,7 @@ hold, the patch size); it never imports the model, ``training/`` or ``viz``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
@@ -258,6 +259,21 @@ def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *,
     raise ValueError(f"data.source={data.source!r} is not a map-style dataset (shards stream instead)")
 
 
+def resolve_workers(num_workers: int | str, cores: int | None = None, local_ranks: int | None = None) -> int:
+    """``data.num_workers`` as a number: itself, or for ``"auto"`` the cores this process may use
+    (``cores``, default its CPU affinity) divided among this node's ranks (``local_ranks``, default
+    ``LOCAL_WORLD_SIZE``), less one core for the training step, clamped to 1..16."""
+    if num_workers != "auto":
+        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be a number >= 0 or 'auto', got {num_workers!r}")
+        return num_workers
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if local_ranks is None:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(16, cores // max(1, local_ranks) - 1))
+
+
 def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int, batch_size: int,
                  rank: int = 0, world_size: int = 1) -> tuple[DataLoader, "ResumableBatchSampler | StreamBatches"]:
     """Training DataLoader yielding ``(batch, plan)``, and its position: an object with
@@ -274,10 +290,11 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
     if data.image_only or data.text_only:
         unpaired = Unpairing([s.key for s in specs if s.kind == "text"], [s.key for s in specs if s.is_spatial],
                              data.image_only, data.text_only)
-    kw: dict[str, Any] = dict(num_workers=data.num_workers, collate_fn=collator,
+    workers = resolve_workers(data.num_workers)
+    kw: dict[str, Any] = dict(num_workers=workers, collate_fn=collator,
                               persistent_workers=False, pin_memory=torch.cuda.is_available(),
                               generator=torch.Generator().manual_seed(seed))  # never draws from the global RNG
-    if data.num_workers > 0:
+    if workers > 0:
         kw["prefetch_factor"] = 4
     if data.source == "shards":
         from multimae.data.shards import ShardDataset
