@@ -152,7 +152,7 @@ def load_exportable(source: str | os.PathLike, inputs: Sequence[str] | None = No
     from multimae.transfer.load import _read_init
 
     sd, recorded, _ = _read_init(source)  # read once: weights in MultiMAE names + the recorded architecture
-    enc_inputs = list(inputs) if inputs else (list(recorded.inputs) if recorded is not None else ["rgb"])
+    enc_inputs = list(inputs) if inputs else default_inputs(recorded)
     cfg = TransferModelConfig(encoder=recorded, inputs=enc_inputs,
                               head=HeadConfig(kind="classification", num_classes=1), drop_path=0.0)
     model, _ = build_transfer_model(cfg, init=sd)
@@ -163,9 +163,35 @@ def load_exportable(source: str | os.PathLike, inputs: Sequence[str] | None = No
     return enc.eval(), desc
 
 
+def default_inputs(recorded: Any) -> list[str]:
+    """An encoder export's inputs when none are asked for: the run's image-like inputs (rgb,
+    depth, ...), i.e. without per-pixel class ids (semseg) or text, which a deployed model
+    rarely has; ``rgb`` for weights that record no architecture."""
+    from multimae.modalities import get
+
+    names = list(recorded.inputs) if recorded is not None else ["rgb"]
+    overrides = getattr(recorded, "modalities", None) or {}
+
+    def kind(n: str) -> str:
+        try:
+            return get(n).kind
+        except (KeyError, ValueError):
+            return str(overrides.get(n, {}).get("kind", "image"))
+    chosen = [n for n in names if kind(n) in ("image", "dense")]
+    return chosen or names
+
+
 def _example(specs: Sequence[Any], size: int, batch: int, seed: int = 0) -> tuple[Tensor, ...]:
+    """Example inputs of each spec's shape and dtype: float (B,C,h,w); class ids int64 (B,h,w)."""
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(batch, sp.channels, size // sp.stride, size // sp.stride, generator=g) for sp in specs)
+    out = []
+    for sp in specs:
+        h = size // sp.stride
+        if sp.kind == "categorical":
+            out.append(torch.randint(0, sp.num_classes, (batch, h, h), generator=g))
+        else:
+            out.append(torch.randn(batch, sp.channels, h, h, generator=g))
+    return tuple(out)
 
 
 def export_onnx(source: str | os.PathLike | nn.Module, out: str | os.PathLike, inputs: Sequence[str] | None = None,

@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multimae.data.codecs import _png_bytes, decode_image, encode_png16
-from multimae.data.prepare.writing import write_bytes
+from multimae.data.codecs import _png_bytes, decode_image
 from multimae.data.errors import DataError
+from multimae.data.prepare.writing import write_bytes
+from multimae.predict_io import (ARRAY_DTYPES, DEFAULT_MAX_PIXELS, LowRes, check_identity, check_pixels, fingerprint,
+                                 output_names, write_array, write_colour, write_depth_png, write_ids, write_preview)
 
 META_FILE = "multimae_predict.json"
 CLS_FILE = "classification.jsonl"
@@ -58,6 +60,8 @@ class Output:
     kind: str
     classes: list[str] | None = None
     units: str | None = None
+    mean: tuple[float, ...] | None = None  # an image output's normalisation (undone in its preview)
+    std: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -125,7 +129,9 @@ class Predictor:
                 if s.kind == "text":
                     continue
                 if s.kind == "categorical":
-                    outs[t] = Output("segmentation", [str(i) for i in range(s.num_classes)])
+                    outs[t] = Output("segmentation", _pretrain_classes(pcfg, t, s.num_classes))
+                elif s.kind == "image" and s.mean is not None and not s.norm_pix:
+                    outs[t] = Output("dense", mean=tuple(s.mean), std=tuple(s.std or (1.0,) * len(s.mean)))
                 else:
                     outs[t] = Output("dense", units="robust-standardised" if s.standardize == "robust" else None)
             run_kind = "pretrain"
@@ -151,27 +157,33 @@ class Predictor:
 
     def predict_raw(self, raws: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Raw samples (modality key -> uint8 (C,H,W) / float dense) -> per sample, task ->
-        prediction at the sample's size (logits or values; classification (K,))."""
+        prediction at the sample's size (logits or values; classification (K,)). Memory: C*H*W
+        floats per dense task; :meth:`predict_lowres` keeps them at model resolution."""
+        return [{t: p.full() if isinstance(p, LowRes) else p for t, p in r.items()}
+                for r in self.predict_lowres(raws)]
+
+    def predict_lowres(self, raws: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor | LowRes]]:
+        """As :meth:`predict_raw`, dense predictions left at model resolution (:class:`LowRes`,
+        brought to full size band by band when written)."""
         if self.window:
             return [self._slide(r) for r in raws]
         # every image becomes one (S, S) model input, whatever its size: one forward per batch
         xs = [self.model_inputs(r) for r in raws]
         preds = self._forward({k: torch.stack([x[k] for x in xs]) for k in xs[0]})
-        res: list[dict[str, Tensor]] = [{} for _ in raws]
+        res: list[dict[str, Tensor | LowRes]] = [{} for _ in raws]
         for t, p in preds.items():
             for i, r in enumerate(raws):
                 res[i][t] = p[i].cpu() if p.ndim == 2 else self._unletterbox(p[i].cpu(), *_size(r))
         return res
 
-    def _unletterbox(self, p: Tensor, h: int, w: int) -> Tensor:
-        """(C,S,S) prediction of a letterboxed (h,w) image -> (C,h,w)."""
+    def _unletterbox(self, p: Tensor, h: int, w: int) -> LowRes:
+        """(C,S,S) prediction of a letterboxed (h,w) image -> its (C,h,w) mapping."""
         if not self.transform.letterbox:  # centre crop (dense prediction of a classification run: none)
-            return F.interpolate(p[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            return LowRes(p, (h, w), (h, w))
         s = max(h, w)
-        up = F.interpolate(p[None], size=(s, s), mode="bilinear", align_corners=False)[0]
-        return up[:, :h, :w].contiguous()
+        return LowRes(p, (h, w), (s, s))
 
-    def _slide(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _slide(self, raw: dict[str, Tensor]) -> dict[str, Tensor | LowRes]:
         """Sliding-window inference: the image resized so its shorter side is the model size, windows
         of the model size with stride 2/3 of it, logits / values averaged, resized back."""
         from torchvision.transforms import InterpolationMode
@@ -205,8 +217,7 @@ class Predictor:
                         sums[t] = torch.zeros(p.shape[0], H, W)
                     sums[t][:, y0:y0 + S, x0:x0 + S] += p
                 count[:, y0:y0 + S, x0:x0 + S] += 1
-        return {t: F.interpolate((v / count)[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-                for t, v in sums.items()}
+        return {t: LowRes(v / count, (h, w), (h, w)) for t, v in sums.items()}
 
     def __call__(self, images: Iterable[Any]) -> list[dict[str, Tensor]]:
         """rgb images (uint8 (3,H,W) tensors, paths or bytes) -> per image, task -> prediction
@@ -257,21 +268,30 @@ def _class_names(cfg: Any) -> list[str] | None:
     return n if n else ([str(i) for i in range(K)] if K else None)
 
 
+def _pretrain_classes(pcfg: Any, task: str, num_classes: int) -> list[str]:
+    """Class names of a pretraining run's categorical output: its source's, else those its
+    pseudo-labelled folder dataset records, else "0" .. "K-1"."""
+    from multimae.data.sources import get_source
+
+    names = None
+    try:
+        names = get_source(pcfg.data.source).classes("segmentation")
+        root = getattr(pcfg.data, "root", None)
+        if names is None and root:
+            from multimae.data.folder import read_meta
+
+            names = read_meta(root).get("pseudolabel", {}).get(task, {}).get("classes")
+    except (DataError, OSError, ValueError, AttributeError):
+        names = None
+    return list(names) if names and len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
 # ---------------------------------------------------------------------------------- writing
 
 def _colour(ids: Tensor, n: int) -> np.ndarray:
     from multimae.viz import palette
 
     return (palette(max(n, 1))[ids.clamp(0, max(n, 1) - 1)] * 255).round().byte().numpy()
-
-
-def _preview(x: Tensor) -> np.ndarray:
-    from multimae.viz import colormap
-
-    v = x[0].float()
-    lo, hi = torch.quantile(v.flatten(), 0.02), torch.quantile(v.flatten(), 0.98)
-    img = x[:3].float().add(1).div(2).clamp(0, 1) if x.shape[0] == 3 else colormap((v - lo) / (hi - lo + 1e-6))
-    return (img.permute(1, 2, 0) * 255).round().byte().numpy()
 
 
 def legend_png(classes: Sequence[str]) -> bytes:
@@ -288,42 +308,43 @@ def legend_png(classes: Sequence[str]) -> bytes:
     return _png_bytes(np.asarray(im), compress_level=1)
 
 
-def output_files(task: str, out: Output, name: str) -> list[str]:
-    """The files written for one image and task (relative to the output directory)."""
+def output_files(task: str, out: Output, name: str, arrays: str = "float32") -> list[str]:
+    """The files written for one image and task (relative to the output directory); ``arrays``:
+    ``none`` writes no ``.npy`` of a dense prediction."""
     if out.kind == "classification":
         return []
     if out.kind == "segmentation":
         return [f"{name}.{task}.png", f"{name}.{task}.color.png"]
     if out.kind == "depth":
         return [f"{name}.{task}.png", f"{name}.{task}.preview.png"]
-    return [f"{name}.{task}.npy", f"{name}.{task}.preview.png"]
+    return ([f"{name}.{task}.npy"] if arrays != "none" else []) + [f"{name}.{task}.preview.png"]
 
 
-def write_prediction(root: Path, task: str, out: Output, name: str, pred: Tensor, topk: int = 5) -> dict | None:
-    """Write one task's prediction of one image; returns the JSONL record of a classification."""
+def write_prediction(root: Path, task: str, out: Output, name: str, pred: Tensor | LowRes, topk: int = 5,
+                     arrays: str = "float32") -> dict | None:
+    """Write one task's prediction of one image (dense: at the image's size, band by band);
+    returns the JSONL record of a classification."""
     if out.kind == "classification":
+        assert isinstance(pred, Tensor)
         prob = pred.float().softmax(-1)
         k = min(topk, prob.numel())
         p, i = prob.topk(k)
         return {"image": name, "top": [{"class": int(c), "name": (out.classes or [])[int(c)] if out.classes else str(int(c)),
                                         "prob": float(q)} for q, c in zip(p, i)]}
-    files = [root / f for f in output_files(task, out, name)]
+    if isinstance(pred, Tensor):  # a full-size (C,H,W) prediction
+        pred = LowRes(pred, tuple(pred.shape[-2:]), tuple(pred.shape[-2:]))
+    files = [root / f for f in output_files(task, out, name, arrays)]
     if out.kind == "segmentation":
-        ids = pred.argmax(0)
-        n = len(out.classes or []) or pred.shape[0]
-        write_bytes(files[0], _png_bytes(ids.numpy().astype(np.uint8 if n <= 256 else np.uint16), compress_level=1))
-        write_bytes(files[1], _png_bytes(_colour(ids, n), compress_level=1))
+        n = len(out.classes or []) or pred.channels
+        ids = write_ids(files[0], pred, n)
+        write_colour(files[1], ids, n)
     elif out.kind == "depth":
-        q = np.clip(np.rint(pred[0].double().numpy() / DEPTH_PNG_SCALE), 0, 65535).astype(np.uint16)
-        write_bytes(files[0], encode_png16(q))
-        write_bytes(files[1], _png_bytes(_preview(pred), compress_level=1))
+        write_depth_png(files[0], pred, DEPTH_PNG_SCALE)
+        write_preview(files[1], pred)
     else:
-        import io
-
-        buf = io.BytesIO()
-        np.save(buf, pred.float().numpy())
-        write_bytes(files[0], buf.getvalue())
-        write_bytes(files[1], _png_bytes(_preview(pred), compress_level=1))
+        if arrays != "none":
+            write_array(files[0], pred, arrays)
+        write_preview(files[-1], pred, out.mean, out.std)
     return None
 
 
@@ -336,11 +357,52 @@ class PredictReport:
     bad_files: list[str] = field(default_factory=list)
 
 
+def resolve_arrays(arrays: str, run_kind: str) -> str:
+    """``auto``: float16 ``.npy`` of a fine-tuning run's dense head, none for a pretraining run
+    (its reconstructions get previews only)."""
+    if arrays not in ("auto", "none", *ARRAY_DTYPES):
+        raise DataError(f"--arrays {arrays}: expected auto, none, float16 or float32")
+    if arrays == "auto":
+        return "float16" if run_kind == "finetune" else "none"
+    return arrays
+
+
+def _open_items(input: Any) -> tuple[list[Any] | Iterable[Any], int | None, bool]:
+    """``(items, count, mirror)`` of a folder, explicit files or shards; ``mirror``: output
+    names are the items' relative paths."""
+    from multimae.pseudolabel.sources import InputItem, _file_reader, is_shard_input, open_input
+
+    specs = [str(x) for x in input] if isinstance(input, (list, tuple)) else [str(input)]
+    if len(specs) == 1 and Path(specs[0]).is_dir():
+        kind, items, total = open_input(specs[0])
+        return items, total, kind != "shards"
+    shards = [s for s in specs if is_shard_input(s)]
+    if shards and len(shards) == len(specs):
+        _, items, total = open_input(",".join(shards))
+        return items, total, False
+    if shards:
+        raise DataError(f"input {shards[0]}: .tar shards cannot be mixed with image files or folders")
+    paths = [Path(s) for s in specs]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"input {p}: not a file" + (" (give one folder, or files)" if p.is_dir() else ""))
+    names = output_names(paths)
+    items = [InputItem("all", n, p.suffix[1:].lower(), str(p), _file_reader(p), rel=n) for n, p in zip(names, paths)]
+    return items, len(items), True
+
+
 def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str], out: str | os.PathLike,
                   batch_size: int = 8, progress: bool = True, topk: int = 5,
-                  pairs: dict[str, str | os.PathLike] | None = None) -> PredictReport:
-    """Predict every image of ``input`` (a folder, image files, or .tar shards) into ``out``;
-    resumable (finished images are skipped), bad files reported, skipped and counted.
+                  pairs: dict[str, str | os.PathLike] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  arrays: str = "auto") -> PredictReport:
+    """Predict every image of ``input`` (a folder, image files, or .tar shards: paths, brace
+    patterns, comma lists) into ``out``; resumable (finished images are skipped), bad files
+    (unreadable, over ``max_pixels``, a duplicate output name) reported, skipped and counted.
+
+    Outputs mirror each input's relative path (``x/a.png`` -> ``OUT/x/a.<task>.png``; a dataset's
+    ``rgb/<class>/<name>`` -> ``OUT/<class>/<name>...``). ``OUT/multimae_predict.json`` records the
+    run's identity; a folder holding another run's predictions is refused. ``arrays``: dtype of
+    dense ``.npy`` outputs (:func:`resolve_arrays`).
 
     The first input modality is read from ``input``; every other one from a paired directory
     (``pairs[name]``; default for a dataset's ``rgb/`` input: its sibling ``<name>/``) holding a
@@ -348,24 +410,16 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
     from tqdm.auto import tqdm
 
     from multimae.pseudolabel.run import _batches
-    from multimae.pseudolabel.sources import InputItem, _file_reader, _safe_name, open_input
 
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    arrays = resolve_arrays(arrays, predictor.kind)
     pairs = {k: Path(v) for k, v in (pairs or {}).items()}
     root = Path(out)
+    items, total, mirror = _open_items(input)
+    identity = run_identity(predictor, arrays)
+    check_identity(root / META_FILE, identity)
     root.mkdir(parents=True, exist_ok=True)
-    if isinstance(input, (list, tuple)) and not (len(input) == 1 and Path(input[0]).is_dir()):
-        items: Any = []
-        for f in input:
-            p = Path(f)
-            if not p.is_file():
-                raise DataError(f"input {p}: not a file")
-            items.append(InputItem("all", _safe_name(p.stem), p.suffix[1:].lower(), str(p), _file_reader(p)))
-        total: int | None = len(items)
-    else:
-        spec = input[0] if isinstance(input, (list, tuple)) else input
-        _, items, total = open_input(spec)
     cls_path = root / CLS_FILE
     done_cls = set()
     if cls_path.exists():
@@ -373,21 +427,37 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
             if line.strip():
                 done_cls.add(json.loads(line)["image"])
     report = PredictReport()
+    _write_meta(root, predictor, report, identity, arrays)  # the identity, before the first output
     start = time.perf_counter()
     spec0 = predictor.inputs[0]
+    seen: dict[str, str] = {}
+
+    def name_of(it: Any) -> str:
+        return (it.rel or (it.name if it.cls == "all" else f"{it.cls}/{it.name}")) if mirror else it.name
 
     def done(name: str) -> bool:
         for t, o in predictor.outputs.items():
             if o.kind == "classification":
                 if name not in done_cls:
                     return False
-            elif not all((root / f).exists() for f in output_files(t, o, name)):
+            elif not all((root / f).exists() for f in output_files(t, o, name, arrays)):
                 return False
         return True
 
+    def bad(err: DataError) -> None:
+        report.bad += 1
+        report.bad_files.append(str(err))
+        print(f"skipped: {err}", flush=True)
+        bar.update(1)
+
     def pending() -> Iterable[Any]:
         for it in items:
-            if done(it.name):
+            name = name_of(it)
+            if name in seen:
+                bad(DataError(f"{it.where}: its outputs would overwrite those of {seen[name]} ({name}); rename one"))
+                continue
+            seen[name] = it.where
+            if done(name):
                 report.already_done += 1
                 bar.update(1)
                 continue
@@ -400,37 +470,46 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
             raws, names = [], []
             for it in batch:
                 try:
-                    raw = {spec0.key: decode_image(it.read(), spec0.channels, f"image {it.where}")}
+                    data = it.read()
+                    check_pixels(data, max_pixels, f"image {it.where}")
+                    raw = {spec0.key: decode_image(data, spec0.channels, f"image {it.where}")}
                     for sp in predictor.inputs[1:]:
                         raw[sp.key] = _paired(sp, it, input, pairs)
                     raws.append(raw)
-                    names.append(it.name)
+                    names.append(name_of(it))
                 except DataError as err:
-                    report.bad += 1
-                    report.bad_files.append(str(err))
-                    print(f"skipped: {err}", flush=True)
-                    bar.update(1)
+                    bad(err)
             if not raws:
                 continue
-            for name, preds in zip(names, predictor.predict_raw(raws)):
+            for name, preds in zip(names, predictor.predict_lowres(raws)):
                 for t, p in preds.items():
-                    rec = write_prediction(root, t, predictor.outputs[t], name, p, topk)
+                    rec = write_prediction(root, t, predictor.outputs[t], name, p, topk, arrays)
                     if rec is not None:
                         records.append(rec)
                 report.predicted += 1
+            del raws
             if records:
                 with open(cls_path, "a") as f:  # one line per image, appended after its batch
                     f.write("".join(json.dumps(r) + "\n" for r in records))
                     f.flush()
                     os.fsync(f.fileno())
                 records = []
-            bar.update(len(raws))
+            bar.update(len(names))
             bar.set_postfix(bad=report.bad, done_before=report.already_done, refresh=False)
     finally:
         bar.close()
         report.seconds = time.perf_counter() - start
-        _write_meta(root, predictor, report)
+        _write_meta(root, predictor, report, identity, arrays)
     return report
+
+
+def run_identity(predictor: Predictor, arrays: str) -> dict[str, Any]:
+    """What makes a folder's predictions one run's: the checkpoint (path and weights) and the
+    settings that change the outputs."""
+    ckpt = Path(predictor.run)
+    return {"checkpoint": str(ckpt.resolve()), "weights": fingerprint(ckpt),
+            "inputs": [s.name for s in predictor.inputs], "image_size": predictor.image_size,
+            "window": predictor.window, "arrays": arrays}
 
 
 def _paired(spec: Any, item: Any, input: Any, pairs: dict[str, Path]) -> Tensor:
@@ -464,7 +543,8 @@ def _paired(spec: Any, item: Any, input: Any, pairs: dict[str, Path]) -> Tensor:
     return v
 
 
-def _write_meta(root: Path, predictor: Predictor, report: PredictReport) -> None:
+def _write_meta(root: Path, predictor: Predictor, report: PredictReport, identity: dict[str, Any],
+                arrays: str) -> None:
     tasks = {}
     for t, o in predictor.outputs.items():
         info: dict[str, Any] = {"kind": o.kind}
@@ -474,7 +554,8 @@ def _write_meta(root: Path, predictor: Predictor, report: PredictReport) -> None
             info.update(png_scale=DEPTH_PNG_SCALE, units="the run's depth units (metres for metric data)",
                         files="<name>.%s.png (16-bit, value * png_scale), <name>.%s.preview.png" % (t, t))
         elif o.kind == "dense":
-            info["files"] = f"<name>.{t}.npy (float32 (C,H,W)), <name>.{t}.preview.png"
+            info["files"] = (f"<name>.{t}.npy ({arrays} (C,H,W)), " if arrays != "none" else "") + \
+                f"<name>.{t}.preview.png"
             if o.units:
                 info["units"] = o.units + (" (per-image standardised, not metres)" if o.units.startswith("robust") else "")
         elif o.kind == "segmentation":
@@ -483,7 +564,7 @@ def _write_meta(root: Path, predictor: Predictor, report: PredictReport) -> None
         else:
             info["files"] = f"{CLS_FILE} (top-k per image)"
         tasks[t] = info
-    meta = {"run": predictor.run, "run_kind": predictor.kind, "inputs": [s.name for s in predictor.inputs],
+    meta = {"run": predictor.run, "identity": identity, "run_kind": predictor.kind, "inputs": [s.name for s in predictor.inputs],
             "image_size": predictor.image_size, "window": predictor.window,
             "preprocessing": "sliding window" if predictor.window else
             ("letterbox" if predictor.transform.letterbox else "centre crop"),

@@ -224,3 +224,53 @@ def test_allowed_host_names(engine):
     assert allowed_hosts("fe80::1")[-1] == "[fe80::1]"
     wide = allowed_hosts("0.0.0.0")
     assert "0.0.0.0" not in wide and socket.gethostname().lower() in wide
+
+
+def _stalled_upload(url: str, declared: int = 100_000) -> socket.socket:
+    """An upload that sends its head and a few body bytes, then nothing."""
+    s = socket.create_connection(addr(url), timeout=30)
+    s.sendall(b"POST /api/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+              b"Content-Length: %d\r\n\r\n" % declared + b"\x89PNG\r\n\x1a\n")
+    return s
+
+
+def _answer(s: socket.socket) -> int:
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+        if b"\r\n\r\n" in data:
+            break
+    return int(data.split()[1]) if data else 0
+
+
+def test_stalled_uploads_get_a_deadline_and_cannot_starve_other_requests(engine):
+    """Uploads that stall mid-body: at most max_uploads are buffered (the rest wait upload_wait s,
+    unread, then get a 503), every other request is answered meanwhile, and the stalled ones get a
+    408 at the deadline."""
+    from multimae.demo.app import serving
+
+    deadline = 2.0
+    with serving(engine, body_timeout=deadline, max_uploads=2, upload_wait=0.5) as url:
+        t0 = time.monotonic()
+        stalled = [_stalled_upload(url) for _ in range(2)]
+        time.sleep(0.3)  # both are being read now
+        extra = [_stalled_upload(url) for _ in range(20)]
+        assert [_answer(s) for s in extra] == [503] * 20 and time.monotonic() - t0 < deadline
+        status, data = call(url, "/api/upload", raw=b"x" * 10)
+        assert status == 503 and "uploads are in progress" in data["error"]
+        assert ok(url, "/api/info")["grid"] == [4, 4]  # other requests go on
+        assert ok(url, "/api/sample", {"source": "synthetic", "index": 0})["id"]
+        assert time.monotonic() - t0 < deadline
+        assert [_answer(s) for s in stalled] == [408, 408]
+        assert deadline - 0.2 <= time.monotonic() - t0 <= deadline + 5
+        for s in stalled + extra:
+            s.close()
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buf, format="PNG")
+        assert ok(url, "/api/upload", raw=buf.getvalue(), headers={"Content-Type": "image/png"})["id"]
+        # a JSON body that stalls gets the same deadline
+        with socket.create_connection(addr(url), timeout=30) as s:
+            s.sendall(b"POST /api/mask HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{")
+            t1 = time.monotonic()
+            assert _answer(s) == 408 and deadline - 0.2 <= time.monotonic() - t1 <= deadline + 5

@@ -105,3 +105,23 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nope" in err and "Traceback" not in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_pretraining_run_with_semseg_input_exports_without_inputs(tmp_path, capsys):
+    """The docs' own example (no --inputs) on an rgb+depth+semseg run: the image-like inputs by
+    default; semseg asked for explicitly is traced with integer class ids."""
+    cfg = ModelConfig(preset="nano", dim=48, depth=1, num_heads=2, patch_size=8, image_size=32,
+                      modalities={"semseg": {"num_classes": 6}}, inputs=["rgb", "depth", "semseg"],
+                      outputs=["rgb"], decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    mae = MultiMAE(cfg)
+    save_checkpoint(tmp_path / "pre", 3, mae.state_dict(), {"step": 3}, {"config": {"model": to_dict(cfg)}, "epoch": 1})
+    assert main(["export", "--onnx", str(tmp_path / "e.onnx"), "--checkpoint", str(tmp_path / "pre")]) == 0
+    line = capsys.readouterr().out
+    assert "rgb (batch, 3, 32, 32), depth (batch, 1, 32, 32) ->" in line and "semseg" not in line
+    assert main(["export", "--onnx", str(tmp_path / "s.onnx"), "--checkpoint", str(tmp_path / "pre"),
+                 "--inputs", "rgb,semseg"]) == 0
+    assert "semseg (batch, 8, 8)" in capsys.readouterr().out
+    feeds = {"rgb": torch.randn(2, 3, 32, 32), "semseg": torch.randint(0, 6, (2, 8, 8))}
+    with torch.no_grad():
+        want = mae.encode(feeds).tokens
+    np.testing.assert_allclose(run_onnx(tmp_path / "s.onnx", feeds), want.numpy(), atol=1e-4, rtol=0)

@@ -131,3 +131,26 @@ def test_on_error_skip_skips_every_per_sample_error(tmp_path, caplog):
     for name, what in (("rgb/all/s0.png", "truncated or not an image"), ("s1", "different sizes"),
                        ("semseg/all/s2.png", "class id 9")):
         assert any(name in m and what in m for m in skipped), (name, skipped)
+
+
+def test_folder_classification_takes_its_classes_and_keeps_their_names(tmp_path, capsys):
+    """folder-cls (num_classes: null) on a 4-class folder: a 4-way head, the names in the run's
+    config, classification.jsonl and the ONNX metadata; a num_classes that disagrees is one line."""
+    from multimae.predict import Predictor, predict_files
+
+    classes = ["cat", "dog", "eel", "fox"]
+    _cls_tree(tmp_path, {"train": {c: 1 for c in classes}, "val": {c: 1 for c in classes}})
+    assert _finetune(tmp_path, "folder-cls", tmp_path, "model.head.num_classes=1000") == 2
+    line = _err(capsys)
+    assert "4 class directories" in line and "model.head.num_classes=1000" in line and "null" in line
+    assert _finetune(tmp_path, "folder-cls", tmp_path) == 0
+    run = tmp_path / "runs" / "r"
+    pred = Predictor.from_run(run, device="cpu")
+    assert pred.outputs["label"].classes == classes
+    r = predict_files(pred, tmp_path / "val" / "rgb" / "dog", tmp_path / "o", progress=False)
+    assert r.predicted == 1
+    rec = json.loads((tmp_path / "o" / "classification.jsonl").read_text().splitlines()[0])
+    assert len(rec["top"]) == 4 and {t["name"] for t in rec["top"]} == set(classes)
+    from multimae.export import load_exportable
+
+    assert load_exportable(run)[1]["classes"] == classes  # written as the ONNX file's multimae.classes

@@ -230,3 +230,28 @@ def test_chunked_upsampled_argmax_equals_the_full_one():
     scores = torch.randn(133, 13, 17)
     full = F.interpolate(scores[None], size=(50, 70), mode="bilinear", align_corners=False)[0].argmax(0)
     assert torch.equal(upsampled_argmax(scores, (50, 70), chunk=16), full)
+
+
+class OtherModel(ConstLabeler):
+    def info(self):
+        out = super().info()
+        return {t: {**v, "model": "another/checkpoint"} for t, v in out.items()}
+
+
+def test_duplicate_shard_keys_are_bad_and_another_labeller_is_refused(labelled, tmp_path):
+    import webdataset as wds
+
+    from multimae.data.errors import DataError
+
+    _, photos, _ = labelled
+    for i in range(2):  # the same key in two shards
+        with wds.TarWriter(str(tmp_path / f"in-{i:06d}.tar")) as w:
+            w.write({"__key__": "same", "jpg": (photos / "astronaut.jpg").read_bytes()})
+            w.write({"__key__": f"own{i}", "jpg": (photos / "astronaut.jpg").read_bytes()})
+    out = tmp_path / "out"
+    rep = pseudolabel(str(tmp_path / "in-{000000..000001}.tar"), out, [ConstLabeler()], progress=False)
+    assert (rep.labelled, rep.bad) == (3, 1)
+    with pytest.raises(DataError, match="use another --out"):
+        pseudolabel(str(tmp_path / "in-000000.tar"), out, [OtherModel()], progress=False)
+    rep = pseudolabel(str(tmp_path / "in-000000.tar"), out, [ConstLabeler()], progress=False)
+    assert (rep.labelled, rep.already_done) == (0, 2)

@@ -13,10 +13,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Predict every image of --input with a fine-tuning run (classification top-k to "
                     "classification.jsonl; segmentation ids + colour PNG; depth 16-bit PNG + preview; other dense "
                     "targets .npy + preview) or a pretraining run (every decoder's prediction from --inputs), at each "
-                    "image's upright original size. Re-running skips finished images; unreadable images are "
-                    "reported, skipped and counted. OUT/multimae_predict.json records scales, classes and counts.")
+                    "image's upright original size; outputs mirror each input's relative path. Re-running with the "
+                    "same run skips finished images (another run into the same OUT is refused); unreadable or "
+                    "over-budget images are reported, skipped and counted. OUT/multimae_predict.json records the "
+                    "run, scales, classes and counts.")
     p.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
-    p.add_argument("--input", required=True, nargs="+", help="an image folder, image files, or .tar shards")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="an image folder, image files, or .tar shards (files, a brace pattern or a comma list)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--inputs", default=None, help="input modalities, comma-separated (default: the run's / rgb)")
     p.add_argument("--pair", action="append", default=[], metavar="MODALITY=DIR",
@@ -29,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", action="store_true",
                    help="sliding-window inference (averaged overlapping windows) instead of letterboxing")
     p.add_argument("--topk", type=int, default=5, help="classification: classes per image")
+    p.add_argument("--max-pixels", type=int, default=40_000_000,
+                   help="images with more pixels (read from the header) are reported as bad (0: no limit)")
+    p.add_argument("--arrays", choices=("auto", "none", "float16", "float32"), default="auto",
+                   help=".npy of dense predictions: auto = float16 for a fine-tuning run, none for a pretraining "
+                        "run (previews only)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -45,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = dict(x.split("=", 1) for x in args.pair)
     pred = Predictor.from_run(args.checkpoint, args.device, args.precision, inputs, args.window)
     r = predict_files(pred, args.input, args.out, args.batch_size, not args.no_progress, args.topk,
-                      pairs)
+                      pairs, max_pixels=args.max_pixels, arrays=args.arrays)
     print(f"predicted {r.predicted} images ({r.already_done} done before, {r.bad} bad) in {r.seconds:.1f}s "
           f"-> {args.out}", flush=True)
     return 0

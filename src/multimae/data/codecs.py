@@ -168,7 +168,14 @@ def decode_image(data: bytes, channels: int, where: str) -> Tensor:
     """An image file -> uint8 (C,H,W), upright (EXIF), 16-bit scaled, alpha composited
     (:func:`image_pixels`)."""
     arr = read_pixels(data, channels, where)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return _writable_tensor(arr.transpose(2, 0, 1))
+
+
+def _writable_tensor(arr: np.ndarray) -> Tensor:
+    """A tensor of ``arr``'s values owning writable memory (PIL's arrays are read-only; a one-channel
+    image's (1,H,W) view is contiguous already, so ``ascontiguousarray`` alone would not copy it)."""
+    out = np.ascontiguousarray(arr)
+    return torch.from_numpy(out if out.flags.writeable else out.copy())
 
 
 # --- compact integer maps (.zst: a zstd-compressed .npy of the PNG's pixels) ---------------------
@@ -353,7 +360,7 @@ class Packed:
     def tensor(self) -> Tensor:
         """The reference decoding: bit for bit what :func:`decode_field` gives for this file."""
         if self.kind == "image":
-            return torch.from_numpy(np.ascontiguousarray(self.array.transpose(2, 0, 1)))
+            return _writable_tensor(self.array.transpose(2, 0, 1))
         if self.kind == "dense":
             return torch.from_numpy((self.array.astype(np.float64) * self.scale).astype(np.float32)[None])
         return torch.from_numpy(self.array.astype(np.int64))

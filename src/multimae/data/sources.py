@@ -113,7 +113,7 @@ def _folder_dataset(r: Request) -> Dataset:
         # every split indexes the training split's classes (sorted directory names, as
         # torchvision's ImageFolder), so a class missing from one split shifts no label
         first = r.fields[0].key
-        classes = read_meta(d.root).get("classes") or [
+        classes = getattr(d, "classes", None) or read_meta(d.root).get("classes") or [
             c for c in class_directories(d.root, d.train_split, first) if c != UNLABELLED]
         k = r.num_classes
         if k is not None and len(classes) > k:

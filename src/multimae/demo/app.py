@@ -14,7 +14,10 @@ Endpoints (JSON in and out; errors are ``{"error": message}`` with a 4xx status)
   ``{"sample", "modality": "caption", "caption": text}``: an edited sample.
 
 Limits: request line + headers within ``HEADER_TIMEOUT`` s and ``MAX_HEAD_BYTES`` (else the
-connection is closed, or answered 414 / 431); JSON endpoints take only ``Content-Type:
+connection is closed, or answered 414 / 431); a request body within ``BODY_TIMEOUT`` s (else 408);
+at most ``MAX_UPLOADS`` uploads buffered and decoded at once (another one waits up to
+``UPLOAD_WAIT`` s for its turn, unread, then gets a 503: stalled uploads cannot hold the memory or
+the connections other requests need); JSON endpoints take only ``Content-Type:
 application/json``, uploads only ``image/*`` or ``application/octet-stream`` (else 415: a
 cross-site page cannot POST to them without a CORS preflight); only the Host names of
 :func:`allowed_hosts` are answered (DNS rebinding); error messages quote at most 200 characters
@@ -51,6 +54,9 @@ STATIC = Path(__file__).parent / "static"
 MAX_JSON_BYTES = 1 << 20
 DRAIN_LIMIT = 64 << 20  # bodies over the limit but under this are read to the end before the 413
 HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's line and headers
+BODY_TIMEOUT = 30.0  # seconds a client has to send a request's body once its head is in
+MAX_UPLOADS = 8  # uploads read and decoded at once (each up to Limits.max_upload_bytes)
+UPLOAD_WAIT = 5.0  # seconds an upload waits for its turn before a 503
 KEEP_ALIVE_TIMEOUT = 5.0  # seconds an idle kept-alive connection stays open
 MAX_HEAD_BYTES = 32 << 10  # request line + headers; longer ones get a 414 / 431
 LINGER_BYTES, LINGER_SECONDS = 16 << 20, 5.0  # after such an answer, the rest of the request is read and dropped
@@ -59,20 +65,30 @@ IMAGE_TYPES = ("image/", "application/octet-stream")
 log = logging.getLogger("multimae.demo")
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    """The request body; 413 past ``limit`` bytes. A body up to ``DRAIN_LIMIT`` is read to its
-    end first (and dropped), so that the client, still sending, gets the 413 rather than a reset
-    connection; a larger one is refused at once."""
+async def _body(request: Request, limit: int, timeout: float = BODY_TIMEOUT) -> bytes:
+    """The request body; 413 past ``limit`` bytes, 408 when it is not all in within ``timeout``
+    seconds. A body up to ``DRAIN_LIMIT`` is read to its end first (and dropped), so that the
+    client, still sending, gets the 413 rather than a reset connection; a larger one is refused
+    at once."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max(limit, DRAIN_LIMIT):
         raise DemoError(f"request body of {declared} bytes is over the limit of {limit} bytes", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
-        elif size > DRAIN_LIMIT:
-            break
+    chunks: list[bytes] = []
+    size = 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > DRAIN_LIMIT:
+                break
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        chunks.clear()
+        raise DemoError(f"request body not received within {timeout:g} s ({size} bytes came)", 408) from None
     if size > limit:
         raise DemoError(f"request body of {size if size <= DRAIN_LIMIT else 'over ' + str(DRAIN_LIMIT)} bytes "
                         f"is over the limit of {limit} bytes", 413)
@@ -83,12 +99,12 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def _json(request: Request) -> dict[str, Any]:
+async def _json_body(request: Request, timeout: float = BODY_TIMEOUT) -> dict[str, Any]:
     ctype = _content_type(request)
     if ctype != "application/json":  # a cross-site form or text/plain POST never gets this far
         raise DemoError(f"request body must be JSON sent as Content-Type: application/json, got "
                         f"{short(ctype or 'none')}", 415)
-    raw = await _body(request, MAX_JSON_BYTES)
+    raw = await _body(request, MAX_JSON_BYTES, timeout)
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -116,9 +132,15 @@ def allowed_hosts(host: str | None = None) -> list[str]:
     return list(dict.fromkeys((f"[{n}]" if ":" in n and not n.startswith("[") else n).lower() for n in names))
 
 
-def create_app(engine: DemoEngine, hosts: list[str] | None = None) -> Starlette:
+def create_app(engine: DemoEngine, hosts: list[str] | None = None, body_timeout: float = BODY_TIMEOUT,
+               max_uploads: int = MAX_UPLOADS, upload_wait: float = UPLOAD_WAIT) -> Starlette:
     """The ASGI app serving ``engine``; requests whose Host is not in ``hosts`` (default:
-    :func:`allowed_hosts`) get a 400."""
+    :func:`allowed_hosts`) get a 400; a body has ``body_timeout`` seconds to arrive; at most
+    ``max_uploads`` uploads are buffered at once, another waits ``upload_wait`` s for its turn."""
+    slots = asyncio.Semaphore(max_uploads)  # uploads being read or decoded
+
+    async def _json(request: Request) -> dict[str, Any]:
+        return await _json_body(request, body_timeout)
 
     def endpoint(fn: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Response]]:
         async def wrapped(request: Request) -> Response:
@@ -153,8 +175,17 @@ def create_app(engine: DemoEngine, hosts: list[str] | None = None) -> Starlette:
         if not ctype.startswith(IMAGE_TYPES):
             raise DemoError(f"an upload is the image file's bytes sent as Content-Type: image/... or "
                             f"application/octet-stream, got {short(ctype or 'none')}", 415)
-        data = await _body(request, engine.limits.max_upload_bytes)
-        s = await run_in_threadpool(engine.upload, data)
+        try:
+            await asyncio.wait_for(slots.acquire(), upload_wait)
+        except asyncio.TimeoutError:
+            raise DemoError(f"{max_uploads} uploads are in progress, the most at once; try again shortly",
+                            503) from None
+        try:
+            data = await _body(request, engine.limits.max_upload_bytes, body_timeout)
+            s = await run_in_threadpool(engine.upload, data)
+            del data
+        finally:
+            slots.release()
         return await run_in_threadpool(engine.describe, s)
 
     async def mask(request: Request) -> Any:
@@ -294,10 +325,11 @@ def _protocol(header_timeout: float) -> type:
     return DemoH11Protocol
 
 
-def _server(engine: DemoEngine, log_level: str, host: str | None = None, header_timeout: float = HEADER_TIMEOUT) -> Any:
+def _server(engine: DemoEngine, log_level: str, host: str | None = None, header_timeout: float = HEADER_TIMEOUT,
+            body_timeout: float = BODY_TIMEOUT, max_uploads: int = MAX_UPLOADS, upload_wait: float = UPLOAD_WAIT) -> Any:
     import uvicorn
 
-    config = uvicorn.Config(create_app(engine, allowed_hosts(host)), log_level=log_level, access_log=False,
+    config = uvicorn.Config(create_app(engine, allowed_hosts(host), body_timeout, max_uploads, upload_wait), log_level=log_level, access_log=False,
                             lifespan="off", limit_concurrency=1000, timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
                             h11_max_incomplete_event_size=MAX_HEAD_BYTES, http=_protocol(header_timeout))
     return uvicorn.Server(config)
@@ -316,11 +348,12 @@ def serve(engine: DemoEngine, sock: socket.socket, log_level: str = "warning",
 
 @contextlib.contextmanager
 def serving(engine: DemoEngine, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-            header_timeout: float = HEADER_TIMEOUT) -> Iterator[str]:
+            header_timeout: float = HEADER_TIMEOUT, body_timeout: float = BODY_TIMEOUT,
+            max_uploads: int = MAX_UPLOADS, upload_wait: float = UPLOAD_WAIT) -> Iterator[str]:
     """Serve in a background thread for the duration of the block; yields the URL (tests,
     notebooks)."""
     sock = bind(host, port)
-    server = _server(engine, log_level, host, header_timeout)
+    server = _server(engine, log_level, host, header_timeout, body_timeout, max_uploads, upload_wait)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="multimae-demo")
     thread.start()
     try:

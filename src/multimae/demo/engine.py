@@ -483,6 +483,10 @@ def engine_from_checkpoint(path: str | Path, data: str | Path | None = None, spl
         chosen = split or ("val" if (Path(root) / "val").is_dir() else cfg.data.split)
         folder = (root, chosen)
     names = source.classes("segmentation")
+    if names is None and root is not None:  # a pseudo-labelled folder dataset records its class names
+        from multimae.data.folder import read_meta
+
+        names = read_meta(root).get("pseudolabel", {}).get("semseg", {}).get("classes")
     tokenizer, ratio = None, 0.75  # M3AE's text mask ratio
     texts = [s for s in model.input_specs.values() if s.kind == "text"]
     if texts:

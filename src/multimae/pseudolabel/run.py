@@ -182,11 +182,12 @@ def _record_meta(root: Path, info: dict, depth_scale: float | None, fmt: str) ->
     def update(meta: dict) -> None:
         old = meta.get("pseudolabel", {})
         for task, facts in info.items():
-            prev = old.get(task)
-            for k in ("units", "label_set", "num_classes", "classes"):
-                if prev and k in prev and k in facts and prev[k] != facts[k]:
-                    raise DataError(f"{root / META_FILE}: {task} was labelled with {k}={prev[k]!r}, this run gives "
-                                    f"{facts[k]!r}; use another --out")
+            prev = old.get(task) or {}
+            for k in ("labeler", "model", "units", "label_set", "num_classes", "classes"):
+                known = (k in prev or k in facts) if k in ("labeler", "model") else (k in prev and k in facts)
+                if prev and known and prev.get(k) != facts.get(k):
+                    raise DataError(f"{root / META_FILE}: {task} was labelled with {k}={prev.get(k)!r}, this run gives "
+                                    f"{facts.get(k)!r}; use another --out")
         meta["pseudolabel"] = {**old, **info}
         if depth_scale is not None:
             meta["png_scale"] = {**meta.get("png_scale", {}), "depth": depth_scale}
@@ -259,7 +260,7 @@ def pseudolabel(input: str | os.PathLike, out: str | os.PathLike, labelers: Sequ
     start = time.perf_counter()
     bar = tqdm(total=total, unit="img", desc="pseudolabel", disable=not progress, dynamic_ncols=True)
     try:
-        for batch in _batches(_pending(items, writer, report, bar), batch_size):
+        for batch in _batches(_pending(items, writer, report, bar, policy), batch_size):
             decoded = []
             for it in batch:
                 try:
@@ -298,9 +299,17 @@ def pseudolabel(input: str | os.PathLike, out: str | os.PathLike, labelers: Sequ
 
 
 def _pending(items: Iterable[InputItem], writer: FolderWriter | ShardWriter, report: PseudolabelReport,
-             bar) -> Iterator[InputItem]:
-    """The items not labelled yet (resume); the others are counted as already done."""
+             bar, policy: ErrorPolicy) -> Iterator[InputItem]:
+    """The items not labelled yet (resume); the others are counted as already done. An item whose
+    output name an earlier one has (the same key in two shards) is a bad input, never an overwrite."""
+    seen: dict[str, str] = {}
     for it in items:
+        if it.key in seen:
+            policy.handle(DataError(f"{it.where}: would be written as {it.key}, as {seen[it.key]} is; rename one"))
+            report.bad += 1
+            bar.update(1)
+            continue
+        seen[it.key] = it.where
         if writer.done(it):
             report.already_done += 1
             bar.update(1)

@@ -13,17 +13,22 @@ from multimae.data.codecs import IMAGE_EXTS
 from multimae.data.errors import DataError
 
 SHARD_FIELDS = ("rgb.jpg", "rgb.jpeg", "rgb.png", "rgb.webp", "jpg", "jpeg", "png", "webp")
+#: what a folder walk reads: the library's image formats and GIF (its first frame), as an explicit
+#: file and the demo's uploads
+WALK_EXTS = (*IMAGE_EXTS, "gif")
 
 
 @dataclass
 class InputItem:
-    """One image to label: the output ``cls/name``, its bytes (read lazily) and the file extension."""
+    """One image to label: the output ``cls/name``, its bytes (read lazily) and the file extension;
+    ``rel``: its path relative to the input folder, without extension (predict mirrors it)."""
 
     cls: str
     name: str
     ext: str
     where: str
     read: Callable[[], bytes]
+    rel: str | None = None
 
     @property
     def key(self) -> str:
@@ -45,10 +50,19 @@ def _file_reader(path: Path) -> Callable[[], bytes]:
 
 
 def _images_under(root: Path) -> list[Path]:
-    exts = {f".{e}" for e in IMAGE_EXTS}
+    """Image files under ``root``; symbolic links to folders are followed, each real folder once
+    (a link loop is not walked again)."""
+    exts = {f".{e}" for e in WALK_EXTS}
     out = []
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.realpath(os.path.join(dirpath, d)) not in seen)
         out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and Path(f).suffix.lower() in exts]
     return out
 
@@ -66,15 +80,16 @@ def folder_items(root: Path) -> list[InputItem]:
     """Every image under ``root`` (recursively) -> class ``all``, name = its relative path."""
     files = _images_under(root)
     if not files:
-        raise DataError(f"{root}: no image files (.{'/.'.join(IMAGE_EXTS)}) found")
-    items = [InputItem("all", _safe_name(str(f.relative_to(root).with_suffix(""))), f.suffix[1:].lower(), str(f),
-                       _file_reader(f)) for f in files]
+        raise DataError(f"{root}: no image files (.{'/.'.join(WALK_EXTS)}) found")
+    rels = [f.relative_to(root).with_suffix("").as_posix() for f in files]
+    items = [InputItem("all", _safe_name(r), f.suffix[1:].lower(), str(f), _file_reader(f), rel=r)
+             for r, f in zip(rels, files)]
     return _check_unique(items)
 
 
 def layout_items(rgb_dir: Path) -> list[InputItem]:
     """The official layout's ``rgb/<class or all>/<name>.<ext>``: class and name are kept."""
-    exts = {f".{e}" for e in IMAGE_EXTS}
+    exts = {f".{e}" for e in WALK_EXTS}
     items = []
     for cdir in sorted(p for p in rgb_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for f in sorted(cdir.iterdir()):

@@ -10,6 +10,7 @@ from typing import Callable
 
 from torch.utils.data import Dataset
 
+from multimae.data.errors import DataError
 from multimae.data.sources import get_source
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
 from multimae.transfer import LoadReport, TransferModel, build_transfer_model
@@ -25,15 +26,37 @@ def default_run_name(cfg: FinetuneConfig, prefix: str = "ft") -> str:
     return f"{prefix}-{cfg.model.head.kind}-{'+'.join(cfg.model.inputs)}-{init}"
 
 
+def _folder_classes(cfg: FinetuneConfig) -> list[str] | None:
+    """``data.classes``, else a folder source's class names for a classification head (the
+    training split's class directories, or those ``multimae_data.json`` records)."""
+    d = cfg.data
+    if d.classes or cfg.model.head.kind != "classification" or d.source != "folder" or not d.root:
+        return d.classes
+    from multimae.data.folder import UNLABELLED, class_directories, read_meta
+
+    return list(read_meta(d.root).get("classes") or [
+        c for c in class_directories(d.root, d.train_split, cfg.model.inputs[0]) if c != UNLABELLED])
+
+
 def prepare(cfg: FinetuneConfig, init: str | None = None) -> tuple[TransferModel, LoadReport, FinetuneConfig]:
     """Build the transfer model from ``init`` (default ``cfg.init``) and return the config
     completed with what the model fixed (encoder architecture read from the init, number of
     classes of a source with fixed classes, run name): a copy, ``cfg`` is not changed."""
     head = cfg.model.head
+    cfg = replace(cfg, data=replace(cfg.data, classes=_folder_classes(cfg)))
     if head.num_classes is None:
-        names = get_source(cfg.data.source).classes(head.kind)
+        names = cfg.data.classes if head.kind == "classification" and cfg.data.classes else \
+            get_source(cfg.data.source).classes(head.kind)
         if names is not None:
             head = replace(head, num_classes=len(names))
+    elif head.kind == "classification" and cfg.data.classes and head.num_classes != len(cfg.data.classes):
+        c = cfg.data.classes
+        d = cfg.data
+        where = "data.classes has" if d.source != "folder" else \
+            f"{d.root}/{d.train_split}/{cfg.model.inputs[0]}: the data has"
+        raise DataError(f"{where} {len(c)} class directories ({', '.join(c[:5])}{' ...' if len(c) > 5 else ''}) but "
+                        f"model.head.num_classes={head.num_classes}; set model.head.num_classes={len(c)} "
+                        f"(or null: taken from the data)")
     if head.kind == "dense" and cfg.model.head.out_channels == 1 and target_of(cfg) == "normals":
         head = replace(head, out_channels=3)
     cfg = replace(cfg, model=replace(cfg.model, head=head))

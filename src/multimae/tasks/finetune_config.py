@@ -34,6 +34,9 @@ class FinetuneDataConfig:
     # what is predicted: None -> "label" (classification), "semseg" (segmentation), "depth"
     # (depth); a dense head needs a modality name (e.g. "normals")
     target: str | None = None
+    # classification: the class names, label i = classes[i]; None for a folder source: its
+    # training split's class directories (or multimae_data.json's classes), recorded in the run
+    classes: list[str] | None = None
     image_size: int = 64
     seed: int = DOWNSTREAM_SEED  # synthetic: streams seed+0 / +1 / +2 are train / val / test
     train_samples: int = 1024  # synthetic: scenes per split

@@ -197,9 +197,12 @@ def format_metrics_table(res: dict[str, Any]) -> str:
 
 
 def class_names(cfg: FinetuneConfig) -> list[str] | None:
-    """The class names of the run's source, when it fixes them (the synthetic scenes)."""
+    """The class names of the run: ``data.classes`` (a folder source's, recorded), else its
+    source's when it fixes them (the synthetic scenes)."""
     from multimae.data.sources import get_source
 
+    if cfg.model.head.kind == "classification" and cfg.data.classes:
+        return list(cfg.data.classes)
     return get_source(cfg.data.source).classes(cfg.model.head.kind)
 
 
