@@ -104,6 +104,10 @@ class Trainer:
             tune_malloc()
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         task.build(self.device, self.info)
+        # one writer per run: rank 0 holds the run directory's lock until fit() ends (or the process
+        # does); then the checkpoint to resume, of this same run (before anything reads the data)
+        self._lock = acquire_lock(self.run_dir) if self.info.is_main else None
+        self._resume_from = self._checkpoint_to_resume()
         self.model = task.model.to(self.device)
         # activation checkpointing and FSDP sharding, in place, before the optimizer is built (FSDP
         # replaces the parameters); a no-op for train.parallel=ddp without checkpointing
@@ -130,8 +134,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.step = 0
         self._rng_after_resume: dict | None = None
-        # one writer per run: rank 0 holds the run directory's lock until fit() ends (or the process does)
-        self._lock = acquire_lock(self.run_dir) if self.info.is_main else None
         self._resume()
         task.started(self)
         seed = D.rank_seed(t.seed, self.info.rank) + self.step
@@ -170,19 +172,26 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self._rng_after_resume = int(state["step"]), state.get("rng")
 
-    def _resume(self) -> None:
+    def _checkpoint_to_resume(self) -> Path | None:
+        """``train.resume``: ``auto`` the run's latest checkpoint if the config defines the same run
+        (a one-line error naming the keys otherwise), ``force`` the latest whatever the config, a
+        path that checkpoint (same check), null none (a run directory with checkpoints refused)."""
         r = self.cfg.train.resume
         if not r:
             if find_latest(self.run_dir) is not None:
                 raise CheckpointError(f"{self.run_dir} already holds checkpoints of another run; resume it "
                                       "(train.resume=auto), or pick another train.run_name")
-            return
+            return None
         path = find_latest(self.run_dir) if r in ("auto", "force") else resolve_checkpoint(r)
-        if path is None:
-            return
-        if r != "force":  # the same run only: a defining key that differs is a one-line error
+        if path is not None and r != "force":
             check_same_run(load_meta(path).get("config"), config_lib.to_dict(self.cfg),
                            SCHEDULE_ONLY | self.task.schedule_only, path)
+        return path
+
+    def _resume(self) -> None:
+        path = self._resume_from
+        if path is None:
+            return
         # a DDP checkpoint as saved by rank 0; an FSDP one (sharded/) through DCP on every rank
         self.step, self._rng_after_resume = P.restore(path, self.model, self.optimizer, self.scheduler, self.scaler)
         if self.info.is_main:
