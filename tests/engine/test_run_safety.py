@@ -188,3 +188,41 @@ def test_torchrun_elastic_restart_after_a_killed_rank_finishes_bitwise(reference
     assert "exitcode: -9" in err, err[-3000:]  # the agent saw the killed rank and restarted the job
     assert same_weights(reference2, tmp_path / "elastic")
     assert logged_steps(tmp_path / "elastic") == logged_steps(reference2)  # rows of the lost steps dropped
+
+
+def test_skip_mode_skips_a_bad_update_counts_it_and_goes_on(tmp_path):
+    from multimae.config import load_config
+    from multimae.engine.trainer import Trainer
+    from multimae.tasks.pretrain import PretrainTask
+    from multimae.tasks.pretrain_config import PretrainConfig
+
+    over = [o for o in SMALL[1:] if not o.startswith(("train.max_steps", "train.log_every"))]
+    cfg = load_config(PretrainConfig, "configs/pretrain/synthetic-tiny.yaml", over + [
+        f"train.out_dir={tmp_path}", "train.run_name=skip", "train.nonfinite=skip", "train.nonfinite_max_skips=2",
+        "train.max_steps=4", "train.log_every=4", "train.eval_at_end=false"])
+    tr = Trainer(PretrainTask(cfg))
+    batches = tr.batches
+
+    def one_bad_batch():
+        for i, group in enumerate(batches()):
+            if i in (1, 3):  # two bad batches, not in a row
+                group[0][0].tensors["depth"][0, 0, 0, 0] = float("nan")
+            yield group
+
+    tr.batches = one_bad_batch
+    tr.fit(evaluate=False)
+    row = json.loads((tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 4 and row["skipped_steps"] == 2
+    assert all(bool(torch.isfinite(w).all()) for w in load_weights(find_latest(tmp_path / "skip")).values())
+
+
+def test_a_second_ctrl_c_exits_at_once():
+    from multimae.engine.signals import StopSignals
+
+    with StopSignals(announce=False) as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.signum == signal.SIGUSR1 and stop.agreed()  # the first: noted, the loop goes on
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
