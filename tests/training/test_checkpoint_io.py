@@ -179,6 +179,23 @@ def test_keep_last_pruning(tmp_path: Path) -> None:
     assert len(list_checkpoints(tmp_path)) == 4
 
 
+def test_a_kill_while_pruning_leaves_no_broken_step_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save(tmp_path, 1)
+    real = ckio.shutil.rmtree
+
+    def killed(path: object, *a: object, **kw: object) -> None:  # the process dies half-way through deleting
+        (Path(path) / "model.safetensors").unlink()
+        raise SystemExit(137)
+
+    monkeypatch.setattr(ckio.shutil, "rmtree", killed)
+    with pytest.raises(SystemExit):
+        save(tmp_path, 2, keep_last=1)
+    monkeypatch.setattr(ckio.shutil, "rmtree", real)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == ["step-000000002"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000002"]
+
+
 def test_resave_same_step_replaces(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, 3, {"w": torch.zeros(2)}, {"v": 1}, {})
     save_checkpoint(tmp_path, 3, {"w": torch.ones(2)}, {"v": 2}, {})
