@@ -226,3 +226,26 @@ def test_a_second_ctrl_c_exits_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs between bytecodes
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_stats_are_read_only_at_log_and_checkpoint_steps_and_throughput_is_per_step(tmp_path, monkeypatch):
+    import types
+
+    import multimae.engine.trainer as T
+    from multimae.config import load_config
+    from multimae.tasks.pretrain import PretrainTask
+    from multimae.tasks.pretrain_config import PretrainConfig
+
+    over = [o for o in SMALL[1:] if not o.startswith(("train.max_steps", "train.log_every", "train.ckpt_every"))]
+    cfg = load_config(PretrainConfig, "configs/pretrain/synthetic-tiny.yaml", over + [
+        f"train.out_dir={tmp_path}", "train.run_name=reads", "train.max_steps=7", "train.log_every=3",
+        "train.ckpt_every=100", "train.eval_at_end=false"])
+    tr = T.Trainer(PretrainTask(cfg))
+    reads, real = [], T.read_stats
+    monkeypatch.setattr(T, "read_stats", lambda stats: reads.append(tr.step) or real(stats))
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: float(tr.step)))  # 1 s per step
+    tr.fit(evaluate=False)
+    assert reads == [3, 6, 7]  # log steps and the last (a checkpoint): no host read in between
+    rows = [json.loads(line) for line in (tmp_path / "reads" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 7]
+    assert [r["imgs_per_s"] for r in rows] == [4.0, 4.0, 4.0]  # the last row: 1 step in 1 s, not log_every

@@ -165,6 +165,11 @@ def test_linear_probe_runs_fast_and_evaluates(tmp_path, pretrain_run):
     # the encoder stayed frozen: its weights are the pretraining run's
     w = load_weights(find_latest(run_dir))
     assert torch.equal(w["encoder.blocks.0.attn.qkv.weight"], pretrain_run[1]["encoder.0.attn.qkv.weight"])
+    # the run directory holds this probe: another one is refused in one line, before anything is written
+    from multimae.engine.identity import RunMismatchError
+
+    with pytest.raises(RunMismatchError, match=r"probe\.lr: .* -> 0\.5\. .*train\.resume=force"):
+        run_probe(cfg_for(tmp_path, "probe", f"init={run}", "data.train_samples=64", "probe.epochs=20", "probe.lr=0.5"))
 
 
 def test_loss_and_mixup_choices(tmp_path):

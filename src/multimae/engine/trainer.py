@@ -107,7 +107,11 @@ class Trainer:
         # one writer per run: rank 0 holds the run directory's lock until fit() ends (or the process
         # does); then the checkpoint to resume, of this same run (before anything reads the data)
         self._lock = acquire_lock(self.run_dir) if self.info.is_main else None
-        self._resume_from = self._checkpoint_to_resume()
+        try:
+            self._resume_from = self._checkpoint_to_resume()
+        except BaseException:
+            release_lock(self._lock)
+            raise
         self.model = task.model.to(self.device)
         # activation checkpointing and FSDP sharding, in place, before the optimizer is built (FSDP
         # replaces the parameters); a no-op for train.parallel=ddp without checkpointing
@@ -292,8 +296,9 @@ class Trainer:
         finally:
             stop.restore()
             progress.close()
-            if self._lock is not None and sys.exc_info()[0] is not None:
-                release_lock(self._lock)  # the run stops here (the process may go on)
+            if sys.exc_info()[0] is not None:  # the run stops here (the process may go on)
+                logger.close()
+                release_lock(self._lock)
                 self._lock = None
         if P.is_sharded(self.model):  # FSDP: rank 0 ends the run (figures, evaluation) on a plain copy
             self.model = self.task.model = P.unsharded_copy(self.model)  # (collective; no save() after this)
