@@ -33,7 +33,7 @@ PROBE_PREFIX = "probe."
 #: what may change between two invocations of one probe run: besides the schedule, what a probe
 #: does not read (the fine-tuning optimizer, augmentation and loss) and the evaluated split
 PROBE_SCHEDULE_ONLY = SCHEDULE_ONLY | {"optim.*", "aug.*", "train.batch_size", "train.precision", "train.loss",
-                                       "train.eval_every", "train.eval_batch_size", "train.parallel", "data.split",
+                                       "train.eval_every", "train.eval_batch_size", "data.split",
                                        "data.eval_transform", "data.eval_crop_pct", "data.val_samples",
                                        "data.test_samples"}
 
