@@ -1,29 +1,30 @@
-"""Data throughput: samples/s of synthetic generation, folder loading and shard loading.
+"""Data throughput: samples per CPU second of the training loader's paths, side by side.
 
-Everything runs on one CPU thread in the main process (``torch.set_num_threads(1)``) unless a
-row says otherwise. Loading rows read 256x256 samples from disk and apply the pretraining
-transforms (RandomResizedCrop 0.2-1 + flip to 224x224, rgb normalisation, robust depth
-standardisation, semseg at 1/4) to rgb, depth and semseg.
+Everything runs on one CPU thread in the main process (``torch.set_num_threads(1)``). Loading
+reads 256x256 samples from disk (rgb JPEG, 16-bit depth PNG, semseg PNG, written once as a folder
+and converted to shards) and applies the pretraining transforms (RandomResizedCrop 0.2-1 + flip to
+224x224, rgb normalisation, robust depth standardisation, semseg at 1/4) to rgb, depth and semseg.
 
-Reference vs fast path: the reference decodes every file into the documented raw-sample tensors
-(``decode_field``) and runs ``PairedTransform(fast=False)``; the fast path (what ``build_loader``
-uses, ``data.fast_decode``) decodes into ``Packed`` integers (``packed=True``) and runs
-``PairedTransform(fast=True)``. Both read the same files with the same seeds, measured in one run
-in alternating chunks (``--rounds``), and the outputs are compared sample by sample (rgb and depth
-max abs difference, semseg agreement).
+Paths, measured in one run in alternating chunks (``--rounds``) so that load changes hit all alike:
 
-    python benchmarks/data_throughput.py [--num 200] [--out benchmarks/results/data_throughput.md]
+* plain: what a user writes without this library (:func:`plain_sample`: Pillow, one torchvision v2
+  RandomResizedCrop + flip over Image / Image / Mask, normalise, trimmed depth statistics);
+* reference: ``decode_field`` tensors + ``PairedTransform(fast=False)`` (``data.fast_decode=false``);
+* main fast: the fast path as main had it before issue 31 (PIL JPEG decoding, tarfile, PNG maps,
+  main's depth statistics and rgb normalisation, :func:`main_fast_path`);
+* fast: this fast path (simplejpeg, ``.zst`` maps in shards written by ``multimae data shards``).
 
-The last part checks that the training loader keeps up: ``build_loader`` with the default
-``DataConfig`` (its default ``num_workers``), batch 8, synthetic scenes and a folder of real
-JPEG/PNG files, in batches/s, against the rate a ViT-S step consumes them: by default the ViT-S
-step time of ``benchmarks/results/vs_official.json`` (bf16 where it was measured, else fp32), or
-``--step-seconds``. The loader must deliver at least ``KEEP_UP`` (3) times that rate; the table
-also says how many workers it takes at the measured one-worker rate.
+Fast vs reference outputs are compared sample by sample with the same seeds. A per-step profile
+of the fast path says where its time goes. The last part checks that ``build_loader`` keeps up
+with a ViT-S step (``--step-seconds``, else ``benchmarks/results/vs_official.json``).
+
+    python benchmarks/data_throughput.py [--num 200] [--quick] [--out benchmarks/results/data_throughput.md]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -32,13 +33,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, ContextManager, Iterable, Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import webdataset as wds
+from webdataset.tariterators import tar_file_expander, url_opener
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from multimae import modalities
-from multimae.data import collate
+from multimae.data import codecs, shards, transforms
+from multimae.data.codecs import decode_packed
 from multimae.data.config import DataConfig, MaskConfig
 from multimae.data.folder import FolderDataset, write_folder
 from multimae.data.loader import BatchSpec, build_loader
@@ -83,35 +90,22 @@ def loader_rate(data: DataConfig, specs: list, n_batches: int) -> float:
     return n_batches / (time.perf_counter() - t)
 
 
-def rate(items: Callable[[], Iterable], n: int) -> tuple[float, float]:
-    """Samples per wall-clock second and per CPU second of this process, for ``n`` items after a warm-up one.
-
-    The CPU rate is what one core delivers even when other jobs share the machine; it does not
-    count DataLoader worker processes.
-    """
-    it = iter(items())
-    next(it)
-    wall, cpu = time.perf_counter(), time.process_time()
-    count = 0
-    for _ in it:
-        count += 1
-        if count >= n:
-            break
-    return count / (time.perf_counter() - wall), count / max(time.process_time() - cpu, 1e-9)
-
-
 def endless(make: Callable[[], Iterable]) -> Iterator:
     """The items of ``make()`` again and again (a small dataset read for more samples than it has)."""
     while True:
         yield from make()
 
 
-def interleaved(paths: dict[str, Callable[[], Iterable]], n: int, rounds: int) -> dict[str, tuple[float, float]]:
+def interleaved(paths: dict[str, Callable[[], Iterable]], n: int, rounds: int,
+                contexts: dict[str, Callable[[], ContextManager]] | None = None) -> dict[str, tuple[float, float]]:
     """Samples per wall second and per CPU second of each path, ``n`` samples each, measured in
-    ``rounds`` alternating chunks (A B A B ...) so that a change in machine load hits both alike."""
+    ``rounds`` alternating chunks (A B A B ...) so that a change in machine load hits all alike.
+    ``contexts``: a path's chunks run inside its context (e.g. :func:`main_fast_path`)."""
+    contexts = contexts or {}
     its = {k: endless(make) for k, make in paths.items()}
-    for it in its.values():
-        next(it)  # warm-up
+    for k, it in its.items():
+        with contexts.get(k, contextlib.nullcontext)():
+            next(it)  # warm-up
     wall = {k: 0.0 for k in paths}
     cpu = {k: 0.0 for k in paths}
     chunk = max(1, n // rounds)
@@ -119,11 +113,12 @@ def interleaved(paths: dict[str, Callable[[], Iterable]], n: int, rounds: int) -
     while done < n:
         m = min(chunk, n - done)
         for k, it in its.items():
-            w, c = time.perf_counter(), time.process_time()
-            for _ in range(m):
-                next(it)
-            wall[k] += time.perf_counter() - w
-            cpu[k] += time.process_time() - c
+            with contexts.get(k, contextlib.nullcontext)():
+                w, c = time.perf_counter(), time.process_time()
+                for _ in range(m):
+                    next(it)
+                wall[k] += time.perf_counter() - w
+                cpu[k] += time.process_time() - c
         done += m
     return {k: (n / wall[k], n / max(cpu[k], 1e-9)) for k in paths}
 
@@ -145,149 +140,254 @@ def agreement(ref: Iterable[dict], fast: Iterable[dict], n: int) -> dict[str, fl
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--num", type=int, default=200, help="samples per measurement")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "data_throughput.md"))
-    ap.add_argument("--step-seconds", type=float, default=None,
-                    help="seconds per training step (batch 8) to compare the loader with (default: from vs_official.json)")
-    ap.add_argument("--loader-batches", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=8, help="alternating chunks of the reference vs fast comparison")
-    ap.add_argument("--large", type=int, default=512, help="side of the large-source comparison (0: skip it)")
-    ap.add_argument("--skip-keep-up", action="store_true", help="skip the DataLoader / keep-up part")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    n = args.num
-    specs = modalities.resolve(PRETRAIN, SPEC_OVERRIDES)
-    tf = PairedTransform(specs, 224)
-    fast_tf = PairedTransform(specs, 224, fast=True)
-    rows: list[tuple[str, float, float | None]] = []
-    compare: list[dict] = []
+# --- (b) the plain pipeline a user would write -----------------------------------------------------
 
-    def add(name: str, value: tuple[float, float | None]) -> None:
-        rows.append((name, *value))
-        cpu = f"{value[1]:8.1f}" if value[1] is not None else "       -"
-        print(f"{name:<80} wall {value[0]:8.1f}  cpu {cpu} samples/s", flush=True)
-
-    def timed(fn: Callable[[], object]) -> tuple[float, float]:
-        wall, cpu = time.perf_counter(), time.process_time()
-        fn()
-        return (n + 1) / (time.perf_counter() - wall), (n + 1) / (time.process_time() - cpu)
-
-    add("synthetic generation 128x128, all modalities (1 thread)",
-        rate(lambda: (SyntheticScenes(n + 1, 128)[i] for i in range(n + 1)), n))
-    add("synthetic generation 224x224, all modalities (1 thread)",
-        rate(lambda: (SyntheticScenes(n + 1, 224)[i] for i in range(n + 1)), n))
-    syn = SyntheticScenes(n + 1, 224, modalities=PRETRAIN, transform=tf)
-    add("synthetic 224x224 on the fly + pretraining transforms (1 thread)",
-        rate(lambda: (syn[i] for i in range(n + 1)), n))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = SyntheticScenes(n + 1, 256, seed=1, modalities=PRETRAIN + ["label"])
-        add("write folder 256x256 (rgb jpg, depth 16-bit png, semseg png) incl. rendering",
-            timed(lambda: write_folder(src, tmp, "train", image_format="jpg", classes=LABEL_CLASSES)))
-        urls: list[str] = []
-        add("write shards 256x256 (same encodings) incl. rendering",
-            timed(lambda: urls.extend(write_shards(src, os.path.join(tmp, "shard-%04d.tar"), 100))))
-
-        compare.append(compare_paths("folder 256->224", "folder", tmp, urls, specs, tf, fast_tf, n, args.rounds, add))
-        compare.append(compare_paths("shards 256->224", "shards", tmp, urls, specs, tf, fast_tf, n, args.rounds, add))
-        raw = ShardDataset(urls, specs, shuffle_buffer=100)
-        packed = ShardDataset(urls, specs, shuffle_buffer=100, packed=True)
-        dec = interleaved({"ref": lambda: iter(raw), "fast": lambda: iter(packed)}, n, args.rounds)
-        add("shard loading + decoding only, no transforms, reference decode_field (1 thread)", dec["ref"])
-        add("shard loading + decoding only, no transforms, packed decode (1 thread)", dec["fast"])
-        loader = DataLoader(ShardDataset(urls, specs, transform=fast_tf, shuffle_buffer=100, samples_per_rank=4 * n,
-                                         packed=True), batch_size=32, num_workers=2, collate_fn=collate)
-        batches = rate(lambda: iter(loader), (4 * n) // 32 - 2)
-        add(f"shard loading + transforms, fast path, DataLoader 2 workers, batch 32 ({os.cpu_count()} CPUs)",
-            (32 * batches[0], None))
-
-        keep = [] if args.skip_keep_up else keep_up(args, specs, tmp, rows)
-    if args.large:
-        with tempfile.TemporaryDirectory() as tmp:
-            side = args.large
-            src = SyntheticScenes(n + 1, side, seed=2, modalities=PRETRAIN + ["label"])
-            write_folder(src, tmp, "train", image_format="jpg", classes=LABEL_CLASSES)
-            compare.append(compare_paths(f"folder {side}->224", "folder", tmp, [], specs, tf, fast_tf, n,
-                                         args.rounds, add))
-            # the same samples stored pre-resized (multimae data shards --resize 256), fast path
-            small = write_shards(folder_samples(FolderDataset(tmp, "train", specs), resize=256),
-                                 os.path.join(tmp, "small-%04d.tar"), 100)
-            ref_big = FolderDataset(tmp, "train", specs, transform=tf)
-            fast_small = ShardDataset(small, specs, transform=fast_tf, shuffle_buffer=100, packed=True)
-            r = interleaved({"ref": lambda: (ref_big[i] for i in range(len(ref_big))),
-                             "fast": lambda: iter(fast_small)}, n, args.rounds)
-            add(f"folder {side}->224 + pretraining transforms, reference path (1 thread, vs pre-resized)", r["ref"])
-            add(f"shards {side} pre-resized to 256 (--resize 256) + transforms, fast path (1 thread)", r["fast"])
-            compare.append({"name": f"shards {side} pre-resized to 256 (--resize 256) vs folder {side} reference",
-                            "ref": r["ref"][1], "fast": r["fast"][1], "resampled": True})
-    keep = fast_section(compare) + keep
-
-    write_table(args.out, rows, n, keep)
-    return 0
+PLAIN_AUG = v2.Compose([v2.RandomResizedCrop(224, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+                        v2.RandomHorizontalFlip()])
+PLAIN_NORM = v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                         v2.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
 
 
-def compare_paths(name: str, kind: str, root: str, urls: list[str], specs: list, tf: PairedTransform,
-                  fast_tf: PairedTransform, n: int, rounds: int, add: Callable) -> dict:
-    """Reference vs fast path on the same folder / shards: interleaved rates and output agreement."""
+def plain_sample(rgb: bytes, depth: bytes, semseg: bytes, depth_scale: float = 1e-3) -> dict:
+    """One sample the way a user writes it without this library: Pillow decoding, one torchvision
+    v2 RandomResizedCrop + flip applied jointly to Image / Image / Mask, normalisation, semseg at
+    1/4, robust (trimmed 10%) depth standardisation over the valid pixels."""
+    img = tv_tensors.Image(v2.functional.pil_to_tensor(Image.open(io.BytesIO(rgb)).convert("RGB")))
+    d = np.asarray(Image.open(io.BytesIO(depth))).astype(np.float32) * depth_scale
+    dep = tv_tensors.Image(torch.from_numpy(d)[None])
+    sem = tv_tensors.Mask(torch.from_numpy(np.asarray(Image.open(io.BytesIO(semseg))).astype(np.int64))[None])
+    img, dep, sem = PLAIN_AUG(img, dep, sem)
+    sem = v2.functional.resize(sem, [56, 56], interpolation=v2.InterpolationMode.NEAREST_EXACT)[0]
+    valid = dep > 0
+    vals = dep[valid].sort().values
+    n = vals.numel()
+    kept = vals[int(0.1 * n): int(0.9 * n)] if n >= 20 else vals
+    if kept.numel() > 1:
+        dep = torch.where(valid, (dep - kept.mean()) / torch.sqrt(kept.var() + 1e-6), torch.zeros(()))
+    return {"rgb": PLAIN_NORM(img).as_subclass(torch.Tensor), "depth": dep.as_subclass(torch.Tensor),
+            "semseg": sem.as_subclass(torch.Tensor)}
+
+
+def plain_folder(root: str) -> Callable[[], Iterable[dict]]:
+    """The plain pipeline over a folder dataset's files (root/train/<modality>/<class>/<name>.<ext>)."""
+    base = Path(root) / "train"
+    files = [[next((base / m / p.parent.name).glob(f"{p.stem}.*")) for m in PRETRAIN]
+             for p in sorted((base / "rgb").glob("*/*"))]
+
+    def items() -> Iterator[dict]:
+        for paths in files:
+            yield plain_sample(*(p.read_bytes() for p in paths))
+    return items
+
+
+def plain_shards(urls: list[str]) -> Callable[[], Iterable[dict]]:
+    """The plain pipeline over PNG-map shards read by webdataset (shuffle buffer 100)."""
+    def items() -> Iterator[dict]:
+        for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(100):
+            yield plain_sample(s["rgb.jpg"], s["depth.png"], s["semseg.png"])
+    return items
+
+
+# --- (a) today's fast path (main before the compact storage): PIL JPEG, PNG maps, old transforms ----
+
+
+def _main_robust_standardize_fast(depth: torch.Tensor, valid: torch.Tensor | None = None, trunc: float = 0.1,
+                                  all_valid: bool = False) -> torch.Tensor:
+    """main's depth statistics: np.partition at the two cut ranks, float64 sums."""
+    x = depth.float()
+    if valid is None and not all_valid:
+        valid = torch.isfinite(x) & (x != 0)
+    every = all_valid or bool(valid.all())
+    v = (x.reshape(-1) if every else x[valid]).numpy()
+    lo, hi = int(trunc * v.size), int((1 - trunc) * v.size)
+    kept = (np.partition(v, (lo, hi - 1))[lo:hi] if hi - lo >= 2 else v).astype(np.float64)
+    dev = kept - kept.mean()
+    var = float(np.square(dev, out=dev).sum()) / max(kept.size - 1, 1)
+    out = (x - torch.tensor(kept.mean(), dtype=torch.float32)).div_(torch.sqrt(torch.tensor(var, dtype=torch.float32) + 1e-6))
+    return out if every else out.masked_fill_(~valid, 0.0)
+
+
+_MEAN_STD = (torch.tensor([0.485, 0.456, 0.406]).view(-1, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(-1, 1, 1))
+
+
+def _main_image_fast(x, box, size, spec, flip, norm):  # type: ignore[no-untyped-def]
+    """main's rgb step: uint8 resize, then (x / 255 - mean) / std in three passes."""
+    top, left, h, w = box
+    out = transforms._bilinear(transforms._readonly_view(x.array).permute(2, 0, 1)[:, top:top + h, left:left + w], size)
+    out = (out.flip(-1) if flip else out).contiguous().float() / 255.0
+    return (out - _MEAN_STD[0]) / _MEAN_STD[1]
+
+
+def _main_file_samples(url: str) -> Iterator[dict]:
+    """main's tar reading: webdataset's expander (Python's tarfile)."""
+    return tar_file_expander(url_opener([{"url": url}]))
+
+
+@contextlib.contextmanager
+def main_fast_path() -> Iterator[None]:
+    """Run the fast path as main had it: PIL decodes JPEGs, tarfile reads shards, main's depth
+    statistics and rgb normalisation (fed PNG maps, it is main's fast path; only the cached
+    nearest-exact indices of semseg stay)."""
+    patches = [(codecs, "simplejpeg", None), (transforms, "robust_standardize_fast", _main_robust_standardize_fast),
+               (transforms, "_image_fast", _main_image_fast),
+               (shards, "_file_samples", _main_file_samples)]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+    for mod, name, value in patches:
+        setattr(mod, name, value)
+    try:
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
+PATHS = ("plain", "reference", "main fast", "fast")
+
+
+def three_paths(name: str, kind: str, root: str, png: list[str], zst: list[str], specs: list, n: int,
+                rounds: int) -> dict:
+    """The paths on one source, interleaved; and fast vs reference outputs with the same seeds."""
+    tf, fast_tf = PairedTransform(specs, 224), PairedTransform(specs, 224, fast=True)
     if kind == "folder":
         ref = FolderDataset(root, "train", specs, transform=tf)
         fast = FolderDataset(root, "train", specs, transform=fast_tf, packed=True)
-        paths = {"ref": lambda: (ref[i] for i in range(len(ref))), "fast": lambda: (fast[i] for i in range(len(fast)))}
+        each = {"reference": lambda: (ref[i] for i in range(len(ref))),
+                "fast": lambda: (fast[i] for i in range(len(fast)))}
+        paths = {"plain": plain_folder(root), "reference": each["reference"], "main fast": each["fast"],
+                 "fast": each["fast"]}
     else:
-        ref = ShardDataset(urls, specs, transform=tf, shuffle_buffer=100)
-        fast = ShardDataset(urls, specs, transform=fast_tf, shuffle_buffer=100, packed=True)
-        paths = {"ref": lambda: iter(ref), "fast": lambda: iter(fast)}
-    rates = interleaved(paths, n, rounds)
-    add(f"{name} + pretraining transforms, reference path (1 thread)", rates["ref"])
-    add(f"{name} + pretraining transforms, fast path (1 thread)", rates["fast"])
-    # the same samples with the same seeds through both paths
-    seeded_ref = PairedTransform(specs, 224, seed=7)
-    seeded_fast = PairedTransform(specs, 224, seed=7, fast=True)
+        def stream(urls: list[str], t: PairedTransform, packed: bool) -> Callable[[], Iterable]:
+            ds = ShardDataset(urls, specs, transform=t, shuffle_buffer=100, packed=packed)
+            return lambda: iter(ds)
+        paths = {"plain": plain_shards(png), "reference": stream(png, tf, False),
+                 "main fast": stream(png, fast_tf, True), "fast": stream(zst, fast_tf, True)}
+    rates = interleaved(paths, n, rounds, {"main fast": main_fast_path})
+    for k, (wall, cpu) in rates.items():
+        print(f"{name:<18} {k:<10} wall {wall:8.1f}  cpu {cpu:8.1f} samples/s", flush=True)
+    a, b = PairedTransform(specs, 224, seed=7), PairedTransform(specs, 224, seed=7, fast=True)
     if kind == "folder":
-        a = FolderDataset(root, "train", specs, transform=seeded_ref)
-        b = FolderDataset(root, "train", specs, transform=seeded_fast, packed=True)
-        agree = agreement((a[i] for i in range(len(a))), (b[i] for i in range(len(b))), n)
+        x, y = FolderDataset(root, "train", specs, transform=a), FolderDataset(root, "train", specs, transform=b,
+                                                                               packed=True)
+        agree = agreement((x[i] for i in range(len(x))), (y[i] for i in range(len(y))), n)
     else:
-        agree = agreement(iter(ShardDataset(urls, specs, transform=seeded_ref, shuffle_buffer=0)),
-                          iter(ShardDataset(urls, specs, transform=seeded_fast, shuffle_buffer=0, packed=True)), n)
-    return {"name": name, "ref": rates["ref"][1], "fast": rates["fast"][1], **agree}
+        agree = agreement(iter(ShardDataset(png, specs, transform=a, shuffle_buffer=0)),
+                          iter(ShardDataset(zst, specs, transform=b, shuffle_buffer=0, packed=True)), n)
+    return {"name": name, "rates": rates, **agree}
 
 
-def fast_section(compare: list[dict]) -> list[str]:
-    """The reference vs fast table, the H100 core count and the agreement of the outputs."""
-    out = ["## Fast path vs reference (same run, interleaved)", "",
-           f"Samples per CPU second on 1 thread (decode + pretraining transforms); cores one H100 needs = "
-           f"{H100_IMG_S:.0f} img/s / fast rate (goal <= 5, i.e. >= {H100_IMG_S / 5:.0f} samples/CPU-s).", "",
-           "| source | reference samples/CPU-s | fast samples/CPU-s | speed-up | cores for 1500 img/s (ref -> fast) |",
-           "|---|---:|---:|---:|---:|"]
+def _profile(urls: list[str], specs: list, n: int) -> dict[str, float]:
+    """CPU seconds per sample of each step of the fast path over ``n`` samples of ``urls``."""
+    ds = ShardDataset(urls, specs, shuffle_buffer=0, packed=True)
+    tf = PairedTransform(specs, 224, fast=True, seed=0)
+    cost: dict[str, float] = {}
+
+    def clock(step: str, fn: Callable[[], object]) -> object:
+        c = time.process_time()
+        out = fn()
+        cost[step] = cost.get(step, 0.0) + time.process_time() - c
+        return out
+
+    stream = endless(lambda: ds._raw_stream(list(range(len(urls))), list(urls), None, None))
+    for _ in range(n):
+        raw = clock("read tar entries", lambda: next(stream))
+        meta = json.loads(raw.get("json", b"{}")).get("png_scale", {})
+        sample = {"__key__": raw["__key__"]}
+        for spec in specs:
+            field = next(f for f in raw if f.split(".")[0] == spec.key and not f.startswith("__"))
+            ext = field.split(".", 1)[1]
+            sample[spec.key] = clock(f"decode {spec.key}", lambda: decode_packed(
+                raw[field], ext, spec, float(meta.get(spec.key, 1e-3)), field))
+        box, flip = clock("crop box + flip draw", lambda: tf.params(256, 256, tf._generator(sample)))
+        for spec in specs:
+            clock(f"transform {spec.key}", lambda: tf._apply_packed(sample[spec.key], spec, box, flip))
+    return {k: v / n for k, v in cost.items()}
+
+
+def step_profile(zst: list[str], png: list[str], specs: list, n: int) -> list[str]:
+    """Where the fast path's time goes: per-step CPU time on compact shards and on PNG maps (what
+    folders hold), one thread."""
+    cols = {"compact shards (.zst maps)": _profile(zst, specs, n), "PNG maps (as in folders)": _profile(png, specs, n)}
+    out = ["## Where the fast path's time goes (one thread)", "",
+           f"CPU ms per sample of each step over {n} samples, the steps timed one by one (so the totals are a "
+           "little above the interleaved rates); JPEG rgb in both, depth and semseg as .zst or 16-bit / 8-bit PNG.", "",
+           "| step | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for step in next(iter(cols.values())):
+        out.append(f"| {step} | " + " | ".join(f"{1e3 * c[step]:.3f} ({100 * c[step] / sum(c.values()):.0f}%)"
+                                               for c in cols.values()) + " |")
+    out.append("| total (samples per CPU second) | " + " | ".join(
+        f"{1e3 * sum(c.values()):.3f} ({1 / sum(c.values()):.0f})" for c in cols.values()) + " |")
+    for line in out:
+        print(line)
+    return out + [""]
+
+
+def paths_section(compare: list[dict], load: tuple[tuple[float, ...], tuple[float, ...]]) -> list[str]:
+    """The table of the paths side by side, cores per H100, and the fast vs reference agreement."""
+    out = ["## The paths side by side (same run, interleaved)", "",
+           f"Samples per CPU second on one thread; in brackets the cores one H100 needs at {H100_IMG_S:.0f} img/s "
+           f"(= {H100_IMG_S:.0f} / rate). Goal: >= 750 from shards, >= 500 from folders. Load average "
+           f"{load[0][0]:.2f} at the start, {load[1][0]:.2f} at the end (1 min).", "",
+           "| source | " + " | ".join(PATHS) + " | fast / plain | fast / main fast |",
+           "|---|" + "---:|" * (len(PATHS) + 2)]
     for c in compare:
-        out.append(f"| {c['name']} | {c['ref']:.1f} | {c['fast']:.1f} | {c['fast'] / c['ref']:.2f}x | "
-                   f"{H100_IMG_S / c['ref']:.1f} -> {H100_IMG_S / c['fast']:.1f} |")
-    out += ["", "Outputs of the same samples and seeds through both paths:", "",
-            "| source | samples | rgb identical | rgb max abs diff | depth max abs diff | semseg identical | "
-            "semseg label agreement |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for c in compare:
-        if c.get("resampled"):
-            continue  # another image: not comparable pixel for pixel
-        out.append(f"| {c['name']} | {c['samples']} | {c['rgb_equal']} | {c['rgb_max_abs']:.3g} | "
-                   f"{c['depth_max_abs']:.3g} | {c['semseg_equal']} | {c['semseg_agree']:.2f}% |")
-    out += ["", "rgb (after normalisation) and semseg are bit for bit the reference's; depth differs only by the "
-            "summation of its robust statistics (selection + float64 sums instead of a sort + float32 sums), "
-            "tolerance 1e-5 of max(1, |value|) (tests/data/test_fast_path.py). Pre-resized shards are another "
-            "(resampled, re-encoded) image, so they are compared for speed only.", ""]
+        cpu = {k: c["rates"][k][1] for k in PATHS}
+        out.append(f"| {c['name']} | " + " | ".join(f"{cpu[k]:.1f} ({H100_IMG_S / cpu[k]:.1f})" for k in PATHS)
+                   + f" | {cpu['fast'] / cpu['plain']:.2f}x | {cpu['fast'] / cpu['main fast']:.2f}x |")
+    out += ["", "Outputs of the same samples and seeds, fast vs reference path (shards: compact .zst maps vs "
+            "the PNG shards they were converted from):", "",
+            "| source | samples | rgb max abs diff | depth max abs diff | semseg identical |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {c['name']} | {c['samples']} | {c['rgb_max_abs']:.3g} | {c['depth_max_abs']:.3g} | "
+            f"{c['semseg_equal']} |" for c in compare]
+    out += ["", "Tolerance (tests/data/test_fast_path.py, test_compact_storage.py): semseg bit for bit, rgb within "
+            "1e-6 (one fused multiply-add normalises it), depth within 1e-5 of max(1, |value|) (its robust "
+            "statistics are summed in float64). The plain pipeline draws its crops with torchvision's own RNG: "
+            "compared for speed only.", ""]
     for line in out:
         print(line)
     return out
 
 
-def keep_up(args: argparse.Namespace, specs: list, folder_root: str, rows: list) -> list[str]:
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num", type=int, default=200, help="samples per path and source")
+    ap.add_argument("--rounds", type=int, default=8, help="alternating chunks of the interleaved comparison")
+    ap.add_argument("--quick", action="store_true", help="a dry run: at most 24 samples, 3 rounds, no keep-up part")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "data_throughput.md"))
+    ap.add_argument("--step-seconds", type=float, default=None,
+                    help="seconds per training step (batch 8) to compare the loader with (default: from vs_official.json)")
+    ap.add_argument("--loader-batches", type=int, default=20)
+    ap.add_argument("--skip-keep-up", action="store_true", help="skip the DataLoader / keep-up part")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.num, args.rounds, args.skip_keep_up, args.loader_batches = min(args.num, 24), 3, True, 4
+    torch.set_num_threads(1)
+    n = args.num
+    specs = modalities.resolve(PRETRAIN, SPEC_OVERRIDES)
+    load0 = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_folder(SyntheticScenes(n + 1, 256, seed=1, modalities=PRETRAIN + ["label"]), tmp, "train",
+                     image_format="jpg", classes=LABEL_CLASSES)
+        folder = FolderDataset(tmp, "train", specs)
+        png = write_shards(folder_samples(folder), os.path.join(tmp, "png-%04d.tar"), 100)
+        zst = write_shards(folder_samples(folder, compact=True), os.path.join(tmp, "zst-%04d.tar"), 100, compact=True)
+        compare = [three_paths("folder 256->224", "folder", tmp, png, zst, specs, n, args.rounds),
+                   three_paths("shards 256->224", "shards", tmp, png, zst, specs, n, args.rounds)]
+        load = (load0, os.getloadavg())
+        sizes = {k: sum(os.path.getsize(u) for u in urls) / (n + 1) / 1024 for k, urls in (("png", png), ("zst", zst))}
+        lines = paths_section(compare, load) + [
+            f"Shard bytes per sample: {sizes['png']:.1f} KiB with PNG maps, {sizes['zst']:.1f} KiB with .zst maps.", ""]
+        lines += step_profile(zst, png, specs, n)
+        rates = {c["name"].split()[0]: c["rates"]["fast"][1] for c in compare}
+        if not args.skip_keep_up:
+            lines += keep_up(args, specs, tmp, zst, rates)
+    write_table(args.out, n, lines, load)
+    return 0
+
+def keep_up(args: argparse.Namespace, specs: list, folder_root: str, zst: list[str],
+            one_thread: dict[str, float]) -> list[str]:
     """Training loader (default workers) vs the rate a ViT-S step consumes batches."""
     found = (args.step_seconds, "--step-seconds") if args.step_seconds else vit_s_step_seconds()
     workers = DataConfig().num_workers
-    one_thread = {"synthetic": next(r[2] for r in rows if r[0].startswith("synthetic 224x224 on the fly")),
-                  "folder": next(r[2] for r in rows if r[0].startswith("folder 256->224") and "fast path" in r[0])}
     out = ["## Does the loader keep up?", ""]
     if found is None:
         return out + ["No step time: run `benchmarks/vs_official.py` first or pass `--step-seconds`.", ""]
@@ -296,13 +396,14 @@ def keep_up(args: argparse.Namespace, specs: list, folder_root: str, rows: list)
     out += [f"Training loader (`build_loader`, default `data.num_workers` = {workers}, batch {STEP_BATCH}, "
             f"Dirichlet masking in the collator) against a step of {step_s:.2f} s ({source}): it consumes "
             f"{STEP_BATCH / step_s:.1f} samples/s, so the loader must deliver >= {need:.1f} samples/s "
-            f"({KEEP_UP:.0f}x). Workers needed at the measured one-worker rate: ceil({need:.1f} / rate).", "",
+            f"({KEEP_UP:.0f}x). Workers needed at the measured one-thread rate: ceil({need:.1f} / rate).", "",
             "| source | loader samples/s (wall) | x step consumption | >= 3x | workers needed (1-thread rate) |",
             "|---|---:|---:|---|---:|"]
-    for name, data in (("synthetic 224x224, on the fly", DataConfig(source="synthetic", num_samples=512)),
-                       ("folder 256x256 JPEG/PNG -> 224", DataConfig(source="folder", root=folder_root))):
+    for name, kind, data in (
+            ("folder 256x256 JPEG/PNG -> 224", "folder", DataConfig(source="folder", root=folder_root)),
+            ("shards 256x256 JPEG/.zst -> 224", "shards", DataConfig(source="shards", urls=",".join(zst),
+                                                                     num_samples=args.num + 1))):
         rate_s = STEP_BATCH * loader_rate(data, specs, args.loader_batches)
-        kind = "synthetic" if data.source == "synthetic" else "folder"
         ratio = rate_s * step_s / STEP_BATCH
         out.append(f"| {name} | {rate_s:.1f} | {ratio:.1f}x | {'yes' if ratio >= KEEP_UP else 'NO'} | "
                    f"{max(1, math.ceil(need / one_thread[kind]))} |")
@@ -312,30 +413,25 @@ def keep_up(args: argparse.Namespace, specs: list, folder_root: str, rows: list)
     return out
 
 
-def write_table(path: str, rows: list[tuple[str, float, float | None]], n: int, extra: list[str] = ()) -> None:
+def write_table(path: str, n: int, lines: list[str], load: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    lines = [
+    text = [
         "# Data throughput",
         "",
-        "Produced by `python benchmarks/data_throughput.py` "
-        f"(each row: {n} samples after a warm-up one; torch {torch.__version__}, "
-        f"Python {sys.version.split()[0]}, {cpu}, {os.cpu_count()} CPUs).",
+        f"Produced by `python benchmarks/data_throughput.py --num {n}` on {time.strftime('%Y-%m-%d')}: CPU "
+        f"\"{cpu}\", {os.cpu_count()} CPUs (capability {torch.backends.cpu.get_cpu_capability()}), load average "
+        f"{' / '.join(f'{x:.2f}' for x in load[0])} at the start and {' / '.join(f'{x:.2f}' for x in load[1])} after "
+        f"the comparison (1 / 5 / 15 min); torch {torch.__version__}, Python {sys.version.split()[0]}.",
         "Pretraining transforms: RandomResizedCrop(0.2-1, 3/4-4/3) + hflip to 224x224 on rgb, depth, "
-        "semseg; rgb normalised, depth robust-standardised, semseg at 56x56.",
+        "semseg; rgb normalised, depth robust-standardised, semseg at 56x56. CPU rates are samples per CPU "
+        "second of the benchmark process on one thread: what one core delivers; a loaded machine lowers "
+        "them too (shared caches and cores), so compare paths of one run.",
         "",
-        "Wall: samples per elapsed second. CPU: samples per CPU second of the benchmark process, what one",
-        "core delivers even when other jobs share the machine (not defined for the DataLoader row, whose",
-        "work happens in worker processes).",
-        "",
-        "| what | samples/s (wall) | samples/s (CPU, 1 thread) |",
-        "|---|---:|---:|",
-        *[f"| {name} | {wall:.1f} | {'-' if cpu is None else f'{cpu:.1f}'} |" for name, wall, cpu in rows],
-        "",
-        *extra,
+        *lines,
     ]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(lines))
+    Path(path).write_text("\n".join(text))
     print(f"wrote {path}")
 
 

@@ -30,6 +30,7 @@ import difflib
 import json
 import os
 import re
+import reprlib
 import tempfile
 import types
 import typing
@@ -67,8 +68,36 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+MAX_YAML_NODES = 100_000  # a config has hundreds; anchors + aliases may not expand past this
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads YAML 1.2 floats such as ``1e-4`` (PyYAML needs ``1.0e-4``)."""
+    """SafeLoader that also reads YAML 1.2 floats such as ``1e-4`` (PyYAML needs ``1.0e-4``) and
+    refuses a document whose aliases expand to more than :data:`MAX_YAML_NODES` nodes (a
+    "billion laughs" of a few hundred bytes) or refer to themselves, before anything walks it."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _expanded_size(node, {})
+        return node
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int | None]) -> int:
+    """Nodes in ``node`` with every alias expanded, counted once per distinct node (memo)."""
+    known = memo.get(id(node), 0)
+    if known is None:
+        raise yaml.YAMLError(f"an alias refers to a node that contains it (line {node.start_mark.line + 1})")
+    if known:
+        return known
+    memo[id(node)] = None
+    children = node.value if isinstance(node, yaml.SequenceNode) else \
+        [x for kv in node.value for x in kv] if isinstance(node, yaml.MappingNode) else []
+    n = 1 + sum(_expanded_size(c, memo) for c in children)
+    if n > MAX_YAML_NODES:
+        raise yaml.YAMLError(f"anchors and aliases expand to more than {MAX_YAML_NODES} values "
+                             f"(line {node.start_mark.line + 1}; a YAML alias bomb?)")
+    memo[id(node)] = n
+    return n
 
 
 _FLOAT_RE = re.compile(
@@ -143,7 +172,7 @@ def load_yaml(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dic
         parents = [parents]
     if not isinstance(parents, list) or not all(isinstance(x, str) for x in parents):
         raise ConfigError(
-            f"{p}: '{DEFAULTS_KEY}' must be a path or a list of paths, got {parents!r}"
+            f"{p}: '{DEFAULTS_KEY}' must be a path or a list of paths, got {short_repr(parents)}"
         )
     merged: dict[str, Any] = {}
     for parent in parents:
@@ -175,7 +204,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                 prefix = ".".join(parts[: i + 1])
                 raise ConfigError(
                     f"override {item!r}: cannot set '{key}' because '{prefix}' is "
-                    f"{type(child).__name__} {child!r}, not a mapping"
+                    f"{type(child).__name__} {short_repr(child)}, not a mapping"
                 )
             node = child
         node[parts[-1]] = parse_value(raw.strip())
@@ -272,11 +301,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_SHORT = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 3, 6, 6, 6, 6
+_SHORT.maxstring = _SHORT.maxother = 120
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` of at most ~200 characters, built without walking all of a big value."""
+    shown = _SHORT.repr(value)
+    return shown if len(shown) <= 200 else shown[:200] + "..."
+
+
 def _fail(key: str, tp: Any, value: Any) -> ConfigError:
     where = key or "<root>"
-    shown = repr(value)
-    if len(shown) > 200:
-        shown = shown[:200] + "..."
+    shown = short_repr(value)
     return ConfigError(
         f"config key '{where}': expected {_type_name(tp)}, got {type(value).__name__} {shown}"
     )

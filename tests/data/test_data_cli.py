@@ -1,6 +1,8 @@
 """``multimae data`` subcommands: thin wrappers that write data the datasets read back."""
 from __future__ import annotations
 
+import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -36,3 +38,21 @@ def test_synthetic_shards(tmp_path: Path) -> None:
                  "--shard-size", "2", "--split", "val"]) == 0
     paths = sorted(str(p) for p in tmp_path.glob("val-*.tar"))
     assert len(paths) == 3 and count_samples(paths) == 5
+
+
+def test_data_bench_reports_rate_and_cores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "synthetic", "--out", str(tmp_path), "--num", "6", "--size", "40", "--format", "shards",
+                 "--shard-size", "3"]) == 0
+    tars = sorted(tmp_path.glob("train-*.tar"))
+    assert len(tars) == 2 and any(".depth.zst" in n for n in tarfile.open(tars[0]).getnames())  # compact by default
+    capsys.readouterr()
+    urls = ",".join(str(t) for t in tars)
+    assert main(["data", "bench", "--source", "shards", "--urls", urls, "--num", "8", "--image-size", "32",
+                 "--gpu-rate", "1000"]) == 0
+    out = capsys.readouterr().out
+    rate = float(re.search(r"decode \+ transforms: ([\d.]+) samples per CPU second", out).group(1))
+    cores = float(re.search(r"one GPU at 1000 images/s needs ([\d.]+) cores", out).group(1))
+    assert rate > 0 and cores == pytest.approx(1000 / rate, rel=0.06)
+    assert main(["data", "bench", "--source", "folder", "--urls", urls]) == 2
+    assert "--source folder needs --root" in capsys.readouterr().err
+    assert main(["data", "bench", "--source", "shards", "--urls", str(tmp_path / "missing.tar"), "--num", "2"]) == 2

@@ -1,7 +1,8 @@
 """The fast data path (``packed=True`` datasets + ``PairedTransform(fast=True)``) against the
 reference path (``decode_field`` tensors + ``PairedTransform(fast=False)``).
 
-Documented tolerance: rgb (after normalisation) and semseg bit for bit; depth (robust-
+Documented tolerance: semseg bit for bit; rgb (after normalisation) within 1e-6 (the fast path
+normalises with one fused multiply-add, the same resized uint8 pixels); depth (robust-
 standardised) within 1e-5 of max(1, |reference value|) -- absolute for the usual |z| <= 1-5, as its
 robust statistics are summed in another order. Crop boxes,
 flips and per-sample seeding are the reference's, so resumed runs see the same samples.
@@ -33,6 +34,11 @@ from multimae.data.transforms import (
 )
 
 DEPTH_TOL = 1e-5
+RGB_TOL = 1e-6
+
+
+def _rgb_close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and float((a - b).abs().max()) <= RGB_TOL
 
 
 def _depth_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,7 +94,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _compare(a: dict, b: dict) -> None:
     assert a["__key__"] == b["__key__"]
-    assert torch.equal(a["rgb"], b["rgb"]), a["__key__"]
+    assert _rgb_close(a["rgb"], b["rgb"]), a["__key__"]
     assert a["rgb"].dtype == b["rgb"].dtype == torch.float32
     assert torch.equal(a["semseg"], b["semseg"]), a["__key__"]
     assert a["semseg"].dtype == b["semseg"].dtype == torch.int64
@@ -257,7 +263,7 @@ def test_loader_fast_decode_gives_the_reference_batches(tmp_path: Path, source: 
     assert len(out[True]) == len(out[False]) == 8
     for (a, pa), (b, pb) in zip(out[False], out[True]):
         assert a.extra["__key__"] == b.extra["__key__"]
-        assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["semseg"], b["semseg"])
+        assert _rgb_close(a["rgb"], b["rgb"]) and torch.equal(a["semseg"], b["semseg"])
         assert _depth_err(a["depth"], b["depth"]) <= DEPTH_TOL
         assert all(torch.equal(pa.masks[n], pb.masks[n]) for n in pa.masks)
 

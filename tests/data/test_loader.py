@@ -86,3 +86,23 @@ def test_collator_refuses_untagged_samples() -> None:
     sample = {"rgb": torch.zeros(3, 32, 32), "depth": torch.zeros(1, 32, 32), "semseg": torch.zeros(8, 8).long()}
     with pytest.raises(ValueError, match="__batch__"):
         collate([dict(sample), dict(sample)])
+
+
+def test_num_workers_auto_sizes_from_cores() -> None:
+    from multimae.config import ConfigError, from_dict
+    from multimae.data.loader import resolve_workers
+
+    assert resolve_workers(3) == 3 and resolve_workers(0) == 0
+    assert resolve_workers("auto", cores=16, local_ranks=1) == 15  # one core left for the training step
+    assert resolve_workers("auto", cores=16, local_ranks=8) == 1
+    assert resolve_workers("auto", cores=2, local_ranks=1) == 1
+    assert resolve_workers("auto", cores=128, local_ranks=1) == 16
+    with pytest.raises(ValueError, match="data.num_workers must be a number >= 0 or 'auto', got -1"):
+        resolve_workers(-1)
+    assert from_dict(DataConfig, {"num_workers": "auto"}).num_workers == "auto"
+    assert from_dict(DataConfig, {"num_workers": 4}).num_workers == 4
+    with pytest.raises(ConfigError, match="num_workers"):
+        from_dict(DataConfig, {"num_workers": "many"})
+    loader, _ = build_loader(DataConfig(source="synthetic", num_samples=8, image_size=32, num_workers="auto"),
+                             MASK, SPEC, seed=0, batch_size=4)
+    assert loader.num_workers >= 1

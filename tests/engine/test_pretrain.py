@@ -108,3 +108,34 @@ def test_pretrain_streams_webdataset_shards(tmp_path):
     run = tr.fit()
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 12 and all(r["loss"] > 0 for r in rows)
+
+
+def test_shard_epoch_is_what_the_shards_hold(tmp_path, capsys):
+    """data.num_samples unset: the epoch is the samples counted in the shards (96 here, not 4096),
+    recorded in the run config and said in the run log; remote shards need data.num_samples."""
+    from multimae.cli.main import main
+    from multimae.data.errors import DataError
+    from multimae.data.shards import write_shards
+    from multimae.data.synthetic import SyntheticScenes
+
+    ds = SyntheticScenes(24, image_size=32, seed=3, modalities=["rgb", "depth", "semseg"])
+    urls = write_shards((ds[i] for i in range(len(ds))), str(tmp_path / "shard-%06d.tar"), max_count=10)
+    pattern = str(tmp_path / "shard-{000000..000002}.tar")
+    cfg = cfg_for(tmp_path, "train.run_name=count", "data.source=shards", f"data.urls={pattern}",
+                  "data.num_samples=null", "data.shuffle_buffer=8", "train.batch_size=4", "train.epochs=2")
+    task = PretrainTask(cfg)
+    assert task.cfg.data.num_samples == 24
+    tr = Trainer(task)
+    assert tr.steps_per_epoch == 6 and tr.total_steps == 12
+    assert "epoch: 24 samples (counted in the shards" in "\n".join(task.describe(tr))
+    told = PretrainTask(cfg_for(tmp_path, "data.source=shards", f"data.urls={pattern}", "data.num_samples=8",
+                                "train.batch_size=4"))
+    assert told.cfg.data.num_samples == 8 and "(data.num_samples;" in told._epoch_line()[0]
+    with pytest.raises(DataError, match="remote and its samples are not counted; set data.num_samples"):
+        PretrainTask(cfg_for(tmp_path, "data.source=shards", "data.urls=https://example.org/s-{0..3}.tar",
+                             "data.num_samples=null"))
+    rc = main(["pretrain", "--config", "configs/pretrain/synthetic-tiny.yaml", *TINY, "data.source=shards",
+               f"data.urls={urls[0]}", "data.num_samples=null", "train.batch_size=64", f"train.out_dir={tmp_path}",
+               "train.run_name=few"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "an epoch of 10 samples" in err and "less than one batch of 64" in err

@@ -406,3 +406,72 @@ def test_coco_captions_shards_and_wrong_inputs(coco, tmp_path, capsys):
     a[a.index("--captions") + 1] = bad
     rc, _, err = run_cli(a, capsys)
     assert rc == 2 and f"{bad}: annotations[0] lacks 'image_id' / a 'caption' string" in err and err.count("\n") == 1
+
+
+def _coco_json(path: Path, names: list[str]) -> Path:
+    images = [{"id": i, "file_name": n} for i, n in enumerate(names, start=1)]
+    anns = [{"image_id": i, "id": 10 + i, "caption": f"caption of {n}"} for i, n in enumerate(names, start=1)]
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    return path
+
+
+def test_coco_captions_paths_stay_inside_the_image_directory(tmp_path, capsys):
+    images = tmp_path / "d" / "train2017"
+    images.mkdir(parents=True)
+    secret = tmp_path / "d" / "secret.jpg"
+    secret.write_bytes(_jpeg(np.random.default_rng(0)))
+    (images / "link.jpg").symlink_to(secret)
+    (images / "text.jpg").write_text("not an image at all")
+    cases = {"../secret.jpg": "no absolute path, no '..'", str(secret): "no absolute path, no '..'",
+             "a/../../secret.jpg": "no absolute path, no '..'", "link.jpg": "outside",
+             "text.jpg": "truncated or not an image"}
+    for name, why in cases.items():
+        out = tmp_path / "out"
+        args = ["data", "prepare", "coco-captions", "--images", images, "--captions",
+                _coco_json(tmp_path / "c.json", [name]), "--out", out, "--no-progress"]
+        rc, _, err = run_cli(args, capsys)
+        assert rc == 2 and why in err and "image 1" in err and err.count("\n") == 1, (name, err)
+        assert not list(out.rglob("*.jpg"))  # nothing copied
+
+
+def test_coco_captions_same_names_in_two_folders_stay_two_images(tmp_path, capsys):
+    from multimae.data.text import CaptionTable
+
+    images = tmp_path / "train2017"
+    rng = np.random.default_rng(1)
+    for sub in ("sub1", "sub2"):
+        (images / sub).mkdir(parents=True)
+        (images / sub / "dup.jpg").write_bytes(_jpeg(rng))
+    out = tmp_path / "out"
+    rc, stdout, _ = run_cli(["data", "prepare", "coco-captions", "--images", images, "--captions",
+                             _coco_json(tmp_path / "c.json", ["sub1/dup.jpg", "sub2/dup.jpg"]), "--out", out,
+                             "--no-progress"], capsys)
+    assert rc == 0 and "train 2 " in stdout
+    for sub in ("sub1", "sub2"):
+        written = out / "train" / "rgb" / "all" / f"{sub}__dup.jpg"
+        assert written.read_bytes() == (images / sub / "dup.jpg").read_bytes()
+    ds = CaptionTable(out / "captions_train.tsv")
+    assert sorted(ds.load(i)["caption"] for i in range(len(ds))) == ["caption of sub1/dup.jpg",
+                                                                     "caption of sub2/dup.jpg"]
+    # one file named twice (two image ids) would be one output sample: refused, naming both
+    rc, _, err = run_cli(["data", "prepare", "coco-captions", "--images", images, "--captions",
+                          _coco_json(tmp_path / "c2.json", ["sub1/dup.jpg", "sub1/dup.jpg"]), "--out",
+                          tmp_path / "o2", "--no-progress"], capsys)
+    assert rc == 2 and "would both be written as sample train/all/sub1__dup" in err
+
+
+def test_imagenet_refuses_non_images_and_colliding_names(tmp_path, capsys):
+    src = tmp_path / "in"
+    rng = np.random.default_rng(2)
+    for split in ("train", "val"):
+        (src / split / "n01440764").mkdir(parents=True)
+        (src / split / "n01440764" / "a.JPEG").write_bytes(_jpeg(rng))
+    (src / "train" / "n01440764" / "a.jpeg").write_bytes(_jpeg(rng))
+    rc, _, err = run_cli(["data", "prepare", "imagenet", "--src", src, "--out", tmp_path / "o", "--no-progress"],
+                         capsys)
+    assert rc == 2 and "would both be written as sample train/n01440764/a" in err
+    (src / "train" / "n01440764" / "a.jpeg").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (src / "train" / "n01440764" / "a.jpeg").rename(src / "train" / "n01440764" / "b.jpeg")
+    rc, _, err = run_cli(["data", "prepare", "imagenet", "--src", src, "--out", tmp_path / "o", "--no-progress"],
+                         capsys)
+    assert rc == 2 and "b.jpeg" in err and "not an image" in err and err.count("\n") == 1

@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 
 import pytest
 
-from multimae.config import ConfigError, from_dict, load_config, parse_value, save_json, to_dict
+from multimae.config import ConfigError, from_dict, load_config, load_yaml, parse_value, save_json, to_dict
 
 
 @dataclass
@@ -202,3 +202,48 @@ def test_missing_required_and_post_init() -> None:
     with pytest.raises(ConfigError, match="model.*depth must be positive"):
         from_dict(Outer, {"model": {"depth": 0}})
     assert from_dict(Outer, {"model": {"depth": 2}}).model == Required(2)
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """The classic "billion laughs": 9 levels of 9 aliases each, 9**9 strings, ~330 bytes."""
+    parts, prev = ["&a [lol,lol,lol,lol,lol,lol,lol,lol,lol]"], "a"
+    for name in "bcdefghijk"[:levels - 1]:
+        parts.append(f"&{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+        prev = name
+    return "train: {run_name: [" + ", ".join(parts) + "]}\n"
+
+
+def test_yaml_alias_bomb_fails_fast_in_little_memory(tmp_path, capsys):
+    import time
+    import tracemalloc
+
+    from multimae.cli.main import main
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb())
+    assert len(path.read_bytes()) < 440
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ConfigError, match="expand to more than 100000 values"):
+            load_yaml(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - t0 < 2 and peak < 20e6
+    assert main(["pretrain", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "alias bomb" in err and str(path) in err and len(err) < 400
+    (tmp_path / "loop.yaml").write_text("train: &t {x: *t}\n")
+    with pytest.raises(ConfigError, match="refers to a node that contains it"):
+        load_yaml(tmp_path / "loop.yaml")
+
+
+def test_a_big_wrong_value_is_shown_short(tmp_path):
+    from multimae.tasks.pretrain_config import PretrainConfig
+
+    path = tmp_path / "big.yaml"
+    path.write_text(_alias_bomb(5))  # 9**5 = 59049 values: under the bound, but no run name
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, path)
+    assert "train.run_name" in str(err.value) and len(str(err.value)) < 400

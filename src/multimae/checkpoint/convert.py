@@ -16,6 +16,7 @@ official training checkpoints -- is the one extra class allowed).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -102,9 +103,13 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[st
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -227,6 +232,40 @@ def infer_official_config(sd: Mapping[str, Tensor], num_heads: int | None = None
         decoder_heads=decoder_heads or 8, encoder_norm="encoder_norm.weight" in sd,
     )
     return model_config(cfg, overrides)
+
+
+def header_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a ``.safetensors`` file's header (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def check_config_fits(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Refuse a config that does not describe the weights whose header shapes are ``shapes``,
+    before a model of it is built: width, global tokens and depth are read from the header, and
+    the config's parameter estimate may not be far above the tensors' (a ``depth: 1e9`` next to
+    small weights). ``cfg``: as written, before overrides; ``where``: the config file."""
+    from multimae.config import short_repr
+
+    r = cfg.resolved()  # bounds and divisibility (ConfigError naming the key)
+    g = shapes.get("global_tokens")
+    if g is not None and len(g) == 3 and (g[1], g[2]) != (r.num_global_tokens, r.dim):
+        raise ConversionError(f"{where}: model.dim = {r.dim}, model.num_global_tokens = {r.num_global_tokens} but "
+                              f"the weights' global_tokens have shape {list(g)}")
+    blocks = {k.split(".")[1] for k in shapes if k.startswith("encoder.") and k.split(".")[1].isdigit()}
+    if blocks and len(blocks) != r.depth:
+        raise ConversionError(f"{where}: model.depth = {short_repr(r.depth)} but the weights hold {len(blocks)} "
+                              "encoder blocks")
+    numel = sum(math.prod(s) for s in shapes.values())
+    estimate = 12 * r.depth * r.dim ** 2
+    if estimate > 4 * numel + 1_000_000:
+        raise ConversionError(f"{where}: describes a model of ~{estimate / 1e6:.0f}M encoder parameters but the "
+                              f"weights hold {numel / 1e6:.1f}M values")
 
 
 def model_config(fields: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> ModelConfig:

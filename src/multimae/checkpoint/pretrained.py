@@ -31,6 +31,8 @@ from multimae.checkpoint.convert import (
     ConversionError,
     ConversionReport,
     ConvertedWeights,
+    check_config_fits,
+    header_shapes,
     infer_official_config,
     model_config,
     read_state_dict,
@@ -179,6 +181,21 @@ def _read_pretrained_config(d: Path) -> dict[str, Any]:
     return cfg
 
 
+def _check_fits(fields: Mapping[str, Any], weights_file: Path, where: Path) -> None:
+    """The model config ``where`` records, checked (bounds, divisibility, against the header of
+    ``weights_file``) before the weights are read or a model is built; one line naming ``where``."""
+    from multimae.config import ConfigError
+
+    if not weights_file.is_file():
+        return  # the loader names the missing file
+    shapes = header_shapes(weights_file)  # an unreadable file: ConversionError naming it
+    try:
+        check_config_fits(model_config(fields), shapes, str(where))
+    except (ConfigError, ConversionError) as e:
+        text = str(e)
+        raise CheckpointError(text if text.startswith(str(where)) else f"{where}: {text}") from None
+
+
 def _describe_data(data: Mapping[str, Any]) -> str:
     src = data.get("source", "?")
     if src == "synthetic":
@@ -237,6 +254,12 @@ def _from_state_dict(sd: dict[str, Tensor], source: str, overrides: Mapping[str,
     raise ConversionError(f"{source}: unrecognised state dict (first keys {shown}); expected {_ACCEPTED}")
 
 
+def recorded_num_heads(path: str | os.PathLike) -> int | None:
+    """The encoder head count ``multimae convert --to timm`` recorded in a ``.safetensors`` file,
+    or None (weights do not store it otherwise)."""
+    return _export_hints(Path(path)).get("num_heads")
+
+
 def _export_hints(p: Path) -> dict[str, Any]:
     """Head count recorded by ``multimae convert --to timm`` in a safetensors file's metadata."""
     if p.suffix != ".safetensors":
@@ -277,6 +300,7 @@ def read_pretrained(source: str | os.PathLike | Mapping[str, Tensor], **override
             weights = _weights(fields, overrides, ours, report, fresh)
         elif p.is_dir() and _is_pretrained_dir(p):
             cfg = _read_pretrained_config(p)
+            _check_fits(cfg["model"], p / WEIGHTS_FILE, p / CONFIG_FILE)
             weights = _weights(cfg["model"], overrides, _load_weights_file(p / WEIGHTS_FILE),
                                ConversionReport(str(p), "multimae"))
             training = cfg.get("training")
@@ -284,6 +308,7 @@ def read_pretrained(source: str | os.PathLike | Mapping[str, Tensor], **override
         elif p.is_dir():
             ckpt = resolve_checkpoint(p)
             meta = load_meta(ckpt)
+            _check_fits(_run_model_fields(meta, ckpt), ckpt / WEIGHTS_FILE, ckpt / META_FILE)
             weights = _weights(_run_model_fields(meta, ckpt), overrides, _load_weights_file(ckpt / WEIGHTS_FILE),
                                ConversionReport(str(ckpt), "multimae"))
             data = (meta.get("config") or {}).get("data") or {}

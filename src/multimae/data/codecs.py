@@ -31,16 +31,25 @@ from typing import Mapping
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # libjpeg-turbo without PIL's per-image overhead; PIL decodes everything it does not take
+    import simplejpeg
+except ImportError:  # pragma: no cover - a platform without its wheel
+    simplejpeg = None
+try:  # the compact storage of integer maps in shards (.zst fields)
+    import zstandard
+except ImportError:  # pragma: no cover
+    zstandard = None
 from torch import Tensor
 
-from multimae.data.errors import DataError, notice_once
+from multimae.data.errors import DataError, ImageTooLargeError, notice_once
 from multimae.modalities import ModalitySpec
 
 OFFICIAL_PNG_SCALE = 1.0 / 2**16  # what the official code multiplies 16-bit depth PNGs by
 DEFAULT_WRITE_PNG_SCALE = 1e-3  # our writers store metric depth in millimetres
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 EXTS: dict[str, tuple[str, ...]] = {
-    "image": IMAGE_EXTS, "dense": ("png", "npy", "tif", "tiff"), "categorical": ("png", "npy"),
+    "image": IMAGE_EXTS, "dense": ("png", "zst", "npy", "tif", "tiff"), "categorical": ("png", "zst", "npy"),
     "text": ("txt",),
 }
 LABEL_KEY = "label"
@@ -65,14 +74,30 @@ def open_image(data: bytes, where: str, draft: tuple[int, int] | None = None) ->
     unknown file."""
     try:
         img = Image.open(io.BytesIO(data))
+        check_pixels(img.size, where)
         if draft is not None and img.format == "JPEG":
             img.draft("RGB", draft)
         img.load()
         if img.getexif().get(ORIENTATION_TAG, 1) != 1:
             img = ImageOps.exif_transpose(img)
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own check, at twice its MAX_IMAGE_PIXELS
+        raise ImageTooLargeError(f"{where}: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{where}: truncated or not an image ({type(e).__name__}: {e})") from None
     return img
+
+
+def check_pixels(size: tuple[int, int], where: str) -> None:
+    """Refuse an image whose header declares more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels
+    (about 89 MP by default; PIL itself only warns below twice that) before it is decoded: a
+    decompression bomb is bad data (:class:`ImageTooLargeError`, skippable), not an allocation of
+    gigabytes. Raise ``PIL.Image.MAX_IMAGE_PIXELS`` (None: no limit) to read larger images."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise ImageTooLargeError(f"{where}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels is over the limit of "
+                                 f"{limit} (PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?)")
 
 
 def _image_array(img: Image.Image) -> np.ndarray:
@@ -115,11 +140,107 @@ def image_pixels(img: Image.Image, channels: int, where: str) -> np.ndarray:
     return arr.reshape(arr.shape[0], arr.shape[1], -1)
 
 
+def _jpeg_turbo(data: bytes, channels: int) -> np.ndarray | None:
+    """uint8 (H,W,3) of an RGB (YCbCr or grey) JPEG decoded by simplejpeg -- the same
+    libjpeg-turbo decoding as PIL's (same DCT and upsampling, bit for bit, tested), with less
+    overhead -- or None where :func:`open_image` must decode it: not a JPEG, another channel
+    count, CMYK, an EXIF block (its orientation), more pixels than PIL's decompression-bomb
+    limit, or any decoder error (PIL then names it)."""
+    if simplejpeg is None or channels != 3 or not data.startswith(b"\xff\xd8") or b"Exif\x00\x00" in data[:65536]:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray") or height * width > (Image.MAX_IMAGE_PIXELS or math.inf):
+            return None
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except (ValueError, RuntimeError):
+        return None
+
+
+def read_pixels(data: bytes, channels: int, where: str) -> np.ndarray:
+    """An image file -> uint8 (H,W,C) (:func:`image_pixels`); the one place image files are read:
+    RGB JPEGs by :func:`_jpeg_turbo`, everything else (and what it declines) by :func:`open_image`."""
+    arr = _jpeg_turbo(data, channels)
+    return arr if arr is not None else image_pixels(open_image(data, where), channels, where)
+
+
 def decode_image(data: bytes, channels: int, where: str) -> Tensor:
     """An image file -> uint8 (C,H,W), upright (EXIF), 16-bit scaled, alpha composited
     (:func:`image_pixels`)."""
-    arr = image_pixels(open_image(data, where), channels, where)
+    arr = read_pixels(data, channels, where)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+# --- compact integer maps (.zst: a zstd-compressed .npy of the PNG's pixels) ---------------------
+
+ZSTD_LEVEL = 3  # decompression runs at ~1 GB/s whatever the level; 3 is zstd's default ratio
+MAX_ZST_BYTES = 4 * (Image.MAX_IMAGE_PIXELS or 2**28) + 4096  # 2 bytes x PIL's bomb limit (2x its warning)
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...]]] = {}  # header bytes -> parsed (a few shapes)
+
+
+def encode_zst(arr: np.ndarray) -> bytes:
+    """An integer map (uint8 / uint16 (H,W)) -> ``.zst`` bytes: its ``.npy`` compressed by zstd.
+    Lossless; decoding is a decompression and a header lookup (:func:`zst_array`), ~4x faster than
+    a 16-bit PNG."""
+    if zstandard is None:
+        raise DataError("writing .zst fields needs the zstandard package (pip install zstandard)")
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(buf.getvalue())
+
+
+def _npy_header(raw: bytes, where: str) -> tuple[int, np.dtype, tuple[int, ...]]:
+    """(data offset, dtype, shape) of ``.npy`` bytes; parsed headers are cached (numpy's parser
+    evaluates the header text, which costs more than copying a 256 px map)."""
+    if raw[:6] != b"\x93NUMPY" or len(raw) < 12:
+        raise DataError(f"{where}: the .zst field does not hold a .npy array")
+    start = 10 + int.from_bytes(raw[8:10], "little") if raw[6] == 1 else 12 + int.from_bytes(raw[8:12], "little")
+    header = raw[:start]
+    got = _NPY_HEADERS.get(header)
+    if got is None:
+        f = io.BytesIO(header)
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+        except (ValueError, SyntaxError) as e:
+            raise DataError(f"{where}: unreadable .npy header in the .zst field ({e})") from None
+        if fortran or dtype.hasobject or not np.issubdtype(dtype, np.number):
+            raise DataError(f"{where}: the .zst field holds a {'Fortran-order ' if fortran else ''}{dtype} array; "
+                            "expected C-order numbers")
+        got = (dtype, tuple(shape))
+        if len(_NPY_HEADERS) < 64:
+            _NPY_HEADERS[header] = got
+    return start, *got
+
+
+def zst_array(data: bytes, where: str) -> np.ndarray:
+    """``.zst`` bytes -> the stored array (read-only, sharing the decompressed buffer);
+    :class:`DataError` naming ``where`` for a broken stream, an oversized one or a bad array."""
+    if zstandard is None:
+        raise DataError(f"{where}: reading .zst fields needs the zstandard package (pip install zstandard)")
+    try:
+        size = zstandard.frame_content_size(data)
+        if size < 0 or size > MAX_ZST_BYTES:
+            raise DataError(f"{where}: .zst field of unknown or too large size ({size} bytes, limit {MAX_ZST_BYTES})")
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+    except zstandard.ZstdError as e:
+        raise DataError(f"{where}: truncated or not a zstd stream ({e})") from None
+    start, dtype, shape = _npy_header(raw, where)
+    count = math.prod(shape)
+    if len(raw) - start != count * dtype.itemsize:
+        raise DataError(f"{where}: the .zst field holds {len(raw) - start} bytes for a {dtype} array of shape {shape}")
+    return np.frombuffer(raw, dtype, count, offset=start).reshape(shape)
+
+
+def _int_map(data: bytes, ext: str, where: str) -> np.ndarray:
+    """The integer pixels of a PNG (or other image file) or of a ``.zst`` field, (H,W) or (H,W,C)."""
+    if ext != "zst":
+        return _image_array(open_image(data, where))
+    arr = zst_array(data, where)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{where}: a .zst map holds integers (a PNG's pixels), got dtype {arr.dtype}; store floats as .npy")
+    return arr
 
 
 def _load_npy(data: bytes, where: str) -> np.ndarray:
@@ -147,7 +268,7 @@ def decode_dense(data: bytes, ext: str, channels: int, png_scale: float, where: 
         if not np.issubdtype(arr.dtype, np.number):
             raise DataError(f"{where}: expected a numeric array, got dtype {arr.dtype}")
         return torch.from_numpy(np.ascontiguousarray(_chw(arr, channels, where), dtype=np.float32))
-    arr = _image_array(open_image(data, where))
+    arr = _int_map(data, ext, where)
     if arr.dtype == np.uint8 and channels == 1:
         # a one-channel map (depth) stored in 8 bits: its values, scaled like a 16-bit PNG's
         notice_once("8bit", where.rsplit("/", 1)[0],
@@ -164,7 +285,7 @@ def decode_dense(data: bytes, ext: str, channels: int, png_scale: float, where: 
 
 def decode_categorical(data: bytes, ext: str, where: str) -> Tensor:
     """A class-id map file (8/16-bit PNG or .npy) -> int64 (H,W)."""
-    arr = _load_npy(data, where) if ext == "npy" else _image_array(open_image(data, where))
+    arr = _load_npy(data, where) if ext == "npy" else _int_map(data, ext, where)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim != 2:
@@ -251,12 +372,15 @@ def decode_packed(data: bytes, ext: str, spec: ModalitySpec, png_scale: float, w
     if ext == "npy" or ext not in EXTS[spec.kind] or spec.kind == "text":
         return decode_field(data, ext, spec, png_scale, where)
     if spec.kind == "image":
-        return Packed("image", image_pixels(open_image(data, where), spec.channels, where))
+        return Packed("image", read_pixels(data, spec.channels, where))
     if spec.kind == "dense":
         if spec.channels != 1 or not (math.isfinite(png_scale) and png_scale > 1e-30):
             return decode_field(data, ext, spec, png_scale, where)
-        img = open_image(data, where)
-        arr = np.asarray(img) if img.mode in ("I;16", "L", "P") else _image_array(img)  # no astype copy
+        if ext == "zst":
+            arr = zst_array(data, where)
+        else:
+            img = open_image(data, where)
+            arr = np.asarray(img) if img.mode in ("I;16", "L", "P") else _image_array(img)  # no astype copy
         if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):  # e.g. an RGB or 32-bit file
             return decode_dense(data, ext, spec.channels, png_scale, where)  # its error, or a float tensor
         if arr.dtype == np.uint8:
@@ -265,7 +389,7 @@ def decode_packed(data: bytes, ext: str, spec: ModalitySpec, png_scale: float, w
                         f"value x png_scale {png_scale:g} (0 = invalid), like a 16-bit PNG -- store depth as a 16-bit "
                         "PNG or .npy to keep its precision")
         return Packed("dense", arr, png_scale)
-    arr = _image_array(open_image(data, where))
+    arr = _int_map(data, ext, where)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16) or arr.size == 0:
@@ -338,12 +462,14 @@ def encode_png16(arr: np.ndarray) -> bytes:
 
 
 def encode_field(value: object, key: str, image_format: str = "jpg", png_scale: float = DEFAULT_WRITE_PNG_SCALE,
-                 where: str = "") -> tuple[str, bytes]:
+                 where: str = "", compact: bool = False) -> tuple[str, bytes]:
     """Encode one raw-sample field; returns ``(extension, bytes)``.
 
     By type: uint8 (C,H,W) -> ``image_format`` (jpg quality 95 without chroma subsampling, or png); int64 (H,W) -> 8- or
     16-bit PNG; float (1,H,W) -> 16-bit PNG of ``round(value / png_scale)``; float (C,H,W) with
     values in [-1, 1] -> 8-bit PNG of ``round((value + 1) * 127.5)``; str -> txt; 0-dim int -> cls.
+    ``compact``: the one-channel integer maps (class ids, quantised depth) go to ``.zst``
+    (:func:`encode_zst`, the same integers) instead of PNG.
     """
     where = where or key
     if isinstance(value, str):
@@ -365,7 +491,8 @@ def encode_field(value: object, key: str, image_format: str = "jpg", png_scale: 
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > 65535:
             raise DataError(f"{where}: class ids must lie in [0, 65535] to be stored as PNG, got [{lo}, {hi}]")
-        return "png", _png_bytes(arr.astype(np.uint8 if hi < 256 else np.uint16), compress_level=1)
+        ints = arr.astype(np.uint8 if hi < 256 else np.uint16)
+        return ("zst", encode_zst(ints)) if compact else ("png", _png_bytes(ints, compress_level=1))
     if np.issubdtype(arr.dtype, np.floating) and arr.ndim == 3:
         if not np.isfinite(arr).all():
             raise DataError(f"{where}: NaN/inf values cannot be stored; mark invalid pixels with 0")
@@ -374,13 +501,24 @@ def encode_field(value: object, key: str, image_format: str = "jpg", png_scale: 
             if q.min() < 0 or q.max() > 65535:
                 raise DataError(f"{where}: values [{arr.min():.4g}, {arr.max():.4g}] do not fit a 16-bit PNG at "
                                 f"png_scale {png_scale:g} (max {65535 * png_scale:.4g})")
-            return "png", encode_png16(q.astype(np.uint16))
+            return ("zst", encode_zst(q.astype(np.uint16))) if compact else ("png", encode_png16(q.astype(np.uint16)))
         if arr.min() < -1 - 1e-4 or arr.max() > 1 + 1e-4:
             raise DataError(f"{where}: multi-channel float maps are stored as signed unit values; got range "
                             f"[{arr.min():.4g}, {arr.max():.4g}] (save as .npy instead)")
         q = np.clip(np.rint((arr + 1) * 127.5), 0, 255).astype(np.uint8).transpose(1, 2, 0)
         return "png", _png_bytes(np.ascontiguousarray(q), compress_level=1)
     raise TypeError(f"{where}: cannot encode a tensor of dtype {value.dtype} and shape {tuple(value.shape)}")
+
+
+def compact_png(data: bytes, where: str) -> bytes | None:
+    """A one-channel 8- or 16-bit PNG's pixels as ``.zst`` (lossless: the same integers), or None
+    for any other file (kept as it is)."""
+    if not data.startswith(b"\x89PNG"):
+        return None
+    arr = _image_array(open_image(data, where))
+    if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):
+        return None
+    return encode_zst(arr)
 
 
 def png16_exact(scale: float) -> bool:

@@ -20,17 +20,22 @@ class DataConfig:
     # names) for validation; 0: train on all of it and skip the held-out evaluation
     val_fraction: float = 0.0
     urls: str | None = None  # shards: brace pattern or comma list of .tar files
-    num_samples: int = 4096  # synthetic: scenes per epoch; shards: samples per epoch (all ranks)
+    # samples per epoch (all ranks). synthetic: scenes per epoch (None: 4096); shards: None counts
+    # the samples in the local shards (tar headers only, see epoch_samples); remote shards need it
+    num_samples: int | None = None
     val_samples: int = 64  # held-out synthetic scenes for the end-of-run evaluation
     image_size: int | None = None  # None: the model's image_size (set it to train at another size)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale (paper: 0.2-1)
     hflip: float = 0.5
     cache: bool = False  # synthetic: render once into memory, augment on the fly
-    num_workers: int = 2
+    # loader worker processes per rank; "auto": the cores this process may use, shared by this
+    # node's ranks (LOCAL_WORLD_SIZE), less one for the training step, 1 to 16 (shard runs resume
+    # exactly only with the same number: resume "auto" runs on the same kind of machine)
+    num_workers: int | Literal["auto"] = 2
     shuffle_buffer: int = 1000  # shards
     on_error: Literal["raise", "skip"] = "raise"
     # the fast data path (folder / shards: Packed integer decoding + PairedTransform(fast=True)):
-    # rgb and semseg bit for bit as the reference path, depth within 1e-5; false: the reference
+    # semseg bit for bit as the reference path, rgb within 1e-6, depth within 1e-5; false: the reference
     fast_decode: bool = True
     # text modality (M3AE)
     tokenizer: str = "synthetic"  # "synthetic" (built in, offline), or a tokenizer.json / BERT vocab.txt
@@ -42,6 +47,49 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.num_samples is None and self.source == "synthetic":
+            self.num_samples = SYNTHETIC_EPOCH
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"data.num_samples must be >= 1, got {self.num_samples}")
+
+
+SYNTHETIC_EPOCH = 4096  # synthetic scenes per epoch unless data.num_samples says
+
+
+def epoch_samples(data: DataConfig) -> tuple[int, str]:
+    """Samples per epoch (all ranks) of ``data`` and where the number comes from, for the run log:
+    ``data.num_samples`` when set, else (shards) the samples counted in the local shards of
+    ``data.urls`` (tar headers only). Remote shards (``http://``, ``pipe:``) are not counted:
+    :class:`~multimae.data.errors.DataError` asking for ``data.num_samples``."""
+    if data.num_samples is not None:
+        return data.num_samples, "data.num_samples"
+    if data.source != "shards" or not data.urls:
+        raise ValueError(f"data.num_samples is needed for data.source={data.source}")
+    import os
+    import tarfile
+
+    from braceexpand import braceexpand
+
+    from multimae.data.errors import DataError
+    from multimae.data.shards import count_samples
+
+    urls = [u for part in data.urls.split(",") for u in braceexpand(part.strip())] if "{" not in data.urls \
+        else list(braceexpand(data.urls))
+    remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
+    if remote:
+        raise DataError(f"data.urls: {remote[0]} is remote and its samples are not counted; set data.num_samples "
+                        "to the samples per epoch")
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise DataError(f"data.urls: shard {missing[0]} not found" +
+                        (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    try:
+        n = count_samples(urls)
+    except (OSError, EOFError, tarfile.TarError) as e:
+        raise DataError(f"data.urls: a shard is not a readable tar file ({e})") from None
+    if n < 1:
+        raise DataError(f"data.urls: the {len(urls)} shard(s) hold no samples")
+    return n, f"counted in the {len(urls)} shard(s) of data.urls"
 
 
 @dataclass

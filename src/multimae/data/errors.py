@@ -31,6 +31,11 @@ class DataError(ValueError):
     """Bad input data; the message names the file or sample key and what is wrong."""
 
 
+class ImageTooLargeError(DataError):
+    """An image whose header declares more pixels than the decoding limit (a decompression bomb):
+    bad data like any other (skipped under ``on_error="skip"``), refused before decoding."""
+
+
 def check_on_error(on_error: str) -> OnError:
     """Validate an ``on_error`` policy value."""
     if on_error not in ("raise", "skip"):

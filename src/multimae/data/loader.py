@@ -19,6 +19,7 @@ hold, the patch size); it never imports the model, ``training/`` or ``viz``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
@@ -26,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from multimae.batch import Batch
-from multimae.data.config import DataConfig, MaskConfig
+from multimae.data.config import DataConfig, MaskConfig, epoch_samples
 from multimae.data.errors import DataError
 from multimae.masking import MaskPlan, dirichlet_plan, ratio_plan
 from multimae.modalities import ModalitySpec
@@ -258,6 +259,21 @@ def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *,
     raise ValueError(f"data.source={data.source!r} is not a map-style dataset (shards stream instead)")
 
 
+def resolve_workers(num_workers: int | str, cores: int | None = None, local_ranks: int | None = None) -> int:
+    """``data.num_workers`` as a number: itself, or for ``"auto"`` the cores this process may use
+    (``cores``, default its CPU affinity) divided among this node's ranks (``local_ranks``, default
+    ``LOCAL_WORLD_SIZE``), less one core for the training step, clamped to 1..16."""
+    if num_workers != "auto":
+        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be a number >= 0 or 'auto', got {num_workers!r}")
+        return num_workers
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if local_ranks is None:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(16, cores // max(1, local_ranks) - 1))
+
+
 def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int, batch_size: int,
                  rank: int = 0, world_size: int = 1) -> tuple[DataLoader, "ResumableBatchSampler | StreamBatches"]:
     """Training DataLoader yielding ``(batch, plan)``, and its position: an object with
@@ -274,10 +290,11 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
     if data.image_only or data.text_only:
         unpaired = Unpairing([s.key for s in specs if s.kind == "text"], [s.key for s in specs if s.is_spatial],
                              data.image_only, data.text_only)
-    kw: dict[str, Any] = dict(num_workers=data.num_workers, collate_fn=collator,
+    workers = resolve_workers(data.num_workers)
+    kw: dict[str, Any] = dict(num_workers=workers, collate_fn=collator,
                               persistent_workers=False, pin_memory=torch.cuda.is_available(),
                               generator=torch.Generator().manual_seed(seed))  # never draws from the global RNG
-    if data.num_workers > 0:
+    if workers > 0:
         kw["prefetch_factor"] = 4
     if data.source == "shards":
         from multimae.data.shards import ShardDataset
@@ -287,7 +304,12 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
         stream = ShardDataset(shard_urls(data.urls), specs, shuffle_buffer=data.shuffle_buffer,
                               seed=seed, on_error=data.on_error, rank=rank, world_size=world_size,
                               packed=data.fast_decode)
-        batches = StreamBatches(stream, transform, batch_size, data.num_samples // (world_size * batch_size), seed,
+        n, how = epoch_samples(data)
+        per_rank = n // (world_size * batch_size)  # batches per rank and epoch
+        if per_rank < 1:
+            raise DataError(f"an epoch of {n} samples ({how}) is less than one batch of {batch_size} x "
+                            f"{world_size} rank(s)")
+        batches = StreamBatches(stream, transform, batch_size, per_rank, seed,
                                 unpaired)
         return DataLoader(batches, batch_size=None, **kw), batches
     base = build_dataset(data, specs, seed, packed=data.fast_decode)
@@ -372,9 +394,12 @@ def eval_batches(spec: BatchSpec, data: DataConfig, mask: MaskConfig, seed: int,
     n = len(base) if limit is None else min(limit, len(base))
     collator = MaskCollator(spec, mask, seed + 1, text=text_collator(data, specs))
     out = []
-    # full batches only (a single short one when n < batch_size)
-    for s in range(0, max(n - batch_size, 0) + 1, batch_size):
-        samples = [transform(base[i]) for i in range(s, min(s + batch_size, n))]
+    # every sample, in batches of near-equal size (24 at batch 16: 12 + 12; no batch of one, whose
+    # per-batch baselines would be trivial)
+    k = -(-n // batch_size)
+    bounds = [i * n // k for i in range(k + 1)] if n else []
+    for s, e in zip(bounds, bounds[1:]):
+        samples = [transform(base[i]) for i in range(s, e)]
         for smp in samples:
             smp[BATCH_TAG] = (0, 0, s)
         out.append(collator(samples))

@@ -1,6 +1,7 @@
 """WebDataset shards: one tar entry group per sample holding every modality.
 
-A sample ``k`` is stored as ``k.rgb.jpg``, ``k.depth.png`` (16-bit), ``k.semseg.png``,
+A sample ``k`` is stored as ``k.rgb.jpg``, ``k.depth.png`` (16-bit), ``k.semseg.png`` (or, in
+compact shards, ``k.depth.zst`` / ``k.semseg.zst``: the same integers as a zstd-compressed ``.npy``),
 ``k.caption.txt``, ``k.cls`` (the image-level label) and ``k.json`` (``{"png_scale": {...}}`` for
 16-bit PNG fields). Reading uses webdataset's tar iteration and grouping; decoding is ours, so
 16-bit PNGs keep every bit (see :mod:`multimae.data.codecs`).
@@ -18,6 +19,8 @@ import json
 import math
 import os
 import random
+import re
+import struct
 import tarfile
 from typing import Callable, Iterable, Iterator, Literal, Sequence
 
@@ -29,8 +32,8 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from multimae.data.codecs import (
-    DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, decode_field, decode_label, decode_packed,
-    encode_field, scale_for,
+    DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, compact_png, decode_field, decode_label,
+    decode_packed, encode_field, scale_for,
 )
 from multimae.data.errors import DataError, ErrorPolicy
 from multimae.data.fields import resolve_fields, validate_sample
@@ -41,7 +44,7 @@ LABEL_FIELD = "cls"
 META_FIELD = "json"
 
 
-def _encode_sample(sample: dict, image_format: str, png_scale: float) -> dict:
+def _encode_sample(sample: dict, image_format: str, png_scale: float, compact: bool = False) -> dict:
     key = str(sample["__key__"])
     if "." in key.rsplit("/", 1)[-1]:
         raise DataError(f"sample {key}: a shard key cannot contain '.' (it separates the key from the field)")
@@ -53,11 +56,12 @@ def _encode_sample(sample: dict, image_format: str, png_scale: float) -> dict:
         if isinstance(value, (bytes, bytearray)):  # pre-encoded, e.g. "rgb.jpg" copied from a file
             obj[name] = bytes(value)
             continue
-        ext, data = encode_field(value, name, image_format, png_scale, where=f"sample {key} field {name}")
+        ext, data = encode_field(value, name, image_format, png_scale, where=f"sample {key} field {name}",
+                                 compact=compact)
         if name == LABEL_KEY and ext == "cls":
             obj[LABEL_FIELD] = data
             continue
-        if ext == "png" and torch.is_tensor(value) and value.is_floating_point() and value.shape[0] == 1:
+        if ext in ("png", "zst") and torch.is_tensor(value) and value.is_floating_point() and value.shape[0] == 1:
             scales[name] = png_scale
         obj[f"{name}.{ext}"] = data
     if scales:
@@ -66,7 +70,7 @@ def _encode_sample(sample: dict, image_format: str, png_scale: float) -> dict:
 
 
 def write_shards(samples: Iterable[dict], out_pattern: str, max_count: int, image_format: str = "jpg",
-                 png_scale: float = DEFAULT_WRITE_PNG_SCALE, first: int = 0) -> list[str]:
+                 png_scale: float = DEFAULT_WRITE_PNG_SCALE, first: int = 0, compact: bool = False) -> list[str]:
     """Write raw samples into tar shards of at most ``max_count`` samples; returns their paths.
 
     ``out_pattern`` holds a ``%d``-style field for the shard number (``/x/shard-%06d.tar``).
@@ -74,6 +78,9 @@ def write_shards(samples: Iterable[dict], out_pattern: str, max_count: int, imag
     has an extension (``"rgb.jpg"``) is stored as is. Each shard is written to a temporary name
     and renamed when complete, and entries carry a fixed mtime, so output is reproducible.
     ``first``: number of the first shard written (to add shards to a partly written set).
+    ``compact``: one-channel integer maps (class ids, depth quantised as for a 16-bit PNG) are
+    stored as ``.zst`` (zstd-compressed ``.npy``, the same integers) instead of PNG: lossless and
+    ~4x faster to read (:func:`multimae.data.codecs.encode_zst`); readers take either.
     """
     if max_count < 1:
         raise ValueError(f"max_count must be >= 1, got {max_count}")
@@ -96,7 +103,7 @@ def write_shards(samples: Iterable[dict], out_pattern: str, max_count: int, imag
                 # an int mtime: a float one makes tarfile add a PAX header to every entry, which
                 # doubles the header parsing of every read (0.2 ms per sample)
                 writer, count = wds.TarWriter(paths[-1] + ".tmp", encoder=False, mtime=0), 0
-            writer.write(_encode_sample(sample, image_format, png_scale))
+            writer.write(_encode_sample(sample, image_format, png_scale, compact))
             count += 1
     finally:
         if writer is not None:
@@ -106,7 +113,8 @@ def write_shards(samples: Iterable[dict], out_pattern: str, max_count: int, imag
     return paths
 
 
-def folder_samples(folder: "FolderDataset", resize: int | None = None) -> Iterator[dict]:  # noqa: F821 (doc type)
+def folder_samples(folder: "FolderDataset", resize: int | None = None,  # noqa: F821 (doc type)
+                   compact: bool = False) -> Iterator[dict]:
     """Samples of a FolderDataset with each file's original bytes, for a lossless copy to shards.
 
     Every sample is decoded and validated first (errors follow the dataset's ``on_error``).
@@ -114,7 +122,8 @@ def folder_samples(folder: "FolderDataset", resize: int | None = None) -> Iterat
     :func:`multimae.data.transforms.resize_shorter_side`), re-encoded in their files' formats:
     JPEG (quality 95, no chroma subsampling) and PNG, depth with the same PNG scale. Pre-resized
     shards decode faster when the sources are much larger than the training crops, but they are
-    not a lossless copy: training then crops a resampled image.
+    not a lossless copy: training then crops a resampled image. ``compact``: one-channel 8/16-bit
+    PNGs of depth and class maps are stored as ``.zst`` (the same integers, faster to read).
     """
     from multimae.data.transforms import resize_shorter_side
 
@@ -137,11 +146,14 @@ def folder_samples(folder: "FolderDataset", resize: int | None = None) -> Iterat
                     data = buf.getvalue()
                 else:
                     fmt = "jpg" if ext in ("jpg", "jpeg") else "png"
-                    ext, data = encode_field(small[key], key, fmt, folder.png_scale[key], where=f"{path} resized")
-                out[f"{key}.{ext}"] = data
+                    ext, data = encode_field(small[key], key, fmt, folder.png_scale[key], where=f"{path} resized",
+                                             compact=compact)
             else:
-                out[f"{key}.{ext}"] = path.read_bytes()
-            if folder.specs[key].kind == "dense" and ext == "png":
+                data = path.read_bytes()
+                packed = compact_png(data, str(path)) if compact and folder.specs[key].kind != "image" else None
+                ext, data = ("zst", packed) if packed is not None else (ext, data)
+            out[f"{key}.{ext}"] = data
+            if folder.specs[key].kind == "dense" and ext in ("png", "zst"):
                 out["__png_scale__"][key] = folder.png_scale[key]
         if folder.with_label:
             out[LABEL_KEY] = torch.tensor(folder.classes.index(path.parent.name))
@@ -160,6 +172,94 @@ def count_samples(urls: str | Sequence[str]) -> int:
                     keys.add(os.path.join(os.path.dirname(info.name), base.split(".", 1)[0]))
         total += len(keys)
     return total
+
+
+_ZERO_BLOCK = bytes(512)
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these names too
+
+
+def _header_size(h: bytes) -> int:
+    field = h[124:136]
+    if field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    return int(field.rstrip(b"\0 ").strip() or b"0", 8)
+
+
+def _header_name(h: bytes) -> str:
+    name = h[:100].split(b"\0", 1)[0]
+    prefix = h[345:500].split(b"\0", 1)[0] if h[257:263] == b"ustar\0" else b""
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
+
+
+def _check_header(h: bytes, offset: int) -> None:
+    """tarfile's checksum test: the unsigned or (old archivers) signed byte sum, the field as spaces."""
+    try:
+        stored = int(h[148:156].rstrip(b"\0 ").strip(), 8)
+    except ValueError:
+        raise ValueError(f"bad checksum at offset {offset}") from None
+    unsigned = sum(h) - sum(h[148:156]) + 256
+    if stored != unsigned and stored != sum(struct.unpack("148b8x356b", h)) + 256:
+        raise ValueError(f"bad checksum at offset {offset}")
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``length key=value\n`` records of a pax extended header."""
+    out, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        length = int(data[pos:data.index(b" ", pos)])
+        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def tar_entries(path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of a local tar, in order: the files tarfile's stream mode
+    yields, ~20x faster per entry (0.02 vs 0.4 ms per 5-entry sample, measured). Headers are parsed
+    here (checksum checked, ustar prefixes, GNU long names, pax ``path`` / ``size``); at any other
+    entry type (links, sparse files, global pax headers) tarfile reads the rest of the archive.
+    ValueError for a truncated or damaged archive."""
+    with open(path, "rb", buffering=1 << 20) as f:
+        long_name, pax, offset = None, {}, 0
+        while True:
+            h = f.read(512)
+            if not h and offset:
+                return
+            if len(h) < 512:
+                raise ValueError("empty file" if not offset else "unexpected end of data")
+            if h == _ZERO_BLOCK:
+                return
+            _check_header(h, offset)
+            kind = h[156:157]
+            if kind not in (b"0", b"\0", b"5", b"L", b"x"):
+                f.seek(offset)
+                with tarfile.open(fileobj=f, mode="r|") as rest:  # the rest of the archive, by tarfile
+                    for info in rest:
+                        if info.isreg():
+                            yield info.name, rest.extractfile(info).read()
+                return
+            size = int(pax["size"]) if "size" in pax and kind in (b"0", b"\0") else _header_size(h)
+            data = f.read(size)
+            if len(data) < size or len(f.read(-size % 512)) < -size % 512:
+                raise ValueError("unexpected end of data")
+            offset += 512 + size + (-size % 512)
+            if kind == b"L":
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            elif kind == b"x":
+                pax = _pax_records(data)
+            else:
+                name = pax.get("path") or long_name or _header_name(h)
+                long_name, pax = None, {}
+                if kind != b"5":
+                    yield name, data
+
+
+def _file_samples(url: str) -> Iterator[dict]:
+    """What webdataset's tar_file_expander yields for a local shard, from :func:`tar_entries`."""
+    for name, data in tar_entries(url):
+        if ("/" not in name and name.startswith("__") and name.endswith("__")) or _SKIP_META.match(name):
+            continue
+        yield {"fname": name, "data": data, "__url__": url}
 
 
 def assign_shards(num_shards: int, rank: int, world_size: int, worker: int, num_workers: int
@@ -266,8 +366,8 @@ class ShardDataset(IterableDataset):
     def _read_shard(self, url: str) -> Iterator[dict]:
         """Raw byte samples of one shard; a broken tar raises DataError naming it."""
         try:
-            stream = group_by_keys(tar_file_expander(url_opener([{"url": url}])))
-            yield from stream
+            files = _file_samples(url) if os.path.isfile(url) else tar_file_expander(url_opener([{"url": url}]))
+            yield from group_by_keys(files)
         except (tarfile.TarError, OSError, ValueError, EOFError) as e:
             raise DataError(f"shard {url}: truncated or not a tar file ({type(e).__name__}: {e})") from None
 

@@ -2,6 +2,8 @@
 the config completed from it, the default run name, and the type of a dataset injection."""
 from __future__ import annotations
 
+import logging
+
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -36,6 +38,11 @@ def prepare(cfg: FinetuneConfig, init: str | None = None) -> tuple[TransferModel
         head = replace(head, out_channels=3)
     cfg = replace(cfg, model=replace(cfg.model, head=head))
     model, report = build_transfer_model(cfg.model, cfg.init if init is None else init)
+    size = model.encoder.config.image_size
+    if cfg.model.encoder is None and cfg.data.image_size != size:  # the architecture came from the init
+        logging.getLogger("multimae").warning(
+            "training at data.image_size=%d px, but the init was trained at %d px (its position tables are "
+            "resampled); set data.image_size=%d to keep its size", cfg.data.image_size, size, size)
     cfg = replace(cfg, model=replace(cfg.model, encoder=model.encoder.config))
     if not cfg.train.run_name:
         cfg = replace(cfg, train=replace(cfg.train, run_name=default_run_name(cfg)))

@@ -10,10 +10,10 @@ and ``shards`` (WebDataset tars; the label is the ``cls`` field). Bad input foll
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from multimae.batch import Batch
 from multimae.data import collate
@@ -157,9 +157,11 @@ def train_collate(samples: list[dict]) -> tuple[Batch, None]:
     return Batch.of(collate(samples)), None
 
 
-def eval_collate(samples: list[dict]) -> Batch:
-    """Stack evaluation samples into a Batch (tensors; ``__key__`` and other lists in ``extra``)."""
-    return Batch.of(collate(samples))
+def eval_collate(samples: list[dict | None]) -> Batch | None:
+    """Stack evaluation samples into a Batch (tensors; ``__key__`` and other lists in ``extra``),
+    leaving out skipped ones (None); None when all were."""
+    present = [s for s in samples if s is not None]
+    return Batch.of(collate(present)) if present else None
 
 
 class _StreamPosition:
@@ -204,13 +206,41 @@ class _Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int) -> dict:
-        return self.transform(self.base[i], generator=torch.Generator().manual_seed(derive_seed(i)))
+    def __getitem__(self, i: int) -> dict | None:
+        sample = _scored_once(self.base, i)
+        if sample is None:
+            return None
+        return self.transform(sample, generator=torch.Generator().manual_seed(derive_seed(i)))
+
+
+def _scored_once(base: Any, i: int) -> dict | None:
+    """Sample ``i`` of ``base`` for evaluation; under ``on_error=skip`` a bad sample is None
+    (counted, logged, left out), never replaced by another one that would be scored twice."""
+    while isinstance(base, Subset):
+        base, i = base.dataset, base.indices[i]
+    load, policy = getattr(base, "load", None), getattr(base, "policy", None)
+    if load is None or policy is None or getattr(base, "transform", None) is not None:
+        return base[i]
+    try:
+        return load(i)
+    except DataError as err:
+        policy.handle(err)  # raises under on_error=raise
+        return None
+
+
+class _Present:
+    """Iterate a loader leaving out the batches whose samples were all skipped."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (b for b in self.loader if b is not None)
 
 
 def build_eval_loader(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], split: str | None = None,
                       train_split_stats: bool = False, limit: int | None = None,
-                      datasets: Datasets | None = None) -> DataLoader:
+                      datasets: Datasets | None = None) -> Iterable[Batch]:
     """Deterministic loader over ``split`` (default ``data.split``) with the evaluation transform,
     in dataset order; ``train_split_stats`` reads the training split instead (for baselines)."""
     d = cfg.data
@@ -223,5 +253,5 @@ def build_eval_loader(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], split
         if limit is not None and len(base) > limit:  # type: ignore[arg-type]
             base = torch.utils.data.Subset(base, range(limit))
         ds = _Transformed(base, tf)
-    return DataLoader(ds, batch_size=cfg.train.eval_batch_size, shuffle=False, num_workers=d.num_workers,
-                      collate_fn=eval_collate)
+    return _Present(DataLoader(ds, batch_size=cfg.train.eval_batch_size, shuffle=False, num_workers=d.num_workers,
+                               collate_fn=eval_collate))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from multimae import config as config_lib
+from multimae.data.config import epoch_samples
 from multimae.data.loader import BatchSpec, build_loader, data_counts, load_text_tokenizer
 from multimae.engine.distributed import DistInfo
 from multimae.engine.logging import RunLogger
@@ -32,6 +33,7 @@ class PretrainTask(Task):
                                "data.val_samples"})
 
     def __init__(self, cfg: PretrainConfig) -> None:
+        self.epoch_note = "data.num_samples" if cfg.data.num_samples is not None else "counted in the shards"
         self.cfg = completed_config(cfg)
         self.result: dict[str, Any] = {}
 
@@ -56,7 +58,13 @@ class PretrainTask(Task):
     def describe(self, trainer: Trainer) -> list[str]:
         return [f"run {trainer.run_dir}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
                 f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} total, lr {trainer.lr:.3g}, "
-                f"world size {trainer.info.world_size}"]
+                f"world size {trainer.info.world_size}"] + self._epoch_line()
+
+    def _epoch_line(self) -> list[str]:
+        d = self.cfg.data
+        if d.source not in ("shards", "synthetic"):
+            return []  # a folder / caption table: the epoch is the dataset
+        return [f"epoch: {d.num_samples} samples ({self.epoch_note}; data.num_samples sets it)"]
 
     def checkpoint_meta(self, trainer: Trainer) -> dict[str, Any]:
         return {"model_config": config_lib.to_dict(self.model.config)}
@@ -106,7 +114,10 @@ def completed_config(cfg: PretrainConfig) -> PretrainConfig:
         if kind == "text" and "num_classes" not in over:
             mods[name] = {**over, "num_classes": load_text_tokenizer(cfg.data.tokenizer).get_vocab_size()}
     train = cfg.train if cfg.train.run_name else replace(cfg.train, run_name="pretrain")
-    return replace(cfg, model=replace(cfg.model, modalities=mods), train=train)
+    data = cfg.data
+    if data.num_samples is None and data.source == "shards":  # the epoch is what they hold (a resume keeps it)
+        data = replace(data, num_samples=epoch_samples(data)[0])
+    return replace(cfg, model=replace(cfg.model, modalities=mods), train=train, data=data)
 
 
 def pretrain(cfg: PretrainConfig, evaluate: bool = True) -> Path:

@@ -74,7 +74,7 @@ def train_probe(train_x: Tensor, train_y: Tensor, num_classes: int, epochs: int,
     torch.manual_seed(seed)
     probe = LinearProbe(train_x.shape[1], num_classes)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = -(-len(train_x) // batch_size)
+    steps_per_epoch = probe_steps(len(train_x), batch_size)
     sched = WarmupCosine(opt, epochs * steps_per_epoch, min(steps_per_epoch, epochs * steps_per_epoch))
     g = torch.Generator().manual_seed(seed)
     step = 0
@@ -93,13 +93,19 @@ def train_probe(train_x: Tensor, train_y: Tensor, num_classes: int, epochs: int,
             sched.step()
             step += 1
             total += float(loss.detach()) * len(idx)
-        if progress is not None:
-            progress.update(1, loss=total / len(perm), lr=sched.get_last_lr()[0])
+            if progress is not None:  # one optimizer step (the bar counts steps, not epochs)
+                progress.update(1, loss=float(loss.detach()), lr=sched.get_last_lr()[0], imgs=len(idx))
         if logger is not None:
             logger.log_scalars(step, {"loss": total / len(perm), "epoch": epoch + 1})
         if stop is not None and stop.signum is not None and epoch + 1 < epochs:
             raise Preempted(stop.name, step, None)
     return probe.eval()
+
+
+def probe_steps(n: int, batch_size: int) -> int:
+    """Optimizer steps per epoch of :func:`train_probe` on ``n`` samples (a last batch of one
+    sample is left out: BatchNorm needs two)."""
+    return n // batch_size + (1 if n % batch_size >= 2 else 0)
 
 
 @torch.no_grad()
@@ -174,7 +180,8 @@ def _run_probe(cfg: FinetuneConfig, datasets: Datasets | None) -> tuple[Path, di
     print(f"probe {run_dir}: {report.summary()}; features {tuple(train_x.shape)} train, {tuple(eval_x.shape)} "
           f"{cfg.data.split} in {t_feat:.1f}s", flush=True)
     with RunLogger(run_dir) as logger:
-        progress = Progress(p.epochs, log_every=max(1, p.epochs // 5))
+        steps = p.epochs * probe_steps(len(train_x), p.batch_size)
+        progress = Progress(steps, log_every=max(1, steps // 5))
         tic = time.perf_counter()
         with StopSignals() as stop:
             probe = train_probe(train_x, train_y, K, p.epochs, p.batch_size, p.lr, p.weight_decay, cfg.train.seed,
@@ -182,7 +189,6 @@ def _run_probe(cfg: FinetuneConfig, datasets: Datasets | None) -> tuple[Path, di
         progress.close()
         t_fit = time.perf_counter() - tic
         metrics = probe_scores(probe, eval_x, eval_y, K)
-        steps = p.epochs * -(-len(train_x) // p.batch_size)
         logger.log_scalars(steps, {f"eval/{k}": v for k, v in metrics.items()})
     weights = {**model.state_dict(), **{PROBE_PREFIX + k: v for k, v in probe.state_dict().items()}}
     save_checkpoint(run_dir, steps, weights, {"step": steps}, {"config": config_lib.to_dict(cfg), "kind": "probe",

@@ -30,7 +30,9 @@ import torch
 from torch import Tensor
 
 from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
-from multimae.checkpoint.convert import ConversionError, fit_error, infer_official_config, model_config, read_state_dict
+from multimae.checkpoint.convert import (
+    KNOWN_HEADS, ConversionError, fit_error, infer_official_config, model_config, read_state_dict,
+)
 from multimae.checkpoint.hf import hf_config
 from multimae.checkpoint.io import META_FILE, WEIGHTS_FILE
 from multimae.checkpoint.resize import resize_pos_table
@@ -303,10 +305,21 @@ def _read_init(init: str | os.PathLike | Mapping[str, Tensor], num_heads: int | 
 
     A DDP ``module.`` prefix is removed; a timm / facebookresearch-mae ViT is mapped onto an rgb
     MultiMAE encoder (:func:`multimae.checkpoint.vit.vit_to_multimae`)."""
+    from multimae.checkpoint.pretrained import recorded_num_heads
+
     sd, recorded, source = _read_files(init, num_heads)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if is_vit_layout(sd):
+        if num_heads is None and not isinstance(init, Mapping):  # `multimae convert --to timm` records it
+            num_heads = recorded_num_heads(init)
+        w = sd.get("patch_embed.proj.weight")
+        if num_heads is None and w is not None and int(w.shape[0]) not in KNOWN_HEADS:
+            depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+            raise ConversionError(
+                f"{source}: width {w.shape[0]} is not a standard ViT's and the weights do not record the head count; "
+                f"give the encoder with its head count H: model.encoder={{dim: {w.shape[0]}, depth: {depth}, "
+                f"num_heads: H, patch_size: {w.shape[-1]}}}")
         fields, sd, _, _ = vit_to_multimae(sd, source, num_heads)
         recorded = recorded or model_config(fields)
     return sd, recorded, source
@@ -321,7 +334,10 @@ def _check_arch(cfg_enc: ModelConfig, recorded: ModelConfig | None, source: str)
             for f in ("dim", "depth", "num_heads", "patch_size", "num_global_tokens")
             if getattr(a, f) != getattr(b, f)]
     if diff:
-        raise ConversionError(f"{source}: encoder architecture differs from the checkpoint's -- " + "; ".join(diff))
+        arch = ", ".join(f"{f}: {getattr(b, f)}" for f in ("dim", "depth", "num_heads", "patch_size", "image_size"))
+        raise ConversionError(f"{source}: encoder architecture differs from the checkpoint's -- " + "; ".join(diff)
+                              + f". To take the checkpoint's ({{{arch}}}) instead of the config's, set "
+                              "model.encoder=null")
 
 
 def build_transfer_model(cfg: TransferModelConfig, init: str | os.PathLike | Mapping[str, Tensor] | None = None,

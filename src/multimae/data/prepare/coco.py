@@ -5,6 +5,11 @@ Input: the image directory (``train2017/``) and ``captions_train2017.json``
 (``{"images": [{"id", "file_name", ...}], "annotations": [{"image_id", "caption", "id"}]}``,
 about 5 captions per image).
 
+The ``file_name`` s must be paths inside the image directory (absolute paths, ``..`` and symbolic
+links leading out are refused) of files that decode as images (checked before they are copied);
+an image in a subfolder is named after its path (``sub/a.jpg`` -> ``sub__a.jpg``), so that
+same-named files of different folders stay two images.
+
 Folder output: the images (bytes unchanged, or linked) under ``root/<split>/rgb/all/<name>.jpg`` (the
 folder layout, e.g. for ``multimae pseudolabel``) and the
 caption table ``root/captions_<split>.tsv`` (``data.root`` of ``data.source=captions``):
@@ -21,10 +26,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from multimae.data.errors import DataError
-from multimae.data.prepare.writing import Item
+from multimae.data.codecs import IMAGE_EXTS
+from multimae.data.prepare.writing import Item, check_image_file, contained
 
 KNOWN_IMAGES = {"train": 118287, "val": 5000}
 KNOWN_CAPTIONS = {"train": 591753, "val": 25014}
@@ -50,8 +56,8 @@ def read_captions(path: Path) -> list[tuple[int, str, list[tuple[int, str]]]]:
         raise DataError(f"{path}: expected a COCO captions file with 'images' and 'annotations', got {keys}")
     files = {}
     for i, im in enumerate(obj["images"]):
-        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
-            raise DataError(f"{path}: images[{i}] lacks 'id' / 'file_name'")
+        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+            raise DataError(f"{path}: images[{i}] lacks 'id' / a 'file_name' string")
         files[im["id"]] = im["file_name"]
     caps: dict[int, list[tuple[int, str]]] = {}
     for i, a in enumerate(obj["annotations"]):
@@ -64,6 +70,13 @@ def read_captions(path: Path) -> list[tuple[int, str, list[tuple[int, str]]]]:
         if text:
             caps.setdefault(a["image_id"], []).append((int(a.get("id", i)), text))
     return sorted(((i, files[i], sorted(c)) for i, c in caps.items()), key=lambda r: r[1])
+
+
+def output_name(name: str) -> str:
+    """The output sample name of a relative image path: its stem, prefixed by its folders joined
+    with ``__`` (``sub1/dup.jpg`` -> ``sub1__dup``), so images in different folders stay apart."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return "__".join([*parts[:-1], PurePosixPath(parts[-1]).stem])
 
 
 def items(images: Path, captions: Path, split: str, per_sample: str = "caption", fmt: str = "folder",
@@ -84,17 +97,22 @@ def items(images: Path, captions: Path, split: str, per_sample: str = "caption",
     out: list[Item] = []
     rows: list[tuple[str, list[str]]] = []
     for image_id, name, caps in recs:
-        src = images / name
+        where = f"{captions}: image {image_id}"
+        src = contained(images, name, where)
         if not src.is_file():
             raise DataError(f"{src}: image {image_id} of {captions} not found")
-        stem, ext = Path(name).stem, Path(name).suffix[1:].lower() or "jpg"
+        stem, ext = output_name(name), Path(name).suffix[1:].lower()
+        if ext not in IMAGE_EXTS:
+            raise DataError(f"{where}: {name!r} is not an image file name (.{' .'.join(IMAGE_EXTS)})")
         if fmt == "folder":
-            out.append(Item(split, "all", stem, {"rgb": ext}, lambda src=src: {"rgb": src}, str(src)))
+            out.append(Item(split, "all", stem, {"rgb": ext},
+                            lambda src=src, w=where: {"rgb": check_image_file(src, w)}, str(src)))
             rows.append((f"{split}/rgb/all/{stem}.{ext}", [c for _, c in caps]))
         else:
             for ann_id, cap in caps:
                 out.append(Item(split, "all", f"{stem}_{ann_id}", {"rgb": ext, "caption": "txt"},
-                                lambda src=src, cap=cap: {"rgb": src, "caption": cap.encode()}, str(src)))
+                                lambda src=src, cap=cap, w=where: {"rgb": check_image_file(src, w),
+                                                                   "caption": cap.encode()}, str(src)))
     facts = {"source": {"images": str(images), "captions": str(captions)}, "per_sample": per_sample,
              "images": len(recs), "captions": sum(len(c) for _, _, c in recs)}
     return out, rows, facts

@@ -9,7 +9,8 @@ flat (``ILSVRC2012_val_00000001.JPEG`` ...) with one of
   i for ``ILSVRC2012_val_<i:08d>``, with the devkit's ``meta.mat`` (``synsets``: ``ILSVRC2012_ID``,
   ``WNID``, ``words``, ``num_children``; the leaf synsets with ids 1..1000 are the classes).
 
-The image bytes are copied unchanged (or hard/symbolic linked). The class index of a sample is the
+The image bytes are copied unchanged (or hard/symbolic linked) once checked to decode as an image;
+two files that would give one output (``a.JPEG`` and ``a.jpeg``) are refused. The class index of a sample is the
 position of its wnid in the sorted wnids (the torchvision ImageFolder convention), recorded as
 ``classes`` in ``multimae_data.json``.
 """
@@ -20,7 +21,7 @@ import re
 from pathlib import Path
 
 from multimae.data.errors import DataError
-from multimae.data.prepare.writing import Item
+from multimae.data.prepare.writing import Item, check_image_file
 
 KNOWN = {"train": 1281167, "val": 50000}
 VAL_NAME = re.compile(r"ILSVRC2012_val_(\d+)$")
@@ -150,7 +151,8 @@ def items(src: Path, val_labels: Path | None = None, devkit_meta: Path | None = 
     index = {w: i for i, w in enumerate(wnids)}
     for split, pairs in (("train", train), ("val", val)):
         for c, f in _interleave(pairs, limit):
-            out.append(Item(split, c, f.stem, {"rgb": f.suffix[1:].lower()}, lambda f=f: {"rgb": f}, str(f), index[c]))
+            out.append(Item(split, c, f.stem, {"rgb": f.suffix[1:].lower()},
+                            lambda f=f: {"rgb": check_image_file(f, "imagenet")}, str(f), index[c]))
     words = _words(Path(devkit_meta)) if devkit_meta else {}
     facts = {"source": {"src": str(src), "val_labels": str(val_labels) if val_labels else None},
              "classification": {"num_classes": len(wnids), "class_index": "sorted wnids (torchvision ImageFolder)",

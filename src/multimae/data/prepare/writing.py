@@ -17,7 +17,7 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -57,6 +57,46 @@ def place_file(src: Path, dst: Path, mode: str = "copy") -> None:
         if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
+
+
+def contained(root: Path, name: str, where: str) -> Path:
+    """``root / name`` for a relative path ``name`` that a dataset's index file gives, refused
+    (:class:`DataError` naming ``where``) when it could leave ``root``: absolute, with ``..``, or
+    resolving (through symbolic links) outside ``root``."""
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if not name or pure.is_absolute() or PureWindowsPath(name).drive or ".." in pure.parts:
+        raise DataError(f"{where}: file name {name!r} must be a path inside {root} (no absolute path, no '..')")
+    path = root / pure
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise DataError(f"{where}: {path} resolves to {path.resolve()}, outside {root} (a symbolic link?)")
+    return path
+
+
+def check_image_file(path: Path, where: str) -> Path:
+    """``path`` after checking that its bytes decode as an image within the pixel limit
+    (JPEGs decoded at 1/8 scale: cheap, the whole entropy stream is still read); DataError
+    naming ``where`` otherwise. Returns ``path`` (to copy or link unchanged)."""
+    from multimae.data.codecs import IMAGE_EXTS, open_image
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{where}: {path} unreadable ({e.strerror or e})") from None
+    img = open_image(data, f"{where}: {path}", draft=(1, 1))
+    if (img.format or "").lower() not in IMAGE_EXTS + ("jpeg", "mpo"):
+        raise DataError(f"{where}: {path} is a {img.format} image; expected one of {', '.join(IMAGE_EXTS)}")
+    return path
+
+
+def check_unique(items: Sequence["Item"], fmt: str) -> None:
+    """Refuse two items written to the same output (one would silently replace the other)."""
+    seen: dict[tuple[str, ...], str] = {}
+    for it in items:
+        key = (it.split, it.cls, it.name) if fmt == "folder" else (it.split, it.name)
+        if key in seen:
+            raise DataError(f"{it.where or it.name} and {seen[key] or it.name} would both be written as sample "
+                            f"{'/'.join(key)}: rename one of them")
+        seen[key] = it.where
 
 
 def metric_depth_mm(depth: np.ndarray) -> np.ndarray:
@@ -151,6 +191,7 @@ def write_items(items: Sequence[Item], root: str | os.PathLike, fmt: str = "fold
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
     root = Path(root)
+    check_unique(items, fmt)
     report = WriteReport()
     for it in items:
         report.per_split[it.split] = report.per_split.get(it.split, 0) + 1
