@@ -479,6 +479,9 @@ def save_json(cfg: Any, path: str | os.PathLike[str]) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        from multimae.checkpoint.io import apply_umask
+
+        apply_umask(tmp)  # mkstemp makes 0600: the user's umask decides, as for every other file
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -245,6 +245,9 @@ def export_onnx(source: str | os.PathLike | nn.Module, out: str | os.PathLike, i
     os.close(fd)
     try:
         onnx.save_model(proto, tmp)
+        from multimae.checkpoint.io import apply_umask
+
+        apply_umask(tmp)  # mkstemp makes 0600: the user's umask decides
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

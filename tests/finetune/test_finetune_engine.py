@@ -12,7 +12,7 @@ from multimae.engine.trainer import Trainer
 from multimae.tasks.finetune import FinetuneObjective, FinetuneTask, build_loss, build_mixup
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.evaluate import evaluate_run
-from multimae.engine.step import train_step
+from multimae.engine.step import read_stats, train_step
 
 ENC = dict(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32,
            modalities={"semseg": {"num_classes": 6}})
@@ -67,7 +67,7 @@ def test_init_from_pretraining_run_gradients_and_layer_decay(tmp_path, pretrain_
 
     # one step: the head and the encoder (blocks and input projection) all get gradients
     micro = next(tr.batches())
-    stats = train_step(tr.net, micro, tr.optimizer, scheduler=tr.scheduler)
+    stats = read_stats(train_step(tr.net, micro, tr.optimizer, scheduler=tr.scheduler))
     assert torch.isfinite(torch.tensor(stats["loss"]))
     for prefix in ("head.", "encoder.blocks.0.", "encoder.input_adapters.rgb."):
         grads = [p.grad for n, p in tr.model.named_parameters() if n.startswith(prefix)]
@@ -165,6 +165,11 @@ def test_linear_probe_runs_fast_and_evaluates(tmp_path, pretrain_run):
     # the encoder stayed frozen: its weights are the pretraining run's
     w = load_weights(find_latest(run_dir))
     assert torch.equal(w["encoder.blocks.0.attn.qkv.weight"], pretrain_run[1]["encoder.0.attn.qkv.weight"])
+    # the run directory holds this probe: another one is refused in one line, before anything is written
+    from multimae.engine.identity import RunMismatchError
+
+    with pytest.raises(RunMismatchError, match=r"probe\.lr: .* -> 0\.5\. .*train\.resume=force"):
+        run_probe(cfg_for(tmp_path, "probe", f"init={run}", "data.train_samples=64", "probe.epochs=20", "probe.lr=0.5"))
 
 
 def test_loss_and_mixup_choices(tmp_path):

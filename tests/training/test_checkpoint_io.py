@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,10 +118,44 @@ def test_crash_mid_write_keeps_previous(tmp_path: Path, monkeypatch: pytest.Monk
     assert meta["step"] == 10 and state == {"step": 10}
 
 
+def test_full_disk_is_one_line_naming_the_path_and_free_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = save(tmp_path, 10)
+
+    def full(obj: object, f: object) -> None:  # what torch.save says when the disk fills up
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123 vs 456")
+
+    monkeypatch.setattr(ckio.torch, "save", full)
+    with pytest.raises(CheckpointError) as e:
+        save(tmp_path, 20)
+    msg = str(e.value)
+    assert "\n" not in msg and "step-000000020" in msg and "MiB free" in msg and "inline_container" not in msg
+    monkeypatch.undo()
+    assert list_checkpoints(tmp_path) == [first]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_files_follow_the_users_umask(tmp_path: Path, mask: int) -> None:
+    old = os.umask(mask)
+    try:
+        d = save(tmp_path, 3)
+        extra = ckio.save_file_atomic(tmp_path / "w.safetensors",
+                                      lambda p: ckio._st_save_file({"a": torch.zeros(2)}, str(p)))
+    finally:
+        os.umask(old)
+    for f in [*d.iterdir(), extra]:  # safetensors alone would make 0600: unreadable by the group
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
 def test_incomplete_and_temp_dirs_ignored(tmp_path: Path) -> None:
     first = save(tmp_path, 5)
     root = tmp_path / "checkpoints"
-    (root / ".tmp-step-000000099-deadbeef").mkdir()  # left by a killed writer
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = root / f".tmp-step-000000099-{int(dead.stdout)}@{host}-deadbeef"  # left by a killed writer
+    stale.mkdir()
+    live = root / f".old-step-000000098-{os.getppid()}@{host}-0badcafe"  # another process still writing
+    live.mkdir()
     half = root / "step-000000050"
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"x")  # no meta.json
@@ -128,7 +167,7 @@ def test_incomplete_and_temp_dirs_ignored(tmp_path: Path) -> None:
     assert find_latest(tmp_path) == first
     assert find_latest(root) == first  # the checkpoints dir works too
     save(tmp_path, 7)
-    assert not (root / ".tmp-step-000000099-deadbeef").exists()  # stale temp cleaned
+    assert not stale.exists() and live.is_dir()  # a dead writer's temp is cleaned, a live one's kept
 
 
 def test_keep_last_pruning(tmp_path: Path) -> None:
@@ -138,6 +177,23 @@ def test_keep_last_pruning(tmp_path: Path) -> None:
     for s in (6, 7):
         save(tmp_path, s, keep_last=0)
     assert len(list_checkpoints(tmp_path)) == 4
+
+
+def test_a_kill_while_pruning_leaves_no_broken_step_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save(tmp_path, 1)
+    real = ckio.shutil.rmtree
+
+    def killed(path: object, *a: object, **kw: object) -> None:  # the process dies half-way through deleting
+        (Path(path) / "model.safetensors").unlink()
+        raise SystemExit(137)
+
+    monkeypatch.setattr(ckio.shutil, "rmtree", killed)
+    with pytest.raises(SystemExit):
+        save(tmp_path, 2, keep_last=1)
+    monkeypatch.setattr(ckio.shutil, "rmtree", real)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == ["step-000000002"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000002"]
 
 
 def test_resave_same_step_replaces(tmp_path: Path) -> None:

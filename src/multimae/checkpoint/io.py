@@ -9,18 +9,24 @@ Layout of one checkpoint (a directory)::
         meta.json           {"format_version", "step", "epoch", "config", "library_version",
                              "time", ...}
 
-Writes are atomic: everything goes into ``.tmp-step-.../`` beside the final directory, every file
-is fsync'ed, and the directory is renamed into place. ``meta.json`` is written last, so a
-directory without a parseable ``meta.json`` is never taken as a checkpoint.
+Writes are atomic: everything goes into ``.tmp-step-...-<pid>@<host>-<random>/`` beside the final
+directory, every file is fsync'ed, and the directory is renamed into place. ``meta.json`` is written
+last, so a directory without a parseable ``meta.json`` is never taken as a checkpoint. Old
+checkpoints are pruned by renaming them out of sight first (``.old-...``), then deleting; leftovers
+of a killed writer are removed by the next save once their writer process is gone. Files get the
+mode the user's umask gives (0644 under the usual 022). A full disk is one line naming the path and
+the free space (:class:`CheckpointError`); the previous checkpoint stays intact.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -41,6 +47,8 @@ __all__ = [
     "META_FILE",
     "step_dir_name",
     "save_file_atomic",
+    "apply_umask",
+    "tmp_name",
     "save_checkpoint",
     "load_checkpoint",
     "load_weights",
@@ -79,6 +87,63 @@ def step_dir_name(step: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def apply_umask(path: str | os.PathLike[str]) -> None:
+    """Give a file the mode the user's umask gives new files (``0o666 & ~umask``): writers that
+    create private temporaries (``tempfile.mkstemp``, safetensors: 0600) would keep them unreadable
+    by the group."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def tmp_name(name: str, prefix: str = "") -> str:
+    """``<prefix or .tmp->name-<pid>@<host>-<random>``: a temporary name that says who writes it, so
+    a clean-up removes it only once that process is gone (:func:`writer_gone`)."""
+    return f"{prefix or _TMP_PREFIX}{name}-{os.getpid()}@{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+_WRITER_RE = re.compile(r"-(\d+)@([^/]+)-[0-9a-f]{8}$")
+
+
+def writer_gone(name: str) -> bool:
+    """Whether the process that named a temporary with :func:`tmp_name` has ended (a name from
+    another host, or without a writer, counts as gone only when it is a day old: see the caller)."""
+    m = _WRITER_RE.search(name)
+    if m is None or m.group(2) != socket.gethostname():
+        return False
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left" in text or "unexpected pos" in text or "quota" in text.lower()
+
+
+def _disk_full_error(path: Path, e: BaseException) -> CheckpointError:
+    try:
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
+        left = f"{free / 2**20:.1f} MiB free"
+    except OSError:
+        left = "free space unknown"
+    return CheckpointError(f"disk full while writing {path} ({left}); the previous checkpoint is intact. "
+                           "Free some space (or set train.keep_last lower) and run the same command again")
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -106,15 +171,18 @@ def save_file_atomic(path: str | os.PathLike[str], write_fn: Callable[[Path], No
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}")
+    tmp = final.with_name(tmp_name(final.name))
     try:
         write_fn(tmp)
         if not tmp.is_file():
             raise CheckpointError(f"write function did not create {tmp} (for {final})")
+        apply_umask(tmp)
         _fsync_file(tmp)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if _disk_full(e):
+            raise _disk_full_error(final, e) from e
         raise
     _fsync_dir(final.parent)
     return final
@@ -214,6 +282,7 @@ def _write_checkpoint_files(
         os.replace(src, tmp / name)
     _write_json(tmp / META_FILE, meta)  # last: its presence marks the directory complete
     for name in (WEIGHTS_FILE, STATE_FILE, META_FILE):
+        apply_umask(tmp / name)
         _fsync_file(tmp / name)
     _fsync_dir(tmp)
 
@@ -265,21 +334,23 @@ def save_checkpoint(
     weights = _prepare_weights(model_state)
 
     final = root / step_dir_name(step)
-    tmp = root / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp = root / tmp_name(final.name)
     tmp.mkdir()
     old = None
     try:
         _write_checkpoint_files(tmp, weights, train_state, full_meta,
                                 {k: Path(v) for k, v in (extra_dirs or {}).items()})
         if final.exists():  # re-saving a step: move the old one aside, then swap
-            old = root / f"{_OLD_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+            old = root / tmp_name(final.name, _OLD_PREFIX)
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not final.exists():
             os.replace(old, final)
+        if _disk_full(e):
+            raise _disk_full_error(final, e) from e
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -289,18 +360,35 @@ def save_checkpoint(
     return final
 
 
+_UNOWNED_STALE_S = 24 * 3600  # a temporary whose writer cannot be checked (another host) is stale after a day
+
+
 def _cleanup_stale(root: Path) -> None:
-    """Remove temp / aside directories left behind by a crashed writer."""
+    """Remove temp / aside directories left behind by a writer that is gone (one that is still
+    running, e.g. another rank saving, keeps its own)."""
     for p in _iterdir(root):
-        if p.is_dir() and (p.name.startswith(_TMP_PREFIX) or p.name.startswith(_OLD_PREFIX)):
+        if not (p.is_dir() and (p.name.startswith(_TMP_PREFIX) or p.name.startswith(_OLD_PREFIX))):
+            continue
+        try:
+            old = time.time() - p.stat().st_mtime > _UNOWNED_STALE_S
+        except OSError:
+            continue
+        if writer_gone(p.name) or old:
             shutil.rmtree(p, ignore_errors=True)
 
 
 def _prune(root: Path, keep_last: int, protect: Path) -> None:
+    """Delete all but the ``keep_last`` newest checkpoints: each is renamed out of sight first, so a
+    kill during the deletion leaves a ``.old-`` directory (removed later), never a broken ``step-``."""
     ckpts = list_checkpoints(root)
     for p in ckpts[: max(0, len(ckpts) - keep_last)]:
         if p != protect:
-            shutil.rmtree(p, ignore_errors=True)
+            aside = root / tmp_name(p.name, _OLD_PREFIX)
+            try:
+                os.replace(p, aside)
+            except OSError:
+                continue
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

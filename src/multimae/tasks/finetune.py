@@ -138,6 +138,10 @@ class FinetuneTask(Task):
     """A fine-tuning run of ``cfg``; ``datasets(split, train) -> map-style dataset`` replaces the
     configured source's raw datasets (an injection point for benchmarks and custom data)."""
 
+    # what only the evaluation reads (the evaluated split and its view), and the probe's own section
+    schedule_only = frozenset({"train.eval_every", "train.eval_batch_size", "data.split", "data.eval_transform",
+                               "data.eval_crop_pct", "data.val_samples", "data.test_samples", "probe.*"})
+
     def __init__(self, cfg: FinetuneConfig, datasets: Datasets | None = None) -> None:
         self.cfg, self.datasets = cfg, datasets
         self.eval_result: dict[str, Any] | None = None

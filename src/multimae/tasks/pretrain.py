@@ -28,6 +28,10 @@ from multimae.tasks.pretrain_config import PretrainConfig
 class PretrainTask(Task):
     """A MultiMAE (or M3AE) pretraining run of ``cfg``."""
 
+    # what only the figures and the end-of-run evaluation read
+    schedule_only = frozenset({"train.vis_every", "train.eval_at_end", "train.figure_at_end", "data.val_split",
+                               "data.val_samples"})
+
     def __init__(self, cfg: PretrainConfig) -> None:
         self.epoch_note = "data.num_samples" if cfg.data.num_samples is not None else "counted in the shards"
         self.cfg = completed_config(cfg)

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multimae import config as config_lib
-from multimae.checkpoint import save_checkpoint
+from multimae.checkpoint import find_latest, load_meta, save_checkpoint
+from multimae.engine.identity import SCHEDULE_ONLY, acquire_lock, check_same_run, release_lock
+from multimae.engine.signals import Preempted, StopSignals
 from multimae.data.downstream import TARGET
 from multimae.tasks.downstream import Datasets, default_run_name, prepare
 from multimae.tasks.finetune_config import FinetuneConfig
@@ -28,6 +30,12 @@ from multimae.engine.optim import WarmupCosine
 from multimae.transfer import LoadReport, TransferModel
 
 PROBE_PREFIX = "probe."
+#: what may change between two invocations of one probe run: besides the schedule, what a probe
+#: does not read (the fine-tuning optimizer, augmentation and loss) and the evaluated split
+PROBE_SCHEDULE_ONLY = SCHEDULE_ONLY | {"optim.*", "aug.*", "train.batch_size", "train.precision", "train.loss",
+                                       "train.eval_every", "train.eval_batch_size", "data.split",
+                                       "data.eval_transform", "data.eval_crop_pct", "data.val_samples",
+                                       "data.test_samples"}
 
 
 class LinearProbe(nn.Module):
@@ -58,9 +66,11 @@ def extract_features(model: TransferModel, loader: Any, device: torch.device) ->
 
 def train_probe(train_x: Tensor, train_y: Tensor, num_classes: int, epochs: int, batch_size: int, lr: float,
                 weight_decay: float, seed: int = 0, progress: Progress | None = None,
-                logger: RunLogger | None = None) -> LinearProbe:
+                logger: RunLogger | None = None, stop: StopSignals | None = None) -> LinearProbe:
     """Fit a :class:`LinearProbe` on cached features (N, D) / labels (N,), full epochs of
-    shuffled mini-batches (the last partial one included)."""
+    shuffled mini-batches (the last partial one included). ``stop``: a signal ends the fit after
+    the epoch it arrived in (:class:`Preempted`; a probe has no intermediate checkpoint: running the
+    same command again fits it from the start, in seconds)."""
     torch.manual_seed(seed)
     probe = LinearProbe(train_x.shape[1], num_classes)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
@@ -87,6 +97,8 @@ def train_probe(train_x: Tensor, train_y: Tensor, num_classes: int, epochs: int,
                 progress.update(1, loss=float(loss.detach()), lr=sched.get_last_lr()[0], imgs=len(idx))
         if logger is not None:
             logger.log_scalars(step, {"loss": total / len(perm), "epoch": epoch + 1})
+        if stop is not None and stop.signum is not None and epoch + 1 < epochs:
+            raise Preempted(stop.name, step, None)
     return probe.eval()
 
 
@@ -141,18 +153,29 @@ def probe_features(cfg: FinetuneConfig, datasets: Datasets | None = None) -> Pro
 def run_probe(cfg: FinetuneConfig, datasets: Datasets | None = None) -> tuple[Path, dict[str, Any]]:
     """Linear-probe ``cfg.init`` on ``cfg.data`` (classification); returns the run directory and
     the evaluation result (metrics, baseline)."""
-    from multimae.tasks.finetune_eval import class_baseline, write_eval_report
-
     if cfg.model.head.kind != "classification":
         raise ValueError(f"a linear probe classifies: model.head.kind must be classification, not {cfg.model.head.kind}")
     if not cfg.train.run_name:
         cfg = replace(cfg, train=replace(cfg.train, run_name=default_run_name(cfg, prefix="probe")))
+    lock = acquire_lock(Path(cfg.train.out_dir) / str(cfg.train.run_name))  # one writer per run
+    try:
+        return _run_probe(cfg, datasets)
+    finally:
+        release_lock(lock)
+
+
+def _run_probe(cfg: FinetuneConfig, datasets: Datasets | None) -> tuple[Path, dict[str, Any]]:
+    from multimae.tasks.finetune_eval import class_baseline, write_eval_report
+
     f = probe_features(cfg, datasets)
     model, report, cfg = f.model, f.report, f.cfg
     train_x, train_y, eval_x, eval_y, t_feat = f.train_x, f.train_y, f.eval_x, f.eval_y, f.seconds
     run_dir = Path(cfg.train.out_dir) / str(cfg.train.run_name)
     K = int(cfg.model.head.num_classes or 0)
     p = cfg.probe
+    latest = find_latest(run_dir)
+    if latest is not None and cfg.train.resume != "force":  # the same probe only: it is fitted again
+        check_same_run(load_meta(latest).get("config"), config_lib.to_dict(cfg), PROBE_SCHEDULE_ONLY, latest)
     config_lib.save_json(cfg, run_dir / "config.json")
     print(f"probe {run_dir}: {report.summary()}; features {tuple(train_x.shape)} train, {tuple(eval_x.shape)} "
           f"{cfg.data.split} in {t_feat:.1f}s", flush=True)
@@ -160,8 +183,9 @@ def run_probe(cfg: FinetuneConfig, datasets: Datasets | None = None) -> tuple[Pa
         steps = p.epochs * probe_steps(len(train_x), p.batch_size)
         progress = Progress(steps, log_every=max(1, steps // 5))
         tic = time.perf_counter()
-        probe = train_probe(train_x, train_y, K, p.epochs, p.batch_size, p.lr, p.weight_decay, cfg.train.seed,
-                            progress, logger)
+        with StopSignals() as stop:
+            probe = train_probe(train_x, train_y, K, p.epochs, p.batch_size, p.lr, p.weight_decay, cfg.train.seed,
+                                progress, logger, stop)
         progress.close()
         t_fit = time.perf_counter() - tic
         metrics = probe_scores(probe, eval_x, eval_y, K)
