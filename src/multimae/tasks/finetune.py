@@ -62,9 +62,9 @@ def build_loss(cfg: FinetuneConfig) -> LossFn:
 
         def seg_loss(pred: Tensor, batch: Batch) -> Tensor:
             t = batch[TARGET]
-            if not bool((t != ignore).any()):
-                return pred.sum() * 0.0  # a batch of padding only: no gradient, no NaN
-            return F.cross_entropy(pred.float(), t, ignore_index=ignore)
+            # the mean over labelled pixels without a host read; a batch of padding only: 0, no NaN
+            n = (t != ignore).sum().clamp_min(1)
+            return F.cross_entropy(pred.float(), t, ignore_index=ignore, reduction="sum") / n
         return seg_loss
     if kind == "classification" or kind == "segmentation":
         raise ValueError(f"train.loss={name!r} does not fit a {kind} head (use ce)")
