@@ -107,7 +107,7 @@ def _finetune(kind: str, head: HeadConfig, config: str):
     for _ in range(STEPS):
         t = {"rgb": torch.randn(4, 3, 32, 32, generator=g)}
         if head.kind == "classification":
-            t[TARGET] = torch.randint(0, 5, (4,), generator=g)
+            t[TARGET] = torch.randint(0, 4, (4,), generator=g)
         elif head.kind == "segmentation":
             t[TARGET] = torch.randint(0, 6, (4, 32, 32), generator=g)
             t[TARGET][0] = cfg.data.ignore_index  # a sample of padding only
@@ -119,7 +119,7 @@ def _finetune(kind: str, head: HeadConfig, config: str):
 
 
 @pytest.mark.parametrize("head,config", [
-    (HeadConfig(kind="classification", num_classes=5), "configs/finetune/synthetic-cls.yaml"),
+    (HeadConfig(kind="classification", num_classes=4), "configs/finetune/synthetic-cls.yaml"),
     (HeadConfig(kind="segmentation", num_classes=6, embed_dim=64), "configs/finetune/synthetic-semseg.yaml"),
     (HeadConfig(kind="depth", feature_dim=16), "configs/finetune/synthetic-depth.yaml"),
 ])
