@@ -5,21 +5,9 @@ boolean-mask indexing) outside log steps."""
 import pytest
 import torch
 
-from multimae.batch import Batch
-from multimae.config import load_config
-from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.engine.host_sync import HostSyncCounter
-from multimae.model import ModelConfig, MultiMAE
-from multimae.tasks.finetune import FinetuneObjective, build_loss
-from multimae.tasks.finetune_config import FinetuneConfig
-from multimae.tasks.pretrain import PretrainTask
-from multimae.tasks.pretrain_config import PretrainConfig
-from multimae.transfer import HeadConfig, TransferModel, TransferModelConfig
-
-NANO = ["model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "data.image_size=32",
-        "data.num_samples=12", "data.num_workers=0", "data.cache=false", "mask.num_visible=12",
-        "train.batch_size=4", "train.resume=null"]
-STEPS = 3
+from multimae.transfer import HeadConfig
+from step_setups import STEPS, finetune_micros, pretrain_micros  # tests/engine is on sys.path
 
 
 def _step(model, micro, opt):
@@ -54,16 +42,8 @@ def test_counter_counts_every_kind_of_read():
     assert c.total == 9
 
 
-def _pretrain_micros(config: str, *extra: str):
-    task = PretrainTask(load_config(PretrainConfig, config, NANO + list(extra) + ["train.out_dir=unused"]))
-    task.build(torch.device("cpu"), None)
-    loader, _ = task.loader(0, 1)
-    micros = [m for _, m in zip(range(STEPS), loader)]
-    return task.model, micros
-
-
 def test_multimae_pretraining_steps_read_nothing():
-    model, micros = _pretrain_micros("configs/pretrain/synthetic-tiny.yaml")
+    model, micros = pretrain_micros("configs/pretrain/synthetic-tiny.yaml")
     assert all(p.num_visible == 12 and not p.uneven for _, p in micros)  # the plan carries the budget
     c = _count(model, micros)
     assert c.total == 0, dict(c.calls)
@@ -71,7 +51,7 @@ def test_multimae_pretraining_steps_read_nothing():
 
 @pytest.mark.parametrize("decoder", ["shared", "per_task"])
 def test_m3ae_steps_with_padding_and_absent_samples_read_nothing(decoder):
-    model, micros = _pretrain_micros("configs/pretrain/synthetic-m3ae-tiny.yaml", "model.modalities.caption.max_len=12",
+    model, micros = pretrain_micros("configs/pretrain/synthetic-m3ae-tiny.yaml", "model.modalities.caption.max_len=12",
                                      "model.decoder_dim=32", f"model.decoder={decoder}")
     batch, plan = micros[0]
     # make the text uneven: padding in one sample, no caption at all in another (unpaired data)
@@ -86,7 +66,7 @@ def test_m3ae_steps_with_padding_and_absent_samples_read_nothing(decoder):
 
 def test_a_plan_without_budget_is_counted_once_per_forward():
     """Hand-made plans (no num_visible) still work: the model counts them, one read per forward."""
-    model, micros = _pretrain_micros("configs/pretrain/synthetic-tiny.yaml")
+    model, micros = pretrain_micros("configs/pretrain/synthetic-tiny.yaml")
     batch, plan = micros[0]
     bare = type(plan)(dict(plan.masks))
     with torch.no_grad():
@@ -97,33 +77,12 @@ def test_a_plan_without_budget_is_counted_once_per_forward():
     assert 0 < c.total <= 2, dict(c.calls)
 
 
-def _finetune(kind: str, head: HeadConfig, config: str):
-    cfg = load_config(FinetuneConfig, config, [])
-    enc = ModelConfig(preset="nano", dim=32, depth=2, num_heads=2, patch_size=8, image_size=32)
-    model = TransferModel(TransferModelConfig(encoder=enc, inputs=["rgb"], head=head, drop_path=0.1))
-    objective = FinetuneObjective(model, build_loss(cfg), kind)
-    g = torch.Generator().manual_seed(0)
-    micros = []
-    for _ in range(STEPS):
-        t = {"rgb": torch.randn(4, 3, 32, 32, generator=g)}
-        if head.kind == "classification":
-            t[TARGET] = torch.randint(0, 4, (4,), generator=g)
-        elif head.kind == "segmentation":
-            t[TARGET] = torch.randint(0, 6, (4, 32, 32), generator=g)
-            t[TARGET][0] = cfg.data.ignore_index  # a sample of padding only
-        else:
-            t[TARGET] = torch.rand(4, 1, 32, 32, generator=g)
-            t[TARGET_VALID] = torch.rand(4, 1, 32, 32, generator=g) > 0.3
-        micros.append((Batch(t), None))
-    return objective, micros
-
-
 @pytest.mark.parametrize("head,config", [
     (HeadConfig(kind="classification", num_classes=4), "configs/finetune/synthetic-cls.yaml"),
     (HeadConfig(kind="segmentation", num_classes=6, embed_dim=64), "configs/finetune/synthetic-semseg.yaml"),
     (HeadConfig(kind="depth", feature_dim=16), "configs/finetune/synthetic-depth.yaml"),
 ])
 def test_finetuning_steps_read_nothing(head, config):
-    objective, micros = _finetune(head.kind, head, config)
+    objective, micros = finetune_micros(head.kind, head, config)
     c = _count(objective, micros)
     assert c.total == 0, dict(c.calls)
