@@ -121,7 +121,7 @@ def worker(args: argparse.Namespace) -> None:
     res = {"config": args.config, "rank": info.rank, "world": info.world_size, "hwm_kb": _status_kb("VmHWM"),
            "base_kb": base_kb, "anon_peak_kb": anon.stop(), "phases": phases,
            "hwm_warm_kb": hwm_warm, "rss_kb": _status_kb("VmRSS"), "step_s": t_step, "warm_s": t_warm,
-           "params": total, "local_params": local, "loss_warm": warm["loss"], "loss": stats["loss"]}
+           "params": total, "local_params": local, "loss_warm": float(warm["loss"]), "loss": float(stats["loss"])}
     Path(args.out, f"{args.config}-rank{info.rank}.json").write_text(json.dumps(res))
     D.cleanup()
 

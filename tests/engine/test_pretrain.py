@@ -90,7 +90,7 @@ def test_non_finite_loss_is_reported(tmp_path):
     batch["depth"] = batch["depth"].clone()
     batch["depth"][0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 7: \{'depth'"):
-        train_step(tr.model, batch, tr.optimizer, plan, step=7)
+        train_step(tr.model, batch, tr.optimizer, plan, step=7, nonfinite="raise")
 
 
 def test_pretrain_streams_webdataset_shards(tmp_path):

@@ -12,7 +12,7 @@ from multimae.engine.trainer import Trainer
 from multimae.tasks.finetune import FinetuneObjective, FinetuneTask, build_loss, build_mixup
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.evaluate import evaluate_run
-from multimae.engine.step import train_step
+from multimae.engine.step import read_stats, train_step
 
 ENC = dict(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32,
            modalities={"semseg": {"num_classes": 6}})
@@ -67,7 +67,7 @@ def test_init_from_pretraining_run_gradients_and_layer_decay(tmp_path, pretrain_
 
     # one step: the head and the encoder (blocks and input projection) all get gradients
     micro = next(tr.batches())
-    stats = train_step(tr.net, micro, tr.optimizer, scheduler=tr.scheduler)
+    stats = read_stats(train_step(tr.net, micro, tr.optimizer, scheduler=tr.scheduler))
     assert torch.isfinite(torch.tensor(stats["loss"]))
     for prefix in ("head.", "encoder.blocks.0.", "encoder.input_adapters.rgb."):
         grads = [p.grad for n, p in tr.model.named_parameters() if n.startswith(prefix)]

@@ -8,7 +8,7 @@ from multimae.config import load_config
 from multimae.tasks.pretrain_config import PretrainConfig
 from multimae.engine.trainer import Trainer
 from multimae.tasks.pretrain import PretrainTask
-from multimae.engine.step import train_step
+from multimae.engine.step import read_stats, train_step
 
 SMALL = ["model.preset=nano", "model.depth=2", "model.image_size=32", "model.patch_size=8", "model.decoder_depth=1",
          "data.image_size=32", "data.num_samples=64", "data.val_samples=8", "data.num_workers=0", "data.cache=false",
@@ -39,7 +39,7 @@ def test_paired_image_only_and_text_only_batches_train(tmp_path):
             b["rgb"].zero_()
         plan = tr.loader.collate_fn.plan(b, torch.Generator().manual_seed(0))
         before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
-        stats = train_step(tr.model, b, tr.optimizer, plan)
+        stats = read_stats(train_step(tr.model, b, tr.optimizer, plan))
         assert torch.isfinite(torch.tensor(stats["loss"]))
         # an absent modality has no token to score: its loss is exactly 0 (kept in the graph for DDP)
         assert (stats["loss/caption"] == 0.0) == (kind == "image_only")
@@ -87,5 +87,5 @@ def test_multitask_m3ae_config_trains_with_per_sample_ratios(tmp_path):
     real = ~batch.pad["caption"]
     hidden = (plan.masks["caption"] & real).sum(1).double() / real.sum(1)
     assert (hidden >= 0.5 - 1 / 32).all() and hidden.unique().numel() > 1  # a ratio per sample
-    stats = train_step(tr.model, batch, tr.optimizer, plan)
+    stats = read_stats(train_step(tr.model, batch, tr.optimizer, plan))
     assert all(stats[f"loss/{t}"] > 0 for t in ("rgb", "depth", "semseg", "caption"))

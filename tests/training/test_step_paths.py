@@ -10,7 +10,7 @@ from multimae.data import collate
 from multimae.data.synthetic import SyntheticScenes
 from multimae.data.transforms import PairedTransform
 from multimae.tasks.pretrain_config import PretrainConfig
-from multimae.engine.step import train_step
+from multimae.engine.step import read_stats, train_step
 
 
 def _model(**kw) -> MultiMAE:
@@ -35,7 +35,7 @@ def test_cpu_bf16_step_is_finite_and_close_to_fp32():
     stats = {}
     for name, model in (("fp32", ref), ("bf16", low)):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        stats[name] = train_step(model, batch, opt, plan, precision=name)
+        stats[name] = read_stats(train_step(model, batch, opt, plan, precision=name))
     for k, v in stats["bf16"].items():
         assert torch.isfinite(torch.tensor(v)), (k, v)
     for task in ("rgb", "depth", "semseg"):  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
@@ -74,5 +74,5 @@ def test_loss_weights_change_the_total_as_configured():
     assert torch.allclose(dw["semseg"].out_proj.weight.grad, 2 * dp["semseg"].out_proj.weight.grad, rtol=1e-5, atol=1e-8)
     assert torch.equal(dw["rgb"].out_proj.weight.grad, dp["rgb"].out_proj.weight.grad)
     # and the step reports the weighted total
-    stats = train_step(weighted, batch, torch.optim.SGD(weighted.parameters(), lr=0.0), plan)
+    stats = read_stats(train_step(weighted, batch, torch.optim.SGD(weighted.parameters(), lr=0.0), plan))
     assert stats["loss"] == pytest.approx(float(out_w.loss.detach()), rel=1e-6)

@@ -31,8 +31,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from multimae.checkpoint.convert import ConversionError
     from multimae.config import ConfigError
     from multimae.data.errors import DataError
+    from multimae.engine.identity import RunLockedError
 
-    return (CheckpointError, ConversionError, ConfigError, DataError, FileNotFoundError)
+    return (CheckpointError, ConversionError, ConfigError, DataError, FileNotFoundError, RunLockedError)
+
+
+def _run_stops() -> tuple[type[BaseException], ...]:
+    from multimae.engine.signals import Preempted
+    from multimae.engine.step import NonFiniteLossError
+
+    return (Preempted, NonFiniteLossError)
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except _run_stops() as e:  # a signal (checkpoint saved: exit 75) or a non-finite step (exit 1)
+        if _is_main():
+            print(f"{'stopped' if getattr(e, 'exit_code', None) else 'error'}: {e}", file=sys.stderr)
+        return int(getattr(e, "exit_code", 1))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -28,6 +28,14 @@ class OptimConfig:
     accum_steps: int = 1
     implementation: Literal["auto", "fused", "foreach", "loop"] = "auto"  # AdamW kernels (auto: fused)
 
+    def __post_init__(self) -> None:
+        _check("optim", self, positive=("base_lr", "lr", "accum_steps"), non_negative=(
+            "min_lr", "warmup_epochs", "warmup_steps", "warmup_lr", "weight_decay", "clip_grad"))
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay={self.layer_decay}: must be in (0, 1] (or null)")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)}: each must be in [0, 1)")
+
 
 @dataclass
 class RunConfig:
@@ -52,6 +60,23 @@ class RunConfig:
     # sharded over the ranks, per transformer block (multimae.engine.parallel)
     parallel: Literal["ddp", "fsdp"] = "ddp"
     activation_checkpointing: bool = False  # recompute each transformer block in the backward pass
+    # a NaN / infinite loss or gradient norm: "stop" the run naming the step (no update is saved),
+    # or "skip" the update (one host read per step) and stop after nonfinite_max_skips in a row
+    nonfinite: Literal["stop", "skip"] = "stop"
+    nonfinite_max_skips: int = 10
+
+    def __post_init__(self) -> None:
+        _check("train", self, positive=("epochs", "batch_size", "ckpt_every", "log_every", "nonfinite_max_skips"),
+               non_negative=("max_steps", "seed"))
+
+
+def _check(section: str, cfg: object, positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
+    """One line naming the key of the first number out of range (None passes: "not set")."""
+    for names, ok, want in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            v = getattr(cfg, name)
+            if v is not None and not isinstance(v, bool) and isinstance(v, (int, float)) and not (ok(v) and v == v):
+                raise ValueError(f"{section}.{name}={v}: must be {want}")
 
 
 def upgrade_saved_config(d: dict) -> dict:

@@ -31,6 +31,7 @@ __all__ = [
     "unwrap",
     "cleanup",
     "rank_seed",
+    "all_reduce_max_int",
 ]
 
 T = TypeVar("T")
@@ -175,10 +176,28 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def cleanup() -> None:
     """Destroy the process group if one exists."""
+    global _CPU_GROUP
     if is_dist():
         dist.destroy_process_group()
+    _CPU_GROUP = None
 
 
 def rank_seed(base_seed: int, rank: int) -> int:
     """A distinct, deterministic seed per rank, in ``[0, 2**32)`` (valid for numpy too)."""
     return (int(base_seed) + 1_000_003 * int(rank)) % (2**32)
+
+
+_CPU_GROUP: Any = None
+
+
+def all_reduce_max_int(value: int) -> int:
+    """The largest ``value`` over all ranks, exchanged on the CPU (a gloo group beside NCCL): no
+    device synchronisation. Collective; ``value`` itself without a process group."""
+    global _CPU_GROUP
+    if not is_dist() or get_world_size() == 1:
+        return int(value)
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CPU_GROUP)
+    return int(t.item())

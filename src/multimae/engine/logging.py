@@ -57,9 +57,11 @@ class RunLogger(_Closing):
     """
 
     def __init__(
-        self, run_dir: str | os.PathLike[str], enabled: bool = True, tensorboard: bool = True
+        self, run_dir: str | os.PathLike[str], enabled: bool = True, tensorboard: bool = True,
+        purge_step: int | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.purge_step = purge_step  # TensorBoard hides this run's events from this step on (a resume)
         self.enabled = enabled
         self.tensorboard = tensorboard
         self._file: IO[str] | None = None
@@ -84,7 +86,7 @@ class RunLogger(_Closing):
                     stacklevel=3,
                 )
                 return None
-            self._writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR))
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=self.purge_step)
         return self._writer
 
     def log_scalars(self, step: int, values: Mapping[str, Any]) -> None:

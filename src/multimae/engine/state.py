@@ -2,6 +2,8 @@
 scaler, step and RNG, saved beside the weights and restored from a checkpoint directory."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +42,26 @@ def rank_rng(state: dict[str, Any]) -> dict[str, Any] | None:
     if ranks and len(ranks) == D.get_world_size():
         return ranks[D.get_rank()]
     return state.get("rng")
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Remove the rows of a ``metrics.jsonl`` logged after ``step`` (a run killed after its last
+    checkpoint logged them; the resumed run logs those steps again). Atomic; returns how many went."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            row_step = int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError):  # a line cut by the kill: drop it too
+            dropped += 1
+            continue
+        if row_step > step:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        from multimae.checkpoint.io import save_file_atomic
+
+        save_file_atomic(path, lambda tmp: tmp.write_text("".join(keep), encoding="utf-8"))
+    return dropped

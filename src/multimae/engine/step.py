@@ -3,12 +3,17 @@
 It knows nothing about modalities: the model returns its per-task losses, the step sums the
 weighted total, scales for accumulation, clips, steps and reports. Mixed precision, DDP and
 compile are applied outside (they wrap the model or set the ``precision`` argument).
+
+The step does no host synchronisation: the losses, the gradient norm and the finite flag it
+returns are tensors on the model's device (``lr`` is a Python float: it lives on the host). Read
+them together with :func:`read_stats` (one device-to-host copy) when you need numbers, e.g. every
+``train.log_every`` steps as the :class:`~multimae.engine.trainer.Trainer` does.
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,10 +22,13 @@ from multimae.batch import Batch
 from multimae.masking import MaskPlan
 
 Micro = tuple[Batch, MaskPlan | None]
+NonFinite = Literal["report", "raise", "skip"]
+FINITE_KEY = "finite"  # the stats entry holding the step's device-side finite flag
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or infinite; the message names the tasks and the step."""
+    """A loss or the gradient norm became NaN or infinite; the message names the step and the
+    task losses."""
 
 
 def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
@@ -37,36 +45,59 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
     raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
 
 
-def _check_finite(losses: dict[str, Tensor], step: int | None) -> None:
-    vals = {k: float(v.detach()) for k, v in losses.items()}
-    bad = {k: v for k, v in vals.items() if not torch.isfinite(torch.tensor(v))}
-    if bad:
-        where = f" at step {step}" if step is not None else ""
-        raise NonFiniteLossError(
-            f"non-finite loss{where}: {bad} (all task losses: {vals}). Lower the learning rate, "
-            "enable gradient clipping (optim.clip_grad), or check the inputs for NaN/inf.")
+def read_stats(stats: Mapping[str, Any]) -> dict[str, float]:
+    """The step's stats as Python numbers, read in one device-to-host copy (a host sync).
+    ``finite`` becomes 1.0 or 0.0."""
+    keys = [k for k, v in stats.items() if isinstance(v, Tensor)]
+    out = {k: float(v) for k, v in stats.items() if not isinstance(v, Tensor)}
+    if keys:
+        vals = torch.stack([stats[k].detach().reshape(()).float() for k in keys]).tolist()
+        out.update(zip(keys, vals))
+    return out
+
+
+def nonfinite_message(step: int | None, values: Mapping[str, float]) -> str:
+    """One line naming the step, what was not finite and every task loss (``values``: read stats)."""
+    where = f" at step {step}" if step is not None else ""
+    tasks = {k[len("loss/"):]: v for k, v in values.items() if k.startswith("loss/")}
+    bad = {k: v for k, v in tasks.items() if not _finite(v)}
+    if bad or not _finite(values.get("loss", 0.0)):
+        what = f"non-finite loss{where}: {bad or {'total': values.get('loss')}}"
+    else:
+        what = f"non-finite gradient norm{where} ({values.get('grad_norm')})"
+    return (f"{what} (all task losses: {tasks}). Lower the learning rate (optim.lr), enable gradient clipping "
+            "(optim.clip_grad), or check the inputs for NaN/inf")
+
+
+def _finite(v: float) -> bool:
+    return v == v and v not in (float("inf"), float("-inf"))
 
 
 def train_step(model: nn.Module, batch: Batch | Mapping[str, Any] | Sequence[Micro], optimizer: torch.optim.Optimizer,
                plan: MaskPlan | None = None, *, scheduler: Any = None, precision: str = "fp32",
                scaler: "torch.amp.GradScaler | None" = None, clip_grad: float | None = None,
                step: int | None = None, no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-               ) -> dict[str, float]:
+               nonfinite: NonFinite = "report") -> dict[str, Any]:
     """Forward, backward and one optimizer step, over one batch or a list of micro-batches.
 
     Args:
         batch: a Batch (with ``plan``; a plain mapping of tensors is read as one, :meth:`Batch.of`), or
             a list of ``(Batch, plan)`` micro-batches whose gradients are accumulated (each scaled by 1 / len).
         no_sync: DDP's ``model.no_sync`` to skip the all-reduce on all but the last micro-batch.
-    Returns: ``{"loss": total, "loss/<task>": ..., "grad_norm": ..., "lr": ...}`` (floats).
-    Raises: NonFiniteLossError naming the step and task losses.
+        nonfinite: what a NaN / infinite total loss or gradient norm does. ``"report"`` (default, no
+            host sync): the update is applied and ``stats["finite"]`` says so on the device;
+            ``"raise"``: NonFiniteLossError before the update; ``"skip"``: no update (the schedule
+            still advances). ``raise`` and ``skip`` read the flag on the host (one sync per step).
+    Returns: ``{"loss": total, "loss/<task>": ..., "grad_norm": ..., "finite": bool, "lr": float}``:
+        0-dim tensors on the model's device except ``lr`` (:func:`read_stats` reads them all at once).
+    Raises: NonFiniteLossError naming the step and task losses (``nonfinite="raise"``).
     """
     micro: list[Micro] = [(Batch.of(batch), plan)] if isinstance(batch, Mapping) else list(batch)
     device = next(model.parameters()).device
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, float] = {}
-    total = 0.0
+    sums: dict[str, Tensor] = {}
+    total: Tensor | None = None
     for i, (b, p) in enumerate(micro):
         last = i == len(micro) - 1
         ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
@@ -75,12 +106,14 @@ def train_step(model: nn.Module, batch: Batch | Mapping[str, Any] | Sequence[Mic
                 out = model(b, p)
             if out.loss is None:
                 raise ValueError("the batch holds no target for any of the model's tasks")
-            _check_finite(out.losses, step)
             loss = out.loss / len(micro)
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += float(out.loss.detach()) / len(micro)
+        part = loss.detach().float()
+        total = part if total is None else total + part
         for k, v in out.losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
+            v = v.detach().float() / len(micro)
+            sums[k] = sums[k] + v if k in sums else v
+    assert total is not None, "train_step needs at least one micro-batch"
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -88,14 +121,23 @@ def train_step(model: nn.Module, batch: Batch | Mapping[str, Any] | Sequence[Mic
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
     else:  # measure only (clip_grad_norm_ with an infinite bound would also rescale every grad by 1)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if scaler is not None:
+    # fp16: the scaler skips steps with infinite gradients itself; only the loss counts then
+    finite = torch.isfinite(total) if scaler is not None else torch.isfinite(total) & torch.isfinite(grad_norm)
+    stats: dict[str, Any] = {"loss": total, "grad_norm": grad_norm.detach(), FINITE_KEY: finite}
+    stats.update({f"loss/{k}": v for k, v in sums.items()})
+    update = True
+    if nonfinite in ("raise", "skip") and not bool(finite):  # host sync, asked for
+        if nonfinite == "raise":
+            raise NonFiniteLossError(nonfinite_message(step, read_stats(stats)))
+        update = False
+    elif nonfinite not in ("report", "raise", "skip"):
+        raise ValueError(f"nonfinite={nonfinite!r}: choose report, raise or skip")
+    if update and scaler is not None:
         scaler.step(optimizer)
         scaler.update()
-    else:
+    elif update:
         optimizer.step()
-    lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
+    stats["lr"] = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
     if scheduler is not None:
         scheduler.step()
-    stats = {"loss": total, "grad_norm": float(grad_norm), "lr": lr}
-    stats.update({f"loss/{k}": v for k, v in sums.items()})
     return stats

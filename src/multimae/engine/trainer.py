@@ -11,23 +11,27 @@ from the task's loader into :func:`multimae.engine.step.train_step`.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from multimae import config as config_lib
-from multimae.checkpoint import CheckpointError, find_latest, resolve_checkpoint, restore_rng_state, save_checkpoint
+from multimae.checkpoint import (CheckpointError, find_latest, load_meta, resolve_checkpoint, restore_rng_state,
+                                 save_checkpoint)
 from multimae.engine import distributed as D
 from multimae.engine import parallel as P
 from multimae.engine.config import OptimConfig, RunConfig
-from multimae.engine.logging import Progress, RunLogger
+from multimae.engine.identity import SCHEDULE_ONLY, acquire_lock, check_same_run, release_lock
+from multimae.engine.logging import METRICS_FILE, Progress, RunLogger
 from multimae.engine.optim import WarmupCosine, build_optimizer, scaled_lr
-from multimae.engine.state import train_state
-from multimae.engine.step import train_step
+from multimae.engine.signals import Preempted, StopSignals
+from multimae.engine.state import drop_rows_after, train_state
+from multimae.engine.step import FINITE_KEY, NonFiniteLossError, nonfinite_message, read_stats, train_step
 from multimae.perf import tune_malloc
 
 
@@ -48,6 +52,9 @@ class Task:
     cfg: Any
     model: nn.Module
     objective: nn.Module
+    #: config keys besides :data:`multimae.engine.identity.SCHEDULE_ONLY` that may change when
+    #: resuming a run of this task (``section.key``, or ``section.*``)
+    schedule_only: frozenset[str] = frozenset()
 
     def build(self, device: torch.device, info: D.DistInfo) -> None:
         raise NotImplementedError
@@ -123,6 +130,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.step = 0
         self._rng_after_resume: dict | None = None
+        # one writer per run: rank 0 holds the run directory's lock until fit() ends (or the process does)
+        self._lock = acquire_lock(self.run_dir) if self.info.is_main else None
         self._resume()
         task.started(self)
         seed = D.rank_seed(t.seed, self.info.rank) + self.step
@@ -168,9 +177,12 @@ class Trainer:
                 raise CheckpointError(f"{self.run_dir} already holds checkpoints of another run; resume it "
                                       "(train.resume=auto), or pick another train.run_name")
             return
-        path = find_latest(self.run_dir) if r == "auto" else resolve_checkpoint(r)
+        path = find_latest(self.run_dir) if r in ("auto", "force") else resolve_checkpoint(r)
         if path is None:
             return
+        if r != "force":  # the same run only: a defining key that differs is a one-line error
+            check_same_run(load_meta(path).get("config"), config_lib.to_dict(self.cfg),
+                           SCHEDULE_ONLY | self.task.schedule_only, path)
         # a DDP checkpoint as saved by rank 0; an FSDP one (sharded/) through DCP on every rank
         self.step, self._rng_after_resume = P.restore(path, self.model, self.optimizer, self.scheduler, self.scaler)
         if self.info.is_main:
@@ -179,6 +191,10 @@ class Trainer:
     def save(self) -> Path | None:
         """Checkpoint on rank 0 (all ranks hold the same weights under DDP); under FSDP every rank
         writes its shard (collective) and rank 0 the gathered full weights."""
+        if not self.weights_finite():  # the last guard: never a checkpoint of NaN / inf weights
+            latest = find_latest(self.run_dir)
+            raise NonFiniteLossError(f"the weights at step {self.step} are not finite: not saved (latest checkpoint: "
+                                     f"{latest or 'none'}). Lower the learning rate (optim.lr) or set optim.clip_grad")
         meta = {"config": config_lib.to_dict(self.cfg), "epoch": self.step // self.steps_per_epoch,
                 **self.task.checkpoint_meta(self)}
         if P.is_sharded(self.model):
@@ -190,6 +206,17 @@ class Trainer:
         if not self.info.is_main:
             return None
         return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), state, meta, self.cfg.train.keep_last)
+
+    def weights_finite(self) -> bool:
+        """Every floating parameter and buffer is finite (one host read; collective under FSDP)."""
+        tensors = [t.to_local() if hasattr(t, "to_local") else t
+                   for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point()]
+        if not tensors:
+            return True
+        ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()
+        if P.is_sharded(self.model):  # each rank holds a shard
+            ok = D.all_reduce_mean(ok)
+        return bool(ok == 1.0)
 
     # ------------------------------------------------------------------ loop
     def batches(self):
@@ -208,41 +235,116 @@ class Trainer:
 
     def fit(self, evaluate: bool = True) -> Path:
         """Train to the end of the schedule (or ``train.max_steps``); then the task's end of run
-        (``evaluate``: its final evaluation when the schedule is complete)."""
+        (``evaluate``: its final evaluation when the schedule is complete).
+
+        Raises: NonFiniteLossError (``train.nonfinite=stop``, or too many skips in a row) naming the
+        step and the task losses; the weights of that step are never saved."""
         t = self.cfg.train
         last = self.last_step
         if self._rng_after_resume:
             restore_rng_state(self._rng_after_resume)
-        logger = RunLogger(self.run_dir, enabled=self.info.is_main)
+        logger = RunLogger(self.run_dir, enabled=self.info.is_main, purge_step=self.step + 1 if self.step else None)
         if self.info.is_main:
             config_lib.save_json(self.cfg, self.run_dir / "config.json")
+            drop_rows_after(self.run_dir / METRICS_FILE, self.step)  # rows a killed run logged after its checkpoint
             for line in self.task.describe(self):
                 print(line, flush=True)
         progress = Progress(last, initial=self.step, enabled=self.info.is_main, log_every=t.log_every)
         imgs_per_step = t.batch_size * self.info.world_size * self.cfg.optim.accum_steps
         no_sync = getattr(self.net, "no_sync", None)
-        tic = time.perf_counter()
+        watch = NonFiniteWatch(t.nonfinite, t.nonfinite_max_skips)
+        tic, window = time.perf_counter(), 0
         batches = self.batches()
-        while self.step < last:
-            stats = train_step(self.net, next(batches), self.optimizer, scheduler=self.scheduler,
-                               precision=t.precision, scaler=self.scaler, clip_grad=self.cfg.optim.clip_grad,
-                               step=self.step, no_sync=no_sync)
-            self.step += 1
-            progress.update(1, loss=stats["loss"], lr=stats["lr"], imgs=imgs_per_step)
-            if self.step % t.log_every == 0 or self.step == last:
-                dt = time.perf_counter() - tic
-                stats["imgs_per_s"] = imgs_per_step * t.log_every / max(dt, 1e-9)
-                stats["epoch"] = self.step / self.steps_per_epoch
-                stats.update(self.task.log_stats(self))
-                logger.log_scalars(self.step, stats)
-                tic = time.perf_counter()
-            self.task.after_step(self, logger)
-            if self.step % t.ckpt_every == 0 or self.step == last:
-                self.save()
-        progress.close()
+        stop = StopSignals(announce=self.info.is_main).__enter__()
+        saved: Path | None = None
+        try:
+            while self.step < last:
+                stats = train_step(self.net, next(batches), self.optimizer, scheduler=self.scheduler,
+                                   precision=t.precision, scaler=self.scaler, clip_grad=self.cfg.optim.clip_grad,
+                                   step=self.step + 1, no_sync=no_sync, nonfinite=watch.step_mode)
+                self.step += 1
+                window += 1
+                watch.track(self.step, stats)  # on the device (stop), or one host read (skip)
+                preempted = stop.agreed()  # every rank stops at the same step (collective under torchrun)
+                log = self.step % t.log_every == 0 or self.step == last
+                ckpt = self.step % t.ckpt_every == 0 or self.step == last or preempted
+                values = read_stats(stats) if (log or ckpt) else None  # the only host read of the step
+                if values is not None:
+                    watch.check()
+                progress.update(1, loss=values["loss"] if log else None, lr=stats["lr"], imgs=imgs_per_step)
+                if log:
+                    self._log(logger, values, watch, imgs_per_step * window / max(time.perf_counter() - tic, 1e-9))
+                    tic, window = time.perf_counter(), 0
+                self.task.after_step(self, logger)
+                if ckpt:
+                    saved = self.save()
+                if preempted:
+                    raise Preempted(stop.name, self.step, saved)
+        finally:
+            stop.restore()
+            progress.close()
+            if self._lock is not None and sys.exc_info()[0] is not None:
+                release_lock(self._lock)  # the run stops here (the process may go on)
+                self._lock = None
         if P.is_sharded(self.model):  # FSDP: rank 0 ends the run (figures, evaluation) on a plain copy
             self.model = self.task.model = P.unsharded_copy(self.model)  # (collective; no save() after this)
         self.task.finish(self, logger, evaluate)
         logger.close()
         D.barrier()
+        release_lock(self._lock)
+        self._lock = None
         return self.run_dir
+
+    def _log(self, logger: RunLogger, values: dict[str, float], watch: "NonFiniteWatch", imgs_per_s: float) -> None:
+        stats = {k: v for k, v in values.items() if k != FINITE_KEY}
+        stats["imgs_per_s"] = imgs_per_s  # over the steps since the last log (a last step off the grid too)
+        stats["epoch"] = self.step / self.steps_per_epoch
+        if watch.mode == "skip":
+            stats["skipped_steps"] = watch.skipped
+        stats.update(self.task.log_stats(self))
+        logger.log_scalars(self.step, stats)
+
+
+class NonFiniteWatch:
+    """``train.nonfinite``: ``stop`` keeps the first non-finite step and its values on the device
+    (no host read) until :meth:`check` (a log or checkpoint step) raises naming them; ``skip`` lets
+    the step skip the update (it reads the flag: one host sync per step) and raises after
+    ``max_skips`` skipped steps in a row."""
+
+    def __init__(self, mode: str, max_skips: int) -> None:
+        self.mode, self.max_skips = mode, max_skips
+        self.step_mode = "skip" if mode == "skip" else "report"
+        self.skipped = self.in_a_row = 0
+        self._first: Tensor | None = None  # step of the first non-finite update (0: none), on the device
+        self._values: Tensor | None = None
+        self._keys: list[str] = []
+
+    def track(self, step: int, stats: dict[str, Any]) -> None:
+        finite = stats[FINITE_KEY]
+        if self.mode == "skip":
+            if bool(finite):  # already read by the step
+                self.in_a_row = 0
+                return
+            self.skipped += 1
+            self.in_a_row += 1
+            if self.in_a_row >= self.max_skips:
+                raise NonFiniteLossError(f"{self.in_a_row} non-finite steps in a row (train.nonfinite_max_skips="
+                                         f"{self.max_skips}); the last: " + nonfinite_message(step, read_stats(stats)))
+            return
+        self._keys = [k for k, v in stats.items() if isinstance(v, Tensor) and k != FINITE_KEY]
+        vals = torch.stack([stats[k].detach().reshape(()).float() for k in self._keys])
+        if self._first is None:
+            self._first = torch.zeros((), dtype=torch.long, device=vals.device)
+            self._values = torch.zeros_like(vals)
+        new = (self._first == 0) & ~finite
+        self._first = torch.where(new, step, self._first)
+        self._values = torch.where(new, vals, self._values)
+
+    def check(self) -> None:
+        """Raise NonFiniteLossError if a tracked step was not finite (reads the device flag)."""
+        if self._first is None or self._values is None:
+            return
+        first = int(self._first)
+        if first:
+            values = dict(zip(self._keys, self._values.tolist()))
+            raise NonFiniteLossError(nonfinite_message(first, values) + "; nothing of it was saved")
