@@ -5,28 +5,26 @@ boolean-mask indexing) outside log steps."""
 import pytest
 import torch
 
+from multimae.config import load_config
+from multimae.engine import trainer as trainer_mod
 from multimae.engine.host_sync import HostSyncCounter
+from multimae.engine.step import read_stats, train_step
+from multimae.tasks.pretrain import PretrainTask
+from multimae.tasks.pretrain_config import PretrainConfig
 from multimae.transfer import HeadConfig
-from step_setups import STEPS, finetune_micros, pretrain_micros  # tests/engine is on sys.path
-
-
-def _step(model, micro, opt):
-    """Forward + loss + backward + optimizer step (what train_step does between log steps)."""
-    opt.zero_grad(set_to_none=True)
-    out = model(*micro)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
-    opt.step()
-    return out
+from step_setups import NANO, finetune_micros, pretrain_micros  # tests/engine is on sys.path
 
 
 def _count(model, micros):
+    """Syncs during ``train_step`` over ``micros`` (no log step among them), then the log step's."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.train()
     with HostSyncCounter() as c:
         for m in micros:
-            out = _step(model, m, opt)
-    assert torch.isfinite(out.loss.detach()).all()  # outside the counter: a log step's read
+            stats = train_step(model, [m], opt, clip_grad=1.0)
+    with HostSyncCounter() as at_log:
+        values = read_stats(stats)
+    assert at_log.calls == {"tolist": 1}  # a log step reads every stat in one copy
+    assert values["finite"] == 1.0 and torch.isfinite(torch.tensor(values["loss"]))
     return c
 
 
@@ -86,3 +84,35 @@ def test_finetuning_steps_read_nothing(head, config):
     objective, micros = finetune_micros(head.kind, head, config)
     c = _count(objective, micros)
     assert c.total == 0, dict(c.calls)
+
+
+def test_trainer_reads_device_values_only_at_log_steps(tmp_path, monkeypatch):
+    """The whole loop: every step of ``Trainer.fit`` (train_step and the non-finite watch) reads
+    nothing; the stats are read once per ``train.log_every`` (and at the last step)."""
+    per_step, reads = [], []
+    real_step, real_track, real_read = trainer_mod.train_step, trainer_mod.NonFiniteWatch.track, trainer_mod.read_stats
+
+    def step(*args, **kwargs):
+        with HostSyncCounter() as c:
+            out = real_step(*args, **kwargs)
+        per_step.append(c.total)
+        return out
+
+    def track(self, *args):
+        with HostSyncCounter() as c:
+            real_track(self, *args)
+        per_step[-1] += c.total
+
+    def read(stats):
+        reads.append(len(per_step))
+        return real_read(stats)
+
+    monkeypatch.setattr(trainer_mod, "train_step", step)
+    monkeypatch.setattr(trainer_mod.NonFiniteWatch, "track", track)
+    monkeypatch.setattr(trainer_mod, "read_stats", read)
+    cfg = load_config(PretrainConfig, "configs/pretrain/synthetic-tiny.yaml",
+                      NANO + [f"train.out_dir={tmp_path}", "train.max_steps=5", "train.log_every=2",
+                              "train.ckpt_every=100", "train.figure_at_end=false", "train.vis_every=0"])
+    trainer_mod.Trainer(PretrainTask(cfg)).fit(evaluate=False)
+    assert per_step == [0] * 5
+    assert reads == [2, 4, 5]
