@@ -5,21 +5,23 @@ On a GPU every read of a device value -- ``bool(t)``, ``int(t)``, ``float(t)``, 
 stalls the host until the device has caught up, and each one is a graph break for
 ``torch.compile``. :class:`HostSyncCounter` counts them on any device, the CPU included, so a CPU
 test can prove a training step has none (``tests/engine/test_host_sync.py``) and
-``benchmarks/gpu_check.py`` can report them per step.
+``benchmarks/gpu_check.py`` can report them per step; :func:`graph_breaks` says where
+``torch.compile`` would split a function.
 
 Not counted: calls made by ``torch.optim`` itself (its step counters are CPU tensors on every
 device, so reading them never waits for the device).
 """
 from __future__ import annotations
 
+import re
 import sys
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["HostSyncCounter", "SYNC_CALLS"]
+__all__ = ["HostSyncCounter", "SYNC_CALLS", "graph_breaks"]
 
 #: Tensor methods and torch functions whose result is a Python value read off the tensor, or a
 #: tensor whose size depends on its values.
@@ -74,3 +76,15 @@ class HostSyncCounter(TorchFunctionMode):
         if hit is not None and not _from_optim():
             self.calls[hit] += 1
         return func(*args, **kwargs)
+
+
+def graph_breaks(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """What ``torch.compile`` would make of ``fn(*args, **kwargs)``, by ``torch._dynamo.explain``
+    (traces, runs nothing compiled): ``{"graphs", "graph_breaks", "reasons"}`` (the first five reasons,
+    one line each)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(fn)(*args, **kwargs)
+    reasons = [re.sub(r"\s+", " ", str(getattr(r, "reason", r)))[:200] for r in ex.break_reasons[:5]]
+    return {"graphs": ex.graph_count, "graph_breaks": ex.graph_break_count, "reasons": reasons}
