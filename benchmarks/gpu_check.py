@@ -515,15 +515,17 @@ def section_finetune(setup: Setup, ctx: dict[str, Any], log: Callable[[str], Non
 
 
 # ----------------------------------------------------------------------------- step checks
-def _step_checks(step: Callable[[int], Any], loss: Callable[[], Any], dev: torch.device) -> dict[str, Any]:
-    """Host syncs of two training steps after a warm-up one, and the graph breaks of the forward + loss."""
+def _step_checks(step: Callable[[int], Any], loss: Callable[[], Any] | None, dev: torch.device) -> dict[str, Any]:
+    """Host syncs of two training steps after a warm-up one, and the graph breaks of the forward +
+    loss (``loss`` None: not traced)."""
     step(0)  # warm-up: lazy initialisation, AdamW state
     sync(dev)
     with HostSyncCounter() as c:
         step(1)
         step(2)
     sync(dev)
-    return {"syncs_per_step": c.total / 2, "sync_calls": dict(c.calls), **graph_breaks(loss)}
+    traced = graph_breaks(loss) if loss is not None else {"graphs": None, "graph_breaks": None, "reasons": []}
+    return {"syncs_per_step": c.total / 2, "sync_calls": dict(c.calls), **traced}
 
 
 def section_step_checks(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
@@ -549,11 +551,12 @@ def section_step_checks(setup: Setup, ctx: dict[str, Any], log: Callable[[str], 
         def loss(o: Any = objective, b: dict = batches[0], p: str = prec) -> Any:
             with autocast(p, dev):
                 return o(b).loss
-        out[name] = _step_checks(step, loss, dev)
+        # a dry run traces the pretraining step only (tests/engine/test_fullgraph.py traces every head on the CPU)
+        out[name] = _step_checks(step, None if setup.dry_run else loss, dev)
         del model, objective, opt, batches
     for name, r in out.items():
-        log(f"  {name}: {r['syncs_per_step']:g} host syncs per step, {r['graphs']} graph(s), "
-            f"{r['graph_breaks']} graph break(s)")
+        log(f"  {name}: {r['syncs_per_step']:g} host syncs per step, {_f(r['graphs'], '{}')} graph(s), "
+            f"{_f(r['graph_breaks'], '{}')} graph break(s)")
     bad = [n for n, r in out.items() if r["syncs_per_step"] or r["graph_breaks"]]
     out["verdict"] = ("no host sync and no graph break in any step" if not bad else
                       f"host syncs or graph breaks in: {', '.join(bad)}")
@@ -572,7 +575,8 @@ def step_checks_md(r: dict[str, Any]) -> list[str]:
         if isinstance(x, dict) and "syncs_per_step" in x:
             calls = ", ".join(f"`{k}` x{v}" for k, v in x["sync_calls"].items()) or "none"
             why = "; ".join(f"`{w}`" for w in x["reasons"]) or "-"
-            L.append(f"| {name} | {x['syncs_per_step']:g} | {calls} | {x['graphs']} | {x['graph_breaks']} | {why} |")
+            L.append(f"| {name} | {x['syncs_per_step']:g} | {calls} | {_f(x['graphs'], '{}')} | "
+                     f"{_f(x['graph_breaks'], '{}')} | {why} |")
     return L + ["", f"**{r.get('verdict', 'not judged')}**", ""]
 
 
