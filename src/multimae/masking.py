@@ -24,6 +24,10 @@ class MaskPlan:
 
     Padding tokens (text) must be masked too; they are told apart from masked content by the
     batch's padding mask, never by the plan.
+
+    ``num_visible`` / ``uneven`` let the model pick the encoder's token slots without reading the
+    masks (no host sync in a training step): the samplers set them on the CPU where they draw the
+    plan; :meth:`counted` reads them off hand-made masks.
     """
 
     masks: dict[str, Tensor]

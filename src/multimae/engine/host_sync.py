@@ -44,7 +44,8 @@ def _bool_index(index: Any) -> bool:
 
 
 def _from_optim() -> bool:
-    frame = sys._getframe(3)
+    """Whether the call comes from inside ``torch.optim`` (its step counters live on the CPU)."""
+    frame = sys._getframe(1)
     while frame is not None:
         if any(p in frame.f_code.co_filename for p in _TORCH_OPTIM):
             return True
