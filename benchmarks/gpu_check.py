@@ -58,6 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 # ----------------------------------------------------------------------------- library entry points
 # Every multimae import of this script is here, so moving modules means editing this block only.
+from multimae.batch import Batch
 from multimae.checkpoint.io import save_file_atomic
 from multimae.config import load_config
 from multimae.data.downstream import TARGET, TARGET_VALID
@@ -459,6 +460,7 @@ def _finetune_run(setup: Setup, ctx: dict[str, Any], name: str, batch: int | Non
                           no_decay_names=sorted(model.no_weight_decay()), **decay)
     g = torch.Generator().manual_seed(1)
     batches = [finetune_batch(cfg, model, t.batch_size, g, dev) for _ in range(2)]
+    batches = [objective.mix(Batch.of(b)) for b in batches]  # mixup / cutmix: in the data path, as in training
 
     def step(i: int) -> dict[str, float]:
         return train_step(objective, batches[i % 2], opt, precision=t.precision, clip_grad=o.clip_grad)
