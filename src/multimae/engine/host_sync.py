@@ -28,7 +28,7 @@ __all__ = ["HostSyncCounter", "SYNC_CALLS", "graph_breaks"]
 SYNC_CALLS = frozenset({
     "__bool__", "__int__", "__float__", "__index__", "__complex__", "item", "tolist", "numpy", "__array__",
     "is_nonzero", "equal", "allclose", "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive",
-    "nonzero_static_missing", "repeat_interleave",
+    "repeat_interleave",
 })
 _TORCH_OPTIM = ("torch/optim/", "torch\\optim\\")
 
