@@ -15,7 +15,7 @@ by ``dirichlet_plan``), ``m3ae`` (rgb + caption, shared decoder, ratio plan with
 
     python benchmarks/compile_step.py                       # -> benchmarks/results/compile_step.md
     python benchmarks/compile_step.py --preset small --size 224 --batch 8 --steps 10
-    python benchmarks/compile_step.py --quick               # smoke check: nano, aot_eager, writes nothing
+    python benchmarks/compile_step.py --quick               # smoke check: nano, dynamo only, writes nothing
 """
 from __future__ import annotations
 
@@ -220,15 +220,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None, help="timed steps each (default 6; --quick: 1)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps each, the compile included")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--backend", default=None, help="torch.compile backend (default inductor; --quick: aot_eager)")
+    ap.add_argument("--backend", default=None, help="torch.compile backend (default inductor; --quick: eager, dynamo only)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="smoke check: nano, 32 px, aot_eager, writes nothing")
+    ap.add_argument("--quick", action="store_true", help="smoke check: nano, 32 px, dynamo only (backend eager), writes nothing")
     ap.add_argument("--out", type=Path, default=None, help=f"markdown table (default {RESULTS}; --quick: none)")
     args = ap.parse_args(argv)
     q = args.quick
     for key, full, quick in (("preset", "tiny", "nano"), ("size", 224, 32), ("batch", 8, 2), ("visible", 98, 8),
-                             ("steps", 6, 1), ("backend", "inductor", "aot_eager"),
+                             ("steps", 6, 1), ("backend", "inductor", "eager"),
                              ("workloads", ",".join(WORKLOADS), "pretrain,semseg")):
         if getattr(args, key) is None:
             setattr(args, key, quick if q else full)

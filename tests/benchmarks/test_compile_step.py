@@ -1,5 +1,5 @@
 """``benchmarks/compile_step.py --quick`` runs the compiled-vs-eager comparison end to end (nano,
-aot_eager) and writes its table: one graph per workload (fullgraph, no recompile), no host sync in
+dynamo only) and writes its table: one graph per workload (fullgraph, no recompile), no host sync in
 the eager step, equal first-step losses. It checks that the benchmark works, not the speed-up."""
 from __future__ import annotations
 
