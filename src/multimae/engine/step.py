@@ -121,6 +121,8 @@ def train_step(model: nn.Module, batch: Batch | Mapping[str, Any] | Sequence[Mic
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
     else:  # measure only (clip_grad_norm_ with an infinite bound would also rescale every grad by 1)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; its value on every rank (a device collective)
+        grad_norm = grad_norm.full_tensor()
     # fp16: the scaler skips steps with infinite gradients itself; only the loss counts then
     finite = torch.isfinite(total) if scaler is not None else torch.isfinite(total) & torch.isfinite(grad_norm)
     stats: dict[str, Any] = {"loss": total, "grad_norm": grad_norm.detach(), FINITE_KEY: finite}
