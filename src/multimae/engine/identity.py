@@ -23,8 +23,8 @@ from multimae.config import ConfigError
 SCHEDULE_ONLY = frozenset({
     "train.max_steps", "train.epochs", "train.log_every", "train.ckpt_every", "train.keep_last",
     "train.resume", "train.run_name", "train.out_dir", "train.device", "train.compile", "train.compile_backend",
-    "train.tune_malloc", "train.activation_checkpointing", "train.nonfinite", "train.nonfinite_max_skips",
-    "train.init", "data.num_workers", "data.cache",
+    "train.tune_malloc", "train.activation_checkpointing", "train.parallel", "train.nonfinite",
+    "train.nonfinite_max_skips", "train.init", "data.num_workers", "data.cache",
 })
 LOCK_FILE = ".lock"
 
