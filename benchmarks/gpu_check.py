@@ -22,6 +22,10 @@ failure is recorded in the report and makes the exit code 1):
   under FSDP2 (``torch.distributed.fsdp.fully_shard``);
 * fine-tuning: one ``train_step`` per head at its recipe (ConvNeXt semseg ``nyuv2-semseg-rgb``,
   DPT depth ``nyuv2-depth``, linear classification ``in1k-cls``), through ``build_transfer_model``;
+* step checks: host syncs per training step outside log steps (``HostSyncCounter``: bool / int /
+  float / item / tolist / nonzero / boolean-mask indexing; the goal is 0) and the graph breaks of
+  the forward + loss (``torch._dynamo.explain``; the goal is 1 graph, 0 breaks, as
+  ``train.compile=true`` compiles with ``fullgraph=True``) of the pretraining step and every head;
 * inference: the eval-mode forward (``torch.no_grad``, the step's precision) of each fine-tuned
   model and of the pretraining model at its recipe's evaluation batch;
 * goal: >= 1500 img/s ViT-B pretraining on one H100 (the paper: ~444 img/s per A100), judged.
@@ -54,11 +58,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 # ----------------------------------------------------------------------------- library entry points
 # Every multimae import of this script is here, so moving modules means editing this block only.
+from multimae.batch import Batch
 from multimae.checkpoint.io import save_file_atomic
 from multimae.config import load_config
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.engine.distributed import cleanup as dist_cleanup
 from multimae.engine.distributed import init_distributed
+from multimae.engine.host_sync import HostSyncCounter, graph_breaks
 from multimae.masking import dirichlet_plan
 from multimae.model import MultiMAE
 from multimae.perf import cpu_model, tune_malloc
@@ -338,7 +344,7 @@ def _pretrain_run(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None],
 
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        pt.net = torch.compile(pt.model)
+        pt.net = torch.compile(pt.model, fullgraph=True)  # as train.compile=true (step checks: any break)
         t0 = time.perf_counter()
         pt.step(0)
         sync(dev)
@@ -454,6 +460,7 @@ def _finetune_run(setup: Setup, ctx: dict[str, Any], name: str, batch: int | Non
                           no_decay_names=sorted(model.no_weight_decay()), **decay)
     g = torch.Generator().manual_seed(1)
     batches = [finetune_batch(cfg, model, t.batch_size, g, dev) for _ in range(2)]
+    batches = [objective.mix(Batch.of(b)) for b in batches]  # mixup / cutmix: in the data path, as in training
 
     def step(i: int) -> dict[str, float]:
         return train_step(objective, batches[i % 2], opt, precision=t.precision, clip_grad=o.clip_grad)
@@ -507,6 +514,72 @@ def section_finetune(setup: Setup, ctx: dict[str, Any], log: Callable[[str], Non
         out["status"] = "error"
         out["error"] = f"failed heads: {', '.join(bad)}"
     return out
+
+
+# ----------------------------------------------------------------------------- step checks
+def _step_checks(step: Callable[[int], Any], loss: Callable[[], Any] | None, dev: torch.device) -> dict[str, Any]:
+    """Host syncs of two training steps after a warm-up one, and the graph breaks of the forward +
+    loss (``loss`` None: not traced)."""
+    step(0)  # warm-up: lazy initialisation, AdamW state
+    sync(dev)
+    with HostSyncCounter() as c:
+        step(1)
+        step(2)
+    sync(dev)
+    traced = graph_breaks(loss) if loss is not None else {"graphs": None, "graph_breaks": None, "reasons": []}
+    return {"syncs_per_step": c.total / 2, "sync_calls": dict(c.calls), **traced}
+
+
+def section_step_checks(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    dev, out = setup.device, {}
+    reset_memory(dev)
+    pt = Pretrain(setup, 8 if setup.cuda else setup.pretrain_batch)
+    pt.make_optimizer()
+    out["pretrain"] = _step_checks(pt.step, lambda: pt.forward(0).loss, dev)
+    del pt
+    for name, config in FINETUNE_CONFIGS.items():
+        reset_memory(dev)
+        cfg = load_config(FinetuneConfig, config, setup.finetune_overrides)
+        torch.manual_seed(0)
+        model, _ = build_transfer_model(cfg.model, None)
+        objective = FinetuneObjective(model.to(dev), build_loss(cfg), target_of(cfg))  # mixup: data path
+        opt = build_optimizer(model, lr=1e-4)
+        batches = [finetune_batch(cfg, model, 2, torch.Generator().manual_seed(i), dev) for i in range(2)]
+        prec = cfg.train.precision if setup.cuda else setup.precision
+
+        def step(i: int, o: Any = objective, b: list = batches, op: Any = opt, p: str = prec) -> Any:
+            return train_step(o, b[i % 2], op, precision=p, clip_grad=1.0)
+
+        def loss(o: Any = objective, b: dict = batches[0], p: str = prec) -> Any:
+            with autocast(p, dev):
+                return o(b).loss
+        # a dry run traces the pretraining step only (tests/engine/test_fullgraph.py traces every head on the CPU)
+        out[name] = _step_checks(step, None if setup.dry_run else loss, dev)
+        del model, objective, opt, batches
+    for name, r in out.items():
+        log(f"  {name}: {r['syncs_per_step']:g} host syncs per step, {_f(r['graphs'], '{}')} graph(s), "
+            f"{_f(r['graph_breaks'], '{}')} graph break(s)")
+    bad = [n for n, r in out.items() if r["syncs_per_step"] or r["graph_breaks"]]
+    out["verdict"] = ("no host sync and no graph break in any step" if not bad else
+                      f"host syncs or graph breaks in: {', '.join(bad)}")
+    return out
+
+
+def step_checks_md(r: dict[str, Any]) -> list[str]:
+    """The report's section on host syncs and graph breaks."""
+    L = ["## Host syncs and graph breaks", "",
+         "Calls that read a device value in a training step (`multimae.engine.host_sync.HostSyncCounter`, two steps "
+         "after a warm-up, no log step) and `torch._dynamo.explain` of the forward + loss.", "",
+         "| step | host syncs / step | calls | graphs | graph breaks | first reasons |", "|---|---|---|---|---|---|"]
+    if r.get("status") == "error":
+        return L[:2] + [f"FAILED: {r['error']}", ""]
+    for name, x in r.items():
+        if isinstance(x, dict) and "syncs_per_step" in x:
+            calls = ", ".join(f"`{k}` x{v}" for k, v in x["sync_calls"].items()) or "none"
+            why = "; ".join(f"`{w}`" for w in x["reasons"]) or "-"
+            L.append(f"| {name} | {x['syncs_per_step']:g} | {calls} | {_f(x['graphs'], '{}')} | "
+                     f"{_f(x['graph_breaks'], '{}')} | {why} |")
+    return L + ["", f"**{r.get('verdict', 'not judged')}**", ""]
 
 
 def section_inference_pretrain(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
@@ -703,6 +776,7 @@ def markdown(res: dict[str, Any]) -> str:
         L.append(_row(label, r))
     L += ["", "MFU is always against the bf16 peaks; the depth recipe trains in fp32 (official), whose TF32 peak "
           "is half the bf16 one on A100 / H100.", ""]
+    L += step_checks_md(R.get("step_checks", {}))
     L += ["## Inference", "", "Eval-mode forward (`torch.no_grad`) at the recipe's evaluation batch "
           "(the model's forward, not `multimae.predict.Predictor`: no decoding or resizing).", "", HEADER]
     for name, r in (R.get("inference") or {}).items():
@@ -731,6 +805,7 @@ SECTIONS: list[tuple[str, Callable[[Setup, dict[str, Any], Callable[[str], None]
     ("ddp", section_distributed("ddp")),
     ("fsdp", section_distributed("fsdp")),
     ("finetune", section_finetune),
+    ("step_checks", section_step_checks),
     ("inference_pretrain", section_inference_pretrain),
 ]
 

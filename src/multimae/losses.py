@@ -68,11 +68,9 @@ def masked_mean(per_token: Tensor, weight: Tensor | None) -> Tensor:
         return per_token.mean()
     w = weight.to(per_token.dtype)
     count = w.sum(1)
-    has = count > 0
-    if not bool(has.any()):
-        return per_token.sum() * 0.0
+    has = count > 0  # no host read: samples without a counted token add 0 to the sum and the count
     per_sample = (per_token * w).sum(1) / count.clamp_min(1)
-    return per_sample[has].mean()
+    return torch.where(has, per_sample, 0.0).sum() / has.sum().clamp_min(1)
 
 
 def berhu_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None, threshold: float = 0.2) -> Tensor:
@@ -89,14 +87,13 @@ def berhu_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None, thresh
         raise ValueError(f"berhu_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     diff = pred - target.to(pred.dtype)
     if valid is None:
-        n = diff.numel()
+        n: int | Tensor = diff.numel()
     else:
         v = valid.to(torch.bool).expand_as(diff)
         diff = torch.where(v, diff, torch.zeros_like(diff))
-        n = int(v.sum())
-    if n == 0:
-        return pred.sum() * 0.0
+        n = v.sum().clamp_min(1)  # no valid pixel: every diff is 0, so the loss is 0 (with a graph)
     ad = diff.abs()
-    c = max(threshold * float(ad.detach().max()), 1e-5)
+    # c stays on the device (no host read), in float64 like the Python float it replaces
+    c = (ad.detach().max().double() * threshold).clamp_min(1e-5)
     per_px = torch.where(ad < c, ad, (diff * diff + c * c) / (2 * c))
     return per_px.sum() / n

@@ -24,9 +24,19 @@ class MaskPlan:
 
     Padding tokens (text) must be masked too; they are told apart from masked content by the
     batch's padding mask, never by the plan.
+
+    ``num_visible`` / ``uneven`` let the model pick the encoder's token slots without reading the
+    masks (no host sync in a training step): the samplers set them on the CPU where they draw the
+    plan; :meth:`counted` reads them off hand-made masks.
     """
 
     masks: dict[str, Tensor]
+    #: Encoder slots: no sample has more visible tokens than this (the run's static budget, known
+    #: where the plan is drawn). None: unknown, the model then reads it off the masks (a host read).
+    num_visible: int | None = None
+    #: Whether some sample may have fewer than ``num_visible`` visible tokens (its slots padded).
+    #: False only when every sample has exactly ``num_visible``: the encoder then needs no padding mask.
+    uneven: bool = True
 
     def __post_init__(self) -> None:
         sizes = {m.shape[0] for m in self.masks.values()}
@@ -40,22 +50,33 @@ class MaskPlan:
 
     @classmethod
     def from_masks(cls, masks: Mapping[str, Tensor]) -> "MaskPlan":
-        """User-given masks (any integer/bool dtype, 1/True = masked)."""
-        return cls({k: torch.as_tensor(v).bool() for k, v in masks.items()})
+        """User-given masks (any integer/bool dtype, 1/True = masked), with the visible-token budget
+        counted now (one host read of the masks, none in the model's forward)."""
+        return cls({k: torch.as_tensor(v).bool() for k, v in masks.items()}).counted()
 
     @classmethod
     def full(cls, token_counts: Mapping[str, int], batch_size: int, device: torch.device | str = "cpu") -> "MaskPlan":
         """Nothing masked: every token of every modality is visible."""
-        return cls({k: torch.zeros(batch_size, n, dtype=torch.bool, device=device) for k, n in token_counts.items()})
+        return cls({k: torch.zeros(batch_size, n, dtype=torch.bool, device=device) for k, n in token_counts.items()},
+                   num_visible=sum(token_counts.values()), uneven=False)
+
+    def counted(self) -> "MaskPlan":
+        """This plan with ``num_visible`` / ``uneven`` read off its masks (a host read: do it where
+        the plan is made, on the CPU, not in a training step)."""
+        total = sum((~m).sum(1) for m in self.masks.values())
+        nv = int(total.max()) if self.masks and total.numel() else 0
+        return MaskPlan(self.masks, nv, bool((total < nv).any()) if self.masks else False)
 
     def visible_counts(self) -> dict[str, Tensor]:
         """Visible tokens per sample and modality: name -> (B,) int64."""
         return {k: (~m).sum(1) for k, m in self.masks.items()}
 
     def to(self, device: torch.device | str) -> "MaskPlan":
-        return MaskPlan({k: v.to(device, non_blocking=True) for k, v in self.masks.items()})
+        return MaskPlan({k: v.to(device, non_blocking=True) for k, v in self.masks.items()}, self.num_visible,
+                        self.uneven)
 
     def subset(self, names: Sequence[str]) -> "MaskPlan":
+        """The masks of ``names`` only (the budget is then unknown: counted again by the model)."""
         return MaskPlan({k: self.masks[k] for k in names})
 
 
@@ -184,7 +205,8 @@ def dirichlet_plan(token_counts: Mapping[str, int], batch_size: int, num_visible
     for j, n in enumerate(names):
         v = valid[n].cpu().bool() if valid is not None and n in valid else None
         masks[n] = select_uniform(token_counts[n], counts[:, j], v, generator).to(device)
-    return MaskPlan(masks)
+    budget = min(num_visible, sum(token_counts.values()))  # static for a run: the image size fixes the counts
+    return MaskPlan(masks, budget, bool((counts.sum(-1) < budget).any()))  # counts: CPU, no device read
 
 
 def ratio_plan(token_counts: Mapping[str, int], batch_size: int,
@@ -198,7 +220,8 @@ def ratio_plan(token_counts: Mapping[str, int], batch_size: int,
     sees fully masked captions, as when it describes an image from nothing). A modality not named
     is fully visible. Invalid (padding) tokens and absent modalities are always hidden.
     """
-    masks = {}
+    masks, budget = {}, 0
+    total = torch.zeros(batch_size, dtype=torch.long)
     for n, N in token_counts.items():
         r = mask_ratio.get(n, 0.0)
         lo, hi = (float(r), float(r)) if isinstance(r, (int, float)) else (float(r[0]), float(r[1]))
@@ -214,7 +237,9 @@ def ratio_plan(token_counts: Mapping[str, int], batch_size: int,
         if present is not None and n in present:
             keep = torch.where(present[n].cpu().bool(), keep, torch.zeros_like(keep))
         masks[n] = select_uniform(N, keep, v, generator).to(device)
-    return MaskPlan(masks)
+        total += keep
+        budget += N - int(torch.round(torch.tensor(N * lo, dtype=torch.float64)))  # the most any sample keeps
+    return MaskPlan(masks, budget, bool((total < budget).any()))  # keep: CPU, no device read
 
 
 def official_explicit_plan(masks: Mapping[str, Tensor]) -> MaskPlan:
@@ -233,4 +258,4 @@ def official_explicit_plan(masks: Mapping[str, Tensor]) -> MaskPlan:
     k = int((mask_all == 0).sum())
     ids_keep = torch.argsort(mask_all, dim=1)[:, :k]
     hidden = torch.ones_like(mask_all, dtype=torch.bool).scatter(1, ids_keep, False)
-    return MaskPlan(dict(zip(names, hidden.split(sizes, dim=1))))
+    return MaskPlan(dict(zip(names, hidden.split(sizes, dim=1))), k, False)

@@ -182,6 +182,12 @@ class MultiMAE(nn.Module):
 
         Tokens that do not exist (text padding, a sample lacking the modality: ``Batch.pad`` /
         ``Batch.present``) are never encoded.
+
+        Nothing here reads a device value: the encoder gets ``plan.num_visible`` slots (the plan's
+        static budget; a plan without one, or no plan on a padded batch, is counted first: one
+        host read, outside the training step's path), padded slots are masked
+        when the plan is ``uneven`` or the batch has padding, and ``pad`` is kept when the batch
+        carries padding or presence for an encoded modality.
         """
         batch = Batch.of(batch)
         self._check_keys(batch)
@@ -199,9 +205,13 @@ class MultiMAE(nn.Module):
             pads.append(pad)
             masks.append(m.to(dev) | pad)
         masked = torch.cat(masks, dim=1)
-        enc = self._encode_visible(tokens, masked, layout)
-        pad_all = torch.cat(pads, dim=1)
-        enc.pad = pad_all if bool(pad_all.any()) else None
+        absent = any(batch.has_absent(self.input_specs[s.name].key) for s in layout)
+        if plan is None:  # every existing token: all of them, or (padding) as many as the fullest sample has
+            plan = MaskPlan({"all": masked}).counted() if absent else MaskPlan({}, masked.shape[1], False)
+        elif plan.num_visible is None:
+            plan = MaskPlan(plan.masks).counted()
+        enc = self._encode_visible(tokens, masked, layout, plan.num_visible, plan.uneven or absent)
+        enc.pad = torch.cat(pads, dim=1) if absent else None
         return enc
 
     def _check_keys(self, batch: Batch) -> None:
@@ -214,15 +224,17 @@ class MultiMAE(nn.Module):
                            f"outputs: {sorted(self.output_specs)} (padding and presence go in Batch.pad / "
                            "Batch.present, other fields in Batch.extra: multimae.batch.Batch)")
 
-    def _encode_visible(self, tokens: Tensor, masked: Tensor, layout: list[Segment]) -> EncodedTokens:
+    def _encode_visible(self, tokens: Tensor, masked: Tensor, layout: list[Segment], nv: int,
+                        uneven: bool) -> EncodedTokens:
+        """tokens (B, N, D), masked (B, N) -> the first ``nv`` visible tokens of every sample
+        (slots past a sample's own count padded and masked when ``uneven``) through the encoder."""
         B, N, D = tokens.shape
-        n_vis = (~masked).sum(1)
-        nv = int(n_vis.max())
+        nv = min(nv, N)
         ids_keep = torch.argsort(masked.to(torch.int8), dim=1, stable=True)[:, :nv]
-        slot = torch.arange(nv, device=tokens.device)[None]
-        visible_pad = slot >= n_vis[:, None]
-        if not bool(visible_pad.any()):
-            visible_pad = None
+        visible_pad = None
+        if uneven:
+            slot = torch.arange(nv, device=tokens.device)[None]
+            visible_pad = slot >= (~masked).sum(1)[:, None]
         x = tokens.gather(1, ids_keep[..., None].expand(-1, -1, D))
         x, _ = run_encoder(x, self.global_tokens, self.encoder, self.encoder_norm, visible_pad)
         return EncodedTokens(x, ids_keep, visible_pad, masked, layout, self.global_tokens.shape[1])

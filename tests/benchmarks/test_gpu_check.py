@@ -67,11 +67,18 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert R["inference"]["pretrain model, rgb -> all"]["img_s"] > 0
     assert "dry run" in R["goal"]["verdict"] and R["goal"]["best_img_s"] > 0
     for title in ("## Environment", "## Attention kernel (flash SDPA)", "## Optimizer (fused AdamW)",
-                  "## Pre-training step", "## Fine-tuning step per head", "## Inference", "## Goal", "## Failures"):
+                  "## Pre-training step", "## Fine-tuning step per head", "## Host syncs and graph breaks", "## Inference", "## Goal", "## Failures"):
         assert title in md, title
     for row in ("| eager | 2 |", "| DDP, 1 rank | 2 |", "| FSDP2, 1 rank | 2 |", "| torch.compile | skipped"):
         assert row in md, row
     assert "**flash SDPA used**" in md and "**fused AdamW used**" in md
+    # step checks: no host sync outside log steps in any step; the pretraining forward + loss is one
+    # graph (a dry run traces only it: tests/engine/test_fullgraph.py covers the heads)
+    checks = R["step_checks"]
+    for name in ("pretrain", *heads):
+        assert checks[name]["syncs_per_step"] == 0, (name, checks[name])
+    assert checks["pretrain"]["graphs"] == 1 and checks["pretrain"]["graph_breaks"] == 0, checks["pretrain"]
+    assert "## Host syncs and graph breaks" in md and "**no host sync and no graph break in any step**" in md
     assert md.split("## Failures")[1].strip() == "none"
 
 

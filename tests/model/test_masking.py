@@ -120,3 +120,29 @@ def test_every_sampler_needs_an_explicit_generator():
         sample_gamma(torch.ones(3))  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="generator"):
         select_uniform(4, torch.tensor([2]), None)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_plan_knows_its_budget_without_reading_its_masks(seed):
+    """``num_visible`` bounds every sample's visible tokens and is the same for every batch of a
+    run (static shapes); ``uneven`` is False exactly when every sample reaches it; ``counted``
+    reads the same off the masks (the tight bound)."""
+    g = torch.Generator().manual_seed(seed)
+    counts = {"rgb": 16, "caption": 10}
+    valid = {"caption": torch.arange(10)[None] < torch.randint(0, 11, (5, 1), generator=g)}
+    present = {"rgb": torch.rand(5, generator=g) > 0.3}
+    plans = [dirichlet_plan(counts, 5, 12, generator=g), dirichlet_plan(counts, 5, 40, generator=g),
+             dirichlet_plan(counts, 5, 12, generator=g, valid=valid, present=present),
+             ratio_plan(counts, 5, {"rgb": 0.75, "caption": 0.5}, g),
+             ratio_plan(counts, 5, {"rgb": 0.75, "caption": (0.5, 0.9)}, g, valid=valid, present=present)]
+    assert [p.num_visible for p in plans] == [12, 26, 12, 4 + 5, 4 + 5]
+    for p in plans:
+        total = sum((~m).sum(1) for m in p.masks.values())
+        assert int(total.max()) <= p.num_visible
+        assert p.uneven == bool((total < p.num_visible).any())
+        c = MaskPlan(dict(p.masks)).counted()
+        assert c.num_visible == int(total.max()) and c.uneven == bool((total < c.num_visible).any())
+        assert c.to("cpu").num_visible == c.num_visible  # moving a plan keeps its budget
+    assert not plans[0].uneven and not plans[1].uneven and not plans[3].uneven
+    full = MaskPlan.full(counts, 3)
+    assert full.num_visible == 26 and not full.uneven

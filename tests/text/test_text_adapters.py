@@ -70,7 +70,9 @@ def plans(seed: int = 0) -> tuple[MaskPlan, MaskPlan]:
     p8 = ratio_plan({"rgb": GRID[0] * GRID[1], "caption": 8}, len(LENGTHS), {"rgb": 0.75, "caption": 0.5}, g,
                     valid={"caption": ~b.pad["caption"]})
     extra = torch.ones(len(LENGTHS), 8, dtype=torch.bool)
-    return p8, MaskPlan({"rgb": p8.masks["rgb"], "caption": torch.cat([p8.masks["caption"], extra], 1)})
+    # the same plan, budget included: padding adds positions, never encoder slots
+    return p8, MaskPlan({"rgb": p8.masks["rgb"], "caption": torch.cat([p8.masks["caption"], extra], 1)},
+                        p8.num_visible, p8.uneven)
 
 
 # --- TextInput ----------------------------------------------------------------------------------------
@@ -84,6 +86,7 @@ def test_text_input_shapes_positions_and_errors():
     assert out.shape == (2, 6, 32)
     assert "pos_emb" not in emb.state_dict() and {n for n, _ in emb.named_parameters()} == {"token_emb.weight", "type_emb"}
     assert torch.allclose(out[:, :4], emb(ids[:, :4]))  # a token's embedding does not depend on the length
+    emb.eval()  # the range check runs outside training (in training the data path checks, no host read)
     with pytest.raises(ValueError, match=r"caption: token id 50 out of range \[0, 50\)"):
         emb(torch.tensor([[1, 50]]))
     with pytest.raises(ValueError, match=r"caption: token id -1 out of range"):

@@ -50,7 +50,7 @@ class TextInput(nn.Module):
             raise TypeError(f"{s.name}: expected integer token ids (B, L), got {ids.dtype}")
         if ids.ndim != 2:
             raise ValueError(f"{s.name}: expected token ids (B, L), got shape {tuple(ids.shape)}")
-        if not torch.compiler.is_compiling() and ids.numel():
+        if not self.training and not torch.compiler.is_compiling() and ids.numel():  # training: the data path checks
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= s.num_classes:
                 bad = hi if hi >= s.num_classes else lo
@@ -84,8 +84,7 @@ def _query_pad(pad: Tensor | None, seg: Segment) -> Tensor | None:
     if pad is None:
         return None
     p = pad[:, seg.start:seg.end].bool()
-    p = p & ~p.all(1, keepdim=True)
-    return p if bool(p.any()) else None
+    return p & ~p.all(1, keepdim=True)
 
 
 class TextDecoder(SpatialDecoder):
@@ -205,7 +204,7 @@ class SharedDecoder(nn.Module):
         x, layout = self._sequence(enc, grid)
         B, T = x.shape[:2]
         key_pad = None
-        if enc.pad is not None and bool(enc.pad.any()):
+        if enc.pad is not None:
             key_pad = torch.zeros(B, T, dtype=torch.bool, device=x.device)
             key_pad[:, : enc.pad.shape[1]] = enc.pad.bool()
         for blk in self.blocks:

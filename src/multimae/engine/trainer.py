@@ -145,7 +145,7 @@ class Trainer:
         np.random.seed(seed % 2**32)
         self.net: nn.Module = P.wrap(task.objective, t, self.info)  # DDP (several ranks), else as is
         if t.compile:
-            self.net = torch.compile(self.net, backend=t.compile_backend)
+            self.net = torch.compile(self.net, backend=t.compile_backend, fullgraph=True)  # forward + loss whole
 
     @property
     def cfg(self) -> Any:

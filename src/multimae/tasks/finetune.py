@@ -62,9 +62,9 @@ def build_loss(cfg: FinetuneConfig) -> LossFn:
 
         def seg_loss(pred: Tensor, batch: Batch) -> Tensor:
             t = batch[TARGET]
-            if not bool((t != ignore).any()):
-                return pred.sum() * 0.0  # a batch of padding only: no gradient, no NaN
-            return F.cross_entropy(pred.float(), t, ignore_index=ignore)
+            # the mean over labelled pixels without a host read; a batch of padding only: 0, no NaN
+            n = (t != ignore).sum().clamp_min(1)
+            return F.cross_entropy(pred.float(), t, ignore_index=ignore, reduction="sum") / n
         return seg_loss
     if kind == "classification" or kind == "segmentation":
         raise ValueError(f"train.loss={name!r} does not fit a {kind} head (use ce)")
@@ -100,11 +100,13 @@ class StepOutput:
 
 
 class FinetuneObjective(nn.Module):
-    """Transfer model + task loss (+ mixup / cutmix on the inputs), callable as ``(batch, plan)``
-    like a pretraining model, so the pretraining step, DDP and autocast apply unchanged.
+    """Transfer model + task loss, callable as ``(batch, plan)`` like a pretraining model, so the
+    pretraining step, DDP, autocast and ``torch.compile(fullgraph=True)`` apply unchanged.
 
-    Mixup mixes every image / dense input the same way (timm mixes one tensor: the inputs are
-    concatenated on channels and split back); categorical inputs cannot be mixed.
+    Mixup / cutmix (``mixup``) is applied by :meth:`mix` in the data path, before the step
+    (:class:`MixedLoader`): timm draws its parameters on the host, which a compiled forward could
+    not take whole. It mixes every image / dense input the same way (timm mixes one tensor: the
+    inputs are concatenated on channels and split back); categorical inputs cannot be mixed.
     """
 
     def __init__(self, model: TransferModel, loss: LossFn, task: str, mixup: Any = None) -> None:
@@ -117,7 +119,10 @@ class FinetuneObjective(nn.Module):
                 raise ValueError(f"aug.mixup / aug.cutmix cannot mix categorical or text inputs {bad}; "
                                  "set both to 0 for this input set")
 
-    def _mix(self, batch: Batch) -> Batch:
+    def mix(self, batch: Batch) -> Batch:
+        """The batch with its inputs and targets mixed (as is without ``mixup``)."""
+        if self.mixup is None:
+            return batch
         keys = [s.key for s in self.input_specs]
         x = torch.cat([batch[k] for k in keys], dim=1)
         if x.shape[0] % 2:
@@ -127,11 +132,24 @@ class FinetuneObjective(nn.Module):
         return Batch({**batch.tensors, **parts, TARGET: target}, extra=batch.extra)
 
     def forward(self, batch: Batch, plan: Any = None) -> StepOutput:
-        if self.mixup is not None and self.training:
-            batch = self._mix(batch)
         pred = self.model({s.key: batch[s.key] for s in self.input_specs})
         loss = self.loss_fn(pred, batch)
         return StepOutput(loss, {self.task: loss})
+
+
+class MixedLoader:
+    """A training loader whose batches pass through ``mix`` (the objective's mixup) as they are
+    drawn, in the main process and in step order (so a resumed run mixes as an uninterrupted one)."""
+
+    def __init__(self, loader: Any, mix: Callable[[Batch], Batch]) -> None:
+        self.loader, self.mix = loader, mix
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch, plan in self.loader:
+            yield self.mix(batch), plan
 
 
 class FinetuneTask(Task):
@@ -160,7 +178,8 @@ class FinetuneTask(Task):
     def loader(self, rank: int, world_size: int) -> tuple[Any, Any]:
         from multimae.tasks.finetune_data import build_train_loader
 
-        return build_train_loader(self.cfg, self.input_specs, rank, world_size, self.datasets)
+        loader, position = build_train_loader(self.cfg, self.input_specs, rank, world_size, self.datasets)
+        return (MixedLoader(loader, self.objective.mix) if self.objective.mixup is not None else loader), position
 
     def layer_ids(self) -> tuple[Callable[[str], int], int]:
         return self.model.encoder_layer_ids(), self.model.num_layers
