@@ -96,11 +96,15 @@ class Trainer:
         if t.tune_malloc:
             tune_malloc()
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        task.build(self.device, self.info)
-        self.model = task.model.to(self.device)
+        meta = P.builds_on_meta(task, t, self.info)  # FSDP: parameters on the meta device until sharded
+        with P.parameters_on_meta(meta):
+            task.build(self.device, self.info)
+        self.model = task.model if meta else task.model.to(self.device)
         # activation checkpointing and FSDP sharding, in place, before the optimizer is built (FSDP
         # replaces the parameters); a no-op for train.parallel=ddp without checkpointing
         P.prepare_model(self.model, t, self.info)
+        if meta:  # each rank allocates and initialises its shards only: the weights of a DDP run
+            P.materialise(self.model, self.device)
         self.loader, self.position = task.loader(self.info.rank, self.info.world_size)
         o: OptimConfig = self.cfg.optim
         self.steps_per_epoch = max(1, len(self.position) // o.accum_steps)

@@ -27,6 +27,8 @@ from multimae.tasks.pretrain_config import PretrainConfig
 class PretrainTask(Task):
     """A MultiMAE (or M3AE) pretraining run of ``cfg``."""
 
+    meta_init = True  # under FSDP the Trainer builds the model on the meta device (engine.parallel.materialise)
+
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = completed_config(cfg)
         self.result: dict[str, Any] = {}
