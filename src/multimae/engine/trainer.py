@@ -24,7 +24,7 @@ from multimae.checkpoint import CheckpointError, find_latest, resolve_checkpoint
 from multimae.engine import distributed as D
 from multimae.engine import parallel as P
 from multimae.engine.config import OptimConfig, RunConfig
-from multimae.engine.logging import Progress, RunLogger
+from multimae.engine.logging import Progress, RunLogger, WandbSettings
 from multimae.engine.optim import WarmupCosine, build_optimizer, scaled_lr
 from multimae.engine.state import train_state
 from multimae.engine.step import train_step
@@ -217,7 +217,8 @@ class Trainer:
         last = self.last_step
         if self._rng_after_resume:
             restore_rng_state(self._rng_after_resume)
-        logger = RunLogger(self.run_dir, enabled=self.info.is_main)
+        logger = RunLogger(self.run_dir, enabled=self.info.is_main, loggers=t.loggers, wandb=WandbSettings(
+            t.wandb_project, t.wandb_entity, t.run_name, config_lib.to_dict(self.cfg)))
         if self.info.is_main:
             config_lib.save_json(self.cfg, self.run_dir / "config.json")
             for line in self.task.describe(self):
