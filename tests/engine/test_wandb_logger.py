@@ -50,11 +50,23 @@ def wandb_records(path: Path) -> list:
     return out
 
 
+def finished_records(f: Path, timeout_s: float = 120.0) -> list:
+    """The records of ``f`` once W&B's service has written them all (its ``exit`` record): the
+    service writes the file on its own time, also after ``run.finish()`` returned."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        recs = wandb_records(f)
+        if any(r.WhichOneof("record_type") == "exit" for r in recs) or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.2)
+
+
 def read_run(wandb_dir: Path) -> dict:
     """project, name, id, config and step -> scalars over every offline run under ``wandb_dir``."""
     res: dict = {"history": {}, "config": {}, "ids": set()}
+    wandb.teardown()  # shuts W&B's service down, so it writes out what it holds
     for f in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):
-        for r in wandb_records(f):
+        for r in finished_records(f):
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 res.update(project=r.run.project, name=r.run.display_name)
