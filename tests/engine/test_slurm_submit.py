@@ -16,7 +16,8 @@ import torch
 
 from multimae.checkpoint import find_latest, load_weights
 from multimae.cli.main import main
-from multimae.engine.slurm import SlurmConfig, distributed_env, submit
+from multimae.cli.submit import submit_command
+from multimae.engine.slurm import SlurmConfig, distributed_env
 
 pytest.importorskip("submitit")  # the `test` extra installs it
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +50,7 @@ def signal_tasks(job, sig: int) -> None:
 def test_local_job_signalled_requeued_resumes_bitwise(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
-    job = submit(command(tmp_path, "job"), SlurmConfig(local=True, gpus_per_node=0, cpus_per_task=1, time_min=10,
+    job = submit_command(command(tmp_path, "job"), SlurmConfig(local=True, gpus_per_node=0, cpus_per_task=1, time_min=10,
                                                        folder=str(tmp_path / "slurm")))
     deadline = time.monotonic() + 240
     while logged_steps(tmp_path / "job") < 4:  # signal it mid-run, after a periodic checkpoint
@@ -77,9 +78,9 @@ def test_submit_refuses_what_it_cannot_run(tmp_path, capsys):
     assert main(["submit", "--local", "--folder", str(tmp_path), "--", "predict", "x"]) == 2
     assert "error: multimae submit runs a training command" in capsys.readouterr().err
     with pytest.raises(ValueError, match="runs a training command"):
-        submit(["predict", "x"], SlurmConfig(local=True, folder=str(tmp_path)))
+        submit_command(["predict", "x"], SlurmConfig(local=True, folder=str(tmp_path)))
     with pytest.raises(ValueError, match="nodes=0"):
-        submit(command(tmp_path, "x"), SlurmConfig(local=True, nodes=0, folder=str(tmp_path)))
+        submit_command(command(tmp_path, "x"), SlurmConfig(local=True, nodes=0, folder=str(tmp_path)))
 
 
 def test_distributed_env_of_a_task():

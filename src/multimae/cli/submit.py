@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Sequence
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,8 +40,52 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_submit)
 
 
+TRAIN_COMMANDS = ("pretrain", "finetune")
+
+
+class CommandJob:
+    """What submitit runs in every task of the job: ``multimae <argv>`` with torch.distributed set
+    up from the job; requeued after the trainer's resumable exit (picklable, checkpointable)."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+
+    def __call__(self) -> int:
+        from multimae.cli.main import main
+        from multimae.engine.slurm import EXIT_RESUMABLE, job_environment, on_resumable_exit
+
+        env = job_environment()
+        rc = main(self.argv)
+        if rc == EXIT_RESUMABLE:
+            print(f"multimae {' '.join(self.argv)}: stopped with a checkpoint (status {rc}); requeueing",
+                  file=sys.stderr, flush=True)
+            on_resumable_exit(env)
+            return rc
+        if rc:
+            raise RuntimeError(f"multimae {' '.join(self.argv)} exited with status {rc}")
+        return rc
+
+    def checkpoint(self) -> Any:
+        """What submitit requeues: the same command (the run resumes from its latest checkpoint)."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(CommandJob(self.argv))
+
+
+def submit_command(argv: Sequence[str], cfg: Any) -> Any:
+    """Submit ``multimae <argv>`` (a pretrain or finetune command line) as a job of ``cfg`` (a
+    :class:`multimae.engine.slurm.SlurmConfig`); returns the submitit job."""
+    from multimae.engine.slurm import submit
+
+    argv = list(argv)
+    if not argv or argv[0] not in TRAIN_COMMANDS:
+        raise ValueError(f"multimae submit runs a training command ({' or '.join(TRAIN_COMMANDS)} ...), "
+                         f"got {' '.join(argv) or 'nothing'!r}")
+    return submit(CommandJob(argv), cfg)
+
+
 def run_submit(args: argparse.Namespace) -> int:
-    from multimae.engine.slurm import SlurmConfig, submit
+    from multimae.engine.slurm import SlurmConfig
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     cfg = SlurmConfig(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
@@ -49,7 +94,7 @@ def run_submit(args: argparse.Namespace) -> int:
                       signal_delay_s=args.signal_delay_s, max_timeouts=args.max_timeouts, name=args.name,
                       folder=args.folder, local=args.local, setup=args.setup)
     try:
-        job = submit(command, cfg)
+        job = submit_command(command, cfg)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,14 +6,16 @@ How a job runs and comes back:
 * ``sbatch`` gets ``--signal=USR1@<signal_delay_s>``: SLURM sends SIGUSR1 that many seconds before
   the time limit (and a preempting scheduler sends SIGTERM). submitit's preemption signal is set to
   USR1 too (``SUBMITIT_PREEMPT_SIGNAL``).
-* Each task sets torch's distributed environment from submitit's ``JobEnvironment`` (``RANK``,
-  ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` = the first node,
-  ``MASTER_PORT`` from the job id) and calls the CLI with the command line it was given.
+* Each task sets torch's distributed environment from submitit's ``JobEnvironment``
+  (:func:`job_environment`: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+  ``MASTER_ADDR`` = the first node, ``MASTER_PORT`` from the job id) and runs the command line it
+  was given (the CLI's job, ``multimae.cli.submit.CommandJob``: the library never calls up into
+  the CLI).
 * The trainer's contract: on SIGUSR1 / SIGTERM it saves a checkpoint at the current step and exits
   with the resumable status :data:`EXIT_RESUMABLE`; the same command resumes it bitwise
-  (``train.resume=auto``). Rank 0 then hands the signal to submitit, which calls
-  :meth:`SlurmJob.checkpoint` (the same command again) and requeues the job
-  (``scontrol requeue``; the local executor restarts it). A signal that arrives while no trainer is
+  (``train.resume=auto``). Rank 0 then hands the signal to submitit (:func:`on_resumable_exit`),
+  which calls the job's ``checkpoint()`` (``multimae.cli.submit.CommandJob``: the same command
+  again) and requeues the job (``scontrol requeue``; the local executor restarts it). A signal that arrives while no trainer is
   running (start-up) goes to submitit directly: requeued from the last checkpoint.
 * Any other non-zero status fails the job (no requeue). submitit stops requeuing after
   ``max_timeouts`` time-limit requeues; preemptions do not count.
@@ -24,16 +26,14 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-__all__ = ["EXIT_RESUMABLE", "PREEMPT_SIGNAL", "TRAIN_COMMANDS", "SlurmConfig", "SlurmJob", "distributed_env",
-           "submit"]
+__all__ = ["EXIT_RESUMABLE", "PREEMPT_SIGNAL", "SlurmConfig", "distributed_env", "job_environment",
+           "on_resumable_exit", "submit"]
 
 EXIT_RESUMABLE = 75  # the trainer's exit status after a signal (checkpoint saved; EX_TEMPFAIL: run it again)
 PREEMPT_SIGNAL = "USR1"
-TRAIN_COMMANDS = ("pretrain", "finetune")
 
 
 @dataclass
@@ -85,34 +85,20 @@ def _import_submitit() -> Any:
     return submitit
 
 
-class SlurmJob:
-    """The callable submitit runs in every task: ``multimae <argv>``; picklable, checkpointable."""
+def on_resumable_exit(env: Any) -> None:
+    """After the trainer stopped with :data:`EXIT_RESUMABLE`: on the job's rank 0, hand the
+    preemption signal to submitit, whose handler calls the job's ``checkpoint()`` (the same command
+    again), requeues the job and exits; other ranks return."""
+    if env.global_rank == 0:
+        signal.raise_signal(getattr(signal, f"SIG{PREEMPT_SIGNAL}"))
 
-    def __init__(self, argv: Sequence[str]) -> None:
-        self.argv = list(argv)
 
-    def __call__(self) -> int:
-        submitit = _import_submitit()
-        env = submitit.JobEnvironment()
-        os.environ.update(distributed_env(env))
-        from multimae.cli.main import main
-
-        rc = main(self.argv)
-        if rc == EXIT_RESUMABLE:
-            print(f"multimae {' '.join(self.argv)}: stopped with a checkpoint (status {rc}); requeueing",
-                  file=sys.stderr, flush=True)
-            if env.global_rank == 0:  # submitit's handler: self.checkpoint(), requeue, exit
-                signal.raise_signal(getattr(signal, f"SIG{PREEMPT_SIGNAL}"))
-            return rc
-        if rc:
-            raise RuntimeError(f"multimae {' '.join(self.argv)} exited with status {rc}")
-        return rc
-
-    def checkpoint(self) -> Any:
-        """What submitit requeues: the same command (the run resumes from its latest checkpoint)."""
-        from submitit.helpers import DelayedSubmission
-
-        return DelayedSubmission(SlurmJob(self.argv))
+def job_environment() -> Any:
+    """submitit's ``JobEnvironment`` of the running task, with torch.distributed's variables set
+    from it (:func:`distributed_env`)."""
+    env = _import_submitit().JobEnvironment()
+    os.environ.update(distributed_env(env))
+    return env
 
 
 def _executor(cfg: SlurmConfig) -> Any:
@@ -133,14 +119,11 @@ def _executor(cfg: SlurmConfig) -> Any:
     return executor
 
 
-def submit(argv: Sequence[str], cfg: SlurmConfig) -> Any:
-    """Submit ``multimae <argv>`` (a ``pretrain`` or ``finetune`` command line) as a job of
-    ``cfg``; returns the submitit job (``.job_id``, ``.paths``, ``.result()``)."""
-    argv = list(argv)
-    if not argv or argv[0] not in TRAIN_COMMANDS:
-        raise ValueError(f"multimae submit runs a training command ({' or '.join(TRAIN_COMMANDS)} ...), "
-                         f"got {' '.join(argv) or 'nothing'!r}")
+def submit(job: Any, cfg: SlurmConfig) -> Any:
+    """Submit ``job`` (a picklable callable; with a ``checkpoint()`` method returning a
+    ``submitit.helpers.DelayedSubmission`` it is requeued) as a job of ``cfg``; returns the submitit
+    job (``.job_id``, ``.paths``, ``.result()``)."""
     if cfg.nodes < 1 or cfg.tasks < 1 or cfg.gpus_per_node < 0:
         raise ValueError(f"multimae submit: nodes={cfg.nodes}, tasks per node={cfg.tasks}, "
                          f"gpus per node={cfg.gpus_per_node}: need at least one node and task, no negative GPUs")
-    return _executor(cfg).submit(SlurmJob(argv))
+    return _executor(cfg).submit(job)
