@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser run test test-all bench clean
+.PHONY: setup browser run test test-all bench clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,32 @@ test-all: $(STAMP) browser
 bench: $(STAMP)
 	$(PY) benchmarks/pretrain_throughput.py
 	$(PY) benchmarks/data_throughput.py
+
+# A GPU machine that reaches no package index, with its own Python (torch + CUDA, timm, safetensors,
+# tokenizers, einops, tensorboard, PyYAML, tqdm, Pillow): `make gpu-wheels` here builds the wheels it
+# lacks (webdataset, braceexpand, this package; pure Python, no dependencies pulled) into
+# $(GPU_WHEELS); carry that folder over with the source tree and run `make gpu-check` there: it
+# installs them offline into a venv over that Python's packages (its torch) and runs the GPU check.
+GPU_WHEELS ?= dist/gpu-wheels
+GPU_PYTHON ?= python3
+GPU_VENV   ?= .gpu-venv
+GPU_CHECK_ARGS ?=
+
+gpu-wheels: $(STAMP)
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PY) -m pip wheel -q --no-deps -w $(GPU_WHEELS) \
+	  "webdataset==$$($(PY) -c 'import importlib.metadata as m; print(m.version("webdataset"))')" \
+	  "braceexpand==$$($(PY) -c 'import importlib.metadata as m; print(m.version("braceexpand"))')"
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(GPU_WHEELS) .
+	ls $(GPU_WHEELS)
+
+gpu-check:
+	test -d $(GPU_WHEELS) || { echo "no $(GPU_WHEELS): run 'make gpu-wheels' where a package index is reachable"; exit 2; }
+	test -x $(GPU_VENV)/bin/python || $(GPU_PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --no-index --no-deps --force-reinstall --find-links $(GPU_WHEELS) \
+	  webdataset braceexpand multimae
+	$(GPU_VENV)/bin/python -c "import torch, multimae; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+	$(GPU_VENV)/bin/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

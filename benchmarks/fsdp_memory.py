@@ -8,7 +8,8 @@ tokens per sample (a seeded ``dirichlet_plan``), random inputs, fp32, batch 2 pe
 ``build_optimizer``; a step is ``train_step`` (forward, backward, optimizer step). Each
 configuration runs in a ``torchrun`` process group of its own (2 ranks, ``--threads`` torch
 threads each): model built, wrapped as ``multimae pretrain`` wraps it, one warm-up step (it also
-creates the AdamW moments), one measured step. Memory is the kernel's peak resident set of each
+creates the AdamW moments), one measured step. FSDP configurations start as the Trainer does: the model built on the
+meta device, sharded, then materialised shard by shard (:func:`multimae.engine.parallel.materialise`). Memory is the kernel's peak resident set of each
 rank process (``VmHWM`` in /proc/self/status: everything, from the model build to the end of the
 measured step, with the allocator tuning ``multimae pretrain`` applies unless
 ``--no-tune-malloc``); configurations alternate when ``--repeats`` > 1.
@@ -85,10 +86,14 @@ def worker(args: argparse.Namespace) -> None:
     train = SimpleNamespace(parallel=parallel, activation_checkpointing=ac, precision="fp32", init=None, vis_every=0)
     mods = ["rgb", "depth", "semseg"]
     torch.manual_seed(0)
-    model = MultiMAE(ModelConfig(preset=args.preset, image_size=args.size, patch_size=16, inputs=mods, outputs=mods,
-                                 modalities={"semseg": {"num_classes": 133}}))
+    meta = P.builds_on_meta(SimpleNamespace(meta_init=True), train, info)  # as the Trainer starts an FSDP run
+    with P.parameters_on_meta(meta):
+        model = MultiMAE(ModelConfig(preset=args.preset, image_size=args.size, patch_size=16, inputs=mods,
+                                     outputs=mods, modalities={"semseg": {"num_classes": 133}}))
     phases = {"built": (_status_kb("VmRSS"), _status_kb("VmHWM"))}
     P.prepare_model(model, train, info)
+    if meta:
+        P.materialise(model, info.device)
     if args.trim:
         from multimae.perf import trim_malloc
 
@@ -226,9 +231,9 @@ def render(results: dict[str, list[list[dict]]], skipped: dict[str, str], args: 
               "", "Where the memory goes (fp32, 4 bytes per value): DDP keeps on every rank the whole model, its "
               "gradients, DDP's gradient buckets (a second copy of the gradients) and both AdamW moments; FSDP keeps "
               "1/2 of the parameters, gradients and moments per rank and gathers one transformer block at a time; "
-              "activation checkpointing keeps only each block's input for the backward pass. The model is built "
-              "whole on every rank before it is sharded (as `multimae pretrain` does: identical initial weights), "
-              "so that build is part of the FSDP peak too."]
+              "activation checkpointing keeps only each block's input for the backward pass. Under FSDP the model "
+              "is built on the meta device, sharded, and each rank allocates and initialises its own shards (as "
+              "`multimae pretrain` starts an FSDP run: the initial weights of DDP), so no rank ever holds it whole."]
     return "\n".join(lines) + "\n"
 
 

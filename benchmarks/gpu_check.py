@@ -20,6 +20,8 @@ failure is recorded in the report and makes the exit code 1):
   (``FlopCounterMode`` on one eager step) and MFU against the nominal and measured peaks;
 * distributed: the same step in a 1-rank process group (NCCL; gloo on the CPU) under DDP and
   under FSDP2 (``torch.distributed.fsdp.fully_shard``);
+* FSDP start-up on the meta device (``section_fsdp_meta``): the model built on meta, sharded,
+  materialised on the device; time, memory, weights bitwise equal to a plain build, one step;
 * fine-tuning: one ``train_step`` per head at its recipe (ConvNeXt semseg ``nyuv2-semseg-rgb``,
   DPT depth ``nyuv2-depth``, linear classification ``in1k-cls``), through ``build_transfer_model``;
 * step checks: host syncs per training step outside log steps (``HostSyncCounter``: bool / int /
@@ -65,6 +67,7 @@ from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.engine.distributed import cleanup as dist_cleanup
 from multimae.engine.distributed import init_distributed
 from multimae.engine.host_sync import HostSyncCounter, graph_breaks
+from multimae.engine.parallel import full_state_dict, materialise, parameters_on_meta, prepare_model
 from multimae.masking import dirichlet_plan
 from multimae.model import MultiMAE
 from multimae.perf import cpu_model, tune_malloc
@@ -423,6 +426,50 @@ def section_distributed(mode: str) -> Callable[[Setup, dict[str, Any], Callable[
     return run
 
 
+def section_fsdp_meta(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """FSDP start-up on the meta device, as ``train.parallel=fsdp`` starts a run: the pretraining
+    model built with its parameters on meta, sharded by ``prepare_model`` (here over a 1-rank group),
+    materialised on the device (``materialise``: every parameter drawn on the CPU, this rank's shard
+    kept); the start-up time and device memory, its weights against a plain CPU build of the same
+    seed (bitwise), and one training step of the sharded model."""
+    from types import SimpleNamespace
+
+    group = init_single_rank(setup)
+    cfg = load_config(PretrainConfig, PRETRAIN_CONFIG, setup.pretrain_overrides)
+    dev = setup.device
+    reset_memory(dev)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with parameters_on_meta():
+        model = MultiMAE(cfg.model)
+    built_on_meta = all(p.is_meta for p in model.parameters())
+    train = SimpleNamespace(parallel="fsdp", activation_checkpointing=True, precision=setup.precision, init=None,
+                            vis_every=0)
+    one_rank = SimpleNamespace(is_distributed=True, world_size=1, device=dev)  # shard as a multi-rank run does
+    prepare_model(model, train, one_rank)
+    materialise(model, dev)
+    sync(dev)
+    res: dict[str, Any] = {"process_group": group, "built_on_meta": built_on_meta,
+                           "start_up_s": time.perf_counter() - t0, "start_up_memory_gb": peak_memory_gb(dev),
+                           "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    full = full_state_dict(model)
+    torch.manual_seed(0)
+    plain = MultiMAE(cfg.model).state_dict()
+    diff = [k for k in plain if not torch.equal(full[k].cpu(), plain[k])]
+    res["weights_equal_plain_build"], res["weights_differing"] = not diff, diff[:5]
+    del plain, full
+    pt = Pretrain(setup, min(setup.pretrain_batch or 8, 8))
+    pt.model = pt.net = model
+    pt.make_optimizer()
+    res["step_loss"] = float(pt.step(0)["loss"])
+    res["step_memory_gb"] = peak_memory_gb(dev)
+    log(f"  meta start-up {res['start_up_s']:.1f} s, weights equal to a plain build: {not diff}")
+    if diff:
+        res.update(status="error", error=f"FSDP meta start-up weights differ from a plain build: {diff[:5]}")
+    del pt, model
+    return res
+
+
 # ----------------------------------------------------------------------------- fine-tuning + inference
 def finetune_batch(cfg: FinetuneConfig, model: torch.nn.Module, batch: int, g: torch.Generator,
                    dev: torch.device) -> dict[str, torch.Tensor]:
@@ -763,6 +810,14 @@ def markdown(res: dict[str, Any]) -> str:
         if r.get("wrapper"):
             L.append(f"\n{k.upper()}: {r['wrapper']}; process group {r.get('process_group')}"
                      + (f"; {r['vs_eager']:.2f}x the eager img/s" if r.get("vs_eager") else "") + ".")
+    fm = R.get("fsdp_meta", {})
+    if fm:
+        L.append("\nFSDP start-up on the meta device (`train.parallel=fsdp`, 1 rank, activation checkpointing): "
+                 + (f"FAILED: {fm['error']}" if fm.get("status") == "error" else
+                    f"built on meta {fm.get('built_on_meta')}, sharded and materialised in {_f(fm.get('start_up_s'))} s, "
+                    f"device memory {_f(fm.get('start_up_memory_gb'), '{:.2f}')} GB after start-up, "
+                    f"{_f(fm.get('step_memory_gb'), '{:.2f}')} GB peak with one step (loss {_f(fm.get('step_loss'), '{:.3f}')}); "
+                    f"weights equal to a plain CPU build of the same seed: **{fm.get('weights_equal_plain_build')}**."))
     notes = [r["note"] for r in R.values() if isinstance(r, dict) and r.get("note")]
     L += [""] + [f"Note: {n}." for n in notes] + ([""] if notes else [])
     L += ["## Fine-tuning step per head", "",
@@ -804,6 +859,7 @@ SECTIONS: list[tuple[str, Callable[[Setup, dict[str, Any], Callable[[str], None]
     ("pretrain_compiled", section_pretrain("compiled")),
     ("ddp", section_distributed("ddp")),
     ("fsdp", section_distributed("fsdp")),
+    ("fsdp_meta", section_fsdp_meta),
     ("finetune", section_finetune),
     ("step_checks", section_step_checks),
     ("inference_pretrain", section_inference_pretrain),

@@ -19,6 +19,7 @@ from multimae.adapters.text import SharedDecoder, TextDecoder
 from multimae.batch import Batch
 from multimae.checkpoint.convert import ConversionReport, ConvertedWeights, fit_state_dict, read_official_multimae
 from multimae.layers.attention import Block, set_attention
+from multimae.layers.init import init_
 from multimae.losses import masked_mean, token_loss
 from multimae.masking import MaskPlan
 from multimae.model_config import ModelConfig
@@ -50,6 +51,7 @@ class MultiMAE(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        init_rng = torch.random.get_rng_state()
         cfg = self.config = config.resolved()
         self.input_specs = {s.name: s for s in cfg.specs(cfg.inputs)}
         self.output_specs = {s.name: s for s in cfg.specs(cfg.outputs)}
@@ -76,6 +78,11 @@ class MultiMAE(nn.Module):
         else:
             self.output_adapters = nn.ModuleDict({n: self._build_decoder(s) for n, s in self.output_specs.items()})
         set_attention(self, cfg.attention)
+        # the weights depend on the RNG state at construction start only, not on what the submodules'
+        # constructors drew: a model built on the meta device (FSDP start-up) and initialised later
+        # from this state gets exactly these weights (multimae.engine.parallel.materialise)
+        torch.random.set_rng_state(init_rng)
+        self.init_rng_state = init_rng
         self.reset_parameters()
 
     def _build_decoder(self, spec: M.ModalitySpec) -> nn.Module:
@@ -87,27 +94,31 @@ class MultiMAE(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The official initialisation: xavier-uniform linears (q, k, v treated as separate
-        matrices), patch projections initialised like linears, 0.02 truncated normal tokens."""
+        matrices), patch projections initialised like linears, 0.02 truncated normal tokens, zero
+        mask tokens of the per-task decoders. Every parameter is set here, through
+        :func:`multimae.layers.init.init_` (so a sharded model gets the unsharded weights)."""
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
                 parts = 3 if name.endswith("qkv") else 2 if name.endswith(".kv") else 1
                 bound = math.sqrt(6.0 / (m.weight.shape[0] // parts + m.weight.shape[1]))
-                nn.init.uniform_(m.weight, -bound, bound)
+                init_(m.weight, nn.init.uniform_, -bound, bound)
                 if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                    init_(m.bias, nn.init.zeros_)
             elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                init_(m.weight, nn.init.ones_)
+                init_(m.bias, nn.init.zeros_)
             elif isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+                init_(m.weight, lambda w: nn.init.xavier_uniform_(w.view(w.shape[0], -1)))
                 if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                    init_(m.bias, nn.init.zeros_)
             elif isinstance(m, nn.Embedding):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-        nn.init.trunc_normal_(self.global_tokens, std=0.02)
+                init_(m.weight, nn.init.trunc_normal_, std=0.02)
+        init_(self.global_tokens, nn.init.trunc_normal_, std=0.02)
         for name, p in self.named_parameters():
-            if "task_embeddings" in name or "type_emb" in name:
-                nn.init.trunc_normal_(p, std=0.02)
+            if "task_embeddings" in name or "type_emb" in name or ".mask_tokens." in name:
+                init_(p, nn.init.trunc_normal_, std=0.02)
+            elif name.endswith(".mask_token"):
+                init_(p, nn.init.zeros_)
 
     # ------------------------------------------------------------------ weights in and out
     @classmethod

@@ -58,6 +58,9 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert R["pretrain_compiled"]["status"] == "skipped"
     assert R["ddp"]["process_group"].startswith("gloo, world size 1")
     assert R["fsdp"]["process_group"].startswith("gloo, world size 1")
+    fm = R["fsdp_meta"]  # FSDP start-up on the meta device: the plain build's weights, and it trains
+    assert fm["status"] == "ok" and fm["built_on_meta"] and fm["weights_equal_plain_build"], fm
+    assert 0 < fm["step_loss"] < 100 and "weights equal to a plain CPU build of the same seed: **True**" in md
     heads = ("semseg (ConvNeXt)", "depth (DPT)", "cls (linear)")
     for h in heads:
         ft = R["finetune"][h]

@@ -7,7 +7,7 @@ import sys
 
 # module name under multimae.cli -> each registers one or more subcommands
 _SUBCOMMAND_MODULES = ["pretrain", "visualize", "data", "tokenizer", "info", "demo", "convert", "pseudolabel", "finetune",
-                       "export", "predict"]
+                       "export", "predict", "submit"]
 
 
 def build_parser() -> argparse.ArgumentParser:

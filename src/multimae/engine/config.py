@@ -55,6 +55,11 @@ class RunConfig:
     ckpt_every: int = 500  # optimizer steps
     keep_last: int = 3
     log_every: int = 20
+    # metrics.jsonl always; plus any of "tensorboard", "wandb" (pip install 'multimae[wandb]'; project /
+    # entity below, the run name and the whole config logged; WANDB_MODE=offline etc. apply)
+    loggers: tuple[Literal["tensorboard", "wandb"], ...] = ("tensorboard",)
+    wandb_project: str = "multimae"
+    wandb_entity: str | None = None
     device: str = "auto"
     # "ddp": every rank holds the whole model; "fsdp": FSDP2, parameters / gradients / optimizer state
     # sharded over the ranks, per transformer block (multimae.engine.parallel)

@@ -1,4 +1,12 @@
-"""Run logging: JSON-lines metrics + TensorBoard (:class:`RunLogger`) and a progress display.
+"""Run logging: JSON-lines metrics, TensorBoard and Weights & Biases (:class:`RunLogger`) and a
+progress display.
+
+``metrics.jsonl`` is always written; ``train.loggers`` adds ``tensorboard`` (the default) and / or
+``wandb`` (the optional extra ``pip install 'multimae[wandb]'``): the same scalars at the same steps,
+and the run's project (``train.wandb_project``), name (``train.run_name``) and whole config. The W&B
+run's id is kept in ``run_dir/wandb-id``, so a resumed run continues the same W&B run; W&B's
+environment variables (``WANDB_MODE=offline``, ``WANDB_DIR``, ``WANDB_API_KEY``, ...) apply as usual,
+and its files go under the run directory unless ``WANDB_DIR`` says otherwise.
 
 Only rank 0 should log: construct with ``enabled=is_main()`` and every call on other ranks
 is a no-op.
@@ -6,23 +14,28 @@ is a no-op.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import sys
 import time
+import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
 
-__all__ = ["RunLogger", "Progress", "METRICS_FILE", "TENSORBOARD_DIR"]
+__all__ = ["RunLogger", "Progress", "WandbSettings", "LOGGERS", "METRICS_FILE", "TENSORBOARD_DIR", "WANDB_ID_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
+WANDB_ID_FILE = "wandb-id"
+LOGGERS = ("tensorboard", "wandb")  # metrics.jsonl is always written
 _RESERVED = ("step", "time")
 
 
@@ -48,25 +61,79 @@ class _Closing:
         self.close()  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True)
+class WandbSettings:
+    """What a W&B run is told: ``project``, ``entity`` (None: the account's default), ``name``
+    (the run name shown) and ``config`` (the run's whole config, a JSON-able dict)."""
+
+    project: str = "multimae"
+    entity: str | None = None
+    name: str | None = None
+    config: Mapping[str, Any] | None = None
+
+
+def check_loggers(loggers: Sequence[str]) -> None:
+    """A one-line ``ValueError`` for an unknown name in ``train.loggers``, or ``wandb`` without the
+    package installed."""
+    unknown = [n for n in loggers if n not in LOGGERS]
+    if unknown:
+        raise ValueError(f"train.loggers: unknown {unknown}; choose from {list(LOGGERS)} "
+                         f"({METRICS_FILE} is always written)")
+    if "wandb" in loggers and importlib.util.find_spec("wandb") is None:
+        raise ValueError("train.loggers includes wandb but the wandb package is not installed: "
+                         "pip install 'multimae[wandb]' (or drop wandb from train.loggers)")
+
+
 class RunLogger(_Closing):
-    """Append scalar metrics to ``run_dir/metrics.jsonl`` and mirror them to TensorBoard.
+    """Append scalar metrics to ``run_dir/metrics.jsonl`` and mirror them to TensorBoard and / or
+    Weights & Biases.
 
     Each :meth:`log_scalars` call writes one flushed line ``{"step", "time", <name>: value}``.
     TensorBoard (``run_dir/tb``) is opened lazily; if it cannot be imported a warning is
-    issued once and only the JSON lines are written. Usable as a context manager.
+    issued once and only the JSON lines are written. W&B (``wandb`` in ``loggers``) starts at the
+    first call (``wandb`` settings: :class:`WandbSettings`). Usable as a context manager.
     """
 
     def __init__(
         self, run_dir: str | os.PathLike[str], enabled: bool = True, tensorboard: bool = True,
         purge_step: int | None = None,
+        loggers: Sequence[str] | None = None, wandb: WandbSettings | None = None,
     ) -> None:
+        """``loggers`` (``train.loggers``) overrides ``tensorboard`` when given."""
         self.run_dir = Path(run_dir)
         self.purge_step = purge_step  # TensorBoard hides this run's events from this step on (a resume)
         self.enabled = enabled
+        if loggers is not None:
+            check_loggers(loggers)
+            tensorboard = "tensorboard" in loggers
         self.tensorboard = tensorboard
+        self.wandb = (wandb or WandbSettings()) if loggers is not None and "wandb" in loggers else None
         self._file: IO[str] | None = None
         self._writer: Any = None
         self._tb_failed = False
+        self._wandb_run: Any = None
+
+    def _wb(self) -> Any:
+        """The W&B run (started on first use; ``None`` when W&B is off or on other ranks)."""
+        if self.wandb is None or not self.enabled:
+            return None
+        if self._wandb_run is None:
+            import wandb
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            id_file = self.run_dir / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if id_file.is_file() else None
+            if not run_id:
+                run_id = uuid.uuid4().hex[:12]  # W&B ids: lower-case letters and digits
+                from multimae.checkpoint.io import save_file_atomic
+
+                save_file_atomic(id_file, lambda tmp: tmp.write_text(run_id + "\n"))
+            w = self.wandb
+            self._wandb_run = wandb.init(
+                project=w.project, entity=w.entity, name=w.name, id=run_id, resume="allow",
+                config=dict(w.config) if w.config is not None else None,
+                dir=os.environ.get("WANDB_DIR") or str(self.run_dir))  # read now: wandb caches its settings
+        return self._wandb_run
 
     @property
     def metrics_path(self) -> Path:
@@ -111,6 +178,9 @@ class RunLogger(_Closing):
         if writer is not None:
             for k, v in clean.items():
                 writer.add_scalar(k, v, int(step))
+        run = self._wb()
+        if run is not None:
+            run.log(clean, step=int(step))
 
     def log_image(self, step: int, tag: str, image: torch.Tensor | np.ndarray) -> None:
         """Log one image to TensorBoard.
@@ -133,6 +203,13 @@ class RunLogger(_Closing):
         writer = self._tb()
         if writer is not None:
             writer.add_image(tag, img.numpy(), int(step), dataformats="CHW")
+        run = self._wb()
+        if run is not None:
+            import wandb
+
+            hwc = img.permute(1, 2, 0).numpy()
+            run.log({tag: wandb.Image(hwc if img.dtype == torch.uint8 else (hwc * 255).round().astype(np.uint8))},
+                    step=int(step))
 
     def flush(self) -> None:
         """Flush the metrics file and TensorBoard events to disk."""
@@ -149,6 +226,9 @@ class RunLogger(_Closing):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
 
 
 

@@ -11,6 +11,14 @@
   weights stay sharded); otherwise everything is fp32. Output adapters named in
   ``model.fp32_outputs`` keep fp32 parameters under bf16.
 
+Start-up under ``fsdp`` (pretraining; torchtitan's order): the model is built with its parameters
+on the meta device (:func:`parameters_on_meta`: no memory; buffers such as position tables are
+computed as usual), sharded, then materialised shard by shard (:func:`materialise`: ``to_empty``
+allocates each rank's shards, the model's ``reset_parameters`` draws every parameter whole into a
+temporary from the RNG state the model was built under and keeps this rank's shard), so no rank
+ever holds the whole model and the initial weights are exactly those of a DDP run of the same seed.
+A task opts in with ``meta_init = True`` (fine-tuning loads its init before sharding: it does not).
+
 ``train.activation_checkpointing=true`` recomputes each block's activations in the backward pass
 instead of storing them (torch's composable, non-reentrant ``checkpoint``: module names and
 therefore state-dict keys, optimizer groups and layer-wise lr decay do not change; the RNG is
@@ -35,9 +43,10 @@ also re-shards: a run may resume on another number of ranks, or under ``ddp``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +63,9 @@ __all__ = [
     "apply_activation_checkpointing",
     "mixed_precision_policy",
     "prepare_model",
+    "builds_on_meta",
+    "parameters_on_meta",
+    "materialise",
     "wrap",
     "is_sharded",
     "is_sharded_checkpoint",
@@ -147,6 +159,68 @@ def prepare_model(model: nn.Module, train: Any, info: D.DistInfo) -> nn.Module:
         fully_shard(sub, mesh=mesh, mp_policy=fp32)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def builds_on_meta(task: Any, train: Any, info: D.DistInfo) -> bool:
+    """True when the Trainer builds ``task``'s model on the meta device: ``fsdp`` over several
+    processes, a task that opts in (``meta_init``), no ``train.init``."""
+    return (getattr(train, "parallel", "ddp") == "fsdp" and info.is_distributed and bool(getattr(task, "meta_init", False))
+            and not getattr(train, "init", None))
+
+
+@contextlib.contextmanager
+def parameters_on_meta(enabled: bool = True) -> Iterator[None]:
+    """Within it, every parameter a module registers is moved to the meta device as it is
+    registered (one parameter's memory at a time, freed at once); buffers stay where they were
+    computed. Not thread-safe (it patches ``nn.Module.register_parameter``)."""
+    if not enabled:
+        yield
+        return
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+@torch.no_grad()
+def materialise(model: nn.Module, device: torch.device) -> nn.Module:
+    """Give the meta parameters of ``model`` (sharded by :func:`prepare_model` or not) memory on
+    ``device`` and their initial values: ``model.reset_parameters()`` run from
+    ``model.init_rng_state`` (the RNG state it was built under), which fills every parameter
+    whole and keeps this rank's shard (:func:`multimae.layers.init.init_`). The global RNG is left
+    as it was. A parameter that ``reset_parameters`` leaves alone is an error (it is NaN-filled
+    first, so it cannot pass unnoticed). Returns ``model``."""
+    reset, state = getattr(model, "reset_parameters", None), getattr(model, "init_rng_state", None)
+    if reset is None or state is None:
+        raise TypeError(f"{type(model).__name__} cannot be built on the meta device: it needs reset_parameters() "
+                        "and init_rng_state (as multimae.model.MultiMAE has)")
+    buffers = dict(model.named_buffers())  # computed at build time; to_empty would drop their values
+    model.to_empty(device=device)
+    for name, b in buffers.items():
+        model.get_buffer(name).copy_(b)
+    params = dict(model.named_parameters())
+    for p in params.values():
+        _local(p).fill_(float("nan"))
+    with torch.random.fork_rng(devices=[]):
+        torch.random.set_rng_state(state)
+        reset()
+    missed = [n for n, p in params.items() if _local(p).isnan().any()]
+    if missed:
+        raise RuntimeError(f"{type(model).__name__}.reset_parameters() does not initialise {missed[:5]}: "
+                           "it cannot be built on the meta device")
+    return model
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 # glibc mallopt parameters and the values restored under FSDP (glibc's defaults, made fixed)

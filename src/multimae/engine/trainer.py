@@ -27,7 +27,7 @@ from multimae.engine import distributed as D
 from multimae.engine import parallel as P
 from multimae.engine.config import OptimConfig, RunConfig
 from multimae.engine.identity import SCHEDULE_ONLY, acquire_lock, check_same_run, release_lock
-from multimae.engine.logging import METRICS_FILE, Progress, RunLogger
+from multimae.engine.logging import METRICS_FILE, Progress, RunLogger, WandbSettings
 from multimae.engine.optim import WarmupCosine, build_optimizer, scaled_lr
 from multimae.engine.signals import Preempted, StopSignals
 from multimae.engine.state import drop_rows_after, train_state
@@ -103,7 +103,9 @@ class Trainer:
         if t.tune_malloc:
             tune_malloc()
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        task.build(self.device, self.info)
+        meta = P.builds_on_meta(task, t, self.info)  # FSDP: parameters on the meta device until sharded
+        with P.parameters_on_meta(meta):
+            task.build(self.device, self.info)
         # one writer per run: rank 0 holds the run directory's lock until fit() ends (or the process
         # does); then the checkpoint to resume, of this same run (before anything reads the data)
         self._lock = acquire_lock(self.run_dir) if self.info.is_main else None
@@ -112,10 +114,12 @@ class Trainer:
         except BaseException:
             release_lock(self._lock)
             raise
-        self.model = task.model.to(self.device)
+        self.model = task.model if meta else task.model.to(self.device)
         # activation checkpointing and FSDP sharding, in place, before the optimizer is built (FSDP
         # replaces the parameters); a no-op for train.parallel=ddp without checkpointing
         P.prepare_model(self.model, t, self.info)
+        if meta:  # each rank allocates and initialises its shards only: the weights of a DDP run
+            P.materialise(self.model, self.device)
         self.loader, self.position = task.loader(self.info.rank, self.info.world_size)
         o: OptimConfig = self.cfg.optim
         self.steps_per_epoch = max(1, len(self.position) // o.accum_steps)
@@ -256,7 +260,9 @@ class Trainer:
         last = self.last_step
         if self._rng_after_resume:
             restore_rng_state(self._rng_after_resume)
-        logger = RunLogger(self.run_dir, enabled=self.info.is_main, purge_step=self.step + 1 if self.step else None)
+        logger = RunLogger(self.run_dir, enabled=self.info.is_main, purge_step=self.step + 1 if self.step else None,
+                           loggers=t.loggers, wandb=WandbSettings(t.wandb_project, t.wandb_entity, t.run_name,
+                                                                  config_lib.to_dict(self.cfg)))
         if self.info.is_main:
             config_lib.save_json(self.cfg, self.run_dir / "config.json")
             drop_rows_after(self.run_dir / METRICS_FILE, self.step)  # rows a killed run logged after its checkpoint

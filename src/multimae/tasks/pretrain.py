@@ -31,6 +31,7 @@ class PretrainTask(Task):
     # what only the figures and the end-of-run evaluation read
     schedule_only = frozenset({"train.vis_every", "train.eval_at_end", "train.figure_at_end", "data.val_split",
                                "data.val_samples"})
+    meta_init = True  # under FSDP the Trainer builds the model on the meta device (engine.parallel.materialise)
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.epoch_note = "data.num_samples" if cfg.data.num_samples is not None else "counted in the shards"
