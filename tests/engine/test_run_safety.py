@@ -72,13 +72,18 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def uninterrupted(tmp_path_factory, folder: str, command) -> Path:
+    """The run ``command(out, "ref")`` makes, run to its end without a signal."""
+    out = tmp_path_factory.mktemp(folder)
+    r = run(command(out, "ref"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "ref"
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted run of STEPS steps."""
-    out = tmp_path_factory.mktemp("ref")
-    r = run(_cmd(out, "ref"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out / "ref"
+    return uninterrupted(tmp_path_factory, "ref", _cmd)
 
 
 def test_signals_save_and_the_same_command_continues_bitwise(reference, tmp_path):
@@ -162,10 +167,7 @@ def _torchrun(out: Path, name: str, *launcher: str) -> list[str]:
 @pytest.fixture(scope="module")
 def reference2(tmp_path_factory) -> Path:
     """An uninterrupted 2-process (gloo, CPU) run."""
-    out = tmp_path_factory.mktemp("ref2")
-    r = run(_torchrun(out, "ref"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out / "ref"
+    return uninterrupted(tmp_path_factory, "ref2", _torchrun)
 
 
 def test_torchrun_signal_every_rank_stops_at_one_step_and_continues_bitwise(reference2, tmp_path):
