@@ -31,7 +31,6 @@ import json
 import os
 import re
 import reprlib
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -473,17 +472,7 @@ def save_json(cfg: Any, path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{p.name}-", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        from multimae.checkpoint.io import apply_umask
+    from multimae.checkpoint.io import save_file_atomic  # fsync + rename, the user's umask, disk-full named
 
-        apply_umask(tmp)  # mkstemp makes 0600: the user's umask decides, as for every other file
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_file_atomic(p, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return p

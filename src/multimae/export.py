@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -241,17 +240,9 @@ def export_onnx(source: str | os.PathLike | nn.Module, out: str | os.PathLike, i
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     onnx.checker.check_model(proto)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save_model(proto, tmp)
-        from multimae.checkpoint.io import apply_umask
+    from multimae.checkpoint.io import save_file_atomic  # fsync + rename, the user's umask
 
-        apply_umask(tmp)  # mkstemp makes 0600: the user's umask decides
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_file_atomic(out, lambda tmp: onnx.save_model(proto, str(tmp)))
     with torch.no_grad():
         ref = wrapped(*example)
     dims = lambda shape: ["batch", *shape[1:]]  # noqa: E731

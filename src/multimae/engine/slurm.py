@@ -29,10 +29,12 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
+from multimae.engine.signals import EXIT_PREEMPTED
+
 __all__ = ["EXIT_RESUMABLE", "PREEMPT_SIGNAL", "SlurmConfig", "distributed_env", "job_environment",
            "on_resumable_exit", "submit"]
 
-EXIT_RESUMABLE = 75  # the trainer's exit status after a signal (checkpoint saved; EX_TEMPFAIL: run it again)
+EXIT_RESUMABLE = EXIT_PREEMPTED  # the trainer's exit status after a signal (checkpoint saved: run it again)
 PREEMPT_SIGNAL = "USR1"
 
 

@@ -3,7 +3,6 @@ scaler, step and RNG, saved beside the weights and restored from a checkpoint di
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
