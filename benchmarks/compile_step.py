@@ -34,16 +34,16 @@ from typing import Any, Callable
 
 import torch
 
-from multimae.batch import Batch
+from multimae.core.batch import Batch
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.engine.host_sync import HostSyncCounter
 from multimae.engine.optim import build_optimizer
 from multimae.engine.step import read_stats, train_step
-from multimae.masking import dirichlet_plan, ratio_plan
-from multimae.model import ModelConfig, MultiMAE
-from multimae.perf import cpu_model, tune_malloc
+from multimae.core.masking import dirichlet_plan, ratio_plan
+from multimae.model.multimae import ModelConfig, MultiMAE
+from multimae.core.perf import cpu_model, tune_malloc
 from multimae.tasks.finetune import FinetuneObjective
-from multimae.transfer import HeadConfig, TransferModel, TransferModelConfig
+from multimae.model.transfer import HeadConfig, TransferModel, TransferModelConfig
 
 RESULTS = Path(__file__).parent / "results" / "compile_step.md"
 WORKLOADS = ("pretrain", "m3ae", "semseg", "depth", "cls")
@@ -97,7 +97,7 @@ def m3ae_workload(args: argparse.Namespace) -> Workload:
 def finetune_workload(args: argparse.Namespace, kind: str) -> Workload:
     import torch.nn.functional as F
 
-    from multimae.losses import berhu_loss
+    from multimae.model.losses import berhu_loss
 
     heads = {"semseg": HeadConfig(kind="segmentation", num_classes=40), "depth": HeadConfig(kind="depth"),
              "cls": HeadConfig(kind="classification", num_classes=100)}

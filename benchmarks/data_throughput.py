@@ -43,7 +43,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from multimae import modalities
+from multimae.core import modalities
 from multimae.data import codecs, shards, transforms
 from multimae.data.codecs import decode_packed
 from multimae.data.config import DataConfig, MaskConfig

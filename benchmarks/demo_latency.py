@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from multimae.checkpoint import save_checkpoint
-from multimae.config import load_config, to_dict
-from multimae.demo import engine_from_checkpoint
-from multimae.demo.app import serving
-from multimae.demo.engine import native_bf16
-from multimae.model import MultiMAE
+from multimae.core.config import load_config, to_dict
+from multimae.apps.demo import engine_from_checkpoint
+from multimae.apps.demo.app import serving
+from multimae.apps.demo.engine import native_bf16
+from multimae.model.multimae import MultiMAE
 from multimae.tasks.pretrain_config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]

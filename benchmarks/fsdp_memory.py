@@ -71,9 +71,9 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     from multimae.engine import distributed as D
     from multimae.engine import parallel as P
-    from multimae.masking import dirichlet_plan
-    from multimae.model import ModelConfig, MultiMAE
-    from multimae.perf import tune_malloc
+    from multimae.core.masking import dirichlet_plan
+    from multimae.model.multimae import ModelConfig, MultiMAE
+    from multimae.core.perf import tune_malloc
     from multimae.engine.optim import build_optimizer
     from multimae.engine.step import train_step
 
@@ -95,7 +95,7 @@ def worker(args: argparse.Namespace) -> None:
     if meta:
         P.materialise(model, info.device)
     if args.trim:
-        from multimae.perf import trim_malloc
+        from multimae.core.perf import trim_malloc
 
         trim_malloc()
     phases["wrapped"] = (_status_kb("VmRSS"), _status_kb("VmHWM"))
@@ -245,7 +245,7 @@ def _need_gb(config: str, params: int) -> float:
 
 def _count_params(args: argparse.Namespace) -> int:
     """About the encoder's parameter count (12 dim^2 per block; the decoders add a few percent)."""
-    from multimae.presets import preset
+    from multimae.model.presets import preset
 
     p = preset(args.preset)
     return int(1.1 * 12 * p["depth"] * p["dim"] ** 2)

@@ -60,23 +60,23 @@ from torch.utils.flop_counter import FlopCounterMode
 
 # ----------------------------------------------------------------------------- library entry points
 # Every multimae import of this script is here, so moving modules means editing this block only.
-from multimae.batch import Batch
+from multimae.core.batch import Batch
 from multimae.checkpoint.io import save_file_atomic
-from multimae.config import load_config
+from multimae.core.config import load_config
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.engine.distributed import cleanup as dist_cleanup
 from multimae.engine.distributed import init_distributed
 from multimae.engine.host_sync import HostSyncCounter, graph_breaks
 from multimae.engine.parallel import full_state_dict, materialise, parameters_on_meta, prepare_model
-from multimae.masking import dirichlet_plan
-from multimae.model import MultiMAE
-from multimae.perf import cpu_model, tune_malloc
+from multimae.core.masking import dirichlet_plan
+from multimae.model.multimae import MultiMAE
+from multimae.core.perf import cpu_model, tune_malloc
 from multimae.tasks.pretrain_config import PretrainConfig
 from multimae.tasks.finetune import FinetuneObjective, build_loss, build_mixup
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
 from multimae.engine.optim import build_optimizer, scaled_lr
 from multimae.engine.step import autocast, train_step
-from multimae.transfer import build_transfer_model
+from multimae.model.transfer import build_transfer_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -833,7 +833,7 @@ def markdown(res: dict[str, Any]) -> str:
           "is half the bf16 one on A100 / H100.", ""]
     L += step_checks_md(R.get("step_checks", {}))
     L += ["## Inference", "", "Eval-mode forward (`torch.no_grad`) at the recipe's evaluation batch "
-          "(the model's forward, not `multimae.predict.Predictor`: no decoding or resizing).", "", HEADER]
+          "(the model's forward, not `multimae.apps.predict.Predictor`: no decoding or resizing).", "", HEADER]
     for name, r in (R.get("inference") or {}).items():
         L.append(_row(f"{name} ({r.get('precision')}, {r.get('image_size', meta['image_size'])} px)", r))
     if (R.get("inference_pretrain") or {}).get("status") == "error":

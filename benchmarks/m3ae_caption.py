@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
-    from multimae.config import load_config
+    from multimae.core.config import load_config
     from multimae.data.synthetic import COLORS, OBJECT_TYPES
     from multimae.evaluation.text_eval import caption_word_accuracy, caption_word_recall
     from multimae.tasks.pretrain_config import PretrainConfig

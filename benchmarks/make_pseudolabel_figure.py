@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 
 from multimae.data.folder import FolderDataset
 from multimae.data.synthetic import SyntheticScenes
-from multimae.pseudolabel import build_labelers, pseudolabel
-from multimae.viz import colormap, palette
+from multimae.apps.pseudolabel import build_labelers, pseudolabel
+from multimae.apps.viz import colormap, palette
 
 TILE = 160
 

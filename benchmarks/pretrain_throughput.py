@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from multimae.layers.attention import set_attention
-from multimae.masking import dirichlet_plan
-from multimae.model import ModelConfig, MultiMAE
-from multimae.perf import cpu_model, tune_malloc
+from multimae.model.layers.attention import set_attention
+from multimae.core.masking import dirichlet_plan
+from multimae.model.multimae import ModelConfig, MultiMAE
+from multimae.core.perf import cpu_model, tune_malloc
 from multimae.engine.optim import build_optimizer
 from multimae.engine.step import train_step
 
@@ -608,7 +608,7 @@ def markdown(rows: list[Row], peaks: dict[str, Peak], peak_runs: dict[str, list[
         f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, Python "
         f"{platform.python_version()}, {args.threads} threads, CPU capability "
         f"`{torch.backends.cpu.get_cpu_capability()}`, native bf16: {'yes' if bf16_native else 'no'}, "
-        f"allocator tuned (`multimae.perf.tune_malloc`, as `multimae pretrain` does): {'yes' if malloc else 'no'}.",
+        f"allocator tuned (`multimae.core.perf.tune_malloc`, as `multimae pretrain` does): {'yes' if malloc else 'no'}.",
         "",
         f"Setting: MultiMAE in {'/'.join(INPUTS)}, out {'/'.join(OUTPUTS)} (semseg {SEMSEG_CLASSES} classes), "
         f"{args.image_size}px, batch {args.batch}, {args.visible} visible tokens (fresh seeded Dirichlet(1) plan "
@@ -666,7 +666,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tune-malloc", action=argparse.BooleanOptionalAction, default=True,
-                    help="keep freed memory in glibc's heap, as `multimae pretrain` does (multimae.perf)")
+                    help="keep freed memory in glibc's heap, as `multimae pretrain` does (multimae.core.perf)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models (slow to compile)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                     help="profile one step of the largest fp32 row and break its time down (default on; "

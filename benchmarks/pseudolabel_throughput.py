@@ -1,7 +1,7 @@
-"""Pseudo-labelling throughput: images/s of ``multimae.pseudolabel.pseudolabel`` end to end (read,
+"""Pseudo-labelling throughput: images/s of ``multimae.apps.pseudolabel.pseudolabel`` end to end (read,
 label, encode, atomic writes) on 2 CPU threads.
 
-Labellers: the tiny random-init DPT and Mask2Former of :mod:`multimae.pseudolabel.tiny` (toy sizes:
+Labellers: the tiny random-init DPT and Mask2Former of :mod:`multimae.apps.pseudolabel.tiny` (toy sizes:
 this measures the pipeline around the models more than the models), and a random-init MultiMAE-base
 checkpoint (ViT-B encoder, depth + semseg decoders, 224x224 input; random weights label as fast as
 trained ones). Inputs: scikit-image photos resized to mixed sizes (about 256-512 px on a side).
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from multimae.pseudolabel import build_labelers, pseudolabel
-from multimae.pseudolabel.tiny import save_random_multimae, save_tiny_dpt, save_tiny_mask2former
+from multimae.apps.pseudolabel import build_labelers, pseudolabel
+from multimae.apps.pseudolabel.tiny import save_random_multimae, save_tiny_dpt, save_tiny_mask2former
 
 SIZES = [(256, 384), (480, 320), (300, 300), (512, 384), (240, 320), (384, 512), (333, 250), (400, 400)]
 

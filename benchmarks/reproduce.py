@@ -530,7 +530,7 @@ def run_job(job: Job, out: str, budget: Budget) -> dict[str, Any]:
     """Runs in a worker process: one pretraining or transfer job; output to its run dir's job.log."""
     import torch
 
-    from multimae.config import load_config
+    from multimae.core.config import load_config
 
     out_p = Path(out)
     rd = run_dir_of(out_p, job)

@@ -264,7 +264,7 @@ def our_step(preset: str, precision: str, batch: int, device: torch.device, comp
     allocator tuning, ``train.attention=auto``), with a fresh seeded Dirichlet plan every step."""
     from multimae import dirichlet_plan
     from multimae.data.transforms import robust_standardize
-    from multimae.perf import tune_malloc
+    from multimae.core.perf import tune_malloc
     from multimae.engine.optim import build_optimizer
     from multimae.engine.step import train_step
 
@@ -589,14 +589,14 @@ def our_ft_step(name: str, preset: str, size: int, batch: int, device: torch.dev
     task (fp32, mixup / cutmix off), ``build_transfer_model`` from scratch, the task loss of
     ``build_loss``, AdamW with layer-wise lr decay as the fine-tuning trainer builds it,
     ``train.attention`` and allocator tuning, one ``train_step``."""
-    from multimae.config import load_config
-    from multimae.layers.attention import set_attention
-    from multimae.perf import tune_malloc
+    from multimae.core.config import load_config
+    from multimae.model.layers.attention import set_attention
+    from multimae.core.perf import tune_malloc
     from multimae.tasks.finetune import FinetuneObjective, build_loss
     from multimae.tasks.finetune_config import FinetuneConfig, target_of
     from multimae.engine.optim import build_optimizer, scaled_lr
     from multimae.engine.step import train_step
-    from multimae.transfer import build_transfer_model
+    from multimae.model.transfer import build_transfer_model
 
     task = FT_TASKS[name]
     over = [f"model.encoder.preset={preset}", f"model.encoder.image_size={size}", f"data.image_size={size}",
@@ -735,7 +735,7 @@ def ft_markdown(ft: dict[str, Any]) -> list[str]:
              "adapter, its optimizer factory and `NativeScalerWithGradNormCount` (which measures the gradient "
              "norm; ours does too), the loss of the official script (cross-entropy ignoring 255; berHu on valid "
              "pixels; label-smoothed cross-entropy). Ours: the shipped `configs/finetune/*.yaml` of the task, "
-             "`multimae.transfer.build_transfer_model`, the loss of `multimae.tasks.finetune.build_loss`, "
+             "`multimae.model.transfer.build_transfer_model`, the loss of `multimae.tasks.finetune.build_loss`, "
              "`train_step`. Mixup / cutmix off on both sides; inputs are synthetic tensors, depth input already "
              "standardised (both code bases standardise in the data pipeline / before the model). Every variant "
              f"warms up ({s.warmup} steps), then official and ours alternate round-robin in one process; medians "

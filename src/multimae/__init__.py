@@ -1,7 +1,7 @@
 """multimae: multi-modal, multi-task masked autoencoders (MultiMAE, M3AE) in PyTorch."""
-from multimae.masking import MaskPlan, dirichlet_plan, ratio_plan
-from multimae.modalities import ModalitySpec, register
-from multimae.model import ModelConfig, MultiMAE, Outputs, load_official_multimae, load_pretrained
+from multimae.core.masking import MaskPlan, dirichlet_plan, ratio_plan
+from multimae.core.modalities import ModalitySpec, register
+from multimae.model.multimae import ModelConfig, MultiMAE, Outputs, load_official_multimae, load_pretrained
 
 __version__ = "0.1.0"
 __all__ = ["MaskPlan", "ModalitySpec", "ModelConfig", "MultiMAE", "Outputs", "dirichlet_plan",

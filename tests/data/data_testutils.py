@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from multimae import modalities
+from multimae.core import modalities
 from multimae.data.synthetic import SPEC_OVERRIDES
 
 NAMES = ["rgb", "depth", "semseg", "normals", "caption"]

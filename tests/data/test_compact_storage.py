@@ -13,7 +13,7 @@ import torch
 import zstandard
 from PIL import Image
 
-from multimae import modalities
+from multimae.core import modalities
 from multimae.data import codecs
 from multimae.data.codecs import Packed, decode_field, decode_packed, encode_zst, read_pixels
 from multimae.data.config import DataConfig, MaskConfig

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from multimae.data import collate
-from multimae.modalities import ModalitySpec
+from multimae.core.modalities import ModalitySpec
 from multimae.data.synthetic import (
     ATTRIBUTE_CLASSES, COLORS, LABEL_CLASSES, OBJECT_TYPES, SEMSEG_CLASSES, SIZE_WORDS, Scene, SceneObject, SyntheticScenes, _shading,
     describe, generate, render, sample_scene, scene_attributes, scene_vocabulary,

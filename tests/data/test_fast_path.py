@@ -21,7 +21,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from multimae import modalities
+from multimae.core import modalities
 from multimae.data import codecs
 from multimae.data.codecs import Packed, decode_field, decode_packed
 from multimae.data.config import DataConfig, MaskConfig

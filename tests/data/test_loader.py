@@ -11,7 +11,7 @@ from multimae.data.config import DataConfig, MaskConfig
 from multimae.data.loader import BatchSpec, build_loader
 from multimae.data.shards import write_shards
 from multimae.data.synthetic import SPEC_OVERRIDES, SyntheticScenes
-from multimae.modalities import resolve
+from multimae.core.modalities import resolve
 
 IMAGE = resolve(["rgb", "depth", "semseg"], SPEC_OVERRIDES)
 SPEC = BatchSpec(tuple(IMAGE), tuple(IMAGE), patch_size=8, image_size=32)
@@ -89,7 +89,7 @@ def test_collator_refuses_untagged_samples() -> None:
 
 
 def test_num_workers_auto_sizes_from_cores() -> None:
-    from multimae.config import ConfigError, from_dict
+    from multimae.core.config import ConfigError, from_dict
     from multimae.data.loader import resolve_workers
 
     assert resolve_workers(3) == 3 and resolve_workers(0) == 0

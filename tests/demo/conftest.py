@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from multimae.checkpoint import save_checkpoint
-from multimae.config import to_dict
-from multimae.model import ModelConfig, MultiMAE
+from multimae.core.config import to_dict
+from multimae.model.multimae import ModelConfig, MultiMAE
 from multimae.tasks.pretrain_config import PretrainConfig
 
 
@@ -47,7 +47,7 @@ def tiny_run(root, image_size: int = 32):
 def tiny_m3ae_run(root, image_size: int = 32):
     """A run directory of a random-init nano M3AE (rgb + caption, shared decoder), the
     synthetic-m3ae-tiny config made small."""
-    from multimae.config import load_config
+    from multimae.core.config import load_config
     from multimae.tasks.pretrain import completed_config
 
     cfg = load_config(PretrainConfig, "configs/pretrain/synthetic-m3ae-tiny.yaml",
@@ -63,7 +63,7 @@ def tiny_m3ae_run(root, image_size: int = 32):
 @pytest.fixture(scope="session")
 def m3ae_engine(tmp_path_factory):
     need_demo_extra()
-    from multimae.demo import engine_from_checkpoint
+    from multimae.apps.demo import engine_from_checkpoint
 
     return engine_from_checkpoint(tiny_m3ae_run(tmp_path_factory.mktemp("demo-m3ae") / "m3ae"))
 
@@ -88,7 +88,7 @@ def folder_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def engine(run_dir, folder_root):
     need_demo_extra()
-    from multimae.demo import Limits, engine_from_checkpoint
+    from multimae.apps.demo import Limits, engine_from_checkpoint
 
     # small limits keep the oversize checks fast
     return engine_from_checkpoint(run_dir, data=folder_root,
@@ -97,7 +97,7 @@ def engine(run_dir, folder_root):
 
 @pytest.fixture(scope="session")
 def server(engine):
-    from multimae.demo.app import serving
+    from multimae.apps.demo.app import serving
 
     with serving(engine, header_timeout=HEADER_TIMEOUT) as url:
         yield url

@@ -278,7 +278,7 @@ def test_edited_titles_do_not_grow(server):
 
 
 def test_m3ae_caption_over_http(m3ae_engine):
-    from multimae.demo.app import serving
+    from multimae.apps.demo.app import serving
 
     with serving(m3ae_engine) as url:
         info = ok(url, "/api/info")

@@ -55,8 +55,8 @@ def driver(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page_server(engine):
-    from multimae.demo import engine_from_checkpoint
-    from multimae.demo.app import serving
+    from multimae.apps.demo import engine_from_checkpoint
+    from multimae.apps.demo.app import serving
 
     ckpt = os.environ.get("MULTIMAE_DEMO_CHECKPOINT")
     with serving(engine_from_checkpoint(ckpt) if ckpt else engine) as url:
@@ -240,7 +240,7 @@ def test_page_in_headless_chromium(driver, page_server, tmp_path):
 
 @pytest.fixture(scope="module")
 def m3ae_server(m3ae_engine):
-    from multimae.demo.app import serving
+    from multimae.apps.demo.app import serving
 
     with serving(m3ae_engine) as url:
         yield url

@@ -7,14 +7,14 @@ import torch
 from conftest import need_demo_extra
 
 from multimae.checkpoint import save_checkpoint
-from multimae.config import to_dict
-from multimae.model import ModelConfig, MultiMAE
+from multimae.core.config import to_dict
+from multimae.model.multimae import ModelConfig, MultiMAE
 from multimae.tasks.pretrain_config import PretrainConfig
 
 
 def test_folder_run_semseg_class_names(tmp_path, folder_root):
     need_demo_extra()
-    from multimae.demo import engine_from_checkpoint
+    from multimae.apps.demo import engine_from_checkpoint
 
     names = ["sky", "tree", "road", "car", "person", "house"]
     root = tmp_path / "data"

@@ -123,11 +123,11 @@ class Records(logging.Handler):
 
 def test_a_client_that_disconnects_mid_upload_logs_no_traceback(server):
     rec = Records()
-    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "multimae.demo", "asyncio")]
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "multimae.apps.demo", "asyncio")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.addHandler(rec)
-    logging.getLogger("multimae.demo").setLevel(logging.INFO)
+    logging.getLogger("multimae.apps.demo").setLevel(logging.INFO)
     try:
         with socket.create_connection(addr(server), timeout=30) as s:
             s.sendall(b"POST /api/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
@@ -217,7 +217,7 @@ def test_near_cap_uploads_stay_within_a_memory_bound(cli_server):
 
 
 def test_allowed_host_names(engine):
-    from multimae.demo.app import allowed_hosts
+    from multimae.apps.demo.app import allowed_hosts
 
     assert allowed_hosts() == ["127.0.0.1", "localhost", "[::1]"]
     assert allowed_hosts("Demo.Example") == ["127.0.0.1", "localhost", "[::1]", "demo.example"]
@@ -247,7 +247,7 @@ def test_stalled_uploads_get_a_deadline_and_cannot_starve_other_requests(engine)
     """Uploads that stall mid-body: at most max_uploads are buffered (the rest wait upload_wait s,
     unread, then get a 503), every other request is answered meanwhile, and the stalled ones get a
     408 at the deadline."""
-    from multimae.demo.app import serving
+    from multimae.apps.demo.app import serving
 
     deadline = 2.0
     with serving(engine, body_timeout=deadline, max_uploads=2, upload_wait=0.5) as url:

@@ -82,7 +82,7 @@ class Workspace:
     def _runs_synthetic_tiny(self, path):  # the quick start's run: 64 px, 8 px patches, 6 classes, tiny widths
         from multimae import ModelConfig, MultiMAE
         from multimae.checkpoint import save_checkpoint
-        from multimae.config import to_dict
+        from multimae.core.config import to_dict
 
         cfg = ModelConfig(preset="nano", dim=32, depth=2, num_heads=2, image_size=64, patch_size=8,
                           modalities={"semseg": {"num_classes": 6}}, decoder_dim=16, decoder_depth=1, decoder_heads=2)
@@ -134,7 +134,7 @@ class Workspace:
         Image.fromarray(skdata.coffee()[::10, ::10]).save(path / "coffee.png")
 
     def _models_dpt(self, path):
-        from multimae.pseudolabel.tiny import save_tiny_dpt
+        from multimae.apps.pseudolabel.tiny import save_tiny_dpt
 
         save_tiny_dpt(path, image_size=32)
 
@@ -358,7 +358,7 @@ def test_quick_start_is_on_the_first_screen_and_its_targets_exist():
 
 def test_documented_commands_and_configs_exist():
     from multimae.cli.main import build_parser
-    from multimae.config import resolve_config_path
+    from multimae.core.config import resolve_config_path
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     bad = []

@@ -2,15 +2,15 @@
 each kind and a few micro-batches ``(Batch, plan)`` as the training loop feeds them."""
 import torch
 
-from multimae.batch import Batch
-from multimae.config import load_config
+from multimae.core.batch import Batch
+from multimae.core.config import load_config
 from multimae.data.downstream import TARGET, TARGET_VALID
-from multimae.model import ModelConfig
+from multimae.model.multimae import ModelConfig
 from multimae.tasks.finetune import FinetuneObjective, build_loss
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.pretrain import PretrainTask
 from multimae.tasks.pretrain_config import PretrainConfig
-from multimae.transfer import HeadConfig, TransferModel, TransferModelConfig
+from multimae.model.transfer import HeadConfig, TransferModel, TransferModelConfig
 
 NANO = ["model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "data.image_size=32",
         "data.num_samples=12", "data.num_workers=0", "data.cache=false", "mask.num_visible=12",

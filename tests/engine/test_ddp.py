@@ -7,8 +7,8 @@ import sys
 import torch
 import torch.multiprocessing as mp
 
-from multimae.masking import MaskPlan, dirichlet_plan
-from multimae.model import ModelConfig, MultiMAE
+from multimae.core.masking import MaskPlan, dirichlet_plan
+from multimae.model.multimae import ModelConfig, MultiMAE
 
 CFG = dict(preset="nano", depth=2, image_size=32, patch_size=8, modalities={"semseg": {"num_classes": 5}})
 
@@ -69,7 +69,7 @@ def _resume_worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from multimae.config import load_config
+    from multimae.core.config import load_config
     from multimae.engine import distributed as D
     from multimae.engine.trainer import Trainer
     from multimae.tasks.pretrain import PretrainTask

@@ -8,7 +8,7 @@ from PIL import Image
 from multimae import MultiMAE
 from multimae.checkpoint import find_latest, list_checkpoints, load_weights
 from multimae.cli.main import main
-from multimae.config import load_config
+from multimae.core.config import load_config
 from multimae.tasks.pretrain_config import PretrainConfig
 from multimae.engine.trainer import Trainer
 from multimae.tasks.pretrain import PretrainTask

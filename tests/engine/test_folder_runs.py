@@ -13,7 +13,7 @@ from multimae.cli.main import main
 from multimae.data import DataError
 from multimae.data.folder import FolderDataset, holdout, write_folder
 from multimae.data.synthetic import SyntheticScenes
-from multimae.modalities import ModalitySpec
+from multimae.core.modalities import ModalitySpec
 
 CURVATURE = "{semseg: {num_classes: 6}, curvature: {kind: dense, channels: 2, loss: l1}}"
 SMALL = ["model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "data.image_size=32",
@@ -87,7 +87,7 @@ def test_config_only_modality_pretrains_from_the_cli(tmp_path, caplog):
     assert "4 held-out samples" in (run / "eval.md").read_text()
     assert (run / "reconstruction.png").is_file()
 
-    from multimae.model import load_pretrained
+    from multimae.model.multimae import load_pretrained
 
     model, _ = load_pretrained(run)
     assert model.input_specs["curvature"] == ModalitySpec("curvature", "dense", channels=2, loss="l1")

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from multimae.engine import parallel as P
-from multimae.model import ModelConfig, MultiMAE
+from multimae.model.multimae import ModelConfig, MultiMAE
 
 TINY = dict(preset="nano", depth=2, image_size=32, patch_size=8, modalities={"semseg": {"num_classes": 5}})
 M3AE = dict(preset="nano", depth=2, image_size=32, patch_size=8, inputs=["rgb", "caption"], outputs=["rgb", "caption"],

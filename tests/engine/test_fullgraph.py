@@ -8,7 +8,7 @@ the inductor variant generates C++ kernels (minutes on 2 cores) and is marked sl
 import pytest
 import torch
 
-from multimae.transfer import HeadConfig
+from multimae.model.transfer import HeadConfig
 from step_setups import finetune_micros, pretrain_micros  # tests/engine is on sys.path
 
 PRETRAIN = {

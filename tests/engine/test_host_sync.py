@@ -5,13 +5,13 @@ boolean-mask indexing) outside log steps."""
 import pytest
 import torch
 
-from multimae.config import load_config
+from multimae.core.config import load_config
 from multimae.engine import trainer as trainer_mod
 from multimae.engine.host_sync import HostSyncCounter
 from multimae.engine.step import read_stats, train_step
 from multimae.tasks.pretrain import PretrainTask
 from multimae.tasks.pretrain_config import PretrainConfig
-from multimae.transfer import HeadConfig
+from multimae.model.transfer import HeadConfig
 from step_setups import NANO, finetune_micros, pretrain_micros  # tests/engine is on sys.path
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from multimae.checkpoint import find_latest, load_weights
-from multimae.config import load_config
+from multimae.core.config import load_config
 from multimae.tasks.pretrain_config import PretrainConfig
 from multimae.engine.trainer import Trainer
 from multimae.tasks.pretrain import PretrainTask

@@ -3,7 +3,7 @@ mid-epoch, ends with bitwise the weights of the uninterrupted run."""
 import torch
 
 from multimae.checkpoint import find_latest, load_weights
-from multimae.config import load_config
+from multimae.core.config import load_config
 from multimae.data.shards import write_shards
 from multimae.data.synthetic import SyntheticScenes
 from multimae.tasks.pretrain_config import PretrainConfig

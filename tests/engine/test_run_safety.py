@@ -193,7 +193,7 @@ def test_torchrun_elastic_restart_after_a_killed_rank_finishes_bitwise(reference
 
 
 def test_skip_mode_skips_a_bad_update_counts_it_and_goes_on(tmp_path):
-    from multimae.config import load_config
+    from multimae.core.config import load_config
     from multimae.engine.trainer import Trainer
     from multimae.tasks.pretrain import PretrainTask
     from multimae.tasks.pretrain_config import PretrainConfig
@@ -235,7 +235,7 @@ def test_stats_are_read_only_at_log_and_checkpoint_steps_and_throughput_is_per_s
     import types
 
     import multimae.engine.trainer as T
-    from multimae.config import load_config
+    from multimae.core.config import load_config
     from multimae.tasks.pretrain import PretrainTask
     from multimae.tasks.pretrain_config import PretrainConfig
 

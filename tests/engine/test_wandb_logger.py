@@ -131,7 +131,7 @@ def test_bad_loggers_are_one_line_errors(monkeypatch):
 
 
 def test_pretraining_logs_to_wandb(tmp_path, offline):
-    from multimae.config import load_config
+    from multimae.core.config import load_config
     from multimae.engine.trainer import Trainer
     from multimae.tasks.pretrain import PretrainTask
     from multimae.tasks.pretrain_config import PretrainConfig

@@ -9,9 +9,9 @@ import torch
 
 from multimae.checkpoint import save_checkpoint
 from multimae.cli.main import main
-from multimae.config import load_config, to_dict
-from multimae.export import export_onnx, load_exportable, run_onnx
-from multimae.model import ModelConfig, MultiMAE
+from multimae.core.config import load_config, to_dict
+from multimae.apps.export import export_onnx, load_exportable, run_onnx
+from multimae.model.multimae import ModelConfig, MultiMAE
 from multimae.engine.trainer import Trainer
 from multimae.tasks.finetune import FinetuneTask
 from multimae.tasks.finetune_config import FinetuneConfig

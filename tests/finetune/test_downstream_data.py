@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from multimae.config import load_config
+from multimae.core.config import load_config
 from multimae.data.downstream import TransferTransform, target_spec
 from multimae.data.errors import DataError
-from multimae.modalities import get
+from multimae.core.modalities import get
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.finetune_data import build_eval_loader, build_train_loader
 

@@ -11,7 +11,7 @@ from multimae.cli.main import main
 def test_pretraining_held_out_batches_cover_every_sample():
     from multimae.data.config import DataConfig, MaskConfig
     from multimae.data.loader import BatchSpec, eval_batches
-    from multimae.model import ModelConfig, MultiMAE
+    from multimae.model.multimae import ModelConfig, MultiMAE
 
     model = MultiMAE(ModelConfig(preset="nano", dim=32, depth=1, num_heads=2, patch_size=8, image_size=16,
                                  decoder_dim=32, decoder_depth=1, decoder_heads=2,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from multimae.checkpoint import find_latest, load_weights, save_checkpoint
-from multimae.config import load_config, to_dict
-from multimae.model import ModelConfig, MultiMAE
+from multimae.core.config import load_config, to_dict
+from multimae.model.multimae import ModelConfig, MultiMAE
 from multimae.engine.trainer import Trainer
 from multimae.tasks.finetune import FinetuneObjective, FinetuneTask, build_loss, build_mixup
 from multimae.tasks.finetune_config import FinetuneConfig

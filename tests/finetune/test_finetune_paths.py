@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from multimae.checkpoint import find_latest, load_weights
-from multimae.config import load_config
+from multimae.core.config import load_config
 from multimae.data.shards import write_shards
 from multimae.data.synthetic import SyntheticScenes
 from multimae.engine.trainer import Trainer

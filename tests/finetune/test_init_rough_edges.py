@@ -7,8 +7,8 @@ from safetensors.torch import load_file, save_file
 
 from multimae.checkpoint import save_checkpoint
 from multimae.cli.main import main
-from multimae.config import to_dict
-from multimae.model import ModelConfig, MultiMAE
+from multimae.core.config import to_dict
+from multimae.model.multimae import ModelConfig, MultiMAE
 
 ENC = dict(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32)
 RUN = ["data.num_workers=0", "train.batch_size=2", "train.eval_batch_size=4", "train.epochs=1", "train.max_steps=1",

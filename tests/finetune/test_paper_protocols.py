@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from multimae.cli.main import main as cli
-from multimae.config import load_config
+from multimae.core.config import load_config
 from multimae.data.downstream import TARGET
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.finetune_data import build_transform
-from multimae.transfer import TransferModel
+from multimae.model.transfer import TransferModel
 
 TINY_ENC = "model.encoder={preset: nano, dim: 48, depth: 2, num_heads: 2, patch_size: 8, image_size: 32}"
 

@@ -14,7 +14,7 @@ from skimage import data as skdata
 from multimae.data.codecs import ALPHA_BACKGROUND, decode_field, decode_image
 from multimae.data.folder import FolderDataset
 from multimae.data.shards import ShardDataset, write_shards
-from multimae.modalities import get
+from multimae.core.modalities import get
 
 
 def _jpeg(arr, orientation=None):

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from multimae.cli.main import main
-from multimae.config import load_config
-from multimae.modalities import get
+from multimae.core.config import load_config
+from multimae.core.modalities import get
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.finetune_data import build_eval_loader
 
@@ -136,7 +136,7 @@ def test_on_error_skip_skips_every_per_sample_error(tmp_path, caplog):
 def test_folder_classification_takes_its_classes_and_keeps_their_names(tmp_path, capsys):
     """folder-cls (num_classes: null) on a 4-class folder: a 4-way head, the names in the run's
     config, classification.jsonl and the ONNX metadata; a num_classes that disagrees is one line."""
-    from multimae.predict import Predictor, predict_files
+    from multimae.apps.predict import Predictor, predict_files
 
     classes = ["cat", "dog", "eel", "fox"]
     _cls_tree(tmp_path, {"train": {c: 1 for c in classes}, "val": {c: 1 for c in classes}})
@@ -151,6 +151,6 @@ def test_folder_classification_takes_its_classes_and_keeps_their_names(tmp_path,
     assert r.predicted == 1
     rec = json.loads((tmp_path / "o" / "classification.jsonl").read_text().splitlines()[0])
     assert len(rec["top"]) == 4 and {t["name"] for t in rec["top"]} == set(classes)
-    from multimae.export import load_exportable
+    from multimae.apps.export import load_exportable
 
     assert load_exportable(run)[1]["classes"] == classes  # written as the ONNX file's multimae.classes

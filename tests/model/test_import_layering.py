@@ -100,10 +100,10 @@ def test_a_new_circle_is_found() -> None:
 def test_checkpoint_layer_sits_below_the_model() -> None:
     """checkpoint/ reads and converts weights and configs; it never imports the model (nor anything
     above it), not even inside a function: the model calls down into it."""
-    banned = ("multimae.model", "multimae.transfer", "multimae.heads", "multimae.adapters",
-              "multimae.cli", "multimae.viz", "multimae.evaluation", "multimae.predict", "multimae.export",
+    banned = ("multimae.model.multimae", "multimae.model.transfer", "multimae.model.heads", "multimae.model.adapters",
+              "multimae.cli", "multimae.apps.viz", "multimae.evaluation", "multimae.apps.predict", "multimae.apps.export",
               "multimae.engine", "multimae.tasks")
-    bad = {m: sorted(d for d in deps if d.startswith(banned) and d != "multimae.model_config")
+    bad = {m: sorted(d for d in deps if d.startswith(banned) and d != "multimae.model.config")
            for m, deps in import_graph().items() if m.startswith("multimae.checkpoint")}
     assert not {m: d for m, d in bad.items() if d}, bad
 
@@ -111,15 +111,15 @@ def test_checkpoint_layer_sits_below_the_model() -> None:
 def test_model_and_transfer_do_not_reach_into_the_engine_or_tasks() -> None:
     """The model layer (model, layers, adapters, heads, checkpoint, transfer) is below the engine and
     the tasks: they import it, never the other way round."""
-    low = ("multimae.model", "multimae.layers", "multimae.adapters", "multimae.heads", "multimae.checkpoint",
-           "multimae.transfer")
+    low = ("multimae.model.multimae", "multimae.model.layers", "multimae.model.adapters", "multimae.model.heads", "multimae.checkpoint",
+           "multimae.model.transfer")
     bad = {m: sorted(d for d in deps if d.startswith(("multimae.engine", "multimae.tasks", "multimae.cli")))
            for m, deps in import_graph().items() if m.startswith(low)}
     assert not {m: d for m, d in bad.items() if d}, bad
 
 
 def test_data_layer_depends_only_downward() -> None:
-    banned = ("multimae.engine", "multimae.tasks", "multimae.viz", "multimae.model", "multimae.adapters", "multimae.layers",
+    banned = ("multimae.engine", "multimae.tasks", "multimae.apps.viz", "multimae.model.multimae", "multimae.model.adapters", "multimae.model.layers",
               "multimae.evaluation", "multimae.cli")
     bad = {m: sorted(d for d in deps if d.startswith(banned))
            for m, deps in import_graph().items() if m.startswith("multimae.data")}
@@ -131,6 +131,6 @@ def test_loader_import_pulls_in_no_training_or_viz() -> None:
     nothing from training/ or viz on top.)"""
     code = ("import sys, multimae; before = set(sys.modules); import multimae.data.loader; "
             "print(sorted(m for m in set(sys.modules) - before if m.startswith(('multimae.engine', 'multimae.tasks', "
-            "'multimae.viz', 'multimae.evaluation'))))")
+            "'multimae.apps.viz', 'multimae.evaluation'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

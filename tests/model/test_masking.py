@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from multimae.masking import MaskPlan, dirichlet_plan, ratio_plan, sample_dirichlet
+from multimae.core.masking import MaskPlan, dirichlet_plan, ratio_plan, sample_dirichlet
 
 COUNTS = {"rgb": 196, "depth": 196, "semseg": 196}
 
@@ -108,7 +108,7 @@ def test_user_masks_validated():
 
 def test_every_sampler_needs_an_explicit_generator():
     """No silent fallback to the global RNG: a plan without a generator is a TypeError."""
-    from multimae.masking import sample_gamma, select_uniform
+    from multimae.core.masking import sample_gamma, select_uniform
 
     with pytest.raises(TypeError, match="generator"):
         dirichlet_plan(COUNTS, 2, 8)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multimae.layers.mlp import Mlp
+from multimae.model.layers.mlp import Mlp
 
 
 def _reference(m: Mlp, x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from multimae.masking import MaskPlan, dirichlet_plan
-from multimae.model import ModelConfig, MultiMAE
-from multimae.presets import PRESETS
+from multimae.core.masking import MaskPlan, dirichlet_plan
+from multimae.model.multimae import ModelConfig, MultiMAE
+from multimae.model.presets import PRESETS
 
 
 def small_model(**kw):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from multimae.config import ConfigError, packaged_configs, resolve_config_path
+from multimae.core.config import ConfigError, packaged_configs, resolve_config_path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,7 +72,7 @@ def test_wheel_in_a_fresh_venv_runs_pretrain_from_an_empty_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     empty = tmp_path / "empty"
     empty.mkdir()
-    where = _run([str(py), "-c", "import multimae, multimae.config as c; print(multimae.__file__); "
+    where = _run([str(py), "-c", "import multimae, multimae.core.config as c; print(multimae.__file__); "
                   "print(c.resolve_config_path('synthetic-tiny'))"], cwd=empty, env=env).stdout.split()
     assert where[0].startswith(str(site)) and where[1].startswith(str(site)), where
     assert (site / "multimae" / "configs" / "pretrain" / "synthetic-tiny.yaml").is_file()

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from multimae.model import load_official_multimae
-from multimae.masking import MaskPlan, official_explicit_plan
+from multimae.model.multimae import load_official_multimae
+from multimae.core.masking import MaskPlan, official_explicit_plan
 
 ORDER = ["rgb", "depth", "semseg"]
 TASKS = ["rgb", "depth", "semseg", "norm_rgb"]

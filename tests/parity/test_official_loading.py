@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from multimae.checkpoint.convert import ConversionError, read_state_dict
-from multimae.model import load_official_multimae
+from multimae.model.multimae import load_official_multimae
 
 
 def official_base_state(tsv):

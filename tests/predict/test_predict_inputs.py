@@ -20,10 +20,10 @@ from skimage import data as skdata
 
 from multimae.checkpoint import save_checkpoint
 from multimae.cli.main import main
-from multimae.config import load_config, to_dict
+from multimae.core.config import load_config, to_dict
 from multimae.data.errors import DataError
-from multimae.predict import META_FILE, Output, Predictor, write_prediction
-from multimae.predict_io import LowRes, write_array, write_preview
+from multimae.apps.predict import META_FILE, Output, Predictor, write_prediction
+from multimae.apps.predict_io import LowRes, write_array, write_preview
 from multimae.tasks.downstream import prepare
 from multimae.tasks.finetune_config import FinetuneConfig
 
@@ -159,7 +159,7 @@ def test_an_image_over_the_pixel_budget_is_a_bad_input(runs, photo_bytes, tmp_pa
     assert "big.png: 3000x2000 = 6000000 pixels is over the budget of 1000000" in text
     assert sorted(p.name for p in out.iterdir() if "big" in p.name) == []
     # a PNG whose header claims 200 MP (PIL's decompression-bomb error): the same one line
-    from multimae.predict_io import check_pixels
+    from multimae.apps.predict_io import check_pixels
 
     Image.new("1", (20000, 10000)).save(src / "bomb.png")
     with pytest.raises(DataError, match="bomb.png: over the budget of 40000000 pixels"):
@@ -183,7 +183,7 @@ def test_bands_equal_a_full_size_resize():
 
 @pytest.mark.parametrize("C", [2, 20, 150])
 def test_class_ids_cell_by_cell_equal_the_full_argmax(C, monkeypatch):
-    monkeypatch.setattr("multimae.predict_io.BAND_BYTES", 1000)  # never the direct path
+    monkeypatch.setattr("multimae.apps.predict_io.BAND_BYTES", 1000)  # never the direct path
     g = torch.Generator().manual_seed(C)
     p = torch.randn(C, 16, 16, generator=g)
     for h, w, up in ((151, 100, (151, 151)), (300, 41, (300, 41)), (9, 13, (13, 13))):
@@ -194,7 +194,7 @@ def test_class_ids_cell_by_cell_equal_the_full_argmax(C, monkeypatch):
 
 
 def test_rgb_preview_undoes_the_imagenet_normalisation(tmp_path):
-    from multimae.modalities import get as get_spec
+    from multimae.core.modalities import get as get_spec
 
     spec = get_spec("rgb")
     img = torch.from_numpy(skdata.astronaut()[::8, ::8].copy()).permute(2, 0, 1).float() / 255
@@ -216,7 +216,7 @@ def test_no_partial_npy_when_writing_fails(tmp_path, monkeypatch):
         return real(self, y0, y1)
 
     monkeypatch.setattr(LowRes, "band", failing)
-    monkeypatch.setattr("multimae.predict_io.BAND_BYTES", 4 * 3 * 300 * 10)
+    monkeypatch.setattr("multimae.apps.predict_io.BAND_BYTES", 4 * 3 * 300 * 10)
     with pytest.raises(MemoryError):
         write_prediction(tmp_path, "normals", Output("dense"), "x", lr, arrays="float16")
     assert list(tmp_path.iterdir()) == []
@@ -228,7 +228,7 @@ def test_no_partial_npy_when_writing_fails(tmp_path, monkeypatch):
 
 MEASURE = textwrap.dedent("""
     import resource, sys
-    from multimae.predict import Predictor, predict_files
+    from multimae.apps.predict import Predictor, predict_files
     pred = Predictor.from_run(sys.argv[1], device="cpu")
     r = predict_files(pred, [sys.argv[2]], sys.argv[3], batch_size=1, progress=False)
     assert r.predicted == 1, r

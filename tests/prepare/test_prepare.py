@@ -17,7 +17,7 @@ from PIL import Image
 h5py = pytest.importorskip("h5py", reason="pip install -e '.[datasets]' (make setup does)")
 sio = pytest.importorskip("scipy.io", reason="pip install -e '.[datasets]' (make setup does)")
 
-from multimae import modalities  # noqa: E402
+from multimae.core import modalities  # noqa: E402
 from multimae.cli.main import main  # noqa: E402
 from multimae.data.folder import FolderDataset, read_meta  # noqa: E402
 

@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers", reason="pip install -e '.[pse
 
 from multimae.cli.main import main  # noqa: E402
 from multimae.data.folder import FolderDataset  # noqa: E402
-from multimae.pseudolabel.tiny import save_tiny_dpt, save_tiny_mask2former, save_tiny_segformer  # noqa: E402
-from multimae.pseudolabel import (  # noqa: E402
+from multimae.apps.pseudolabel.tiny import save_tiny_dpt, save_tiny_mask2former, save_tiny_segformer  # noqa: E402
+from multimae.apps.pseudolabel import (  # noqa: E402
     build_label_map, coco_panoptic_categories, encode_depth, load_labeler, panoptic_to_semantic, pseudolabel,
 )
 
@@ -71,7 +71,7 @@ def test_outputs_at_each_images_size_and_dtype(labelled, capsys):
 
 
 def test_layout_loads_pretrains_and_the_result_labels_again(labelled, tmp_path):
-    from multimae.config import load_config
+    from multimae.core.config import load_config
     from multimae.tasks.pretrain_config import PretrainConfig
     from multimae.engine.trainer import Trainer
     from multimae.tasks.pretrain import PretrainTask
@@ -225,7 +225,7 @@ def test_panoptic_mode_semantic_model_and_bad_labeler_paths(labelled, tmp_path):
 def test_chunked_upsampled_argmax_equals_the_full_one():
     import torch.nn.functional as F
 
-    from multimae.pseudolabel.labelers import upsampled_argmax
+    from multimae.apps.pseudolabel.labelers import upsampled_argmax
 
     scores = torch.randn(133, 13, 17)
     full = F.interpolate(scores[None], size=(50, 70), mode="bilinear", align_corners=False)[0].argmax(0)

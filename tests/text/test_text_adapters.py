@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multimae.adapters.output import EncodedTokens, SpatialDecoder
-from multimae.adapters.text import SharedDecoder, TextDecoder, TextInput
-from multimae.batch import Batch
-from multimae.masking import MaskPlan, ratio_plan
-from multimae.model import ModelConfig, MultiMAE
-from multimae.modalities import CAPTION, RGB
+from multimae.model.decoders import EncodedTokens, SpatialDecoder
+from multimae.model.adapters.text import SharedDecoder, TextDecoder, TextInput
+from multimae.core.batch import Batch
+from multimae.core.masking import MaskPlan, ratio_plan
+from multimae.model.multimae import ModelConfig, MultiMAE
+from multimae.core.modalities import CAPTION, RGB
 
 V, S, P = 50, 32, 8
 GRID = (S // P, S // P)

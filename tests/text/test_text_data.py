@@ -14,7 +14,7 @@ from PIL import Image
 from multimae.data.errors import DataError
 from multimae.data.text import CaptionTable, ImageOnly, ImageTextShards, MixedStream, TextCollator, TextOnly
 from multimae.data.tokenizers import TextEncoder, train_wordpiece
-from multimae.masking import ratio_plan
+from multimae.core.masking import ratio_plan
 
 
 def jpg(seed: int, size: int = 12) -> bytes:

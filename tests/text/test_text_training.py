@@ -2,9 +2,9 @@
 absent modalities contribute no tokens and no loss."""
 import torch
 
-from multimae.batch import Batch
+from multimae.core.batch import Batch
 
-from multimae.config import load_config
+from multimae.core.config import load_config
 from multimae.tasks.pretrain_config import PretrainConfig
 from multimae.engine.trainer import Trainer
 from multimae.tasks.pretrain import PretrainTask

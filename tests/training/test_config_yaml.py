@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 
 import pytest
 
-from multimae.config import ConfigError, from_dict, load_config, load_yaml, parse_value, save_json, to_dict
+from multimae.core.config import ConfigError, from_dict, load_config, load_yaml, parse_value, save_json, to_dict
 
 
 @dataclass

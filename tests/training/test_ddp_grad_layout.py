@@ -10,8 +10,8 @@ import warnings
 import torch
 import torch.multiprocessing as mp
 
-from multimae.masking import dirichlet_plan
-from multimae.model import ModelConfig, MultiMAE
+from multimae.core.masking import dirichlet_plan
+from multimae.model.multimae import ModelConfig, MultiMAE
 
 CFG = dict(preset="nano", depth=1, image_size=32, patch_size=8, modalities={"semseg": {"num_classes": 5}})
 

@@ -9,7 +9,7 @@ state the same differences.
 """
 import pytest
 
-from multimae.config import load_config
+from multimae.core.config import load_config
 from multimae.tasks.finetune_config import FinetuneConfig
 
 SEMSEG = {  # run_finetuning_semseg.py defaults + keys shared by the NYUv2 / ADE20K yamls

@@ -49,7 +49,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.chdir(ROOT)
     torch.set_num_threads(1)
     from multimae.engine import distributed as D
-    from multimae.config import load_config
+    from multimae.core.config import load_config
     from multimae.tasks.pretrain_config import PretrainConfig
     from multimae.engine.trainer import Trainer
     from multimae.tasks.finetune import FinetuneTask
@@ -148,7 +148,7 @@ def test_fsdp_checkpoint_layout_and_cross_resume(runs):
 
 def test_fsdp_checkpoints_load_in_the_usual_readers(runs, tmp_path):
     from multimae.cli.main import main
-    from multimae.model import MultiMAE
+    from multimae.model.multimae import MultiMAE
 
     model = MultiMAE.from_pretrained(runs / "pre-fsdp")
     weights = load_weights(runs / "pre-fsdp")
@@ -197,7 +197,7 @@ def test_sigkill_and_resume_is_exact(runs, tmp_path, free_port):
 
 # ------------------------------------------------------------------------ one process
 def _nano(**kw):
-    from multimae.model import ModelConfig, MultiMAE
+    from multimae.model.multimae import ModelConfig, MultiMAE
 
     torch.manual_seed(0)
     return MultiMAE(ModelConfig(preset="nano", depth=2, image_size=32, patch_size=8, drop_path=0.2,
@@ -205,7 +205,7 @@ def _nano(**kw):
 
 
 def _batch():
-    from multimae.masking import dirichlet_plan
+    from multimae.core.masking import dirichlet_plan
 
     g = torch.Generator().manual_seed(0)
     batch = {"rgb": torch.randn(4, 3, 32, 32, generator=g), "depth": torch.randn(4, 1, 32, 32, generator=g),
@@ -246,7 +246,7 @@ def test_activation_checkpointing_same_losses_and_grads(decoder):
 
 
 def test_parallel_config_is_validated():
-    from multimae.config import ConfigError, load_config
+    from multimae.core.config import ConfigError, load_config
     from multimae.tasks.pretrain_config import PretrainConfig
     from multimae.tasks.finetune_config import FinetuneConfig
 

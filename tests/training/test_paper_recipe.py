@@ -7,7 +7,7 @@ resolves to (COMPARED) or listed in NOT_COMPARED with the reason, so a key canno
 """
 import pytest
 
-from multimae.config import load_config
+from multimae.core.config import load_config
 from multimae.tasks.pretrain_config import PretrainConfig
 
 RECIPE = "configs/pretrain/multimae-b-1600e.yaml"

@@ -5,11 +5,11 @@ import textwrap
 import pytest
 import torch
 
-from multimae.layers.attention import attend, set_attention, use_fused
+from multimae.model.layers.attention import attend, set_attention, use_fused
 
 FAULTS = textwrap.dedent("""
     import resource, sys, torch
-    from multimae.perf import tune_malloc
+    from multimae.core.perf import tune_malloc
     applied = tune_malloc() if sys.argv[1] == "tuned" else False
     def step():  # a training step's pattern: several short-lived 9 MB tensors per round
         a = torch.ones(2_400_000); b = a * 2; c = b + a; return float(c[0])
@@ -46,8 +46,8 @@ def test_attention_modes_agree(dtype: torch.dtype) -> None:
 
 def test_attention_kernel_is_chosen_by_the_model_config() -> None:
     """No process-wide switch: two models in one process keep their own kernels."""
-    from multimae.layers.attention import Attention, CrossAttention
-    from multimae.model import ModelConfig, MultiMAE
+    from multimae.model.layers.attention import Attention, CrossAttention
+    from multimae.model.multimae import ModelConfig, MultiMAE
 
     def modes(model: torch.nn.Module) -> set[str]:
         return {m.mode for m in model.modules() if isinstance(m, (Attention, CrossAttention))}

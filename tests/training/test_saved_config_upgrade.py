@@ -1,7 +1,7 @@
 """Run configs saved by earlier versions still load (visualize / demo / pseudolabel read them)."""
 import pytest
 
-from multimae.config import ConfigError, from_dict, to_dict
+from multimae.core.config import ConfigError, from_dict, to_dict
 from multimae.tasks.pretrain_config import PretrainConfig, upgrade_saved_config
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from multimae import ModelConfig, MultiMAE, dirichlet_plan
-from multimae.config import load_config
+from multimae.core.config import load_config
 from multimae.data import collate
 from multimae.data.synthetic import SyntheticScenes
 from multimae.data.transforms import PairedTransform

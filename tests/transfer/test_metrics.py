@@ -16,7 +16,7 @@ from multimae.evaluation.metrics import (
     topk_scores,
     topk_stats,
 )
-from multimae.losses import berhu_loss
+from multimae.model.losses import berhu_loss
 
 LOGITS = torch.tensor([[0.1, 0.5, 0.3, 0.2],    # target 1: top-1 hit
                        [0.6, 0.1, 0.2, 0.05],   # target 2: second best -> top-2 hit

@@ -8,9 +8,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from multimae.checkpoint.convert import ConversionError
-from multimae.model import ModelConfig
-from multimae.transfer import HeadConfig, TransferModelConfig, build_transfer_model, filter_multimae_state_dict
-from multimae.transfer.model import TransferModel
+from multimae.model.multimae import ModelConfig
+from multimae.model.transfer import HeadConfig, TransferModelConfig, build_transfer_model, filter_multimae_state_dict
+from multimae.model.transfer.model import TransferModel
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "multimae-official-finetune-compact.safetensors"
 

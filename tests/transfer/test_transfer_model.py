@@ -4,11 +4,11 @@ import torch
 
 from multimae.checkpoint import save_checkpoint
 from multimae.checkpoint.convert import ConversionError
-from multimae.config import from_dict, to_dict
-from multimae.heads import default_hooks, default_layer_dims
-from multimae.model import ModelConfig, MultiMAE
+from multimae.core.config import from_dict, to_dict
+from multimae.model.heads import default_hooks, default_layer_dims
+from multimae.model.multimae import ModelConfig, MultiMAE
 from multimae.engine.optim import param_groups
-from multimae.transfer import HeadConfig, TransferModel, TransferModelConfig, build_transfer_model
+from multimae.model.transfer import HeadConfig, TransferModel, TransferModelConfig, build_transfer_model
 
 ENC = dict(preset="nano", dim=32, depth=3, num_heads=2, patch_size=16, image_size=32)
 
@@ -152,7 +152,7 @@ def test_bad_inputs_are_named():
         TransferModel(TransferModelConfig(encoder=_enc(), inputs=["depth"], head=HeadConfig(kind="segmentation", num_classes=2)))
     with pytest.raises(ValueError, match="num_classes"):
         TransferModel(TransferModelConfig(encoder=_enc(), head=HeadConfig(kind="classification")))
-    # the image-size and layer checks are the model's encoder pass (multimae.model.run_encoder)
+    # the image-size and layer checks are the model's encoder pass (multimae.model.multimae.run_encoder)
     with pytest.raises(ValueError, match=r"different image sizes \(rgb: 32x32, depth: 48x48\)"):
         model({"rgb": torch.randn(1, 3, 32, 32), "depth": torch.randn(1, 1, 48, 48)})
     with pytest.raises(ValueError, match=r"layer\(s\) \[3\] outside 0..2"):
@@ -224,7 +224,7 @@ def test_save_pretrained_dir_and_timm_vit_inits(tmp_path):
     """A save_pretrained directory and a timm ViT state dict (which carries a final norm) both
     give the encoder the library's own loader gives (multimae.load_pretrained)."""
     from multimae.checkpoint.pretrained import save_pretrained
-    from multimae.model import load_pretrained
+    from multimae.model.multimae import load_pretrained
     from multimae.checkpoint.vit import to_timm_state_dict
 
     mae, _ = _pretrain_run(tmp_path, inputs=("rgb",))

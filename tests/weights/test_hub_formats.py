@@ -9,8 +9,8 @@ from transformers import (ViTConfig, ViTForImageClassification, ViTMAEConfig, Vi
 from multimae.checkpoint.convert import ConversionError
 from multimae.checkpoint.vit import to_transformers_vitmae
 from multimae.cli.main import main
-from multimae.model import ModelConfig, MultiMAE
-from multimae.transfer import HeadConfig, TransferModelConfig, build_transfer_model
+from multimae.model.multimae import ModelConfig, MultiMAE
+from multimae.model.transfer import HeadConfig, TransferModelConfig, build_transfer_model
 
 # width 96 with 3 heads: no standard ViT's, so the head count must come from config.json
 KW = dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=3, intermediate_size=256, image_size=32,

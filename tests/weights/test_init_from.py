@@ -5,7 +5,7 @@ import torch
 from multimae import ModelConfig, MultiMAE
 from multimae.checkpoint.convert import ConversionError
 from multimae.checkpoint.pretrained import init_from
-from multimae.config import load_config
+from multimae.core.config import load_config
 from multimae.tasks.pretrain_config import PretrainConfig
 from weights_testutils import mae_state_dict
 

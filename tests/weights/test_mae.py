@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from multimae import MultiMAE
-from multimae.model import load_pretrained
+from multimae.model.multimae import load_pretrained
 from weights_testutils import mae_sincos, mae_state_dict, timm_features, timm_vit
 
 DIM, DEPTH, PATCH, GRID = 32, 2, 8, 4

@@ -7,8 +7,8 @@ import torch
 from multimae import ModelConfig, MultiMAE
 from multimae.checkpoint import CheckpointError, save_checkpoint
 from multimae.checkpoint.convert import ConversionError
-from multimae.model import load_official_multimae, load_pretrained
-from multimae.config import to_dict
+from multimae.model.multimae import load_official_multimae, load_pretrained
+from multimae.core.config import to_dict
 from multimae.tasks.pretrain_config import PretrainConfig
 
 CFG = dict(preset="nano", dim=32, depth=2, num_heads=2, image_size=32, patch_size=8, decoder_dim=16,
@@ -125,7 +125,7 @@ def test_official_base_layout_loads_at_384(official_tsv):
             key, shape = line.split("\t")[:2]
             sd[key] = torch.zeros(tuple(int(x) for x in shape.strip("()").split(",") if x.strip()))
     for k in [k for k in sd if k.endswith("pos_emb")]:  # the official tables are the fixed sine-cosine ones
-        from multimae.layers.pos_embed import sincos_2d
+        from multimae.model.layers.pos_embed import sincos_2d
 
         sd[k] = sincos_2d(14, 14, sd[k].shape[1])
     model, report = load_pretrained(sd, image_size=384, outputs=[])
@@ -165,7 +165,7 @@ def test_bad_sources_are_named(tmp_path):
 
 
 def test_official_finetuned_checkpoint_points_to_transfer_or_loads_as_encoder(tmp_path):
-    """Item 3 of the issue (fine-tuned checkpoints into transfer models) lives in multimae.transfer;
+    """Item 3 of the issue (fine-tuned checkpoints into transfer models) lives in multimae.model.transfer;
     from_pretrained names it, and with outputs=[] takes the fine-tuned encoder."""
     from pathlib import Path
 

@@ -8,7 +8,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from multimae import ModelConfig, MultiMAE
 from multimae.checkpoint.convert import ConversionError
-from multimae.model import load_pretrained
+from multimae.model.multimae import load_pretrained
 from multimae.checkpoint.vit import TIMM_NAMES, to_timm_state_dict
 from weights_testutils import timm_features, timm_vit
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from multimae.cli.main import main
-from multimae.config import ConfigError
-from multimae.model import MultiMAE
-from multimae.model_config import ModelConfig
+from multimae.core.config import ConfigError
+from multimae.model.multimae import MultiMAE
+from multimae.model.config import ModelConfig
 
 TINY = dict(preset="nano", dim=32, depth=2, num_heads=2, patch_size=8, image_size=16, decoder_dim=32,
             decoder_depth=1, decoder_heads=2)

@@ -1,9 +1,9 @@
-"""Reading external checkpoints for :class:`multimae.model.MultiMAE`: weights and configs only.
+"""Reading external checkpoints for :class:`multimae.model.multimae.MultiMAE`: weights and configs only.
 
-This layer sits below the model: it never imports :mod:`multimae.model`. It reads state dicts,
-infers model configs (:class:`~multimae.model_config.ModelConfig`, in :class:`ConvertedWeights`) and fits tensors
+This layer sits below the model: it never imports :mod:`multimae.model.multimae`. It reads state dicts,
+infers model configs (:class:`~multimae.model.config.ModelConfig`, in :class:`ConvertedWeights`) and fits tensors
 into a model it is given (:func:`fit_state_dict`); the model builds itself from them
-(:meth:`multimae.model.MultiMAE.from_converted`, :func:`multimae.model.load_official_multimae`).
+(:meth:`multimae.model.multimae.MultiMAE.from_converted`, :func:`multimae.model.multimae.load_official_multimae`).
 
 One filter function per source. Official MultiMAE (EPFL-VILAB/MultiMAE) checkpoints use the
 same parameter names as this library, so the filter only infers the architecture from the
@@ -26,8 +26,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from multimae import modalities as M
-from multimae.model_config import ModelConfig
+from multimae.core import modalities as M
+from multimae.model.config import ModelConfig
 
 
 class ConversionError(ValueError):
@@ -147,7 +147,7 @@ def default_heads(dim: int, source: str = "checkpoint", num_heads: int | None = 
 @dataclass
 class ConvertedWeights:
     """A source of weights, read and converted: what a model is built from
-    (:meth:`multimae.model.MultiMAE.from_converted`).
+    (:meth:`multimae.model.multimae.MultiMAE.from_converted`).
 
     config: the architecture (overrides applied); state_dict: tensors in MultiMAE names, position
     tables still at the source's grid; report: what was mapped / dropped so far (building fills in
@@ -250,7 +250,7 @@ def check_config_fits(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], w
     before a model of it is built: width, global tokens and depth are read from the header, and
     the config's parameter estimate may not be far above the tensors' (a ``depth: 1e9`` next to
     small weights). ``cfg``: as written, before overrides; ``where``: the config file."""
-    from multimae.config import short_repr
+    from multimae.core.config import short_repr
 
     r = cfg.resolved()  # bounds and divisibility (ConfigError naming the key)
     g = shapes.get("global_tokens")
@@ -273,7 +273,7 @@ def model_config(fields: Mapping[str, Any], overrides: Mapping[str, Any] | None 
     or ill-typed field is a :class:`ConversionError` naming it and the valid ones."""
     import dataclasses
 
-    from multimae.config import ConfigError, from_dict, to_dict
+    from multimae.core.config import ConfigError, from_dict, to_dict
 
     merged = {**dict(fields), **dict(overrides or {})}
     names = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -296,7 +296,7 @@ def _adapter_of(key: str) -> tuple[str, str] | None:
 
 def fit_state_dict(model: nn.Module, sd: Mapping[str, Tensor], report: ConversionReport,
                    fresh: tuple[str, ...] = ()) -> None:
-    """Load ``sd`` (MultiMAE names) into ``model`` (a :class:`~multimae.model.MultiMAE`), fitting
+    """Load ``sd`` (MultiMAE names) into ``model`` (a :class:`~multimae.model.multimae.MultiMAE`), fitting
     it to the model's configuration.
 
     * position tables built for another grid: sine-cosine ones regenerated, learned ones resampled

@@ -10,11 +10,11 @@ A pretrained directory is the layout the Hugging Face Hub serves, so it uploads 
 (or its ``model.safetensors``), an official MultiMAE ``.pth``, a facebookresearch/mae ``.pth``
 (encoder-only or ``_full``), a timm ViT state dict (``.pth`` / ``.safetensors``), a transformers
 ``ViTMAE*`` / ``ViT*`` directory (:mod:`.hf`) or an in-memory
-state dict, and applies :class:`~multimae.model.ModelConfig` overrides on load (``image_size``,
+state dict, and applies :class:`~multimae.model.multimae.ModelConfig` overrides on load (``image_size``,
 ``inputs``, ``outputs`` ...). It returns :class:`~.convert.ConvertedWeights` (a config, the
 tensors, a :class:`~.convert.ConversionReport`); the model is built above this layer
-(:meth:`multimae.model.MultiMAE.from_pretrained`, :func:`multimae.model.load_pretrained`), and
-:func:`init_from` fits them into a model it is given. Nothing here imports :mod:`multimae.model`.
+(:meth:`multimae.model.multimae.MultiMAE.from_pretrained`, :func:`multimae.model.multimae.load_pretrained`), and
+:func:`init_from` fits them into a model it is given. Nothing here imports :mod:`multimae.model.multimae`.
 Nothing is unpickled beyond tensors (:func:`~.convert.read_state_dict`).
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ from multimae.checkpoint.io import (
 from multimae.checkpoint.hf import hf_config
 from multimae.checkpoint.resize import fit_pos_tables
 from multimae.checkpoint.vit import is_vit_layout, load_hf_vit, vit_to_multimae
-from multimae.model_config import ModelConfig
+from multimae.model.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
@@ -73,12 +73,12 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, training: Ma
                     source: str | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` and a ``README.md`` model card into ``directory``.
 
-    model: a :class:`~multimae.model.MultiMAE` (its ``config`` and ``state_dict()`` are written).
+    model: a :class:`~multimae.model.multimae.MultiMAE` (its ``config`` and ``state_dict()`` are written).
     training: what the weights were trained on, for the card (``{"data": ..., "steps": ...}``);
         defaults to what loading recorded in ``model.provenance`` (:func:`read_pretrained`).
     Each file is written atomically; ``config.json`` last, so a directory holding it is complete.
     """
-    from multimae.config import to_dict
+    from multimae.core.config import to_dict
 
     d = Path(directory)
     if d.exists() and not d.is_dir():
@@ -184,7 +184,7 @@ def _read_pretrained_config(d: Path) -> dict[str, Any]:
 def _check_fits(fields: Mapping[str, Any], weights_file: Path, where: Path) -> None:
     """The model config ``where`` records, checked (bounds, divisibility, against the header of
     ``weights_file``) before the weights are read or a model is built; one line naming ``where``."""
-    from multimae.config import ConfigError
+    from multimae.core.config import ConfigError
 
     if not weights_file.is_file():
         return  # the loader names the missing file
@@ -210,7 +210,7 @@ def _run_model_fields(meta: Mapping[str, Any], where: Path) -> dict[str, Any]:
         raise ConversionError(f"{where}: meta.json has no model config")
     if "head" in model or "encoder" in model:
         raise ConversionError(f"{where}: a fine-tuning run (encoder + head); load it with "
-                              "multimae.transfer.build_transfer_model or `multimae evaluate`")
+                              "multimae.model.transfer.build_transfer_model or `multimae evaluate`")
     return model
 
 
@@ -246,8 +246,8 @@ def _from_state_dict(sd: dict[str, Tensor], source: str, overrides: Mapping[str,
             cfg = infer_official_config(sd, heads, dec_heads)
         except ConversionError as e:
             raise ConversionError(f"{source}: {e} (an official fine-tuned checkpoint loads into a transfer model: "
-                                  "multimae.transfer.build_transfer_model)") from e
-        from multimae.config import to_dict
+                                  "multimae.model.transfer.build_transfer_model)") from e
+        from multimae.core.config import to_dict
 
         return _weights(to_dict(cfg), over, sd, report)
     shown = sorted(sd)[:8]
@@ -282,7 +282,7 @@ def read_pretrained(source: str | os.PathLike | Mapping[str, Tensor], **override
 
     overrides: :class:`ModelConfig` fields (``image_size=384``, ``inputs=["rgb"]``, ``outputs=[]``,
     ``num_heads`` for an external checkpoint whose head count is not the ViT default ...).
-    :func:`multimae.model.load_pretrained` / :meth:`multimae.model.MultiMAE.from_pretrained` build
+    :func:`multimae.model.multimae.load_pretrained` / :meth:`multimae.model.multimae.MultiMAE.from_pretrained` build
     the model from the result.
     """
     origin: tuple[str, str] | None = None
@@ -333,7 +333,7 @@ def _not_requested(key: str, config: ModelConfig) -> str | None:
 
 def init_from(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor], **overrides: Any
               ) -> ConversionReport:
-    """Start ``model`` (a :class:`~multimae.model.MultiMAE`, e.g. the one a run is about to train)
+    """Start ``model`` (a :class:`~multimae.model.multimae.MultiMAE`, e.g. the one a run is about to train)
     from the weights of ``source``.
 
     ``source`` is anything :func:`read_pretrained` reads (a MAE or timm ViT, an official

@@ -7,7 +7,7 @@ would have been built with); learned tables are resampled bicubically (``F.inter
 resolution). Two sine-cosine layouts are recognised:
 
 * ``"rows_first"``: sin/cos of the row index in the first half of the channels, of the column
-  index in the second (official MultiMAE tables; :func:`multimae.layers.pos_embed.sincos_2d`);
+  index in the second (official MultiMAE tables; :func:`multimae.model.layers.pos_embed.sincos_2d`);
 * ``"cols_first"``: the halves swapped (facebookresearch/mae ``get_2d_sincos_pos_embed``).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multimae.layers.pos_embed import sincos_2d
+from multimae.model.layers.pos_embed import sincos_2d
 
 SincosLayout = Literal["rows_first", "cols_first"]
 

@@ -146,7 +146,7 @@ def vit_to_multimae(sd: Mapping[str, Tensor], source: str = "state_dict", num_he
 def _preset_of(dim: int, depth: int) -> str:
     """The preset of that width and depth ("large" for wider ones, "base" otherwise; the sizes are
     set explicitly anyway, the preset only names the decoders' defaults)."""
-    from multimae.presets import PRESETS
+    from multimae.model.presets import PRESETS
 
     return next((n for n, p in PRESETS.items() if (p["dim"], p["depth"]) == (dim, depth)),
                 "large" if dim > 1024 else "base")

@@ -32,7 +32,7 @@ def _names(text: str | None) -> list[str] | None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from multimae.model import load_pretrained
+    from multimae.model.multimae import load_pretrained
 
     overrides: dict = {}
     if args.image_size and args.to == "multimae":

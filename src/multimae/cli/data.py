@@ -142,7 +142,7 @@ def _maps_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _specs(names: str, num_classes: int | None) -> list:
-    from multimae import modalities
+    from multimae.core import modalities
 
     specs = modalities.resolve([n.strip() for n in names.split(",") if n.strip()])
     if num_classes is not None:

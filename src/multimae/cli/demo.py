@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from multimae.demo.app import bind, serve
+        from multimae.apps.demo.app import bind, serve
     except ModuleNotFoundError as e:
         print(f"error: the demo needs the 'demo' extra ({e.name} is missing): pip install 'multimae[demo]'",
               file=sys.stderr)
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from multimae.demo import DemoError, engine_from_checkpoint
+    from multimae.apps.demo import DemoError, engine_from_checkpoint
 
     if not 0 <= args.port <= 65535:
         print(f"error: --port must be in [0, 65535], got {args.port}", file=sys.stderr)

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from multimae.export import export_onnx
+    from multimae.apps.export import export_onnx
 
     inputs = [s.strip() for s in args.inputs.split(",") if s.strip()] if args.inputs else None
     info = export_onnx(args.checkpoint, args.onnx, inputs=inputs, encoder_only=args.encoder_only,

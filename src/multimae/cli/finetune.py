@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace, extra: list[str] | None = None):
-    from multimae.config import ConfigError, load_config
+    from multimae.core.config import ConfigError, load_config
     from multimae.tasks.finetune_config import FinetuneConfig
 
     try:
@@ -61,7 +61,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from multimae.config import ConfigError
+    from multimae.core.config import ConfigError
     from multimae.tasks.evaluate import evaluate_run
 
     try:

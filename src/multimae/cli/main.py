@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from multimae.checkpoint import CheckpointError
     from multimae.checkpoint.convert import ConversionError
-    from multimae.config import ConfigError
+    from multimae.core.config import ConfigError
     from multimae.data.errors import DataError
     from multimae.engine.identity import RunLockedError
 

@@ -42,9 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from multimae.predict import Predictor, predict_files
+    from multimae.apps.predict import Predictor, predict_files
 
-    from multimae.config import ConfigError
+    from multimae.core.config import ConfigError
 
     inputs = args.inputs.split(",") if args.inputs else None
     bad = [x for x in args.pair if "=" not in x]

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from multimae.config import ConfigError, load_config, resolve_config_path
+    from multimae.core.config import ConfigError, load_config, resolve_config_path
     from multimae.tasks.pretrain_config import PretrainConfig
 
     overrides = list(args.overrides)

@@ -43,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from multimae.pseudolabel.labelers import LabelerError
-    from multimae.pseudolabel.run import build_labelers, pseudolabel
+    from multimae.apps.pseudolabel.labelers import LabelerError
+    from multimae.apps.pseudolabel.run import build_labelers, pseudolabel
 
     if args.depth is None and args.semseg is None:
         print("error: give --depth and/or --semseg (a model directory to label with)", file=sys.stderr)
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
-    from multimae.pseudolabel.sources import open_input
+    from multimae.apps.pseudolabel.sources import open_input
 
     open_input(args.input)  # a bad --input fails (DataError, exit 2) before any model is loaded
     try:

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from multimae.tasks.inference import load_pretrain_run, visualize_files, visualize_heldout
-    from multimae.viz import save_png
+    from multimae.apps.viz import save_png
 
     model, cfg, ckpt = load_pretrain_run(args.checkpoint)
     if args.input == "heldout":

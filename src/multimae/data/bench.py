@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from multimae.data.config import DataConfig
-from multimae.modalities import ModalitySpec
+from multimae.core.modalities import ModalitySpec
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover
 from torch import Tensor
 
 from multimae.data.errors import DataError, ImageTooLargeError, notice_once
-from multimae.modalities import ModalitySpec
+from multimae.core.modalities import ModalitySpec
 
 OFFICIAL_PNG_SCALE = 1.0 / 2**16  # what the official code multiplies 16-bit depth PNGs by
 DEFAULT_WRITE_PNG_SCALE = 1e-3  # our writers store metric depth in millimetres

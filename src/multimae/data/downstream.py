@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 
 from multimae.data.errors import DataError
 from multimae.data.transforms import PairedTransform
-from multimae.modalities import ModalitySpec, get, registered
+from multimae.core.modalities import ModalitySpec, get, registered
 
 LABEL = "label"
 TARGET = "target"

@@ -7,7 +7,7 @@ import torch
 
 from multimae.data.codecs import LABEL_KEY, Packed, validate_field
 from multimae.data.errors import DataError
-from multimae.modalities import ModalitySpec, registered, resolve
+from multimae.core.modalities import ModalitySpec, registered, resolve
 
 
 def by_key(specs: Sequence[ModalitySpec]) -> dict[str, ModalitySpec]:

@@ -23,8 +23,8 @@ from multimae.data.codecs import (
 )
 from multimae.data.errors import DataError, ErrorPolicy, notice_once
 from multimae.data.fields import resolve_fields, validate_sample
-from multimae.modalities import ModalitySpec
-from multimae.seeding import derive_seed
+from multimae.core.modalities import ModalitySpec
+from multimae.core.seeding import derive_seed
 
 META_FILE = "multimae_data.json"
 UNLABELLED = "all"

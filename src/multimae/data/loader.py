@@ -2,7 +2,7 @@
 
 Every batch of every source is identified by ``(epoch, rank, worker, batch index)`` and
 everything random about it -- which samples, their crops and flips, its MaskPlan -- is a pure
-function of the run seed and those numbers (:func:`multimae.seeding.derive_seed`), never of
+function of the run seed and those numbers (:func:`multimae.core.seeding.derive_seed`), never of
 worker scheduling. So an interrupted run resumed from a checkpoint sees exactly the batches and
 masks it would have seen, for map-style datasets and for streamed shards alike.
 
@@ -26,12 +26,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from multimae.batch import Batch
+from multimae.core.batch import Batch
 from multimae.data.config import DataConfig, MaskConfig, epoch_samples
 from multimae.data.errors import DataError
-from multimae.masking import MaskPlan, dirichlet_plan, ratio_plan
-from multimae.modalities import ModalitySpec
-from multimae.seeding import generator as seeded
+from multimae.core.masking import MaskPlan, dirichlet_plan, ratio_plan
+from multimae.core.modalities import ModalitySpec
+from multimae.core.seeding import generator as seeded
 
 
 BATCH_TAG = "__batch__"  # (epoch, worker, batch index) carried by every sample into the collator
@@ -160,7 +160,7 @@ class CachedDataset(Dataset):
 
 @dataclass
 class MaskCollator:
-    """Stacks samples into a :class:`~multimae.batch.Batch` and draws its MaskPlan.
+    """Stacks samples into a :class:`~multimae.core.batch.Batch` and draws its MaskPlan.
 
     ``spec``: what the batch holds for the model (its keys become modality tensors, every other
     field goes to ``Batch.extra``). Every sample carries the batch's ``__batch__`` tag

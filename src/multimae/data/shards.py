@@ -37,8 +37,8 @@ from multimae.data.codecs import (
 )
 from multimae.data.errors import DataError, ErrorPolicy
 from multimae.data.fields import resolve_fields, validate_sample
-from multimae.modalities import ModalitySpec
-from multimae.seeding import derive_seed
+from multimae.core.modalities import ModalitySpec
+from multimae.core.seeding import derive_seed
 
 LABEL_FIELD = "cls"
 META_FIELD = "json"

@@ -512,7 +512,7 @@ class SyntheticScenes(Dataset):
 def _sample_keys(modalities: Sequence[object] | None) -> set[str]:
     if modalities is None:
         return set(SAMPLE_KEYS)
-    from multimae import modalities as reg
+    from multimae.core import modalities as reg
 
     keys: set[str] = set()
     for m in modalities:

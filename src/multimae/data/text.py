@@ -3,7 +3,7 @@
 Datasets yield raw samples ``{"rgb": uint8 (3,H,W), "caption": str, "__key__": str}``; unpaired
 sources drop one of the two (:class:`ImageOnly` has no ``caption``, :class:`TextOnly` no ``rgb``).
 :class:`MixedStream` interleaves paired and unpaired sources in set proportions, and
-:class:`TextCollator` turns transformed samples into a :class:`~multimae.batch.Batch`: ``caption``
+:class:`TextCollator` turns transformed samples into a :class:`~multimae.core.batch.Batch`: ``caption``
 ids with ``pad["caption"]`` and ``present["caption"]``, ``rgb`` with ``present["rgb"]``; a missing
 modality becomes all padding / zeros flagged not present, so it gives no tokens and no loss.
 """
@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from multimae.batch import Batch
+from multimae.core.batch import Batch
 from multimae.data.codecs import IMAGE_EXTS, decode_image, decode_text
 from multimae.data.errors import DataError, ErrorPolicy
 from multimae.data.shards import ShardDataset
 from multimae.data.tokenizers import TextEncoder, captions_from_file
-from multimae.seeding import derive_seed
+from multimae.core.seeding import derive_seed
 
 TEXT_KEY, IMAGE_KEY = "caption", "rgb"
 _IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")

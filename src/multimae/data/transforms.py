@@ -38,8 +38,8 @@ from torchvision.transforms.v2 import functional as TF
 from multimae.data.codecs import Packed
 from multimae.data.errors import DataError
 from multimae.data.fields import by_key
-from multimae.modalities import ModalitySpec, resolve
-from multimae.seeding import derive_seed
+from multimae.core.modalities import ModalitySpec, resolve
+from multimae.core.seeding import derive_seed
 
 Box = tuple[int, int, int, int]  # top, left, height, width
 

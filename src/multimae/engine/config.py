@@ -2,7 +2,7 @@
 schedule (:class:`OptimConfig`). A task's config holds them as its ``train`` and ``optim``
 sections; a task that needs other defaults says so where it holds the section (e.g. fine-tuning's
 ``optim`` starts from ``base_lr=5e-4``, ``layer_decay=0.65``), and YAML / JSON keys left out of a
-section keep those defaults (:func:`multimae.config.from_dict`)."""
+section keep those defaults (:func:`multimae.core.config.from_dict`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,7 +47,7 @@ class RunConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": trace only, no code generation)
-    tune_malloc: bool = True  # keep freed memory in glibc's heap (multimae.perf.tune_malloc)
+    tune_malloc: bool = True  # keep freed memory in glibc's heap (multimae.core.perf.tune_malloc)
     seed: int = 0
     out_dir: str = "runs"
     run_name: str | None = "pretrain"

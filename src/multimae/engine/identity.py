@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from multimae.config import ConfigError
+from multimae.core.config import ConfigError
 
 #: Keys (``section.key``; ``section.*`` for a whole section) that may differ between the
 #: invocations of one run: its length, its intervals, the machine it runs on and its speed knobs.

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from multimae.layers.layer_decay import EMBED_PATTERNS, vit_layer_id  # noqa: F401 (re-exported)
+from multimae.model.layers.layer_decay import EMBED_PATTERNS, vit_layer_id  # noqa: F401 (re-exported)
 
 __all__ = [
     "param_groups",

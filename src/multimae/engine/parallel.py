@@ -5,7 +5,7 @@
 * ``"ddp"`` (default): every rank holds the whole model, gradients are all-reduced
   (:func:`multimae.engine.distributed.wrap_ddp`); rank 0 writes the usual checkpoint. Unchanged.
 * ``"fsdp"``: FSDP2 (:func:`torch.distributed.fsdp.fully_shard`) on every transformer block
-  (:class:`multimae.layers.attention.Block`: encoder and decoder blocks) and on the root, so each
+  (:class:`multimae.model.layers.attention.Block`: encoder and decoder blocks) and on the root, so each
   rank keeps 1/world of the parameters, gradients and AdamW moments and gathers one block at a
   time. ``train.precision=bf16`` gives a bf16 parameter / gradient-reduction dtype (fp32 master
   weights stay sharded); otherwise everything is fp32. Output adapters named in
@@ -84,7 +84,7 @@ _STAGING_PREFIX = ".tmp-sharded-"  # ".tmp-": removed as stale by the checkpoint
 # ------------------------------------------------------------------------------------------ model
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """Every transformer block of ``model`` (encoder and decoder blocks), in module order."""
-    from multimae.layers.attention import Block
+    from multimae.model.layers.attention import Block
 
     return [m for m in model.modules() if isinstance(m, Block)]
 
@@ -195,13 +195,13 @@ def materialise(model: nn.Module, device: torch.device) -> nn.Module:
     """Give the meta parameters of ``model`` (sharded by :func:`prepare_model` or not) memory on
     ``device`` and their initial values: ``model.reset_parameters()`` run from
     ``model.init_rng_state`` (the RNG state it was built under), which fills every parameter
-    whole and keeps this rank's shard (:func:`multimae.layers.init.init_`). The global RNG is left
+    whole and keeps this rank's shard (:func:`multimae.model.layers.init.init_`). The global RNG is left
     as it was. A parameter that ``reset_parameters`` leaves alone is an error (it is NaN-filled
     first, so it cannot pass unnoticed). Returns ``model``."""
     reset, state = getattr(model, "reset_parameters", None), getattr(model, "init_rng_state", None)
     if reset is None or state is None:
         raise TypeError(f"{type(model).__name__} cannot be built on the meta device: it needs reset_parameters() "
-                        "and init_rng_state (as multimae.model.MultiMAE has)")
+                        "and init_rng_state (as multimae.model.multimae.MultiMAE has)")
     buffers = dict(model.named_buffers())  # computed at build time; to_empty would drop their values
     model.to_empty(device=device)
     for name, b in buffers.items():
@@ -238,7 +238,7 @@ def _return_large_frees() -> None:
     against 2.75 GiB for DDP (benchmarks/fsdp_memory.py). The cost is page faults on re-allocation."""
     import os
 
-    from multimae.perf import _glibc
+    from multimae.core.perf import _glibc
 
     mallopt = _glibc("mallopt")
     if mallopt is None:

@@ -18,8 +18,8 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from multimae.batch import Batch
-from multimae.masking import MaskPlan
+from multimae.core.batch import Batch
+from multimae.core.masking import MaskPlan
 
 Micro = tuple[Batch, MaskPlan | None]
 NonFinite = Literal["report", "raise", "skip"]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from multimae import config as config_lib
+from multimae.core import config as config_lib
 from multimae.checkpoint import (CheckpointError, find_latest, load_meta, resolve_checkpoint, restore_rng_state,
                                  save_checkpoint)
 from multimae.engine import distributed as D
@@ -32,7 +32,7 @@ from multimae.engine.optim import WarmupCosine, build_optimizer, scaled_lr
 from multimae.engine.signals import Preempted, StopSignals
 from multimae.engine.state import drop_rows_after, train_state
 from multimae.engine.step import FINITE_KEY, NonFiniteLossError, nonfinite_message, read_stats, train_step
-from multimae.perf import tune_malloc
+from multimae.core.perf import tune_malloc
 
 
 class Position(Protocol):

@@ -15,11 +15,11 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from multimae.batch import Batch
-from multimae.losses import norm_pix
-from multimae.masking import MaskPlan
-from multimae.model import MultiMAE
-from multimae.modalities import ModalitySpec
+from multimae.core.batch import Batch
+from multimae.model.losses import norm_pix
+from multimae.core.masking import MaskPlan
+from multimae.model.multimae import MultiMAE
+from multimae.core.modalities import ModalitySpec
 
 
 @dataclass

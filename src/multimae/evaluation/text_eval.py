@@ -9,9 +9,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from multimae.batch import Batch
-from multimae.masking import MaskPlan
-from multimae.model import MultiMAE
+from multimae.core.batch import Batch
+from multimae.core.masking import MaskPlan
+from multimae.model.multimae import MultiMAE
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from multimae.data.errors import DataError
 from multimae.data.sources import get_source
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
-from multimae.transfer import LoadReport, TransferModel, build_transfer_model
+from multimae.model.transfer import LoadReport, TransferModel, build_transfer_model
 
 #: ``datasets(split, train) -> map-style dataset``: raw (untransformed) downstream samples that
 #: replace the configured source's (e.g. a benchmark's own scenes).

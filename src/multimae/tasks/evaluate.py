@@ -15,11 +15,11 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = (), device: str = 
     returns the result."""
     from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
     from multimae.checkpoint.convert import load_state_strict
-    from multimae.config import ConfigError, apply_overrides, from_dict
+    from multimae.core.config import ConfigError, apply_overrides, from_dict
     from multimae.engine.config import upgrade_saved_config
     from multimae.tasks.finetune_eval import evaluate_model, write_eval_report
     from multimae.tasks.probe import evaluate_probe_weights
-    from multimae.transfer import TransferModel
+    from multimae.model.transfer import TransferModel
 
     ckpt = resolve_checkpoint(path)
     meta = load_meta(ckpt)

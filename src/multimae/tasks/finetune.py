@@ -17,17 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multimae.batch import Batch
+from multimae.core.batch import Batch
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.engine import distributed as D
 from multimae.engine import parallel as P
 from multimae.engine.distributed import DistInfo
 from multimae.engine.logging import RunLogger
 from multimae.engine.trainer import Task, Trainer
-from multimae.layers.attention import set_attention
+from multimae.model.layers.attention import set_attention
 from multimae.tasks.downstream import Datasets, prepare
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
-from multimae.transfer import TransferModel
+from multimae.model.transfer import TransferModel
 
 LossFn = Callable[[Tensor, Batch], Tensor]
 
@@ -69,7 +69,7 @@ def build_loss(cfg: FinetuneConfig) -> LossFn:
     if kind == "classification" or kind == "segmentation":
         raise ValueError(f"train.loss={name!r} does not fit a {kind} head (use ce)")
     if name == "berhu":
-        from multimae.losses import berhu_loss
+        from multimae.model.losses import berhu_loss
 
         return lambda pred, batch: berhu_loss(pred.float(), batch[TARGET], batch[TARGET_VALID])
 

@@ -1,6 +1,6 @@
 """Typed run configuration of ``multimae finetune`` / ``evaluate`` / ``probe`` (configs/finetune/*.yaml).
 
-A fine-tuning run is a :class:`~multimae.transfer.TransferModelConfig` (encoder + inputs + head),
+A fine-tuning run is a :class:`~multimae.model.transfer.TransferModelConfig` (encoder + inputs + head),
 an ``init`` (``scratch``, a pretraining run, a checkpoint, an official ``.pth``), downstream data,
 an optimizer with layer-wise lr decay, a schedule and augmentation.
 """
@@ -11,7 +11,7 @@ from typing import Literal
 
 from multimae.data.sources import SYNTHETIC_SPLITS
 from multimae.engine.config import OptimConfig, RunConfig
-from multimae.transfer import TransferModelConfig
+from multimae.model.transfer import TransferModelConfig
 
 #: Synthetic downstream scenes use the streams ``seed + {0, 1, 2}`` for train / val / test. Pre-
 #: training uses ``train.seed`` (default 0) and ``train.seed + 10000`` (its held-out scenes), so

@@ -15,14 +15,14 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from multimae.batch import Batch
+from multimae.core.batch import Batch
 from multimae.data import collate
 from multimae.data.downstream import LABEL, TransferTransform, build_randaugment, target_spec
 from multimae.data.errors import DataError
 from multimae.data.loader import ResumableBatchSampler, SeededAugment, shard_urls
-from multimae.modalities import ModalitySpec
+from multimae.core.modalities import ModalitySpec
 from multimae.data.sources import Request, get_source
-from multimae.seeding import derive_seed
+from multimae.core.seeding import derive_seed
 from multimae.tasks.downstream import Datasets
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
 

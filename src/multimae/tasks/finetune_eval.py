@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from multimae.batch import Batch
+from multimae.core.batch import Batch
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.evaluation import metrics as M
 from multimae.tasks.downstream import Datasets
@@ -243,8 +243,8 @@ def load_finetuned(ckpt: Path, meta: dict[str, Any]) -> tuple[torch.nn.Module, F
     ``multimae evaluate`` builds them; used by ``predict`` and ``export``."""
     from multimae.checkpoint import load_weights
     from multimae.checkpoint.convert import load_state_strict
-    from multimae.config import from_dict
-    from multimae.transfer import TransferModel
+    from multimae.core.config import from_dict
+    from multimae.model.transfer import TransferModel
 
     from multimae.engine.config import upgrade_saved_config
 

@@ -6,16 +6,16 @@ from typing import Any
 
 import torch
 
-from multimae.batch import Batch
+from multimae.core.batch import Batch
 from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
-from multimae.config import from_dict
+from multimae.core.config import from_dict
 from multimae.data.codecs import decode_image
 from multimae.data.errors import DataError
 from multimae.data.loader import BatchSpec, MaskCollator, eval_batches
-from multimae.model import MultiMAE
-from multimae.seeding import generator
+from multimae.model.multimae import MultiMAE
+from multimae.core.seeding import generator
 from multimae.tasks.pretrain_config import PretrainConfig, upgrade_saved_config
-from multimae.viz import reconstruction_grid, run_vocabulary
+from multimae.apps.viz import reconstruction_grid, run_vocabulary
 
 
 def load_pretrain_run(path: str | Path) -> tuple[MultiMAE, PretrainConfig, Path]:

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from multimae import config as config_lib
+from multimae.core import config as config_lib
 from multimae.data.config import epoch_samples
 from multimae.data.loader import BatchSpec, build_loader, data_counts, load_text_tokenizer
 from multimae.engine.distributed import DistInfo
 from multimae.engine.logging import RunLogger
 from multimae.engine.trainer import Task, Trainer
-from multimae.model import MultiMAE
+from multimae.model.multimae import MultiMAE
 from multimae.tasks.pretrain_config import PretrainConfig
 
 
@@ -94,7 +94,7 @@ class PretrainTask(Task):
 
     def _log_figure(self, trainer: Trainer, logger: RunLogger) -> None:
         try:
-            from multimae.viz import reconstruction_figure
+            from multimae.apps.viz import reconstruction_figure
         except ImportError:  # pragma: no cover - viz is optional at import time
             return
         fig = reconstruction_figure(self.model, self.cfg, num_samples=2)
@@ -105,7 +105,7 @@ class PretrainTask(Task):
 def completed_config(cfg: PretrainConfig) -> PretrainConfig:
     """``cfg`` with what it leaves open filled in (a copy): the vocabulary size of a text modality
     from the tokenizer, the run name."""
-    from multimae import modalities as M
+    from multimae.core import modalities as M
 
     mods = dict(cfg.model.modalities)
     for name in sorted(set(cfg.model.inputs) | set(cfg.model.outputs)):

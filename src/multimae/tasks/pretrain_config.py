@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from multimae.data.config import DataConfig, MaskConfig
 from multimae.engine.config import OptimConfig, RunConfig, upgrade_saved_config  # noqa: F401 (re-exported)
-from multimae.model import ModelConfig
+from multimae.model.multimae import ModelConfig
 
 
 @dataclass

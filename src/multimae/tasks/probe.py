@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multimae import config as config_lib
+from multimae.core import config as config_lib
 from multimae.checkpoint import find_latest, load_meta, save_checkpoint
 from multimae.engine.identity import SCHEDULE_ONLY, acquire_lock, check_same_run, release_lock
 from multimae.engine.signals import Preempted, StopSignals
@@ -27,7 +27,7 @@ from multimae.tasks.downstream import Datasets, default_run_name, prepare
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.engine.logging import Progress, RunLogger
 from multimae.engine.optim import WarmupCosine
-from multimae.transfer import LoadReport, TransferModel
+from multimae.model.transfer import LoadReport, TransferModel
 
 PROBE_PREFIX = "probe."
 #: what may change between two invocations of one probe run: besides the schedule, what a probe

@@ -1,0 +1,1 @@
+"""Apps on the model and the tasks: predict, export, visualize, demo, pseudolabel."""

@@ -1,0 +1,573 @@
+"""Inference on any images: :class:`Predictor` (Python) and :func:`predict_files` (``multimae predict``).
+
+A run is either a fine-tuning run (classification, segmentation, depth or another dense head) or
+a pretraining run (every decoder's prediction from the given inputs: cross-modal predictions).
+
+Preprocessing is the run's evaluation transform (:class:`multimae.data.downstream.TransferTransform`,
+the one ``multimae evaluate`` uses): dense tasks letterbox (longest side resized to the model's
+image size, the rest padded), classification centre-crops. Predictions are mapped back to the
+image's original size (EXIF orientation applied by :func:`multimae.data.codecs.open_image`, so
+"original" means upright). ``window=True`` slides overlapping windows of the model's image size
+over the image resized so its shorter side is the model size, averaging logits / values (the
+mmseg ``slide`` inference).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from multimae.data.codecs import _png_bytes, decode_image
+from multimae.data.errors import DataError
+from multimae.data.prepare.writing import write_bytes
+from multimae.apps.predict_io import (ARRAY_DTYPES, DEFAULT_MAX_PIXELS, LowRes, check_identity, check_pixels, fingerprint,
+                                 output_names, write_array, write_colour, write_depth_png, write_ids, write_preview)
+
+META_FILE = "multimae_predict.json"
+CLS_FILE = "classification.jsonl"
+DEPTH_PNG_SCALE = 1e-3  # metric depth PNGs: millimetres
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on a CUDA device with bf16 support, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+@dataclass
+class Output:
+    """How one predicted task is written: ``kind`` classification | segmentation | depth | dense;
+    ``units``: what depth values mean."""
+
+    kind: str
+    classes: list[str] | None = None
+    units: str | None = None
+    mean: tuple[float, ...] | None = None  # an image output's normalisation (undone in its preview)
+    std: tuple[float, ...] | None = None
+
+
+@dataclass
+class Predictor:
+    """A trained run ready for inference. ``Predictor.from_run(path)``; ``predictor(images)`` with
+    uint8 (3,H,W) tensors or paths / bytes -> one dict per image: task -> prediction at the
+    image's size ((K,) logits; (K,H,W) logits; (C,H,W) values)."""
+
+    model: torch.nn.Module
+    kind: str  # "finetune" or "pretrain"
+    inputs: list[Any]  # ModalitySpec of the inputs
+    image_size: int
+    transform: Any  # TransferTransform (letterbox or centre crop)
+    outputs: dict[str, Output]
+    run: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
+    window: bool = False
+
+    @classmethod
+    def from_run(cls, path: str | os.PathLike, device: str = "auto", precision: str = "auto",
+                 inputs: Sequence[str] | None = None, window: bool = False) -> "Predictor":
+        from multimae.checkpoint import load_meta, resolve_checkpoint
+        from multimae.data.downstream import TransferTransform
+
+        ckpt = resolve_checkpoint(path)
+        meta = load_meta(ckpt)
+        dev = resolve_device(device)
+        prec = resolve_precision(precision, dev)
+        if meta.get("kind") == "finetune":
+            from multimae.tasks.finetune_eval import load_finetuned
+
+            model, cfg = load_finetuned(ckpt, meta)
+            specs = list(model.encoder.specs.values())
+            if inputs is not None and list(inputs) != [s.name for s in specs]:
+                raise DataError(f"--inputs {','.join(inputs)}: the fine-tuning run {ckpt} takes "
+                                f"{','.join(s.name for s in specs)}")
+            from multimae.tasks.finetune_config import target_of
+            from multimae.tasks.finetune_data import DENSE_KINDS
+
+            kind = cfg.model.head.kind
+            tf = TransferTransform(specs, "label", None, cfg.data.image_size, False,
+                                   letterbox_eval=kind in DENSE_KINDS)
+            names = _class_names(cfg)
+            units = "metric" if kind == "depth" else None
+            outs = {target_of(cfg): Output(kind, names, units)}
+            size = cfg.data.image_size
+            run_kind = "finetune"
+        elif meta.get("kind") == "probe":
+            raise DataError(f"{ckpt}: a linear probe run; predict takes fine-tuning or pretraining runs")
+        else:
+            from multimae.tasks.inference import load_pretrain_run
+
+            model, pcfg, _ = load_pretrain_run(ckpt)
+            names = [n for n, s in model.input_specs.items() if s.is_spatial]
+            chosen = list(inputs) if inputs is not None else names[:1]
+            bad = [n for n in chosen if n not in model.input_specs]
+            if bad:
+                raise DataError(f"--inputs {','.join(chosen)}: {bad} not among the run's inputs {names}")
+            specs = [model.input_specs[n] for n in chosen]
+            size = pcfg.model.image_size
+            tf = TransferTransform(specs, "label", None, size, False, letterbox_eval=True)
+            outs = {}
+            for t, s in model.output_specs.items():
+                if s.kind == "text":
+                    continue
+                if s.kind == "categorical":
+                    outs[t] = Output("segmentation", _pretrain_classes(pcfg, t, s.num_classes))
+                elif s.kind == "image" and s.mean is not None and not s.norm_pix:
+                    outs[t] = Output("dense", mean=tuple(s.mean), std=tuple(s.std or (1.0,) * len(s.mean)))
+                else:
+                    outs[t] = Output("dense", units="robust-standardised" if s.standardize == "robust" else None)
+            run_kind = "pretrain"
+        model.eval().to(dev)
+        return cls(model, run_kind, specs, size, tf, outs, str(ckpt), dev, prec, window)
+
+    # ----------------------------------------------------------------------------- forward
+    def _forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        from multimae.engine.step import autocast
+
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.no_grad(), autocast(self.precision, self.device):
+            if self.kind == "finetune":
+                (task,) = self.outputs
+                return {task: self.model(batch).float()}
+            out = self.model(batch, compute_loss=False)
+            return {t: out.preds[t].float() for t in self.outputs}
+
+    def model_inputs(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The run's evaluation preprocessing of one raw sample (uint8 images)."""
+        x = self.transform.transform_inputs(raw)
+        return {s.key: x[s.key] for s in self.inputs}
+
+    def predict_raw(self, raws: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Raw samples (modality key -> uint8 (C,H,W) / float dense) -> per sample, task ->
+        prediction at the sample's size (logits or values; classification (K,)). Memory: C*H*W
+        floats per dense task; :meth:`predict_lowres` keeps them at model resolution."""
+        return [{t: p.full() if isinstance(p, LowRes) else p for t, p in r.items()}
+                for r in self.predict_lowres(raws)]
+
+    def predict_lowres(self, raws: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor | LowRes]]:
+        """As :meth:`predict_raw`, dense predictions left at model resolution (:class:`LowRes`,
+        brought to full size band by band when written)."""
+        if self.window:
+            return [self._slide(r) for r in raws]
+        # every image becomes one (S, S) model input, whatever its size: one forward per batch
+        xs = [self.model_inputs(r) for r in raws]
+        preds = self._forward({k: torch.stack([x[k] for x in xs]) for k in xs[0]})
+        res: list[dict[str, Tensor | LowRes]] = [{} for _ in raws]
+        for t, p in preds.items():
+            for i, r in enumerate(raws):
+                res[i][t] = p[i].cpu() if p.ndim == 2 else self._unletterbox(p[i].cpu(), *_size(r))
+        return res
+
+    def _unletterbox(self, p: Tensor, h: int, w: int) -> LowRes:
+        """(C,S,S) prediction of a letterboxed (h,w) image -> its (C,h,w) mapping."""
+        if not self.transform.letterbox:  # centre crop (dense prediction of a classification run: none)
+            return LowRes(p, (h, w), (h, w))
+        s = max(h, w)
+        return LowRes(p, (h, w), (s, s))
+
+    def _slide(self, raw: dict[str, Tensor]) -> dict[str, Tensor | LowRes]:
+        """Sliding-window inference: the image resized so its shorter side is the model size, windows
+        of the model size with stride 2/3 of it, logits / values averaged, resized back."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
+        if self.kind == "finetune" and next(iter(self.outputs.values())).kind == "classification":
+            raise DataError("--window applies to dense predictions, not a classification run")
+        h, w = _size(raw)
+        S = self.image_size
+        r = S / min(h, w)
+        H, W = max(S, round(h * r)), max(S, round(w * r))
+        full = {}  # the run's resize + normalisation (as PairedTransform), at (H, W)
+        for s in self.inputs:
+            x = TF.resize(raw[s.key] if s.kind == "image" else raw[s.key].float(), [H, W],
+                          interpolation=InterpolationMode.BILINEAR, antialias=True)
+            x = x.float() / 255.0 if s.kind == "image" and not x.is_floating_point() else x.float()
+            full[s.key] = _normalise(x, s)
+        stride = max(1, (2 * S) // 3)
+        ys = _starts(H, S, stride)
+        xs = _starts(W, S, stride)
+        sums: dict[str, Tensor] = {}
+        count = torch.zeros(1, H, W)
+        for y0 in ys:
+            for x0 in xs:
+                crop = {k: v[None, :, y0:y0 + S, x0:x0 + S] for k, v in full.items()}
+                for t, p in self._forward(crop).items():
+                    p = p[0].cpu()
+                    if p.shape[-2:] != (S, S):
+                        p = F.interpolate(p[None], size=(S, S), mode="bilinear", align_corners=False)[0]
+                    if t not in sums:
+                        sums[t] = torch.zeros(p.shape[0], H, W)
+                    sums[t][:, y0:y0 + S, x0:x0 + S] += p
+                count[:, y0:y0 + S, x0:x0 + S] += 1
+        return {t: LowRes(v / count, (h, w), (h, w)) for t, v in sums.items()}
+
+    def __call__(self, images: Iterable[Any]) -> list[dict[str, Tensor]]:
+        """rgb images (uint8 (3,H,W) tensors, paths or bytes) -> per image, task -> prediction
+        (segmentation / dense: (K or C, H, W) at the image's upright size; classification: (K,) logits)."""
+        if len(self.inputs) != 1:
+            raise DataError(f"this predictor takes {[s.name for s in self.inputs]}; use predict_raw with a dict per sample")
+        key = self.inputs[0].key
+        raws = []
+        for im in images:
+            if isinstance(im, (str, os.PathLike)):
+                im = Path(im).read_bytes()
+            if isinstance(im, (bytes, bytearray)):
+                im = decode_image(bytes(im), self.inputs[0].channels, "image")
+            raws.append({key: im})
+        return self.predict_raw(raws)
+
+
+def _normalise(x: Tensor, spec: Any) -> Tensor:
+    if spec.kind == "image" and spec.mean is not None:
+        mean = torch.tensor(spec.mean).view(-1, 1, 1)
+        std = torch.tensor(spec.std if spec.std is not None else (1.0,)).view(-1, 1, 1)
+        return (x - mean) / std
+    if spec.kind == "dense" and spec.standardize == "robust":
+        from multimae.data.transforms import robust_standardize
+
+        return robust_standardize(x)
+    return x
+
+
+def _starts(n: int, size: int, stride: int) -> list[int]:
+    if n <= size:
+        return [0]
+    k = math.ceil((n - size) / stride) + 1
+    return sorted({min(i * stride, n - size) for i in range(k)})
+
+
+def _size(raw: dict[str, Tensor]) -> tuple[int, int]:
+    v = next(iter(raw.values()))
+    return int(v.shape[-2]), int(v.shape[-1])
+
+
+def _class_names(cfg: Any) -> list[str] | None:
+    """The class names of a run, else "0" .. "K-1"."""
+    from multimae.tasks.finetune_eval import class_names as names
+
+    n = names(cfg)
+    K = int(cfg.model.head.num_classes or 0)
+    return n if n else ([str(i) for i in range(K)] if K else None)
+
+
+def _pretrain_classes(pcfg: Any, task: str, num_classes: int) -> list[str]:
+    """Class names of a pretraining run's categorical output: its source's, else those its
+    pseudo-labelled folder dataset records, else "0" .. "K-1"."""
+    from multimae.data.sources import get_source
+
+    names = None
+    try:
+        names = get_source(pcfg.data.source).classes("segmentation")
+        root = getattr(pcfg.data, "root", None)
+        if names is None and root:
+            from multimae.data.folder import read_meta
+
+            names = read_meta(root).get("pseudolabel", {}).get(task, {}).get("classes")
+    except (DataError, OSError, ValueError, AttributeError):
+        names = None
+    return list(names) if names and len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+# ---------------------------------------------------------------------------------- writing
+
+def _colour(ids: Tensor, n: int) -> np.ndarray:
+    from multimae.apps.viz import palette
+
+    return (palette(max(n, 1))[ids.clamp(0, max(n, 1) - 1)] * 255).round().byte().numpy()
+
+
+def legend_png(classes: Sequence[str]) -> bytes:
+    """A legend: one row per class, its colour and its name."""
+    from PIL import Image, ImageDraw
+
+    row = 14
+    im = Image.new("RGB", (180, row * len(classes) + 4), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    cols = _colour(torch.arange(len(classes)), len(classes))
+    for i, name in enumerate(classes):
+        d.rectangle([2, 2 + i * row, 14, 12 + i * row], fill=tuple(int(c) for c in cols[i]))
+        d.text((20, 2 + i * row), f"{i} {name}", fill=(0, 0, 0))
+    return _png_bytes(np.asarray(im), compress_level=1)
+
+
+def output_files(task: str, out: Output, name: str, arrays: str = "float32") -> list[str]:
+    """The files written for one image and task (relative to the output directory); ``arrays``:
+    ``none`` writes no ``.npy`` of a dense prediction."""
+    if out.kind == "classification":
+        return []
+    if out.kind == "segmentation":
+        return [f"{name}.{task}.png", f"{name}.{task}.color.png"]
+    if out.kind == "depth":
+        return [f"{name}.{task}.png", f"{name}.{task}.preview.png"]
+    return ([f"{name}.{task}.npy"] if arrays != "none" else []) + [f"{name}.{task}.preview.png"]
+
+
+def write_prediction(root: Path, task: str, out: Output, name: str, pred: Tensor | LowRes, topk: int = 5,
+                     arrays: str = "float32") -> dict | None:
+    """Write one task's prediction of one image (dense: at the image's size, band by band);
+    returns the JSONL record of a classification."""
+    if out.kind == "classification":
+        assert isinstance(pred, Tensor)
+        prob = pred.float().softmax(-1)
+        k = min(topk, prob.numel())
+        p, i = prob.topk(k)
+        return {"image": name, "top": [{"class": int(c), "name": (out.classes or [])[int(c)] if out.classes else str(int(c)),
+                                        "prob": float(q)} for q, c in zip(p, i)]}
+    if isinstance(pred, Tensor):  # a full-size (C,H,W) prediction
+        pred = LowRes(pred, tuple(pred.shape[-2:]), tuple(pred.shape[-2:]))
+    files = [root / f for f in output_files(task, out, name, arrays)]
+    if out.kind == "segmentation":
+        n = len(out.classes or []) or pred.channels
+        ids = write_ids(files[0], pred, n)
+        write_colour(files[1], ids, n)
+    elif out.kind == "depth":
+        write_depth_png(files[0], pred, DEPTH_PNG_SCALE)
+        write_preview(files[1], pred)
+    else:
+        if arrays != "none":
+            write_array(files[0], pred, arrays)
+        write_preview(files[-1], pred, out.mean, out.std)
+    return None
+
+
+@dataclass
+class PredictReport:
+    predicted: int = 0
+    already_done: int = 0
+    bad: int = 0
+    seconds: float = 0.0
+    bad_files: list[str] = field(default_factory=list)
+
+
+def resolve_arrays(arrays: str, run_kind: str) -> str:
+    """``auto``: float16 ``.npy`` of a fine-tuning run's dense head, none for a pretraining run
+    (its reconstructions get previews only)."""
+    if arrays not in ("auto", "none", *ARRAY_DTYPES):
+        raise DataError(f"--arrays {arrays}: expected auto, none, float16 or float32")
+    if arrays == "auto":
+        return "float16" if run_kind == "finetune" else "none"
+    return arrays
+
+
+def _open_items(input: Any) -> tuple[list[Any] | Iterable[Any], int | None, bool]:
+    """``(items, count, mirror)`` of a folder, explicit files or shards; ``mirror``: output
+    names are the items' relative paths."""
+    from multimae.apps.pseudolabel.sources import InputItem, _file_reader, is_shard_input, open_input
+
+    specs = [str(x) for x in input] if isinstance(input, (list, tuple)) else [str(input)]
+    if len(specs) == 1 and Path(specs[0]).is_dir():
+        kind, items, total = open_input(specs[0])
+        return items, total, kind != "shards"
+    shards = [s for s in specs if is_shard_input(s)]
+    if shards and len(shards) == len(specs):
+        _, items, total = open_input(",".join(shards))
+        return items, total, False
+    if shards:
+        raise DataError(f"input {shards[0]}: .tar shards cannot be mixed with image files or folders")
+    paths = [Path(s) for s in specs]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"input {p}: not a file" + (" (give one folder, or files)" if p.is_dir() else ""))
+    names = output_names(paths)
+    items = [InputItem("all", n, p.suffix[1:].lower(), str(p), _file_reader(p), rel=n) for n, p in zip(names, paths)]
+    return items, len(items), True
+
+
+def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str], out: str | os.PathLike,
+                  batch_size: int = 8, progress: bool = True, topk: int = 5,
+                  pairs: dict[str, str | os.PathLike] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  arrays: str = "auto") -> PredictReport:
+    """Predict every image of ``input`` (a folder, image files, or .tar shards: paths, brace
+    patterns, comma lists) into ``out``; resumable (finished images are skipped), bad files
+    (unreadable, over ``max_pixels``, a duplicate output name) reported, skipped and counted.
+
+    Outputs mirror each input's relative path (``x/a.png`` -> ``OUT/x/a.<task>.png``; a dataset's
+    ``rgb/<class>/<name>`` -> ``OUT/<class>/<name>...``). ``OUT/multimae_predict.json`` records the
+    run's identity; a folder holding another run's predictions is refused. ``arrays``: dtype of
+    dense ``.npy`` outputs (:func:`resolve_arrays`).
+
+    The first input modality is read from ``input``; every other one from a paired directory
+    (``pairs[name]``; default for a dataset's ``rgb/`` input: its sibling ``<name>/``) holding a
+    file of the same relative path and stem (any extension the modality can be read from)."""
+    from tqdm.auto import tqdm
+
+    from multimae.apps.pseudolabel.run import _batches
+
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    arrays = resolve_arrays(arrays, predictor.kind)
+    pairs = {k: Path(v) for k, v in (pairs or {}).items()}
+    root = Path(out)
+    items, total, mirror = _open_items(input)
+    identity = run_identity(predictor, arrays)
+    check_identity(root / META_FILE, identity)
+    root.mkdir(parents=True, exist_ok=True)
+    cls_path = root / CLS_FILE
+    done_cls = set()
+    if cls_path.exists():
+        for line in cls_path.read_text().splitlines():
+            if line.strip():
+                done_cls.add(json.loads(line)["image"])
+    report = PredictReport()
+    _write_meta(root, predictor, report, identity, arrays)  # the identity, before the first output
+    start = time.perf_counter()
+    spec0 = predictor.inputs[0]
+    seen: dict[str, str] = {}
+
+    def name_of(it: Any) -> str:
+        return (it.rel or (it.name if it.cls == "all" else f"{it.cls}/{it.name}")) if mirror else it.name
+
+    def done(name: str) -> bool:
+        for t, o in predictor.outputs.items():
+            if o.kind == "classification":
+                if name not in done_cls:
+                    return False
+            elif not all((root / f).exists() for f in output_files(t, o, name, arrays)):
+                return False
+        return True
+
+    def bad(err: DataError) -> None:
+        report.bad += 1
+        report.bad_files.append(str(err))
+        print(f"skipped: {err}", flush=True)
+        bar.update(1)
+
+    def pending() -> Iterable[Any]:
+        for it in items:
+            name = name_of(it)
+            if name in seen:
+                bad(DataError(f"{it.where}: its outputs would overwrite those of {seen[name]} ({name}); rename one"))
+                continue
+            seen[name] = it.where
+            if done(name):
+                report.already_done += 1
+                bar.update(1)
+                continue
+            yield it
+
+    bar = tqdm(total=total, unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
+    records = []
+    try:
+        for batch in _batches(pending(), batch_size):
+            raws, names = [], []
+            for it in batch:
+                try:
+                    data = it.read()
+                    check_pixels(data, max_pixels, f"image {it.where}")
+                    raw = {spec0.key: decode_image(data, spec0.channels, f"image {it.where}")}
+                    for sp in predictor.inputs[1:]:
+                        raw[sp.key] = _paired(sp, it, input, pairs)
+                    raws.append(raw)
+                    names.append(name_of(it))
+                except DataError as err:
+                    bad(err)
+            if not raws:
+                continue
+            for name, preds in zip(names, predictor.predict_lowres(raws)):
+                for t, p in preds.items():
+                    rec = write_prediction(root, t, predictor.outputs[t], name, p, topk, arrays)
+                    if rec is not None:
+                        records.append(rec)
+                report.predicted += 1
+            del raws
+            if records:
+                with open(cls_path, "a") as f:  # one line per image, appended after its batch
+                    f.write("".join(json.dumps(r) + "\n" for r in records))
+                    f.flush()
+                    os.fsync(f.fileno())
+                records = []
+            bar.update(len(names))
+            bar.set_postfix(bad=report.bad, done_before=report.already_done, refresh=False)
+    finally:
+        bar.close()
+        report.seconds = time.perf_counter() - start
+        _write_meta(root, predictor, report, identity, arrays)
+    return report
+
+
+def run_identity(predictor: Predictor, arrays: str) -> dict[str, Any]:
+    """What makes a folder's predictions one run's: the checkpoint (path and weights) and the
+    settings that change the outputs."""
+    ckpt = Path(predictor.run)
+    return {"checkpoint": str(ckpt.resolve()), "weights": fingerprint(ckpt),
+            "inputs": [s.name for s in predictor.inputs], "image_size": predictor.image_size,
+            "window": predictor.window, "arrays": arrays}
+
+
+def _paired(spec: Any, item: Any, input: Any, pairs: dict[str, Path]) -> Tensor:
+    """Modality ``spec`` of ``item`` from its paired directory (see :func:`predict_files`)."""
+    from multimae.data.codecs import EXTS, decode_field, scale_for
+    from multimae.data.folder import read_meta
+
+    src = Path(item.where)
+    base = Path(input[0] if isinstance(input, (list, tuple)) else input)
+    layout = src.parent.parent.name == "rgb"  # a dataset layout: <split>/rgb/<class>/<name>.<ext>
+    if spec.name in pairs:
+        pdir = pairs[spec.name]
+        if layout:
+            rel = Path(src.parent.name) / src.stem
+        elif base.is_dir() and src.is_relative_to(base):
+            rel = src.relative_to(base).with_suffix("")
+        else:
+            rel = Path(src.stem)
+    elif layout:
+        pdir, rel = src.parent.parent.parent / spec.name, Path(src.parent.name) / src.stem
+    else:
+        raise DataError(f"image {item.where}: input {spec.name!r} needs a paired directory (--pair {spec.name}=DIR)")
+    cands = [pdir / f"{rel}.{e}" for e in EXTS[spec.kind]]
+    f = next((c for c in cands if c.is_file()), None)
+    if f is None:
+        raise DataError(f"image {item.where}: no paired {spec.name} file {pdir / rel}.{{{','.join(EXTS[spec.kind])}}}")
+    meta = next((m for d in (pdir, pdir.parent, pdir.parent.parent) if (m := read_meta(d))), {})
+    scale = scale_for(meta.get("png_scale"), spec.key)  # as the folder datasets read it
+    v = decode_field(f.read_bytes(), f.suffix[1:], spec, scale, f"{spec.name} {f}")
+    assert isinstance(v, Tensor)
+    return v
+
+
+def _write_meta(root: Path, predictor: Predictor, report: PredictReport, identity: dict[str, Any],
+                arrays: str) -> None:
+    tasks = {}
+    for t, o in predictor.outputs.items():
+        info: dict[str, Any] = {"kind": o.kind}
+        if o.classes:
+            info["classes"] = o.classes
+        if o.kind == "depth":
+            info.update(png_scale=DEPTH_PNG_SCALE, units="the run's depth units (metres for metric data)",
+                        files="<name>.%s.png (16-bit, value * png_scale), <name>.%s.preview.png" % (t, t))
+        elif o.kind == "dense":
+            info["files"] = (f"<name>.{t}.npy ({arrays} (C,H,W)), " if arrays != "none" else "") + \
+                f"<name>.{t}.preview.png"
+            if o.units:
+                info["units"] = o.units + (" (per-image standardised, not metres)" if o.units.startswith("robust") else "")
+        elif o.kind == "segmentation":
+            info["files"] = f"<name>.{t}.png (class ids), <name>.{t}.color.png; legend {t}.legend.png"
+            write_bytes(root / f"{t}.legend.png", legend_png(o.classes or []))
+        else:
+            info["files"] = f"{CLS_FILE} (top-k per image)"
+        tasks[t] = info
+    meta = {"run": predictor.run, "identity": identity, "run_kind": predictor.kind, "inputs": [s.name for s in predictor.inputs],
+            "image_size": predictor.image_size, "window": predictor.window,
+            "preprocessing": "sliding window" if predictor.window else
+            ("letterbox" if predictor.transform.letterbox else "centre crop"),
+            "tasks": tasks, "png_scale": {t: DEPTH_PNG_SCALE for t, o in predictor.outputs.items() if o.kind == "depth"},
+            "counts": {"predicted": report.predicted, "already_done": report.already_done, "bad": report.bad}}
+    write_bytes(root / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())

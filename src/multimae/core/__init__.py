@@ -1,0 +1,1 @@
+"""Foundations below every other layer: the batch, modalities, masking, seeding, configs."""
