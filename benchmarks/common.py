@@ -35,15 +35,17 @@ def _cpuinfo(key: str) -> str:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``, else ``lscpu``, else the platform's), never empty."""
-    name = _cpuinfo("model name")
-    if not name:
+    """The CPU's model name (the library's :func:`multimae.core.perf.cpu_model`, else ``lscpu``), never empty."""
+    from multimae.core.perf import cpu_model
+
+    name = cpu_model()
+    if name in ("", "unknown"):
         try:
             out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
             name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
         except (OSError, subprocess.SubprocessError):
             name = ""
-    return name or platform.processor() or "unknown CPU"
+    return name or "unknown CPU"
 
 
 def cpu_flags() -> set[str]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import os
 import platform
 import shlex
 import statistics
@@ -44,6 +43,9 @@ from multimae.model.multimae import ModelConfig, MultiMAE
 from multimae.core.perf import cpu_model, tune_malloc
 from multimae.tasks.finetune import FinetuneObjective
 from multimae.model.transfer import HeadConfig, TransferModel, TransferModelConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
+from common import load_average, write_text_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "compile_step.md"
 WORKLOADS = ("pretrain", "m3ae", "semseg", "depth", "cls")
@@ -186,7 +188,7 @@ def run_workload(name: str, args: argparse.Namespace, log: Callable[[str], None]
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]) -> str:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()[0]
     out = [
         "# Compiled vs eager training step (CPU)", "",
         f"`python benchmarks/compile_step.py {shlex.join(argv)}` -- {when}; {cpu_model()}, "
@@ -258,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     out = args.out if args.out is not None else (None if args.quick else RESULTS)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(md)
+        write_text_atomic(out, md)
     return 1 if any("error" in r for r in rows) else 0
 
 

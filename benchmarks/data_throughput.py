@@ -28,7 +28,6 @@ import io
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -52,6 +51,9 @@ from multimae.data.loader import BatchSpec, build_loader
 from multimae.data.shards import ShardDataset, folder_samples, write_shards
 from multimae.data.synthetic import LABEL_CLASSES, SPEC_OVERRIDES, SyntheticScenes
 from multimae.data.transforms import PairedTransform
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
+from common import cpu_name, write_text_atomic  # noqa: E402
 
 PRETRAIN = ["rgb", "depth", "semseg"]
 H100_IMG_S = 1500.0  # images/s one H100 trains ViT-B MultiMAE at (the figure): cores = 1500 / rate
@@ -414,8 +416,7 @@ def keep_up(args: argparse.Namespace, specs: list, folder_root: str, zst: list[s
 
 
 def write_table(path: str, n: int, lines: list[str], load: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = cpu_name()
     text = [
         "# Data throughput",
         "",
@@ -430,8 +431,7 @@ def write_table(path: str, n: int, lines: list[str], load: tuple[tuple[float, ..
         "",
         *lines,
     ]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(text))
+    write_text_atomic(path, "\n".join(text))
     print(f"wrote {path}")
 
 

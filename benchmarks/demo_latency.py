@@ -35,6 +35,9 @@ from multimae.apps.demo.engine import native_bf16
 from multimae.model.multimae import MultiMAE
 from multimae.tasks.pretrain_config import PretrainConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
+from common import load_average, write_text_atomic  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -74,7 +77,7 @@ def main() -> None:
         configs = [(p, t) for p in ("fp32", "bf16") for t in (1, 2)]
         times: dict[tuple[str, int], dict[str, list[float]]] = {c: {"predict": [], "model": [], "edit": [], "scene": []}
                                                                 for c in configs}
-        load = [os.getloadavg()[0]]
+        load = [load_average()[0]]
         with serving(engine) as url:
             s, _ = post(url, "/api/sample", {"source": "synthetic", "index": 0})
             hidden, _ = post(url, "/api/mask", {"sample": s["id"], "budget": engine.default_visible,
@@ -97,7 +100,7 @@ def main() -> None:
                     _, ms_s = post(url, "/api/sample", {"source": "synthetic", "index": r + 1})
                     t["edit"].append(ms_e)
                     t["scene"].append(ms_s)
-        load.append(os.getloadavg()[0])
+        load.append(load_average()[0])
 
     cfg = engine.model.config
     lines = [
@@ -126,8 +129,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        write_text_atomic(args.out, text)
 
 
 if __name__ == "__main__":

@@ -32,15 +32,17 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
+from common import ROOT, cpu_name, load_average, mem_available_gib, proc_status_kb, write_text_atomic  # noqa: E402
+
 CONFIGS = {"ddp": ("ddp", False), "ddp+ac": ("ddp", True), "fsdp": ("fsdp", False), "fsdp+ac": ("fsdp", True)}
 
 
 def _status_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    kb = proc_status_kb(field)
+    if kb is None:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return kb
 
 
 class _AnonPeak:
@@ -132,20 +134,11 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-        cpus = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("CPU(s)"))
-        return f"{name}, {cpus} CPUs"
-    except (OSError, StopIteration, subprocess.SubprocessError):
-        return "unknown CPU"
+    return f"{cpu_name()}, {os.cpu_count()} CPUs"
 
 
 def _mem_available_gb() -> float:
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+    return mem_available_gib()
 
 
 def run_config(config: str, args: argparse.Namespace, out: Path, port: int) -> list[dict]:
@@ -155,14 +148,14 @@ def run_config(config: str, args: argparse.Namespace, out: Path, port: int) -> l
            "--batch", str(args.batch), "--visible", str(args.visible)] + (["--no-tune-malloc"] if args.no_tune_malloc else []) + (["--trim"] if args.trim else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    load0, t0 = os.getloadavg()[0], time.perf_counter()
+    load0, t0 = load_average()[0], time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if r.returncode != 0:
         raise SystemExit(f"{config} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
     rows = [json.loads((out / f"{config}-rank{k}.json").read_text()) for k in range(2)]
     for row in rows:
         row["wall_s"] = time.perf_counter() - t0
-        row["load"] = (load0 + os.getloadavg()[0]) / 2
+        row["load"] = (load0 + load_average()[0]) / 2
     print(f"{config}: peak RSS per rank {[round(x['hwm_kb'] / 2**20, 2) for x in rows]} GiB, "
           f"step {rows[0]['step_s']:.1f} s, load {rows[0]['load']:.1f}; rank 0 (VmRSS, VmHWM) GiB: base "
           f"{rows[0]['base_kb'] / 2**20:.2f}, " + ", ".join(f"{k} ({a / 2**20:.2f}, {b / 2**20:.2f})"
@@ -303,12 +296,7 @@ def main() -> None:
     text = render(results, skipped, args, cmdline)
     print(text)
     if not args.quick:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".tmp-{out.name}")
-        tmp.write_text(text)
-        os.replace(tmp, out)
-        print(f"wrote {out}")
+        print(f"wrote {write_text_atomic(args.out, text)}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
 import json
 import os
 import platform
@@ -56,12 +55,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
+from common import H100_SXM_TFLOPS, count_flops, matmul_gflops, nominal_peak, sync, timed  # noqa: E402
+from common import gpu_peak_gb as peak_memory_gb  # noqa: E402
+from common import reset_gpu_peak as reset_memory  # noqa: E402
+from common import write_text_atomic as write_atomic  # noqa: E402
 
 # ----------------------------------------------------------------------------- library entry points
 # Every multimae import of this script is here, so moving modules means editing this block only.
 from multimae.core.batch import Batch
-from multimae.checkpoint.io import save_file_atomic
 from multimae.core.config import load_config
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.engine.distributed import cleanup as dist_cleanup
@@ -85,28 +88,7 @@ FINETUNE_CONFIGS = {"semseg (ConvNeXt)": "finetune/nyuv2-semseg-rgb", "depth (DP
                     "cls (linear)": "finetune/in1k-cls"}
 GOAL_H100_IMG_S = 1500.0
 PAPER_A100_IMG_S = 444.0
-# Nominal dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets; first match
-# of the device name wins. "NVIDIA H100 80GB HBM3" is the SXM part.
-PEAK_BF16_TFLOPS: list[tuple[str, float | None, str]] = [
-    (r"H100.*PCIe", 756.0, "H100 PCIe"),
-    (r"H100 NVL", 835.0, "H100 NVL"),
-    (r"H100|GH200", 989.0, "H100 SXM"),
-    (r"A100", 312.0, "A100"),
-    (r"\bL4\b", 121.0, "L4"),
-    (r"A10\b", 125.0, "A10"),
-    (r"A10G", 70.0, "A10G (AWS; NVIDIA publishes no datasheet, commonly cited figure)"),
-    (r"RTX 4090", 165.0, "RTX 4090 (fp32 accumulate)"),
-    (r"RTX 3090", 71.0, "RTX 3090 (fp32 accumulate)"),
-    (r"V100", None, "V100 (no bf16 tensor cores: bf16 is emulated; fp16 peak 125)"),
-]
-
-
-def nominal_peak(name: str) -> tuple[float | None, str]:
-    """(dense bf16 TFLOP/s or None, which entry) for a device name; (None, "unknown") off the table."""
-    for pattern, tflops, label in PEAK_BF16_TFLOPS:
-        if re.search(pattern, name):
-            return tflops, label
-    return None, "unknown"
+# The GPU peak table (dense bf16 TFLOP/s by device name) is benchmarks/common.py's PEAK_BF16_TFLOPS.
 
 
 # ----------------------------------------------------------------------------- setup
@@ -149,37 +131,6 @@ def make_setup(a: argparse.Namespace) -> Setup:
 
 
 # ----------------------------------------------------------------------------- measuring
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def reset_memory(dev: torch.device) -> None:
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-
-
-def peak_memory_gb(dev: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-
-
-def timed(fn: Callable[[], Any], dev: torch.device) -> float:
-    sync(dev)
-    t = time.perf_counter()
-    fn()
-    sync(dev)
-    return time.perf_counter() - t
-
-
-def count_flops(fn: Callable[[], Any]) -> float:
-    """FLOPs (matmul, conv, attention; forward and backward) of one call, by FlopCounterMode."""
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return float(fc.get_total_flops())
-
-
 def profile_ops(fn: Callable[[], Any], dev: torch.device) -> dict[str, int]:
     """Op and kernel names torch.profiler records in one call -> occurrences."""
     from torch.profiler import ProfilerActivity, profile
@@ -655,12 +606,8 @@ def section_inference_pretrain(setup: Setup, ctx: dict[str, Any], log: Callable[
 # ----------------------------------------------------------------------------- environment + goal
 def measured_matmul_peak(dev: torch.device) -> float:
     """Best TFLOP/s of a square bf16 matmul (8192 on a GPU, 512 on the CPU)."""
-    n = 8192 if dev.type == "cuda" else 512
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    a @ b
-    best = min(timed(lambda: a @ b, dev) for _ in range(5 if dev.type == "cuda" else 2))
-    return 2 * n**3 / best / 1e12
+    return matmul_gflops(dev, torch.bfloat16, (8192,) if dev.type == "cuda" else (512,),
+                         repeats=5 if dev.type == "cuda" else 2) / 1e3
 
 
 def section_environment(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
@@ -704,10 +651,10 @@ def judge_goal(results: dict[str, Any]) -> dict[str, Any]:
                           f"{PAPER_A100_IMG_S:.0f} img/s per A100")
         out["met"] = ok
     elif nominal:
-        equiv = GOAL_H100_IMG_S * nominal / 989.0
+        equiv = GOAL_H100_IMG_S * nominal / H100_SXM_TFLOPS
         out["goal_scaled_img_s"] = equiv
         out["verdict"] = (f"not an H100: {best:.0f} img/s ({best_key}) on {gpu}; the goal scaled by the nominal bf16 "
-                          f"peak ({nominal:.0f} / 989 TFLOP/s) is {equiv:.0f} img/s, which this run "
+                          f"peak ({nominal:.0f} / {H100_SXM_TFLOPS:.0f} TFLOP/s) is {equiv:.0f} img/s, which this run "
                           f"{'meets' if best >= equiv else 'does not meet'} (an estimate, not the goal); "
                           f"{best / PAPER_A100_IMG_S:.2f}x the paper's {PAPER_A100_IMG_S:.0f} img/s per A100")
     else:
@@ -844,11 +791,6 @@ def markdown(res: dict[str, Any]) -> str:
     failed = [k for k, r in R.items() if isinstance(r, dict) and r.get("status") == "error"]
     L += ["## Failures", ""] + ([f"- {k}: {R[k]['error']}" for k in failed] or ["none"]) + [""]
     return "\n".join(L)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 # ----------------------------------------------------------------------------- main

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
+from common import write_text_atomic  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -81,8 +84,7 @@ def main() -> int:
         lines.append(f"| {c} | {r['words']} | {r['model']:.3f} | {r['frequency_baseline']:.3f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_text_atomic(args.out, text)
     return 0
 
 

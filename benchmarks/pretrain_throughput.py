@@ -40,7 +40,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
+from common import flop_counter, native_bf16, timed, write_text_atomic  # noqa: E402
 
 from multimae.model.layers.attention import set_attention
 from multimae.core.masking import dirichlet_plan
@@ -65,25 +67,6 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 RESULTS = Path(__file__).parent / "results" / "pretrain_throughput.md"
 
 
-# ----------------------------------------------------------------------------- machine
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def native_bf16() -> bool:
-    """Whether the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX) as oneDNN sees it."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
 # ----------------------------------------------------------------------------- peak
 @dataclass
 class Peak:
@@ -96,12 +79,6 @@ class Peak:
         self.trials.append((op, n, gflops))
         if gflops > self.gflops:
             self.gflops, self.where = gflops, f"{op} {n}x{n}"
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def measure_peak(dtype: torch.dtype, into: Peak, sizes: tuple[int, ...] = (512, 1024, 2048),
@@ -117,10 +94,10 @@ def measure_peak(dtype: torch.dtype, into: Peak, sizes: tuple[int, ...] = (512, 
             a = torch.randn(n, n, generator=g).to(dtype)
             b = torch.randn(n, n, generator=g).to(dtype)
             fn = (lambda: torch.mm(a, b)) if op == "mm" else (lambda: F.linear(a, b))
-            best = _timed(fn)
+            best = timed(fn)
             spent, reps = best, 1
             while reps <= repeats and spent + best <= budget_s:
-                t = _timed(fn)
+                t = timed(fn)
                 best, spent, reps = min(best, t), spent + t, reps + 1
             into.add(op, n, 2 * n**3 / best / 1e9)
             if best * 8 > budget_s:
@@ -168,27 +145,7 @@ class OtherLoad:
         return self.other / (self.wall * self.ncpu) if self.wall > 0 else None
 
 
-# ----------------------------------------------------------------------------- FLOPs
-def _cpu_sdpa_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(q_shape, k_shape, v_shape)
-
-
-def _cpu_sdpa_backward_flops(grad_out_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    # model FLOPs: twice the forward, as the explicit softmax(q k^T) v form counts; torch's own
-    # formula for the CUDA kernels adds the recomputation of q k^T, which would make fused rows
-    # count more work than manual ones for the same model
-    return 2 * sdpa_flop_count(q_shape, k_shape, v_shape)
-
-
-def flop_counter() -> FlopCounterMode:
-    """FlopCounterMode that also counts the CPU flash-attention kernels (forward and backward)."""
-    mapping = {}
-    aten = torch.ops.aten
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward_flops
-    return FlopCounterMode(display=False, custom_mapping=mapping)
+# FLOPs: benchmarks/common.py's flop_counter (it also counts the CPU flash-attention kernels).
 
 
 # ----------------------------------------------------------------------------- one row
@@ -751,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         md = markdown(rows, peaks, peak_runs, bds, args, argv, malloc)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(md)
+        write_text_atomic(out, md)
         log(f"wrote {out}")
     return 0
 

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import reproduce as rp  # noqa: E402
+from common import write_json_atomic, write_text_atomic  # noqa: E402
 
 TASKS = [t for t, (_, _, kind) in rp.TASKS.items() if kind in ("probe", "ood")]
 
@@ -95,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         L += [note, ""]
     text = "\n".join(L) + "\n"
     print(text)
-    Path(args.results + ".md").write_text(text)
-    Path(args.results + ".json").write_text(json.dumps({"raw": res, "verdict": verdict, "margin": args.margin}, indent=2) + "\n")
+    write_text_atomic(args.results + ".md", text)
+    write_json_atomic(args.results + ".json", {"raw": res, "verdict": verdict, "margin": args.margin})
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +22,9 @@ from PIL import Image
 
 from multimae.apps.pseudolabel import build_labelers, pseudolabel
 from multimae.apps.pseudolabel.tiny import save_random_multimae, save_tiny_dpt, save_tiny_mask2former
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
+from common import cpu_name, load_average, write_text_atomic  # noqa: E402
 
 SIZES = [(256, 384), (480, 320), (300, 300), (512, 384), (240, 320), (384, 512), (333, 250), (400, 400)]
 
@@ -37,14 +40,7 @@ def make_photos(root: Path, num: int) -> Path:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import transformers
 
     return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
@@ -69,7 +65,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/pseudolabel_throughput.md")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    load_before = os.getloadavg()
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         (tmp / "photos").mkdir()
@@ -83,7 +79,7 @@ def main() -> None:
             run("MultiMAE-base, random init (depth + semseg, one forward)", photos, tmp, args.batch_size,
                 depth=base, semseg=base),
         ]
-    load_after = os.getloadavg()
+    load_after = load_average()
     lines = [
         "# Pseudo-labelling throughput",
         "",
@@ -109,7 +105,7 @@ def main() -> None:
         "",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
+    write_text_atomic(args.out, "\n".join(lines))
     print("\n".join(lines))
 
 

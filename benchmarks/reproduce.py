@@ -45,12 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules,
 
 from common import write_json_atomic  # noqa: E402
 from reproduce_jobs import hms, run_job, schedule  # noqa: E402
-from reproduce_plan import (ALL_ARMS, ARMS, COLUMNS, DEFAULT_TASKS, FULL, PROBE_ATTR, QUICK, ROOT, TASKS,  # noqa: E402
-                            Budget, Job, build_jobs, choose, parse_plan, result_file)
+from reproduce_plan import (ALL_ARMS, ARMS, COLUMNS, DEFAULT_TASKS, FULL, PROBE_ATTR, PROBE_TEXT, QUICK, ROOT,  # noqa: E402
+                            TASKS, Budget, Job, build_jobs, choose, parse_plan, result_file)
 from reproduce_report import CLAIMS, collect, compare, draw_figure, judge, write_report  # noqa: E402
 
-__all__ = ["ALL_ARMS", "ARMS", "CLAIMS", "COLUMNS", "DEFAULT_TASKS", "PROBE_ATTR", "TASKS", "Budget", "Job",
-           "build_jobs", "collect", "compare", "draw_figure", "judge", "main", "run_job", "schedule", "write_report"]
+__all__ = ["ALL_ARMS", "ARMS", "CLAIMS", "COLUMNS", "DEFAULT_TASKS", "FULL", "PROBE_ATTR", "PROBE_TEXT", "QUICK", "TASKS",
+           "Budget", "Job", "build_jobs", "collect", "compare", "draw_figure", "judge", "main", "result_file", "run_job",
+           "schedule", "write_report"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -18,11 +18,13 @@ import concurrent.futures as cf
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
+from common import cpu_name, load_average, write_json_atomic, write_text_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # task -> (CLI verb, config, metrics shown (first = headline), higher is better)
@@ -56,7 +58,7 @@ def run(task: str, init: str, out: Path) -> dict:
     wall = time.time() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed (exit {r.returncode}); see {out / (run_dir.name + '.log')}")
-    (run_dir / "wall.json").write_text(json.dumps({"wall_s": wall}) + "\n")
+    write_json_atomic(run_dir / "wall.json", {"wall_s": wall}, indent=None)
     return {"task": task, "init": init, "dir": str(run_dir), "cached": False}
 
 
@@ -82,10 +84,8 @@ def report(out: Path, init: str, tasks: list[str], started: str) -> str:
             head = f"{LABEL[task]} (`{Path(config).stem}`)" if i == 0 else ""
             rows.append(f"| {head} | {m} | {vals[0]} | {vals[1]} | {fmt(base, m)} | "
                         f"{(walls['pretrained'] + ' / ' + walls['scratch']) if i == 0 else ''} |")
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                if line.startswith("Model name:")), platform.processor())
-    load = os.getloadavg()
+    cpu = cpu_name()
+    load = load_average()
     ends = sorted(dt.datetime.fromtimestamp(w.stat().st_mtime, dt.timezone.utc) for w in out.glob("*/wall.json"))
     span = f"{ends[0]:%Y-%m-%d %H:%M}-{ends[-1]:%H:%M} UTC" if ends else "-"
     return "\n".join([
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             f.result()
             print(f"[{k}/{len(jobs)}] {t} init={i} done", flush=True)
     text = report(a.out, a.init, tasks, started)
-    a.results.write_text(text)
+    write_text_atomic(a.results, text)
     print(text)
     return 0
 

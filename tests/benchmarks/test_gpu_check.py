@@ -97,12 +97,15 @@ def test_without_a_gpu_it_refuses_clearly(tmp_path: Path) -> None:
     ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
     ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA L4", 121.0),
     ("NVIDIA A10G", 70.0), ("NVIDIA A10", 125.0), ("NVIDIA GeForce RTX 4090", 165.0),
-    ("NVIDIA GeForce RTX 3090", 71.0), ("Tesla V100-SXM2-16GB", None), ("NVIDIA L40S", None),
+    ("NVIDIA GeForce RTX 3090", 71.0), ("Tesla V100-SXM2-16GB", None), ("NVIDIA L40S", 362.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA GH200 480GB", 989.0), ("Some Future GPU", None),
 ])
 def test_peak_table_reads_device_names(gpu_check, name: str, tflops: float | None) -> None:
     got, label = gpu_check.nominal_peak(name)
     assert got == tflops, (name, label)
     if name == "NVIDIA L40S":  # must not be taken for an L4
+        assert label == "L40S"
+    if name == "Some Future GPU":
         assert label == "unknown"
     if "V100" in name:
         assert "V100" in label
