@@ -407,61 +407,68 @@ COLOURS = {"multimae": (31, 119, 180), "mae": (255, 127, 14), "m3ae": (44, 160, 
            "m3ae_t15": (214, 39, 40), "m3ae_t50": (148, 103, 189), "m3ae_t50_90": (140, 86, 75)}
 
 
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _bar(d: Any, bx: float, bw: float, y0: float, y1: float, hi: float, stat: tuple, colour: tuple, font: Any) -> None:
+    """One arm's bar with its ± std error bar (n > 1) and its value under the axis."""
+    m, s, n = stat
+    if n == 0 or math.isnan(m):
+        d.text((bx, y1 - 14), "n/a", fill="gray", font=font)
+        return
+    d.rectangle([bx, y1 - (y1 - y0) * max(m, 0) / hi, bx + bw, y1], fill=colour)
+    if n > 1 and not math.isnan(s):
+        cx = bx + bw / 2
+        ya, yb = y1 - (y1 - y0) * max(m - s, 0) / hi, y1 - (y1 - y0) * (m + s) / hi
+        d.line([cx, ya, cx, yb], fill="black", width=2)
+        d.line([cx - 5, ya, cx + 5, ya], fill="black", width=2)
+        d.line([cx - 5, yb, cx + 5, yb], fill="black", width=2)
+    d.text((bx, y1 + 3), f"{m:.3g}", fill="black", font=font)
+
+
+def _panel(d: Any, ox: int, oy: int, pw: int, ph: int, column: tuple, stats: dict, arms: list[str], font: Any) -> None:
+    """One column's panel: title, axes with 5 y ticks, one bar per arm."""
+    _, _, header, higher = column
+    d.text((ox + 5, oy + 2), header.replace("δ", "delta") + ("" if higher else " (lower better)"), fill="black", font=font)
+    x0, x1, y0, y1 = ox + 40, ox + pw - 15, oy + 25, oy + ph - 30  # plot area
+    vals = [stats[a][header] for a in arms]
+    hi = max([m + (0 if math.isnan(s) else s) for m, s, n in vals if n > 0] or [1.0])
+    hi = hi * 1.15 if hi > 0 else 1.0
+    d.line([x0, y1, x1, y1], fill="black")
+    d.line([x0, y0, x0, y1], fill="black")
+    for t in range(5):  # y ticks
+        y = y1 - (y1 - y0) * t / 4
+        d.line([x0 - 3, y, x0, y], fill="black")
+        d.text((ox, y - 6), f"{hi * t / 4:.3g}", fill="black", font=font)
+    bw = (x1 - x0) / (len(arms) * 1.5 + 0.5)
+    for i, (arm, stat) in enumerate(zip(arms, vals)):
+        _bar(d, x0 + bw * (0.5 + 1.5 * i), bw, y0, y1, hi, stat, COLOURS[arm], font)
+
+
 def draw_figure(stats: dict, path: Path, quick: bool, arms: list[str] | None = None,
                 columns: list[tuple] | None = None) -> None:
     """Bar chart with error bars (mean ± std), one panel per column, one bar per arm (PIL only)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    def font(size: int) -> Any:
-        try:
-            return ImageFont.load_default(size=size)
-        except TypeError:  # Pillow < 10.1
-            return ImageFont.load_default()
+    from PIL import Image, ImageDraw
 
     arms, columns = list(arms or ARMS), list(columns or COLUMNS)
-    f_title, f_small = font(15), font(12)
+    f_title, f_small = _font(15), _font(12)
     cols = min(4, len(columns))
     rows = -(-len(columns) // cols)
-    pw, ph = 250, 230
-    top = 60
+    pw, ph, top = 250, 230, 60
     img = Image.new("RGB", (cols * pw + 20, rows * ph + top + 10), "white")
     d = ImageDraw.Draw(img)
     title = " / ".join(ARM_LABEL[a] for a in arms) + " on synthetic scenes: mean ± std over seeds"
     d.text((10, 8), title + (" (--quick smoke run)" if quick else ""), fill="black", font=f_title)
-    x = 10
-    for arm in arms:  # legend
-        d.rectangle([x, 34, x + 14, 48], fill=COLOURS[arm])
-        d.text((x + 18, 34), ARM_LABEL[arm], fill="black", font=f_small)
-        x += 110
-    for k, (_, _, header, higher) in enumerate(columns):
-        ox, oy = 10 + (k % cols) * pw, top + (k // cols) * ph
-        d.text((ox + 5, oy + 2), header.replace("δ", "delta") + ("" if higher else " (lower better)"), fill="black", font=f_small)
-        x0, x1, y0, y1 = ox + 40, ox + pw - 15, oy + 25, oy + ph - 30  # plot area
-        vals = [stats[a][header] for a in arms]
-        hi = max([m + (0 if math.isnan(s) else s) for m, s, n in vals if n > 0] or [1.0])
-        hi = hi * 1.15 if hi > 0 else 1.0
-        d.line([x0, y1, x1, y1], fill="black")
-        d.line([x0, y0, x0, y1], fill="black")
-        for t in range(5):  # y ticks
-            v = hi * t / 4
-            y = y1 - (y1 - y0) * t / 4
-            d.line([x0 - 3, y, x0, y], fill="black")
-            d.text((ox, y - 6), f"{v:.3g}", fill="black", font=f_small)
-        bw = (x1 - x0) / (len(arms) * 1.5 + 0.5)
-        for i, (arm, (m, s, n)) in enumerate(zip(arms, vals)):
-            bx = x0 + bw * (0.5 + 1.5 * i)
-            if n == 0 or math.isnan(m):
-                d.text((bx, y1 - 14), "n/a", fill="gray", font=f_small)
-                continue
-            yt = y1 - (y1 - y0) * max(m, 0) / hi
-            d.rectangle([bx, yt, bx + bw, y1], fill=COLOURS[arm])
-            if n > 1 and not math.isnan(s):
-                cx = bx + bw / 2
-                ya, yb = y1 - (y1 - y0) * max(m - s, 0) / hi, y1 - (y1 - y0) * (m + s) / hi
-                d.line([cx, ya, cx, yb], fill="black", width=2)
-                d.line([cx - 5, ya, cx + 5, ya], fill="black", width=2)
-                d.line([cx - 5, yb, cx + 5, yb], fill="black", width=2)
-            d.text((bx, y1 + 3), f"{m:.3g}", fill="black", font=f_small)
+    for i, arm in enumerate(arms):  # legend
+        d.rectangle([10 + 110 * i, 34, 24 + 110 * i, 48], fill=COLOURS[arm])
+        d.text((28 + 110 * i, 34), ARM_LABEL[arm], fill="black", font=f_small)
+    for k, column in enumerate(columns):
+        _panel(d, 10 + (k % cols) * pw, top + (k // cols) * ph, pw, ph, column, stats, arms, f_small)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
-

@@ -328,7 +328,7 @@ def ft_verdicts(ft: dict[str, Any]) -> list[str]:
     return out
 
 
-def ft_markdown(ft: dict[str, Any]) -> list[str]:
+def _ft_speed(ft: dict[str, Any]) -> list[str]:
     s = argparse.Namespace(**ft["settings"])
     lines = ["# Fine-tuning: this project vs the official MultiMAE fine-tuning code", "",
              f"Produced by `python benchmarks/vs_official.py {' '.join(ft['argv'])}` on {ft['date']}.", "",
@@ -358,6 +358,11 @@ def ft_markdown(ft: dict[str, Any]) -> list[str]:
     lines += ["", "All timed steps, CPU s / wall s: " + "; ".join(
         f"{name} {n}: " + ", ".join(f"{c:.2f}/{t:.2f}" for c, t in zip(r["cpu"][n], r["times"][n]))
         for name, r in ft["tasks"].items() for n in r["times"]), ""]
+    return lines
+
+
+def _ft_memory(ft: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if any(r.get("memory") for r in ft["tasks"].values()):
         lines += ["## Fine-tuning peak memory", "", "| task | variant | parameters | peak RSS (MB) | RSS after import (MB) | "
                   "RSS after build (MB) | vs official | step (MB) | step vs official |",
@@ -376,6 +381,12 @@ def ft_markdown(ft: dict[str, Any]) -> list[str]:
                              f"{m['rss_after_import_mb']:.0f} | {m['rss_after_build_mb']:.0f} | "
                              f"{ratio(m['peak_rss_mb'], off_peak)} | {st:.0f} | {ratio(st, off_step)} |")
         lines.append("")
+    return lines
+
+
+def ft_markdown(ft: dict[str, Any]) -> list[str]:
+    """The fine-tuning sections of the report."""
+    lines = _ft_speed(ft) + _ft_memory(ft)
     lines += ["## Fine-tuning targets (ours >= 1.2x faster, <= 0.8x memory)", ""] + ft.get("verdicts", []) + [""]
     for name, r in ft["tasks"].items():
         for n, (total, ops) in (r.get("profile") or {}).items():
