@@ -219,6 +219,12 @@ def render(results: dict[str, list[list[dict]]], skipped: dict[str, str], args: 
                       f"imports ({gib(net):.2f} vs {gib(base['net']):.2f} GiB); goal <= 0.5x: "
                       f"{'met' if best / base['hwm_kb'] <= 0.5 else 'not met'} on VmHWM, "
                       f"{'met' if net / base['net'] <= 0.5 else 'not met'} above the imports."]
+        anon = min(_peak(rep, "anon_peak_kb") for rep in results["fsdp+ac"])
+        lines += ["", f"Private memory (RssAnon peak, the imports' anonymous memory included): {anon / base['anon_peak_kb']:.2f}x "
+                      f"({gib(anon):.2f} vs {gib(base['anon_peak_kb']):.2f} GiB). VmHWM also counts the resident pages of "
+                      "the shared libraries (a CUDA build of torch: ~0.5 GiB here), which the two ranks share and which "
+                      "the kernel evicts and reloads under memory pressure: they add the same amount to both sides "
+                      "(which lifts FSDP's ratio) and vary by about 0.1 GiB between runs on a shared machine."]
     losses = {c: [round(rep[0]["loss_warm"], 4) for rep in reps] for c, reps in results.items()}
     lines += ["", f"Warm-up-step losses (rank 0; the same model, data and masks in every configuration): {losses}.",
               "", "Where the memory goes (fp32, 4 bytes per value): DDP keeps on every rank the whole model, its "

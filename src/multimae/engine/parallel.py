@@ -5,9 +5,9 @@
 * ``"ddp"`` (default): every rank holds the whole model, gradients are all-reduced
   (:func:`multimae.engine.distributed.wrap_ddp`); rank 0 writes the usual checkpoint. Unchanged.
 * ``"fsdp"``: FSDP2 (:func:`torch.distributed.fsdp.fully_shard`) on every transformer block
-  (:class:`multimae.model.layers.attention.Block`: encoder and decoder blocks) and on the root, so each
-  rank keeps 1/world of the parameters, gradients and AdamW moments and gathers one block at a
-  time. ``train.precision=bf16`` gives a bf16 parameter / gradient-reduction dtype (fp32 master
+  (:class:`multimae.model.layers.attention.Block`: encoder and decoder blocks), on every input and
+  output adapter (what is left of them outside their blocks) and on the root, so each rank keeps
+  1/world of the parameters, gradients and AdamW moments and gathers one unit at a time. ``train.precision=bf16`` gives a bf16 parameter / gradient-reduction dtype (fp32 master
   weights stay sharded); otherwise everything is fp32. Output adapters named in
   ``model.fp32_outputs`` keep fp32 parameters under bf16.
 
@@ -153,12 +153,29 @@ def prepare_model(model: nn.Module, train: Any, info: D.DistInfo) -> nn.Module:
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     policy, fp32 = mixed_precision_policy(train.precision), mixed_precision_policy("fp32")
     in_fp32 = {id(m) for sub in _fp32_subtrees(model) for m in sub.modules()}
-    for blk in transformer_blocks(model):  # bottom-up: the blocks, the fp32 adapters, the root
+    for blk in transformer_blocks(model):  # bottom-up: the blocks, the adapters, the root
         fully_shard(blk, mesh=mesh, mp_policy=fp32 if id(blk) in in_fp32 else policy)
-    for sub in _fp32_subtrees(model):
-        fully_shard(sub, mesh=mesh, mp_policy=fp32)
+    for sub in _adapters(model):
+        fully_shard(sub, mesh=mesh, mp_policy=fp32 if id(sub) in in_fp32 else policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def _adapters(model: nn.Module) -> list[nn.Module]:
+    """Each input and output adapter (and a shared decoder) of ``model`` that has parameters outside
+    its transformer blocks: sharded as units of their own, so that their whole parameters are
+    gathered only while they run and their gradients are reduced as soon as their backward ends.
+    Left in the root unit, they would stay gathered from the start of the forward pass to the end
+    of the backward pass, and their full gradients would wait for the root's reduction at the end
+    of the backward pass, where the per-rank peak is."""
+    in_blocks = {id(p) for blk in transformer_blocks(model) for p in blk.parameters()}
+    subs: list[nn.Module] = []
+    for name in ("input_adapters", "output_adapters"):
+        group = getattr(model, name, None)
+        subs += list(group.values()) if isinstance(group, nn.ModuleDict) else []
+    shared = getattr(model, "shared_decoder", None)
+    subs += [shared] if isinstance(shared, nn.Module) else []
+    return [m for m in subs if any(id(p) not in in_blocks for p in m.parameters())]
 
 
 def builds_on_meta(task: Any, train: Any, info: D.DistInfo) -> bool:
