@@ -1,0 +1,584 @@
+"""Tiled prediction of rasters larger than memory (``multimae predict --tiled``).
+
+:func:`predict_tiled` reads a TIFF window by window (only the tiles or strips a window covers are
+decoded, through ``tifffile``; uncompressed data is read row span by row span), runs overlapping
+windows of the model's size at the raster's native resolution, blends them with a separable linear
+ramp weight (so seams vanish) and writes each output as a tiled TIFF, one row of tiles at a time,
+carrying the input's georeferencing tags. Nothing ever holds the whole raster: the blended
+outputs are accumulated for one band of rows (``tile + window`` rows by the raster's width) and a
+row of output tiles is handed to a writer thread as soon as no later window can touch it.
+
+Peak memory (:func:`memory_bound`) depends on the raster's width, the window, the tile size, the
+batch and the decoded-segment cache, never on its height; per task it is ``(tile + window) x width
+x channels`` float32 values plus a few rows of output tiles.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from multimae.data.errors import DataError
+
+# ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory, GeoDoubleParams, GeoAsciiParams
+GEO_TAGS = (33550, 33922, 34264, 34735, 34736, 34737)
+TIFF_EXTS = (".tif", ".tiff")
+DEFAULT_TILE = 256
+DEFAULT_CACHE_BYTES = 16 << 20
+OUT_KINDS = ("ids", "float16", "float32")
+
+RunFn = Callable[[dict[str, Tensor]], Mapping[str, Tensor]]
+
+
+# ------------------------------------------------------------------------------------ reading
+
+class TiffWindows:
+    """Windows of the first image of a TIFF, read without loading it: ``read(y0, y1, x0, x1)`` ->
+    (C, y1-y0, x1-x0) array of the file's dtype. Tiled and striped files decode only the segments
+    a window covers (an LRU cache of ``cache_bytes`` keeps recent ones); uncompressed contiguous
+    data is read a row span at a time. Any failure is a DataError naming the file."""
+
+    def __init__(self, path: str | os.PathLike, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        import tifffile
+
+        self.path = Path(path)
+        where = f"raster {self.path}"
+        if not self.path.is_file():
+            raise DataError(f"{where}: no such file")
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            page = self._tif.pages.first
+            shaped = page.shaped  # (separate samples, depth, length, width, contig samples)
+            dtype = page.dtype
+        except Exception as e:  # not a TIFF, or a broken header / first IFD
+            raise DataError(f"{where}: not a readable TIFF ({type(e).__name__}: {e})") from None
+        self._page = page
+        try:
+            if dtype is None:
+                raise DataError(f"{where}: unsupported sample format ({page.sampleformat}, "
+                                f"{page.bitspersample}-bit)")
+            if shaped[1] != 1:
+                raise DataError(f"{where}: a volume (depth {shaped[1]}); tiled prediction takes 2-D rasters")
+            if page.is_subsampled or page.bitspersample % 8 or page.fillorder != 1:
+                raise DataError(f"{where}: chroma-subsampled or bit-packed data is not supported for tiled reads")
+        except DataError:
+            self.close()
+            raise
+        self.planes, self.height, self.width, self.samples = shaped[0], shaped[2], shaped[3], shaped[4]
+        self.channels = self.planes * self.samples
+        self.dtype = np.dtype(dtype)
+        self.where = where
+        self.geotags = {code: page.tags[code] for code in GEO_TAGS if code in page.tags}
+        self._raw = page.compression == 1 and page.predictor == 1 and page.is_contiguous
+        if page.is_tiled:
+            self._seg = (page.tilelength, page.tilewidth)
+        else:
+            self._seg = (page.rowsperstrip or self.height, self.width)
+        self._grid = (math.ceil(self.height / self._seg[0]), math.ceil(self.width / self._seg[1]))
+        self._seg_bytes = self._seg[0] * self._seg[1] * self.samples * self.dtype.itemsize
+        if not self._raw and self._seg_bytes > max(cache_bytes, 64 << 20):
+            self.close()
+            raise DataError(f"{where}: stores compressed strips of {self._seg[0]} rows ({self._seg_bytes >> 20} MB "
+                            f"each once decoded); tiled prediction needs a tiled TIFF or small strips (e.g. "
+                            f"gdal_translate -co TILED=YES, or tifffile.imwrite(..., tile=(256, 256)))")
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_cap = max(cache_bytes // max(1, self._seg_bytes), 4)
+        self._decode_args: dict[str, Any] = {"_fullsize": True}
+        if page.compression in (6, 7, 33007, 34892):  # JPEG
+            self._decode_args.update(jpegtables=page.jpegtables, jpegheader=page.jpegheader)
+
+    # -- context
+    def close(self) -> None:
+        self._tif.close()
+
+    def __enter__(self) -> "TiffWindows":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- reads
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        if not (0 <= y0 < y1 <= self.height and 0 <= x0 < x1 <= self.width):
+            raise ValueError(f"window {(y0, y1, x0, x1)} outside {self.height}x{self.width}")
+        try:
+            return self._read_raw(y0, y1, x0, x1) if self._raw else self._read_segments(y0, y1, x0, x1)
+        except DataError:
+            raise
+        except Exception as e:  # truncated file, corrupt segment, codec missing
+            raise DataError(f"{self.where}: cannot read rows {y0}:{y1}, columns {x0}:{x1} "
+                            f"({type(e).__name__}: {e})") from None
+
+    def _read_raw(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        fh = self._tif.filehandle
+        dt = self.dtype.newbyteorder(self._tif.byteorder)
+        offset = self._page.dataoffsets[0]
+        S, W, item = self.samples, self.width, dt.itemsize
+        out = np.empty((self.planes, y1 - y0, x1 - x0, S), self.dtype)
+        n = (x1 - x0) * S
+        for p in range(self.planes):
+            base = offset + p * self.height * W * S * item
+            for i, y in enumerate(range(y0, y1)):
+                fh.seek(base + ((y * W + x0) * S) * item)
+                buf = fh.read(n * item)
+                if len(buf) != n * item:
+                    raise DataError(f"{self.where}: truncated (row {y} ends past the end of the file)")
+                out[p, i] = np.frombuffer(buf, dt).reshape(x1 - x0, S)
+        return _chw(out)
+
+    def _segment(self, index: int) -> np.ndarray:
+        seg = self._cache.get(index)
+        if seg is not None:
+            self._cache.move_to_end(index)
+            return seg
+        page, fh = self._page, self._tif.filehandle
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        if offset and count:
+            fh.seek(offset)
+            data = fh.read(count)
+            if len(data) != count:
+                raise DataError(f"{self.where}: truncated (segment {index} ends past the end of the file)")
+        else:
+            data = None  # an empty (sparse) segment: tifffile fills it with the nodata value
+        seg, _, shape = page.decode(data, index, **self._decode_args)
+        if seg is None:
+            seg = np.full(shape, page.nodata, self.dtype)
+        seg = seg.reshape(shape[1], shape[2], shape[3])  # (rows, cols, contig samples)
+        self._cache[index] = seg
+        if len(self._cache) > self._cache_cap:
+            self._cache.popitem(last=False)
+        return seg
+
+    def _read_segments(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        sh, sw = self._seg
+        rows, cols = self._grid
+        out = np.empty((self.planes, y1 - y0, x1 - x0, self.samples), self.dtype)
+        for p in range(self.planes):
+            for r in range(y0 // sh, (y1 - 1) // sh + 1):
+                for c in range(x0 // sw, (x1 - 1) // sw + 1):
+                    seg = self._segment((p * rows + r) * cols + c)
+                    ya, yb = max(y0, r * sh), min(y1, (r + 1) * sh)
+                    xa, xb = max(x0, c * sw), min(x1, (c + 1) * sw)
+                    out[p, ya - y0:yb - y0, xa - x0:xb - x0] = seg[ya - r * sh:yb - r * sh, xa - c * sw:xb - c * sw]
+        return _chw(out)
+
+
+def _chw(a: np.ndarray) -> np.ndarray:
+    """(planes, h, w, samples) -> (C, h, w): one of planes / samples is 1."""
+    P, h, w, S = a.shape
+    return a[..., 0] if S == 1 else np.ascontiguousarray(np.moveaxis(a[0], -1, 0)) if P == 1 else \
+        np.ascontiguousarray(np.moveaxis(a, -1, 1).reshape(P * S, h, w))
+
+
+# ------------------------------------------------------------------------------------ blending
+
+def ramp(window: int, overlap: int) -> np.ndarray:
+    """1-D blending weight of a window: rises linearly over ``overlap`` pixels at both ends (never 0),
+    1 in the middle; a window's 2-D weight is the outer product of two."""
+    i = np.arange(window, dtype=np.float64) + 0.5
+    if overlap <= 0:
+        return np.ones(window, np.float32)
+    return np.minimum(1.0, np.minimum(i, window - i) / overlap).astype(np.float32)
+
+
+def starts(n: int, window: int, stride: int) -> list[int]:
+    """Window starts covering ``n`` pixels with ``stride``, the last one flush with the end."""
+    if n <= window:
+        return [0]
+    k = math.ceil((n - window) / stride) + 1
+    return sorted({min(i * stride, n - window) for i in range(k)})
+
+
+def weight_sum(n: int, window: int, overlap: int, stride: int) -> np.ndarray:
+    """Per pixel along one axis, the summed 1-D weights of the windows covering it (the 2-D sum is
+    the outer product of the row and column sums: the windows form a grid)."""
+    w = ramp(window, overlap)
+    s = np.zeros(n, np.float32)
+    for a in starts(n, window, stride):
+        b = min(n, a + window)
+        s[a:b] += w[:b - a]
+    return s
+
+
+# ------------------------------------------------------------------------------------ writing
+
+class _TileWriter:
+    """A tiled TIFF written by a thread from rows of tiles handed over through a queue of one
+    (so at most three rows of tiles exist at once: being built, queued, being compressed);
+    written under a temporary name and renamed when complete."""
+
+    def __init__(self, path: Path, height: int, width: int, channels: int, dtype: np.dtype, tile: int,
+                 extratags: list[tuple], compression: str | None) -> None:
+        import tifffile
+
+        self.path, self.tmp = path, path.with_name(path.name + ".part")
+        self.q: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        shape = (height, width, channels) if channels > 1 else (height, width)
+        size = height * width * channels * np.dtype(dtype).itemsize
+        kwargs = dict(shape=shape, dtype=dtype, tile=(tile, tile), photometric="minisblack",
+                      planarconfig="contig" if channels > 1 else None, extratags=extratags,
+                      compression=compression, bigtiff=size > (3 << 30), metadata=None)
+        if compression == "zlib":
+            kwargs["compressionargs"] = {"level": 1}
+
+        def tiles() -> Iterator[np.ndarray]:
+            while True:
+                row = self.q.get()
+                if row is None:
+                    return
+                if isinstance(row, BaseException):
+                    raise row
+                yield from row
+
+        def work() -> None:
+            try:
+                tifffile.imwrite(self.tmp, tiles(), **kwargs)
+            except BaseException as e:  # handed to the main thread by put() / close()
+                self.error = e
+                while True:  # unblock a producer waiting on the queue
+                    try:
+                        self.q.get_nowait()
+                    except queue.Empty:
+                        break
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.thread = threading.Thread(target=work, name=f"tiff-writer {path.name}", daemon=True)
+        self.thread.start()
+
+    def put(self, tiles: list[np.ndarray]) -> None:
+        while True:
+            if self.error is not None:
+                raise DataError(f"{self.path}: writing failed ({type(self.error).__name__}: {self.error})")
+            try:
+                self.q.put(tiles, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, ok: bool) -> None:
+        if self.thread.is_alive():
+            try:
+                self.q.put(None if ok else DataError("aborted"), timeout=60)
+            except queue.Full:
+                pass
+            self.thread.join()
+        if ok and self.error is None:
+            os.replace(self.tmp, self.path)
+            return
+        self.tmp.unlink(missing_ok=True)
+        if ok and self.error is not None:
+            raise DataError(f"{self.path}: writing failed ({type(self.error).__name__}: {self.error})")
+
+
+def _extratags(geotags: Mapping[int, Any]) -> list[tuple]:
+    tags = []
+    for code, tag in sorted(geotags.items()):
+        dtype = int(tag.dtype)
+        value = tag.value
+        if dtype == 2:  # ASCII: tifffile counts the terminating NUL itself
+            tags.append((code, "s", 0, str(value), True))
+        else:
+            vals = tuple(value) if isinstance(value, (tuple, list, np.ndarray)) else (value,)
+            tags.append((code, dtype, len(vals), vals, True))
+    return tags
+
+
+# ------------------------------------------------------------------------------------ driver
+
+@dataclass
+class TiledReport:
+    """What one :func:`predict_tiled` call did: output files per task, windows run, raster size."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+    windows: int = 0
+    size: tuple[int, int] = (0, 0)
+    seconds: float = 0.0
+
+
+def memory_bound(width: int, window: int, tile: int, in_channels: int, out_channels: Mapping[str, int] | int,
+                 batch_size: int, cache_bytes: int = DEFAULT_CACHE_BYTES, in_itemsize: int = 4) -> int:
+    """Bytes :func:`predict_tiled` holds at most for a raster of ``width`` columns (any height),
+    besides the model's own working memory for one batch: the blending band and four rows of
+    output tiles per task (float32), one batch of windows in and out, the segment cache."""
+    c_out = sum(out_channels.values()) if isinstance(out_channels, Mapping) else int(out_channels)
+    band = c_out * (tile + window) * width * 4
+    tiles = 4 * c_out * tile * (width + tile) * 4  # normalised, cut into tiles, queued, being written
+    batch = batch_size * window * window * (in_channels * (in_itemsize + 8) + c_out * 8)
+    return band + tiles + batch + cache_bytes
+
+
+def predict_tiled(run_fn: RunFn, src: str | os.PathLike | Mapping[str, str | os.PathLike], out_dir: str | os.PathLike,
+                  *, window: int, overlap: int | None = None, batch_size: int = 8, tile: int = DEFAULT_TILE,
+                  name: str | None = None, kinds: Mapping[str, str] | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                  compression: str | None = "zlib", progress: bool = False) -> TiledReport:
+    """Predict a large raster window by window into ``out_dir/<name>.<task>.tif``.
+
+    ``run_fn`` maps a batch of windows (modality key -> (N, C, window, window) tensor: uint8 data
+    as uint8, anything else as float32, raw values as stored in the file) to predictions (task ->
+    (N, C', h, w), resized bilinearly to the window if ``h, w`` differ). ``src`` is one TIFF (its
+    windows under the key ``"rgb"``) or a mapping modality key -> TIFF (all of one size). Windows
+    of ``window`` pixels at the raster's own resolution overlap by ``overlap`` (default a quarter
+    of the window); their predictions are blended with a linear ramp (:func:`ramp`). A raster
+    smaller than a window is padded by repeating its edge. ``kinds[task]``: ``float32`` (default),
+    ``float16``, or ``ids`` (the argmax over channels as uint8, uint16 past 256 channels). Output
+    tiles are ``tile`` pixels (a multiple of 16); the input's georeferencing tags are copied.
+    Memory: :func:`memory_bound`, whatever the raster's height."""
+    start = time.perf_counter()
+    if window < 1 or batch_size < 1:
+        raise ValueError(f"window and batch size must be >= 1, got {window}, {batch_size}")
+    overlap = window // 4 if overlap is None else int(overlap)
+    if not 0 <= overlap < window:
+        raise DataError(f"overlap {overlap}: expected 0 <= overlap < window ({window})")
+    if tile < 16 or tile % 16:
+        raise DataError(f"tile {tile}: expected a multiple of 16")
+    kinds = dict(kinds or {})
+    bad = {t: k for t, k in kinds.items() if k not in OUT_KINDS}
+    if bad:
+        raise DataError(f"output kinds {bad}: expected one of {OUT_KINDS}")
+    srcs = {"rgb": src} if isinstance(src, (str, os.PathLike)) else dict(src)
+    if not srcs:
+        raise DataError("no input raster")
+    first = Path(next(iter(srcs.values())))
+    name = name or first.stem
+    out = Path(out_dir)
+    readers: dict[str, TiffWindows] = {}
+    writers: dict[str, _TileWriter] = {}
+    ok = False
+    try:
+        for key, path in srcs.items():
+            readers[key] = TiffWindows(path, cache_bytes // len(srcs))
+        r0 = readers[next(iter(readers))]
+        H, W = r0.height, r0.width
+        for key, r in readers.items():
+            if (r.height, r.width) != (H, W):
+                raise DataError(f"{r.where}: {r.height}x{r.width}, but {r0.where} is {H}x{W}; paired rasters "
+                                f"must share one pixel grid")
+        geo = _extratags(r0.geotags)
+        stride = window - overlap
+        ys, xs = starts(H, window, stride), starts(W, window, stride)
+        w1 = ramp(window, overlap)
+        rsum, csum = weight_sum(H, window, overlap, stride), weight_sum(W, window, overlap, stride)
+        cap = tile + window
+        acc: dict[str, np.ndarray] = {}
+        emitted = 0  # rows [0, emitted) are written; acc row 0 is image row ``emitted``
+        report = TiledReport(size=(H, W))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ys) * len(xs), unit="win", desc=f"tiled {name}", disable=not progress,
+                   dynamic_ncols=True)
+
+        def emit(upto: int) -> None:
+            """Write every row of tiles that lies (or ends) below ``upto`` and shift the band."""
+            nonlocal emitted
+            while emitted < H and (emitted + tile <= upto or upto >= H):
+                h = min(tile, H - emitted)
+                norm = rsum[emitted:emitted + h, None] * csum[None, :]
+                for t, a in acc.items():
+                    vals = a[:, :h] / norm
+                    kind = kinds.get(t, "float32")
+                    if kind == "ids":
+                        vals = vals.argmax(0).astype(np.uint8 if a.shape[0] <= 256 else np.uint16)[None]
+                    else:
+                        vals = vals.astype(kind, copy=False)
+                    row = []
+                    for x0 in range(0, W, tile):
+                        t_ = vals[:, :, x0:x0 + tile]
+                        if t_.shape[1:] != (tile, tile):
+                            t_ = np.pad(t_, ((0, 0), (0, tile - t_.shape[1]), (0, tile - t_.shape[2])))
+                        row.append(np.ascontiguousarray(np.moveaxis(t_, 0, -1)) if t_.shape[0] > 1 else t_[0])
+                    del vals
+                    writers[t].put(row)
+                    del row
+                    for i in range(0, cap - h, h):  # shift the band up by h rows, chunks that never overlap
+                        n = min(h, cap - h - i)
+                        a[:, i:i + n] = a[:, i + h:i + h + n]
+                    a[:, cap - h:] = 0
+                emitted += h
+
+        for y0 in ys:
+            h = min(window, H - y0)
+            for b in range(0, len(xs), batch_size):
+                xb = xs[b:b + batch_size]
+                batch = {}
+                for key, r in readers.items():
+                    wins = []
+                    for x0 in xb:
+                        wdt = min(window, W - x0)
+                        a = r.read(y0, y0 + h, x0, x0 + wdt)
+                        if (h, wdt) != (window, window):
+                            a = np.pad(a, ((0, 0), (0, window - h), (0, window - wdt)), mode="edge")
+                        wins.append(a)
+                    arr = np.stack(wins)
+                    del wins
+                    batch[key] = torch.from_numpy(arr if arr.dtype == np.uint8 else arr.astype(np.float32))
+                preds = run_fn(batch)
+                del batch
+                for t, p in preds.items():
+                    p = p.detach().float().cpu()
+                    if p.ndim != 4 or p.shape[0] != len(xb):
+                        raise DataError(f"task {t}: run_fn returned shape {tuple(p.shape)}; expected "
+                                        f"({len(xb)}, C, h, w)")
+                    if p.shape[-2:] != (window, window):
+                        p = F.interpolate(p, size=(window, window), mode="bilinear", align_corners=False)
+                    if t not in acc:
+                        if emitted:
+                            raise DataError(f"task {t}: run_fn returned it for some windows only")
+                        acc[t] = np.zeros((p.shape[1], cap, W), np.float32)
+                        kind = kinds.get(t, "float32")
+                        dt = np.dtype(np.float32 if kind == "float32" else np.float16 if kind == "float16"
+                                      else np.uint8 if p.shape[1] <= 256 else np.uint16)
+                        writers[t] = _TileWriter(out / f"{name}.{t}.tif", H, W, 1 if kind == "ids" else p.shape[1],
+                                                 dt, tile, geo, compression)
+                    a, pn = acc[t], p.numpy()
+                    for i, x0 in enumerate(xb):
+                        wdt = min(window, W - x0)
+                        wgt = w1[:h, None] * w1[None, :wdt]
+                        a[:, y0 - emitted:y0 - emitted + h, x0:x0 + wdt] += pn[i, :, :h, :wdt] * wgt
+                del preds
+                report.windows += len(xb)
+                bar.update(len(xb))
+            nxt = ys[ys.index(y0) + 1] if y0 != ys[-1] else H
+            emit(nxt)
+        bar.close()
+        missing = [t for t in kinds if t not in acc]
+        if missing:
+            raise DataError(f"kinds name tasks {missing} that run_fn did not return ({sorted(acc)})")
+        ok = True
+    finally:
+        first_err: BaseException | None = None
+        for t, wr in writers.items():
+            try:
+                wr.close(ok)
+            except BaseException as e:  # keep closing the others, then report the first
+                first_err = first_err or e
+        for r in readers.values():
+            r.close()
+        if first_err is not None and ok:
+            raise first_err
+    report.files = {t: w.path for t, w in writers.items()}
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+# ------------------------------------------------------------------------------- multimae predict
+
+def predictor_run_fn(predictor: Any) -> RunFn:
+    """A :class:`multimae.apps.predict.Predictor` as a ``run_fn``: each window goes through the run's
+    evaluation preprocessing (the same as an image of the model's size given to ``predict``)."""
+
+    def run(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        n = len(next(iter(batch.values())))
+        raws = [{k: v[i] for k, v in batch.items()} for i in range(n)]
+        preds = predictor.predict_lowres(raws)
+        return {t: torch.stack([p[t].p if tuple(p[t].p.shape[-2:]) == p[t].size else p[t].full() for p in preds])
+                for t in preds[0]}
+
+    return run
+
+
+def _tiff_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    files: list[Path] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TIFF_EXTS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"input {p}: no such file or folder")
+    if not files:
+        raise DataError(f"input {', '.join(map(str, inputs))}: no .tif / .tiff raster")
+    return files
+
+
+def _check_spec(spec: Any, reader: TiffWindows) -> None:
+    """The raster can feed ``spec``: channel count, and uint8 for an image modality."""
+    if reader.channels != spec.channels:
+        raise DataError(f"{reader.where}: {reader.channels} bands, but input {spec.name!r} takes {spec.channels}")
+    if spec.kind == "image" and reader.dtype != np.uint8:
+        raise DataError(f"{reader.where}: {reader.dtype} samples, but input {spec.name!r} is an 8-bit image "
+                        f"modality")
+
+
+def predict_tiled_files(predictor: Any, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                        overlap: int | None = None, batch_size: int = 8, tile: int = DEFAULT_TILE,
+                        arrays: str = "auto", pairs: Mapping[str, str | os.PathLike] | None = None,
+                        progress: bool = True) -> dict[str, int]:
+    """``multimae predict --tiled``: every TIFF of ``inputs`` (files or folders) through
+    :func:`predict_tiled` with the predictor's windows (its image size) into
+    ``OUT/<name>.<task>.tif`` (segmentation: class ids; depth: float32; other dense outputs:
+    ``arrays``' dtype, float16 for ``auto`` / ``none``). Extra input modalities come from
+    ``pairs[name]/<stem>.tif``. Resumable (finished rasters are skipped); a bad raster is reported,
+    skipped and counted. Returns the counts."""
+    from multimae.apps.predict_io import check_identity, fingerprint, output_names
+    from multimae.data.prepare.writing import write_bytes
+
+    if predictor.window:
+        raise DataError("--tiled and --window are two ways of sliding windows: give one")
+    if any(o.kind == "classification" for o in predictor.outputs.values()):
+        raise DataError("--tiled applies to dense predictions, not a classification run")
+    dense = arrays if arrays in ("float16", "float32") else "float16"
+    kinds = {t: "ids" if o.kind == "segmentation" else "float32" if o.kind == "depth" else dense
+             for t, o in predictor.outputs.items()}
+    window = predictor.image_size
+    overlap = window // 4 if overlap is None else overlap
+    root = Path(out)
+    ckpt = Path(predictor.run)
+    identity = {"checkpoint": str(ckpt.resolve()), "weights": fingerprint(ckpt),
+                "inputs": [s.name for s in predictor.inputs], "image_size": window,
+                "tiled": {"window": window, "overlap": overlap}, "kinds": kinds}
+    meta_path = root / "multimae_predict.json"
+    check_identity(meta_path, identity)
+    files = _tiff_inputs(inputs)
+    counts = {"predicted": 0, "already_done": 0, "bad": 0}
+    meta = {"run": predictor.run, "identity": identity, "inputs": identity["inputs"], "preprocessing": "tiled",
+            "tasks": {t: {"kind": o.kind, "file": f"<name>.{t}.tif", "values": kinds[t],
+                          **({"classes": o.classes} if o.classes else {})} for t, o in predictor.outputs.items()},
+            "counts": counts}
+
+    def save_meta() -> None:
+        write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+
+    root.mkdir(parents=True, exist_ok=True)
+    save_meta()
+    run_fn = predictor_run_fn(predictor)
+    spec0, extra = predictor.inputs[0], predictor.inputs[1:]
+    for name, f in zip(output_names(files), files):
+        if all((root / f"{name}.{t}.tif").is_file() for t in kinds):
+            counts["already_done"] += 1
+            continue
+        try:
+            srcs = {spec0.key: f}
+            for sp in extra:
+                if sp.name not in (pairs or {}):
+                    raise DataError(f"raster {f}: input {sp.name!r} needs a paired directory (--pair {sp.name}=DIR)")
+                pdir = Path(pairs[sp.name])
+                cand = [pdir / f"{Path(name).name}{e}" for e in TIFF_EXTS]
+                pf = next((c for c in cand if c.is_file()), None)
+                if pf is None:
+                    raise DataError(f"raster {f}: no paired {sp.name} raster {pdir / Path(name).name}.tif")
+                srcs[sp.key] = pf
+            for sp in predictor.inputs:
+                with TiffWindows(srcs[sp.key]) as r:
+                    _check_spec(sp, r)
+            predict_tiled(run_fn, srcs, root, window=window, overlap=overlap, batch_size=batch_size, tile=tile,
+                          name=name, kinds=kinds, progress=progress)
+            counts["predicted"] += 1
+        except DataError as e:
+            counts["bad"] += 1
+            print(f"skipped: {e}", flush=True)
+        save_meta()
+    return counts
