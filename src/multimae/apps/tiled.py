@@ -3,14 +3,15 @@
 :func:`predict_tiled` reads a TIFF window by window (only the tiles or strips a window covers are
 decoded, through ``tifffile``; uncompressed data is read row span by row span), runs overlapping
 windows of the model's size at the raster's native resolution, blends them with a separable linear
-ramp weight (so seams vanish) and writes each output as a tiled TIFF, one row of tiles at a time,
+ramp weight (so seams vanish) and writes each output as a tiled TIFF, tile by tile,
 carrying the input's georeferencing tags. Nothing ever holds the whole raster: the blended
 outputs are accumulated for one band of rows (``tile + window`` rows by the raster's width) and a
-row of output tiles is handed to a writer thread as soon as no later window can touch it.
+row of output tiles is handed, tile by tile, to a writer thread as soon as no later window can
+touch it.
 
 Peak memory (:func:`memory_bound`) depends on the raster's width, the window, the tile size, the
 batch and the decoded-segment cache, never on its height; per task it is ``(tile + window) x width
-x channels`` float32 values plus a few rows of output tiles.
+x channels`` float32 values plus a few output tiles.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ GEO_TAGS = (33550, 33922, 34264, 34735, 34736, 34737)
 TIFF_EXTS = (".tif", ".tiff")
 DEFAULT_TILE = 256
 DEFAULT_CACHE_BYTES = 16 << 20
+QUEUE_TILES = 16  # output tiles waiting for a writer thread, per task
 OUT_KINDS = ("ids", "float16", "float32")
 
 RunFn = Callable[[dict[str, Tensor]], Mapping[str, Tensor]]
@@ -215,16 +217,16 @@ def weight_sum(n: int, window: int, overlap: int, stride: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------ writing
 
 class _TileWriter:
-    """A tiled TIFF written by a thread from rows of tiles handed over through a queue of one
-    (so at most three rows of tiles exist at once: being built, queued, being compressed);
-    written under a temporary name and renamed when complete."""
+    """A tiled TIFF written by a thread from tiles handed over in row-major order through a queue
+    of :data:`QUEUE_TILES` (so at most that many tiles, plus one being built and one being
+    compressed, exist at once); written under a temporary name and renamed when complete."""
 
     def __init__(self, path: Path, height: int, width: int, channels: int, dtype: np.dtype, tile: int,
                  extratags: list[tuple], compression: str | None) -> None:
         import tifffile
 
         self.path, self.tmp = path, path.with_name(path.name + ".part")
-        self.q: queue.Queue = queue.Queue(maxsize=1)
+        self.q: queue.Queue = queue.Queue(maxsize=QUEUE_TILES)
         self.error: BaseException | None = None
         shape = (height, width, channels) if channels > 1 else (height, width)
         size = height * width * channels * np.dtype(dtype).itemsize
@@ -236,12 +238,12 @@ class _TileWriter:
 
         def tiles() -> Iterator[np.ndarray]:
             while True:
-                row = self.q.get()
-                if row is None:
+                item = self.q.get()
+                if item is None:
                     return
-                if isinstance(row, BaseException):
-                    raise row
-                yield from row
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
 
         def work() -> None:
             try:
@@ -258,12 +260,12 @@ class _TileWriter:
         self.thread = threading.Thread(target=work, name=f"tiff-writer {path.name}", daemon=True)
         self.thread.start()
 
-    def put(self, tiles: list[np.ndarray]) -> None:
+    def put(self, tile: np.ndarray) -> None:
         while True:
             if self.error is not None:
                 raise DataError(f"{self.path}: writing failed ({type(self.error).__name__}: {self.error})")
             try:
-                self.q.put(tiles, timeout=0.5)
+                self.q.put(tile, timeout=0.5)
                 return
             except queue.Full:
                 continue
@@ -311,11 +313,12 @@ class TiledReport:
 def memory_bound(width: int, window: int, tile: int, in_channels: int, out_channels: Mapping[str, int] | int,
                  batch_size: int, cache_bytes: int = DEFAULT_CACHE_BYTES, in_itemsize: int = 4) -> int:
     """Bytes :func:`predict_tiled` holds at most for a raster of ``width`` columns (any height),
-    besides the model's own working memory for one batch: the blending band and four rows of
-    output tiles per task (float32), one batch of windows in and out, the segment cache."""
+    besides the model's own working memory for one batch: the blending band (float32, ``tile +
+    window`` rows by ``width`` per output channel), the output tiles queued or in flight, one batch
+    of windows in and out, the segment cache."""
     c_out = sum(out_channels.values()) if isinstance(out_channels, Mapping) else int(out_channels)
     band = c_out * (tile + window) * width * 4
-    tiles = 4 * c_out * tile * (width + tile) * 4  # normalised, cut into tiles, queued, being written
+    tiles = (QUEUE_TILES + 3) * c_out * tile * tile * 4  # queued, being built, padded, being compressed
     batch = batch_size * window * window * (in_channels * (in_itemsize + 8) + c_out * 8)
     return band + tiles + batch + cache_bytes
 
@@ -387,21 +390,16 @@ def predict_tiled(run_fn: RunFn, src: str | os.PathLike | Mapping[str, str | os.
                 h = min(tile, H - emitted)
                 norm = rsum[emitted:emitted + h, None] * csum[None, :]
                 for t, a in acc.items():
-                    vals = a[:, :h] / norm
                     kind = kinds.get(t, "float32")
-                    if kind == "ids":
-                        vals = vals.argmax(0).astype(np.uint8 if a.shape[0] <= 256 else np.uint16)[None]
-                    else:
-                        vals = vals.astype(kind, copy=False)
-                    row = []
-                    for x0 in range(0, W, tile):
-                        t_ = vals[:, :, x0:x0 + tile]
-                        if t_.shape[1:] != (tile, tile):
-                            t_ = np.pad(t_, ((0, 0), (0, tile - t_.shape[1]), (0, tile - t_.shape[2])))
-                        row.append(np.ascontiguousarray(np.moveaxis(t_, 0, -1)) if t_.shape[0] > 1 else t_[0])
-                    del vals
-                    writers[t].put(row)
-                    del row
+                    for x0 in range(0, W, tile):  # tile by tile: no full-width copy of the row
+                        v = a[:, :h, x0:x0 + tile] / norm[:, x0:x0 + tile]
+                        if kind == "ids":
+                            v = v.argmax(0).astype(np.uint8 if a.shape[0] <= 256 else np.uint16)[None]
+                        else:
+                            v = v.astype(kind, copy=False)
+                        if v.shape[1:] != (tile, tile):
+                            v = np.pad(v, ((0, 0), (0, tile - v.shape[1]), (0, tile - v.shape[2])))
+                        writers[t].put(np.ascontiguousarray(np.moveaxis(v, 0, -1)) if v.shape[0] > 1 else v[0])
                     for i in range(0, cap - h, h):  # shift the band up by h rows, chunks that never overlap
                         n = min(h, cap - h - i)
                         a[:, i:i + n] = a[:, i + h:i + h + n]
