@@ -481,8 +481,9 @@ def predictor_run_fn(predictor: Any) -> RunFn:
         n = len(next(iter(batch.values())))
         raws = [{k: v[i] for k, v in batch.items()} for i in range(n)]
         preds = predictor.predict_lowres(raws)
-        return {t: torch.stack([p[t].p if tuple(p[t].p.shape[-2:]) == p[t].size else p[t].full() for p in preds])
-                for t in preds[0]}
+        # a window's prediction maps onto it by a plain resize (up == size): left to predict_tiled,
+        # which resizes the whole batch at once (the same bilinear rule as LowRes)
+        return {t: torch.stack([p[t].p if p[t].up == p[t].size else p[t].full() for p in preds]) for t in preds[0]}
 
     return run
 
