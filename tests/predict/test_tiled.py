@@ -138,6 +138,15 @@ def test_bad_files_give_one_clear_error_and_no_output(tmp_path):
     with pytest.raises(DataError, match=r"cut\.tif: .*(truncated|cannot read)"):
         predict_tiled(_pointwise, bad, tmp_path / "o", window=32, tile=32)
     assert not list((tmp_path / "o").glob("cut.*")), "a failed raster leaves no output (nor a .part file)"
+    lzw = tmp_path / "lzw.tif"  # a common GeoTIFF compression that tifffile decodes only with imagecodecs
+    lzw.write_bytes(data.replace(b"\x03\x01\x03\x00\x01\x00\x00\x00\x08\x00", b"\x03\x01\x03\x00\x01\x00\x00\x00\x05\x00"))
+    with tifffile.TiffFile(lzw) as t:
+        assert t.pages.first.compression == 5
+    try:
+        import imagecodecs  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataError, match=r"lzw\.tif: cannot decode it: .*imagecodecs"):
+            predict_tiled(_pointwise, lzw, tmp_path / "o", window=32)
     with pytest.raises(DataError, match="no such file"):
         predict_tiled(_pointwise, tmp_path / "missing.tif", tmp_path / "o", window=32)
     other = tmp_path / "other.tif"

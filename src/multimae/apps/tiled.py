@@ -75,6 +75,14 @@ class TiffWindows:
                 raise DataError(f"{where}: a volume (depth {shaped[1]}); tiled prediction takes 2-D rasters")
             if page.is_subsampled or page.bitspersample % 8 or page.fillorder != 1:
                 raise DataError(f"{where}: chroma-subsampled or bit-packed data is not supported for tiled reads")
+            for table, code in ((tifffile.TIFF.DECOMPRESSORS, page.compression),
+                                (tifffile.TIFF.UNPREDICTORS, page.predictor)):
+                if code != 1:
+                    try:
+                        table[code]
+                    except KeyError as e:  # LZW, JPEG, ... need the imagecodecs package
+                        raise DataError(f"{where}: cannot decode it: {str(e).strip(chr(34))} (pip install imagecodecs, "
+                                        f"or re-save it with deflate compression)") from None
         except DataError:
             self.close()
             raise
