@@ -531,7 +531,6 @@ def predict_tiled_files(predictor: Any, inputs: Sequence[str | os.PathLike], out
     ``pairs[name]/<stem>.tif``. Resumable (finished rasters are skipped); a bad raster is reported,
     skipped and counted. Returns the counts."""
     from multimae.apps.predict_io import check_identity, fingerprint, output_names
-    from multimae.data.prepare.writing import write_bytes
 
     if predictor.window:
         raise DataError("--tiled and --window are two ways of sliding windows: give one")
@@ -556,8 +555,10 @@ def predict_tiled_files(predictor: Any, inputs: Sequence[str | os.PathLike], out
                           **({"classes": o.classes} if o.classes else {})} for t, o in predictor.outputs.items()},
             "counts": counts}
 
-    def save_meta() -> None:
-        write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    def save_meta() -> None:  # whole or not at all
+        tmp = meta_path.with_name(meta_path.name + ".part")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, meta_path)
 
     root.mkdir(parents=True, exist_ok=True)
     save_meta()
