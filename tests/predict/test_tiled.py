@@ -104,6 +104,27 @@ def test_equals_in_memory_blend(tmp_path, H, W, window, overlap, tile):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
 
 
+def test_column_strips_give_the_same_file(tmp_path):
+    """A raster wider than the band budget is done in column strips merged tile by tile: same values,
+    same tags, no temporary file left."""
+    img = _image(90, 300, seed=3)
+    f = tmp_path / "wide.tif"
+    tifffile.imwrite(f, img, photometric="rgb", tile=(32, 32), compression="zlib", extratags=GEO)
+    kw = dict(window=32, overlap=12, tile=16, batch_size=4, kinds={"seg": "ids"})
+    def fn(b):
+        return {"y": _contextual(b)["y"], "seg": _pointwise(b)["seg"]}
+
+    one = predict_tiled(fn, f, tmp_path / "one", **kw)
+    # 6 channels x (16 + 32) rows x 4 bytes per column: 64 columns per strip -> 5 strips
+    many = predict_tiled(fn, f, tmp_path / "many", band_bytes=6 * 48 * 4 * 70, **kw)
+    assert (one.strips, many.strips) == (1, 5) and many.windows > one.windows  # boundary windows run twice
+    for t in ("y", "seg"):
+        np.testing.assert_array_equal(tifffile.imread(many.files[t]), tifffile.imread(one.files[t]))
+        with tifffile.TiffFile(many.files[t]) as tf:
+            assert tf.pages.first.tags[33550].value == (10.0, 10.0, 0.0) and tf.pages.first.is_tiled
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["wide.seg.tif", "wide.y.tif"]
+
+
 def test_georeferencing_tags_are_copied(tmp_path):
     f = tmp_path / "geo.tif"
     tifffile.imwrite(f, _image(64, 80), photometric="rgb", tile=(16, 16), extratags=GEO)
@@ -194,7 +215,7 @@ predict_tiled(run, small, out, name="warm", kinds={"semseg": "ids"}, **kw)  # im
 x = torch.randint(0, 256, (kw["batch_size"], 3, kw["window"], kw["window"]), dtype=torch.uint8)
 model_mem, _ = peak_growth(lambda: run({"rgb": x}))  # the model's own working memory for one batch
 growth, rep = peak_growth(lambda: predict_tiled(run, big, out, kinds={"semseg": "ids"}, **kw))
-print(json.dumps({"growth": growth, "model": model_mem, "windows": rep.windows}))
+print(json.dumps({"growth": growth, "model": model_mem, "windows": rep.windows, "strips": rep.strips}))
 """
 
 
@@ -213,13 +234,17 @@ def _write_big(path, H, W, T=256):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_peak_memory_stays_under_the_bound_on_a_raster_20x_larger(tmp_path):
-    H, W = 12288, 256
-    kw = {"window": 64, "overlap": 16, "tile": 16, "batch_size": 8, "cache_bytes": 256 << 10}
+    """Peak resident memory growth (Linux VmHWM, reset before the call) of predict_tiled in a fresh
+    process: under memory_bound + the model's own working memory, on a raster whose untiled
+    prediction would hold ~20x that (and whose uint8 input alone is over it)."""
+    H, W = 3072, 1024  # in column strips of 256: the bound holds in both directions
+    kw = {"window": 64, "overlap": 16, "tile": 16, "batch_size": 8, "cache_bytes": 256 << 10,
+          "band_bytes": 7 * (16 + 64) * 4 * 256}
     big, small = tmp_path / "big.tif", tmp_path / "small.tif"
     _write_big(big, H, W)
     _write_big(small, 100, 100)
     bound = memory_bound(W, kw["window"], kw["tile"], 3, {"rgb": 3, "semseg": 4}, kw["batch_size"],
-                         kw["cache_bytes"], 1)
+                         kw["cache_bytes"], 1, kw["band_bytes"])
     limit = bound + (2 << 20)  # + the nano model's own working memory for a batch (measured below)
     untiled = H * W * (3 + 3 + 4) * 4  # what an in-memory prediction holds: float32 input, rgb and semseg logits
     assert untiled >= 20 * limit and H * W * 3 > limit  # even the uint8 input alone is over the limit
@@ -232,7 +257,7 @@ def test_peak_memory_stays_under_the_bound_on_a_raster_20x_larger(tmp_path):
     got = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"\npeak RSS growth {got['growth'] / 2**20:.1f} MB (a batch's forward alone {got['model'] / 2**20:.1f} MB), "
           f"limit {limit / 2**20:.1f} MB, untiled {untiled / 2**20:.0f} MB, {got['windows']} windows")
-    assert got["windows"] == 256 * 5
+    assert got["strips"] == 4 and got["windows"] == 64 * 4 * 6  # 6 of the 21 window columns meet each strip
     assert got["model"] < 2 << 20
     assert 0 < got["growth"] < limit
     with tifffile.TiffFile(tmp_path / "o" / "big.rgb.tif") as t:

@@ -5,13 +5,14 @@ decoded, through ``tifffile``; uncompressed data is read row span by row span), 
 windows of the model's size at the raster's native resolution, blends them with a separable linear
 ramp weight (so seams vanish) and writes each output as a tiled TIFF, tile by tile,
 carrying the input's georeferencing tags. Nothing ever holds the whole raster: the blended
-outputs are accumulated for one band of rows (``tile + window`` rows by the raster's width) and a
-row of output tiles is handed, tile by tile, to a writer thread as soon as no later window can
-touch it.
+outputs are accumulated for one band of rows (``tile + window`` rows by the raster's width, or
+by a column strip of it) and a row of output tiles is handed, tile by tile, to a writer thread as
+soon as no later window can touch it.
 
-Peak memory (:func:`memory_bound`) depends on the raster's width, the window, the tile size, the
-batch and the decoded-segment cache, never on its height; per task it is ``(tile + window) x width
-x channels`` float32 values plus a few output tiles.
+Peak memory (:func:`memory_bound`) is bounded whatever the raster's size: it depends on the
+window, the tile size, the batch, the decoded-segment cache and ``band_bytes``. The blending band
+is ``(tile + window)`` rows by at most the columns ``band_bytes`` allows; a wider raster is done
+in column strips (each a temporary tiled TIFF, merged by copying compressed tiles).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ TIFF_EXTS = (".tif", ".tiff")
 DEFAULT_TILE = 256
 DEFAULT_CACHE_BYTES = 16 << 20
 QUEUE_TILES = 16  # output tiles waiting for a writer thread, per task
+DEFAULT_BAND_BYTES = 256 << 20  # blended outputs of one band of rows; wider rasters go in column strips
 OUT_KINDS = ("ids", "float16", "float32")
 
 RunFn = Callable[[dict[str, Tensor]], Mapping[str, Tensor]]
@@ -310,22 +312,33 @@ def _extratags(geotags: Mapping[int, Any]) -> list[tuple]:
 
 @dataclass
 class TiledReport:
-    """What one :func:`predict_tiled` call did: output files per task, windows run, raster size."""
+    """What one :func:`predict_tiled` call did: output files per task, windows run (those on a
+    strip boundary run once per strip), column strips, raster size."""
 
     files: dict[str, Path] = field(default_factory=dict)
     windows: int = 0
+    strips: int = 1
     size: tuple[int, int] = (0, 0)
     seconds: float = 0.0
 
 
+def strip_width(width: int, window: int, tile: int, out_channels: int, band_bytes: int) -> int:
+    """Columns of one strip: the most (a multiple of ``tile``) whose blending band fits ``band_bytes``."""
+    per_column = (tile + window) * max(1, out_channels) * 4
+    cols = max(tile, band_bytes // per_column // tile * tile)
+    return width if cols >= width else cols
+
+
 def memory_bound(width: int, window: int, tile: int, in_channels: int, out_channels: Mapping[str, int] | int,
-                 batch_size: int, cache_bytes: int = DEFAULT_CACHE_BYTES, in_itemsize: int = 4) -> int:
-    """Bytes :func:`predict_tiled` holds at most for a raster of ``width`` columns (any height),
-    besides the model's own working memory for one batch: the blending band (float32, ``tile +
-    window`` rows by ``width`` per output channel), the output tiles queued or in flight, one batch
-    of windows in and out, the segment cache."""
+                 batch_size: int, cache_bytes: int = DEFAULT_CACHE_BYTES, in_itemsize: int = 4,
+                 band_bytes: int = DEFAULT_BAND_BYTES) -> int:
+    """Bytes :func:`predict_tiled` holds at most for a raster of ``width`` columns (any height, and
+    any width past one strip: :func:`strip_width`), besides the model's own working memory for one
+    batch: the blending band of a strip (float32, ``tile + window`` rows by the strip's width per
+    output channel), the output tiles queued or in flight, one batch of windows in and out, the
+    segment cache."""
     c_out = sum(out_channels.values()) if isinstance(out_channels, Mapping) else int(out_channels)
-    band = c_out * (tile + window) * width * 4
+    band = c_out * (tile + window) * strip_width(width, window, tile, c_out, band_bytes) * 4
     tiles = (QUEUE_TILES + 3) * c_out * tile * tile * 4  # queued, being built, padded, being compressed
     batch = batch_size * window * window * (in_channels * (in_itemsize + 8) + c_out * 8)
     return band + tiles + batch + cache_bytes
@@ -334,7 +347,8 @@ def memory_bound(width: int, window: int, tile: int, in_channels: int, out_chann
 def predict_tiled(run_fn: RunFn, src: str | os.PathLike | Mapping[str, str | os.PathLike], out_dir: str | os.PathLike,
                   *, window: int, overlap: int | None = None, batch_size: int = 8, tile: int = DEFAULT_TILE,
                   name: str | None = None, kinds: Mapping[str, str] | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                  compression: str | None = "zlib", progress: bool = False) -> TiledReport:
+                  band_bytes: int = DEFAULT_BAND_BYTES, compression: str | None = "zlib",
+                  progress: bool = False) -> TiledReport:
     """Predict a large raster window by window into ``out_dir/<name>.<task>.tif``.
 
     ``run_fn`` maps a batch of windows (modality key -> (N, C, window, window) tensor: uint8 data
@@ -346,7 +360,11 @@ def predict_tiled(run_fn: RunFn, src: str | os.PathLike | Mapping[str, str | os.
     smaller than a window is padded by repeating its edge. ``kinds[task]``: ``float32`` (default),
     ``float16``, or ``ids`` (the argmax over channels as uint8, uint16 past 256 channels). Output
     tiles are ``tile`` pixels (a multiple of 16); the input's georeferencing tags are copied.
-    Memory: :func:`memory_bound`, whatever the raster's height."""
+
+    Memory (:func:`memory_bound`) is bounded whatever the raster's size: rows are blended in a band
+    of ``tile + window`` rows, and a raster wider than ``band_bytes`` allows is done in column
+    strips (windows on a strip boundary run for both strips; the result is the same), each written
+    to a temporary tiled TIFF whose compressed tiles are then copied, row by row, into the output."""
     start = time.perf_counter()
     if window < 1 or batch_size < 1:
         raise ValueError(f"window and batch size must be >= 1, got {window}, {batch_size}")
@@ -366,8 +384,7 @@ def predict_tiled(run_fn: RunFn, src: str | os.PathLike | Mapping[str, str | os.
     name = name or first.stem
     out = Path(out_dir)
     readers: dict[str, TiffWindows] = {}
-    writers: dict[str, _TileWriter] = {}
-    ok = False
+    parts: list[Path] = []
     try:
         for key, path in srcs.items():
             readers[key] = TiffWindows(path, cache_bytes // len(srcs))
@@ -378,105 +395,192 @@ def predict_tiled(run_fn: RunFn, src: str | os.PathLike | Mapping[str, str | os.
                 raise DataError(f"{r.where}: {r.height}x{r.width}, but {r0.where} is {H}x{W}; paired rasters "
                                 f"must share one pixel grid")
         geo = _extratags(r0.geotags)
-        stride = window - overlap
-        ys, xs = starts(H, window, stride), starts(W, window, stride)
-        w1 = ramp(window, overlap)
-        rsum, csum = weight_sum(H, window, overlap, stride), weight_sum(W, window, overlap, stride)
-        cap = tile + window
-        acc: dict[str, np.ndarray] = {}
-        emitted = 0  # rows [0, emitted) are written; acc row 0 is image row ``emitted``
-        report = TiledReport(size=(H, W))
+        job = _Job(run_fn, readers, H, W, window, overlap, batch_size, tile, kinds, compression)
+        channels = job.probe()
+        missing = [t for t in kinds if t not in channels]
+        if missing:
+            raise DataError(f"kinds name tasks {missing} that run_fn does not return ({sorted(channels)})")
+        sw = strip_width(W, window, tile, sum(channels.values()), band_bytes)
+        strips = [(x, min(W, x + sw)) for x in range(0, W, sw)]
+        report = TiledReport(size=(H, W), strips=len(strips))
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(ys) * len(xs), unit="win", desc=f"tiled {name}", disable=not progress,
-                   dynamic_ncols=True)
-
-        def emit(upto: int) -> None:
-            """Write every row of tiles that lies (or ends) below ``upto`` and shift the band."""
-            nonlocal emitted
-            while emitted < H and (emitted + tile <= upto or upto >= H):
-                h = min(tile, H - emitted)
-                norm = rsum[emitted:emitted + h, None] * csum[None, :]
-                for t, a in acc.items():
-                    kind = kinds.get(t, "float32")
-                    for x0 in range(0, W, tile):  # tile by tile: no full-width copy of the row
-                        v = a[:, :h, x0:x0 + tile] / norm[:, x0:x0 + tile]
-                        if kind == "ids":
-                            v = v.argmax(0).astype(np.uint8 if a.shape[0] <= 256 else np.uint16)[None]
-                        else:
-                            v = v.astype(kind, copy=False)
-                        if v.shape[1:] != (tile, tile):
-                            v = np.pad(v, ((0, 0), (0, tile - v.shape[1]), (0, tile - v.shape[2])))
-                        writers[t].put(np.ascontiguousarray(np.moveaxis(v, 0, -1)) if v.shape[0] > 1 else v[0])
-                    for i in range(0, cap - h, h):  # shift the band up by h rows, chunks that never overlap
-                        n = min(h, cap - h - i)
-                        a[:, i:i + n] = a[:, i + h:i + h + n]
-                    a[:, cap - h:] = 0
-                emitted += h
-
-        for y0 in ys:
-            h = min(window, H - y0)
-            for b in range(0, len(xs), batch_size):
-                xb = xs[b:b + batch_size]
-                batch = {}
-                for key, r in readers.items():
-                    wins = []
-                    for x0 in xb:
-                        wdt = min(window, W - x0)
-                        a = r.read(y0, y0 + h, x0, x0 + wdt)
-                        if (h, wdt) != (window, window):
-                            a = np.pad(a, ((0, 0), (0, window - h), (0, window - wdt)), mode="edge")
-                        wins.append(a)
-                    arr = np.stack(wins)
-                    del wins
-                    batch[key] = torch.from_numpy(arr if arr.dtype == np.uint8 else arr.astype(np.float32))
-                preds = run_fn(batch)
-                del batch
-                for t, p in preds.items():
-                    p = p.detach().float().cpu()
-                    if p.ndim != 4 or p.shape[0] != len(xb):
-                        raise DataError(f"task {t}: run_fn returned shape {tuple(p.shape)}; expected "
-                                        f"({len(xb)}, C, h, w)")
-                    if p.shape[-2:] != (window, window):
-                        p = F.interpolate(p, size=(window, window), mode="bilinear", align_corners=False)
-                    if t not in acc:
-                        if emitted:
-                            raise DataError(f"task {t}: run_fn returned it for some windows only")
-                        acc[t] = np.zeros((p.shape[1], cap, W), np.float32)
-                        kind = kinds.get(t, "float32")
-                        dt = np.dtype(np.float32 if kind == "float32" else np.float16 if kind == "float16"
-                                      else np.uint8 if p.shape[1] <= 256 else np.uint16)
-                        writers[t] = _TileWriter(out / f"{name}.{t}.tif", H, W, 1 if kind == "ids" else p.shape[1],
-                                                 dt, tile, geo, compression)
-                    a, pn = acc[t], p.numpy()
-                    for i, x0 in enumerate(xb):
-                        wdt = min(window, W - x0)
-                        wgt = w1[:h, None] * w1[None, :wdt]
-                        a[:, y0 - emitted:y0 - emitted + h, x0:x0 + wdt] += pn[i, :, :h, :wdt] * wgt
-                del preds
-                report.windows += len(xb)
-                bar.update(len(xb))
-            nxt = ys[ys.index(y0) + 1] if y0 != ys[-1] else H
-            emit(nxt)
-        bar.close()
-        missing = [t for t in kinds if t not in acc]
-        if missing:
-            raise DataError(f"kinds name tasks {missing} that run_fn did not return ({sorted(acc)})")
-        ok = True
+        with tqdm(total=len(job.ys) * len(job.xs), unit="win", desc=f"tiled {name}", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            finals = {t: out / f"{name}.{t}.tif" for t in channels}
+            if len(strips) == 1:
+                report.windows = job.run_strip(0, W, finals, geo, bar)
+            else:
+                for i, (xa, xb) in enumerate(strips):
+                    paths = {t: out / f"{name}.{t}.strip{i}.tif.part" for t in channels}
+                    parts += paths.values()
+                    report.windows += job.run_strip(xa, xb, paths, [], bar)
+                for t, f in finals.items():
+                    _merge([out / f"{name}.{t}.strip{i}.tif.part" for i in range(len(strips))], f, H, W,
+                           job.out_channels(t), job.out_dtype(t), tile, geo, compression)
+        report.files = finals
     finally:
-        first_err: BaseException | None = None
-        for t, wr in writers.items():
-            try:
-                wr.close(ok)
-            except BaseException as e:  # keep closing the others, then report the first
-                first_err = first_err or e
         for r in readers.values():
             r.close()
-        if first_err is not None and ok:
-            raise first_err
-    report.files = {t: w.path for t, w in writers.items()}
+        for p in parts:
+            p.unlink(missing_ok=True)
     report.seconds = time.perf_counter() - start
     return report
+
+
+class _Job:
+    """One raster's windows: reads them, runs ``run_fn``, blends a band of rows of one column strip
+    and hands finished tiles to writer threads."""
+
+    def __init__(self, run_fn: RunFn, readers: dict[str, TiffWindows], H: int, W: int, window: int, overlap: int,
+                 batch_size: int, tile: int, kinds: dict[str, str], compression: str | None) -> None:
+        self.run_fn, self.readers, self.H, self.W = run_fn, readers, H, W
+        self.window, self.batch_size, self.tile, self.kinds, self.compression = window, batch_size, tile, kinds, compression
+        stride = window - overlap
+        self.ys, self.xs = starts(H, window, stride), starts(W, window, stride)
+        self.w1 = ramp(window, overlap)
+        self.rsum, self.csum = weight_sum(H, window, overlap, stride), weight_sum(W, window, overlap, stride)
+        self.channels: dict[str, int] = {}
+
+    def out_channels(self, t: str) -> int:
+        return 1 if self.kinds.get(t) == "ids" else self.channels[t]
+
+    def out_dtype(self, t: str) -> np.dtype:
+        kind = self.kinds.get(t, "float32")
+        if kind == "ids":
+            return np.dtype(np.uint8 if self.channels[t] <= 256 else np.uint16)
+        return np.dtype(kind)
+
+    def _run(self, y0: int, h: int, xb: Sequence[int]) -> dict[str, np.ndarray]:
+        """Predictions (task -> (N, C, window, window) float32) of the windows at row ``y0``, columns ``xb``."""
+        window, W = self.window, self.W
+        batch = {}
+        for key, r in self.readers.items():
+            wins = []
+            for x0 in xb:
+                wdt = min(window, W - x0)
+                a = r.read(y0, y0 + h, x0, x0 + wdt)
+                if (h, wdt) != (window, window):
+                    a = np.pad(a, ((0, 0), (0, window - h), (0, window - wdt)), mode="edge")
+                wins.append(a)
+            arr = np.stack(wins)
+            del wins
+            batch[key] = torch.from_numpy(arr if arr.dtype == np.uint8 else arr.astype(np.float32))
+        preds = self.run_fn(batch)
+        del batch
+        res = {}
+        for t, p in preds.items():
+            p = p.detach().float().cpu()
+            if p.ndim != 4 or p.shape[0] != len(xb):
+                raise DataError(f"task {t}: run_fn returned shape {tuple(p.shape)}; expected ({len(xb)}, C, h, w)")
+            if p.shape[-2:] != (window, window):
+                p = F.interpolate(p, size=(window, window), mode="bilinear", align_corners=False)
+            if self.channels and self.channels.get(t) != p.shape[1]:
+                raise DataError(f"task {t}: run_fn returned {p.shape[1]} channels, {self.channels.get(t)} before "
+                                f"(tasks {sorted(self.channels)})")
+            res[t] = p.numpy()
+        if self.channels and set(res) != set(self.channels):
+            raise DataError(f"run_fn returned tasks {sorted(res)}, {sorted(self.channels)} before")
+        return res
+
+    def probe(self) -> dict[str, int]:
+        """The tasks and channels ``run_fn`` returns (from the first window)."""
+        preds = self._run(0, min(self.window, self.H), self.xs[:1])
+        self.channels = {t: int(p.shape[1]) for t, p in preds.items()}
+        if not self.channels:
+            raise DataError("run_fn returned no prediction")
+        return self.channels
+
+    def run_strip(self, xa: int, xb: int, paths: dict[str, Path], geo: list[tuple], bar: Any) -> int:
+        """Blend and write columns ``xa:xb`` of every output; returns the windows run."""
+        H, window, tile, w1 = self.H, self.window, self.tile, self.w1
+        Ws = xb - xa
+        cap = tile + window
+        xs = [x for x in self.xs if x < xb and x + window > xa]
+        acc = {t: np.zeros((c, cap, Ws), np.float32) for t, c in self.channels.items()}
+        csum = self.csum[xa:xb]
+        writers: dict[str, _TileWriter] = {}
+        ok = False
+        emitted = 0  # rows [0, emitted) are written; acc row 0 is image row ``emitted``
+        runs = 0
+        try:
+            for t, p in paths.items():
+                writers[t] = _TileWriter(p, H, Ws, self.out_channels(t), self.out_dtype(t), tile, geo,
+                                         self.compression)
+            for k, y0 in enumerate(self.ys):
+                h = min(window, H - y0)
+                for b in range(0, len(xs), self.batch_size):
+                    xb_ = xs[b:b + self.batch_size]
+                    preds = self._run(y0, h, xb_)
+                    for t, pn in preds.items():
+                        a = acc[t]
+                        for i, x0 in enumerate(xb_):
+                            lo, hi = max(x0, xa), min(x0 + window, xb, self.W)  # columns of the window in the strip
+                            wgt = w1[:h, None] * w1[None, lo - x0:hi - x0]
+                            a[:, y0 - emitted:y0 - emitted + h, lo - xa:hi - xa] += pn[i, :, :h, lo - x0:hi - x0] * wgt
+                    del preds
+                    runs += len(xb_)
+                    bar.update(len(xb_) * (xb - xa) / self.W)
+                upto = self.ys[k + 1] if k + 1 < len(self.ys) else H
+                while emitted < H and (emitted + tile <= upto or upto >= H):  # rows no later window touches
+                    h = min(tile, H - emitted)
+                    norm = self.rsum[emitted:emitted + h, None] * csum[None, :]
+                    for t, a in acc.items():
+                        kind = self.kinds.get(t, "float32")
+                        for x0 in range(0, Ws, tile):  # tile by tile: no full-width copy of the row
+                            v = a[:, :h, x0:x0 + tile] / norm[:, x0:x0 + tile]
+                            v = v.argmax(0).astype(self.out_dtype(t))[None] if kind == "ids" else v.astype(kind, copy=False)
+                            if v.shape[1:] != (tile, tile):
+                                v = np.pad(v, ((0, 0), (0, tile - v.shape[1]), (0, tile - v.shape[2])))
+                            writers[t].put(np.ascontiguousarray(np.moveaxis(v, 0, -1)) if v.shape[0] > 1 else v[0])
+                        for i in range(0, cap - h, h):  # shift the band up by h rows, chunks that never overlap
+                            n = min(h, cap - h - i)
+                            a[:, i:i + n] = a[:, i + h:i + h + n]
+                        a[:, cap - h:] = 0
+                    emitted += h
+            ok = True
+        finally:
+            first_err: BaseException | None = None
+            for wr in writers.values():
+                try:
+                    wr.close(ok)
+                except BaseException as e:  # keep closing the others, then report the first
+                    first_err = first_err or e
+            if first_err is not None and ok:
+                raise first_err
+        return runs
+
+
+def _merge(parts: Sequence[Path], out: Path, H: int, W: int, channels: int, dtype: np.dtype, tile: int,
+           extratags: list[tuple], compression: str | None) -> None:
+    """Column strips (tiled TIFFs of the same tile size, each starting on a tile column) -> one tiled
+    TIFF, copying each compressed tile as it is, in row-major order."""
+    import tifffile
+
+    tifs = [tifffile.TiffFile(p) for p in parts]
+    try:
+        def tiles() -> Iterator[bytes]:
+            for r in range(math.ceil(H / tile)):
+                for t in tifs:
+                    page, fh = t.pages.first, t.filehandle
+                    n = math.ceil(page.imagewidth / tile)
+                    for c in range(n):
+                        fh.seek(page.dataoffsets[r * n + c])
+                        yield fh.read(page.databytecounts[r * n + c])
+
+        shape = (H, W, channels) if channels > 1 else (H, W)
+        tmp = out.with_name(out.name + ".part")
+        try:
+            tifffile.imwrite(tmp, tiles(), shape=shape, dtype=dtype, tile=(tile, tile), photometric="minisblack",
+                             planarconfig="contig" if channels > 1 else None, extratags=extratags,
+                             compression=compression, metadata=None,
+                             bigtiff=H * W * channels * np.dtype(dtype).itemsize > (3 << 30))
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    finally:
+        for t in tifs:
+            t.close()
 
 
 # ------------------------------------------------------------------------------- multimae predict
