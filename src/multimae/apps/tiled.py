@@ -63,10 +63,14 @@ class TiffWindows:
             raise DataError(f"{where}: no such file")
         try:
             self._tif = tifffile.TiffFile(self.path)
+        except Exception as e:  # not a TIFF, or a broken header
+            raise DataError(f"{where}: not a readable TIFF ({type(e).__name__}: {e})") from None
+        try:
             page = self._tif.pages.first
             shaped = page.shaped  # (separate samples, depth, length, width, contig samples)
             dtype = page.dtype
-        except Exception as e:  # not a TIFF, or a broken header / first IFD
+        except Exception as e:  # a broken first IFD
+            self._tif.close()
             raise DataError(f"{where}: not a readable TIFF ({type(e).__name__}: {e})") from None
         self._page = page
         try:
