@@ -325,3 +325,23 @@ def test_cli_tiled_equals_untiled_predictor(pretrain_run, tmp_path, capsys):
     other = [a if a != "8" else "4" for a in argv]
     assert main(other) == 2  # other settings into the same folder are refused
     assert "holds predictions of another run or settings" in capsys.readouterr().err
+
+
+def test_cli_tiled_with_a_paired_depth_raster(pretrain_run, tmp_path, capsys):
+    from multimae.cli.main import main
+
+    src, ddir = tmp_path / "rgb", tmp_path / "depth"
+    src.mkdir()
+    ddir.mkdir()
+    for n in ("a", "b"):
+        tifffile.imwrite(src / f"{n}.tif", _image(40, 50, seed=ord(n)), photometric="rgb")
+    yy, xx = np.mgrid[0:40, 0:50]
+    tifffile.imwrite(ddir / "a.tif", (1 + 0.01 * yy + 0.02 * xx).astype(np.float32), tile=(16, 16))  # b has none
+    out = tmp_path / "o"
+    assert main(["predict", "--checkpoint", str(pretrain_run), "--input", str(src), "--out", str(out), "--tiled",
+                 "--inputs", "rgb,depth", "--pair", f"depth={ddir}", "--device", "cpu", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "predicted 1 rasters (0 done before, 1 bad)" in printed and "no paired depth raster" in printed
+    dep = tifffile.imread(out / "a.depth.tif")
+    assert dep.shape == (40, 50) and dep.dtype == np.float16 and np.isfinite(dep).all()
+    assert not list(out.glob("b.*"))
