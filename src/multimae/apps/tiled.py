@@ -619,13 +619,31 @@ def _tiff_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def _check_spec(spec: Any, reader: TiffWindows) -> None:
-    """The raster can feed ``spec``: channel count, and uint8 for an image modality."""
+def _input_prep(spec: Any, reader: TiffWindows) -> Callable[[Tensor], Tensor] | None:
+    """Check that the raster can feed ``spec``; for a raster modality (``spec.is_raster``: bands /
+    nodata declared on the spec, :mod:`multimae.data.rasters`), the function that keeps its bands
+    and turns nodata into NaN (invalid pixels), as the training data was read."""
+    if getattr(spec, "is_raster", False):
+        from multimae.data.rasters import band_indices, nodata_invalid
+
+        idx = band_indices(spec, reader.channels, None, reader.where)
+        where = reader.where
+
+        def prep(x: Tensor) -> Tensor:
+            a = x.numpy()[:, idx]
+            invalid = nodata_invalid(a, spec, where)
+            a = a.astype(np.float32)
+            if invalid is not None:
+                a[invalid] = np.nan
+            return torch.from_numpy(a)
+
+        return prep
     if reader.channels != spec.channels:
         raise DataError(f"{reader.where}: {reader.channels} bands, but input {spec.name!r} takes {spec.channels}")
     if spec.kind == "image" and reader.dtype != np.uint8:
         raise DataError(f"{reader.where}: {reader.dtype} samples, but input {spec.name!r} is an 8-bit image "
                         f"modality")
+    return None
 
 
 def predict_tiled_files(predictor: Any, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
@@ -687,10 +705,14 @@ def predict_tiled_files(predictor: Any, inputs: Sequence[str | os.PathLike], out
                 if pf is None:
                     raise DataError(f"raster {f}: no paired {sp.name} raster {pdir / Path(name).name}.tif")
                 srcs[sp.key] = pf
+            preps = {}
             for sp in predictor.inputs:
                 with TiffWindows(srcs[sp.key]) as r:
-                    _check_spec(sp, r)
-            predict_tiled(run_fn, srcs, root, window=window, overlap=overlap, batch_size=batch_size, tile=tile,
+                    if (prep := _input_prep(sp, r)) is not None:
+                        preps[sp.key] = prep
+            fn = run_fn if not preps else \
+                (lambda b, preps=preps: run_fn({k: preps[k](v) if k in preps else v for k, v in b.items()}))
+            predict_tiled(fn, srcs, root, window=window, overlap=overlap, batch_size=batch_size, tile=tile,
                           name=name, kinds=kinds, progress=progress)
             counts["predicted"] += 1
         except DataError as e:
