@@ -345,3 +345,35 @@ def test_cli_tiled_with_a_paired_depth_raster(pretrain_run, tmp_path, capsys):
     dep = tifffile.imread(out / "a.depth.tif")
     assert dep.shape == (40, 50) and dep.dtype == np.float16 and np.isfinite(dep).all()
     assert not list(out.glob("b.*"))
+
+
+def test_tiled_raster_modality_keeps_its_bands_and_nodata(tmp_path):
+    """A raster modality (bands by name and index, nodata; multimae.data.rasters, from the 'bands'
+    work) read window by window gives what untiled predict gives on the decoded raster."""
+    rasters = pytest.importorskip("multimae.data.rasters")
+    from multimae.apps.predict import Predictor
+    from multimae.apps.tiled import predict_tiled_files
+    from multimae.checkpoint import save_checkpoint
+    from multimae.core.config import to_dict
+    from multimae.model.multimae import ModelConfig, MultiMAE
+
+    names = [f"B{i:02d}" for i in range(1, 13)] + ["B8A"]
+    spec = {"kind": "dense", "channels": 3, "bands": ["B04", "B08", 10], "band_names": names, "nodata": 0,
+            "loss": "mse", "mean": [1000.0, 2000.0, 1500.0], "std": [300.0, 500.0, 400.0]}
+    mcfg = ModelConfig(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32,
+                       modalities={"s2": spec}, inputs=["s2"], outputs=["s2"], decoder_dim=16, decoder_depth=1,
+                       decoder_heads=2)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "pre", 1, MultiMAE(mcfg).state_dict(), {"step": 1},
+                    {"config": {"model": to_dict(mcfg)}, "epoch": 0})
+    pred = Predictor.from_run(tmp_path / "pre", device="cpu", inputs=["s2"])
+    a = np.random.default_rng(0).integers(1, 4000, (13, 32, 32), dtype=np.uint16)
+    a[:, :5, :5] = 0  # nodata corner
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "one.tif", a, photometric="minisblack", planarconfig="separate", tile=(16, 16))
+    counts = predict_tiled_files(pred, [tmp_path / "in"], tmp_path / "out", arrays="float32", progress=False)
+    assert counts == {"predicted": 1, "already_done": 0, "bad": 0}
+    got = np.moveaxis(tifffile.imread(tmp_path / "out" / "one.s2.tif"), -1, 0)
+    raw = rasters.decode_raster(tmp_path / "in" / "one.tif", None, pred.inputs[0], "one")
+    want = pred.predict_raw([{"s2": raw}])[0]["s2"].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
