@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arrays", choices=("auto", "none", "float16", "float32"), default="auto",
                    help=".npy of dense predictions: auto = float16 for a fine-tuning run, none for a pretraining "
                         "run (previews only)")
+    p.add_argument("--tiled", action="store_true",
+                   help="large TIFF rasters: overlapping windows of the model's size at native resolution, blended, "
+                        "read and written tile by tile (OUT/<name>.<task>.tif, georeferencing kept; memory bounded)")
+    p.add_argument("--overlap", type=int, default=None, help="--tiled: window overlap in pixels (default: window/4)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -52,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--pair {bad[0]}: expected MODALITY=DIR")
     pairs = dict(x.split("=", 1) for x in args.pair)
     pred = Predictor.from_run(args.checkpoint, args.device, args.precision, inputs, args.window)
+    if args.tiled:  # rasters larger than memory: multimae.apps.tiled
+        from multimae.apps.tiled import predict_tiled_files
+        c = predict_tiled_files(pred, args.input, args.out, overlap=args.overlap, batch_size=args.batch_size,
+                                arrays=args.arrays, pairs=pairs, progress=not args.no_progress)
+        print(f"predicted {c['predicted']} rasters ({c['already_done']} done before, {c['bad']} bad) -> {args.out}")
+        return 0
     r = predict_files(pred, args.input, args.out, args.batch_size, not args.no_progress, args.topk,
                       pairs, max_pixels=args.max_pixels, arrays=args.arrays)
     print(f"predicted {r.predicted} images ({r.already_done} done before, {r.bad} bad) in {r.seconds:.1f}s "
