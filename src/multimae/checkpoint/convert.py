@@ -1,9 +1,11 @@
-"""Reading external checkpoints for :class:`multimae.model.multimae.MultiMAE`: weights and configs only.
+"""Reading checkpoints, fitting them into a model, and the one report of every load.
 
 This layer sits below the model: it never imports :mod:`multimae.model.multimae`. It reads state dicts,
 infers model configs (:class:`~multimae.model.config.ModelConfig`, in :class:`ConvertedWeights`) and fits tensors
-into a model it is given (:func:`fit_state_dict`); the model builds itself from them
-(:meth:`multimae.model.multimae.MultiMAE.from_converted`, :func:`multimae.model.multimae.load_official_multimae`).
+into a model it is given with the one fit function, :func:`fit_state_dict` (a MultiMAE:
+:meth:`multimae.model.multimae.MultiMAE.from_pretrained`; a transfer model:
+:func:`multimae.model.transfer.build_transfer_model`; a run's model: :func:`.pretrained.init_from`),
+reporting in one :class:`ConversionReport`.
 
 One filter function per source. Official MultiMAE (EPFL-VILAB/MultiMAE) checkpoints use the
 same parameter names as this library, so the filter only infers the architecture from the

@@ -263,12 +263,6 @@ def _from_state_dict(sd: dict[str, Tensor], source: str, overrides: Mapping[str,
     raise ConversionError(f"{source}: unrecognised state dict (first keys {shown}); expected {_ACCEPTED}")
 
 
-def recorded_num_heads(path: str | os.PathLike) -> int | None:
-    """The encoder head count ``multimae convert --to timm`` recorded in a ``.safetensors`` file,
-    or None (weights do not store it otherwise)."""
-    return _export_hints(Path(path)).get("num_heads")
-
-
 def _export_hints(p: Path) -> dict[str, Any]:
     """Head count recorded by ``multimae convert --to timm`` in a safetensors file's metadata."""
     if p.suffix != ".safetensors":

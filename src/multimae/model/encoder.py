@@ -57,6 +57,7 @@ class Encoder(nn.Module):
             if not s.input:
                 raise ValueError(f"modality {s.name!r} is output-only and cannot be a model input")
         self.encoder_config = cfg
+        self.dim, self.depth, self.patch_size = cfg.dim, cfg.depth, cfg.patch_size
         self.input_adapters = nn.ModuleDict({
             n: build_input_adapter(s, cfg.dim, cfg.patch_size, cfg.image_size) for n, s in self.input_specs.items()})
         self.global_tokens = nn.Parameter(torch.zeros(1, cfg.num_global_tokens, cfg.dim))
@@ -64,18 +65,6 @@ class Encoder(nn.Module):
         self.encoder = nn.Sequential(*[Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, drop_path=d, norm_eps=cfg.norm_eps,
                                              attention=cfg.attention) for d in dpr])
         self.encoder_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.encoder_norm else nn.Identity()
-
-    @property
-    def dim(self) -> int:
-        return self.encoder_config.dim
-
-    @property
-    def depth(self) -> int:
-        return self.encoder_config.depth
-
-    @property
-    def patch_size(self) -> int:
-        return self.encoder_config.patch_size
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
