@@ -87,9 +87,9 @@ def test_config_only_modality_pretrains_from_the_cli(tmp_path, caplog):
     assert "4 held-out samples" in (run / "eval.md").read_text()
     assert (run / "reconstruction.png").is_file()
 
-    from multimae.model.multimae import load_pretrained
+    from multimae.model.multimae import MultiMAE
 
-    model, _ = load_pretrained(run)
+    model, _ = MultiMAE.from_pretrained(run, with_report=True)
     assert model.input_specs["curvature"] == ModalitySpec("curvature", "dense", channels=2, loss="l1")
     out = model({"rgb": torch.zeros(1, 3, 32, 32), "curvature": torch.zeros(1, 2, 32, 32)})
     assert out.preds["curvature"].shape == (1, 2, 32, 32) and out.preds["semseg"].shape == (1, 6, 8, 8)

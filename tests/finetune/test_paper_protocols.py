@@ -20,7 +20,7 @@ TINY_ENC = "model.encoder={preset: nano, dim: 48, depth: 2, num_heads: 2, patch_
 
 
 def _specs(cfg):
-    return list(TransferModel(cfg.model).encoder.specs.values())
+    return list(TransferModel(cfg.model).input_specs.values())
 
 
 def test_nyuv2_depth_evaluates_on_the_centre_crop():

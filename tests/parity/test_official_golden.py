@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from multimae.model.multimae import load_official_multimae
+from multimae.model.multimae import MultiMAE
 from multimae.core.masking import MaskPlan, official_explicit_plan
 
 ORDER = ["rgb", "depth", "semseg"]
@@ -16,7 +16,7 @@ def rel(a, b):
 @pytest.fixture(scope="module")
 def loaded(golden):
     state = {k[len("state."):]: v for k, v in golden.items() if k.startswith("state.")}
-    model = load_official_multimae(state, num_heads=2, decoder_heads=2)
+    model = MultiMAE.from_pretrained(state, num_heads=2, decoder_heads=2)
     batch = {"rgb": golden["input.rgb"], "depth": golden["input.depth"], "semseg": golden["input.semseg"]}
     masks = {k: golden[f"mask.{k}"] for k in ORDER}
     return model, batch, masks

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from multimae.checkpoint.convert import ConversionError, read_state_dict
-from multimae.model.multimae import load_official_multimae
+from multimae.model.multimae import MultiMAE
 
 
 def official_base_state(tsv):
@@ -24,7 +24,7 @@ def test_full_size_official_layout_loads_every_key(tmp_path, official_tsv):
     assert len(sd) == 351
     path = tmp_path / "multimae-b.pth"
     torch.save({"model": sd, "epoch": 1599, "args": argparse.Namespace(lr=1e-4)}, path)
-    model = load_official_multimae(path)
+    model = MultiMAE.from_pretrained(path)
     cfg = model.config
     assert (cfg.dim, cfg.depth, cfg.num_heads, cfg.image_size) == (768, 12, 12, 224)
     assert model.input_specs["semseg"].num_classes == 133
@@ -39,7 +39,7 @@ def test_missing_and_unexpected_keys_are_listed(official_tsv):
     del sd["encoder.3.attn.proj.bias"]
     sd["encoder.0.extra"] = torch.zeros(1)
     with pytest.raises(ConversionError, match=r"missing keys: \['encoder.3.attn.proj.bias'\].*unexpected keys: \['encoder.0.extra'\]"):
-        load_official_multimae(sd)
+        MultiMAE.from_pretrained(sd)
 
 
 def test_pickled_objects_are_refused(tmp_path):

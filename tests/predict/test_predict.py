@@ -119,7 +119,7 @@ def test_predict_files_sizes_values_resume(runs, photos, tmp_path, task):
             ref = model({"rgb": x["rgb"][None]}, compute_loss=False).preds
         p, want = got["semseg"], ref["semseg"][0]
     else:
-        specs = list(model.encoder.specs.values())
+        specs = list(model.input_specs.values())
         tf = build_transform(cfg, specs, train=False)
         sample = {"rgb": img, "label": torch.tensor(0), "__key__": "x"}
         if task != "cls":

@@ -93,7 +93,7 @@ def test_train_init_and_transfer_init_from_a_hub_directory(hub):
                                       d / "vit")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model.eval().encoder({"rgb": x}).last, _hf_tokens(models["vit"], x),
+        torch.testing.assert_close(model.eval().encode_all({"rgb": x}).last, _hf_tokens(models["vit"], x),
                                    rtol=0, atol=1e-5)
 
 

@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 
 from multimae import MultiMAE
-from multimae.model.multimae import load_pretrained
 from weights_testutils import mae_sincos, mae_state_dict, timm_features, timm_vit
 
 DIM, DEPTH, PATCH, GRID = 32, 2, 8, 4
@@ -26,7 +25,7 @@ def test_mae_pth_loads_as_rgb_encoder_with_equal_features(tmp_path, full):
     sd = mae_state_dict(DIM, DEPTH, PATCH, GRID, full=full)
     path = tmp_path / ("mae_pretrain_vit_tiny_full.pth" if full else "mae_pretrain_vit_tiny.pth")
     torch.save({"model": sd}, path)
-    model, report = load_pretrained(path, num_heads=2)
+    model, report = MultiMAE.from_pretrained(path, with_report=True, num_heads=2)
     cfg = model.config
     assert report.kind == "mae"
     assert (cfg.dim, cfg.depth, cfg.patch_size, cfg.image_size, cfg.inputs, cfg.outputs, cfg.encoder_norm) == \
@@ -46,7 +45,7 @@ def test_mae_at_a_larger_and_a_non_square_size(tmp_path):
     sd = mae_state_dict(DIM, DEPTH, PATCH, GRID)
     torch.save({"model": sd}, tmp_path / "mae.pth")
     # 32 px -> 64 px (the 224 -> 384 kind of change): MAE's sine-cosine table is regenerated, not resampled
-    model, report = load_pretrained(tmp_path / "mae.pth", num_heads=2, image_size=64)
+    model, report = MultiMAE.from_pretrained(tmp_path / "mae.pth", with_report=True, num_heads=2, image_size=64)
     assert report.resized == {"input_adapters.rgb.pos_emb": "4x4 -> 8x8 regenerated (cols_first sine-cosine)"}
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -65,7 +64,7 @@ def test_mae_at_a_larger_and_a_non_square_size(tmp_path):
 
 def test_mae_encoder_with_new_multimae_decoders_and_without_norm(tmp_path):
     sd = mae_state_dict(DIM, DEPTH, PATCH, GRID, full=True)
-    model, report = load_pretrained(sd, num_heads=2, outputs=["rgb", "depth"], encoder_norm=False,
+    model, report = MultiMAE.from_pretrained(sd, with_report=True, num_heads=2, outputs=["rgb", "depth"], encoder_norm=False,
                                     decoder_dim=16, decoder_heads=2)
     assert set(report.dropped) >= {"encoder_norm.weight", "encoder_norm.bias"}
     assert {k.split(".")[1] for k in report.added} == {"rgb", "depth"}

@@ -7,7 +7,6 @@ import torch
 from multimae import ModelConfig, MultiMAE
 from multimae.checkpoint import CheckpointError, save_checkpoint
 from multimae.checkpoint.convert import ConversionError
-from multimae.model.multimae import load_official_multimae, load_pretrained
 from multimae.core.config import to_dict
 from multimae.tasks.pretrain_config import PretrainConfig
 
@@ -54,7 +53,7 @@ def test_run_directory_with_training_record(tmp_path):
     model = small_model()
     meta = {"config": to_dict(PretrainConfig(model=ModelConfig(**CFG))), "epoch": 1}
     save_checkpoint(tmp_path / "run", 40, model.state_dict(), {"step": 40}, meta)
-    loaded, report = load_pretrained(tmp_path / "run")
+    loaded, report = MultiMAE.from_pretrained(tmp_path / "run", with_report=True)
     assert report.kind == "multimae" and "step-000000040" in report.source
     assert loaded.provenance["training"]["steps"] == 40
     out = loaded.save_pretrained(tmp_path / "exported")
@@ -68,7 +67,7 @@ def test_run_directory_with_training_record(tmp_path):
 def test_encoder_only_and_input_subset_overrides(tmp_path):
     model = small_model()
     model.save_pretrained(tmp_path / "m")
-    enc, report = load_pretrained(tmp_path / "m", inputs=["rgb"], outputs=[])
+    enc, report = MultiMAE.from_pretrained(tmp_path / "m", with_report=True, inputs=["rgb"], outputs=[])
     assert list(enc.input_adapters) == ["rgb"] and len(enc.output_adapters) == 0
     assert {why for why in report.dropped.values()} == {"input 'depth' not requested", "input 'semseg' not requested",
                                                         "output 'rgb' not requested", "output 'depth' not requested",
@@ -79,13 +78,13 @@ def test_encoder_only_and_input_subset_overrides(tmp_path):
     with torch.no_grad():
         assert torch.equal(out.encoded.tokens, model.encode({"rgb": x}).tokens)
     with pytest.raises(ConversionError, match="unknown model setting.*'imagesize'"):
-        load_pretrained(tmp_path / "m", imagesize=64)
+        MultiMAE.from_pretrained(tmp_path / "m", with_report=True, imagesize=64)
 
 
 def test_other_image_size_keeps_predictions_at_the_original_size(tmp_path):
     model = small_model()
     model.save_pretrained(tmp_path / "m")
-    big, report = load_pretrained(tmp_path / "m", image_size=64)
+    big, report = MultiMAE.from_pretrained(tmp_path / "m", with_report=True, image_size=64)
     assert len(report.resized) == 6 and all("regenerated (rows_first" in v for v in report.resized.values())
     assert preds(big, batch(64))["semseg"].shape == (2, 5, 16, 16)
     assert preds(big, {k: v[..., : v.shape[-1] // 2] for k, v in batch(64).items()})["rgb"].shape == (2, 3, 64, 32)
@@ -101,7 +100,7 @@ def test_official_checkpoint_at_other_sizes(tmp_path, golden):
     predicts exactly the official full-token outputs again."""
     state = {k[len("state."):]: v for k, v in golden.items() if k.startswith("state.")}
     torch.save({"model": state}, tmp_path / "official.pth")
-    big = load_official_multimae(tmp_path / "official.pth", num_heads=2, decoder_heads=2, image_size=96)
+    big = MultiMAE.from_pretrained(tmp_path / "official.pth", num_heads=2, decoder_heads=2, image_size=96)
     assert big.input_adapters["rgb"].pos_emb.shape[-2:] == (6, 6)
     b = {"rgb": golden["input.rgb"], "depth": golden["input.depth"], "semseg": golden["input.semseg"]}
     up = {k: torch.nn.functional.interpolate(v[:, None].float() if k == "semseg" else v, scale_factor=2)
@@ -128,7 +127,7 @@ def test_official_base_layout_loads_at_384(official_tsv):
         from multimae.model.layers.pos_embed import sincos_2d
 
         sd[k] = sincos_2d(14, 14, sd[k].shape[1])
-    model, report = load_pretrained(sd, image_size=384, outputs=[])
+    model, report = MultiMAE.from_pretrained(sd, with_report=True, image_size=384, outputs=[])
     assert model.config.image_size == 384 and model.input_adapters["rgb"].pos_emb.shape == (1, 768, 24, 24)
     assert sorted(report.resized) == [f"input_adapters.{n}.pos_emb" for n in ("depth", "rgb", "semseg")]
     assert len(report.dropped) == sum(k.startswith("output_adapters.") for k in sd)
@@ -153,15 +152,15 @@ def test_pickled_payload_is_refused(pickled_pth, capsys):
 
 def test_bad_sources_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
-        load_pretrained(tmp_path / "nope")
+        MultiMAE.from_pretrained(tmp_path / "nope", with_report=True)
     small_model().save_pretrained(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "format_version": 99}))
     with pytest.raises(CheckpointError, match="format version 99"):
-        load_pretrained(tmp_path / "m")
+        MultiMAE.from_pretrained(tmp_path / "m", with_report=True)
     torch.save({"model": {"foo.weight": torch.zeros(2)}}, tmp_path / "other.pth")
     with pytest.raises(ConversionError, match=r"other\.pth: unrecognised state dict.*foo\.weight"):
-        load_pretrained(tmp_path / "other.pth")
+        MultiMAE.from_pretrained(tmp_path / "other.pth", with_report=True)
 
 
 def test_official_finetuned_checkpoint_points_to_transfer_or_loads_as_encoder(tmp_path):
@@ -174,8 +173,8 @@ def test_official_finetuned_checkpoint_points_to_transfer_or_loads_as_encoder(tm
     g = load_file(str(Path(__file__).resolve().parents[1] / "fixtures" / "multimae-official-finetune-compact.safetensors"))
     state = {k[len("state."):]: v for k, v in g.items() if k.startswith("state.")}
     with pytest.raises(ConversionError, match="build_transfer_model"):
-        load_pretrained(state, num_heads=2)
-    enc, report = load_pretrained(state, num_heads=2, outputs=[])
+        MultiMAE.from_pretrained(state, with_report=True, num_heads=2)
+    enc, report = MultiMAE.from_pretrained(state, with_report=True, num_heads=2, outputs=[])
     assert report.dropped and all(k.startswith("output_adapters.") for k in report.dropped)
     b = {"rgb": g["input.rgb"], "depth": g["input.depth"]}
     with torch.no_grad():

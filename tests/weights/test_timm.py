@@ -8,7 +8,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 from multimae import ModelConfig, MultiMAE
 from multimae.checkpoint.convert import ConversionError
-from multimae.model.multimae import load_pretrained
 from multimae.checkpoint.vit import TIMM_NAMES, to_timm_state_dict
 from weights_testutils import timm_features, timm_vit
 
@@ -74,7 +73,7 @@ def test_named_presets_match_timm_keys_and_shapes(preset):
 
 def test_timm_weights_import_as_rgb_encoder_and_round_trip():
     vit = timm_vit(dim=32, depth=2, heads=2, patch=8, size=32)  # learned position table
-    model, report = load_pretrained(vit.state_dict(), num_heads=2)
+    model, report = MultiMAE.from_pretrained(vit.state_dict(), with_report=True, num_heads=2)
     assert report.kind == "timm" and not report.dropped and not report.added
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -91,7 +90,7 @@ def test_timm_weights_import_as_rgb_encoder_and_round_trip():
 
 def test_timm_learned_table_resampled_at_a_larger_size():
     vit = timm_vit(dim=32, depth=2, heads=2, patch=8, size=32)
-    model, report = load_pretrained(vit.state_dict(), num_heads=2, image_size=64)
+    model, report = MultiMAE.from_pretrained(vit.state_dict(), with_report=True, num_heads=2, image_size=64)
     assert report.resized["input_adapters.rgb.pos_emb"] == "4x4 -> 8x8 resampled (bicubic)"
     big = timm_vit(dim=32, depth=2, heads=2, patch=8, size=64)
     sd = dict(vit.state_dict())
@@ -106,6 +105,6 @@ def test_timm_learned_table_resampled_at_a_larger_size():
 def test_unsupported_timm_variants_are_named():
     vit = timm_vit(dim=32, depth=1, heads=2, patch=8, size=32, init_values=1e-5)  # layer scale
     with pytest.raises(ConversionError, match=r"blocks\.0\.ls1\.gamma"):
-        load_pretrained(vit.state_dict())
+        MultiMAE.from_pretrained(vit.state_dict(), with_report=True)
     with pytest.raises(ConversionError, match="no 'depth' input"):
         to_timm_state_dict(tiny_multimae(inputs=["rgb"]), input_name="depth")

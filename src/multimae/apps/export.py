@@ -8,7 +8,7 @@
   target's name);
 * a linear-probe run: the frozen encoder's mean token -> the probe (``logits`` (B,K));
 * with ``encoder_only=True``, or any pretraining run / weights that
-  :func:`multimae.model.transfer.build_transfer_model` reads (a pretraining run, ``save_pretrained``
+  :func:`multimae.model.transfer.read_init` reads (a pretraining run, ``save_pretrained``
   directory, official / MAE / timm weights): the encoder over every token of ``inputs``,
   output ``tokens`` (B, N + global tokens, D) -- the features a head reads.
 
@@ -100,7 +100,7 @@ def _finetune_model(ckpt: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any]:
     model = TransferModel(cfg.model)
     weights = load_weights(ckpt)
     load_state_strict(model, {k: v for k, v in weights.items() if not k.startswith(PROBE_PREFIX)}, str(ckpt))
-    probe = LinearProbe(model.encoder.dim, int(cfg.model.head.num_classes or 0))
+    probe = LinearProbe(model.dim, int(cfg.model.head.num_classes or 0))
     probe.load_state_dict({k[len(PROBE_PREFIX):]: v for k, v in weights.items() if k.startswith(PROBE_PREFIX)})
     return _Probe(model, probe), cfg
 
@@ -121,7 +121,7 @@ def load_exportable(source: str | os.PathLike, inputs: Sequence[str] | None = No
             ckpt = resolve_checkpoint(p)
             meta = load_meta(ckpt)
         except CheckpointError:
-            ckpt = None  # e.g. a save_pretrained directory: read by build_transfer_model below
+            ckpt = None  # e.g. a save_pretrained directory: read by read_init below
     if meta.get("kind") in ("finetune", "probe") and ckpt is not None:
         model, cfg = _finetune_model(ckpt, meta)
         tm = model.model if isinstance(model, _Probe) else model
@@ -131,7 +131,7 @@ def load_exportable(source: str | os.PathLike, inputs: Sequence[str] | None = No
         head = cfg.model.head
         if encoder_only:
             desc = {"kind": "encoder", "output": "tokens"}
-            model = tm.encoder
+            model = tm.encoder_only()
         elif meta["kind"] == "probe":
             desc = {"kind": "probe", "output": "logits"}
         else:
@@ -142,22 +142,20 @@ def load_exportable(source: str | os.PathLike, inputs: Sequence[str] | None = No
         from multimae.tasks.finetune_eval import class_names
 
         names = class_names(cfg)
-        desc.update(specs=list(tm.encoder.specs.values()), image_size=int(tm.encoder.config.image_size),
-                    patch_size=int(tm.encoder.patch_size), source=str(ckpt), num_classes=head.num_classes,
+        desc.update(specs=list(tm.input_specs.values()), image_size=int(tm.encoder_config.image_size),
+                    patch_size=int(tm.patch_size), source=str(ckpt), num_classes=head.num_classes,
                     classes=names if names and not encoder_only else None)
         return model.eval(), desc
-    from multimae.model.transfer import HeadConfig, TransferModelConfig, build_transfer_model
+    from multimae.model.transfer import HeadConfig, TransferModelConfig, build_transfer_model, read_init
 
-    from multimae.model.transfer.load import _read_init
-
-    sd, recorded, _ = _read_init(source)  # read once: weights in MultiMAE names + the recorded architecture
-    enc_inputs = list(inputs) if inputs else default_inputs(recorded)
-    cfg = TransferModelConfig(encoder=recorded, inputs=enc_inputs,
+    weights = read_init(source)  # read once: weights in MultiMAE names + the architecture
+    enc_inputs = list(inputs) if inputs else default_inputs(None if weights.inferred else weights.config)
+    cfg = TransferModelConfig(encoder=weights.config, inputs=enc_inputs,
                               head=HeadConfig(kind="classification", num_classes=1), drop_path=0.0)
-    model, _ = build_transfer_model(cfg, init=sd)
-    enc = model.encoder
-    desc = {"kind": "encoder", "output": "tokens", "specs": list(enc.specs.values()),
-            "image_size": int(enc.config.image_size), "patch_size": int(enc.patch_size), "source": str(source),
+    model, _ = build_transfer_model(cfg, init=weights)
+    enc = model.encoder_only()
+    desc = {"kind": "encoder", "output": "tokens", "specs": list(enc.input_specs.values()),
+            "image_size": int(enc.encoder_config.image_size), "patch_size": int(enc.patch_size), "source": str(source),
             "num_classes": None, "classes": None}
     return enc.eval(), desc
 

@@ -95,7 +95,7 @@ class Predictor:
             from multimae.tasks.finetune_eval import load_finetuned
 
             model, cfg = load_finetuned(ckpt, meta)
-            specs = list(model.encoder.specs.values())
+            specs = list(model.input_specs.values())
             if inputs is not None and list(inputs) != [s.name for s in specs]:
                 raise DataError(f"--inputs {','.join(inputs)}: the fine-tuning run {ckpt} takes "
                                 f"{','.join(s.name for s in specs)}")

@@ -1,9 +1,11 @@
-"""Reading external checkpoints for :class:`multimae.model.multimae.MultiMAE`: weights and configs only.
+"""Reading checkpoints, fitting them into a model, and the one report of every load.
 
 This layer sits below the model: it never imports :mod:`multimae.model.multimae`. It reads state dicts,
 infers model configs (:class:`~multimae.model.config.ModelConfig`, in :class:`ConvertedWeights`) and fits tensors
-into a model it is given (:func:`fit_state_dict`); the model builds itself from them
-(:meth:`multimae.model.multimae.MultiMAE.from_converted`, :func:`multimae.model.multimae.load_official_multimae`).
+into a model it is given with the one fit function, :func:`fit_state_dict` (a MultiMAE:
+:meth:`multimae.model.multimae.MultiMAE.from_pretrained`; a transfer model:
+:func:`multimae.model.transfer.build_transfer_model`; a run's model: :func:`.pretrained.init_from`),
+reporting in one :class:`ConversionReport`.
 
 One filter function per source. Official MultiMAE (EPFL-VILAB/MultiMAE) checkpoints use the
 same parameter names as this library, so the filter only infers the architecture from the
@@ -47,15 +49,19 @@ def fit_error(source: str, target: str, **problems: list) -> ConversionError | N
 
 @dataclass
 class ConversionReport:
-    """What a conversion did, key by key.
+    """What loading weights did, key by key: the one report of every load (``from_pretrained``,
+    ``train.init``, a transfer model's ``init``, ``multimae convert``).
 
     source: the file or directory read; kind: ``"multimae"`` (this library), ``"official-multimae"``,
-    ``"mae"`` or ``"timm"``.
+    ``"mae"``, ``"timm"``, ``"transformers-<type>"`` or ``"scratch"``.
     mapped: model key -> the source key (or expression) it came from.
     dropped: source key -> why it is not used (an input / output not requested, a MAE decoder, a
         classification head ...).
     added: model key -> why it is freshly initialised (an input / output the source has not).
     resized: model key -> how its position table was fitted to the new grid.
+    aliases: source keys that are a second name of a loaded tensor (the official DPT head
+        registers modules twice); checked equal, loaded once.
+    new_inputs: input modalities that got a fresh input adapter (the source has none).
     """
 
     source: str
@@ -64,11 +70,30 @@ class ConversionReport:
     dropped: dict[str, str] = field(default_factory=dict)
     added: dict[str, str] = field(default_factory=dict)
     resized: dict[str, str] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+    new_inputs: list[str] = field(default_factory=list)
+
+    @property
+    def loaded(self) -> list[str]:
+        """Model keys copied from the source, sorted."""
+        return sorted(self.mapped)
+
+    @property
+    def missing(self) -> list[str]:
+        """Model keys left at their initialisation, sorted."""
+        return sorted(self.added)
 
     def summary(self) -> str:
         """One line: counts."""
         return (f"{self.source} ({self.kind}): {len(self.mapped)} tensors mapped, {len(self.dropped)} dropped, "
                 f"{len(self.added)} added, {len(self.resized)} position tables resized")
+
+    def init_summary(self) -> str:
+        """One line for a fine-tuning log: tensors loaded, dropped, fresh (by top-level module)."""
+        fresh = sorted({k.split(".")[0] for k in self.added})
+        return (f"init {self.source}: {len(self.mapped)} tensors loaded, {len(self.dropped)} dropped, "
+                f"{len(self.added)} fresh ({', '.join(fresh) or 'none'})"
+                + (f"; new input projections: {', '.join(self.new_inputs)}" if self.new_inputs else ""))
 
     def lines(self) -> list[str]:
         """Human-readable report: the summary, the renames (block indices folded into ``N``), then
@@ -129,7 +154,17 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[st
 KNOWN_HEADS = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16, 1792: 16}
 
 
-def default_heads(dim: int, source: str = "checkpoint", num_heads: int | None = None) -> int:
+class UnknownHeadCount(ConversionError):
+    """A checkpoint of a non-standard width whose head count was not given; ``arch``: the
+    architecture read off the tensors (dim, depth, patch_size), for a hint naming the setting."""
+
+    def __init__(self, message: str, arch: Mapping[str, int]) -> None:
+        super().__init__(message)
+        self.arch = dict(arch)
+
+
+def default_heads(dim: int, source: str = "checkpoint", num_heads: int | None = None,
+                  arch: Mapping[str, int] | None = None) -> int:
     """Attention heads of a ViT of width ``dim``: ``num_heads`` when given, else the standard ViT's
     of that width (:data:`KNOWN_HEADS`). Weights do not store the head count, and a wrong one gives
     wrong tokens without any error, so another width is refused with a message naming the setting."""
@@ -138,9 +173,10 @@ def default_heads(dim: int, source: str = "checkpoint", num_heads: int | None = 
             raise ConversionError(f"{source}: num_heads={num_heads} does not divide the width {dim}")
         return int(num_heads)
     if dim not in KNOWN_HEADS:
-        raise ConversionError(f"{source}: width {dim} is not a standard ViT's and the weights do not record the "
-                              f"head count; pass num_heads= (from_pretrained(..., num_heads=H), "
-                              f"`multimae convert --num-heads H`, train.init with model.num_heads=H)")
+        raise UnknownHeadCount(f"{source}: width {dim} is not a standard ViT's and the weights do not record the "
+                               f"head count; pass num_heads= (from_pretrained(..., num_heads=H), "
+                               f"`multimae convert --num-heads H`, train.init with model.num_heads=H)",
+                               arch or {"dim": dim})
     return KNOWN_HEADS[dim]
 
 
@@ -151,8 +187,10 @@ class ConvertedWeights:
 
     config: the architecture (overrides applied); state_dict: tensors in MultiMAE names, position
     tables still at the source's grid; report: what was mapped / dropped so far (building fills in
-    resized / added); fresh: model keys the source has none of, to leave at their initialisation;
-    provenance: where the weights came from (set as ``model.provenance``), None for none.
+    resized / added); fresh: model keys (or key prefixes ending in ``.``) the source has none of,
+    to leave at their initialisation; provenance: where the weights came from (set as
+    ``model.provenance``), None for none; inferred: the config was read off the tensors' shapes
+    (official checkpoints) rather than recorded next to them.
     """
 
     config: ModelConfig
@@ -160,6 +198,7 @@ class ConvertedWeights:
     report: ConversionReport
     fresh: tuple[str, ...] = ()
     provenance: dict[str, Any] | None = None
+    inferred: bool = False
 
 
 def _count(sd: Mapping[str, Tensor], pattern: str) -> int:
@@ -224,7 +263,9 @@ def infer_official_config(sd: Mapping[str, Tensor], num_heads: int | None = None
     if patch_size is None:
         raise ConversionError("cannot infer the patch size: no input adapter in the state_dict")
     cfg = dict(
-        preset="base", dim=dim, depth=depth, num_heads=default_heads(dim, "official MultiMAE weights", num_heads),
+        preset="base", dim=dim, depth=depth,
+        num_heads=default_heads(dim, "official MultiMAE weights", num_heads,
+                                {"dim": dim, "depth": depth, "patch_size": patch_size}),
         mlp_ratio=sd["encoder.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0,
         patch_size=patch_size, image_size=(grid or 14) * patch_size, num_global_tokens=sd["global_tokens"].shape[1],
         inputs=inputs, outputs=outputs, modalities=mods,
@@ -294,65 +335,105 @@ def _adapter_of(key: str) -> tuple[str, str] | None:
     return None
 
 
-def fit_state_dict(model: nn.Module, sd: Mapping[str, Tensor], report: ConversionReport,
-                   fresh: tuple[str, ...] = ()) -> None:
-    """Load ``sd`` (MultiMAE names) into ``model`` (a :class:`~multimae.model.multimae.MultiMAE`), fitting
-    it to the model's configuration.
+def _not_requested(key: str, config: ModelConfig, model: nn.Module) -> str | None:
+    """Why a source adapter has no place: its modality is not among ``config``'s (overrides) or
+    the model's inputs / outputs; None for any other key."""
+    a = _adapter_of(key)
+    if a is None:
+        return None
+    names = config.inputs if a[0] == "input" else config.outputs
+    have = getattr(model, "input_adapters" if a[0] == "input" else "output_adapters", {})
+    return f"{a[0]} {a[1]!r} not requested" if a[1] not in names or a[1] not in have else None
+
+
+def _no_place(key: str, model: nn.Module) -> str | None:
+    """Why a source key the model lacks is dropped rather than an error, or None."""
+    if key.startswith("encoder_norm."):
+        return "no final norm in this model (model.encoder_norm=true keeps it)"
+    if key.startswith("shared_decoder."):
+        return "shared decoder not requested (decoder=per_task)"
+    if key.startswith("head.") and hasattr(model, "head"):
+        return "head of another task (the model's head is fresh)"
+    return None
+
+
+def _fresh_reason(key: str, sd: Mapping[str, Tensor], src_mods: set, fresh: tuple[str, ...]) -> str | None:
+    """Why a model key the source has not is left at its initialisation, or None (an error)."""
+    a = _adapter_of(key)
+    if a is not None and a not in src_mods:
+        return f"new {a[0]} {a[1]!r} (freshly initialised)"
+    if key.startswith("encoder_norm.") and not any(x.startswith("encoder_norm.") for x in sd):
+        return "final encoder norm the source has not (identity init)"
+    if key.startswith("shared_decoder.") and not any(x.startswith("shared_decoder.") for x in sd):
+        return "shared decoder (freshly initialised)"
+    if key in fresh or any(f.endswith(".") and key.startswith(f) for f in fresh):
+        return "not in the source (freshly initialised)"
+    return None
+
+
+def fit_state_dict(model: nn.Module, weights: ConvertedWeights, drop_unexpected: bool = False,
+                   keep_missing: bool = False) -> ConversionReport:
+    """Load ``weights`` (MultiMAE names) into ``model`` -- any model built on
+    :class:`multimae.model.encoder.Encoder`: a MultiMAE or a transfer model -- fitting them to
+    it; the one fit function of every load. Returns ``weights.report``, completed.
 
     * position tables built for another grid: sine-cosine ones regenerated, learned ones resampled
       (:mod:`multimae.checkpoint.resize`), listed in ``report.resized``;
-    * adapters of modalities the model does not have (``inputs`` / ``outputs`` overridden), a final
-      norm the model does not keep, a shared decoder it does not have: ``report.dropped``;
-    * adapters of modalities the source has none of, a final norm the source has not, and the
-      keys in ``fresh``: left at their initialisation, ``report.added``.
+    * adapters of modalities not requested (by the config's overrides or the model), a final norm
+      the model does not keep, a shared decoder it does not have, a head of another task:
+      ``report.dropped``; ``drop_unexpected``: any other key without a place too (else an error);
+    * adapters of modalities the source has none of (``report.new_inputs`` for inputs), a final
+      norm or shared decoder the source has not, the keys in ``weights.fresh``: left at their
+      initialisation, ``report.added``; ``keep_missing``: every model key the source has not.
 
     Anything else missing or unexpected, and every shape mismatch, is a :class:`ConversionError`
     listing all of them. Floating tensors are cast to the model's dtype.
     """
     from multimae.checkpoint.resize import fit_pos_tables
 
+    report = weights.report
     own = model.state_dict()
     modes = {f"input_adapters.{n}.pos_emb": getattr(a, "pos_mode", "bicubic") for n, a in model.input_adapters.items()}
-    sd, report.resized = fit_pos_tables(sd, own, modes)
-    src_mods = {a for k in sd if (a := _adapter_of(k)) is not None}
+    sd, report.resized = fit_pos_tables(weights.state_dict, own, modes)
     take: dict[str, Tensor] = {}
     unexpected, shapes = [], []
-    for k, v in sd.items():
-        if k in own:
+    for k in [*(k for k in own if k in sd), *(k for k in sd if k not in own)]:  # in the model's order
+        v = sd[k]
+        why = _not_requested(k, weights.config, model)
+        if why is None and k in own:
             if tuple(v.shape) != tuple(own[k].shape):
-                shapes.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
-                continue
-            take[k] = v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
-            report.mapped.setdefault(k, k)
+                src = report.mapped.get(k, k)
+                shapes.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                              + (f" (checkpoint key {src})" if src != k and " " not in src else ""))
+            else:
+                take[k] = v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
             continue
-        a = _adapter_of(k)
-        if a is not None and a[1] not in (model.input_adapters if a[0] == "input" else model.output_adapters):
-            report.dropped[k] = f"{a[0]} {a[1]!r} not requested"
-        elif k.startswith("encoder_norm.") and not model.config.encoder_norm:
-            report.dropped[k] = "final encoder norm not kept (encoder_norm=False)"
-        elif k.startswith("shared_decoder.") and model.config.decoder != "shared":
-            report.dropped[k] = "shared decoder not requested (decoder=per_task)"
-        else:
+        why = why or _no_place(k, model)
+        if why is None and not drop_unexpected:
             unexpected.append(k)
+        else:
+            report.dropped[k] = why or "no place in this model"
+    src_mods = {a for k in sd if k not in report.dropped and (a := _adapter_of(k)) is not None}
     missing = []
     for k in own:
-        if k in take or any(k == s.split(":")[0] for s in shapes):
+        if k in take or any(s.startswith(f"{k}:") for s in shapes):
             continue
-        a = _adapter_of(k)
-        if a is not None and a not in src_mods:
-            report.added[k] = f"new {a[0]} {a[1]!r} (freshly initialised)"
-        elif k.startswith("encoder_norm.") and not any(x.startswith("encoder_norm.") for x in sd):
-            report.added[k] = "final encoder norm the source has not (identity init)"
-        elif k.startswith("shared_decoder.") and not any(x.startswith("shared_decoder.") for x in sd):
-            report.added[k] = "shared decoder (freshly initialised)"
-        elif k in fresh:
-            report.added[k] = "not in the source (freshly initialised)"
-        else:
+        why = _fresh_reason(k, sd, src_mods, weights.fresh)
+        if why is None and keep_missing:
+            why = "not in the source (freshly initialised)"
+        if why is None:
             missing.append(k)
+        else:
+            report.added[k] = why
+    report.mapped = {k: report.mapped.get(k, k) for k in take}
+    report.new_inputs = [n for n in model.input_adapters if ("input", n) not in src_mods]
     err = fit_error(report.source, "the model", missing=missing, unexpected=sorted(unexpected), shapes=shapes)
     if err is not None:
-        raise err
+        hint = (" (fine-tuning weights: load them with multimae.model.transfer.build_transfer_model)"
+                if any(k.startswith("head.") for k in unexpected) else "")
+        raise ConversionError(str(err) + hint)
     model.load_state_dict({**own, **take}, strict=True)
+    return report
 
 
 def load_state_strict(model: torch.nn.Module, sd: Mapping[str, Tensor], source: str = "state_dict") -> None:
@@ -367,15 +448,3 @@ def load_state_strict(model: torch.nn.Module, sd: Mapping[str, Tensor], source: 
     if err is not None:
         raise err
     model.load_state_dict({k: v for k, v in sd.items()}, strict=True)
-
-
-def read_official_multimae(source: str | os.PathLike | Mapping[str, Tensor], num_heads: int | None = None,
-                           decoder_heads: int | None = None, **overrides: Any) -> ConvertedWeights:
-    """An official MultiMAE checkpoint (a ``.pth``: its ``model`` entry or a bare state_dict; a
-    ``.safetensors`` file; a state_dict) read: the architecture inferred from its tensors
-    (:func:`infer_official_config`, ``overrides`` applied) and the tensors as fp32.
-    :func:`multimae.load_official_multimae` builds the model."""
-    name = str(source) if not isinstance(source, Mapping) else "state_dict"
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in read_state_dict(source).items()}
-    cfg = infer_official_config(sd, num_heads, decoder_heads, **overrides)
-    return ConvertedWeights(cfg, sd, ConversionReport(name, "official-multimae"))

@@ -60,8 +60,32 @@ __all__ = [
     "restore_rng_state",
 ]
 
-#: Version of the on-disk layout; readers refuse checkpoints with a newer version.
-FORMAT_VERSION = 1
+#: Version of the on-disk layout; readers refuse checkpoints with a newer version and upgrade
+#: older ones on load (:func:`upgrade_weights`). 2: a fine-tuning (transfer) model's encoder is
+#: saved under MultiMAE's names (``encoder.<i>``, ``input_adapters``, ``global_tokens``,
+#: ``encoder_norm``), not 1's ``encoder.blocks.<i>`` / ``encoder.input_adapters`` / ... .
+FORMAT_VERSION = 2
+
+_V1_TRANSFER_NAMES = ((re.compile(r"^encoder\.blocks\.(\d+)\."), r"encoder.\1."),
+                      (re.compile(r"^encoder\.input_adapters\."), "input_adapters."),
+                      (re.compile(r"^encoder\.global_tokens$"), "global_tokens"),
+                      (re.compile(r"^encoder\.norm\."), "encoder_norm."))
+
+
+def upgrade_weights(sd: Mapping[str, torch.Tensor], version: int | None = None) -> dict[str, torch.Tensor]:
+    """Weights saved under format ``version`` in the current names (a new dict). ``None``: a bare
+    weights file of unknown version, recognised by its names (version 1 fine-tuning weights, and
+    only they, hold ``encoder.blocks.<i>.*``). Pretraining weights kept their names."""
+    if (version is not None and version >= 2) or not any(k.startswith("encoder.blocks.") for k in sd):
+        return dict(sd)
+    out = {}
+    for k, v in sd.items():
+        for rx, to in _V1_TRANSFER_NAMES:
+            if rx.match(k):
+                k = rx.sub(to, k, count=1)
+                break
+        out[k] = v
+    return out
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -459,11 +483,13 @@ def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def _load_weights_file(f: Path) -> dict[str, torch.Tensor]:
+def _load_weights_file(f: Path, version: int | None = None) -> dict[str, torch.Tensor]:
+    """The weights of ``f`` in the current names (:func:`upgrade_weights`; ``version`` from the
+    checkpoint's ``meta.json``, None for a bare file)."""
     if not f.is_file():
         raise CheckpointError(f"checkpoint is incomplete, missing {f}")
     try:
-        return _st_load_file(str(f), device="cpu")
+        return upgrade_weights(_st_load_file(str(f), device="cpu"), version)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"corrupt weights file {f}: {e}") from e
 
@@ -474,8 +500,8 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if p.is_file():
         return _load_weights_file(p)
     d = resolve_checkpoint(p)
-    load_meta(d)  # refuse newer format versions before touching the weights
-    return _load_weights_file(d / WEIGHTS_FILE)
+    meta = load_meta(d)  # refuse newer format versions before touching the weights
+    return _load_weights_file(d / WEIGHTS_FILE, meta["format_version"])
 
 
 def load_checkpoint(
@@ -492,7 +518,7 @@ def load_checkpoint(
     for required in (d / WEIGHTS_FILE, f):
         if not required.is_file():
             raise CheckpointError(f"checkpoint is incomplete, missing {required}")
-    weights = _load_weights_file(d / WEIGHTS_FILE)
+    weights = _load_weights_file(d / WEIGHTS_FILE, meta["format_version"])
     try:
         train_state = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle/zip errors have many types

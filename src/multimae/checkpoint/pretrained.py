@@ -11,10 +11,12 @@ A pretrained directory is the layout the Hugging Face Hub serves, so it uploads 
 (encoder-only or ``_full``), a timm ViT state dict (``.pth`` / ``.safetensors``), a transformers
 ``ViTMAE*`` / ``ViT*`` directory (:mod:`.hf`) or an in-memory
 state dict, and applies :class:`~multimae.model.multimae.ModelConfig` overrides on load (``image_size``,
-``inputs``, ``outputs`` ...). It returns :class:`~.convert.ConvertedWeights` (a config, the
-tensors, a :class:`~.convert.ConversionReport`); the model is built above this layer
-(:meth:`multimae.model.multimae.MultiMAE.from_pretrained`, :func:`multimae.model.multimae.load_pretrained`), and
-:func:`init_from` fits them into a model it is given. Nothing here imports :mod:`multimae.model.multimae`.
+``inputs``, ``outputs`` ...). Each external source is one filter function (:func:`.vit.vit_to_multimae`,
+:func:`.hf.hf_to_timm`, :func:`.convert.infer_official_config`). It returns
+:class:`~.convert.ConvertedWeights` (a config, the tensors, a :class:`~.convert.ConversionReport`);
+the model is built above this layer (:meth:`multimae.model.multimae.MultiMAE.from_pretrained`,
+:func:`multimae.model.transfer.build_transfer_model`), and :func:`init_from` fits them into a
+model it is given. Nothing here imports :mod:`multimae.model.multimae`.
 Nothing is unpickled beyond tensors (:func:`~.convert.read_state_dict`).
 """
 from __future__ import annotations
@@ -31,7 +33,9 @@ from multimae.checkpoint.convert import (
     ConversionError,
     ConversionReport,
     ConvertedWeights,
+    UnknownHeadCount,
     check_config_fits,
+    fit_state_dict,
     header_shapes,
     infer_official_config,
     model_config,
@@ -47,9 +51,9 @@ from multimae.checkpoint.io import (
     load_meta,
     resolve_checkpoint,
     save_file_atomic,
+    upgrade_weights,
 )
 from multimae.checkpoint.hf import hf_config
-from multimae.checkpoint.resize import fit_pos_tables
 from multimae.checkpoint.vit import is_vit_layout, load_hf_vit, vit_to_multimae
 from multimae.model.config import ModelConfig
 
@@ -205,12 +209,13 @@ def _describe_data(data: Mapping[str, Any]) -> str:
 
 
 def _run_model_fields(meta: Mapping[str, Any], where: Path) -> dict[str, Any]:
+    """The encoder's ModelConfig fields a run recorded: a pretraining run's ``model``, a
+    fine-tuning / probe run's ``model.encoder``."""
     model = (meta.get("config") or {}).get("model")
+    if isinstance(model, dict) and "head" in model:  # a fine-tuning run: model = TransferModelConfig
+        model = model.get("encoder")
     if not isinstance(model, dict):
         raise ConversionError(f"{where}: meta.json has no model config")
-    if "head" in model or "encoder" in model:
-        raise ConversionError(f"{where}: a fine-tuning run (encoder + head); load it with "
-                              "multimae.model.transfer.build_transfer_model or `multimae evaluate`")
     return model
 
 
@@ -227,7 +232,9 @@ def _strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _from_state_dict(sd: dict[str, Tensor], source: str, overrides: Mapping[str, Any]) -> ConvertedWeights:
-    sd = _strip_prefix(sd)
+    """A state dict of no recorded architecture: timm / MAE (renamed), or MultiMAE names (official,
+    or this library's weights; version-1 fine-tuning names upgraded), the config read off the shapes."""
+    sd = upgrade_weights(_strip_prefix(sd))
     if is_vit_layout(sd):
         fields, ours, report, fresh = vit_to_multimae(sd, source, overrides.get("num_heads"))
         return _weights(fields, overrides, ours, report, fresh)
@@ -236,28 +243,24 @@ def _from_state_dict(sd: dict[str, Tensor], source: str, overrides: Mapping[str,
         heads = over.pop("num_heads", None)
         dec_heads = over.pop("decoder_heads", None)
         sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-        report = ConversionReport(source, "official-multimae")
-        if "outputs" in over:  # e.g. outputs=[] on an official fine-tuned checkpoint: its heads are not read
+        view = sd  # outputs=[] on an official fine-tuned checkpoint: its heads are not read (the fit drops them)
+        if "outputs" in over:
             keep = tuple(f"output_adapters.{t}." for t in over["outputs"])
-            for k in [k for k in sd if k.startswith("output_adapters.") and not k.startswith(keep)]:
-                report.dropped[k] = f"output {k.split('.')[1]!r} not requested"
-                del sd[k]
+            view = {k: v for k, v in sd.items() if not k.startswith("output_adapters.") or k.startswith(keep)}
         try:
-            cfg = infer_official_config(sd, heads, dec_heads)
+            cfg = infer_official_config(view, heads, dec_heads)
+        except UnknownHeadCount:
+            raise
         except ConversionError as e:
             raise ConversionError(f"{source}: {e} (an official fine-tuned checkpoint loads into a transfer model: "
                                   "multimae.model.transfer.build_transfer_model)") from e
         from multimae.core.config import to_dict
 
-        return _weights(to_dict(cfg), over, sd, report)
+        weights = _weights(to_dict(cfg), over, sd, ConversionReport(source, "official-multimae"))
+        weights.inferred = True
+        return weights
     shown = sorted(sd)[:8]
     raise ConversionError(f"{source}: unrecognised state dict (first keys {shown}); expected {_ACCEPTED}")
-
-
-def recorded_num_heads(path: str | os.PathLike) -> int | None:
-    """The encoder head count ``multimae convert --to timm`` recorded in a ``.safetensors`` file,
-    or None (weights do not store it otherwise)."""
-    return _export_hints(Path(path)).get("num_heads")
 
 
 def _export_hints(p: Path) -> dict[str, Any]:
@@ -275,20 +278,26 @@ def _export_hints(p: Path) -> dict[str, Any]:
     return {"num_heads": int(kwargs["num_heads"])} if isinstance(kwargs, dict) and "num_heads" in kwargs else {}
 
 
-def read_pretrained(source: str | os.PathLike | Mapping[str, Tensor], **overrides: Any) -> ConvertedWeights:
+def read_pretrained(source: str | os.PathLike | Mapping[str, Tensor], num_heads_hint: int | None = None,
+                    **overrides: Any) -> ConvertedWeights:
     """Read ``source`` (see the module docstring) and convert it: the :class:`ModelConfig` (with
     ``overrides`` applied, every field checked), the tensors in MultiMAE names, the report so far
     and the provenance (the source and, for runs, the training data and steps).
 
     overrides: :class:`ModelConfig` fields (``image_size=384``, ``inputs=["rgb"]``, ``outputs=[]``,
     ``num_heads`` for an external checkpoint whose head count is not the ViT default ...).
-    :func:`multimae.model.multimae.load_pretrained` / :meth:`multimae.model.multimae.MultiMAE.from_pretrained` build
-    the model from the result.
+    The one reader of every load: :meth:`multimae.model.multimae.MultiMAE.from_pretrained`,
+    :func:`init_from` and :func:`multimae.model.transfer.build_transfer_model` build or fill a
+    model from the result (:func:`multimae.checkpoint.convert.fit_state_dict`). A fine-tuning run's
+    encoder config is its ``model.encoder``; its head's tensors come along as ``head.*``.
+    ``num_heads_hint``: the head count of a source that records none of this library's configs
+    (official, timm, MAE, transformers weights); a run's or pretrained directory's own wins.
     """
     origin: tuple[str, str] | None = None
     training = None
+    ext = {**({"num_heads": num_heads_hint} if num_heads_hint else {}), **overrides}  # external sources
     if isinstance(source, Mapping):
-        weights = _from_state_dict(dict(source), "state_dict", overrides)
+        weights = _from_state_dict(dict(source), "state_dict", ext)
     else:
         p = Path(source)
         if not p.exists():
@@ -296,8 +305,8 @@ def read_pretrained(source: str | os.PathLike | Mapping[str, Tensor], **override
         if p.is_file() and p.name == WEIGHTS_FILE and (_is_pretrained_dir(p.parent) or (p.parent / META_FILE).is_file()):
             p = p.parent
         if p.is_dir() and hf_config(p) is not None:  # transformers ViT / ViTMAE save_pretrained directory
-            fields, ours, report, fresh = load_hf_vit(p, overrides.get("num_heads"))
-            weights = _weights(fields, overrides, ours, report, fresh)
+            fields, ours, report, fresh = load_hf_vit(p, ext.get("num_heads"))
+            weights = _weights(fields, ext, ours, report, fresh)
         elif p.is_dir() and _is_pretrained_dir(p):
             cfg = _read_pretrained_config(p)
             _check_fits(cfg["model"], p / WEIGHTS_FILE, p / CONFIG_FILE)
@@ -308,27 +317,19 @@ def read_pretrained(source: str | os.PathLike | Mapping[str, Tensor], **override
         elif p.is_dir():
             ckpt = resolve_checkpoint(p)
             meta = load_meta(ckpt)
-            _check_fits(_run_model_fields(meta, ckpt), ckpt / WEIGHTS_FILE, ckpt / META_FILE)
-            weights = _weights(_run_model_fields(meta, ckpt), overrides, _load_weights_file(ckpt / WEIGHTS_FILE),
+            fields = _run_model_fields(meta, ckpt)
+            _check_fits(fields, ckpt / WEIGHTS_FILE, ckpt / META_FILE)
+            weights = _weights(fields, overrides, _load_weights_file(ckpt / WEIGHTS_FILE, meta["format_version"]),
                                ConversionReport(str(ckpt), "multimae"))
             data = (meta.get("config") or {}).get("data") or {}
             training = {"data": _describe_data(data), "steps": meta.get("step"), "run": str(ckpt)}
         else:
             hints = _export_hints(p)
-            weights = _from_state_dict(read_state_dict(p), str(p), {**hints, **overrides})
+            weights = _from_state_dict(read_state_dict(p), str(p), {**hints, **ext})
     report = weights.report
     src, kind = origin or (report.source, report.kind)  # converted weights keep where they first came from
     weights.provenance = {"source": src, "source_kind": kind, **({"training": training} if training else {})}
     return weights
-
-
-def _not_requested(key: str, config: ModelConfig) -> str | None:
-    """Why a source tensor has no place in a model of ``config``'s modalities, or None."""
-    for prefix, kind, names in (("input_adapters.", "input", config.inputs), ("output_adapters.", "output",
-                                                                             config.outputs)):
-        if key.startswith(prefix) and key[len(prefix):].split(".")[0] not in names:
-            return f"{kind} {key[len(prefix):].split('.')[0]!r} not requested"
-    return None
 
 
 def init_from(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor], **overrides: Any
@@ -343,32 +344,10 @@ def init_from(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor]
     encoder); source tensors the model has no place for, and adapters of modalities ``overrides``
     leave out (``inputs=[...]``), are ``report.dropped``. A tensor present in both with different
     shapes is a :class:`ConversionError` (the architectures differ: dim, patch size ...).
-    No second model is built: the tensors go straight into ``model``.
+    No second model is built: the tensors go straight into ``model``
+    (:func:`multimae.checkpoint.convert.fit_state_dict`).
     """
     cfg = model.config
     # the head count is the model's (weights do not store it: external ones would be refused)
     weights = read_pretrained(source, **{"image_size": cfg.image_size, "num_heads": cfg.num_heads, **overrides})
-    report = weights.report
-    own = model.state_dict()
-    modes = {f"input_adapters.{n}.pos_emb": getattr(a, "pos_mode", "bicubic") for n, a in model.input_adapters.items()}
-    sd, report.resized = fit_pos_tables(weights.state_dict, own, modes)
-    take, shapes = {}, []
-    for k in [*(k for k in own if k in sd), *(k for k in sd if k not in own)]:  # in the model's order
-        v = sd[k]
-        why = _not_requested(k, weights.config)
-        if why is not None:
-            report.dropped[k] = why
-        elif k not in own:
-            why = ("no final norm in this model (model.encoder_norm=true keeps it)" if k.startswith("encoder_norm.")
-                   else "no place in this model")
-            report.dropped[k] = why
-        elif tuple(v.shape) != tuple(own[k].shape):
-            shapes.append(f"{k}: source {tuple(v.shape)} vs model {tuple(own[k].shape)}")
-        else:
-            take[k] = v.to(own[k].dtype)
-    if shapes:
-        raise ConversionError(f"{report.source} does not fit the model being trained -- shape mismatches: {shapes}")
-    report.mapped = {k: report.mapped.get(k, k) for k in take}
-    report.added = {k: "not in the source (freshly initialised)" for k in own if k not in take}
-    model.load_state_dict({**own, **take}, strict=True)
-    return report
+    return fit_state_dict(model, weights, drop_unexpected=True, keep_missing=True)

@@ -134,7 +134,8 @@ def vit_to_multimae(sd: Mapping[str, Tensor], source: str = "state_dict", num_he
                               f"qk-norm, pre-norm ... are not supported): {sorted(unknown)}")
     cfg: dict[str, Any] = dict(
         preset=_preset_of(dim, depth),
-        dim=dim, depth=depth, num_heads=default_heads(dim, source, num_heads),
+        dim=dim, depth=depth,
+        num_heads=default_heads(dim, source, num_heads, {"dim": dim, "depth": depth, "patch_size": patch}),
         mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0,
         patch_size=patch, image_size=g * patch, num_global_tokens=1, inputs=["rgb"], outputs=[],
         encoder_norm="norm.weight" in sd,

@@ -32,7 +32,7 @@ def _names(text: str | None) -> list[str] | None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from multimae.model.multimae import load_pretrained
+    from multimae.model.multimae import MultiMAE
 
     overrides: dict = {}
     if args.image_size and args.to == "multimae":
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["num_heads"] = args.num_heads
     if args.to in ("timm", "transformers"):
         overrides.setdefault("outputs", [])
-    model, report = load_pretrained(args.src, **overrides)
+    model, report = MultiMAE.from_pretrained(args.src, with_report=True, **overrides)
     print("\n".join(report.lines()))
     dst = Path(args.dst)
     if args.to == "multimae":

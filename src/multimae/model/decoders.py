@@ -62,7 +62,7 @@ class SpatialDecoder(nn.Module):
 
     def __init__(self, spec: ModalitySpec, context_names: list[str], enc_dim: int, dim: int = 256, depth: int = 2,
                  num_heads: int = 8, mlp_ratio: float = 4.0, patch_size: int = 16, image_size: int = 224,
-                 use_task_queries: bool = True, drop_path: float = 0.0) -> None:
+                 use_task_queries: bool = True, drop_path: float = 0.0, attention: str = "auto") -> None:
         super().__init__()
         self.spec = spec
         self.patch = spec.patch(patch_size)
@@ -72,13 +72,14 @@ class SpatialDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.task_embeddings = nn.ParameterDict({n: nn.Parameter(torch.zeros(1, 1, dim)) for n in context_names})
         self.register_buffer("pos_emb", sincos_2d(g, g, dim))
-        self.decoder = CrossAttention(dim, num_heads)
+        self.decoder = CrossAttention(dim, num_heads, mode=attention)
         self.query_norm = nn.LayerNorm(dim, eps=1e-6)
         self.context_norm = nn.LayerNorm(dim, eps=1e-6)
         self.out_norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         dpr = torch.linspace(0, drop_path, depth).tolist() if depth else []
-        self.decoder_transformer = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, drop_path=d) for d in dpr])
+        self.decoder_transformer = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, drop_path=d, attention=attention)
+                                                   for d in dpr])
         self.out_proj = nn.Linear(dim, self._out_features())
 
     def _out_features(self) -> int:

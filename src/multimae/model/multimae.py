@@ -5,27 +5,22 @@ decoders -> losses on masked tokens.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from multimae.core import modalities as M
-from multimae.model.adapters.input import build_input_adapter
-from multimae.model.decoders import EncodedTokens, Segment, SpatialDecoder
-from multimae.model.adapters.text import SharedDecoder, TextDecoder
 from multimae.core.batch import Batch
-from multimae.checkpoint.convert import ConversionReport, ConvertedWeights, fit_state_dict, read_official_multimae
-from multimae.model.layers.attention import Block, set_attention
-from multimae.model.layers.init import init_
-from multimae.model.losses import masked_mean, token_loss
 from multimae.core.masking import MaskPlan
+from multimae.model.adapters.text import SharedDecoder, TextDecoder
 from multimae.model.config import ModelConfig
+from multimae.model.decoders import EncodedTokens, Segment, SpatialDecoder
+from multimae.model.encoder import Encoder, image_size_of
+from multimae.model.losses import masked_mean, token_loss
 
-__all__ = ["ModelConfig", "MultiMAE", "Outputs", "image_size_of", "load_official_multimae", "load_pretrained",
-           "run_encoder", "tokenize"]
+__all__ = ["ModelConfig", "MultiMAE", "Outputs", "image_size_of"]
 
 
 @dataclass
@@ -46,38 +41,30 @@ class Outputs:
     loss: Tensor | None = None
 
 
-class MultiMAE(nn.Module):
-    """Multi-modal multi-task masked autoencoder (Bachmann et al., 2022)."""
+class MultiMAE(Encoder):
+    """Multi-modal multi-task masked autoencoder (Bachmann et al., 2022): the shared
+    :class:`~multimae.model.encoder.Encoder` plus per-task (or one shared) decoders."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
         init_rng = torch.random.get_rng_state()
-        cfg = self.config = config.resolved()
-        self.input_specs = {s.name: s for s in cfg.specs(cfg.inputs)}
-        self.output_specs = {s.name: s for s in cfg.specs(cfg.outputs)}
-        for s in self.input_specs.values():
-            if not s.input:
-                raise ValueError(f"modality {s.name!r} is output-only and cannot be a model input")
-        unknown = sorted(set(cfg.fp32_outputs) - set(self.output_specs))
+        cfg = config.resolved()
+        output_specs = {s.name: s for s in cfg.specs(cfg.outputs)}
+        unknown = sorted(set(cfg.fp32_outputs) - set(output_specs))
         if unknown:
-            raise ValueError(f"model.fp32_outputs names {unknown}, which are not outputs {sorted(self.output_specs)}")
+            raise ValueError(f"model.fp32_outputs names {unknown}, which are not outputs {sorted(output_specs)}")
         if cfg.fp32_outputs and cfg.decoder == "shared":
             raise ValueError("model.fp32_outputs applies to per-task decoders; the shared decoder has one dtype")
-        self.input_adapters = nn.ModuleDict({
-            n: build_input_adapter(s, cfg.dim, cfg.patch_size, cfg.image_size) for n, s in self.input_specs.items()})
-        self.global_tokens = nn.Parameter(torch.zeros(1, cfg.num_global_tokens, cfg.dim))
-        dpr = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()  # cpu: builds under torch.device("meta") too
-        self.encoder = nn.Sequential(*[Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, drop_path=d, norm_eps=cfg.norm_eps)
-                                       for d in dpr])
-        self.encoder_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.encoder_norm else nn.Identity()
+        super().__init__(cfg)
+        self.config = cfg
+        self.output_specs = output_specs
         if cfg.decoder == "shared":
             self.output_adapters = nn.ModuleDict()
             self.shared_decoder = SharedDecoder(list(self.output_specs.values()), cfg.dim, cfg.decoder_dim,
                                                 cfg.decoder_depth, cfg.decoder_heads, cfg.patch_size, cfg.image_size,
-                                                cfg.mlp_ratio, context_names=list(self.input_specs))
+                                                cfg.mlp_ratio, context_names=list(self.input_specs),
+                                                attention=cfg.attention)
         else:
             self.output_adapters = nn.ModuleDict({n: self._build_decoder(s) for n, s in self.output_specs.items()})
-        set_attention(self, cfg.attention)
         # the weights depend on the RNG state at construction start only, not on what the submodules'
         # constructors drew: a model built on the meta device (FSDP start-up) and initialised later
         # from this state gets exactly these weights (multimae.engine.parallel.materialise)
@@ -89,60 +76,36 @@ class MultiMAE(nn.Module):
         cfg = self.config
         cls = TextDecoder if spec.kind == "text" else SpatialDecoder
         return cls(spec, list(self.input_specs), cfg.dim, cfg.decoder_dim, cfg.decoder_depth,
-                              cfg.decoder_heads, cfg.mlp_ratio, cfg.patch_size, cfg.image_size, cfg.use_task_queries)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """The official initialisation: xavier-uniform linears (q, k, v treated as separate
-        matrices), patch projections initialised like linears, 0.02 truncated normal tokens, zero
-        mask tokens of the per-task decoders. Every parameter is set here, through
-        :func:`multimae.model.layers.init.init_` (so a sharded model gets the unsharded weights)."""
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                parts = 3 if name.endswith("qkv") else 2 if name.endswith(".kv") else 1
-                bound = math.sqrt(6.0 / (m.weight.shape[0] // parts + m.weight.shape[1]))
-                init_(m.weight, nn.init.uniform_, -bound, bound)
-                if m.bias is not None:
-                    init_(m.bias, nn.init.zeros_)
-            elif isinstance(m, nn.LayerNorm):
-                init_(m.weight, nn.init.ones_)
-                init_(m.bias, nn.init.zeros_)
-            elif isinstance(m, nn.Conv2d):
-                init_(m.weight, lambda w: nn.init.xavier_uniform_(w.view(w.shape[0], -1)))
-                if m.bias is not None:
-                    init_(m.bias, nn.init.zeros_)
-            elif isinstance(m, nn.Embedding):
-                init_(m.weight, nn.init.trunc_normal_, std=0.02)
-        init_(self.global_tokens, nn.init.trunc_normal_, std=0.02)
-        for name, p in self.named_parameters():
-            if "task_embeddings" in name or "type_emb" in name or ".mask_tokens." in name:
-                init_(p, nn.init.trunc_normal_, std=0.02)
-            elif name.endswith(".mask_token"):
-                init_(p, nn.init.zeros_)
+                   cfg.decoder_heads, cfg.mlp_ratio, cfg.patch_size, cfg.image_size, cfg.use_task_queries,
+                   attention=cfg.attention)
 
     # ------------------------------------------------------------------ weights in and out
     @classmethod
-    def from_pretrained(cls, source: Any, **overrides: Any) -> "MultiMAE":
-        """A model (eval mode) from a ``save_pretrained`` directory, a run / checkpoint directory of
-        this library, an official MultiMAE ``.pth``, a MAE ``.pth``, a timm ViT state dict or a
-        transformers ViT / ViTMAE directory; ``overrides`` change :class:`ModelConfig` fields on load
-        (``image_size=384``, ``inputs=["rgb"]``, ``outputs=[]``). :func:`load_pretrained` also
-        returns the report; the reading and converting is
-        :func:`multimae.checkpoint.pretrained.read_pretrained`."""
+    def from_pretrained(cls, source: Any, with_report: bool = False, **overrides: Any) -> Any:
+        """The one way to load a model: eval mode, from a ``save_pretrained`` directory, a run /
+        checkpoint directory of this library (or its ``model.safetensors``), an official MultiMAE
+        ``.pth``, a MAE ``.pth``, a timm ViT state dict (``.pth`` / ``.safetensors``), a
+        transformers ViT / ViTMAE directory or an in-memory state dict
+        (:func:`multimae.checkpoint.pretrained.read_pretrained` reads them all).
+
+        overrides: :class:`ModelConfig` fields, e.g. ``image_size=384`` (sine-cosine tables
+        regenerated, learned ones resampled), ``inputs=["rgb"]`` (other input adapters dropped),
+        ``outputs=[]`` (encoder only; decoders dropped), ``outputs=["rgb", "depth"]`` on a MAE
+        encoder (fresh decoders, reported as added), ``num_heads`` / ``decoder_heads`` for a
+        checkpoint whose head counts are not the defaults (weights do not store them).
+        ``with_report=True`` returns ``(model, report)``: the
+        :class:`~multimae.checkpoint.convert.ConversionReport` of what was mapped, dropped, added
+        and resized. The model's ``provenance`` records the source and, for runs, the training
+        data and steps."""
+        from multimae.checkpoint.convert import fit_state_dict
         from multimae.checkpoint.pretrained import read_pretrained
 
-        return cls.from_converted(read_pretrained(source, **overrides))[0]
-
-    @classmethod
-    def from_converted(cls, weights: ConvertedWeights) -> tuple["MultiMAE", ConversionReport]:
-        """The model (eval mode) that ``weights`` (read and converted by :mod:`multimae.checkpoint`)
-        describe, with their tensors fitted in (position tables resized to its grid, dropped and
-        fresh keys reported: :func:`multimae.checkpoint.convert.fit_state_dict`), and the report."""
+        weights = read_pretrained(source, **overrides)
         model = cls(weights.config)
-        fit_state_dict(model, weights.state_dict, weights.report, weights.fresh)
-        if weights.provenance is not None:
-            model.provenance = dict(weights.provenance)
-        return model.eval(), weights.report
+        fit_state_dict(model, weights)
+        model.provenance = dict(weights.provenance or {})
+        model.eval()
+        return (model, weights.report) if with_report else model
 
     def save_pretrained(self, directory: Any, **card: Any) -> Any:
         """Write ``config.json`` + ``model.safetensors`` + ``README.md`` (a Hugging Face Hub
@@ -170,10 +133,6 @@ class MultiMAE(nn.Module):
         return image_size_of([*self.input_specs.values(), *self.output_specs.values()], batch)
 
     # ------------------------------------------------------------------ forward
-    def tokenize(self, batch: dict[str, Any], names: Sequence[str]) -> tuple[Tensor, list[Segment]]:
-        """Input tokens of ``names``, concatenated: (B, N, D), and where each modality sits."""
-        return tokenize(self.input_adapters, self.input_specs, batch, names, self.config.patch_size)
-
     def _input_names(self, batch: dict[str, Any], plan: MaskPlan | None) -> list[str]:
         if plan is not None:
             for n in plan.masks:
@@ -247,7 +206,7 @@ class MultiMAE(nn.Module):
             slot = torch.arange(nv, device=tokens.device)[None]
             visible_pad = slot >= (~masked).sum(1)[:, None]
         x = tokens.gather(1, ids_keep[..., None].expand(-1, -1, D))
-        x, _ = run_encoder(x, self.global_tokens, self.encoder, self.encoder_norm, visible_pad)
+        x, _ = self.run_blocks(x, visible_pad)
         return EncodedTokens(x, ids_keep, visible_pad, masked, layout, self.global_tokens.shape[1])
 
     def decode(self, enc: EncodedTokens, image_size: tuple[int, int], tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
@@ -301,108 +260,3 @@ class MultiMAE(nn.Module):
                 weight = (~absent if weight is None else weight & ~absent)
             out[t] = masked_mean(per_token, weight)
         return out
-
-
-# ---------------------------------------------------------------------- the encoder pass
-# One implementation for every encoder built from MultiMAE parts: MultiMAE.encode (visible tokens,
-# padding) and multimae.model.transfer.TransferEncoder (all tokens, intermediate layers) call these.
-
-def tokenize(adapters: Mapping[str, nn.Module], specs: Mapping[str, M.ModalitySpec], batch: Mapping[str, Any],
-             names: Sequence[str], patch_size: int) -> tuple[Tensor, list[Segment]]:
-    """Tokens of the modalities ``names`` (each through its input adapter), concatenated in that
-    order: (B, N, D), and where each modality sits (its token grid, None for text)."""
-    toks, layout, start = [], [], 0
-    for n in names:
-        spec = specs[n]
-        t = adapters[n](batch[spec.key])
-        toks.append(t)
-        layout.append(Segment(n, start, t.shape[1], spec.grid(batch[spec.key].shape, patch_size)))
-        start += t.shape[1]
-    return torch.cat(toks, dim=1), layout
-
-
-def image_size_of(specs: Iterable[M.ModalitySpec], batch: Mapping[str, Any]) -> tuple[int, int]:
-    """(H, W) of the full-resolution image implied by the batch's tensors of the spatial modalities
-    among ``specs`` (a 1/stride modality counts at full resolution); all must agree."""
-    specs = list(specs)
-    sizes = {}
-    for s in specs:
-        t = batch.get(s.key)
-        if isinstance(t, Tensor) and s.is_spatial and t.ndim >= 3:
-            sizes[s.key] = (t.shape[-2] * s.stride, t.shape[-1] * s.stride)
-    if not sizes:
-        names = sorted(dict.fromkeys(s.name for s in specs))
-        raise ValueError(f"batch has no image modality among {names}; keys: {sorted(batch)}")
-    if len(set(sizes.values())) > 1:
-        desc = ", ".join(f"{k}: {h}x{w}" for k, (h, w) in sizes.items())
-        raise ValueError(f"modalities imply different image sizes ({desc}); semseg-like inputs are at 1/stride")
-    return next(iter(sizes.values()))
-
-
-def run_encoder(x: Tensor, global_tokens: Tensor, blocks: Sequence[nn.Module], norm: nn.Module,
-                key_pad: Tensor | None = None, return_layers: Iterable[int] = (), final: bool = True
-                ) -> tuple[Tensor, dict[int, Tensor]]:
-    """The encoder pass: (B, N, D) tokens -> the G global tokens appended -> blocks -> final norm.
-
-    key_pad: (B, N) True = an empty slot kept out of attention (the global tokens never are).
-    return_layers: block indices whose outputs (B, N + G, D), never normed, are returned too.
-    final=False with ``return_layers``: stop after the last of them; the tokens returned are then
-    that block's output, not normed. Returns ``(tokens (B, N + G, D), {block: its output})``.
-    """
-    B = x.shape[0]
-    G = global_tokens.shape[1]
-    x = torch.cat([x, global_tokens.expand(B, -1, -1).to(x.dtype)], dim=1)
-    if key_pad is not None:
-        key_pad = torch.cat([key_pad, key_pad.new_zeros(B, G)], dim=1)
-    depth = len(blocks)
-    want = set(return_layers)
-    bad = [i for i in want if not 0 <= i < depth]
-    if bad:
-        raise ValueError(f"encoder layer(s) {sorted(bad)} outside 0..{depth - 1}")
-    stop = max(want) + 1 if want and not final else depth
-    layers = {}
-    for i, blk in enumerate(blocks):
-        if i == stop:
-            break
-        x = blk(x, key_pad)
-        if i in want:
-            layers[i] = x
-    return (norm(x) if stop == depth else x), layers
-
-
-def load_pretrained(source: Any, **overrides: Any) -> tuple[MultiMAE, ConversionReport]:
-    """:meth:`MultiMAE.from_pretrained` with the :class:`~multimae.checkpoint.convert.ConversionReport`
-    of what was mapped, dropped, added and resized.
-
-    source: a ``save_pretrained`` directory, a run or checkpoint directory (or its
-    ``model.safetensors``), an official MultiMAE / MAE ``.pth``, a timm ViT ``.pth`` /
-    ``.safetensors``, a transformers ViT / ViTMAE directory or a state dict
-    (:func:`multimae.checkpoint.pretrained.read_pretrained`). overrides: :class:`ModelConfig` fields,
-    e.g. ``image_size=384`` (sine-cosine tables regenerated, learned ones resampled),
-    ``inputs=["rgb"]`` (other input adapters dropped), ``outputs=[]`` (encoder only; decoders
-    dropped), ``outputs=["rgb", "depth"]`` on a MAE encoder (fresh decoders, reported as added), or
-    ``num_heads`` for an external checkpoint whose head count is not the ViT default. The model's
-    ``provenance`` attribute records the source and, for runs, the training data and steps.
-    """
-    from multimae.checkpoint.pretrained import read_pretrained
-
-    return MultiMAE.from_converted(read_pretrained(source, **overrides))
-
-
-def load_official_multimae(source: Any, num_heads: int | None = None, decoder_heads: int | None = None,
-                           **overrides: Any) -> MultiMAE:
-    """Build a :class:`MultiMAE` from an official MultiMAE checkpoint, in one line::
-
-        model = multimae.load_official_multimae("multimae-b_98_rgb+-depth-semseg_1600e.pth")
-
-    ``source``: a ``.pth`` (the ``model`` entry, or a bare state_dict), a ``.safetensors``
-    file, or a state_dict. Architecture is read off the tensors; head counts (not stored in
-    weights) default to the standard ViT's for the encoder (another width needs ``num_heads``) and
-    8 for the decoders. ``overrides`` set other :class:`ModelConfig` fields: ``image_size=384``
-    regenerates the sine-cosine position tables for the new grid; ``inputs`` / ``outputs`` keep a
-    subset (``outputs=[]``: encoder only). (Eval mode is not set: the model is as built.)
-    """
-    weights = read_official_multimae(source, num_heads, decoder_heads, **overrides)
-    model = MultiMAE(weights.config)
-    fit_state_dict(model, weights.state_dict, weights.report)
-    return model

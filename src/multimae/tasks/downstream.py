@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 from multimae.data.errors import DataError
 from multimae.data.sources import get_source
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
-from multimae.model.transfer import LoadReport, TransferModel, build_transfer_model
+from multimae.checkpoint.convert import ConversionReport
+from multimae.model.transfer import TransferModel, build_transfer_model
 
 #: ``datasets(split, train) -> map-style dataset``: raw (untransformed) downstream samples that
 #: replace the configured source's (e.g. a benchmark's own scenes).
@@ -38,7 +39,7 @@ def _folder_classes(cfg: FinetuneConfig) -> list[str] | None:
         c for c in class_directories(d.root, d.train_split, cfg.model.inputs[0]) if c != UNLABELLED])
 
 
-def prepare(cfg: FinetuneConfig, init: str | None = None) -> tuple[TransferModel, LoadReport, FinetuneConfig]:
+def prepare(cfg: FinetuneConfig, init: str | None = None) -> tuple[TransferModel, ConversionReport, FinetuneConfig]:
     """Build the transfer model from ``init`` (default ``cfg.init``) and return the config
     completed with what the model fixed (encoder architecture read from the init, number of
     classes of a source with fixed classes, run name): a copy, ``cfg`` is not changed."""
@@ -61,12 +62,12 @@ def prepare(cfg: FinetuneConfig, init: str | None = None) -> tuple[TransferModel
         head = replace(head, out_channels=3)
     cfg = replace(cfg, model=replace(cfg.model, head=head))
     model, report = build_transfer_model(cfg.model, cfg.init if init is None else init)
-    size = model.encoder.config.image_size
+    size = model.encoder_config.image_size
     if cfg.model.encoder is None and cfg.data.image_size != size:  # the architecture came from the init
         logging.getLogger("multimae").warning(
             "training at data.image_size=%d px, but the init was trained at %d px (its position tables are "
             "resampled); set data.image_size=%d to keep its size", cfg.data.image_size, size, size)
-    cfg = replace(cfg, model=replace(cfg.model, encoder=model.encoder.config))
+    cfg = replace(cfg, model=replace(cfg.model, encoder=model.encoder_config))
     if not cfg.train.run_name:
         cfg = replace(cfg, train=replace(cfg.train, run_name=default_run_name(cfg)))
     return model, report, cfg

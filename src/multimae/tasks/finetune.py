@@ -24,7 +24,6 @@ from multimae.engine import parallel as P
 from multimae.engine.distributed import DistInfo
 from multimae.engine.logging import RunLogger
 from multimae.engine.trainer import Task, Trainer
-from multimae.model.layers.attention import set_attention
 from multimae.tasks.downstream import Datasets, prepare
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
 from multimae.model.transfer import TransferModel
@@ -112,7 +111,7 @@ class FinetuneObjective(nn.Module):
     def __init__(self, model: TransferModel, loss: LossFn, task: str, mixup: Any = None) -> None:
         super().__init__()
         self.model, self.loss_fn, self.task, self.mixup = model, loss, task, mixup
-        self.input_specs = list(model.encoder.specs.values())
+        self.input_specs = list(model.input_specs.values())
         if mixup is not None:
             bad = [s.name for s in self.input_specs if s.kind not in ("image", "dense")]
             if bad:
@@ -169,9 +168,8 @@ class FinetuneTask(Task):
         from multimae.tasks.finetune_data import check_eval_data
 
         self.model, self.report, self.cfg = prepare(self.cfg)
-        set_attention(self.model, self.cfg.model.attention)  # the kernel is the model's, per layer
         self.task = target_of(self.cfg)
-        self.input_specs = list(self.model.encoder.specs.values())
+        self.input_specs = list(self.model.input_specs.values())
         check_eval_data(self.cfg, self.input_specs, self.datasets)  # a missing split fails now, not after training
         self.objective = FinetuneObjective(self.model, build_loss(self.cfg), self.task, build_mixup(self.cfg))
 
@@ -186,14 +184,14 @@ class FinetuneTask(Task):
 
     def describe(self, trainer: Trainer) -> list[str]:
         c = self.cfg
-        return [f"run {trainer.run_dir}: {self.report.summary()}",
+        return [f"run {trainer.run_dir}: {self.report.init_summary()}",
                 f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, task {self.task} "
                 f"({c.model.head.kind}, inputs {'+'.join(c.model.inputs)}), {trainer.steps_per_epoch} steps/epoch, "
                 f"{trainer.total_steps} total, lr {trainer.lr:.3g}, layer decay {c.optim.layer_decay}, "
                 f"world size {trainer.info.world_size}"]
 
     def checkpoint_meta(self, trainer: Trainer) -> dict[str, Any]:
-        return {"kind": "finetune", "task": self.task, "init_report": self.report.summary()}
+        return {"kind": "finetune", "task": self.task, "init_report": self.report.init_summary()}
 
     def after_step(self, trainer: Trainer, logger: RunLogger) -> None:
         every = self.cfg.train.eval_every
@@ -219,7 +217,7 @@ class FinetuneTask(Task):
             logger.log_scalars(trainer.step, {f"eval/{k}": v for k, v in res["metrics"].items()})
             if final:
                 self.eval_result = res
-                write_eval_report(res, self.cfg, trainer.run_dir, trainer.step, self.report.summary())
+                write_eval_report(res, self.cfg, trainer.run_dir, trainer.step, self.report.init_summary())
             self.model.train()
         D.barrier()
 

@@ -158,7 +158,7 @@ def evaluate_model(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.de
     """
     from multimae.tasks.finetune_data import build_eval_loader
 
-    specs = list(model.encoder.specs.values())  # type: ignore[union-attr]
+    specs = list(model.input_specs.values())  # type: ignore[union-attr]
     split = split or cfg.data.split
     kind, K = cfg.model.head.kind, int(cfg.model.head.num_classes or 0)
     baseline = baseline or fit_baseline(cfg, specs, datasets=datasets)

@@ -27,7 +27,8 @@ from multimae.tasks.downstream import Datasets, default_run_name, prepare
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.engine.logging import Progress, RunLogger
 from multimae.engine.optim import WarmupCosine
-from multimae.model.transfer import LoadReport, TransferModel
+from multimae.checkpoint.convert import ConversionReport
+from multimae.model.transfer import TransferModel
 
 PROBE_PREFIX = "probe."
 #: what may change between two invocations of one probe run: besides the schedule, what a probe
@@ -57,7 +58,7 @@ def extract_features(model: TransferModel, loader: Any, device: torch.device) ->
     """(N, D) float32 features and (N,) labels of every sample of ``loader``, in order."""
     model.eval()
     feats, labels = [], []
-    keys = [s.key for s in model.encoder.specs.values()]
+    keys = [s.key for s in model.input_specs.values()]
     for batch in loader:
         feats.append(model.features({k: batch[k].to(device) for k in keys}).float().cpu())
         labels.append(batch[TARGET])
@@ -125,7 +126,7 @@ class ProbeFeatures:
     of ``cfg.data.split`` (what a linear probe trains and is scored on)."""
 
     model: TransferModel
-    report: LoadReport
+    report: ConversionReport
     cfg: FinetuneConfig  # completed by :func:`~multimae.tasks.finetune.prepare`
     train_x: Tensor
     train_y: Tensor
@@ -142,7 +143,7 @@ def probe_features(cfg: FinetuneConfig, datasets: Datasets | None = None) -> Pro
     model, report, cfg = prepare(cfg)
     device = torch.device("cpu") if cfg.train.device in ("auto", "cpu") else torch.device(cfg.train.device)
     model.to(device).requires_grad_(False)
-    specs = list(model.encoder.specs.values())
+    specs = list(model.input_specs.values())
     tic = time.perf_counter()
     train_x, train_y = extract_features(model, build_eval_loader(cfg, specs, train_split_stats=True,
                                                                  datasets=datasets), device)
@@ -177,7 +178,7 @@ def _run_probe(cfg: FinetuneConfig, datasets: Datasets | None) -> tuple[Path, di
     if latest is not None and cfg.train.resume != "force":  # the same probe only: it is fitted again
         check_same_run(load_meta(latest).get("config"), config_lib.to_dict(cfg), PROBE_SCHEDULE_ONLY, latest)
     config_lib.save_json(cfg, run_dir / "config.json")
-    print(f"probe {run_dir}: {report.summary()}; features {tuple(train_x.shape)} train, {tuple(eval_x.shape)} "
+    print(f"probe {run_dir}: {report.init_summary()}; features {tuple(train_x.shape)} train, {tuple(eval_x.shape)} "
           f"{cfg.data.split} in {t_feat:.1f}s", flush=True)
     with RunLogger(run_dir) as logger:
         steps = p.epochs * probe_steps(len(train_x), p.batch_size)
@@ -192,11 +193,11 @@ def _run_probe(cfg: FinetuneConfig, datasets: Datasets | None) -> tuple[Path, di
         logger.log_scalars(steps, {f"eval/{k}": v for k, v in metrics.items()})
     weights = {**model.state_dict(), **{PROBE_PREFIX + k: v for k, v in probe.state_dict().items()}}
     save_checkpoint(run_dir, steps, weights, {"step": steps}, {"config": config_lib.to_dict(cfg), "kind": "probe",
-                                                              "task": "label", "init_report": report.summary()})
+                                                              "task": "label", "init_report": report.init_summary()})
     base = class_baseline(train_y, eval_y, K)
     res = {"metrics": metrics, "baseline": base, "num_samples": len(eval_y), "split": cfg.data.split,
            "time": {"features_s": round(t_feat, 2), "fit_s": round(t_fit, 2)}}
-    write_eval_report(res, cfg, run_dir, steps, report.summary(), protocol="linear probe")
+    write_eval_report(res, cfg, run_dir, steps, report.init_summary(), protocol="linear probe")
     return run_dir, res
 
 
@@ -209,9 +210,9 @@ def evaluate_probe_weights(model: Any, weights: dict[str, Tensor], cfg: Finetune
 
     load_state_strict(model, {k: v for k, v in weights.items() if not k.startswith(PROBE_PREFIX)}, "probe run")
     K = int(cfg.model.head.num_classes or 0)
-    probe = LinearProbe(model.encoder.dim, K)
+    probe = LinearProbe(model.dim, K)
     probe.load_state_dict({k[len(PROBE_PREFIX):]: v for k, v in weights.items() if k.startswith(PROBE_PREFIX)})
-    specs = list(model.encoder.specs.values())
+    specs = list(model.input_specs.values())
     x, y = extract_features(model, build_eval_loader(cfg, specs), torch.device(device))
     train_y = torch.cat([b[TARGET] for b in build_eval_loader(cfg, specs, train_split_stats=True)])
     return {"metrics": probe_scores(probe, x, y, K), "baseline": class_baseline(train_y, y, K),

@@ -320,12 +320,12 @@ class MultiMAELabeler:
 
     def __init__(self, path: str | Path, tasks: Sequence[str] = ("depth", "semseg"), device: str = "auto",
                  precision: str = "auto", image_size: int | None = None) -> None:
-        from multimae.model.multimae import load_pretrained
+        from multimae.model.multimae import MultiMAE
 
         self.path = Path(path)
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
-        self.model, report = load_pretrained(path)
+        self.model, report = MultiMAE.from_pretrained(path, with_report=True)
         self.ckpt = report.source
         self.trained_on = str(self.model.provenance.get("training", {}).get("data", ""))
         self.model.to(self.device)

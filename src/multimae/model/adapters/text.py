@@ -100,11 +100,11 @@ class TextDecoder(SpatialDecoder):
 
     def __init__(self, spec: ModalitySpec, context_names: list[str], enc_dim: int, dim: int = 256, depth: int = 2,
                  num_heads: int = 8, mlp_ratio: float = 4.0, patch_size: int = 16, image_size: int = 224,
-                 use_task_queries: bool = True, drop_path: float = 0.0) -> None:
+                 use_task_queries: bool = True, drop_path: float = 0.0, attention: str = "auto") -> None:
         if spec.kind != "text":
             raise ValueError(f"{spec.name}: TextDecoder needs a text modality, got kind {spec.kind!r}")
         super().__init__(spec, context_names, enc_dim, dim, depth, num_heads, mlp_ratio, patch_size, image_size,
-                         use_task_queries, drop_path)
+                         use_task_queries, drop_path, attention)
 
     def _out_features(self) -> int:
         return self.spec.num_classes
@@ -140,7 +140,7 @@ class SharedDecoder(nn.Module):
 
     def __init__(self, specs: Sequence[ModalitySpec], enc_dim: int, dim: int = 512, depth: int = 8,
                  num_heads: int = 16, patch_size: int = 16, image_size: int = 256, mlp_ratio: float = 4.0,
-                 context_names: Sequence[str] = (), drop_path: float = 0.0) -> None:
+                 context_names: Sequence[str] = (), drop_path: float = 0.0, attention: str = "auto") -> None:
         super().__init__()
         if not specs:
             raise ValueError("SharedDecoder: no modality to reconstruct")
@@ -153,7 +153,7 @@ class SharedDecoder(nn.Module):
         g = image_size // patch_size
         self.register_buffer("pos_emb", sincos_2d(g, g, dim))
         dpr = torch.linspace(0, drop_path, depth).tolist() if depth else []
-        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, drop_path=d) for d in dpr])
+        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, drop_path=d, attention=attention) for d in dpr])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.heads = nn.ModuleDict({s.name: nn.Linear(dim, self._out_features(s)) for s in specs})
         for p in [*self.mask_tokens.values(), *self.type_emb.values()]:

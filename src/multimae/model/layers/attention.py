@@ -5,7 +5,8 @@ official MultiMAE layout so that external checkpoints load without renaming.
 
 Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` or the explicit
 ``softmax(q k^T) v`` form (batched matmuls). Every attention layer has its own ``mode``, set from
-the model's config (``ModelConfig.attention``; :func:`set_attention` changes a built model):
+the model's config at construction (``ModelConfig.attention``, passed down to every layer;
+:func:`set_attention` changes a built model, for export):
 ``"fused"``, ``"manual"`` or ``"auto"`` (default): explicit for bf16/fp16 tensors on the CPU, where
 torch's CPU flash kernel is slower than two AMX/AVX512 batched matmuls (ViT-B bf16 step 1.39 s
 fused vs 1.06 s explicit, ``benchmarks/pretrain_throughput.py``), fused everywhere else. Both give
@@ -107,10 +108,10 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). (B, N, D) -> (B, N, D)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, norm_eps: float = 1e-6) -> None:
+                 drop_path: float = 0.0, norm_eps: float = 1e-6, attention: str = "auto") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias, mode=attention)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

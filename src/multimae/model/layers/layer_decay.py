@@ -20,13 +20,14 @@ EMBED_PATTERNS: tuple[str, ...] = (
     "cls_token",
     "mask_token",
 )
-_BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_BLOCK_RE = re.compile(r"(?:^|\.)(?:blocks|encoder)\.(\d+)\.")  # timm's blocks.<i>, MultiMAE's encoder.<i>
 
 
 def vit_layer_id(name: str, num_layers: int, embed_patterns: Iterable[str] = EMBED_PATTERNS) -> int:
     """Layer index of a ViT parameter for layer-wise lr decay.
 
-    Embeddings (names containing one of ``embed_patterns``) -> 0; ``...blocks.<i>.`` -> ``i + 1``;
+    Embeddings (names containing one of ``embed_patterns``) -> 0; ``...blocks.<i>.`` or
+    ``...encoder.<i>.`` -> ``i + 1``;
     anything else (final norm, heads) -> ``num_layers + 1``.
     """
     if any(p in name for p in embed_patterns):

@@ -1,7 +1,7 @@
 """Transfer: a pretrained (or fresh) MultiMAE encoder over any subset of modalities + a task head."""
-from multimae.model.transfer.load import LoadReport, build_transfer_model, filter_multimae_state_dict
+from multimae.model.encoder import EncoderOutput
+from multimae.model.transfer.load import build_transfer_model, read_init
 from multimae.model.transfer.model import (
-    EncoderOutput,
     HeadConfig,
     TransferEncoder,
     TransferModel,
@@ -12,11 +12,10 @@ from multimae.model.transfer.model import (
 __all__ = [
     "EncoderOutput",
     "HeadConfig",
-    "LoadReport",
     "TransferEncoder",
     "TransferModel",
     "TransferModelConfig",
     "build_head",
     "build_transfer_model",
-    "filter_multimae_state_dict",
+    "read_init",
 ]

@@ -1,16 +1,17 @@
 """Transfer models: a MultiMAE encoder over every token of the given modalities plus one head.
 
-The encoder is this library's MultiMAE encoder without decoders and without masking (what the
-official fine-tuning code calls MultiViT): per-modality input adapters -> tokens of all given
-modalities, concatenated in the order of ``TransferModelConfig.inputs`` -> the global token(s)
-appended -> pre-norm transformer blocks (stochastic depth) -> no final norm. The pass itself is
-the model's (:func:`multimae.model.multimae.tokenize`, :func:`multimae.model.multimae.run_encoder`), so the two
-cannot drift apart.
+The encoder is this library's MultiMAE encoder (:class:`multimae.model.encoder.Encoder`) without
+decoders and without masking (what the official fine-tuning code calls MultiViT): per-modality
+input adapters -> tokens of all given modalities, concatenated in the order of
+``TransferModelConfig.inputs`` -> the global token(s) appended -> pre-norm transformer blocks
+(stochastic depth) -> no final norm. :class:`TransferModel` *is* that encoder plus a ``head``, so
+its parameters carry pretraining's names -- ``input_adapters.*``, ``global_tokens``,
+``encoder.<i>.*``, ``encoder_norm.*`` -- and ``head.*``: a pretraining run's weights load
+without renaming (as MAE's fine-tuning ViT shares its pretraining encoder's names).
 
-Parameter names are chosen for layer-wise lr decay with
-:func:`multimae.model.layers.layer_decay.vit_layer_id`: ``encoder.input_adapters.*`` and
-``encoder.global_tokens`` are layer 0, ``encoder.blocks.<i>.*`` layer i+1, everything under
-``head.`` the last layer (no head parameter name contains ``blocks.<i>.`` or an embedding pattern).
+For layer-wise lr decay (:func:`multimae.model.layers.layer_decay.vit_layer_id`):
+``input_adapters.*`` and ``global_tokens`` are layer 0, ``encoder.<i>.*`` layer i+1, everything
+under ``head.`` the last layer.
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from multimae.model.config import ModelConfig
 from multimae.model.decoders import Segment
+from multimae.model.encoder import Encoder, EncoderOutput
 from multimae.model.heads import ClassificationHead, DPTHead, SegmentationHead, default_hooks, default_layer_dims
 from multimae.model.layers.layer_decay import vit_layer_id
-from multimae.model.multimae import ModelConfig, MultiMAE, image_size_of, run_encoder, tokenize
 
 HeadKind = Literal["classification", "segmentation", "depth", "dense"]
 
@@ -84,63 +86,33 @@ class TransferModelConfig:
     attention: Literal["auto", "fused", "manual"] = "auto"
 
 
-@dataclass
-class EncoderOutput:
-    """last: (B, N + G, D) final tokens (modality tokens in ``layout`` order, then G global),
-    after the final norm if the encoder has one; layers: block index -> (B, N + G, D) output of
-    that block (the ones asked for; never normed);
-    layout: where each modality's tokens sit; image_size: (H, W) of the input."""
+class TransferEncoder(Encoder):
+    """The MultiMAE encoder over all tokens of ``inputs``: input adapters, global tokens, blocks.
 
-    last: Tensor
-    layers: dict[int, Tensor]
-    layout: list[Segment]
-    image_size: tuple[int, int]
-
-
-class TransferEncoder(nn.Module):
-    """MultiMAE encoder over all tokens of ``inputs``: input adapters, global tokens, blocks.
-
-    Built through :class:`multimae.model.multimae.MultiMAE` (no decoders), so adapters and the
-    initialisation are exactly those of pretraining. ``forward(batch, return_layers)`` ->
-    :class:`EncoderOutput`; the batch maps modality (its batch key) -> tensor and may hold other
-    keys (targets, labels), which are ignored.
+    Initialised as pretraining initialises it (:meth:`Encoder.reset_parameters`, from the RNG
+    state at construction start). ``forward(batch, return_layers, final)`` ->
+    :class:`~multimae.model.encoder.EncoderOutput`; the batch maps modality (its batch key) ->
+    tensor and may hold other keys (targets, labels), which are ignored. ``attention``: the
+    kernel of every layer (default: the encoder config's).
     """
 
-    def __init__(self, encoder: ModelConfig, inputs: Sequence[str], drop_path: float = 0.0) -> None:
-        super().__init__()
+    def __init__(self, encoder: ModelConfig, inputs: Sequence[str], drop_path: float = 0.0,
+                 attention: str | None = None) -> None:
         if not inputs:
             raise ValueError("TransferEncoder: inputs is empty; give at least one modality")
-        cfg = replace(encoder, inputs=list(inputs), outputs=[], decoder="per_task", drop_path=drop_path).resolved()
-        mae = MultiMAE(cfg)
-        text = [n for n, sp in mae.input_specs.items() if not sp.is_spatial]
+        init_rng = torch.random.get_rng_state()
+        cfg = replace(encoder, inputs=list(inputs), outputs=[], decoder="per_task", drop_path=drop_path,
+                      attention=attention or encoder.attention).resolved()
+        text = [s.name for s in cfg.specs(cfg.inputs) if not s.is_spatial]
         if text:
             raise ValueError(f"transfer inputs {text} are text: TransferModel takes image-like modalities only "
                              "(padding-aware pooling of text tokens is not implemented)")
-        self.config = cfg
-        self.specs = mae.input_specs
-        self.input_adapters = mae.input_adapters
-        self.global_tokens = mae.global_tokens
-        self.blocks = nn.ModuleList(list(mae.encoder))
-        self.norm = mae.encoder_norm  # final LayerNorm of MAE / timm encoders; Identity for MultiMAE
-        self.dim = cfg.dim
-        self.depth = cfg.depth
-        self.patch_size = cfg.patch_size
-
-    def tokenize(self, batch: dict[str, Any]) -> tuple[Tensor, list[Segment], tuple[int, int]]:
-        """Tokens of every input, concatenated: (B, N, D), their layout and the image size (H, W)."""
-        missing = [sp.key for sp in self.specs.values() if sp.key not in batch]
-        if missing:
-            raise KeyError(f"batch has no {missing[0]!r} (transfer inputs: {list(self.specs)}); keys: {sorted(batch)}")
-        size = image_size_of(self.specs.values(), batch)
-        tokens, layout = tokenize(self.input_adapters, self.specs, batch, list(self.specs), self.patch_size)
-        return tokens, layout, size
+        super().__init__(cfg)
+        torch.random.set_rng_state(init_rng)
+        self.reset_parameters()
 
     def forward(self, batch: dict[str, Any], return_layers: Sequence[int] = (), final: bool = True) -> EncoderOutput:
-        """``final=False``: stop after the last block in ``return_layers`` (``last`` is then that
-        block's output, not normed) -- what a DPT head needs, without the blocks after its hooks."""
-        x, layout, size = self.tokenize(batch)
-        last, layers = run_encoder(x, self.global_tokens, self.blocks, self.norm, None, return_layers, final)
-        return EncoderOutput(last, layers, layout, size)
+        return self.encode_all(batch, return_layers, final)
 
 
 def build_head(cfg: HeadConfig, dim: int, depth: int) -> nn.Module:
@@ -166,37 +138,47 @@ def build_head(cfg: HeadConfig, dim: int, depth: int) -> nn.Module:
     raise ValueError(f"head.kind {cfg.kind!r}: expected classification, segmentation, depth or dense")
 
 
-class TransferModel(nn.Module):
-    """Encoder + head. ``forward(batch)``: classification logits (B, K), segmentation logits
-    (B, K, H, W) or regression (B, C, H, W); ``features(batch)``: (B, D) mean of all final tokens."""
+class TransferModel(TransferEncoder):
+    """Encoder + head: the encoder's weights under pretraining's names, the head's under ``head.``.
+    ``forward(batch)``: classification logits (B, K), segmentation logits (B, K, H, W) or
+    regression (B, C, H, W); ``features(batch)``: (B, D) mean of all final tokens;
+    ``encode_all(batch, ...)``: the encoder's tokens. ``config``: the
+    :class:`TransferModelConfig`; ``encoder_config``: the encoder's resolved ModelConfig (inputs,
+    drop path and attention kernel from ``config``)."""
 
     def __init__(self, cfg: TransferModelConfig) -> None:
-        super().__init__()
         if cfg.encoder is None:
             raise ValueError("TransferModelConfig.encoder is None: build with build_transfer_model(cfg, init), "
                              "which reads the architecture from init")
+        super().__init__(cfg.encoder, cfg.inputs, cfg.drop_path, cfg.attention)
         self.config = cfg
-        self.encoder = TransferEncoder(cfg.encoder, cfg.inputs, cfg.drop_path)
         if cfg.head.kind != "classification":
             missing = [t for t in cfg.head.main_tasks if t not in cfg.inputs]
             if missing or not cfg.head.main_tasks:
                 raise ValueError(f"head.main_tasks {cfg.head.main_tasks} must be non-empty and among the inputs "
                                  f"{cfg.inputs}")
-        self.head = build_head(cfg.head, self.encoder.dim, self.encoder.depth)
+        self.head = build_head(cfg.head, self.dim, self.depth)
+
+    def encoder_only(self) -> TransferEncoder:
+        """A copy of the encoder without the head (e.g. to export the encoder alone)."""
+        c = self.encoder_config
+        enc = TransferEncoder(c, list(self.input_specs), c.drop_path, c.attention)
+        enc.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith("head.")})
+        return enc.to(self.global_tokens.device).train(self.training)
 
     @property
     def num_layers(self) -> int:
         """Encoder blocks (the ``num_layers`` of layer-wise lr decay)."""
-        return self.encoder.depth
+        return self.depth
 
     def layer_id(self, name: str) -> int:
         """Layer of a parameter for layer-wise lr decay: 0 embeddings, i+1 block i, depth+1 head.
 
         Names may carry a DDP ``module.`` prefix."""
         name = name.removeprefix("module.")
-        if name.startswith("encoder."):
-            return vit_layer_id(name, self.num_layers)
-        return self.num_layers + 1
+        if name.startswith("head."):
+            return self.num_layers + 1
+        return vit_layer_id(name, self.num_layers)
 
     def encoder_layer_ids(self) -> Callable[[str], int]:
         """``param name -> layer id`` for :func:`multimae.engine.optim.param_groups` (``layer_id_fn``)."""
@@ -218,10 +200,10 @@ class TransferModel(nn.Module):
     def forward(self, batch: dict[str, Any]) -> Tensor:
         head = self.head
         if isinstance(head, DPTHead):
-            enc = self.encoder(batch, return_layers=head.hooks, final=False)
+            enc = self.encode_all(batch, return_layers=head.hooks, final=False)
             layers = [self._task_tokens(enc.layers[h], enc.layout) for h in head.hooks]
             return head([t for t, _ in layers], layers[0][1], enc.image_size)
-        enc = self.encoder(batch)
+        enc = self.encode_all(batch)
         if isinstance(head, SegmentationHead):
             tokens, grid = self._task_tokens(enc.last, enc.layout)
             return head(tokens, grid, enc.image_size)
@@ -229,4 +211,4 @@ class TransferModel(nn.Module):
 
     def features(self, batch: dict[str, Any]) -> Tensor:
         """(B, D): mean of all final encoder tokens (global included), for linear probing."""
-        return self.encoder(batch).last.mean(dim=1)
+        return self.encode_all(batch).last.mean(dim=1)
