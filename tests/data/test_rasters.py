@@ -1,0 +1,137 @@
+"""Multi-band rasters (issue 32 item 2): tifffile round trips, band selection and nodata, per-band
+statistics, and a 13-band uint16 GeoTIFF modality trained, its statistics stored in the checkpoint
+and reused by predict and the ONNX export."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from multimae.core.modalities import ModalitySpec
+from multimae.data.errors import DataError
+from multimae.data.rasters import decode_raster, read_raster, write_raster
+from multimae.data.stats import compute_stats, fill_band_stats, write_stats
+
+S2 = [f"B{i:02d}" for i in range(1, 13)] + ["B8A"]  # 13 Sentinel-2-like band names
+SPEC = {"name": "s2", "kind": "dense", "channels": 3, "bands": ["B04", "B08", 10], "band_names": S2,
+        "nodata": 0, "loss": "mse"}
+
+
+def _scene(rng, size=32, corner=True):
+    """(13, size, size) uint16 reflectances, band b around 1000 * (b + 1); a nodata corner."""
+    arr = (rng.normal(1.0, 0.1, (13, size, size)) * (1000 * np.arange(1, 14))[:, None, None]).clip(1, 65535)
+    arr = arr.astype(np.uint16)
+    if corner:
+        arr[:, :12, :12] = 0
+    return arr
+
+
+def _folder(root, n=4, size=32):
+    rng = np.random.default_rng(0)
+    arrays = []
+    for i in range(n):
+        a = _scene(rng, size, corner=i % 2 == 0)
+        write_raster(root / "train" / "s2" / "all" / f"{i:03d}.tif", a, S2, nodata=0)
+        arrays.append(a)
+    return arrays
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+def test_tifffile_round_trip_any_band_count(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    a = (rng.random((13, 20, 24)) * 200).astype(dtype)
+    p = write_raster(tmp_path / "x.tif", a, S2, nodata=0)
+    back, names = read_raster(p)
+    assert back.dtype == dtype and back.shape == (13, 20, 24)
+    np.testing.assert_array_equal(back, a)
+    assert names == tuple(S2)
+    # one band per page / band-last layouts and .npy read as (bands, H, W) too
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "hwc.tif", a.transpose(1, 2, 0), photometric="minisblack", planarconfig="contig")
+    np.testing.assert_array_equal(read_raster(tmp_path / "hwc.tif")[0], a)
+    np.save(tmp_path / "x.npy", a.transpose(1, 2, 0))
+    np.testing.assert_array_equal(read_raster(tmp_path / "x.npy")[0], a)
+
+
+def test_band_selection_by_name_and_index_and_nodata(tmp_path):
+    a = _scene(np.random.default_rng(2))
+    p = write_raster(tmp_path / "x.tif", a, S2, nodata=0)
+    spec = ModalitySpec.from_dict(SPEC)
+    x = decode_raster(p, None, spec, str(p))
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    np.testing.assert_array_equal(x[:, 12:, 12:].numpy(), a[[3, 7, 10], 12:, 12:].astype(np.float32))
+    assert bool(x[:, :12, :12].isnan().all()) and not bool(x[:, 12:, 12:].isnan().any())
+    # names from the GeoTIFF's own band descriptions when the spec gives none
+    y = decode_raster(p, None, spec.with_(band_names=()), str(p))
+    torch.testing.assert_close(x, y, equal_nan=True)
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"band_names": [], "bands": ["B04", "B99", 1]}, ["'B99'", "bands", "B8A"]),
+    ({"bands": ["B04", "B08", 13]}, ["index 13", "bands"]),
+    ({"nodata": -9999}, ["nodata=-9999", "uint16"]),
+    ({"band_names": S2[:12], "bands": [3, 7, 10]}, ["band_names", "12"]),
+])
+def test_bad_bands_or_nodata_one_clear_error(tmp_path, change, words):
+    p = write_raster(tmp_path / "scene.tif", _scene(np.random.default_rng(3)), S2, nodata=0)
+    spec = ModalitySpec.from_dict({**SPEC, **change})
+    with pytest.raises(DataError) as e:
+        decode_raster(p, None, spec, str(p))
+    msg = str(e.value)
+    assert str(p) in msg and "'s2'" in msg
+    for w in words:
+        assert w in msg
+
+
+def test_bad_spec_named_at_declaration():
+    with pytest.raises(ValueError, match="bands keeps 3 band"):
+        ModalitySpec.from_dict({**SPEC, "channels": 4})
+    with pytest.raises(ValueError, match="'B99' is not in band_names"):
+        ModalitySpec.from_dict({**SPEC, "bands": ["B04", "B99", 1]})
+    with pytest.raises(ValueError, match="nodata must be a number"):
+        ModalitySpec.from_dict({**SPEC, "nodata": "none"})
+
+
+def test_stats_streamed_equal_numpy_and_recorded(tmp_path):
+    arrays = _folder(tmp_path)
+    spec = ModalitySpec.from_dict(SPEC)
+    stats = compute_stats(tmp_path, "train", [spec])["s2"]
+    sel = np.stack(arrays)[:, [3, 7, 10]].astype(np.float64)  # (N, 3, H, W)
+    for c in range(3):
+        v = sel[:, c][sel[:, c] != 0]
+        assert stats["count"][c] == v.size
+        assert stats["mean"][c] == pytest.approx(v.mean(), rel=1e-12)
+        assert stats["std"][c] == pytest.approx(v.std(), rel=1e-9)
+    write_stats(tmp_path, {"s2": stats})
+    meta = json.loads((tmp_path / "multimae_data.json").read_text())
+    assert meta["band_stats"]["s2"]["mean"] == stats["mean"]
+    mods = fill_band_stats(tmp_path, {"s2": dict(SPEC)}, [spec])
+    assert mods["s2"]["mean"] == stats["mean"] and mods["s2"]["std"] == stats["std"]
+    # statistics of other bands are not reused silently
+    other = spec.with_(bands=("B02", "B03", "B04"))
+    with pytest.raises(DataError, match="run `multimae data stats` again"):
+        fill_band_stats(tmp_path, {}, [other])
+
+
+def test_nodata_patches_are_padding_never_visible(tmp_path):
+    from multimae.data.config import MaskConfig
+    from multimae.data.folder import FolderDataset
+    from multimae.data.loader import BatchSpec, MaskCollator
+    from multimae.data.transforms import PairedTransform
+
+    _folder(tmp_path, n=2)
+    spec = ModalitySpec.from_dict({**SPEC, "mean": [1.0, 2.0, 3.0], "std": [2.0, 4.0, 8.0]})
+    tf = PairedTransform([spec], 32, train=False)
+    ds = FolderDataset(tmp_path, "train", [spec], transform=tf, label_from_class_dir=False)
+    samples = [dict(ds[i], __batch__=(0, 0, 0)) for i in range(2)]
+    assert bool((~samples[0]["s2.valid"][0, :12, :12]).all()) and bool(samples[1]["s2.valid"].all())
+    assert bool((samples[0]["s2"][:, :12, :12] == 0).all())  # nodata: 0 after normalisation
+    raw = decode_raster(ds.samples[1]["s2"], None, spec, "f")
+    torch.testing.assert_close(samples[1]["s2"], spec.normalize(raw))  # the spec's normalisation
+    collator = MaskCollator(BatchSpec((spec,), (spec,), 8, 32), MaskConfig(num_visible=15), seed=0)
+    batch, plan = collator(samples)
+    pad = batch.pad["s2"]  # 4x4 tokens of 8 px: the 12x12 nodata corner covers token (0,0) only
+    assert pad.shape == (2, 16) and bool(pad[0, 0]) and int(pad[0].sum()) == 1 and not bool(pad[1].any())
+    # 15 visible of 16 tokens: sample 0 has 15 tokens that exist, all visible; its nodata one never
+    assert bool(plan.masks["s2"][0, 0]) and int((~plan.masks["s2"][0]).sum()) == 15
