@@ -135,3 +135,47 @@ def test_nodata_patches_are_padding_never_visible(tmp_path):
     assert pad.shape == (2, 16) and bool(pad[0, 0]) and int(pad[0].sum()) == 1 and not bool(pad[1].any())
     # 15 visible of 16 tokens: sample 0 has 15 tokens that exist, all visible; its nodata one never
     assert bool(plan.masks["s2"][0, 0]) and int((~plan.masks["s2"][0]).sum()) == 15
+
+
+def test_13_band_geotiff_trains_and_its_stats_reach_predict_and_onnx(tmp_path):
+    """Raw 13-band uint16 GeoTIFFs (nodata, 3 bands kept by name and index) -> data stats ->
+    pretraining (nano, 32 px, 2 steps) -> the checkpoint's spec holds the statistics -> predict and
+    the ONNX export read them from there."""
+    from multimae.apps.predict import Predictor
+    from multimae.checkpoint import load_meta, resolve_checkpoint
+    from multimae.cli.main import main
+    from multimae.core.config import load_config
+    from multimae.tasks.pretrain import pretrain
+    from multimae.tasks.pretrain_config import PretrainConfig
+
+    data = tmp_path / "data"
+    _folder(data, n=4)
+    assert main(["data", "stats", "--root", str(data), "--modality", json.dumps(SPEC)]) == 0
+    stats = json.loads((data / "multimae_data.json").read_text())["band_stats"]["s2"]
+    cfg = load_config(PretrainConfig, None, [
+        "model.preset=nano", "model.image_size=32", "model.patch_size=8", "model.inputs=[s2]", "model.outputs=[s2]",
+        f"model.modalities={{s2: {json.dumps({k: v for k, v in SPEC.items() if k != 'name'})}}}", "data.source=folder", f"data.root={data}",
+        "data.num_workers=0", "mask.num_visible=8", "train.batch_size=2", "train.max_steps=2",
+        f"train.out_dir={tmp_path / 'runs'}", "train.run_name=s2"])
+    run = pretrain(cfg, evaluate=False)
+    ckpt = resolve_checkpoint(run)
+    saved = load_meta(ckpt)
+    text = json.dumps(saved)
+    assert json.dumps(stats["mean"])[1:-1].split(", ")[0] in text  # the statistics are in the checkpoint
+    pred = Predictor.from_run(ckpt, device="cpu", precision="fp32", inputs=["s2"])
+    spec = pred.inputs[0]
+    assert list(spec.mean) == stats["mean"] and list(spec.std) == stats["std"] and spec.nodata == 0
+    raw = decode_raster(data / "train" / "s2" / "all" / "000.tif", None, spec, "f")
+    out = pred.predict_raw([{"s2": raw}])[0]["s2"]
+    assert out.shape == (3, 32, 32) and bool(torch.isfinite(out).all())
+    x = torch.nan_to_num(spec.normalize(raw), nan=0.0)  # the stored statistics, nodata 0
+    torch.testing.assert_close(pred.model_inputs({"s2": raw})["s2"], x)
+    from multimae.apps.export import export_onnx, run_onnx
+
+    info = export_onnx(ckpt, tmp_path / "enc.onnx", inputs=["s2"], encoder_only=True, check=False)
+    meta = info.metadata
+    assert json.loads(meta["multimae.input_mean"])["s2"] == stats["mean"]
+    assert json.loads(meta["multimae.input_std"])["s2"] == stats["std"]
+    assert json.loads(meta["multimae.input_specs"])["s2"]["bands"] == ["B04", "B08", 10]
+    got = run_onnx(tmp_path / "enc.onnx", {"s2": x[None]})
+    assert np.isfinite(got).all()
