@@ -179,3 +179,21 @@ def test_13_band_geotiff_trains_and_its_stats_reach_predict_and_onnx(tmp_path):
     assert json.loads(meta["multimae.input_specs"])["s2"]["bands"] == ["B04", "B08", 10]
     got = run_onnx(tmp_path / "enc.onnx", {"s2": x[None]})
     assert np.isfinite(got).all()
+
+
+def test_modality_behaviour_comes_from_spec_fields():
+    """Normals' angular scoring and 3-channel head come from the spec (unit_vectors, channels),
+    not from the name: a renamed copy behaves alike, a plain dense target does not."""
+    from multimae.core.config import load_config
+    from multimae.tasks.downstream import dense_target_spec
+    from multimae.tasks.finetune_config import FinetuneConfig
+    from multimae.tasks.finetune_eval import scorer_for
+
+    cfg = load_config(FinetuneConfig, "configs/finetune/synthetic-normals.yaml", [])
+    assert dense_target_spec(cfg).unit_vectors and scorer_for(cfg).angular
+    enc = ("model.encoder={preset: nano, patch_size: 8, image_size: 32, modalities: "
+           "{vec: {kind: dense, channels: 3, unit_vectors: true}, heat: {kind: dense, channels: 2}}}")
+    vec = load_config(FinetuneConfig, "configs/finetune/synthetic-normals.yaml", [enc, "data.target=vec"])
+    heat = load_config(FinetuneConfig, "configs/finetune/synthetic-normals.yaml", [enc, "data.target=heat"])
+    assert scorer_for(vec).angular and not scorer_for(heat).angular
+    assert dense_target_spec(heat).channels == 2
