@@ -197,3 +197,19 @@ def test_modality_behaviour_comes_from_spec_fields():
     heat = load_config(FinetuneConfig, "configs/finetune/synthetic-normals.yaml", [enc, "data.target=heat"])
     assert scorer_for(vec).angular and not scorer_for(heat).angular
     assert dense_target_spec(heat).channels == 2
+
+
+def test_synthetic_scenes_write_their_bands_beside_the_folder(tmp_path):
+    from multimae.cli.main import main
+    from multimae.data.synthetic import MULTISPECTRAL_BANDS, multispectral
+
+    assert main(["data", "synthetic", "--out", str(tmp_path), "--num", "3", "--size", "32", "--bands", "ms"]) == 0
+    rgb = sorted(p.relative_to(tmp_path / "train" / "rgb").with_suffix("") for p in (tmp_path / "train" / "rgb").rglob("*.*"))
+    ms = sorted(p.relative_to(tmp_path / "train" / "ms").with_suffix("") for p in (tmp_path / "train" / "ms").rglob("*.tif"))
+    assert rgb == ms and len(ms) == 3  # same class directories and names: one aligned sample each
+    arr, names = read_raster(next((tmp_path / "train" / "ms").rglob("*.tif")))
+    assert arr.dtype == np.uint16 and arr.shape == (5, 32, 32) and names == MULTISPECTRAL_BANDS
+    scenes = [multispectral(0, i, 32)[0] for i in range(9)]
+    cut = [bool((a == 0).all(0).any()) for a in scenes]
+    assert any(cut) and not all(cut)  # some scenes miss a swath corner (nodata 0 in every band)
+    assert all(bool(((a == 0).any(0) == (a == 0).all(0)).all()) for a in scenes)

@@ -132,6 +132,8 @@ class Predictor:
                     outs[t] = Output("segmentation", _pretrain_classes(pcfg, t, s.num_classes))
                 elif s.kind == "image" and s.mean is not None and not s.norm_pix:
                     outs[t] = Output("dense", mean=tuple(s.mean), std=tuple(s.std or (1.0,) * len(s.mean)))
+                elif s.normalized and s.kind == "dense":  # a raster: raw = value * std + mean (the spec's)
+                    outs[t] = Output("dense", units=f"standardised per band with the run's {t} mean / std")
                 else:
                     outs[t] = Output("dense", units="robust-standardised" if s.standardize == "robust" else None)
             run_kind = "pretrain"
