@@ -124,17 +124,33 @@ def test_nodata_patches_are_padding_never_visible(tmp_path):
     spec = ModalitySpec.from_dict({**SPEC, "mean": [1.0, 2.0, 3.0], "std": [2.0, 4.0, 8.0]})
     tf = PairedTransform([spec], 32, train=False)
     ds = FolderDataset(tmp_path, "train", [spec], transform=tf, label_from_class_dir=False)
-    samples = [dict(ds[i], __batch__=(0, 0, 0)) for i in range(2)]
+    samples = [ds[i] for i in range(2)]
     assert bool((~samples[0]["s2.valid"][0, :12, :12]).all()) and bool(samples[1]["s2.valid"].all())
     assert bool((samples[0]["s2"][:, :12, :12] == 0).all())  # nodata: 0 after normalisation
     raw = decode_raster(ds.samples[1]["s2"], None, spec, "f")
     torch.testing.assert_close(samples[1]["s2"], spec.normalize(raw))  # the spec's normalisation
-    collator = MaskCollator(BatchSpec((spec,), (spec,), 8, 32), MaskConfig(num_visible=15), seed=0)
-    batch, plan = collator(samples)
-    pad = batch.pad["s2"]  # 4x4 tokens of 8 px: the 12x12 nodata corner covers token (0,0) only
-    assert pad.shape == (2, 16) and bool(pad[0, 0]) and int(pad[0].sum()) == 1 and not bool(pad[1].any())
-    # 15 visible of 16 tokens: sample 0 has 15 tokens that exist, all visible; its nodata one never
-    assert bool(plan.masks["s2"][0, 0]) and int((~plan.masks["s2"][0]).sum()) == 15
+    collator = MaskCollator(BatchSpec((spec,), (spec,), 8, 32), MaskConfig(num_visible=6), seed=0)
+    for index in range(8):  # several plans: the all-nodata patch is never visible
+        batch, plan = collator([dict(x, __batch__=(0, 0, index)) for x in samples])
+        pad = batch.pad["s2"]  # 4x4 tokens of 8 px: the 12x12 nodata corner covers token (0,0) only
+        assert pad.shape == (2, 16) and bool(pad[0, 0]) and int(pad[0].sum()) == 1 and not bool(pad[1].any())
+        assert bool(plan.masks["s2"][0, 0])
+    # and never in the loss: whatever the target holds under it, the loss is the same
+    from multimae.model.multimae import ModelConfig, MultiMAE
+
+    over = {k: v for k, v in spec.to_dict().items() if k != "name"}
+    torch.manual_seed(0)
+    model = MultiMAE(ModelConfig(preset="nano", image_size=32, patch_size=8, inputs=["s2"], outputs=["s2"],
+                                 modalities={"s2": over})).eval()
+    hidden = [j for j in range(1, 16) if bool(plan.masks["s2"][0, j])]  # patches that exist, hidden
+    assert hidden
+    r, c = divmod(hidden[0], 4)
+    with torch.no_grad():
+        loss = model(batch, plan).losses["s2"]
+        batch.tensors["s2"][0, :, :8, :8] = 1e3
+        assert torch.equal(model(batch, plan).losses["s2"], loss)
+        batch.tensors["s2"][0, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = 1e3  # a hidden patch that exists: counted
+        assert not torch.equal(model(batch, plan).losses["s2"], loss)
 
 
 def test_13_band_geotiff_trains_and_its_stats_reach_predict_and_onnx(tmp_path):
