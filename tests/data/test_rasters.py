@@ -228,3 +228,21 @@ def test_synthetic_scenes_write_their_bands_beside_the_folder(tmp_path):
     cut = [bool((a == 0).all(0).any()) for a in scenes]
     assert any(cut) and not all(cut)  # some scenes miss a swath corner (nodata 0 in every band)
     assert all(bool(((a == 0).any(0) == (a == 0).all(0)).all()) for a in scenes)
+
+
+def test_band_stats_chunked_merge_is_exact(monkeypatch):
+    """Chunks of any size merge to numpy's two-pass statistics (large offsets: no cancellation)."""
+    from multimae.data.stats import BandStats
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(3e4, 3.0, (2, 37, 41))
+    x[0, :5] = np.nan
+    monkeypatch.setattr(BandStats, "CHUNK", 97)
+    acc = BandStats(2)
+    acc.update(x[:, :20])
+    acc.update(x[:, 20:])
+    for c in range(2):
+        v = x[c][np.isfinite(x[c])]
+        assert acc.count[c] == v.size
+        assert acc.mean[c] == pytest.approx(v.mean(), rel=1e-13)
+        assert acc.std()[c] == pytest.approx(v.std(), rel=1e-9)

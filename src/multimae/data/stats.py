@@ -1,6 +1,7 @@
 """Per-band statistics of raster modalities (``multimae data stats``), kept in ``multimae_data.json``.
 
-:func:`compute_stats` streams a folder dataset's files one at a time (memory: one sample, whatever
+:func:`compute_stats` streams a folder dataset's files one at a time (memory: one sample, and float64
+8 MiB chunks of it, whatever
 the dataset size) and accumulates, per band, the count, mean and sum of squared deviations of
 the valid values (nodata and NaN / inf excluded) in float64, merging file by file with Chan et
 al.'s pairwise update (no catastrophic cancellation of a sum of squares). :func:`write_stats`
@@ -37,21 +38,29 @@ class BandStats:
         self.mean = np.zeros(channels, dtype=np.float64)
         self.m2 = np.zeros(channels, dtype=np.float64)
 
+    #: values converted to float64 at a time (8 MiB), whatever the raster's size
+    CHUNK = 1 << 20
+
     def update(self, x: torch.Tensor | np.ndarray) -> None:
         a = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
-        a = a.reshape(a.shape[0], -1).astype(np.float64)
+        a = a.reshape(a.shape[0], -1)
         for c in range(a.shape[0]):
-            v = a[c][np.isfinite(a[c])]
-            n = v.size
-            if n == 0:
-                continue
-            m = float(v.mean())
-            m2 = float(np.square(v - m).sum())
-            tot = self.count[c] + n
-            delta = m - self.mean[c]
-            self.mean[c] += delta * n / tot
-            self.m2[c] += m2 + delta * delta * self.count[c] * n / tot
-            self.count[c] = tot
+            for start in range(0, a.shape[1], self.CHUNK):
+                v = a[c, start:start + self.CHUNK].astype(np.float64)
+                self._merge(c, v[np.isfinite(v)])
+
+    def _merge(self, c: int, v: np.ndarray) -> None:
+        """Chan et al.'s pairwise update of band ``c`` with the values ``v``."""
+        n = v.size
+        if n == 0:
+            return
+        m = float(v.mean())
+        m2 = float(np.square(v - m).sum())
+        tot = self.count[c] + n
+        delta = m - self.mean[c]
+        self.mean[c] += delta * n / tot
+        self.m2[c] += m2 + delta * delta * self.count[c] * n / tot
+        self.count[c] = tot
 
     def std(self) -> np.ndarray:
         """Population standard deviation per band (0 where a band has no valid value)."""
