@@ -1,10 +1,10 @@
 """Per-band statistics of raster modalities (``multimae data stats``), kept in ``multimae_data.json``.
 
-:func:`compute_stats` streams a folder dataset's files one at a time (memory: one sample, and float64
-8 MiB chunks of it, whatever
-the dataset size) and accumulates, per band, the count, mean and sum of squared deviations of
-the valid values (nodata and NaN / inf excluded) in float64, merging file by file with Chan et
-al.'s pairwise update (no catastrophic cancellation of a sum of squares). :func:`write_stats`
+:func:`compute_stats` streams a folder dataset's files one at a time (memory: one sample plus an
+8 MiB float64 chunk, whatever the dataset size) and accumulates, per band, the count, mean and sum
+of squared deviations of the valid values (nodata and NaN / inf excluded) in float64, merging
+chunk by chunk with Chan et al.'s pairwise update (no catastrophic cancellation of a sum of
+squares). :func:`write_stats`
 records them under ``band_stats`` in ``root/multimae_data.json``::
 
     "band_stats": {"s2": {"split": "train", "files": 120, "bands": ["B04", "B03", "B08"],
