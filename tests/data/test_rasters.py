@@ -246,3 +246,12 @@ def test_band_stats_chunked_merge_is_exact(monkeypatch):
         assert acc.count[c] == v.size
         assert acc.mean[c] == pytest.approx(v.mean(), rel=1e-13)
         assert acc.std()[c] == pytest.approx(v.std(), rel=1e-9)
+
+
+def test_a_file_nodata_the_spec_does_not_name_is_said(tmp_path, caplog):
+    p = write_raster(tmp_path / "x.tif", _scene(np.random.default_rng(6)), S2, nodata=0)
+    spec = ModalitySpec.from_dict({**SPEC, "nodata": 1})
+    with caplog.at_level("WARNING", logger="multimae.data"):
+        x = decode_raster(p, None, spec, str(p))
+    assert not bool(x.isnan().any())  # its 0 pixels stay values: the spec decides...
+    assert "GDAL nodata tag is 0" in caplog.text and str(p) in caplog.text  # ...and a notice says so

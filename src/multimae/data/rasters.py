@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from multimae.data.errors import DataError
+from multimae.data.errors import DataError, notice_once
 from multimae.core.modalities import ModalitySpec
 
 RASTER_EXTS = ("tif", "tiff", "npy")
@@ -72,6 +72,22 @@ def read_raster(data: bytes | str | os.PathLike, ext: str | None = None,
 
     ``ext``: ``tif`` / ``tiff`` / ``npy`` (default: the path's suffix).
     """
+    arr, names, _ = _read(data, ext, where)
+    return arr, names
+
+
+def _tiff_nodata(tif: object) -> float | None:
+    """The GeoTIFF's own nodata value (GDAL_NODATA tag), if any."""
+    tag = tif.pages[0].tags.get(GDAL_NODATA)  # type: ignore[attr-defined]
+    try:
+        return float(str(tag.value).strip("\x00 ")) if tag is not None else None
+    except ValueError:
+        return None
+
+
+def _read(data: bytes | str | os.PathLike, ext: str | None,
+          where: str | None) -> tuple[np.ndarray, tuple[str, ...] | None, float | None]:
+    """(array, band names, the file's nodata tag) of a raster file."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         path = Path(data)
         where = where or str(path)
@@ -95,7 +111,7 @@ def read_raster(data: bytes | str | os.PathLike, ext: str | None = None,
             arr = arr.transpose(2, 0, 1)
         if arr.ndim != 3:
             raise DataError(f"{where}: a raster .npy is (H,W), (C,H,W) or (H,W,C), got shape {tuple(arr.shape)}")
-        return arr, None
+        return arr, None, None
     if ext not in ("tif", "tiff"):
         raise DataError(f"{where}: a raster is read from .tif / .tiff / .npy, not .{ext}")
     import tifffile
@@ -105,13 +121,14 @@ def read_raster(data: bytes | str | os.PathLike, ext: str | None = None,
             series = tif.series[0]
             arr = _tiff_axes_to_chw(series.asarray(), series.axes, where)
             names = _tiff_band_names(tif, arr.shape[0])
+            nodata = _tiff_nodata(tif)
     except DataError:
         raise
     except Exception as e:  # tifffile raises TiffFileError, ValueError, KeyError (missing codec), ...
         raise DataError(f"{where}: not a readable TIFF ({type(e).__name__}: {e})") from None
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise DataError(f"{where}: a raster holds integers or floats, got dtype {arr.dtype}")
-    return arr, names
+    return arr, names, nodata
 
 
 def band_indices(spec: ModalitySpec, count: int, file_names: Sequence[str] | None, where: str) -> list[int]:
@@ -162,7 +179,13 @@ def nodata_invalid(arr: np.ndarray, spec: ModalitySpec, where: str) -> np.ndarra
 def decode_raster(data: bytes | str | os.PathLike, ext: str | None, spec: ModalitySpec, where: str) -> Tensor:
     """A raster file -> float32 (C,H,W) of ``spec``: its ``bands``, raw values, ``nodata`` -> NaN
     (an invalid pixel), non-finite values stay invalid."""
-    arr, names = read_raster(data, ext, where)
+    arr, names, file_nodata = _read(data, ext, where)
+    if file_nodata is not None and not (spec.nodata is not None and (file_nodata == spec.nodata or (
+            np.isnan(file_nodata) and np.isnan(spec.nodata)))):
+        notice_once("nodata", spec.name, str(file_nodata),
+                    f"{where}: the file's GDAL nodata tag is {file_nodata:g}, modality {spec.name!r} has "
+                    f"nodata={spec.nodata!r}: values {file_nodata:g} are read as data (set the key nodata to "
+                    "exclude them)")
     idx = band_indices(spec, arr.shape[0], names, where)
     arr = arr[idx]
     invalid = nodata_invalid(arr, spec, where)
