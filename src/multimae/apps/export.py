@@ -228,7 +228,11 @@ def export_onnx(source: str | os.PathLike | nn.Module, out: str | os.PathLike, i
     metadata = {"multimae.kind": desc["kind"], "multimae.source": desc["source"],
                 "multimae.inputs": json.dumps(keys), "multimae.image_size": str(size),
                 "multimae.patch_size": str(desc["patch_size"]), "multimae.input_mean": json.dumps(mean),
-                "multimae.input_std": json.dumps(std), "multimae.output": name}
+                "multimae.input_std": json.dumps(std), "multimae.output": name,
+                # the input specs' reading fields (a raster's bands / nodata), so a consumer reads as training did
+                "multimae.input_specs": json.dumps({sp.key: {"kind": sp.kind, "channels": sp.channels,
+                                                            "bands": list(sp.bands), "band_names": list(sp.band_names),
+                                                            "nodata": sp.nodata} for sp in specs})}
     if desc.get("num_classes"):
         metadata["multimae.num_classes"] = str(desc["num_classes"])
     if desc.get("classes"):

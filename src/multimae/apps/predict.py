@@ -132,6 +132,8 @@ class Predictor:
                     outs[t] = Output("segmentation", _pretrain_classes(pcfg, t, s.num_classes))
                 elif s.kind == "image" and s.mean is not None and not s.norm_pix:
                     outs[t] = Output("dense", mean=tuple(s.mean), std=tuple(s.std or (1.0,) * len(s.mean)))
+                elif s.normalized and s.kind == "dense":  # a raster: raw = value * std + mean (the spec's)
+                    outs[t] = Output("dense", units=f"standardised per band with the run's {t} mean / std")
                 else:
                     outs[t] = Output("dense", units="robust-standardised" if s.standardize == "robust" else None)
             run_kind = "pretrain"
@@ -236,15 +238,13 @@ class Predictor:
 
 
 def _normalise(x: Tensor, spec: Any) -> Tensor:
-    if spec.kind == "image" and spec.mean is not None:
-        mean = torch.tensor(spec.mean).view(-1, 1, 1)
-        std = torch.tensor(spec.std if spec.std is not None else (1.0,)).view(-1, 1, 1)
-        return (x - mean) / std
+    """As the transforms: robust standardisation, else the spec's own normalisation (nodata 0)."""
     if spec.kind == "dense" and spec.standardize == "robust":
         from multimae.data.transforms import robust_standardize
 
         return robust_standardize(x)
-    return x
+    x = spec.normalize(x)
+    return torch.nan_to_num(x, nan=0.0) if spec.is_raster else x
 
 
 def _starts(n: int, size: int, stride: int) -> list[int]:

@@ -49,8 +49,8 @@ def render(spec: ModalitySpec, x: Tensor, ref: Tensor | None = None, size: int |
         img = palette(spec.num_classes)[ids.long()].permute(2, 0, 1)
     elif spec.kind == "image":
         img = x.float()
-        if spec.mean is not None and not spec.norm_pix:
-            img = img * torch.tensor(spec.std)[:, None, None] + torch.tensor(spec.mean)[:, None, None]
+        if spec.normalized and not spec.norm_pix:
+            img = spec.denormalize(img)
         elif spec.norm_pix:
             img = (img - img.min()) / (img.max() - img.min() + 1e-6)
         img = img[:3].clamp(0, 1)

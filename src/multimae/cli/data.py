@@ -3,6 +3,7 @@
     multimae data synthetic --out DIR --num N --size S --seed K --format folder|shards
     multimae data shards --folder ROOT --split train --modalities rgb,depth,semseg --out PATTERN [--resize 256]
     multimae data check --folder ROOT --split train --modalities rgb,depth,semseg
+    multimae data stats --root ROOT [--split train] --config PRETRAIN.yaml | --modality '{"name": "s2", ...}'
     multimae data bench --source folder --root ROOT | --source shards --urls PATTERN [--num 200 --gpu-rate 1500]
     multimae data prepare nyuv2 --mat nyu_depth_v2_labeled.mat --splits splits.mat --mapping classMapping40.mat --out ROOT
     multimae data prepare ade20k --src ADEChallengeData2016 --out ROOT
@@ -30,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--split", default="train")
     s.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     s.add_argument("--start", type=int, default=0, help="first sample index (to extend a dataset)")
+    s.add_argument("--bands", metavar="NAME", default=None,
+                   help="folder format: also write each scene's extra bands (blue, green, red, nir, thermal; uint16, "
+                        "nodata 0 outside the swath of a third of them) as a multi-band GeoTIFF modality NAME")
     _maps_arg(s)
     s.set_defaults(func=_synthetic)
 
@@ -66,6 +70,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--gpu-rate", type=float, default=1500.0, help="images/s one GPU trains at (default: ViT-B on an H100)")
     b.add_argument("--reference", action="store_true", help="time the reference path (data.fast_decode=false)")
     b.set_defaults(func=_bench)
+
+    t = actions.add_parser("stats", help="per-band mean / std of raster modalities into ROOT/multimae_data.json",
+                           description="Stream a folder dataset's raster files (one at a time), compute each band's "
+                                       "mean / std over valid pixels (nodata excluded) and record them in "
+                                       "ROOT/multimae_data.json, where pretraining reads them.")
+    t.add_argument("--source", choices=("folder",), default="folder")
+    t.add_argument("--root", help="folder dataset root (default: the config's data.root)")
+    t.add_argument("--split", default=None, help="split to measure (default: the config's data.split, else train)")
+    t.add_argument("--config", help="a pretrain config (path or shipped name): its model.modalities declare the rasters")
+    t.add_argument("--modalities", default=None,
+                   help="comma-separated modality names (default: every raster of the config's inputs / outputs)")
+    t.add_argument("--modality", action="append", default=[], metavar="JSON",
+                   help='a raster spec as JSON, e.g. \'{"name": "s2", "kind": "dense", "channels": 3, '
+                        '"bands": ["B04", "B03", "B08"], "nodata": 0}\' (repeatable)')
+    t.add_argument("--limit", type=int, default=None, help="at most this many samples")
+    t.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    t.set_defaults(func=_stats)
 
     _register_prepare(actions)
 
@@ -159,9 +180,18 @@ def _synthetic(args: argparse.Namespace) -> int:
 
     ds = SyntheticScenes(args.start + args.num, image_size=args.size, seed=args.seed)
     samples = Subset(ds, range(args.start, args.start + args.num))
+    if args.bands and args.format != "folder":
+        print("error: --bands writes GeoTIFF files into the folder format (--format folder)", file=sys.stderr)
+        return 2
     if args.format == "folder":
         n = write_folder(samples, args.out, args.split, classes=LABEL_CLASSES)
         print(f"wrote {n} samples to {os.path.join(args.out, args.split)}")
+        if args.bands:
+            from multimae.data.synthetic import write_multispectral
+
+            write_multispectral(args.out, args.split, args.bands, range(args.start, args.start + args.num),
+                                args.size, args.seed)
+            print(f"wrote their bands to {os.path.join(args.out, args.split, args.bands)} (.tif)")
     else:
         pattern = os.path.join(args.out, f"{args.split}-%06d.tar")
         paths = write_shards(samples, pattern, args.shard_size, compact=args.maps == "zst")
@@ -202,6 +232,59 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report(result, args.gpu_rate))
+    return 0
+
+
+def _stats_specs(args: argparse.Namespace) -> tuple[list, str | None, str]:
+    """(raster specs, root, split) from --config / --modality / --modalities."""
+    import json
+
+    from multimae.core import modalities as M
+
+    root, split, specs = args.root, args.split, []
+    if args.config:
+        from multimae.core.config import load_config, resolve_config_path
+        from multimae.tasks.pretrain_config import PretrainConfig
+
+        cfg = load_config(PretrainConfig, resolve_config_path(args.config, kind="pretrain"), [])
+        root = root or cfg.data.root
+        split = split or cfg.data.split
+        names = [n.strip() for n in args.modalities.split(",")] if args.modalities else \
+            sorted(set(cfg.model.inputs) | set(cfg.model.outputs))
+        specs = [s for s in cfg.model.specs(names) if s.is_raster or args.modalities]
+    elif args.modalities:
+        specs = M.resolve([n.strip() for n in args.modalities.split(",") if n.strip()])
+    for text in args.modality:
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"--modality {text!r}: not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"--modality {text!r}: expected a JSON object with name, kind, channels, bands, nodata")
+        specs.append(M.resolve([d])[0])
+    return specs, root, split or "train"
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from multimae.core.config import ConfigError
+    from multimae.data.errors import DataError
+    from multimae.data.stats import compute_stats, write_stats
+
+    try:
+        specs, root, split = _stats_specs(args)
+        if not root:
+            raise ValueError("--root (or a --config with data.root) is required")
+        stats = compute_stats(root, split, specs, limit=args.limit, on_error=args.on_error)
+    except (ConfigError, DataError, ValueError, KeyError, TypeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_stats(root, stats)
+    for name, rec in stats.items():
+        bands = rec["bands"] or list(range(len(rec["mean"])))
+        print(f"{name}: {rec['files']} file(s), {len(bands)} band(s)")
+        for b, m, sd, n in zip(bands, rec["mean"], rec["std"], rec["count"]):
+            print(f"  {b!s:>8}  mean {m:12.4f}  std {sd:12.4f}  valid {n}")
+    print(f"recorded in {os.path.join(root, 'multimae_data.json')}")
     return 0
 
 

@@ -13,8 +13,11 @@ Conventions for a batch (``dict[str, Tensor]``) after the data transforms:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import math
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
+
+import torch
 
 Kind = Literal["image", "dense", "categorical", "text"]
 LossName = Literal["mse", "l1", "ce"]
@@ -49,6 +52,17 @@ class ModalitySpec:
             (surface normals: the x component), so paired flips keep the values correct.
         ignore_index: a ``categorical`` target's "no label" id (e.g. 255), accepted by the
             readers besides ``[0, num_classes)``; None: none.
+        bands: a multi-band raster's bands to keep, in order, by 0-based index or by name
+            (names from ``band_names`` or the file's own band descriptions); empty: every band.
+            ``channels`` must equal the number kept. Setting ``bands``, ``band_names`` or
+            ``nodata`` makes a ``dense`` modality a *raster*: its ``.tif`` / ``.tiff`` / ``.npy``
+            files are read through tifffile with their raw values (:mod:`multimae.data.rasters`).
+        band_names: the names of the file's bands in file order (to select ``bands`` by name).
+        nodata: the raw value that marks an invalid pixel (in any kept band); such pixels are
+            excluded from the statistics, zero after normalisation, and a patch with no valid
+            pixel is padding (never visible, never in the loss).
+        unit_vectors: the channels form a unit vector per pixel (surface normals): a dense head
+            predicting it is scored by angular error.
     """
 
     name: str
@@ -67,8 +81,16 @@ class ModalitySpec:
     standardize: Literal["none", "robust"] = "none"
     hflip_negate: tuple[int, ...] = ()
     ignore_index: int | None = None
+    bands: tuple[int | str, ...] = ()
+    band_names: tuple[str, ...] = ()
+    nodata: float | None = None
+    unit_vectors: bool = False
 
     def __post_init__(self) -> None:
+        for k in ("mean", "std", "hflip_negate", "bands", "band_names"):  # YAML / JSON lists -> tuples
+            v = getattr(self, k)
+            if isinstance(v, list):
+                object.__setattr__(self, k, tuple(v))
         if self.kind not in ("image", "dense", "categorical", "text"):
             raise ValueError(f"modality {self.name!r}: unknown kind {self.kind!r}")
         if self.kind in ("categorical", "text") and self.num_classes <= 0:
@@ -77,6 +99,82 @@ class ModalitySpec:
             raise ValueError(f"modality {self.name!r}: channels must be positive")
         if self.stride < 1:
             raise ValueError(f"modality {self.name!r}: stride must be >= 1, got {self.stride}")
+        self._check_norm()
+        if self.is_raster:
+            self._check_raster()
+
+    def _check_norm(self) -> None:
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if v is None:
+                continue
+            if self.kind in ("image", "dense") and len(v) not in (1, self.channels):
+                raise ValueError(f"modality {self.name!r}: {key} has {len(v)} values for {self.channels} channels")
+            if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v):
+                raise ValueError(f"modality {self.name!r}: {key} must be finite numbers, got {list(v)}")
+        if self.std is not None and any(x <= 0 for x in self.std):
+            raise ValueError(f"modality {self.name!r}: std must be positive, got {list(self.std)}")
+
+    def _check_raster(self) -> None:
+        if self.kind != "dense":
+            raise ValueError(f"modality {self.name!r}: bands / band_names / nodata need kind 'dense' "
+                             f"(a raster), got {self.kind!r}")
+        if self.nodata is not None and (isinstance(self.nodata, bool) or not isinstance(self.nodata, (int, float))):
+            raise ValueError(f"modality {self.name!r}: nodata must be a number or null, got {self.nodata!r}")
+        for b in self.bands:
+            if isinstance(b, bool) or not isinstance(b, (int, str)) or (isinstance(b, int) and b < 0):
+                raise ValueError(f"modality {self.name!r}: bands must be 0-based indices or names, got {b!r}")
+            if isinstance(b, str) and self.band_names and b not in self.band_names:
+                raise ValueError(f"modality {self.name!r}: band {b!r} is not in band_names {list(self.band_names)}")
+        if len(set(self.bands)) != len(self.bands):
+            raise ValueError(f"modality {self.name!r}: bands repeats a band: {list(self.bands)}")
+        if self.bands and len(self.bands) != self.channels:
+            raise ValueError(f"modality {self.name!r}: bands keeps {len(self.bands)} band(s) "
+                             f"{list(self.bands)} but channels={self.channels}")
+        if self.band_names and not self.bands and len(self.band_names) != self.channels:
+            raise ValueError(f"modality {self.name!r}: band_names has {len(self.band_names)} names "
+                             f"but channels={self.channels} (set bands to keep a subset)")
+
+    @property
+    def is_raster(self) -> bool:
+        """A multi-band raster (``bands``, ``band_names`` or ``nodata`` set): raw values from
+        tifffile / numpy, per-band ``mean`` / ``std`` from ``multimae data stats``."""
+        return self.kind == "dense" and bool(self.bands or self.band_names or self.nodata is not None)
+
+    @property
+    def normalized(self) -> bool:
+        """Whether the data transforms apply ``(x - mean) / std`` to this modality."""
+        return self.mean is not None and self.kind in ("image", "dense")
+
+    def norm_tensors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean`` and ``std`` as (C,1,1) tensors (``std`` defaults to 1); (0, 1) when unset."""
+        c = self.channels
+        mean = torch.tensor(self.mean if self.mean is not None else (0.0,), dtype=dtype)
+        std = torch.tensor(self.std if self.std is not None else (1.0,), dtype=dtype)
+        return mean.expand(c).reshape(c, 1, 1).clone(), std.expand(c).reshape(c, 1, 1).clone()
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / std`` per channel of (..., C, H, W) values in the modality's units (an
+        ``image`` in [0, 1]); unchanged without ``mean``. The one normalisation every path uses."""
+        if not self.normalized:
+            return x
+        mean, std = self.norm_tensors(x.dtype if x.is_floating_point() else torch.float32)
+        return (x - mean.to(x.device)) / std.to(x.device)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize`: model-space values back to the modality's units."""
+        if not self.normalized:
+            return x
+        mean, std = self.norm_tensors(x.dtype if x.is_floating_point() else torch.float32)
+        return x * std.to(x.device) + mean.to(x.device)
+
+    def norm_affine(self, input_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(scale, shift) float32 (C,1,1) with ``x * scale + shift == normalize(x * input_scale)``
+        (computed in float64; e.g. ``input_scale = 1/255`` for uint8 pixels), None without ``mean``."""
+        if not self.normalized:
+            return None
+        mean, std = self.norm_tensors(torch.float64)
+        return (input_scale / std).float(), (-mean / std).float()
 
     @property
     def key(self) -> str:
@@ -119,7 +217,7 @@ class ModalitySpec:
     @classmethod
     def from_dict(cls, d: dict) -> "ModalitySpec":
         d = dict(d)
-        for k in ("mean", "std", "hflip_negate"):
+        for k in ("mean", "std", "hflip_negate", "bands", "band_names"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -182,6 +280,6 @@ NORM_RGB = register(ModalitySpec("norm_rgb", "image", channels=3, loss="mse", no
                                  input=False, mean=IMAGENET_MEAN, std=IMAGENET_STD))
 DEPTH = register(ModalitySpec("depth", "dense", channels=1, loss="l1", standardize="robust"))
 SEMSEG = register(ModalitySpec("semseg", "categorical", num_classes=133, stride=4, loss="ce"))
-NORMALS = register(ModalitySpec("normals", "dense", channels=3, loss="l1", hflip_negate=(0,)))
+NORMALS = register(ModalitySpec("normals", "dense", channels=3, loss="l1", hflip_negate=(0,), unit_vectors=True))
 # Text (M3AE): BERT uncased vocabulary by default; the synthetic scenes train their own.
 CAPTION = register(ModalitySpec("caption", "text", num_classes=30522, loss="ce", max_len=64))

@@ -4,6 +4,8 @@ Every dataset yields *raw samples*, dicts with (a configured subset of):
 
 * ``rgb`` uint8 (3,H,W); ``depth`` float32 (1,H,W), 0 = invalid; ``semseg`` int64 (H,W);
   ``normals`` float32 (3,H,W) camera-frame unit vectors; ``label`` int64 (); ``caption`` str;
+* a multi-band raster (a ``dense`` spec with ``bands`` / ``nodata``): float32 (C,H,W) raw band
+  values, NaN at nodata (:mod:`multimae.data.rasters`);
 * ``__key__`` str, the sample id.
 
 :class:`~multimae.data.transforms.PairedTransform` turns a raw sample into a model-ready one and

@@ -324,6 +324,12 @@ def decode_field(data: bytes, ext: str, spec: ModalitySpec, png_scale: float, wh
                         f"(expected one of {EXTS[spec.kind]})")
     if spec.kind == "image":
         return decode_image(data, spec.channels, where)
+    if spec.is_raster:  # multi-band .tif / .npy: raw values, bands, nodata (multimae.data.rasters)
+        from multimae.data.rasters import RASTER_EXTS, decode_raster
+
+        if ext not in RASTER_EXTS:
+            raise DataError(f"{where}: raster modality {spec.name!r} is read from .tif / .tiff / .npy, not .{ext}")
+        return decode_raster(data, ext, spec, where)
     if spec.kind == "dense":
         return decode_dense(data, ext, spec.channels, png_scale, where)
     if spec.kind == "categorical":
@@ -376,7 +382,7 @@ def decode_packed(data: bytes, ext: str, spec: ModalitySpec, png_scale: float, w
     categorical PNGs (semseg) come back as :class:`Packed` integers; every other field (``.npy``,
     multi-channel dense maps, text) is decoded as :func:`decode_field` does."""
     ext = ext.lower()
-    if ext == "npy" or ext not in EXTS[spec.kind] or spec.kind == "text":
+    if ext == "npy" or ext not in EXTS[spec.kind] or spec.kind == "text" or spec.is_raster:
         return decode_field(data, ext, spec, png_scale, where)
     if spec.kind == "image":
         return Packed("image", read_pixels(data, spec.channels, where))

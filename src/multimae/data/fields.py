@@ -46,12 +46,13 @@ def validate_sample(sample: dict, specs: dict[str, ModalitySpec], where: dict[st
     invalid, so they are left out of the statistics -- and counted. A dense map without any valid
     pixel is a DataError. ``where`` maps a field key to the text naming it in errors (a file path,
     or sample + shard). :class:`~multimae.data.codecs.Packed` fields are checked on their integers.
+    A raster's (``spec.is_raster``) NaN pixels are its nodata: kept as NaN for the transforms.
     """
     repaired = 0
     for key, spec in specs.items():
         validate_field(sample[key], spec, where.get(key, sample_where))
         value = sample[key]
-        if spec.kind == "dense" and torch.is_tensor(value) and value.is_floating_point():
+        if spec.kind == "dense" and not spec.is_raster and torch.is_tensor(value) and value.is_floating_point():
             bad = ~torch.isfinite(value)
             n = int(bad.sum())
             if n:

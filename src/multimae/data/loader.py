@@ -158,6 +158,25 @@ class CachedDataset(Dataset):
         return dict(self.items[i])
 
 
+def raster_padding(batch: Batch, specs: Any, patch_size: int) -> Batch:
+    """``batch`` with ``pad[key]`` (B, N) set for each raster whose valid-pixel map
+    (``<key>.valid``, from the transforms) leaves a patch without any valid pixel: such a patch
+    (all nodata) does not exist for the model -- never visible, never in the loss."""
+    from multimae.data.transforms import valid_key
+
+    for spec in specs:
+        vk = valid_key(spec.key)
+        if not spec.is_raster or vk not in batch.extra or spec.key in batch.pad:
+            continue
+        valid = batch.extra[vk]
+        p = spec.patch(patch_size)
+        B, _, H, W = valid.shape
+        any_valid = valid.reshape(B, H // p, p, W // p, p).any(4).any(2).reshape(B, -1)
+        if not bool(any_valid.all()):
+            batch.pad[spec.key] = ~any_valid
+    return batch
+
+
 @dataclass
 class MaskCollator:
     """Stacks samples into a :class:`~multimae.core.batch.Batch` and draws its MaskPlan.
@@ -193,7 +212,8 @@ class MaskCollator:
 
         out = collate(samples)
         keys = {s.key for s in self.spec.specs}
-        return Batch({k: v for k, v in out.items() if k in keys}, extra={k: v for k, v in out.items() if k not in keys})
+        batch = Batch({k: v for k, v in out.items() if k in keys}, extra={k: v for k, v in out.items() if k not in keys})
+        return raster_padding(batch, self.spec.specs, self.spec.patch_size)
 
     def __call__(self, samples: list[dict[str, Any]]) -> tuple[Batch, MaskPlan]:
         tags = {s.pop(BATCH_TAG, None) for s in samples}

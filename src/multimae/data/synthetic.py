@@ -479,6 +479,42 @@ def generate(seed: int, index: int, height: int, width: int | None = None) -> di
     }
 
 
+# Extra bands of the scenes as a multi-band raster (``multimae data synthetic --bands``): what a
+# multispectral camera would record, in uint16 reflectance x 10^4 (thermal: centi-kelvin), 0 = nodata.
+MULTISPECTRAL_BANDS: tuple[str, ...] = ("blue", "green", "red", "nir", "thermal")
+MULTISPECTRAL_NODATA = 0
+
+
+def multispectral(seed: int, index: int, height: int, width: int | None = None) -> tuple[np.ndarray, int]:
+    """Sample ``index`` of stream ``seed`` as a (5, H, W) uint16 raster of MULTISPECTRAL_BANDS, and
+    its label. Visible bands are the linear reflectance the rgb image shows (x 10^4); near-infrared
+    is bright on the floor and on green / yellow objects ("vegetation"), dark on walls; thermal is
+    warmer where lit and near the camera. A third of the scenes (by ``(seed, index)``) miss a
+    corner of the swath: those pixels hold the nodata value 0 in every band."""
+    scene = sample_scene(seed, index)
+    out = render(scene, height, width)
+    _, label = describe(scene, out["instance"])
+    h, w = out["depth"].shape
+    lin = (out["rgb"].astype(np.float64) / 255.0) ** 2  # the gamma-2 image back to linear albedo x shade
+    r, g, b = lin[..., 0], lin[..., 1], lin[..., 2]
+    shade = lin.max(-1)
+    sem = out["semseg"]
+    veg = np.clip(1.6 * g - 0.9 * r - 0.4 * b, 0.0, 1.0)  # green-dominant surfaces
+    nir = np.where(sem == 0, 0.55 * shade + 0.1, np.where(sem == 1, 0.25 * shade, 0.3 * shade + 0.7 * veg))
+    depth = out["depth"].astype(np.float64)
+    thermal = 29315.0 + 800.0 * shade - 60.0 * np.clip(depth, 0.0, 20.0)  # centi-kelvin
+    bands = np.stack([b, g, r, np.clip(nir, 0.0, 1.0)]) * 10000.0
+    arr = np.concatenate([bands, thermal[None]]).round().clip(1, 65535).astype(np.uint16)
+    rng = np.random.default_rng([seed, index, 1789])
+    if rng.random() < 1 / 3:  # a corner outside the swath
+        yy, xx = np.mgrid[0:h, 0:w]
+        cut = rng.uniform(0.25, 0.5) * (h + w)
+        corner = int(rng.integers(4))
+        ys, xs = (yy if corner < 2 else h - 1 - yy), (xx if corner % 2 == 0 else w - 1 - xx)
+        arr[:, ys + xs < cut] = MULTISPECTRAL_NODATA
+    return arr, label
+
+
 class SyntheticScenes(Dataset):
     """A map-style dataset of procedurally generated scenes, rendered on the fly.
 
@@ -522,3 +558,19 @@ def _sample_keys(modalities: Sequence[object] | None) -> set[str]:
             raise ValueError(f"synthetic scenes have no modality {key!r}; available: {list(SAMPLE_KEYS)}")
         keys.add(key)
     return keys
+
+
+def write_multispectral(root: str, split: str, key: str, indices: Sequence[int], image_size: int, seed: int) -> int:
+    """Write :func:`multispectral` of the scenes ``indices`` as ``root/split/key/<class>/<index>.tif``
+    (the folder layout of ``multimae data synthetic``, band names and nodata in GDAL's tags)."""
+    import os
+
+    from multimae.data.rasters import write_raster
+
+    n = 0
+    for i in indices:
+        arr, label = multispectral(seed, i, image_size)
+        write_raster(os.path.join(root, split, key, LABEL_CLASSES[label], f"{i:08d}.tif"), arr,
+                     MULTISPECTRAL_BANDS, nodata=MULTISPECTRAL_NODATA)
+        n += 1
+    return n

@@ -2,10 +2,13 @@
 
 A raw sample (see ``multimae.data``) becomes a model-ready sample, per modality kind:
 
-* ``image``: float32 (C,S,S), bilinear, normalised with ``spec.mean`` / ``spec.std``.
+* ``image``: float32 (C,S,S), bilinear, normalised by ``spec.normalize`` (``mean`` / ``std``).
 * ``dense``: float32 (C,S,S), bilinear over valid pixels only; ``spec.standardize == "robust"``
   applies the truncated standardisation of :func:`robust_standardize`; invalid pixels are 0.
   Channels listed in ``spec.hflip_negate`` change sign when the sample is flipped (normals x).
+  With ``spec.mean`` (a raster's per-band statistics) the valid pixels are normalised by
+  ``spec.normalize``; a raster (``spec.is_raster``) also yields ``valid_key(key)``: (1,S,S) bool,
+  False at its nodata pixels.
 * ``categorical``: int64 (S/stride, S/stride), nearest (half-pixel centres, so the class grid
   stays registered with the bilinear images).
 * ``text``: the string, unchanged (tokenised elsewhere).
@@ -42,6 +45,11 @@ from multimae.core.modalities import ModalitySpec, resolve
 from multimae.core.seeding import derive_seed
 
 Box = tuple[int, int, int, int]  # top, left, height, width
+
+
+def valid_key(key: str) -> str:
+    """The sample / batch field holding a raster's valid pixels (1,S,S) bool (nodata: False)."""
+    return f"{key}.valid"
 
 
 def robust_standardize(depth: Tensor, valid: Tensor | None = None, trunc: float = 0.1) -> Tensor:
@@ -139,11 +147,7 @@ def center_crop_box(height: int, width: int, crop_pct: float = 1.0) -> Box:
 def _resize_image(x: Tensor, box: Box, size: int, spec: ModalitySpec) -> Tensor:
     out = TF.resized_crop(x, *box, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
     out = out.float() / 255.0 if not out.is_floating_point() else out.float()
-    if spec.mean is not None:
-        mean = torch.tensor(spec.mean, dtype=out.dtype).view(-1, 1, 1)
-        std = torch.tensor(spec.std if spec.std is not None else (1.0,), dtype=out.dtype).view(-1, 1, 1)
-        out = (out - mean) / std
-    return out
+    return spec.normalize(out)
 
 
 def _dense_valid(x: Tensor, spec: ModalitySpec) -> Tensor:
@@ -352,6 +356,8 @@ class PairedTransform:
             if key not in sample:
                 raise DataError(f"{where}: missing modality {key!r} (has {sorted(sample)})")
             out[key] = self._apply(sample[key], spec, box, flip, where)
+            if spec.is_raster:  # its nodata pixels: the collator turns patches without a valid one into padding
+                out[valid_key(key)] = self._raster_valid(sample[key], box, flip, spec)
         for key, value in sample.items():
             if key not in out and (isinstance(value, str) or (torch.is_tensor(value) and value.ndim == 0)):
                 out[key] = value
@@ -384,6 +390,18 @@ class PairedTransform:
                 out[c] = -out[c]
         return self._finish_dense(out, valid, spec)
 
+    def _raster_valid(self, x: Tensor, box: Box, flip: bool, spec: ModalitySpec) -> Tensor:
+        """(1,S,S) bool: the output pixels of a raster with at least half their weight on valid
+        input pixels (what :func:`_resize_dense` keeps)."""
+        size = self.image_size // spec.stride
+        valid = _dense_valid(x.float(), spec)
+        if bool(valid.all()):
+            return torch.ones((1, size, size), dtype=torch.bool)
+        den = TF.resized_crop(valid.float(), *box, [size, size], interpolation=InterpolationMode.BILINEAR,
+                              antialias=True)
+        ok = den >= 0.5
+        return ok.flip(-1) if flip else ok
+
     def _finish_dense(self, out: Tensor, valid: Tensor | None, spec: ModalitySpec) -> Tensor:
         """Standardise (or zero the invalid pixels of) a resized dense map; ``valid`` None: all valid."""
         if spec.standardize == "robust":
@@ -392,18 +410,17 @@ class PairedTransform:
             if valid is None:
                 return robust_standardize_fast(out, None, self.trunc, all_valid=True)
             return robust_standardize_fast(out, valid.expand_as(out), self.trunc)
+        out = spec.normalize(out)  # per-band mean / std (rasters); unchanged without them
         return out if valid is None else torch.where(valid, out, torch.zeros(()))
 
     def _norm(self, spec: ModalitySpec) -> tuple[Tensor, Tensor] | None:
         """(scale, shift) float32 (C,1,1) of an image spec's normalisation of uint8 values,
         ``x * scale + shift == (x / 255 - mean) / std`` (computed in float64), made once."""
-        if spec.mean is None:
+        if not spec.normalized:
             return None
         cache = self.__dict__.setdefault("_norms", {})
         if spec.key not in cache:
-            mean = torch.tensor(spec.mean, dtype=torch.float64).view(-1, 1, 1)
-            std = torch.tensor(spec.std if spec.std is not None else (1.0,), dtype=torch.float64).view(-1, 1, 1)
-            cache[spec.key] = ((1.0 / (255.0 * std)).float(), (-mean / std).float())
+            cache[spec.key] = spec.norm_affine(1.0 / 255.0)
         return cache[spec.key]
 
     def _apply_packed(self, x: Packed, spec: ModalitySpec, box: Box, flip: bool) -> Tensor:

@@ -10,6 +10,7 @@ from typing import Callable
 
 from torch.utils.data import Dataset
 
+from multimae.core.modalities import ModalitySpec
 from multimae.data.errors import DataError
 from multimae.data.sources import get_source
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
@@ -39,6 +40,20 @@ def _folder_classes(cfg: FinetuneConfig) -> list[str] | None:
         c for c in class_directories(d.root, d.train_split, cfg.model.inputs[0]) if c != UNLABELLED])
 
 
+def dense_target_spec(cfg: FinetuneConfig) -> "ModalitySpec | None":
+    """The spec of a dense head's target (its channels, ``unit_vectors``), or None for other
+    heads or a target the config cannot name yet."""
+    from multimae.data.downstream import target_spec
+
+    if cfg.model.head.kind != "dense":
+        return None
+    enc = cfg.model.encoder
+    try:
+        return target_spec(target_of(cfg), "dense", None, enc.modalities if enc is not None else None)
+    except (KeyError, ValueError):
+        return None
+
+
 def prepare(cfg: FinetuneConfig, init: str | None = None) -> tuple[TransferModel, ConversionReport, FinetuneConfig]:
     """Build the transfer model from ``init`` (default ``cfg.init``) and return the config
     completed with what the model fixed (encoder architecture read from the init, number of
@@ -58,8 +73,9 @@ def prepare(cfg: FinetuneConfig, init: str | None = None) -> tuple[TransferModel
         raise DataError(f"{where} {len(c)} class directories ({', '.join(c[:5])}{' ...' if len(c) > 5 else ''}) but "
                         f"model.head.num_classes={head.num_classes}; set model.head.num_classes={len(c)} "
                         f"(or null: taken from the data)")
-    if head.kind == "dense" and cfg.model.head.out_channels == 1 and target_of(cfg) == "normals":
-        head = replace(head, out_channels=3)
+    target = dense_target_spec(cfg)
+    if target is not None and cfg.model.head.out_channels == 1 and target.channels != 1:
+        head = replace(head, out_channels=target.channels)  # e.g. normals: 3 (a dense head defaults to 1)
     cfg = replace(cfg, model=replace(cfg.model, head=head))
     model, report = build_transfer_model(cfg.model, cfg.init if init is None else init)
     size = model.encoder_config.image_size

@@ -27,7 +27,7 @@ from torch import Tensor
 from multimae.core.batch import Batch
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.evaluation import metrics as M
-from multimae.tasks.downstream import Datasets
+from multimae.tasks.downstream import Datasets, dense_target_spec
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
 from multimae.engine.step import autocast
 
@@ -41,8 +41,11 @@ HIGHER_IS_BETTER = {"top1": True, "top5": True, "miou": True, "pixel_acc": True,
 class Scorer:
     """Accumulates one task's metric sums over batches; ``scores()`` -> {metric: float}."""
 
-    def __init__(self, kind: str, target: str, num_classes: int, ignore_index: int) -> None:
+    def __init__(self, kind: str, target: str, num_classes: int, ignore_index: int, angular: bool = False) -> None:
+        """``angular``: the dense target is a unit vector per pixel (its spec's ``unit_vectors``,
+        surface normals), scored by angular error."""
         self.kind, self.target, self.K, self.ignore = kind, target, num_classes, ignore_index
+        self.angular = angular
         self.stats: dict[str, Tensor] | None = None
         self.conf: Tensor | None = None
 
@@ -58,7 +61,7 @@ class Scorer:
             s = M.topk_stats(pred, t, (1, 5) if self.K > 5 else (1,))
         elif self.kind == "depth":
             s = M.depth_stats(pred, t, batch[TARGET_VALID])
-        elif self.target == "normals":
+        elif self.angular:
             s = M.normal_stats(pred, t, batch[TARGET_VALID])
         else:
             v = batch[TARGET_VALID].expand_as(pred)
@@ -76,7 +79,7 @@ class Scorer:
             return M.topk_scores(self.stats)
         if self.kind == "depth":
             return M.depth_scores_from_stats(self.stats)
-        if self.target == "normals":
+        if self.angular:
             return M.normal_scores_from_stats(self.stats)
         n = max(float(self.stats["count"]), 1.0)
         return {"l1": float(self.stats["l1"]) / n, "rmse": math.sqrt(float(self.stats["sq"]) / n)}
@@ -89,7 +92,9 @@ class Scorer:
 
 
 def scorer_for(cfg: FinetuneConfig) -> Scorer:
-    return Scorer(cfg.model.head.kind, target_of(cfg), int(cfg.model.head.num_classes or 0), cfg.data.ignore_index)
+    spec = dense_target_spec(cfg)
+    return Scorer(cfg.model.head.kind, target_of(cfg), int(cfg.model.head.num_classes or 0), cfg.data.ignore_index,
+                  angular=spec is not None and spec.unit_vectors)
 
 
 # ------------------------------------------------------------------------------------ baselines

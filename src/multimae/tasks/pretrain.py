@@ -9,6 +9,7 @@ rest (distributed set-up, optimizer, exact resume, the loop, checkpoints).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,8 @@ class PretrainTask(Task):
 
 def completed_config(cfg: PretrainConfig) -> PretrainConfig:
     """``cfg`` with what it leaves open filled in (a copy): the vocabulary size of a text modality
-    from the tokenizer, the run name."""
+    from the tokenizer, a raster modality's per-band mean / std from the folder's
+    ``multimae_data.json`` (``multimae data stats``), the run name."""
     from multimae.core import modalities as M
 
     mods = dict(cfg.model.modalities)
@@ -114,11 +116,29 @@ def completed_config(cfg: PretrainConfig) -> PretrainConfig:
         kind = over.get("kind", spec.kind if spec else None)
         if kind == "text" and "num_classes" not in over:
             mods[name] = {**over, "num_classes": load_text_tokenizer(cfg.data.tokenizer).get_vocab_size()}
+    mods = _with_band_stats(cfg, mods)
     train = cfg.train if cfg.train.run_name else replace(cfg.train, run_name="pretrain")
     data = cfg.data
     if data.num_samples is None and data.source == "shards":  # the epoch is what they hold (a resume keeps it)
         data = replace(data, num_samples=epoch_samples(data)[0])
     return replace(cfg, model=replace(cfg.model, modalities=mods), train=train, data=data)
+
+
+def _with_band_stats(cfg: PretrainConfig, mods: dict) -> dict:
+    """Raster modalities without mean / std take them from a folder dataset's recorded statistics
+    (then saved in the run's config and every checkpoint); other sources must set them."""
+    from multimae.data.stats import fill_band_stats
+
+    specs = replace(cfg.model, modalities=mods).specs(sorted(set(cfg.model.inputs) | set(cfg.model.outputs)))
+    if not any(s.is_raster and s.mean is None for s in specs):
+        return mods
+    if cfg.data.source == "folder" and cfg.data.root:
+        return fill_band_stats(cfg.data.root, mods, specs)
+    names = [s.name for s in specs if s.is_raster and s.mean is None]
+    logging.getLogger("multimae").warning(
+        "raster modalities %s have no mean / std (data.source=%s has no multimae_data.json statistics): "
+        "their raw values are not normalised; set model.modalities.<name>.mean / std", names, cfg.data.source)
+    return mods
 
 
 def pretrain(cfg: PretrainConfig, evaluate: bool = True) -> Path:

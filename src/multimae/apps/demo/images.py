@@ -134,12 +134,10 @@ def patch_mask(indices: list[int], grid: tuple[int, int], size: tuple[int, int])
 def shift_hue(spec: ModalitySpec, x: Tensor, region: Tensor, degrees: float) -> Tensor:
     """Rotate the hue of an image modality (C, H, W), normalised with ``spec.mean/std``, inside
     ``region`` (H, W) by ``degrees``; returns a new tensor in the same normalisation."""
-    mean = torch.tensor(spec.mean or (0.0,) * x.shape[0]).view(-1, 1, 1)
-    std = torch.tensor(spec.std or (1.0,) * x.shape[0]).view(-1, 1, 1)
-    img = (x * std + mean).clamp(0, 1)
+    img = spec.denormalize(x).clamp(0, 1)
     factor = ((degrees / 360.0 + 0.5) % 1.0) - 0.5  # adjust_hue takes a turn fraction in [-0.5, 0.5]
     hued = TF.adjust_hue(img, factor)
-    return (torch.where(region, hued, img) - mean) / std
+    return spec.normalize(torch.where(region, hued, img))
 
 
 def set_class(x: Tensor, region: Tensor, cls: int) -> Tensor:

@@ -368,11 +368,9 @@ class MultiMAELabeler:
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[Tensor]) -> dict[str, list[Tensor]]:
-        mean = torch.tensor(self.rgb.mean or (0.0, 0.0, 0.0)).view(1, 3, 1, 1)
-        std = torch.tensor(self.rgb.std or (1.0, 1.0, 1.0)).view(1, 3, 1, 1)
         x = torch.cat([F.interpolate(img[None].float() / 255.0, size=(self.size, self.size), mode="bilinear",
                                      antialias=True, align_corners=False) for img in images])
-        x = ((x - mean) / std).to(self.device)
+        x = self.rgb.normalize(x).to(self.device)
         with _autocast(self.device, self.dtype):
             preds = self.model({"rgb": x}, tasks=list(self.tasks), compute_loss=False).preds
         out: dict[str, list[Tensor]] = {}
