@@ -20,8 +20,10 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from multimae.core.batch import Batch
 from multimae.model.decoders import Segment
 from multimae.model.heads import ClassificationHead, DPTHead, SegmentationHead, default_hooks, default_layer_dims
+from multimae.model.heads.classification import mean_existing
 from multimae.model.layers.layer_decay import vit_layer_id
 from multimae.model.multimae import ModelConfig, MultiMAE, image_size_of, run_encoder, tokenize
 
@@ -95,6 +97,9 @@ class EncoderOutput:
     layers: dict[int, Tensor]
     layout: list[Segment]
     image_size: tuple[int, int]
+    #: (B, N) True where a modality token does not exist (a sample lacking that input modality,
+    #: ``Batch.present``): kept out of attention and of pooling; None when every token exists.
+    pad: Tensor | None = None
 
 
 class TransferEncoder(nn.Module):
@@ -139,8 +144,11 @@ class TransferEncoder(nn.Module):
         """``final=False``: stop after the last block in ``return_layers`` (``last`` is then that
         block's output, not normed) -- what a DPT head needs, without the blocks after its hooks."""
         x, layout, size = self.tokenize(batch)
-        last, layers = run_encoder(x, self.global_tokens, self.blocks, self.norm, None, return_layers, final)
-        return EncoderOutput(last, layers, layout, size)
+        pad = None
+        if isinstance(batch, Batch) and any(batch.has_absent(self.specs[s.name].key) for s in layout):
+            pad = torch.cat([batch.absent(self.specs[s.name].key, s.length, x.device) for s in layout], dim=1)
+        last, layers = run_encoder(x, self.global_tokens, self.blocks, self.norm, pad, return_layers, final)
+        return EncoderOutput(last, layers, layout, size, pad)
 
 
 def build_head(cfg: HeadConfig, dim: int, depth: int) -> nn.Module:
@@ -225,8 +233,17 @@ class TransferModel(nn.Module):
         if isinstance(head, SegmentationHead):
             tokens, grid = self._task_tokens(enc.last, enc.layout)
             return head(tokens, grid, enc.image_size)
-        return head(enc.last)
+        return head(enc.last, _with_globals(enc.pad, enc.last))
 
     def features(self, batch: dict[str, Any]) -> Tensor:
-        """(B, D): mean of all final encoder tokens (global included), for linear probing."""
-        return self.encoder(batch).last.mean(dim=1)
+        """(B, D): mean of all final encoder tokens that exist (global included), for linear probing."""
+        enc = self.encoder(batch)
+        return mean_existing(enc.last, _with_globals(enc.pad, enc.last))
+
+
+def _with_globals(pad: Tensor | None, tokens: Tensor) -> Tensor | None:
+    """(B, N) token padding -> (B, N + G): the global tokens appended after the modality tokens exist."""
+    if pad is None:
+        return None
+    return torch.cat([pad, pad.new_zeros(pad.shape[0], tokens.shape[1] - pad.shape[1])], dim=1)
+
