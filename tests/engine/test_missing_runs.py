@@ -53,12 +53,14 @@ def _cfg(tmp_path: Path, root: Path, name: str, steps: int, *extra: str) -> Pret
                                f"train.max_steps={steps}", *extra])
 
 
-def test_training_runs_and_logs_the_samples_each_loss_covered(tmp_path):
+def test_training_runs_and_logs_the_samples_each_loss_covered(tmp_path, capsys):
     root = partial_folder(tmp_path / "data")
     run = Trainer(PretrainTask(_cfg(tmp_path, root, "allow", 2, "data.num_workers=0", "train.resume=null",
                                     "data.val_fraction=0.34", "train.eval_at_end=true"))).fit()
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+    out = capsys.readouterr().out  # the run's start says what the data covers
+    assert "coverage rgb: 12 of 12 (100.0%), depth: 6 of 12 (50.0%), semseg: 8 of 12 (66.7%)" in out
     for r in rows:
         for task in ("rgb", "depth", "semseg"):
             assert 0 <= r[f"n/{task}"] <= 4 and r[f"loss/{task}"] == r[f"loss/{task}"]  # counted, finite

@@ -456,6 +456,24 @@ def data_counts(dataset: Any) -> dict[str, int]:
     return {}
 
 
+def coverage_line(dataset: Any) -> str | None:
+    """One line saying how many of the samples found have each modality, for a folder dataset
+    under a loader's wrappers where some lack one (None otherwise)."""
+    from multimae.data.errors import coverage_lines
+
+    for _ in range(8):
+        coverage, listed = getattr(dataset, "coverage", None), getattr(dataset, "listed", None)
+        if coverage is not None and listed is not None:
+            if all(n == listed for n in coverage.values()):
+                return None
+            return (f"data: {listed} samples found, {len(dataset)} used (data.missing={dataset.missing}); "
+                    f"coverage {', '.join(coverage_lines(coverage, listed))}")
+        dataset = next((getattr(dataset, a) for a in ("base", "stream", "dataset") if hasattr(dataset, a)), None)
+        if dataset is None:
+            break
+    return None
+
+
 def text_collator(data: DataConfig, specs: Sequence[ModalitySpec]) -> Any:
     """The TextCollator for the text modality among ``specs`` (None without one)."""
     text = [s for s in specs if s.kind == "text"]
