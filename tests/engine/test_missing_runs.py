@@ -128,3 +128,47 @@ def test_resume_is_bitwise(tmp_path):
     assert set(wa) == set(wb)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_steps_with_absent_modalities_read_nothing():
+    """No host synchronisation in a step whose batch lacks modalities in some samples (pretraining:
+    depth / semseg absent; fine-tuning: a depth input absent), and n/<task> is read with the
+    other stats at a log step."""
+    from step_setups import pretrain_micros  # tests/engine is on sys.path
+
+    from multimae.core.batch import Batch
+    from multimae.engine.host_sync import HostSyncCounter
+    from multimae.engine.step import read_stats, train_step
+    from multimae.model.multimae import ModelConfig
+    from multimae.model.transfer import HeadConfig, TransferModel, TransferModelConfig
+    from multimae.tasks.finetune import FinetuneObjective
+
+    model, micros = pretrain_micros("configs/pretrain/synthetic-tiny.yaml")
+    for batch, plan in micros:
+        for key, absent in (("depth", [0, 2]), ("semseg", [1])):
+            batch.present[key] = torch.ones(batch.size, dtype=torch.bool)
+            batch.present[key][absent] = False
+            plan.masks[key][absent] = True
+        plan.uneven = True
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with HostSyncCounter() as c:
+        for m in micros:
+            stats = train_step(model, [m], opt)
+    assert c.total == 0, dict(c.calls)
+    values = read_stats(stats)
+    assert values["n/depth"] <= 2 and values["n/semseg"] <= 3 and values["n/rgb"] <= 4
+
+    enc = ModelConfig(preset="nano", dim=32, depth=1, num_heads=2, patch_size=8, image_size=32)
+    net = TransferModel(TransferModelConfig(encoder=enc, inputs=["rgb", "depth"],
+                                            head=HeadConfig(kind="classification", num_classes=3), drop_path=0))
+    objective = FinetuneObjective(net, lambda pred, b: torch.nn.functional.cross_entropy(pred, b["target"]),
+                                  "classification")
+    g = torch.Generator().manual_seed(0)
+    fmicros = [(Batch({"rgb": torch.randn(4, 3, 32, 32, generator=g), "depth": torch.randn(4, 1, 32, 32, generator=g),
+                       "target": torch.randint(0, 3, (4,), generator=g)},
+                      present={"depth": torch.tensor([True, False, True, False])}), None) for _ in range(2)]
+    opt = torch.optim.AdamW(objective.parameters(), lr=1e-3)
+    with HostSyncCounter() as c:
+        for m in fmicros:
+            train_step(objective, [m], opt)
+    assert c.total == 0, dict(c.calls)
