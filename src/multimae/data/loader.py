@@ -193,24 +193,11 @@ class MaskCollator:
         """Samples -> Batch (text: tokenised with padding and presence)."""
         if self.text is not None:
             return self.text(samples)
-        from multimae.data import collate, stack_present
+        from multimae.data import collate
 
-        specs = {s.key: s for s in self.spec.specs}
-        lacking = [k for k in specs if any(k not in smp for smp in samples)]
-        if not lacking and not self.allow_missing:
-            out = collate(samples)
-            return Batch({k: v for k, v in out.items() if k in specs},
-                         extra={k: v for k, v in out.items() if k not in specs})
-        # a sample lacking a modality: zeros in its place, flagged absent (no token, no loss)
-        size = self.image_size or self.spec.image_size
-        tensors, present = {}, {}
-        for k, spec in specs.items():
-            got = stack_present(samples, k, absent_field(spec, size))
-            if got is not None:
-                tensors[k], flags = got
-                if self.allow_missing or k in lacking:
-                    present[k] = flags
-        extra = collate([{k: v for k, v in smp.items() if k not in specs} for smp in samples])
+        tensors, present = stack_modalities(samples, self.spec.specs, self.image_size or self.spec.image_size,
+                                            self.allow_missing)
+        extra = collate([{k: v for k, v in smp.items() if k not in tensors} for smp in samples])
         return Batch(tensors, present=present, extra=extra)
 
     def __call__(self, samples: list[dict[str, Any]]) -> tuple[Batch, MaskPlan]:
@@ -222,6 +209,25 @@ class MaskCollator:
         batch = self.collate(samples)
         return batch, self.plan(batch, seeded(self.seed, "mask", epoch, self.rank, worker, index))
 
+
+
+def stack_modalities(samples: list[dict[str, Any]], specs: Sequence[ModalitySpec], image_size: int,
+                     allow_missing: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The modality tensors of transformed samples, stacked, and their presence: a sample lacking
+    a modality gets zeros of the right shape there (:func:`absent_field`) and ``present[key]``
+    (B,) False. ``allow_missing``: every modality gets ``present`` (every batch has the same
+    structure); otherwise only one some sample lacks. Returns ``(tensors, present)``; a modality
+    no sample has and that has no fixed shape (text) is left out."""
+    from multimae.data import stack_present
+
+    tensors, present = {}, {}
+    for spec in {s.key: s for s in specs}.values():
+        got = stack_present(samples, spec.key, absent_field(spec, image_size))
+        if got is not None:
+            tensors[spec.key], flags = got
+            if allow_missing or not all(spec.key in smp for smp in samples):
+                present[spec.key] = flags
+    return tensors, present
 
 
 def absent_field(spec: ModalitySpec, image_size: int) -> torch.Tensor | None:

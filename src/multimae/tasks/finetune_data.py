@@ -20,7 +20,7 @@ from multimae.core.batch import Batch
 from multimae.data import collate
 from multimae.data.downstream import LABEL, TransferTransform, build_randaugment, target_spec
 from multimae.data.errors import DataError
-from multimae.data.loader import ResumableBatchSampler, SeededAugment, shard_urls
+from multimae.data.loader import ResumableBatchSampler, SeededAugment, shard_urls, stack_modalities
 from multimae.core.modalities import ModalitySpec
 from multimae.data.sources import Request, get_source
 from multimae.core.seeding import derive_seed
@@ -173,15 +173,8 @@ def collate_inputs(samples: list[dict], inputs: Sequence[ModalitySpec] = (), ima
     keys = [s.key for s in inputs]
     if not allow_missing and all(k in smp for smp in samples for k in keys):
         return Batch.of(collate(samples))
-    from multimae.data import stack_present
-    from multimae.data.loader import absent_field
-
-    tensors, present = {}, {}
-    for spec in inputs:
-        got = stack_present(samples, spec.key, absent_field(spec, image_size))
-        if got is not None:
-            tensors[spec.key], present[spec.key] = got
-    rest = Batch.of(collate([{k: v for k, v in smp.items() if k not in keys} for smp in samples]))
+    tensors, present = stack_modalities(samples, inputs, image_size, allow_missing)
+    rest = Batch.of(collate([{k: v for k, v in smp.items() if k not in tensors} for smp in samples]))
     return Batch({**rest.tensors, **tensors}, present=present, extra=rest.extra)
 
 
