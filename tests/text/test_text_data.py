@@ -1,18 +1,15 @@
-"""Image-text data: caption tables, img2dataset shards, unpaired sources, MixedStream, TextCollator."""
+"""Image-text data: caption tables, unpaired rows (data.missing), TextCollator."""
 from __future__ import annotations
 
 import io
-import json
-from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
 
 from multimae.data.errors import DataError
-from multimae.data.text import CaptionTable, ImageOnly, ImageTextShards, MixedStream, TextCollator, TextOnly
+from multimae.data.text import CaptionTable, TextCollator
 from multimae.data.tokenizers import TextEncoder, train_wordpiece
 from multimae.core.masking import ratio_plan
 
@@ -72,73 +69,34 @@ def test_caption_table_errors_name_file_and_line(tmp_path):
         CaptionTable(tmp_path / "nope.csv")
 
 
-# --- img2dataset shards -----------------------------------------------------------------------------------------
+# --- unpaired rows: data.missing --------------------------------------------------------------------------------
 
 
-def test_image_text_shards(tmp_path):
-    path = str(tmp_path / "shard-000000.tar")
-    with wds.TarWriter(path) as w:
-        w.write({"__key__": "000000000", "jpg": jpg(0), "txt": "a red cube".encode(),
-                 "json": json.dumps({"caption": "ignored", "url": "http://x"}).encode()})
-        w.write({"__key__": "000000001", "jpg": jpg(1), "json": json.dumps({"caption": "from json"}).encode()})
-        w.write({"__key__": "000000002", "jpg": jpg(2), "txt": b"  "})
-        w.write({"__key__": "000000003", "txt": b"no image"})
-    ds = ImageTextShards(path, shuffle_buffer=0, on_error="skip")
-    got = list(ds)
-    assert [s["caption"] for s in got] == ["a red cube", "from json"]
-    assert got[0]["rgb"].shape == (3, 12, 16) and got[0]["rgb"].dtype == torch.uint8
-    assert set(got[0]) == {"rgb", "caption", "__key__"} and ds.skipped == 2
-    strict = ImageTextShards(path, shuffle_buffer=0)
-    with pytest.raises(DataError, match=r"sample 000000002 in shard .*shard-000000.tar: empty caption"):
-        list(strict)
+def test_caption_table_unpaired_rows_follow_data_missing(tmp_path):
+    """A row with an empty image cell or an empty caption is unpaired data: kept as a text-only /
+    image-only sample under missing=allow (the batch marks the other modality absent), left out
+    and counted under skip, an error naming the line under error."""
+    write_images(tmp_path, 2)
+    rows = ["img/im0.jpg,a red cube", ",only a caption", "img/im1.jpg,", "img/im1.jpg,a blue ball"]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    allow = CaptionTable(tmp_path / "t.csv", missing="allow")
+    assert len(allow) == 4
+    assert set(allow[1]) == {"caption", "__key__"} and allow[1]["caption"] == "only a caption"
+    assert set(allow[2]) == {"rgb", "__key__"} and allow[2]["rgb"].shape == (3, 12, 16)
+    enc = TextEncoder(train_wordpiece(["a red cube", "only a caption", "a blue ball"]), max_len=6)
+    from multimae.data.transforms import PairedTransform
 
-
-# --- unpaired sources and mixing ----------------------------------------------------------------------------------
-
-
-def paired(n=10):
-    return [{"rgb": torch.full((3, 4, 4), float(i)), "caption": f"caption {i}", "__key__": f"p{i}"} for i in range(n)]
-
-
-def test_unpaired_sources(tmp_path):
-    img = ImageOnly(paired(3))
-    assert len(img) == 3 and "caption" not in img[0] and "rgb" in img[0]
-    assert [s["__key__"] for s in img] == ["p0", "p1", "p2"]
-    txt = TextOnly(["a", "b"])
-    assert len(txt) == 2 and txt[1] == {"caption": "b", "__key__": "text-00000001"}
-    (tmp_path / "c.txt").write_text("one\n\ntwo\nthree\n")
-    assert [s["caption"] for s in TextOnly(tmp_path / "c.txt")] == ["one", "two", "three"]
-    assert [s["caption"] for s in TextOnly(tmp_path / "c.txt", rank=1, world_size=2)] == ["two"]
-
-
-def test_mixed_stream_proportions_and_determinism(tmp_path):
-    (tmp_path / "c.txt").write_text("\n".join(f"text {i}" for i in range(7)))
-    sources = {"paired": paired(10), "image": ImageOnly(paired(6)), "text": TextOnly(tmp_path / "c.txt")}
-    weights = {"paired": 5, "image": 3, "text": 2}
-    n = 4000
-    samples = list(MixedStream(sources, weights, seed=1, samples_per_rank=n))
-    counts = Counter(s["__source__"] for s in samples)
-    for name, w in weights.items():
-        assert abs(counts[name] / n - w / 10) < 0.03, counts
-    for s in samples:
-        src = s["__source__"]
-        assert ("rgb" in s) == (src != "text") and ("caption" in s) == (src != "image")
-    # map-style sources are covered evenly: every pass visits each sample once
-    keys = Counter(s["__key__"] for s in samples if s["__source__"] == "paired")
-    assert max(keys.values()) - min(keys.values()) <= 1
-    again = list(MixedStream(sources, weights, seed=1, samples_per_rank=n))
-    assert [s["__key__"] for s in again] == [s["__key__"] for s in samples]
-    other = list(MixedStream(sources, weights, seed=2, samples_per_rank=n))
-    assert [s["__key__"] for s in other] != [s["__key__"] for s in samples]
-    stream = MixedStream(sources, weights, seed=1, samples_per_rank=50)
-    e0, e1 = [s["__key__"] for s in stream], [s["__key__"] for s in stream]  # next epoch: new order
-    assert e0 != e1 and len(e0) == len(stream) == 50
-    stream.set_epoch(0)
-    assert [s["__key__"] for s in stream] == e0
-    with pytest.raises(ValueError, match=r"missing \['text'\]"):
-        MixedStream(sources, {"paired": 1, "image": 1})
-    with pytest.raises(DataError, match="source 'empty' is empty"):
-        MixedStream({"empty": []}, {"empty": 1.0})
+    tf = PairedTransform(["rgb", "caption"], 8, train=False, allow_missing=True)
+    b = TextCollator(enc, image_shapes={"rgb": (3, 8, 8)})([tf(allow[i]) for i in range(4)])
+    assert b.present["rgb"].tolist() == [True, False, True, True]
+    assert b.present["caption"].tolist() == [True, True, False, True]
+    skip = CaptionTable(tmp_path / "t.csv", missing="skip")
+    assert len(skip) == 2 and skip.skipped == 2
+    strict = CaptionTable(tmp_path / "t.csv")
+    with pytest.raises(DataError, match=r"t.csv line 2: no image \(data.missing=error"):
+        strict.load(1)
+    with pytest.raises(DataError, match=r"t.csv line 3: empty caption \(image img/im1.jpg\)"):
+        strict.load(2)
 
 
 # --- collation ------------------------------------------------------------------------------------------------------

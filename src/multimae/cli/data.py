@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k.add_argument("--split", default="train")
     k.add_argument("--modalities", default="rgb,depth,semseg")
     k.add_argument("--num-classes", type=int, default=None, help="override semseg num_classes")
+    k.add_argument("--missing", choices=("error", "skip", "allow"), default="error",
+                   help="a sample lacking a modality's file: a problem (error, the default), left out (skip) or "
+                        "kept (allow), as data.missing; the coverage per modality is printed in every case")
     k.set_defaults(func=_check)
 
     b = actions.add_parser("bench", help="samples per CPU second of the training loader on your data, and cores per GPU")
@@ -289,15 +292,37 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from multimae.data.codecs import EXTS
+    from multimae.data.errors import coverage_lines
     from multimae.data.folder import FolderDataset
 
-    folder = FolderDataset(args.folder, args.split, _specs(args.modalities, args.num_classes), on_error="skip")
+    # every sample indexed (missing files too), so that coverage counts them and each is named
+    folder = FolderDataset(args.folder, args.split, _specs(args.modalities, args.num_classes), on_error="skip",
+                           missing="allow")
     bad = folder.skipped
+    left_out = 0
+    split_dir = folder.root / folder.split
     for i in range(len(folder)):
+        files = folder.files(i)
+        lacking = [k for k in folder.specs if k not in files]
+        if lacking and args.missing != "allow":
+            if args.missing == "skip":
+                left_out += 1
+                continue
+            cls, name = folder.key(i).split("/", 1)
+            for k in lacking:  # report every problem, then fail
+                print(f"sample {cls}/{name}: missing {k} file {split_dir / k / cls / name}.<"
+                      f"{'|'.join(EXTS[folder.specs[k].kind])}>", file=sys.stderr)
+            bad += 1
+            continue
         try:
             folder.load(i)
         except Exception as err:  # report every problem, then fail
             print(err, file=sys.stderr)
             bad += 1
-    print(f"{args.folder}/{args.split}: {len(folder)} indexed sample(s), {bad} bad")
+    print(f"coverage ({folder.listed} samples found):")
+    for line in coverage_lines(folder.coverage, folder.listed):
+        print(f"  {line}")
+    skipped = f", {left_out} left out lacking a modality (--missing skip)" if left_out else ""
+    print(f"{args.folder}/{args.split}: {len(folder) - left_out} indexed sample(s), {bad} bad{skipped}")
     return 1 if bad else 0

@@ -46,4 +46,26 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
-__all__ = ["DataError", "collate"]
+def stack_present(samples: list[dict], key: str, empty: "torch.Tensor | None" = None
+                  ) -> "tuple[torch.Tensor, torch.Tensor] | None":
+    """``key`` of samples of which some may lack it: the stacked tensor (B, ...), zeros where a
+    sample lacks it, and the presence vector bool (B,). ``empty``: the zeros of one sample, for a
+    batch where no sample has the key (None: then None is returned). DataError naming the sample
+    when shapes differ (transform the samples first)."""
+    values = [s.get(key) for s in samples]
+    ref = next((v for v in values if v is not None), None)
+    if ref is None:
+        if empty is None:
+            return None
+        ref = empty
+    for s, v in zip(samples, values):
+        if v is not None and (not torch.is_tensor(v) or v.shape != ref.shape):
+            got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+            raise DataError(f"cannot collate {key!r} of sample {s.get('__key__', '?')}: {got}, "
+                            f"expected a tensor of shape {tuple(ref.shape)} (transform the samples first)")
+    zeros = torch.zeros_like(ref)
+    return (torch.stack([v if v is not None else zeros for v in values]),
+            torch.tensor([v is not None for v in values], dtype=torch.bool))
+
+
+__all__ = ["DataError", "collate", "stack_present"]

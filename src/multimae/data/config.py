@@ -34,6 +34,11 @@ class DataConfig:
     num_workers: int | Literal["auto"] = 2
     shuffle_buffer: int = 1000  # shards
     on_error: Literal["raise", "skip"] = "raise"
+    # a sample lacking some modality (folder: a file, shards: a key, captions: an empty image or
+    # caption cell): "error" (bad data: a DataError naming the file and modality, or skipped under
+    # on_error=skip), "skip" (left out and counted in data/skipped), "allow" (kept: the modality is
+    # marked absent in the batch, gets no visible token and no loss; docs/data.md "Incomplete datasets")
+    missing: Literal["error", "skip", "allow"] = "error"
     # the fast data path (folder / shards: Packed integer decoding + PairedTransform(fast=True)):
     # semseg bit for bit as the reference path, rgb within 1e-6, depth within 1e-5; false: the reference
     fast_decode: bool = True
@@ -45,6 +50,9 @@ class DataConfig:
     text_only: float = 0.0  # fraction of samples whose images are dropped (unpaired text data)
 
     def __post_init__(self) -> None:
+        from multimae.data.errors import check_missing
+
+        check_missing(self.missing)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.num_samples is None and self.source == "synthetic":

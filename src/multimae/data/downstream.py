@@ -112,12 +112,16 @@ class TransferTransform:
         train_crop: "random_resized" or "shorter_side" (random square of the shorter side's size).
         randaugment: a module applied to the raw uint8 rgb before cropping (train only); its
             randomness is seeded from the sample's generator, so it is reproducible.
+        allow_missing: a sample may lack input modalities (``data.missing=allow``): left out of
+            the output (the collator marks them absent); ``required``: inputs it must still have
+            (a dense head's ``main_tasks``), a DataError naming the sample otherwise.
     """
 
     def __init__(self, inputs: Sequence[ModalitySpec], target: str, spec: ModalitySpec | None, image_size: int,
                  train: bool, scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5,
                  letterbox_eval: bool = False, ignore_index: int = 255, randaugment: nn.Module | None = None,
-                 eval_crop_pct: float = 1.0, train_crop: str = "random_resized") -> None:
+                 eval_crop_pct: float = 1.0, train_crop: str = "random_resized", allow_missing: bool = False,
+                 required: Sequence[str] = ()) -> None:
         self.inputs = list(inputs)
         self.target, self.spec = target, spec
         self.train, self.letterbox = train, letterbox_eval and not train
@@ -125,7 +129,8 @@ class TransferTransform:
         self.randaugment = randaugment if train else None
         kw: dict[str, Any] = dict(train=train, scale=tuple(scale), hflip=hflip,
                                   eval_crop_pct=1.0 if self.letterbox else eval_crop_pct, train_crop=train_crop)
-        self.input_tf = PairedTransform(self.inputs, image_size, **kw)
+        self.required = [k for k in required if k in {s.key for s in self.inputs}]
+        self.input_tf = PairedTransform(self.inputs, image_size, allow_missing=allow_missing, **kw)
         self.target_tf = PairedTransform([spec], image_size, **kw) if spec is not None else None
 
     def _pad_value(self, spec: ModalitySpec, is_target: bool) -> float:
@@ -168,6 +173,10 @@ class TransferTransform:
             tsample[self.spec.key] = mark_invalid(t) if self.spec.kind == "dense" else t
         elif LABEL not in raw:
             raise DataError(f"{where}: no image-level 'label' (has {sorted(raw)})")
+        lacking = [k for k in self.required if k not in raw]
+        if lacking:
+            raise DataError(f"{where}: no {lacking[0]!r}, which the head reads (model.head.main_tasks); "
+                            f"has {sorted(raw)}")
         if self.letterbox and self.spec is not None:
             tsample[self.spec.key] = letterbox(tsample[self.spec.key], self._pad_value(self.spec, True))
         out = self.transform_inputs(raw, seed)

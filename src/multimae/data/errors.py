@@ -12,6 +12,7 @@ import multiprocessing.context
 from typing import Literal
 
 OnError = Literal["raise", "skip"]
+Missing = Literal["error", "skip", "allow"]
 
 log = logging.getLogger("multimae.data")
 
@@ -41,6 +42,18 @@ def check_on_error(on_error: str) -> OnError:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     return on_error  # type: ignore[return-value]
+
+
+def check_missing(missing: str) -> Missing:
+    """Validate a ``data.missing`` policy value (a sample lacking some modality)."""
+    if missing not in ("error", "skip", "allow"):
+        raise ValueError(f"data.missing must be 'error', 'skip' or 'allow', got {missing!r}")
+    return missing  # type: ignore[return-value]
+
+
+def coverage_lines(counts: dict[str, int], total: int) -> list[str]:
+    """``key: n of total (p%)`` per modality: how many samples have it."""
+    return [f"{k}: {n} of {total} ({100.0 * n / max(total, 1):.1f}%)" for k, n in counts.items()]
 
 
 class SkipCounter:

@@ -21,7 +21,7 @@ from multimae.data.codecs import (
     DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, decode_field, decode_packed, encode_field,
     scale_for,
 )
-from multimae.data.errors import DataError, ErrorPolicy, notice_once
+from multimae.data.errors import DataError, ErrorPolicy, check_missing, notice_once
 from multimae.data.fields import resolve_fields, validate_sample
 from multimae.core.modalities import ModalitySpec
 from multimae.core.seeding import derive_seed
@@ -93,6 +93,11 @@ class FolderDataset(Dataset):
             evaluation split, so that both index classes alike; a class directory not in it is a
             DataError naming the directory. None: ``classes`` of the metadata, else this split's
             sorted class directories (empty ones included, with a notice).
+        missing: a sample lacking a modality's file: ``error`` (bad data: a DataError naming the
+            file and the modality, or skipped under ``on_error="skip"``), ``skip`` (left out of the
+            index and counted in ``skipped``), ``allow`` (kept: its raw sample lacks that key).
+        required: keys a sample must have even under ``allow`` (a fine-tune's target): samples
+            lacking one are left out and counted.
         packed: decode rgb / one-channel dense / categorical image files into
             :class:`~multimae.data.codecs.Packed` integers (validated as such) for a
             ``PairedTransform(fast=True)``, instead of the documented raw-sample tensors.
@@ -104,23 +109,27 @@ class FolderDataset(Dataset):
     def __init__(self, root: str | os.PathLike, split: str, modalities: Sequence[str | dict | ModalitySpec],
                  transform: Callable[[dict], dict] | None = None, on_error: str = "raise",
                  label_from_class_dir: bool = True, png_scale: PngScale = None,
-                 classes: Sequence[str] | None = None, packed: bool = False) -> None:
+                 classes: Sequence[str] | None = None, packed: bool = False, missing: str = "error",
+                 required: Sequence[str] = ()) -> None:
         self.root, self.split, self.transform = Path(root), split, transform
         self.packed = bool(packed)
         self.specs, want_label = resolve_fields(modalities)
         self.policy = ErrorPolicy(on_error)
+        self.missing = check_missing(missing)
+        self.required = tuple(required)
         meta = read_meta(root)
         self.png_scale = {k: scale_for(png_scale if png_scale is not None else meta.get("png_scale"), k,
                                        OFFICIAL_PNG_SCALE) for k in self.specs}
         split_dir = self.root / split
         if not split_dir.is_dir():
             raise DataError(f"{split_dir}: split directory not found")
-        listing = {key: _list_modality(split_dir / key, spec) for key, spec in self.specs.items()}
+        listing = {key: self._listing(split_dir / key, spec) for key, spec in self.specs.items()}
         self.samples = self._complete(listing, split_dir)
         if not self.samples:
-            raise DataError(f"{split_dir}: no sample has every modality {list(self.specs)}")
+            raise DataError(f"{split_dir}: no sample has every modality {list(self.specs)}" if self.missing != "allow"
+                            else f"{split_dir}: no sample has the required modalities {list(self.required)}")
         class_dirs = sorted({next(iter(f.values())).parent.name for f in self.samples})
-        first_key = next(iter(self.specs))
+        first_key = next((k for k in self.specs if self.coverage.get(k)), next(iter(self.specs)))
         if meta.get("classes"):
             self.classes: list[str] = list(meta["classes"])
         elif classes is not None:
@@ -142,20 +151,48 @@ class FolderDataset(Dataset):
                             "not class directories")
         self.with_label = labelled and (label_from_class_dir or want_label)
 
+    def _listing(self, mdir: Path, spec: ModalitySpec) -> dict[tuple[str, str], Path]:
+        """The files of one modality directory; under ``missing="allow"`` a directory that is not
+        there (or holds no file) is a modality no sample has (one notice), not an error."""
+        if self.missing == "allow" and spec.key not in self.required and (
+                not mdir.is_dir() or not any(p.is_dir() for p in mdir.iterdir())):
+            notice_once(str(mdir), "absent", f"{mdir}: no such modality directory: no sample has {spec.key} "
+                        "(data.missing=allow)")
+            return {}
+        return _list_modality(mdir, spec)
+
     def _complete(self, listing: dict[str, dict[tuple[str, str], Path]], split_dir: Path) -> list[dict[str, Path]]:
-        """Samples having a file for every modality; a missing one is an error (or skipped)."""
+        """Samples with their files. A sample lacking a modality's file is, by ``self.missing``:
+        an error (``on_error`` decides), left out and counted (``skip``; also under ``allow`` when
+        the modality is ``required``), or kept without it (``allow``). ``self.coverage`` counts the
+        samples having each modality, among the ``self.listed`` ones found."""
         names = sorted(set().union(*listing.values()))
+        self.listed = len(names)
+        self.coverage = {k: len(files) for k, files in listing.items()}
         out: list[dict[str, Path]] = []
+        dropped: dict[str, int] = {}
         for cname in names:
-            missing = [k for k, files in listing.items() if cname not in files]
-            if missing:
-                k = missing[0]
-                exts = "|".join(EXTS[self.specs[k].kind])
-                self.policy.handle(DataError(
-                    f"sample {cname[0]}/{cname[1]}: missing {k} file {split_dir / k / cname[0] / cname[1]}.<{exts}>"
-                ))
-                continue
-            out.append({k: files[cname] for k, files in listing.items()})
+            absent = [k for k, files in listing.items() if cname not in files]
+            if absent:
+                if self.missing == "error":
+                    k = absent[0]
+                    exts = "|".join(EXTS[self.specs[k].kind])
+                    self.policy.handle(DataError(
+                        f"sample {cname[0]}/{cname[1]}: missing {k} file {split_dir / k / cname[0] / cname[1]}.<{exts}>"
+                        " (data.missing=error; 'skip' leaves such samples out, 'allow' trains without the modality)"
+                    ))
+                    continue
+                if self.missing == "skip" or any(k in self.required for k in absent):
+                    for k in absent:
+                        dropped[k] = dropped.get(k, 0) + 1
+                    self.policy.counter.add(1)
+                    continue
+            out.append({k: files[cname] for k, files in listing.items() if cname in files})
+        if dropped:
+            why = "data.missing=skip" if self.missing == "skip" else f"required: {list(self.required)}"
+            notice_once(str(split_dir), "missing", f"{split_dir}: left out {self.listed - len(out)} of {self.listed} "
+                        f"samples lacking a modality file ({why}); lacking: "
+                        + ", ".join(f"{k} {n}" for k, n in dropped.items()))
         return out
 
     @property
@@ -177,7 +214,7 @@ class FolderDataset(Dataset):
 
     def load(self, index: int) -> dict:
         """Decode and validate sample ``index`` (no transform); DataError naming the file if bad."""
-        files = self.samples[index]
+        files = self.samples[index]  # under missing="allow": only the modalities the sample has
         sample: dict = {"__key__": self.key(index)}
         where = {k: f"{k} file {p}" for k, p in files.items()}
         for key, path in files.items():
@@ -188,7 +225,8 @@ class FolderDataset(Dataset):
             decode = decode_packed if self.packed else decode_field
             sample[key] = decode(data, path.suffix[1:], self.specs[key], self.png_scale[key], where[key])
         self.policy.count_invalid(
-            validate_sample(sample, self.specs, where, f"sample {sample['__key__']} in {self.root / self.split}"))
+            validate_sample(sample, {k: self.specs[k] for k in files}, where,
+                            f"sample {sample['__key__']} in {self.root / self.split}"))
         if self.with_label:
             sample[LABEL_KEY] = _label_tensor(self.classes.index(next(iter(files.values())).parent.name))
         return sample
@@ -225,18 +263,19 @@ def holdout(keys: Sequence[str], fraction: float) -> tuple[list[int], list[int]]
 
 def open_folder(root: str | os.PathLike, split: str, specs: Sequence[str | dict | ModalitySpec], *,
                 val_split: str = "val", val_fraction: float = 0.0, train: bool = True,
-                on_error: str = "raise", packed: bool = False) -> Dataset | None:
+                on_error: str = "raise", packed: bool = False, missing: str = "error") -> Dataset | None:
     """The training data (``train=True``) or the validation data of a folder dataset.
 
     Validation is ``root/<val_split>`` when that directory exists. Otherwise, with
     ``val_fraction > 0``, it is a fixed slice of ``root/<split>`` (:func:`holdout`), which the
     training data then leaves out; with ``val_fraction == 0`` there is none: training uses all
     of ``split`` and the validation data is None (one notice says evaluation is skipped).
-    ``packed``: see :class:`FolderDataset`.
+    ``packed``, ``missing``: see :class:`FolderDataset`.
     """
     if (Path(root) / val_split).is_dir():
-        return FolderDataset(root, split if train else val_split, specs, on_error=on_error, packed=packed)
-    full = FolderDataset(root, split, specs, on_error=on_error, packed=packed)
+        return FolderDataset(root, split if train else val_split, specs, on_error=on_error, packed=packed,
+                             missing=missing)
+    full = FolderDataset(root, split, specs, on_error=on_error, packed=packed, missing=missing)
     if val_fraction <= 0:
         if not train:
             notice_once(str(root), val_split, "none", f"{Path(root) / val_split}: no validation split and "

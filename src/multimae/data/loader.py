@@ -192,6 +192,10 @@ class MaskCollator:
     seed: int
     rank: int = 0
     text: Any = None  # a multimae.data.text.TextCollator when a text modality is used
+    #: ``data.missing == "allow"``: every modality key gets ``Batch.present`` (a batch's structure
+    #: is then the same whichever samples lack what). Otherwise only a key some sample lacks does.
+    allow_missing: bool = False
+    image_size: int | None = None  # the transformed side (zeros for a key no sample has); None: spec's
 
     def plan(self, batch: Batch, generator: torch.Generator) -> MaskPlan:
         """The MaskPlan of the batch's input modalities; padding and absent samples never visible."""
@@ -210,10 +214,10 @@ class MaskCollator:
             return self.text(samples)
         from multimae.data import collate
 
-        out = collate(samples)
-        keys = {s.key for s in self.spec.specs}
-        batch = Batch({k: v for k, v in out.items() if k in keys}, extra={k: v for k, v in out.items() if k not in keys})
-        return raster_padding(batch, self.spec.specs, self.spec.patch_size)
+        tensors, present = stack_modalities(samples, self.spec.specs, self.image_size or self.spec.image_size,
+                                            self.allow_missing)
+        extra = collate([{k: v for k, v in smp.items() if k not in tensors} for smp in samples])
+        return raster_padding(Batch(tensors, present=present, extra=extra), self.spec.specs, self.spec.patch_size)
 
     def __call__(self, samples: list[dict[str, Any]]) -> tuple[Batch, MaskPlan]:
         tags = {s.pop(BATCH_TAG, None) for s in samples}
@@ -224,6 +228,37 @@ class MaskCollator:
         batch = self.collate(samples)
         return batch, self.plan(batch, seeded(self.seed, "mask", epoch, self.rank, worker, index))
 
+
+
+def stack_modalities(samples: list[dict[str, Any]], specs: Sequence[ModalitySpec], image_size: int,
+                     allow_missing: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The modality tensors of transformed samples, stacked, and their presence: a sample lacking
+    a modality gets zeros of the right shape there (:func:`absent_field`) and ``present[key]``
+    (B,) False. ``allow_missing``: every modality gets ``present`` (every batch has the same
+    structure); otherwise only one some sample lacks. Returns ``(tensors, present)``; a modality
+    no sample has and that has no fixed shape (text) is left out."""
+    from multimae.data import stack_present
+
+    tensors, present = {}, {}
+    for spec in {s.key: s for s in specs}.values():
+        got = stack_present(samples, spec.key, absent_field(spec, image_size))
+        if got is not None:
+            tensors[spec.key], flags = got
+            if allow_missing or not all(spec.key in smp for smp in samples):
+                present[spec.key] = flags
+    return tensors, present
+
+
+def absent_field(spec: ModalitySpec, image_size: int) -> torch.Tensor | None:
+    """The zeros standing for a modality a sample lacks, shaped as a transformed one
+    (:class:`~multimae.data.transforms.PairedTransform`): float (C, S/stride, S/stride), or int64
+    (S/stride, S/stride) class ids; None for text (the text collator pads it)."""
+    if not spec.is_spatial:
+        return None
+    side = image_size // spec.stride
+    if spec.kind == "categorical":
+        return torch.zeros(side, side, dtype=torch.int64)
+    return torch.zeros(spec.channels, side, side)
 
 
 #: Offset of the synthetic held-out scenes' stream from the training seed.
@@ -269,13 +304,14 @@ def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *,
         if not data.root:
             raise ValueError("data.root must be set for data.source=folder")
         return open_folder(data.root, data.split, specs, val_split=data.val_split, val_fraction=data.val_fraction,
-                           train=train, on_error=data.on_error, packed=packed)
+                           train=train, on_error=data.on_error, packed=packed, missing=data.missing)
     if data.source == "captions":
         from multimae.data.text import CaptionTable
 
         if not data.root:
             raise ValueError("data.root must name the CSV/TSV caption table for data.source=captions")
-        return CaptionTable(data.root, image_root=data.image_root, on_error=data.on_error, seed=seed)
+        return CaptionTable(data.root, image_root=data.image_root, on_error=data.on_error, seed=seed,
+                            missing=data.missing)
     raise ValueError(f"data.source={data.source!r} is not a map-style dataset (shards stream instead)")
 
 
@@ -303,9 +339,11 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
 
     data = resolve_image_size(data, spec)
     specs = list(spec.specs)
-    collator = MaskCollator(spec, mask, seed, rank, text=text_collator(data, specs))
+    allow = data.missing == "allow"
+    collator = MaskCollator(spec, mask, seed, rank, text=text_collator(data, specs), allow_missing=allow,
+                            image_size=data.image_size)
     transform = PairedTransform(specs, data.image_size, train=True, scale=tuple(data.crop_scale), hflip=data.hflip,
-                                fast=data.fast_decode)
+                                fast=data.fast_decode, allow_missing=allow)
     unpaired = None
     if data.image_only or data.text_only:
         unpaired = Unpairing([s.key for s in specs if s.kind == "text"], [s.key for s in specs if s.is_spatial],
@@ -323,7 +361,7 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
             raise ValueError("data.urls must be set for data.source=shards")
         stream = ShardDataset(shard_urls(data.urls), specs, shuffle_buffer=data.shuffle_buffer,
                               seed=seed, on_error=data.on_error, rank=rank, world_size=world_size,
-                              packed=data.fast_decode)
+                              packed=data.fast_decode, missing=data.missing)
         n, how = epoch_samples(data)
         per_rank = n // (world_size * batch_size)  # batches per rank and epoch
         if per_rank < 1:
@@ -406,13 +444,16 @@ def eval_batches(spec: BatchSpec, data: DataConfig, mask: MaskConfig, seed: int,
         if data.source == "shards":
             from multimae.data.shards import ShardDataset
 
-            stream = ShardDataset(shard_urls(data.urls), specs, shuffle_buffer=0, rank=0, world_size=1)
+            stream = ShardDataset(shard_urls(data.urls), specs, shuffle_buffer=0, rank=0, world_size=1,
+                                  missing=data.missing)
         else:
             stream = build_dataset(data, specs, seed)
         base = list(islice(iter(stream), limit or data.val_samples))
-    transform = PairedTransform(specs, data.image_size, train=False)
+    allow = data.missing == "allow"
+    transform = PairedTransform(specs, data.image_size, train=False, allow_missing=allow)
     n = len(base) if limit is None else min(limit, len(base))
-    collator = MaskCollator(spec, mask, seed + 1, text=text_collator(data, specs))
+    collator = MaskCollator(spec, mask, seed + 1, text=text_collator(data, specs), allow_missing=allow,
+                            image_size=data.image_size)
     out = []
     # every sample, in batches of near-equal size (24 at batch 16: 12 + 12; no batch of one, whose
     # per-batch baselines would be trivial)
@@ -440,6 +481,24 @@ def data_counts(dataset: Any) -> dict[str, int]:
     return {}
 
 
+def coverage_line(dataset: Any) -> str | None:
+    """One line saying how many of the samples found have each modality, for a folder dataset
+    under a loader's wrappers where some lack one (None otherwise)."""
+    from multimae.data.errors import coverage_lines
+
+    for _ in range(8):
+        coverage, listed = getattr(dataset, "coverage", None), getattr(dataset, "listed", None)
+        if coverage is not None and listed is not None:
+            if all(n == listed for n in coverage.values()):
+                return None
+            return (f"data: {listed} samples found, {len(dataset)} used (data.missing={dataset.missing}); "
+                    f"coverage {', '.join(coverage_lines(coverage, listed))}")
+        dataset = next((getattr(dataset, a) for a in ("base", "stream", "dataset") if hasattr(dataset, a)), None)
+        if dataset is None:
+            break
+    return None
+
+
 def text_collator(data: DataConfig, specs: Sequence[ModalitySpec]) -> Any:
     """The TextCollator for the text modality among ``specs`` (None without one)."""
     text = [s for s in specs if s.kind == "text"]
@@ -452,7 +511,9 @@ def text_collator(data: DataConfig, specs: Sequence[ModalitySpec]) -> Any:
 
     enc = TextEncoder(load_text_tokenizer(data.tokenizer), max_len=text[0].max_len, overflow=data.text_overflow,
                       unk=data.text_unk)
-    return TextCollator(enc, text_key=text[0].key, image_keys=[s.key for s in specs if s.is_spatial])
+    images = [s for s in specs if s.is_spatial]
+    shapes = {s.key: tuple(absent_field(s, data.image_size).shape) for s in images} if data.image_size else None
+    return TextCollator(enc, text_key=text[0].key, image_keys=[s.key for s in images], image_shapes=shapes)
 
 
 def load_text_tokenizer(name: str) -> Any:

@@ -35,7 +35,7 @@ from multimae.data.codecs import (
     DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, compact_png, decode_field, decode_label,
     decode_packed, encode_field, scale_for,
 )
-from multimae.data.errors import DataError, ErrorPolicy
+from multimae.data.errors import DataError, ErrorPolicy, check_missing
 from multimae.data.fields import resolve_fields, validate_sample
 from multimae.core.modalities import ModalitySpec
 from multimae.core.seeding import derive_seed
@@ -316,6 +316,9 @@ class ShardDataset(IterableDataset):
         png_scale: scale of 16-bit PNGs lacking a ``json`` record; default ``1 / 2**16``.
         packed: decode image files into :class:`~multimae.data.codecs.Packed` integers for a
             ``PairedTransform(fast=True)`` (see :class:`~multimae.data.folder.FolderDataset`).
+        missing: a sample lacking a modality's key: ``error`` (bad data, ``on_error`` decides),
+            ``skip`` (passed over before it takes a stream position, counted in ``skipped``), or
+            ``allow`` (kept: its raw sample lacks that key; the collator marks it absent).
 
     Each ``__iter__`` is one epoch: the one set by :meth:`set_epoch`, else the previous + 1 (so
     persistent DataLoader workers still change the order every epoch). Call ``set_epoch`` every
@@ -326,13 +329,14 @@ class ShardDataset(IterableDataset):
                  transform: Callable[[dict], dict] | None = None, shuffle_buffer: int = 1000, seed: int = 0,
                  on_error: str = "raise", rank: int | None = None, world_size: int | None = None,
                  samples_per_rank: int | Literal["auto"] | None = None, png_scale: PngScale = None,
-                 packed: bool = False) -> None:
+                 packed: bool = False, missing: str = "error") -> None:
         self.urls = expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]
         if not self.urls:
             raise DataError(f"no shards in {urls!r}")
         self.specs, self.with_label = resolve_fields(modalities)
         self.transform, self.shuffle_buffer, self.seed = transform, shuffle_buffer, seed
         self.policy = ErrorPolicy(on_error)
+        self.missing = check_missing(missing)
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
@@ -387,24 +391,38 @@ class ShardDataset(IterableDataset):
             except DataError as err:
                 self.policy.handle(err)
 
+    def _field(self, raw: dict, name: str, spec: ModalitySpec) -> str | None:
+        """The tar field holding modality ``name`` of a raw sample, None when it has none."""
+        field = next((f"{name}.{e}" for e in EXTS[spec.kind] if f"{name}.{e}" in raw), None)
+        if field is None and spec.kind == "text" and "txt" in raw:
+            field = "txt"
+        return field
+
+    def lacking(self, raw: dict) -> list[str]:
+        """The modalities a raw (undecoded) sample has no field for."""
+        return [name for name, spec in self.specs.items() if self._field(raw, name, spec) is None]
+
     def decode(self, raw: dict) -> dict:
-        """Bytes fields of one tar sample -> a validated raw sample; DataError if bad."""
+        """Bytes fields of one tar sample -> a validated raw sample; DataError if bad (under
+        ``missing="allow"`` a lacking modality is left out of the sample instead)."""
         key, url = raw["__key__"], raw.get("__url__", "?")
         where = f"sample {key} in shard {url}"
         meta = json.loads(raw[META_FIELD]) if META_FIELD in raw else {}
         scales = meta.get("png_scale", {}) if isinstance(meta, dict) else {}
         sample: dict = {"__key__": key}
         for name, spec in self.specs.items():
-            field = next((f"{name}.{e}" for e in EXTS[spec.kind] if f"{name}.{e}" in raw), None)
-            if field is None and spec.kind == "text" and "txt" in raw:
-                field = "txt"
+            field = self._field(raw, name, spec)
             if field is None:
+                if self.missing == "allow":
+                    continue
                 present = sorted(k for k in raw if not k.startswith("__"))
-                raise DataError(f"{where}: missing key '{name}.{EXTS[spec.kind][0]}' (has {present})")
+                raise DataError(f"{where}: missing key '{name}.{EXTS[spec.kind][0]}' (has {present}; "
+                                f"data.missing={self.missing})")
             scale = float(scales.get(name, scale_for(self.png_scale, name, OFFICIAL_PNG_SCALE)))
             decode = decode_packed if self.packed else decode_field
             sample[name] = decode(raw[field], field.rsplit(".", 1)[-1], spec, scale, f"{where}: {field}")
-        self.policy.count_invalid(validate_sample(sample, self.specs, {k: f"{where}: {k}" for k in self.specs}, where))
+        have = {k: s for k, s in self.specs.items() if k in sample}
+        self.policy.count_invalid(validate_sample(sample, have, {k: f"{where}: {k}" for k in have}, where))
         if self.with_label:
             if LABEL_FIELD not in raw:
                 present = sorted(k for k in raw if not k.startswith("__"))
@@ -446,6 +464,9 @@ class ShardDataset(IterableDataset):
             rng = random.Random(derive_seed(self.seed, epoch, rounds, self.rank, worker))
             good = 0
             for raw in _shuffle(self._raw_stream(ids, order, rank_filter, worker_filter), self.shuffle_buffer, rng):
+                if self.missing == "skip" and self.lacking(raw):  # before it takes a position: exact resume
+                    self.policy.counter.add(1)
+                    continue
                 if position < skip:
                     position, good = position + 1, good + 1
                 else:

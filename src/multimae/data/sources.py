@@ -36,6 +36,7 @@ class Request:
     train: bool
     classification: bool = False
     num_classes: int | None = None
+    required: Sequence[str] = ()  # keys a sample must have even under data.missing=allow (the target)
 
     @property
     def keys(self) -> list[str]:
@@ -120,7 +121,8 @@ def _folder_dataset(r: Request) -> Dataset:
             raise DataError(f"{d.root}/{d.train_split}/{first}: {len(classes)} class directories "
                             f"({', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''}) but "
                             f"model.head.num_classes={k}; set model.head.num_classes={len(classes)}")
-    return FolderDataset(d.root, r.split, list(r.fields), on_error=d.on_error, classes=classes)
+    return FolderDataset(d.root, r.split, list(r.fields), on_error=d.on_error, classes=classes,
+                         missing=getattr(d, "missing", "error"), required=r.required)
 
 
 register_source(Source("synthetic", _synthetic_dataset, _synthetic_classes, held_out_word="unseen scenes",

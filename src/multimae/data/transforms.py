@@ -287,6 +287,8 @@ class PairedTransform:
             :func:`robust_standardize_fast` (equal to ~1e-6).
             False (default): the reference path, which decodes packed fields first
             (:meth:`Packed.tensor`). Crop boxes, flips and seeding are the same in both.
+        allow_missing: a sample may lack some of the modalities (``data.missing=allow``): those
+            are left out of the output (the collator marks them absent); False: a DataError.
 
     ``__call__(sample, generator=None)`` returns the batch keys ``spec.key`` of the specs plus
     ``label``, ``__key__`` and any other string fields; other tensors are dropped.
@@ -295,8 +297,9 @@ class PairedTransform:
     def __init__(self, specs: Sequence[ModalitySpec | str | dict], image_size: int, train: bool = True,
                  scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  hflip: float = 0.5, seed: int | None = None, trunc: float = 0.1, eval_crop_pct: float = 1.0,
-                 train_crop: str = "random_resized", fast: bool = False) -> None:
+                 train_crop: str = "random_resized", fast: bool = False, allow_missing: bool = False) -> None:
         self.specs = by_key(resolve(list(specs)))
+        self.allow_missing = bool(allow_missing)
         for spec in self.specs.values():
             if spec.is_spatial and image_size % spec.stride:
                 raise ValueError(f"image_size {image_size} is not divisible by {spec.name!r} stride {spec.stride}")
@@ -348,12 +351,14 @@ class PairedTransform:
     def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
         where = f"sample {sample.get('__key__', '?')}"
         box, flip = (0, 0, 0, 0), False
-        if any(s.is_spatial for s in self.specs.values()):
+        if any(s.is_spatial and (s.key in sample or not self.allow_missing) for s in self.specs.values()):
             height, width = spatial_size(sample, list(self.specs.values()), where)
             box, flip = self.params(height, width, generator or self._generator(sample))
         out: dict = {}
         for key, spec in self.specs.items():
             if key not in sample:
+                if self.allow_missing:
+                    continue
                 raise DataError(f"{where}: missing modality {key!r} (has {sorted(sample)})")
             out[key] = self._apply(sample[key], spec, box, flip, where)
             if spec.is_raster:  # its nodata pixels: the collator turns patches without a valid one into padding

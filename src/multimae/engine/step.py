@@ -88,8 +88,11 @@ def train_step(model: nn.Module, batch: Batch | Mapping[str, Any] | Sequence[Mic
             host sync): the update is applied and ``stats["finite"]`` says so on the device;
             ``"raise"``: NonFiniteLossError before the update; ``"skip"``: no update (the schedule
             still advances). ``raise`` and ``skip`` read the flag on the host (one sync per step).
-    Returns: ``{"loss": total, "loss/<task>": ..., "grad_norm": ..., "finite": bool, "lr": float}``:
-        0-dim tensors on the model's device except ``lr`` (:func:`read_stats` reads them all at once).
+    Returns: ``{"loss": total, "loss/<task>": ..., "n/<task>": ..., "grad_norm": ..., "finite": bool,
+        "lr": float}``: 0-dim tensors on the model's device except ``lr`` (:func:`read_stats` reads
+        them all at once). ``n/<task>``: the samples the task's loss covered in this step (summed
+        over micro-batches; a model output's ``counts``, e.g. fewer than the batch when some
+        samples lack the target).
     Raises: NonFiniteLossError naming the step and task losses (``nonfinite="raise"``).
     """
     micro: list[Micro] = [(Batch.of(batch), plan)] if isinstance(batch, Mapping) else list(batch)
@@ -97,6 +100,7 @@ def train_step(model: nn.Module, batch: Batch | Mapping[str, Any] | Sequence[Mic
     model.train()
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, Tensor] = {}
+    covered: dict[str, Tensor] = {}  # samples each task's loss covered, summed over micro-batches
     total: Tensor | None = None
     for i, (b, p) in enumerate(micro):
         last = i == len(micro) - 1
@@ -113,6 +117,8 @@ def train_step(model: nn.Module, batch: Batch | Mapping[str, Any] | Sequence[Mic
         for k, v in out.losses.items():
             v = v.detach().float() / len(micro)
             sums[k] = sums[k] + v if k in sums else v
+        for k, n in getattr(out, "counts", {}).items():
+            covered[k] = covered[k] + n if k in covered else n
     assert total is not None, "train_step needs at least one micro-batch"
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -127,6 +133,7 @@ def train_step(model: nn.Module, batch: Batch | Mapping[str, Any] | Sequence[Mic
     finite = torch.isfinite(total) if scaler is not None else torch.isfinite(total) & torch.isfinite(grad_norm)
     stats: dict[str, Any] = {"loss": total, "grad_norm": grad_norm.detach(), FINITE_KEY: finite}
     stats.update({f"loss/{k}": v for k, v in sums.items()})
+    stats.update({f"n/{k}": v for k, v in covered.items()})  # beside loss/<task>: how many samples it covered
     update = True
     if nonfinite in ("raise", "skip") and not bool(finite):  # host sync, asked for
         if nonfinite == "raise":

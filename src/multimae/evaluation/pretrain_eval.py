@@ -73,7 +73,10 @@ def _position_mode_accuracy(tokens: Tensor, real: Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(model: MultiMAE, batches: Iterable[tuple[Batch | dict[str, Any], MaskPlan]]) -> list[EvalRow]:
-    """Average metrics over ``(batch, plan)`` pairs (plan: the masked-reconstruction masks)."""
+    """Average metrics over ``(batch, plan)`` pairs (plan: the masked-reconstruction masks), each
+    batch weighted by the samples a metric covered: a sample lacking a target modality
+    (``Batch.present``) is not scored for it, one lacking the source modality not in the
+    cross-modal setting."""
     model.eval()
     p = model.config.patch_size
     source = next(iter(model.input_specs.values()))
@@ -87,32 +90,41 @@ def evaluate(model: MultiMAE, batches: Iterable[tuple[Batch | dict[str, Any], Ma
 
     for batch, plan in batches:
         batch = Batch.of(batch)
-        B = batch.size
         base = {t: per_image_baseline(s, batch[s.key], s.patch(p)) for t, s in model.output_specs.items()
                 if s.key in batch}
         out = model(batch, plan)
         base_l = model.losses(base, batch, out.plan)
-        for t, l in out.losses.items():
-            add("masked", t, model.output_specs[t].loss, float(l), float(base_l[t]), B)
+        for t, l in out.losses.items():  # weighted by the samples each loss covered (targets present)
+            add("masked", t, model.output_specs[t].loss, float(l), float(base_l[t]), int(out.counts[t]))
         # every other input present but fully hidden: the same as leaving it out for spatial
         # decoders, and it gives text decoders their (masked) positions
+        if source.key in batch.present:  # a sample lacking the source has nothing to predict from
+            keep = batch.present[source.key].nonzero().flatten()
+            if keep.numel() == 0:
+                continue
+            batch, plan = batch.rows(keep), MaskPlan({n: m[keep] for n, m in plan.masks.items()})
+            base = {t: v[keep] for t, v in base.items()}
         hide = {n: torch.ones_like(m) if n != source.name else torch.zeros_like(m) for n, m in plan.masks.items()}
         out = model(batch, MaskPlan(hide), compute_loss=False)
         cross = {t: v for t, v in out.preds.items() if model.output_specs[t].key != source.key}
-        ls = model.losses(cross, batch, out.plan)
+        counts: dict[str, Tensor] = {}
+        ls = model.losses(cross, batch, out.plan, counts=counts)
         lb = model.losses({t: base[t] for t in ls}, batch, out.plan)
         for t in ls:
             spec = model.output_specs[t]
             setting = f"from {source.name} only"
-            add(setting, t, spec.loss, float(ls[t]), float(lb[t]), B)
+            n = int(counts[t])
+            add(setting, t, spec.loss, float(ls[t]), float(lb[t]), n)
             tgt = batch[spec.key]
-            if spec.kind == "categorical":
-                add(setting, t, "acc", _accuracy(cross[t], tgt), _majority_accuracy(tgt), B)
+            has = batch.present[spec.key] if spec.key in batch.present else torch.ones(batch.size, dtype=torch.bool)
+            if spec.kind == "categorical" and bool(has.any()):
+                add(setting, t, "acc", _accuracy(cross[t][has], tgt[has]), _majority_accuracy(tgt[has]), int(has.sum()))
             elif spec.kind == "text":
                 real = ~batch.absent(spec.key, tgt.shape[1])
-                hit = (cross[t].argmax(-1) == tgt) & real
-                add(setting, t, "acc", float(hit.sum() / real.sum()), _position_mode_accuracy(tgt, real), B)
-    return [EvalRow(s, t, m, v[0] / v[2], v[1] / v[2]) for (s, t, m), v in sums.items()]
+                if bool(real.any()):
+                    hit = (cross[t].argmax(-1) == tgt) & real
+                    add(setting, t, "acc", float(hit.sum() / real.sum()), _position_mode_accuracy(tgt, real), n)
+    return [EvalRow(s, t, m, v[0] / v[2], v[1] / v[2]) for (s, t, m), v in sums.items() if v[2] > 0]
 
 
 def format_eval_rows(rows: list[EvalRow]) -> str:

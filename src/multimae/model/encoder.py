@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from multimae.core import modalities as M
+from multimae.core.batch import Batch
 from multimae.model.adapters.input import build_input_adapter
 from multimae.model.config import ModelConfig
 from multimae.model.decoders import Segment
@@ -41,6 +42,9 @@ class EncoderOutput:
     layers: dict[int, Tensor]
     layout: list[Segment]
     image_size: tuple[int, int]
+    #: (B, N) True where a modality token does not exist (a sample lacking that input modality,
+    #: ``Batch.present``): kept out of attention and of pooling; None when every token exists.
+    pad: Tensor | None = None
 
 
 class Encoder(nn.Module):
@@ -148,8 +152,11 @@ class Encoder(nn.Module):
                            f"keys: {sorted(batch)}")
         size = image_size_of(self.input_specs.values(), batch)
         tokens, layout = self.tokenize(batch, list(self.input_specs))
-        last, layers = self.run_blocks(tokens, None, return_layers, final)
-        return EncoderOutput(last, layers, layout, size)
+        pad = None
+        if isinstance(batch, Batch) and any(batch.has_absent(self.input_specs[s.name].key) for s in layout):
+            pad = torch.cat([batch.absent(self.input_specs[s.name].key, s.length, tokens.device) for s in layout], dim=1)
+        last, layers = self.run_blocks(tokens, pad, return_layers, final)
+        return EncoderOutput(last, layers, layout, size, pad)
 
 
 def image_size_of(specs: Iterable[M.ModalitySpec], batch: Mapping[str, Any]) -> tuple[int, int]:

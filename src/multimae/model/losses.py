@@ -73,6 +73,14 @@ def masked_mean(per_token: Tensor, weight: Tensor | None) -> Tensor:
     return torch.where(has, per_sample, 0.0).sum() / has.sum().clamp_min(1)
 
 
+def covered_samples(per_token: Tensor, weight: Tensor | None) -> Tensor:
+    """The samples :func:`masked_mean` averages over (those with a counted token): int64 0-dim
+    on the loss's device, no host read. per_token: (B, N); weight: (B, N) bool or None (all)."""
+    if weight is None:
+        return torch.full((), per_token.shape[0], dtype=torch.int64, device=per_token.device)
+    return weight.any(1).sum()
+
+
 def berhu_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None, threshold: float = 0.2) -> Tensor:
     """Reverse Huber (berHu) loss on valid pixels, as the official MultiMAE depth fine-tuning defines it.
 

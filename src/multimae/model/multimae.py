@@ -18,7 +18,7 @@ from multimae.model.adapters.text import SharedDecoder, TextDecoder
 from multimae.model.config import ModelConfig
 from multimae.model.decoders import EncodedTokens, Segment, SpatialDecoder
 from multimae.model.encoder import Encoder, image_size_of
-from multimae.model.losses import masked_mean, token_loss
+from multimae.model.losses import covered_samples, masked_mean, token_loss
 
 __all__ = ["ModelConfig", "MultiMAE", "Outputs", "image_size_of"]
 
@@ -32,6 +32,8 @@ class Outputs:
     encoded: the encoder output and token bookkeeping.
     losses: task -> scalar loss (only tasks whose target is in the batch); ``loss`` their
         weighted sum (None when losses were not asked for).
+    counts: task -> int64 0-dim tensor, the samples its loss covered (those with a scored
+        token: the target present, and hidden from the encoder when it was an input).
     """
 
     preds: dict[str, Tensor]
@@ -39,6 +41,7 @@ class Outputs:
     encoded: EncodedTokens
     losses: dict[str, Tensor] = field(default_factory=dict)
     loss: Tensor | None = None
+    counts: dict[str, Tensor] = field(default_factory=dict)
 
 
 class MultiMAE(Encoder):
@@ -235,15 +238,17 @@ class MultiMAE(Encoder):
         used = MaskPlan({s.name: enc.masked[:, s.start:s.end] for s in enc.layout})
         out = Outputs(preds, used, enc)
         if compute_loss:
-            out.losses = self.losses(preds, batch, out.plan)
+            out.losses = self.losses(preds, batch, out.plan, counts=out.counts)
             if out.losses:
                 w = self.config.loss_weights
                 out.loss = sum(w.get(t, 1.0) * l for t, l in out.losses.items())
         return out
 
-    def losses(self, preds: dict[str, Tensor], batch: Batch | dict[str, Any], plan: MaskPlan) -> dict[str, Tensor]:
+    def losses(self, preds: dict[str, Tensor], batch: Batch | dict[str, Any], plan: MaskPlan,
+               counts: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Per-task loss on the tokens hidden from the encoder (all tokens if the task's
-        modality was not an input); tokens that do not exist (padding, absent samples) never count."""
+        modality was not an input); tokens that do not exist (padding, absent samples) never count.
+        ``counts``: filled with task -> the samples each loss covered (a device tensor, no host read)."""
         batch = Batch.of(batch)
         out = {}
         p = self.config.patch_size
@@ -259,4 +264,6 @@ class MultiMAE(Encoder):
                 absent = batch.absent(spec.key, per_token.shape[1], per_token.device)
                 weight = (~absent if weight is None else weight & ~absent)
             out[t] = masked_mean(per_token, weight)
+            if counts is not None:
+                counts[t] = covered_samples(per_token, weight)
         return out

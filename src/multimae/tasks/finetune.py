@@ -128,10 +128,12 @@ class FinetuneObjective(nn.Module):
             raise ValueError(f"mixup needs an even batch size, got {x.shape[0]}")
         x, target = self.mixup(x, batch[TARGET])
         parts = dict(zip(keys, torch.split(x, [batch[k].shape[1] for k in keys], dim=1)))
-        return Batch({**batch.tensors, **parts, TARGET: target}, extra=batch.extra)
+        # a mixed sample has an input modality when either of its two sources has it
+        present = {k: v | v.flip(0) for k, v in batch.present.items()}
+        return Batch({**batch.tensors, **parts, TARGET: target}, present=present, extra=batch.extra)
 
     def forward(self, batch: Batch, plan: Any = None) -> StepOutput:
-        pred = self.model({s.key: batch[s.key] for s in self.input_specs})
+        pred = self.model(batch.select([s.key for s in self.input_specs]))  # presence kept (data.missing=allow)
         loss = self.loss_fn(pred, batch)
         return StepOutput(loss, {self.task: loss})
 

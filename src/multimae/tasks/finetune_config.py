@@ -60,6 +60,10 @@ class FinetuneDataConfig:
     eval_crop_pct: float = 1.0
     shuffle_buffer: int = 1000  # shards
     on_error: Literal["raise", "skip"] = "raise"
+    # a sample lacking an input modality: "error", "skip" (left out, counted) or "allow" (the
+    # transfer model uses the inputs it has); a sample lacking the target (or a dense head's
+    # main_tasks input) is left out and counted under "allow" (docs/data.md "Incomplete datasets")
+    missing: Literal["error", "skip", "allow"] = "error"
 
 
 def finetune_optim() -> OptimConfig:

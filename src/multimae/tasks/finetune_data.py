@@ -9,6 +9,7 @@ and ``shards`` (WebDataset tars; the label is the ``cls`` field). Bad input foll
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -19,7 +20,7 @@ from multimae.core.batch import Batch
 from multimae.data import collate
 from multimae.data.downstream import LABEL, TransferTransform, build_randaugment, target_spec
 from multimae.data.errors import DataError
-from multimae.data.loader import ResumableBatchSampler, SeededAugment, shard_urls
+from multimae.data.loader import ResumableBatchSampler, SeededAugment, shard_urls, stack_modalities
 from multimae.core.modalities import ModalitySpec
 from multimae.data.sources import Request, get_source
 from multimae.core.seeding import derive_seed
@@ -61,7 +62,18 @@ def raw_dataset(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], split: str,
         raise ValueError(f"data.source={cfg.data.source!r} streams (use shard_dataset)")
     return source.dataset(Request(cfg.data, _read_fields(inputs, cfg), split, train,
                                   classification=cfg.model.head.kind == "classification",
-                                  num_classes=cfg.model.head.num_classes))
+                                  num_classes=cfg.model.head.num_classes, required=required_keys(cfg, inputs)))
+
+
+def required_keys(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec]) -> list[str]:
+    """What a sample must have even under ``data.missing=allow``: the target (a dense one; the
+    image-level label comes with every folder sample), and the inputs a dense head reads
+    (``model.head.main_tasks``)."""
+    spec = task_target_spec(cfg)
+    keys = [spec.key] if spec is not None else []
+    if cfg.model.head.kind != "classification":
+        keys += [s.key for s in inputs if s.name in set(cfg.model.head.main_tasks) and s.key not in keys]
+    return keys
 
 
 def check_eval_data(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], datasets: Datasets | None = None) -> None:
@@ -100,7 +112,8 @@ def shard_dataset(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], urls: str
         per_rank = d.num_samples // world_size if d.num_samples else "auto"
     return ShardDataset(shard_urls(urls), _read_fields(inputs, cfg), transform=_Seeded(transform, cfg.train.seed),
                         shuffle_buffer=d.shuffle_buffer if train else 0, seed=cfg.train.seed, on_error=d.on_error,
-                        rank=rank if train else 0, world_size=world_size if train else 1, samples_per_rank=per_rank)
+                        rank=rank if train else 0, world_size=world_size if train else 1, samples_per_rank=per_rank,
+                        missing=d.missing)
 
 
 class _Seeded:
@@ -147,21 +160,38 @@ def build_transform(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], train: 
     letterbox = d.eval_transform == "letterbox" or (d.eval_transform == "auto" and cfg.model.head.kind in DENSE_KINDS)
     return TransferTransform(inputs, target_of(cfg), task_target_spec(cfg), d.image_size, train, d.crop_scale,
                              d.hflip, letterbox_eval=letterbox, ignore_index=d.ignore_index, randaugment=ra,
-                             eval_crop_pct=d.eval_crop_pct, train_crop=d.train_crop)
+                             eval_crop_pct=d.eval_crop_pct, train_crop=d.train_crop,
+                             allow_missing=d.missing == "allow", required=required_keys(cfg, inputs))
 
 
-def train_collate(samples: list[dict]) -> tuple[Batch, None]:
+def collate_inputs(samples: list[dict], inputs: Sequence[ModalitySpec] = (), image_size: int = 0,
+                   allow_missing: bool = False) -> Batch:
+    """Stack samples into a Batch. An input modality some samples lack (``data.missing=allow``)
+    becomes zeros there with ``Batch.present`` False (every input gets ``present`` under
+    ``allow_missing``, so batches keep one structure): the transfer model leaves those tokens
+    out of attention and pooling."""
+    keys = [s.key for s in inputs]
+    if not allow_missing and all(k in smp for smp in samples for k in keys):
+        return Batch.of(collate(samples))
+    tensors, present = stack_modalities(samples, inputs, image_size, allow_missing)
+    rest = Batch.of(collate([{k: v for k, v in smp.items() if k not in tensors} for smp in samples]))
+    return Batch({**rest.tensors, **tensors}, present=present, extra=rest.extra)
+
+
+def train_collate(samples: list[dict], inputs: Sequence[ModalitySpec] = (), image_size: int = 0,
+                  allow_missing: bool = False) -> tuple[Batch, None]:
     """Stack samples into a ``(Batch, None)`` micro-batch (no mask plan in fine-tuning)."""
     for s in samples:
         s.pop("__batch__", None)
-    return Batch.of(collate(samples)), None
+    return collate_inputs(samples, inputs, image_size, allow_missing), None
 
 
-def eval_collate(samples: list[dict | None]) -> Batch | None:
+def eval_collate(samples: list[dict | None], inputs: Sequence[ModalitySpec] = (), image_size: int = 0,
+                 allow_missing: bool = False) -> Batch | None:
     """Stack evaluation samples into a Batch (tensors; ``__key__`` and other lists in ``extra``),
     leaving out skipped ones (None); None when all were."""
     present = [s for s in samples if s is not None]
-    return Batch.of(collate(present)) if present else None
+    return collate_inputs(present, inputs, image_size, allow_missing) if present else None
 
 
 class _StreamPosition:
@@ -184,7 +214,9 @@ def build_train_loader(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], rank
     rank per epoch, ``set_epoch(epoch, start_batch)``)."""
     d, t = cfg.data, cfg.train
     tf = build_transform(cfg, inputs, train=True)
-    kw: dict[str, Any] = dict(num_workers=d.num_workers, collate_fn=train_collate, persistent_workers=False,
+    collate_fn = functools.partial(train_collate, inputs=list(inputs), image_size=d.image_size,
+                                   allow_missing=d.missing == "allow")
+    kw: dict[str, Any] = dict(num_workers=d.num_workers, collate_fn=collate_fn, persistent_workers=False,
                               pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(t.seed))
     if d.num_workers > 0:
         kw["prefetch_factor"] = 4
@@ -254,4 +286,5 @@ def build_eval_loader(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], split
             base = torch.utils.data.Subset(base, range(limit))
         ds = _Transformed(base, tf)
     return _Present(DataLoader(ds, batch_size=cfg.train.eval_batch_size, shuffle=False, num_workers=d.num_workers,
-                               collate_fn=eval_collate))
+                               collate_fn=functools.partial(eval_collate, inputs=list(inputs), image_size=d.image_size,
+                                                            allow_missing=d.missing == "allow")))

@@ -173,7 +173,7 @@ def evaluate_model(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.de
     n = 0
     for batch in build_eval_loader(cfg, specs, split, datasets=datasets):
         with autocast(cfg.train.precision, device):
-            pred = model({s.key: batch[s.key].to(device) for s in specs})
+            pred = model(batch.select([s.key for s in specs]).to(device))
         ours.update(pred, batch)
         base.update(constant_answer(baseline, batch, K, kind), batch)
         n += batch[TARGET].shape[0]

@@ -18,7 +18,7 @@ import torch
 
 from multimae.core import config as config_lib
 from multimae.data.config import epoch_samples
-from multimae.data.loader import BatchSpec, build_loader, data_counts, load_text_tokenizer
+from multimae.data.loader import BatchSpec, build_loader, coverage_line, data_counts, load_text_tokenizer
 from multimae.engine.distributed import DistInfo
 from multimae.engine.logging import RunLogger
 from multimae.engine.trainer import Task, Trainer
@@ -60,7 +60,11 @@ class PretrainTask(Task):
     def describe(self, trainer: Trainer) -> list[str]:
         return [f"run {trainer.run_dir}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
                 f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} total, lr {trainer.lr:.3g}, "
-                f"world size {trainer.info.world_size}"] + self._epoch_line()
+                f"world size {trainer.info.world_size}"] + self._epoch_line() + self._coverage_line(trainer)
+
+    def _coverage_line(self, trainer: Trainer) -> list[str]:
+        line = coverage_line(trainer.loader.dataset)
+        return [line] if line else []
 
     def _epoch_line(self) -> list[str]:
         d = self.cfg.data

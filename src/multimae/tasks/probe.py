@@ -60,7 +60,7 @@ def extract_features(model: TransferModel, loader: Any, device: torch.device) ->
     feats, labels = [], []
     keys = [s.key for s in model.input_specs.values()]
     for batch in loader:
-        feats.append(model.features({k: batch[k].to(device) for k in keys}).float().cpu())
+        feats.append(model.features(batch.select(keys).to(device)).float().cpu())
         labels.append(batch[TARGET])
     return torch.cat(feats), torch.cat(labels)
 

@@ -4,6 +4,14 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
+def mean_existing(tokens: Tensor, pad: Tensor | None) -> Tensor:
+    """(B, N, D) -> (B, D): the mean over the tokens that exist (``pad`` (B, N) True = not)."""
+    if pad is None:
+        return tokens.mean(dim=1)
+    keep = (~pad).to(tokens.dtype)[..., None]
+    return (tokens * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+
 class ClassificationHead(nn.Module):
     """Pooled tokens -> LayerNorm -> Linear, the official MultiMAE classification adapter.
 
@@ -29,9 +37,10 @@ class ClassificationHead(nn.Module):
         nn.init.zeros_(self.fc.bias)
         self.fc.weight.data.mul_(init_scale)
 
-    def pool(self, tokens: Tensor) -> Tensor:
-        """(B, N, D) -> (B, D): mean of all tokens, or the last (global) token."""
-        return tokens[:, -1] if self.use_global else tokens.mean(dim=1)
+    def pool(self, tokens: Tensor, pad: Tensor | None = None) -> Tensor:
+        """(B, N, D) -> (B, D): mean of all tokens, or the last (global) token. ``pad``: (B, N)
+        True = a token that does not exist (a sample lacking an input modality), left out of the mean."""
+        return tokens[:, -1] if self.use_global else mean_existing(tokens, pad)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.fc(self.norm(self.pool(tokens)))
+    def forward(self, tokens: Tensor, pad: Tensor | None = None) -> Tensor:
+        return self.fc(self.norm(self.pool(tokens, pad)))

@@ -25,6 +25,7 @@ from multimae.model.config import ModelConfig
 from multimae.model.decoders import Segment
 from multimae.model.encoder import Encoder, EncoderOutput
 from multimae.model.heads import ClassificationHead, DPTHead, SegmentationHead, default_hooks, default_layer_dims
+from multimae.model.heads.classification import mean_existing
 from multimae.model.layers.layer_decay import vit_layer_id
 
 HeadKind = Literal["classification", "segmentation", "depth", "dense"]
@@ -207,8 +208,17 @@ class TransferModel(TransferEncoder):
         if isinstance(head, SegmentationHead):
             tokens, grid = self._task_tokens(enc.last, enc.layout)
             return head(tokens, grid, enc.image_size)
-        return head(enc.last)
+        return head(enc.last, _with_globals(enc.pad, enc.last))
 
     def features(self, batch: dict[str, Any]) -> Tensor:
-        """(B, D): mean of all final encoder tokens (global included), for linear probing."""
-        return self.encode_all(batch).last.mean(dim=1)
+        """(B, D): mean of all final encoder tokens that exist (global included), for linear probing."""
+        enc = self.encode_all(batch)
+        return mean_existing(enc.last, _with_globals(enc.pad, enc.last))
+
+
+def _with_globals(pad: Tensor | None, tokens: Tensor) -> Tensor | None:
+    """(B, N) token padding -> (B, N + G): the global tokens appended after the modality tokens exist."""
+    if pad is None:
+        return None
+    return torch.cat([pad, pad.new_zeros(pad.shape[0], tokens.shape[1] - pad.shape[1])], dim=1)
+
