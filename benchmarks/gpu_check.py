@@ -61,7 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode
 # ----------------------------------------------------------------------------- library entry points
 # Every multimae import of this script is here, so moving modules means editing this block only.
 from multimae.core.batch import Batch
-from multimae.checkpoint.io import save_file_atomic
+from multimae.core.io import save_file_atomic
 from multimae.core.config import load_config
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.engine.distributed import cleanup as dist_cleanup
@@ -75,7 +75,8 @@ from multimae.tasks.pretrain_config import PretrainConfig
 from multimae.tasks.finetune import FinetuneObjective, build_loss, build_mixup
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
 from multimae.engine.optim import build_optimizer, scaled_lr
-from multimae.engine.step import autocast, train_step
+from multimae.core.device import autocast
+from multimae.engine.step import train_step
 from multimae.model.transfer import build_transfer_model
 
 ROOT = Path(__file__).resolve().parents[1]

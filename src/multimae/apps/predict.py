@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from multimae.core.device import autocast, resolve_device, resolve_precision
+from multimae.core.io import save_bytes_atomic
 from multimae.data.codecs import _png_bytes, decode_image
 from multimae.data.errors import DataError
-from multimae.data.prepare.writing import write_bytes
+from multimae.runs import RunOutput, load_run
 from multimae.apps.predict_io import (ARRAY_DTYPES, DEFAULT_MAX_PIXELS, LowRes, check_identity, check_pixels, fingerprint,
                                  output_names, write_array, write_colour, write_depth_png, write_ids, write_preview)
 
@@ -37,31 +39,8 @@ CLS_FILE = "classification.jsonl"
 DEPTH_PNG_SCALE = 1e-3  # metric depth PNGs: millimetres
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on a CUDA device with bf16 support, else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-@dataclass
-class Output:
-    """How one predicted task is written: ``kind`` classification | segmentation | depth | dense;
-    ``units``: what depth values mean."""
-
-    kind: str
-    classes: list[str] | None = None
-    units: str | None = None
-    mean: tuple[float, ...] | None = None  # an image output's normalisation (undone in its preview)
-    std: tuple[float, ...] | None = None
+#: how one predicted task is written (kind, classes, units, an image output's normalisation)
+Output = RunOutput
 
 
 @dataclass
@@ -84,64 +63,34 @@ class Predictor:
     @classmethod
     def from_run(cls, path: str | os.PathLike, device: str = "auto", precision: str = "auto",
                  inputs: Sequence[str] | None = None, window: bool = False) -> "Predictor":
-        from multimae.checkpoint import load_meta, resolve_checkpoint
         from multimae.data.downstream import TransferTransform
 
-        ckpt = resolve_checkpoint(path)
-        meta = load_meta(ckpt)
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
-        if meta.get("kind") == "finetune":
-            from multimae.tasks.finetune_eval import load_finetuned
-
-            model, cfg = load_finetuned(ckpt, meta)
-            specs = list(model.encoder.specs.values())
-            if inputs is not None and list(inputs) != [s.name for s in specs]:
-                raise DataError(f"--inputs {','.join(inputs)}: the fine-tuning run {ckpt} takes "
-                                f"{','.join(s.name for s in specs)}")
-            from multimae.tasks.finetune_config import target_of
-            from multimae.tasks.finetune_data import DENSE_KINDS
-
-            kind = cfg.model.head.kind
-            tf = TransferTransform(specs, "label", None, cfg.data.image_size, False,
-                                   letterbox_eval=kind in DENSE_KINDS)
-            names = _class_names(cfg)
-            units = "metric" if kind == "depth" else None
-            outs = {target_of(cfg): Output(kind, names, units)}
-            size = cfg.data.image_size
-            run_kind = "finetune"
-        elif meta.get("kind") == "probe":
-            raise DataError(f"{ckpt}: a linear probe run; predict takes fine-tuning or pretraining runs")
+        run = load_run(path, dev)
+        if run.kind == "probe":
+            raise DataError(f"{run.checkpoint}: a linear probe run; predict takes fine-tuning or pretraining runs")
+        names = [s.name for s in run.inputs]
+        if run.kind == "finetune":
+            if inputs is not None and list(inputs) != names:
+                raise DataError(f"--inputs {','.join(inputs)}: the fine-tuning run {run.checkpoint} takes "
+                                f"{','.join(names)}")
+            specs = list(run.inputs)
         else:
-            from multimae.tasks.inference import load_pretrain_run
-
-            model, pcfg, _ = load_pretrain_run(ckpt)
-            names = [n for n, s in model.input_specs.items() if s.is_spatial]
-            chosen = list(inputs) if inputs is not None else names[:1]
-            bad = [n for n in chosen if n not in model.input_specs]
+            spatial = [s.name for s in run.inputs if s.is_spatial]
+            chosen = list(inputs) if inputs is not None else spatial[:1]
+            bad = [n for n in chosen if n not in names]
             if bad:
-                raise DataError(f"--inputs {','.join(chosen)}: {bad} not among the run's inputs {names}")
-            specs = [model.input_specs[n] for n in chosen]
-            size = pcfg.model.image_size
-            tf = TransferTransform(specs, "label", None, size, False, letterbox_eval=True)
-            outs = {}
-            for t, s in model.output_specs.items():
-                if s.kind == "text":
-                    continue
-                if s.kind == "categorical":
-                    outs[t] = Output("segmentation", _pretrain_classes(pcfg, t, s.num_classes))
-                elif s.kind == "image" and s.mean is not None and not s.norm_pix:
-                    outs[t] = Output("dense", mean=tuple(s.mean), std=tuple(s.std or (1.0,) * len(s.mean)))
-                else:
-                    outs[t] = Output("dense", units="robust-standardised" if s.standardize == "robust" else None)
-            run_kind = "pretrain"
-        model.eval().to(dev)
-        return cls(model, run_kind, specs, size, tf, outs, str(ckpt), dev, prec, window)
+                raise DataError(f"--inputs {','.join(chosen)}: {bad} not among the run's inputs {spatial}")
+            specs = [s for n in chosen for s in run.inputs if s.name == n]
+        outs = {t: replace(o, classes=o.classes or ([str(i) for i in range(o.num_classes)] if o.num_classes else None))
+                for t, o in run.outputs.items()}
+        letterbox = any(o.kind != "classification" for o in outs.values())
+        tf = TransferTransform(specs, "label", None, run.image_size, False, letterbox_eval=letterbox)
+        return cls(run.model, run.kind, specs, run.image_size, tf, outs, str(run.checkpoint), dev, prec, window)
 
     # ----------------------------------------------------------------------------- forward
     def _forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        from multimae.engine.step import autocast
-
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.no_grad(), autocast(self.precision, self.device):
             if self.kind == "finetune":
@@ -257,33 +206,6 @@ def _starts(n: int, size: int, stride: int) -> list[int]:
 def _size(raw: dict[str, Tensor]) -> tuple[int, int]:
     v = next(iter(raw.values()))
     return int(v.shape[-2]), int(v.shape[-1])
-
-
-def _class_names(cfg: Any) -> list[str] | None:
-    """The class names of a run, else "0" .. "K-1"."""
-    from multimae.tasks.finetune_eval import class_names as names
-
-    n = names(cfg)
-    K = int(cfg.model.head.num_classes or 0)
-    return n if n else ([str(i) for i in range(K)] if K else None)
-
-
-def _pretrain_classes(pcfg: Any, task: str, num_classes: int) -> list[str]:
-    """Class names of a pretraining run's categorical output: its source's, else those its
-    pseudo-labelled folder dataset records, else "0" .. "K-1"."""
-    from multimae.data.sources import get_source
-
-    names = None
-    try:
-        names = get_source(pcfg.data.source).classes("segmentation")
-        root = getattr(pcfg.data, "root", None)
-        if names is None and root:
-            from multimae.data.folder import read_meta
-
-            names = read_meta(root).get("pseudolabel", {}).get(task, {}).get("classes")
-    except (DataError, OSError, ValueError, AttributeError):
-        names = None
-    return list(names) if names and len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -560,7 +482,7 @@ def _write_meta(root: Path, predictor: Predictor, report: PredictReport, identit
                 info["units"] = o.units + (" (per-image standardised, not metres)" if o.units.startswith("robust") else "")
         elif o.kind == "segmentation":
             info["files"] = f"<name>.{t}.png (class ids), <name>.{t}.color.png; legend {t}.legend.png"
-            write_bytes(root / f"{t}.legend.png", legend_png(o.classes or []))
+            save_bytes_atomic(root / f"{t}.legend.png", legend_png(o.classes or []))
         else:
             info["files"] = f"{CLS_FILE} (top-k per image)"
         tasks[t] = info
@@ -570,4 +492,4 @@ def _write_meta(root: Path, predictor: Predictor, report: PredictReport, identit
             ("letterbox" if predictor.transform.letterbox else "centre crop"),
             "tasks": tasks, "png_scale": {t: DEPTH_PNG_SCALE for t, o in predictor.outputs.items() if o.kind == "depth"},
             "counts": {"predicted": report.predicted, "already_done": report.already_done, "bad": report.bad}}
-    write_bytes(root / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    save_bytes_atomic(root / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())

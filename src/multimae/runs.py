@@ -1,0 +1,212 @@
+"""The one way to open a trained run: :func:`load_run(path, device) <load_run>` -> :class:`Run`.
+
+A run (its directory, a ``checkpoints/`` directory or one step directory) is a pretraining,
+fine-tuning or linear-probe run (``meta.json``'s ``kind``). The :class:`Run` holds its kind, its
+saved config (upgraded to the current schema, overrides applied), the model in eval mode on the
+device, the checkpoint's step, the model's inputs and evaluation image size, and what each output
+is (:class:`RunOutput`: kind, classes, units) -- what ``predict``, ``export``, ``evaluate``, the
+demo, ``pseudolabel`` and ``visualize`` need, so none of them dispatches on the kind to build a model.
+
+* pretraining: :class:`~multimae.model.multimae.MultiMAE` read by the weights path
+  (:func:`multimae.model.multimae.load_pretrained`); any other MultiMAE weights it reads (a
+  ``save_pretrained`` directory, official / MAE / timm weights) open as a pretraining run too;
+* fine-tuning: :class:`~multimae.model.transfer.TransferModel` of the saved ``model`` config,
+  weights loaded strictly;
+* linear probe: :class:`ProbeModel`, a transfer model whose head is the probe (frozen encoder's
+  mean token -> BatchNorm -> linear), its weights (``probe.*`` beside the encoder's) loaded
+  strictly in one go like any other run's.
+
+Rank: below the engine and the tasks (which build typed configs from :attr:`Run.config`), above
+the model and the checkpoint layer; this module imports neither ``multimae.engine`` nor
+``multimae.tasks``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from multimae.checkpoint import CheckpointError, load_meta, load_weights, resolve_checkpoint
+from multimae.checkpoint.convert import load_state_strict
+from multimae.core.config import apply_overrides, from_dict, upgrade_saved_config
+from multimae.core.device import resolve_device
+from multimae.core.modalities import ModalitySpec
+from multimae.model.transfer import TransferModel, TransferModelConfig
+
+T = TypeVar("T")
+RunKind = Literal["pretrain", "finetune", "probe"]
+#: the field a head predicts when ``data.target`` is not set
+DEFAULT_TARGETS = {"classification": "label", "segmentation": "semseg", "depth": "depth"}
+PROBE_PREFIX = "probe."
+
+
+@dataclass
+class RunOutput:
+    """One predicted output of a run. ``kind``: classification | segmentation | depth | dense;
+    ``classes``: class names when the run's data names them (else None; ``num_classes`` says how
+    many); ``units``: what dense values mean (``metric`` depth, ``robust-standardised``);
+    ``mean`` / ``std``: an image output's normalisation (to undo for a preview)."""
+
+    kind: str
+    num_classes: int | None = None
+    classes: list[str] | None = None
+    units: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+@dataclass
+class Run:
+    """An opened run: see the module doc. ``model`` is in eval mode on ``device``; ``inputs``: the
+    modalities it takes (a transfer model's encoder inputs; a pretraining model's inputs);
+    ``image_size``: its evaluation size; ``outputs``: output name -> :class:`RunOutput`."""
+
+    kind: RunKind
+    checkpoint: Path
+    step: int | None
+    config: dict[str, Any]
+    model: nn.Module
+    device: torch.device
+    inputs: list[ModalitySpec]
+    image_size: int
+    outputs: dict[str, RunOutput]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, cls: type[T], name: str) -> T:
+        """A typed section of the run's config, e.g. ``run.section(DataConfig, "data")`` (its
+        defaults where the run records none)."""
+        return from_dict(cls, self.config.get(name) or {}, key=name)
+
+    @property
+    def head(self) -> str | None:
+        """A transfer run's head kind (``classification`` for a probe), None for pretraining."""
+        return None if self.kind == "pretrain" else str(self.config["model"]["head"]["kind"])
+
+
+def load_run(path: str | os.PathLike, device: str | torch.device = "cpu", overrides: Sequence[str] = ()) -> Run:
+    """Open the run at ``path`` (see the module doc) on ``device`` (``auto``: a GPU if any);
+    ``overrides``: dotted ``key=value`` applied to the saved config before the model is built."""
+    dev = resolve_device(device)
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"run {p} does not exist")
+    meta: dict[str, Any] = {}
+    ckpt = p
+    if p.is_dir() and not _is_pretrained_dir(p):
+        ckpt = resolve_checkpoint(p)
+        meta = load_meta(ckpt)
+    kind = meta.get("kind", "pretrain")
+    config = apply_overrides(upgrade_saved_config(meta.get("config") or {}), list(overrides))
+    if kind == "pretrain":
+        run = _pretrain_run(ckpt, config, meta)
+    elif kind in ("finetune", "probe"):
+        run = _transfer_run(ckpt, kind, config, meta)
+    else:
+        raise CheckpointError(f"{ckpt}: unknown run kind {kind!r} in meta.json (expected pretrain, finetune or probe)")
+    run.model.eval().to(dev)
+    run.device = dev
+    return run
+
+
+def _is_pretrained_dir(p: Path) -> bool:
+    """A ``save_pretrained`` or transformers directory (weights without a run's ``meta.json``)."""
+    return (p / "config.json").is_file() and not (p / "meta.json").is_file() and not (p / "checkpoints").is_dir()
+
+
+def _pretrain_run(ckpt: Path, config: dict[str, Any], meta: dict[str, Any]) -> Run:
+    from multimae.model.multimae import load_pretrained
+
+    model, _ = load_pretrained(ckpt)
+    outputs: dict[str, RunOutput] = {}
+    for t, s in model.output_specs.items():
+        if s.kind == "text":
+            continue
+        if s.kind == "categorical":
+            outputs[t] = RunOutput("segmentation", s.num_classes, _pretrain_classes(config, t, s.num_classes))
+        elif s.kind == "image" and s.mean is not None and not s.norm_pix:
+            outputs[t] = RunOutput("dense", mean=tuple(s.mean), std=tuple(s.std or (1.0,) * len(s.mean)))
+        else:
+            outputs[t] = RunOutput("dense", units="robust-standardised" if s.standardize == "robust" else None)
+    return Run("pretrain", ckpt, meta.get("step"), config, model, torch.device("cpu"),
+               list(model.input_specs.values()), int(model.config.image_size), outputs, meta)
+
+
+class ProbeModel(TransferModel):
+    """A linear-probe run's model: :meth:`TransferModel.features` (the frozen encoder's mean final
+    token, (B, D)) -> ``probe`` (BatchNorm1d without affine + linear) -> (B, K) logits. Its state
+    dict is the transfer model's plus ``probe.*``: what ``multimae probe`` saves."""
+
+    def __init__(self, cfg: TransferModelConfig) -> None:
+        from multimae.model.heads.probe import LinearProbe
+
+        super().__init__(cfg)
+        self.probe = LinearProbe(self.encoder.dim, int(cfg.head.num_classes or 0))
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        return self.probe(self.features(batch))
+
+
+def _transfer_run(ckpt: Path, kind: str, config: dict[str, Any], meta: dict[str, Any]) -> Run:
+    if "model" not in config:
+        raise CheckpointError(f"{ckpt}: meta.json records no model config of the {kind} run")
+    mcfg = from_dict(TransferModelConfig, config["model"], key="model")
+    model = (ProbeModel if kind == "probe" else TransferModel)(mcfg)
+    load_state_strict(model, load_weights(ckpt), str(ckpt))
+    data = config.get("data") or {}
+    head = mcfg.head
+    K = int(head.num_classes or 0) or None
+    if kind == "probe":
+        outputs = {"label": RunOutput("classification", K, class_names("classification", data))}
+    else:
+        target = target_name(head.kind, data.get("target"))
+        outputs = {target: RunOutput(head.kind, K, class_names(head.kind, data),
+                                     units="metric" if head.kind == "depth" else None)}
+    size = int(data.get("image_size") or mcfg.encoder.image_size)  # type: ignore[union-attr]
+    return Run(kind, ckpt, meta.get("step"), config, model, torch.device("cpu"),  # type: ignore[arg-type]
+               list(model.encoder.specs.values()), size, outputs, meta)
+
+
+def target_name(head_kind: str, target: str | None) -> str:
+    """The field a transfer head predicts: ``data.target`` or the head kind's default."""
+    if target:
+        if head_kind == "classification" and target != "label":
+            raise ValueError(f"data.target={target!r}: a classification head predicts 'label'")
+        return target
+    if head_kind not in DEFAULT_TARGETS:
+        raise ValueError(f"model.head.kind={head_kind!r} needs data.target (the dense modality to predict, e.g. normals)")
+    return DEFAULT_TARGETS[head_kind]
+
+
+def class_names(head_kind: str, data: dict[str, Any]) -> list[str] | None:
+    """The class names of a transfer run's data: ``data.classes`` (a folder source's, recorded),
+    else its source's when it fixes them (the synthetic scenes); None when unknown."""
+    from multimae.data.sources import get_source
+
+    if head_kind == "classification" and data.get("classes"):
+        return list(data["classes"])
+    return get_source(str(data.get("source", "synthetic"))).classes(head_kind)
+
+
+def _pretrain_classes(config: dict[str, Any], task: str, num_classes: int | None) -> list[str] | None:
+    """Class names of a pretraining run's categorical output: its source's, else those its
+    pseudo-labelled folder dataset records; None when unknown (or not ``num_classes`` of them)."""
+    from multimae.data.errors import DataError
+    from multimae.data.folder import read_meta
+    from multimae.data.sources import get_source
+
+    data = config.get("data") or {}
+    if not data:  # weights without a run config: nothing names the classes
+        return None
+    names = None
+    try:
+        names = get_source(str(data.get("source", "synthetic"))).classes("segmentation")
+        root = data.get("root")
+        if names is None and root:
+            names = read_meta(root).get("pseudolabel", {}).get(task, {}).get("classes")
+    except (DataError, OSError, ValueError, AttributeError, KeyError):
+        names = None
+    return list(names) if names and len(names) == num_classes else None
