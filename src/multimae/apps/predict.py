@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -30,9 +29,10 @@ from multimae.core.device import autocast, resolve_device, resolve_precision
 from multimae.core.io import save_bytes_atomic
 from multimae.data.codecs import _png_bytes, decode_image
 from multimae.data.errors import DataError
+from multimae.apps.inference import Counts, Decoded, InputItem, open_items, run_batches
 from multimae.runs import RunOutput, load_run
 from multimae.apps.predict_io import (ARRAY_DTYPES, DEFAULT_MAX_PIXELS, LowRes, check_identity, check_pixels, fingerprint,
-                                 output_names, write_array, write_colour, write_depth_png, write_ids, write_preview)
+                                 write_array, write_colour, write_depth_png, write_ids, write_preview)
 
 META_FILE = "multimae_predict.json"
 CLS_FILE = "classification.jsonl"
@@ -289,37 +289,14 @@ def resolve_arrays(arrays: str, run_kind: str) -> str:
     return arrays
 
 
-def _open_items(input: Any) -> tuple[list[Any] | Iterable[Any], int | None, bool]:
-    """``(items, count, mirror)`` of a folder, explicit files or shards; ``mirror``: output
-    names are the items' relative paths."""
-    from multimae.apps.pseudolabel.sources import InputItem, _file_reader, is_shard_input, open_input
-
-    specs = [str(x) for x in input] if isinstance(input, (list, tuple)) else [str(input)]
-    if len(specs) == 1 and Path(specs[0]).is_dir():
-        kind, items, total = open_input(specs[0])
-        return items, total, kind != "shards"
-    shards = [s for s in specs if is_shard_input(s)]
-    if shards and len(shards) == len(specs):
-        _, items, total = open_input(",".join(shards))
-        return items, total, False
-    if shards:
-        raise DataError(f"input {shards[0]}: .tar shards cannot be mixed with image files or folders")
-    paths = [Path(s) for s in specs]
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"input {p}: not a file" + (" (give one folder, or files)" if p.is_dir() else ""))
-    names = output_names(paths)
-    items = [InputItem("all", n, p.suffix[1:].lower(), str(p), _file_reader(p), rel=n) for n, p in zip(names, paths)]
-    return items, len(items), True
-
-
 def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str], out: str | os.PathLike,
                   batch_size: int = 8, progress: bool = True, topk: int = 5,
                   pairs: dict[str, str | os.PathLike] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                   arrays: str = "auto") -> PredictReport:
     """Predict every image of ``input`` (a folder, image files, or .tar shards: paths, brace
     patterns, comma lists) into ``out``; resumable (finished images are skipped), bad files
-    (unreadable, over ``max_pixels``, a duplicate output name) reported, skipped and counted.
+    (unreadable, over ``max_pixels``, a duplicate output name) reported, skipped and counted
+    (the pipeline of :mod:`multimae.apps.inference`).
 
     Outputs mirror each input's relative path (``x/a.png`` -> ``OUT/x/a.<task>.png``; a dataset's
     ``rgb/<class>/<name>`` -> ``OUT/<class>/<name>...``). ``OUT/multimae_predict.json`` records the
@@ -329,16 +306,12 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
     The first input modality is read from ``input``; every other one from a paired directory
     (``pairs[name]``; default for a dataset's ``rgb/`` input: its sibling ``<name>/``) holding a
     file of the same relative path and stem (any extension the modality can be read from)."""
-    from tqdm.auto import tqdm
-
-    from multimae.apps.pseudolabel.run import _batches
-
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     arrays = resolve_arrays(arrays, predictor.kind)
     pairs = {k: Path(v) for k, v in (pairs or {}).items()}
     root = Path(out)
-    items, total, mirror = _open_items(input)
+    items, total, mirror = open_items(input)
     identity = run_identity(predictor, arrays)
     check_identity(root / META_FILE, identity)
     root.mkdir(parents=True, exist_ok=True)
@@ -350,14 +323,12 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
                 done_cls.add(json.loads(line)["image"])
     report = PredictReport()
     _write_meta(root, predictor, report, identity, arrays)  # the identity, before the first output
-    start = time.perf_counter()
     spec0 = predictor.inputs[0]
-    seen: dict[str, str] = {}
 
-    def name_of(it: Any) -> str:
+    def name_of(it: InputItem) -> str:
         return (it.rel or (it.name if it.cls == "all" else f"{it.cls}/{it.name}")) if mirror else it.name
 
-    def done(name: str) -> bool:
+    def done(it: InputItem, name: str) -> bool:
         for t, o in predictor.outputs.items():
             if o.kind == "classification":
                 if name not in done_cls:
@@ -366,61 +337,37 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
                 return False
         return True
 
-    def bad(err: DataError) -> None:
-        report.bad += 1
-        report.bad_files.append(str(err))
+    def decode(it: InputItem) -> dict[str, Tensor]:
+        data = it.read()
+        check_pixels(data, max_pixels, f"image {it.where}")
+        raw = {spec0.key: decode_image(data, spec0.channels, f"image {it.where}")}
+        for sp in predictor.inputs[1:]:
+            raw[sp.key] = _paired(sp, it, input, pairs)
+        return raw
+
+    def process(batch: Sequence[Decoded[dict[str, Tensor]]]) -> None:
+        records = []
+        for d, preds in zip(batch, predictor.predict_lowres([d.value for d in batch])):
+            for t, p in preds.items():
+                rec = write_prediction(root, t, predictor.outputs[t], d.name, p, topk, arrays)
+                if rec is not None:
+                    records.append(rec)
+        if records:
+            with open(cls_path, "a") as f:  # one line per image, appended after its batch
+                f.write("".join(json.dumps(r) + "\n" for r in records))
+                f.flush()
+                os.fsync(f.fileno())
+
+    def skipped(err: DataError) -> None:
         print(f"skipped: {err}", flush=True)
-        bar.update(1)
 
-    def pending() -> Iterable[Any]:
-        for it in items:
-            name = name_of(it)
-            if name in seen:
-                bad(DataError(f"{it.where}: its outputs would overwrite those of {seen[name]} ({name}); rename one"))
-                continue
-            seen[name] = it.where
-            if done(name):
-                report.already_done += 1
-                bar.update(1)
-                continue
-            yield it
-
-    bar = tqdm(total=total, unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
-    records = []
+    counts = Counts()
     try:
-        for batch in _batches(pending(), batch_size):
-            raws, names = [], []
-            for it in batch:
-                try:
-                    data = it.read()
-                    check_pixels(data, max_pixels, f"image {it.where}")
-                    raw = {spec0.key: decode_image(data, spec0.channels, f"image {it.where}")}
-                    for sp in predictor.inputs[1:]:
-                        raw[sp.key] = _paired(sp, it, input, pairs)
-                    raws.append(raw)
-                    names.append(name_of(it))
-                except DataError as err:
-                    bad(err)
-            if not raws:
-                continue
-            for name, preds in zip(names, predictor.predict_lowres(raws)):
-                for t, p in preds.items():
-                    rec = write_prediction(root, t, predictor.outputs[t], name, p, topk, arrays)
-                    if rec is not None:
-                        records.append(rec)
-                report.predicted += 1
-            del raws
-            if records:
-                with open(cls_path, "a") as f:  # one line per image, appended after its batch
-                    f.write("".join(json.dumps(r) + "\n" for r in records))
-                    f.flush()
-                    os.fsync(f.fileno())
-                records = []
-            bar.update(len(names))
-            bar.set_postfix(bad=report.bad, done_before=report.already_done, refresh=False)
+        run_batches(items, total, name=name_of, done=done, decode=decode, process=process, on_bad=skipped,
+                    batch_size=batch_size, desc="predict", progress=progress, counts=counts)
     finally:
-        bar.close()
-        report.seconds = time.perf_counter() - start
+        report.predicted, report.already_done, report.bad = counts.processed, counts.already_done, counts.bad
+        report.seconds, report.bad_files = counts.seconds, counts.bad_files
         _write_meta(root, predictor, report, identity, arrays)
     return report
 

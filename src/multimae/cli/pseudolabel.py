@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
-    from multimae.apps.pseudolabel.sources import open_input
+    from multimae.apps.inference import open_input
 
     open_input(args.input)  # a bad --input fails (DataError, exit 2) before any model is loaded
     try:

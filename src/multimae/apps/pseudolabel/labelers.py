@@ -288,15 +288,17 @@ class MultiMAELabeler:
 
     def __init__(self, path: str | Path, tasks: Sequence[str] = ("depth", "semseg"), device: str = "auto",
                  precision: str = "auto", image_size: int | None = None) -> None:
-        from multimae.model.multimae import load_pretrained
+        from multimae.runs import load_run
 
         self.path = Path(path)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.model, report = load_pretrained(path)
-        self.ckpt = report.source
-        self.trained_on = str(self.model.provenance.get("training", {}).get("data", ""))
-        self.model.to(self.device)
+        run = load_run(path, self.device)
+        if run.kind != "pretrain":
+            raise LabelerError(f"{path}: a {run.kind} run; a MultiMAE labeller is a pretraining run (its decoders "
+                               "predict depth / semseg)")
+        self.model, self.ckpt = run.model, str(run.checkpoint)
+        self.trained_on = str(getattr(self.model, "provenance", {}).get("training", {}).get("data", ""))
         outs = self.model.output_specs
         missing = [t for t in tasks if t not in outs]
         if missing:
