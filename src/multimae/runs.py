@@ -1,24 +1,18 @@
 """The one way to open a trained run: :func:`load_run(path, device) <load_run>` -> :class:`Run`.
 
-A run (its directory, a ``checkpoints/`` directory or one step directory) is a pretraining,
-fine-tuning or linear-probe run (``meta.json``'s ``kind``). The :class:`Run` holds its kind, its
-saved config (upgraded to the current schema, overrides applied), the model in eval mode on the
-device, the checkpoint's step, the model's inputs and evaluation image size, and what each output
-is (:class:`RunOutput`: kind, classes, units) -- what ``predict``, ``export``, ``evaluate``, the
-demo, ``pseudolabel`` and ``visualize`` need, so none of them dispatches on the kind to build a model.
+A run (its directory, ``checkpoints/`` or one step directory) is a pretraining, fine-tuning or
+linear-probe run (``meta.json``'s ``kind``); MultiMAE weights without a run (a ``save_pretrained``
+directory, official / MAE / timm weights) open as a pretraining run. The :class:`Run` holds what
+``predict``, ``export``, ``evaluate``, the demo, ``pseudolabel`` and ``visualize`` need, so none of
+them builds a model by kind:
 
 * pretraining: :class:`~multimae.model.multimae.MultiMAE` read by the weights path
-  (:func:`multimae.model.multimae.load_pretrained`); any other MultiMAE weights it reads (a
-  ``save_pretrained`` directory, official / MAE / timm weights) open as a pretraining run too;
-* fine-tuning: :class:`~multimae.model.transfer.TransferModel` of the saved ``model`` config,
-  weights loaded strictly;
-* linear probe: :class:`ProbeModel`, a transfer model whose head is the probe (frozen encoder's
-  mean token -> BatchNorm -> linear), its weights (``probe.*`` beside the encoder's) loaded
-  strictly in one go like any other run's.
+  (:func:`multimae.model.multimae.load_pretrained`);
+* fine-tuning: :class:`~multimae.model.transfer.TransferModel` of the saved ``model`` config;
+* linear probe: :class:`ProbeModel`, a transfer model whose head is the probe.
 
-Rank: below the engine and the tasks (which build typed configs from :attr:`Run.config`), above
-the model and the checkpoint layer; this module imports neither ``multimae.engine`` nor
-``multimae.tasks``.
+Transfer weights are loaded strictly, in one go (a probe's ``probe.*`` beside the encoder's).
+This module sits below the engine and the tasks (they build typed configs from :attr:`Run.config`).
 """
 from __future__ import annotations
 
@@ -80,11 +74,6 @@ class Run:
         """A typed section of the run's config, e.g. ``run.section(DataConfig, "data")`` (its
         defaults where the run records none)."""
         return from_dict(cls, self.config.get(name) or {}, key=name)
-
-    @property
-    def head(self) -> str | None:
-        """A transfer run's head kind (``classification`` for a probe), None for pretraining."""
-        return None if self.kind == "pretrain" else str(self.config["model"]["head"]["kind"])
 
 
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu", overrides: Sequence[str] = ()) -> Run:

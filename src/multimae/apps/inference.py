@@ -18,7 +18,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from multimae.data.codecs import IMAGE_EXTS
 from multimae.data.errors import DataError
@@ -205,15 +205,6 @@ class Counts:
     bad_files: list[str] = field(default_factory=list)
 
 
-@dataclass
-class Decoded(Generic[D]):
-    """One item of a batch: the item, its output name and what ``decode`` made of it."""
-
-    item: InputItem
-    name: str
-    value: D
-
-
 def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     """Consecutive lists of ``size`` items (the last one shorter)."""
     batch: list[Any] = []
@@ -228,12 +219,12 @@ def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 def run_batches(items: Iterable[InputItem], total: int | None, *, name: Callable[[InputItem], str],
                 done: Callable[[InputItem, str], bool], decode: Callable[[InputItem], D],
-                process: Callable[[Sequence[Decoded[D]]], None], on_bad: Callable[[DataError], None],
+                process: Callable[[Sequence[tuple[InputItem, str, D]]], None], on_bad: Callable[[DataError], None],
                 batch_size: int, desc: str, progress: bool = True, counts: Counts | None = None) -> Counts:
     """Run the pipeline (see the module doc) over ``items`` (``total`` of them, when known, for the
     progress bar). ``name(item)``: its output name; ``done(item, name)``: whether its outputs all
-    exist; ``decode(item)``: its model input (a DataError: bad); ``process(decoded)``: run the
-    model on a batch and write its outputs; ``on_bad(err)``: told of each bad item before it is
+    exist; ``decode(item)``: its model input (a DataError: bad); ``process(batch)``: run the
+    model on a batch of ``(item, name, decoded)`` and write its outputs; ``on_bad(err)``: told of each bad item before it is
     counted (raise to stop). ``counts``: updated in place (a caller may read it after an error)."""
     from tqdm.auto import tqdm
 
@@ -265,10 +256,10 @@ def run_batches(items: Iterable[InputItem], total: int | None, *, name: Callable
     start = time.perf_counter()
     try:
         for batch in batches(pending(), batch_size):
-            decoded: list[Decoded[D]] = []
+            decoded: list[tuple[InputItem, str, D]] = []
             for it, n in batch:
                 try:
-                    decoded.append(Decoded(it, n, decode(it)))
+                    decoded.append((it, n, decode(it)))
                 except DataError as err:
                     bad(err)
             if not decoded:

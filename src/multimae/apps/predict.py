@@ -29,7 +29,7 @@ from multimae.core.device import autocast, resolve_device, resolve_precision
 from multimae.core.io import save_bytes_atomic
 from multimae.data.codecs import _png_bytes, decode_image
 from multimae.data.errors import DataError
-from multimae.apps.inference import Counts, Decoded, InputItem, open_items, run_batches
+from multimae.apps.inference import Counts, InputItem, open_items, run_batches
 from multimae.runs import RunOutput, load_run
 from multimae.apps.predict_io import (ARRAY_DTYPES, DEFAULT_MAX_PIXELS, LowRes, check_identity, check_pixels, fingerprint,
                                  write_array, write_colour, write_depth_png, write_ids, write_preview)
@@ -271,12 +271,12 @@ def write_prediction(root: Path, task: str, out: Output, name: str, pred: Tensor
 
 
 @dataclass
-class PredictReport:
-    predicted: int = 0
-    already_done: int = 0
-    bad: int = 0
-    seconds: float = 0.0
-    bad_files: list[str] = field(default_factory=list)
+class PredictReport(Counts):
+    """What ``predict_files`` did (:class:`~multimae.apps.inference.Counts`)."""
+
+    @property
+    def predicted(self) -> int:
+        return self.processed
 
 
 def resolve_arrays(arrays: str, run_kind: str) -> str:
@@ -345,11 +345,11 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
             raw[sp.key] = _paired(sp, it, input, pairs)
         return raw
 
-    def process(batch: Sequence[Decoded[dict[str, Tensor]]]) -> None:
+    def process(batch: Sequence[tuple[InputItem, str, dict[str, Tensor]]]) -> None:
         records = []
-        for d, preds in zip(batch, predictor.predict_lowres([d.value for d in batch])):
+        for (_, name, _), preds in zip(batch, predictor.predict_lowres([raw for _, _, raw in batch])):
             for t, p in preds.items():
-                rec = write_prediction(root, t, predictor.outputs[t], d.name, p, topk, arrays)
+                rec = write_prediction(root, t, predictor.outputs[t], name, p, topk, arrays)
                 if rec is not None:
                     records.append(rec)
         if records:
@@ -361,13 +361,10 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
     def skipped(err: DataError) -> None:
         print(f"skipped: {err}", flush=True)
 
-    counts = Counts()
     try:
         run_batches(items, total, name=name_of, done=done, decode=decode, process=process, on_bad=skipped,
-                    batch_size=batch_size, desc="predict", progress=progress, counts=counts)
+                    batch_size=batch_size, desc="predict", progress=progress, counts=report)
     finally:
-        report.predicted, report.already_done, report.bad = counts.processed, counts.already_done, counts.bad
-        report.seconds, report.bad_files = counts.seconds, counts.bad_files
         _write_meta(root, predictor, report, identity, arrays)
     return report
 

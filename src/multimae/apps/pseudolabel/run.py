@@ -30,7 +30,7 @@ from multimae.data.errors import DataError, ErrorPolicy
 from multimae.data.folder import META_FILE
 from multimae.data.prepare.writing import METRIC_PNG_SCALE, metric_depth_mm, update_meta, write_bytes
 from multimae.apps.pseudolabel.labelers import Labeler, MultiMAELabeler, is_multimae_checkpoint, load_labeler
-from multimae.apps.inference import Counts, Decoded, InputItem, open_input, run_batches
+from multimae.apps.inference import Counts, InputItem, open_input, run_batches
 
 log = logging.getLogger("multimae.apps.pseudolabel")
 
@@ -39,14 +39,14 @@ CLASSES_FILE = "semseg_classes.txt"
 
 
 @dataclass
-class PseudolabelReport:
-    """What a run did: images labelled now, found already done, bad (skipped), and wall time."""
+class PseudolabelReport(Counts):
+    """What a run did (:class:`~multimae.apps.inference.Counts`) and the files it wrote."""
 
-    labelled: int = 0
-    already_done: int = 0
-    bad: int = 0
-    seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
+
+    @property
+    def labelled(self) -> int:
+        return self.processed
 
     @property
     def images_per_second(self) -> float:
@@ -247,13 +247,12 @@ def pseudolabel(input: str | os.PathLike, out: str | os.PathLike, labelers: Sequ
         data = it.read()
         return data, decode_image(data, 3, f"image {it.where}")
 
-    def process(batch: Sequence[Decoded[tuple[bytes, Tensor]]]) -> None:
-        images = [d.value[1] for d in batch]
+    def process(batch: Sequence[tuple[InputItem, str, tuple[bytes, Tensor]]]) -> None:
+        images = [img for _, _, (_, img) in batch]
         maps: dict[str, list[Tensor]] = {}
         for lab in labelers:
             maps.update(lab(images))
-        for i, d in enumerate(batch):
-            it, (data, img) = d.item, d.value
+        for i, (it, _, (data, img)) in enumerate(batch):
             encoded = {}
             for task in tasks:
                 m = maps[task][i]
@@ -264,15 +263,12 @@ def pseudolabel(input: str | os.PathLike, out: str | os.PathLike, labelers: Sequ
                                  else encode_classes(m, num_classes.get(task, 0), f"{task} of {it.where}"))
             writer.write(it, data, img, encoded)
 
-    counts = Counts()
     report = PseudolabelReport()
     try:
         run_batches(items, total, name=lambda it: it.key, done=lambda it, _: writer.done(it), decode=decode,
                     process=process, on_bad=policy.handle, batch_size=batch_size, desc="pseudolabel",
-                    progress=progress, counts=counts)
+                    progress=progress, counts=report)
     finally:
-        report.labelled, report.already_done, report.bad = counts.processed, counts.already_done, counts.bad
-        report.seconds = counts.seconds
         report.outputs = writer.close()
     if report.bad:
         log.warning("%s", policy.summary(str(input)))

@@ -30,9 +30,7 @@ METRIC_PNG_SCALE = 1e-3  # depth in millimetres: up to 65.535 m
 LINK_MODES = ("copy", "hardlink", "symlink")
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write one file atomically (temporary name, fsync, rename: :mod:`multimae.core.io`)."""
-    save_bytes_atomic(path, data)
+write_bytes = save_bytes_atomic  # one file, atomically (temporary name, fsync, rename: multimae.core.io)
 
 
 def place_file(src: Path, dst: Path, mode: str = "copy") -> None:
