@@ -111,7 +111,7 @@ def main() -> None:
         f"inputs {list(engine.inputs)}, {engine.default_visible} visible tokens.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
         f"{torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: "
-        f"{native_bf16("cpu")}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end.",
+        f"{native_bf16('cpu')}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end.",
         "",
         "Milliseconds, median / 90th percentile. *predict*: HTTP round trip of one prediction request "
         "(model call, PNG encoding, JSON); *model*: the model call inside it; *edit*: an rgb hue edit; "

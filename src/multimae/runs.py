@@ -109,7 +109,11 @@ def _is_pretrained_dir(p: Path) -> bool:
 def _pretrain_run(ckpt: Path, config: dict[str, Any], meta: dict[str, Any]) -> Run:
     from multimae.model.multimae import load_pretrained
 
-    model, _ = load_pretrained(ckpt)
+    model, report = load_pretrained(ckpt)
+    if meta and (report.dropped or report.added):  # a run's own weights fit its model exactly
+        odd = sorted(report.dropped) + sorted(report.added)
+        raise CheckpointError(f"{ckpt}: the weights do not fit the run's model ({len(report.dropped)} unused, "
+                              f"{len(report.added)} missing, e.g. {odd[0]})")
     outputs: dict[str, RunOutput] = {}
     for t, s in model.output_specs.items():
         if s.kind == "text":

@@ -102,22 +102,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def commit(tmp: Path, final: Path, sync_dir: bool = True) -> None:
+def commit(tmp: Path, final: Path, sync_dir: bool = True, fsync: bool = True) -> None:
     """Put a completely written temporary file (named by :func:`tmp_name` beside ``final``) in
     place: the user's umask, fsync, rename (and fsync of the directory)."""
     apply_umask(tmp)
-    fsync_file(tmp)
+    if fsync:
+        fsync_file(tmp)
     os.replace(tmp, final)
-    if sync_dir:
+    if sync_dir and fsync:
         fsync_dir(final.parent)
 
 
-def save_file_atomic(path: str | os.PathLike[str], write_fn: Callable[[Path], None]) -> Path:
+def save_file_atomic(path: str | os.PathLike[str], write_fn: Callable[[Path], None], fsync: bool = True) -> Path:
     """Write one file atomically: ``write_fn(tmp_path)``, fsync, then ``os.replace`` into place.
 
     Parent directories are created. If ``write_fn`` raises, the temporary file is removed and an
     existing file at ``path`` is left untouched (a full disk: :class:`WriteError`). Returns the
-    final path.
+    final path. ``fsync=False``: atomic but not durable across a power cut (no fsync: ~15 ms saved
+    per file), for bulk writers of many small files that a re-run rewrites (a folder dataset).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -126,17 +128,18 @@ def save_file_atomic(path: str | os.PathLike[str], write_fn: Callable[[Path], No
         write_fn(tmp)
         if not tmp.is_file():
             raise WriteError(f"write function did not create {tmp} (for {final})")
-        commit(tmp, final, sync_dir=False)
+        commit(tmp, final, sync_dir=False, fsync=fsync)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if disk_full(e):
             raise WriteError(f"disk full while writing {final} ({free_space(final)}); the file there "
                              "before is intact. Free some space and run the same command again") from e
         raise
-    fsync_dir(final.parent)
+    if fsync:
+        fsync_dir(final.parent)
     return final
 
 
-def save_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+def save_bytes_atomic(path: str | os.PathLike[str], data: bytes, fsync: bool = True) -> Path:
     """:func:`save_file_atomic` of ``data``."""
-    return save_file_atomic(path, lambda tmp: tmp.write_bytes(data))
+    return save_file_atomic(path, lambda tmp: tmp.write_bytes(data), fsync)

@@ -278,7 +278,7 @@ def write_folder(samples: Iterable[dict], root: str | os.PathLike, split: str, i
             if ext == "png" and getattr(value, "is_floating_point", lambda: False)() and value.shape[0] == 1:
                 png16.add(key)
             path = root / split / key / cdir / f"{name}.{ext}"
-            save_bytes_atomic(path, data)
+            save_bytes_atomic(path, data, fsync=False)  # many small files, rewritten by a re-run
         count += 1
     meta = read_meta(root)
     meta.update(format="multimae-folder", version=1)
