@@ -8,12 +8,10 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-_EXPORTS = {
-    "MaskPlan": "multimae.core.masking", "dirichlet_plan": "multimae.core.masking", "ratio_plan": "multimae.core.masking",
-    "ModalitySpec": "multimae.core.modalities", "register": "multimae.core.modalities",
-    "ModelConfig": "multimae.model.multimae", "MultiMAE": "multimae.model.multimae", "Outputs": "multimae.model.multimae",
-    "load_official_multimae": "multimae.model.multimae", "load_pretrained": "multimae.model.multimae",
-}
+_EXPORTS = {name: module for module, names in (
+    ("multimae.core.masking", "MaskPlan dirichlet_plan ratio_plan"), ("multimae.core.modalities", "ModalitySpec register"),
+    ("multimae.model.multimae", "ModelConfig MultiMAE Outputs load_official_multimae load_pretrained"),
+) for name in names.split()}
 __all__ = [*sorted(_EXPORTS), "__version__"]
 
 

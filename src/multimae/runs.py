@@ -91,14 +91,12 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu", overri
     kind = meta.get("kind", "pretrain")
     config = apply_overrides(upgrade_saved_config(meta.get("config") or {}), list(overrides))
     if kind == "pretrain":
-        run = _pretrain_run(ckpt, config, meta)
+        model, inputs, size, outputs = _pretrain_model(ckpt, config, bool(meta))
     elif kind in ("finetune", "probe"):
-        run = _transfer_run(ckpt, kind, config, meta)
+        model, inputs, size, outputs = _transfer_model(ckpt, kind, config)
     else:
         raise CheckpointError(f"{ckpt}: unknown run kind {kind!r} in meta.json (expected pretrain, finetune or probe)")
-    run.model.eval().to(dev)
-    run.device = dev
-    return run
+    return Run(kind, ckpt, meta.get("step"), config, model.eval().to(dev), dev, inputs, size, outputs, meta)  # type: ignore[arg-type]
 
 
 def _is_pretrained_dir(p: Path) -> bool:
@@ -106,11 +104,14 @@ def _is_pretrained_dir(p: Path) -> bool:
     return (p / "config.json").is_file() and not (p / "meta.json").is_file() and not (p / "checkpoints").is_dir()
 
 
-def _pretrain_run(ckpt: Path, config: dict[str, Any], meta: dict[str, Any]) -> Run:
+Built = tuple[nn.Module, list[ModalitySpec], int, dict[str, RunOutput]]  # model, inputs, image size, outputs
+
+
+def _pretrain_model(ckpt: Path, config: dict[str, Any], is_run: bool) -> Built:
     from multimae.model.multimae import load_pretrained
 
     model, report = load_pretrained(ckpt)
-    if meta and (report.dropped or report.added):  # a run's own weights fit its model exactly
+    if is_run and (report.dropped or report.added):  # a run's own weights fit its model exactly
         odd = sorted(report.dropped) + sorted(report.added)
         raise CheckpointError(f"{ckpt}: the weights do not fit the run's model ({len(report.dropped)} unused, "
                               f"{len(report.added)} missing, e.g. {odd[0]})")
@@ -124,8 +125,7 @@ def _pretrain_run(ckpt: Path, config: dict[str, Any], meta: dict[str, Any]) -> R
             outputs[t] = RunOutput("dense", mean=tuple(s.mean), std=tuple(s.std or (1.0,) * len(s.mean)))
         else:
             outputs[t] = RunOutput("dense", units="robust-standardised" if s.standardize == "robust" else None)
-    return Run("pretrain", ckpt, meta.get("step"), config, model, torch.device("cpu"),
-               list(model.input_specs.values()), int(model.config.image_size), outputs, meta)
+    return model, list(model.input_specs.values()), int(model.config.image_size), outputs
 
 
 class ProbeModel(TransferModel):
@@ -143,7 +143,7 @@ class ProbeModel(TransferModel):
         return self.probe(self.features(batch))
 
 
-def _transfer_run(ckpt: Path, kind: str, config: dict[str, Any], meta: dict[str, Any]) -> Run:
+def _transfer_model(ckpt: Path, kind: str, config: dict[str, Any]) -> Built:
     if "model" not in config:
         raise CheckpointError(f"{ckpt}: meta.json records no model config of the {kind} run")
     mcfg = from_dict(TransferModelConfig, config["model"], key="model")
@@ -159,8 +159,7 @@ def _transfer_run(ckpt: Path, kind: str, config: dict[str, Any], meta: dict[str,
         outputs = {target: RunOutput(head.kind, K, class_names(head.kind, data),
                                      units="metric" if head.kind == "depth" else None)}
     size = int(data.get("image_size") or mcfg.encoder.image_size)  # type: ignore[union-attr]
-    return Run(kind, ckpt, meta.get("step"), config, model, torch.device("cpu"),  # type: ignore[arg-type]
-               list(model.encoder.specs.values()), size, outputs, meta)
+    return model, list(model.encoder.specs.values()), size, outputs
 
 
 def target_name(head_kind: str, target: str | None) -> str:

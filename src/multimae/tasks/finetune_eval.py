@@ -25,9 +25,11 @@ import torch
 from torch import Tensor
 
 from multimae.core.batch import Batch
+from multimae.core.config import to_dict
 from multimae.core.io import save_bytes_atomic
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.evaluation import metrics as M
+from multimae.runs import class_names
 from multimae.tasks.downstream import Datasets
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
 from multimae.core.device import autocast
@@ -197,21 +199,13 @@ def format_metrics_table(res: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def class_names(cfg: FinetuneConfig) -> list[str] | None:
-    """The class names of the run (:func:`multimae.runs.class_names`)."""
-    from multimae.core.config import to_dict
-    from multimae.runs import class_names as names
-
-    return names(cfg.model.head.kind, to_dict(cfg.data))
-
-
 def write_eval_report(res: dict[str, Any], cfg: FinetuneConfig, run_dir: Path, step: int, init: str,
                       protocol: str = "fine-tune", name: str = "eval") -> Path:
     """Write ``<name>.md`` (human) and ``<name>.json`` (machine) into ``run_dir``; prints the table."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     answer = res.get("baseline_answer")
-    names = class_names(cfg)
+    names = class_names(cfg.model.head.kind, to_dict(cfg.data))
     if answer and answer["kind"] == "class" and names:
         answer_txt = f"always '{names[answer['value']]}'"
     elif answer and answer["kind"] == "class":
