@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from multimae.core.batch import Batch
-from multimae.model.losses import norm_pix, patchify, unpatchify
+from multimae.model.losses import patchify, unpatchify
 from multimae.core.masking import MaskPlan
 from multimae.model.multimae import MultiMAE
 from multimae.core.modalities import ModalitySpec
