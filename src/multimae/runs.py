@@ -120,7 +120,7 @@ def _pretrain_model(ckpt: Path, config: dict[str, Any], is_run: bool) -> Built:
         if s.kind == "text":
             continue
         if s.kind == "categorical":
-            outputs[t] = RunOutput("segmentation", s.num_classes, _pretrain_classes(config, t, s.num_classes))
+            outputs[t] = RunOutput("segmentation", s.num_classes, pretrain_classes(config.get("data") or {}, t, s.num_classes))
         elif s.kind == "image" and s.mean is not None and not s.norm_pix:
             outputs[t] = RunOutput("dense", mean=tuple(s.mean), std=tuple(s.std or (1.0,) * len(s.mean)))
         else:
@@ -183,14 +183,14 @@ def class_names(head_kind: str, data: dict[str, Any]) -> list[str] | None:
     return get_source(str(data.get("source", "synthetic"))).classes(head_kind)
 
 
-def _pretrain_classes(config: dict[str, Any], task: str, num_classes: int | None) -> list[str] | None:
-    """Class names of a pretraining run's categorical output: its source's, else those its
-    pseudo-labelled folder dataset records; None when unknown (or not ``num_classes`` of them)."""
+def pretrain_classes(data: dict[str, Any], task: str, num_classes: int | None) -> list[str] | None:
+    """Class names of a pretraining run's categorical output ``task`` (``data``: the run's data
+    config): its source's, else those its pseudo-labelled folder dataset (``data.root``) records;
+    None when unknown (or not ``num_classes`` of them)."""
     from multimae.data.errors import DataError
     from multimae.data.folder import read_meta
     from multimae.data.sources import get_source
 
-    data = config.get("data") or {}
     if not data:  # weights without a run config: nothing names the classes
         return None
     names = None

@@ -457,7 +457,7 @@ def engine_from_checkpoint(path: str | Path, data: str | Path | None = None, spl
     from multimae.data.config import DataConfig, MaskConfig
     from multimae.data.loader import held_out_seed
     from multimae.data.sources import get_source
-    from multimae.runs import load_run
+    from multimae.runs import load_run, pretrain_classes
 
     run = load_run(path)
     if run.kind != "pretrain":
@@ -471,11 +471,8 @@ def engine_from_checkpoint(path: str | Path, data: str | Path | None = None, spl
     if root is not None:
         chosen = split or ("val" if (Path(root) / "val").is_dir() else dcfg.split)
         folder = (root, chosen)
-    names = source.classes("segmentation")
-    if names is None and root is not None:  # a pseudo-labelled folder dataset records its class names
-        from multimae.data.folder import read_meta
-
-        names = read_meta(root).get("pseudolabel", {}).get("semseg", {}).get("classes")
+    semseg = model.output_specs.get("semseg")
+    names = pretrain_classes({"source": dcfg.source, "root": root}, "semseg", semseg.num_classes) if semseg else None
     tokenizer, ratio = None, 0.75  # M3AE's text mask ratio
     texts = [s for s in model.input_specs.values() if s.kind == "text"]
     if texts:
