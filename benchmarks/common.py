@@ -53,20 +53,10 @@ def cpu_flags() -> set[str]:
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16, AMX) as oneDNN sees it: the
-    library's probe (:mod:`multimae.core.device`) where it has one, else the same oneDNN query."""
-    try:
-        from multimae.core.device import native_bf16 as probe  # type: ignore[attr-defined]
-    except ImportError:
-        probe = None
-    if probe is not None:
-        return bool(probe())
-    import torch
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16, AMX): the library's one probe."""
+    from multimae.core.device import native_bf16 as probe
 
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return probe("cpu")
 
 
 def load_average() -> tuple[float, float, float]:
@@ -270,10 +260,8 @@ def nominal_peak(name: str) -> tuple[float | None, str]:
 
 # ----------------------------------------------------------------------------- results
 def _save_file_atomic() -> Callable[[Path, Callable[[Path], None]], Path]:
-    try:  # the library's one atomic writer (fsync, the user's umask); core.io where it lives
-        from multimae.core.io import save_file_atomic  # type: ignore[attr-defined]
-    except ImportError:
-        from multimae.checkpoint.io import save_file_atomic
+    from multimae.core.io import save_file_atomic  # the library's one atomic writer (fsync, the user's umask)
+
     return save_file_atomic
 
 

@@ -31,7 +31,7 @@ from multimae.checkpoint import save_checkpoint
 from multimae.core.config import load_config, to_dict
 from multimae.apps.demo import engine_from_checkpoint
 from multimae.apps.demo.app import serving
-from multimae.apps.demo.engine import native_bf16
+from multimae.core.device import native_bf16
 from multimae.model.multimae import MultiMAE
 from multimae.tasks.pretrain_config import PretrainConfig
 
@@ -114,7 +114,7 @@ def main() -> None:
         f"inputs {list(engine.inputs)}, {engine.default_visible} visible tokens.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
         f"{torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: "
-        f"{native_bf16()}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end.",
+        f"{native_bf16('cpu')}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end.",
         "",
         "Milliseconds, median / 90th percentile. *predict*: HTTP round trip of one prediction request "
         "(model call, PNG encoding, JSON); *model*: the model call inside it; *edit*: an rgb hue edit; "

@@ -78,7 +78,8 @@ from multimae.tasks.pretrain_config import PretrainConfig
 from multimae.tasks.finetune import FinetuneObjective, build_loss, build_mixup
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
 from multimae.engine.optim import build_optimizer, scaled_lr
-from multimae.engine.step import autocast, train_step
+from multimae.core.device import autocast
+from multimae.engine.step import train_step
 from multimae.model.transfer import build_transfer_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -427,7 +428,7 @@ def finetune_batch(cfg: FinetuneConfig, model: torch.nn.Module, batch: int, g: t
     s = cfg.data.image_size or cfg.model.encoder.image_size
     kind = cfg.model.head.kind
     b: dict[str, torch.Tensor] = {spec.key: torch.randn(batch, spec.channels, s, s, generator=g)
-                                  for spec in model.encoder.specs.values()}
+                                  for spec in model.input_specs.values()}
     if kind == "classification":
         b[TARGET] = torch.randint(0, cfg.model.head.num_classes, (batch,), generator=g)
     elif kind == "segmentation":

@@ -212,9 +212,12 @@ def _caption_eval(pretrain_dir: Path, run_dir: Path, seed: int) -> dict[str, Any
     from multimae.data.loader import BatchSpec, eval_batches, load_text_tokenizer, text_collator
     from multimae.data.synthetic import COLORS, OBJECT_TYPES
     from multimae.evaluation.protocols import caption_word_scores
-    from multimae.tasks.inference import load_pretrain_run
+    from multimae.core.config import from_dict
+    from multimae.runs import load_run
+    from multimae.tasks.pretrain_config import PretrainConfig
 
-    model, cfg, ckpt = load_pretrain_run(pretrain_dir)
+    run = load_run(pretrain_dir)
+    model, cfg, ckpt = run.model, from_dict(PretrainConfig, run.config), run.checkpoint
     tok = load_text_tokenizer(cfg.data.tokenizer)
     classes = {"colour": [tok.token_to_id(w) for w in COLORS], "type": [tok.token_to_id(w) for w in OBJECT_TYPES]}
     if any(i is None for v in classes.values() for i in v):

@@ -134,3 +134,16 @@ def test_loader_import_pulls_in_no_training_or_viz() -> None:
             "'multimae.apps.viz', 'multimae.evaluation'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_runs_sit_below_the_engine_and_the_apps_on_runs() -> None:
+    """``runs.py`` (load_run) imports neither the engine nor the tasks; the apps open runs through it
+    and import no task module; ``core/`` imports nothing above it."""
+    g = import_graph()
+    assert not [d for d in g["multimae.runs"] if d.startswith(("multimae.engine", "multimae.tasks", "multimae.apps"))]
+    bad = {m: sorted(d for d in deps if d.startswith("multimae.tasks"))
+           for m, deps in g.items() if m.startswith("multimae.apps")}
+    assert not {m: d for m, d in bad.items() if d}, bad
+    core = {m: sorted(d for d in deps if not d.startswith("multimae.core"))
+            for m, deps in g.items() if m.startswith("multimae.core")}
+    assert not {m: d for m, d in core.items() if d}, core

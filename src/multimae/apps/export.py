@@ -72,80 +72,42 @@ class _Positional(nn.Module):
         return self.model(batch)
 
 
-class _Probe(nn.Module):
-    """Encoder mean token -> linear probe, as a probe run scores."""
-
-    def __init__(self, model: nn.Module, probe: nn.Module) -> None:
-        super().__init__()
-        self.model, self.probe = model, probe
-
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.probe(self.model.features(batch))
-
-
-def _finetune_model(ckpt: Path, meta: dict[str, Any]) -> tuple[nn.Module, Any]:
-    if meta["kind"] == "finetune":
-        from multimae.tasks.finetune_eval import load_finetuned
-
-        return load_finetuned(ckpt, meta)
-    from multimae.checkpoint import load_weights
-    from multimae.checkpoint.convert import load_state_strict
-    from multimae.core.config import from_dict
-    from multimae.engine.config import upgrade_saved_config
-    from multimae.tasks.finetune_config import FinetuneConfig
-    from multimae.tasks.probe import PROBE_PREFIX, LinearProbe
-    from multimae.model.transfer import TransferModel
-
-    cfg = from_dict(FinetuneConfig, upgrade_saved_config(meta["config"]))
-    model = TransferModel(cfg.model)
-    weights = load_weights(ckpt)
-    load_state_strict(model, {k: v for k, v in weights.items() if not k.startswith(PROBE_PREFIX)}, str(ckpt))
-    probe = LinearProbe(model.dim, int(cfg.model.head.num_classes or 0))
-    probe.load_state_dict({k[len(PROBE_PREFIX):]: v for k, v in weights.items() if k.startswith(PROBE_PREFIX)})
-    return _Probe(model, probe), cfg
-
-
 def load_exportable(source: str | os.PathLike, inputs: Sequence[str] | None = None,
                     encoder_only: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """The module to export from ``source`` and its description (kind, input specs, image size,
     output name, class names). See the module doc for the sources."""
     from multimae.checkpoint import load_meta, resolve_checkpoint
+    from multimae.runs import load_run
 
     p = Path(source)
     if not p.exists():
         raise CheckpointError(f"export: checkpoint {p} does not exist")
-    meta: dict[str, Any] = {}
-    ckpt = None
+    kind = None
     if p.is_dir():
         try:
-            ckpt = resolve_checkpoint(p)
-            meta = load_meta(ckpt)
+            kind = load_meta(resolve_checkpoint(p)).get("kind")
         except CheckpointError:
-            ckpt = None  # e.g. a save_pretrained directory: read by read_init below
-    if meta.get("kind") in ("finetune", "probe") and ckpt is not None:
-        model, cfg = _finetune_model(ckpt, meta)
-        tm = model.model if isinstance(model, _Probe) else model
-        if inputs and list(inputs) != list(cfg.model.inputs):
-            raise CheckpointError(f"export: {ckpt} was fine-tuned on inputs {cfg.model.inputs}; "
+            kind = None  # e.g. a save_pretrained directory: read by build_transfer_model below
+    if kind in ("finetune", "probe"):
+        run = load_run(p)
+        names = [s.name for s in run.inputs]
+        if inputs and list(inputs) != names:
+            raise CheckpointError(f"export: {run.checkpoint} was fine-tuned on inputs {names}; "
                                   f"--inputs {list(inputs)} would need another head")
-        head = cfg.model.head
+        (target, out), = run.outputs.items()
+        model: nn.Module = run.model
+        enc = run.model  # the transfer model is its encoder + a head
         if encoder_only:
             desc = {"kind": "encoder", "output": "tokens"}
-            model = tm.encoder_only()
-        elif meta["kind"] == "probe":
+            model = run.model.encoder_only().eval()  # type: ignore[union-attr]
+        elif run.kind == "probe":
             desc = {"kind": "probe", "output": "logits"}
         else:
-            from multimae.tasks.finetune_config import target_of
-
-            out = "logits" if head.kind in ("classification", "segmentation") else target_of(cfg)
-            desc = {"kind": head.kind, "output": out}
-        from multimae.tasks.finetune_eval import class_names
-
-        names = class_names(cfg)
-        desc.update(specs=list(tm.input_specs.values()), image_size=int(tm.encoder_config.image_size),
-                    patch_size=int(tm.patch_size), source=str(ckpt), num_classes=head.num_classes,
-                    classes=names if names and not encoder_only else None)
-        return model.eval(), desc
+            desc = {"kind": out.kind, "output": "logits" if out.kind in ("classification", "segmentation") else target}
+        desc.update(specs=list(run.inputs), image_size=int(enc.encoder_config.image_size), patch_size=int(enc.patch_size),
+                    source=str(run.checkpoint), num_classes=out.num_classes,
+                    classes=out.classes if out.classes and not encoder_only else None)
+        return model, desc
     from multimae.model.transfer import HeadConfig, TransferModelConfig, build_transfer_model, read_init
 
     weights = read_init(source)  # read once: weights in MultiMAE names + the architecture
@@ -242,7 +204,7 @@ def export_onnx(source: str | os.PathLike | nn.Module, out: str | os.PathLike, i
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     onnx.checker.check_model(proto)
-    from multimae.checkpoint.io import save_file_atomic  # fsync + rename, the user's umask
+    from multimae.core.io import save_file_atomic  # fsync + rename, the user's umask
 
     save_file_atomic(out, lambda tmp: onnx.save_model(proto, str(tmp)))
     with torch.no_grad():

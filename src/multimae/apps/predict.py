@@ -16,8 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -26,42 +25,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from multimae.core.device import autocast, resolve_device, resolve_precision
+from multimae.core.io import save_bytes_atomic
 from multimae.data.codecs import _png_bytes, decode_image
 from multimae.data.errors import DataError
-from multimae.data.prepare.writing import write_bytes
+from multimae.apps.inference import Counts, InputItem, open_items, run_batches
+from multimae.runs import RunOutput, load_run
 from multimae.apps.predict_io import (ARRAY_DTYPES, DEFAULT_MAX_PIXELS, LowRes, check_identity, check_pixels, fingerprint,
-                                 output_names, write_array, write_colour, write_depth_png, write_ids, write_preview)
+                                 write_array, write_colour, write_depth_png, write_ids, write_preview)
 
 META_FILE = "multimae_predict.json"
 CLS_FILE = "classification.jsonl"
 DEPTH_PNG_SCALE = 1e-3  # metric depth PNGs: millimetres
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on a CUDA device with bf16 support, else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-@dataclass
-class Output:
-    """How one predicted task is written: ``kind`` classification | segmentation | depth | dense;
-    ``units``: what depth values mean."""
-
-    kind: str
-    classes: list[str] | None = None
-    units: str | None = None
-    mean: tuple[float, ...] | None = None  # an image output's normalisation (undone in its preview)
-    std: tuple[float, ...] | None = None
+#: how one predicted task is written (kind, classes, units, an image output's normalisation)
+Output = RunOutput
 
 
 @dataclass
@@ -84,66 +63,34 @@ class Predictor:
     @classmethod
     def from_run(cls, path: str | os.PathLike, device: str = "auto", precision: str = "auto",
                  inputs: Sequence[str] | None = None, window: bool = False) -> "Predictor":
-        from multimae.checkpoint import load_meta, resolve_checkpoint
         from multimae.data.downstream import TransferTransform
 
-        ckpt = resolve_checkpoint(path)
-        meta = load_meta(ckpt)
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
-        if meta.get("kind") == "finetune":
-            from multimae.tasks.finetune_eval import load_finetuned
-
-            model, cfg = load_finetuned(ckpt, meta)
-            specs = list(model.input_specs.values())
-            if inputs is not None and list(inputs) != [s.name for s in specs]:
-                raise DataError(f"--inputs {','.join(inputs)}: the fine-tuning run {ckpt} takes "
-                                f"{','.join(s.name for s in specs)}")
-            from multimae.tasks.finetune_config import target_of
-            from multimae.tasks.finetune_data import DENSE_KINDS
-
-            kind = cfg.model.head.kind
-            tf = TransferTransform(specs, "label", None, cfg.data.image_size, False,
-                                   letterbox_eval=kind in DENSE_KINDS)
-            names = _class_names(cfg)
-            units = "metric" if kind == "depth" else None
-            outs = {target_of(cfg): Output(kind, names, units)}
-            size = cfg.data.image_size
-            run_kind = "finetune"
-        elif meta.get("kind") == "probe":
-            raise DataError(f"{ckpt}: a linear probe run; predict takes fine-tuning or pretraining runs")
+        run = load_run(path, dev)
+        if run.kind == "probe":
+            raise DataError(f"{run.checkpoint}: a linear probe run; predict takes fine-tuning or pretraining runs")
+        names = [s.name for s in run.inputs]
+        if run.kind == "finetune":
+            if inputs is not None and list(inputs) != names:
+                raise DataError(f"--inputs {','.join(inputs)}: the fine-tuning run {run.checkpoint} takes "
+                                f"{','.join(names)}")
+            specs = list(run.inputs)
         else:
-            from multimae.tasks.inference import load_pretrain_run
-
-            model, pcfg, _ = load_pretrain_run(ckpt)
-            names = [n for n, s in model.input_specs.items() if s.is_spatial]
-            chosen = list(inputs) if inputs is not None else names[:1]
-            bad = [n for n in chosen if n not in model.input_specs]
+            spatial = [s.name for s in run.inputs if s.is_spatial]
+            chosen = list(inputs) if inputs is not None else spatial[:1]
+            bad = [n for n in chosen if n not in names]
             if bad:
-                raise DataError(f"--inputs {','.join(chosen)}: {bad} not among the run's inputs {names}")
-            specs = [model.input_specs[n] for n in chosen]
-            size = pcfg.model.image_size
-            tf = TransferTransform(specs, "label", None, size, False, letterbox_eval=True)
-            outs = {}
-            for t, s in model.output_specs.items():
-                if s.kind == "text":
-                    continue
-                if s.kind == "categorical":
-                    outs[t] = Output("segmentation", _pretrain_classes(pcfg, t, s.num_classes))
-                elif s.kind == "image" and s.mean is not None and not s.norm_pix:
-                    outs[t] = Output("dense", mean=tuple(s.mean), std=tuple(s.std or (1.0,) * len(s.mean)))
-                elif s.normalized and s.kind == "dense":  # a raster: raw = value * std + mean (the spec's)
-                    outs[t] = Output("dense", units=f"standardised per band with the run's {t} mean / std")
-                else:
-                    outs[t] = Output("dense", units="robust-standardised" if s.standardize == "robust" else None)
-            run_kind = "pretrain"
-        model.eval().to(dev)
-        return cls(model, run_kind, specs, size, tf, outs, str(ckpt), dev, prec, window)
+                raise DataError(f"--inputs {','.join(chosen)}: {bad} not among the run's inputs {spatial}")
+            specs = [s for n in chosen for s in run.inputs if s.name == n]
+        outs = {t: replace(o, classes=o.classes or ([str(i) for i in range(o.num_classes)] if o.num_classes else None))
+                for t, o in run.outputs.items()}
+        letterbox = any(o.kind != "classification" for o in outs.values())
+        tf = TransferTransform(specs, "label", None, run.image_size, False, letterbox_eval=letterbox)
+        return cls(run.model, run.kind, specs, run.image_size, tf, outs, str(run.checkpoint), dev, prec, window)
 
     # ----------------------------------------------------------------------------- forward
     def _forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        from multimae.engine.step import autocast
-
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.no_grad(), autocast(self.precision, self.device):
             if self.kind == "finetune":
@@ -259,33 +206,6 @@ def _size(raw: dict[str, Tensor]) -> tuple[int, int]:
     return int(v.shape[-2]), int(v.shape[-1])
 
 
-def _class_names(cfg: Any) -> list[str] | None:
-    """The class names of a run, else "0" .. "K-1"."""
-    from multimae.tasks.finetune_eval import class_names as names
-
-    n = names(cfg)
-    K = int(cfg.model.head.num_classes or 0)
-    return n if n else ([str(i) for i in range(K)] if K else None)
-
-
-def _pretrain_classes(pcfg: Any, task: str, num_classes: int) -> list[str]:
-    """Class names of a pretraining run's categorical output: its source's, else those its
-    pseudo-labelled folder dataset records, else "0" .. "K-1"."""
-    from multimae.data.sources import get_source
-
-    names = None
-    try:
-        names = get_source(pcfg.data.source).classes("segmentation")
-        root = getattr(pcfg.data, "root", None)
-        if names is None and root:
-            from multimae.data.folder import read_meta
-
-            names = read_meta(root).get("pseudolabel", {}).get(task, {}).get("classes")
-    except (DataError, OSError, ValueError, AttributeError):
-        names = None
-    return list(names) if names and len(names) == num_classes else [str(i) for i in range(num_classes)]
-
-
 # ---------------------------------------------------------------------------------- writing
 
 def _colour(ids: Tensor, n: int) -> np.ndarray:
@@ -349,12 +269,12 @@ def write_prediction(root: Path, task: str, out: Output, name: str, pred: Tensor
 
 
 @dataclass
-class PredictReport:
-    predicted: int = 0
-    already_done: int = 0
-    bad: int = 0
-    seconds: float = 0.0
-    bad_files: list[str] = field(default_factory=list)
+class PredictReport(Counts):
+    """What ``predict_files`` did (:class:`~multimae.apps.inference.Counts`)."""
+
+    @property
+    def predicted(self) -> int:
+        return self.processed
 
 
 def resolve_arrays(arrays: str, run_kind: str) -> str:
@@ -367,37 +287,14 @@ def resolve_arrays(arrays: str, run_kind: str) -> str:
     return arrays
 
 
-def _open_items(input: Any) -> tuple[list[Any] | Iterable[Any], int | None, bool]:
-    """``(items, count, mirror)`` of a folder, explicit files or shards; ``mirror``: output
-    names are the items' relative paths."""
-    from multimae.apps.pseudolabel.sources import InputItem, _file_reader, is_shard_input, open_input
-
-    specs = [str(x) for x in input] if isinstance(input, (list, tuple)) else [str(input)]
-    if len(specs) == 1 and Path(specs[0]).is_dir():
-        kind, items, total = open_input(specs[0])
-        return items, total, kind != "shards"
-    shards = [s for s in specs if is_shard_input(s)]
-    if shards and len(shards) == len(specs):
-        _, items, total = open_input(",".join(shards))
-        return items, total, False
-    if shards:
-        raise DataError(f"input {shards[0]}: .tar shards cannot be mixed with image files or folders")
-    paths = [Path(s) for s in specs]
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"input {p}: not a file" + (" (give one folder, or files)" if p.is_dir() else ""))
-    names = output_names(paths)
-    items = [InputItem("all", n, p.suffix[1:].lower(), str(p), _file_reader(p), rel=n) for n, p in zip(names, paths)]
-    return items, len(items), True
-
-
 def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str], out: str | os.PathLike,
                   batch_size: int = 8, progress: bool = True, topk: int = 5,
                   pairs: dict[str, str | os.PathLike] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                   arrays: str = "auto") -> PredictReport:
     """Predict every image of ``input`` (a folder, image files, or .tar shards: paths, brace
     patterns, comma lists) into ``out``; resumable (finished images are skipped), bad files
-    (unreadable, over ``max_pixels``, a duplicate output name) reported, skipped and counted.
+    (unreadable, over ``max_pixels``, a duplicate output name) reported, skipped and counted
+    (the pipeline of :mod:`multimae.apps.inference`).
 
     Outputs mirror each input's relative path (``x/a.png`` -> ``OUT/x/a.<task>.png``; a dataset's
     ``rgb/<class>/<name>`` -> ``OUT/<class>/<name>...``). ``OUT/multimae_predict.json`` records the
@@ -407,16 +304,12 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
     The first input modality is read from ``input``; every other one from a paired directory
     (``pairs[name]``; default for a dataset's ``rgb/`` input: its sibling ``<name>/``) holding a
     file of the same relative path and stem (any extension the modality can be read from)."""
-    from tqdm.auto import tqdm
-
-    from multimae.apps.pseudolabel.run import _batches
-
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     arrays = resolve_arrays(arrays, predictor.kind)
     pairs = {k: Path(v) for k, v in (pairs or {}).items()}
     root = Path(out)
-    items, total, mirror = _open_items(input)
+    items, total, mirror = open_items(input)
     identity = run_identity(predictor, arrays)
     check_identity(root / META_FILE, identity)
     root.mkdir(parents=True, exist_ok=True)
@@ -428,14 +321,12 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
                 done_cls.add(json.loads(line)["image"])
     report = PredictReport()
     _write_meta(root, predictor, report, identity, arrays)  # the identity, before the first output
-    start = time.perf_counter()
     spec0 = predictor.inputs[0]
-    seen: dict[str, str] = {}
 
-    def name_of(it: Any) -> str:
+    def name_of(it: InputItem) -> str:
         return (it.rel or (it.name if it.cls == "all" else f"{it.cls}/{it.name}")) if mirror else it.name
 
-    def done(name: str) -> bool:
+    def done(it: InputItem, name: str) -> bool:
         for t, o in predictor.outputs.items():
             if o.kind == "classification":
                 if name not in done_cls:
@@ -444,61 +335,34 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
                 return False
         return True
 
-    def bad(err: DataError) -> None:
-        report.bad += 1
-        report.bad_files.append(str(err))
+    def decode(it: InputItem) -> dict[str, Tensor]:
+        data = it.read()
+        check_pixels(data, max_pixels, f"image {it.where}")
+        raw = {spec0.key: decode_image(data, spec0.channels, f"image {it.where}")}
+        for sp in predictor.inputs[1:]:
+            raw[sp.key] = _paired(sp, it, input, pairs)
+        return raw
+
+    def process(batch: Sequence[tuple[InputItem, str, dict[str, Tensor]]]) -> None:
+        records = []
+        for (_, name, _), preds in zip(batch, predictor.predict_lowres([raw for _, _, raw in batch])):
+            for t, p in preds.items():
+                rec = write_prediction(root, t, predictor.outputs[t], name, p, topk, arrays)
+                if rec is not None:
+                    records.append(rec)
+        if records:
+            with open(cls_path, "a") as f:  # one line per image, appended after its batch
+                f.write("".join(json.dumps(r) + "\n" for r in records))
+                f.flush()
+                os.fsync(f.fileno())
+
+    def skipped(err: DataError) -> None:
         print(f"skipped: {err}", flush=True)
-        bar.update(1)
 
-    def pending() -> Iterable[Any]:
-        for it in items:
-            name = name_of(it)
-            if name in seen:
-                bad(DataError(f"{it.where}: its outputs would overwrite those of {seen[name]} ({name}); rename one"))
-                continue
-            seen[name] = it.where
-            if done(name):
-                report.already_done += 1
-                bar.update(1)
-                continue
-            yield it
-
-    bar = tqdm(total=total, unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
-    records = []
     try:
-        for batch in _batches(pending(), batch_size):
-            raws, names = [], []
-            for it in batch:
-                try:
-                    data = it.read()
-                    check_pixels(data, max_pixels, f"image {it.where}")
-                    raw = {spec0.key: decode_image(data, spec0.channels, f"image {it.where}")}
-                    for sp in predictor.inputs[1:]:
-                        raw[sp.key] = _paired(sp, it, input, pairs)
-                    raws.append(raw)
-                    names.append(name_of(it))
-                except DataError as err:
-                    bad(err)
-            if not raws:
-                continue
-            for name, preds in zip(names, predictor.predict_lowres(raws)):
-                for t, p in preds.items():
-                    rec = write_prediction(root, t, predictor.outputs[t], name, p, topk, arrays)
-                    if rec is not None:
-                        records.append(rec)
-                report.predicted += 1
-            del raws
-            if records:
-                with open(cls_path, "a") as f:  # one line per image, appended after its batch
-                    f.write("".join(json.dumps(r) + "\n" for r in records))
-                    f.flush()
-                    os.fsync(f.fileno())
-                records = []
-            bar.update(len(names))
-            bar.set_postfix(bad=report.bad, done_before=report.already_done, refresh=False)
+        run_batches(items, total, name=name_of, done=done, decode=decode, process=process, on_bad=skipped,
+                    batch_size=batch_size, desc="predict", progress=progress, counts=report)
     finally:
-        bar.close()
-        report.seconds = time.perf_counter() - start
         _write_meta(root, predictor, report, identity, arrays)
     return report
 
@@ -560,7 +424,7 @@ def _write_meta(root: Path, predictor: Predictor, report: PredictReport, identit
                 info["units"] = o.units + (" (per-image standardised, not metres)" if o.units.startswith("robust") else "")
         elif o.kind == "segmentation":
             info["files"] = f"<name>.{t}.png (class ids), <name>.{t}.color.png; legend {t}.legend.png"
-            write_bytes(root / f"{t}.legend.png", legend_png(o.classes or []))
+            save_bytes_atomic(root / f"{t}.legend.png", legend_png(o.classes or []))
         else:
             info["files"] = f"{CLS_FILE} (top-k per image)"
         tasks[t] = info
@@ -570,4 +434,4 @@ def _write_meta(root: Path, predictor: Predictor, report: PredictReport, identit
             ("letterbox" if predictor.transform.letterbox else "centre crop"),
             "tasks": tasks, "png_scale": {t: DEPTH_PNG_SCALE for t, o in predictor.outputs.items() if o.kind == "depth"},
             "counts": {"predicted": report.predicted, "already_done": report.already_done, "bad": report.bad}}
-    write_bytes(root / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    save_bytes_atomic(root / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())

@@ -177,7 +177,7 @@ def write_preview(path: Path, pred: LowRes, mean: Sequence[float] | None = None,
 def write_array(path: Path, pred: LowRes, dtype: str) -> None:
     """The (C, h, w) values as ``.npy`` of ``dtype``, written band by band into a memory-mapped
     temporary file renamed into place when complete (no partial file on failure)."""
-    from multimae.checkpoint.io import save_file_atomic
+    from multimae.core.io import save_file_atomic
 
     def fill(tmp: Path) -> None:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=ARRAY_DTYPES[dtype], shape=(pred.channels, *pred.size))

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from multimae.core.batch import Batch
-from multimae.model.losses import norm_pix, patchify, unpatchify
+from multimae.model.losses import patchify, unpatchify
 from multimae.core.masking import MaskPlan
 from multimae.model.multimae import MultiMAE
 from multimae.core.modalities import ModalitySpec
@@ -176,25 +176,56 @@ def save_png(image: Tensor, path: str | Path) -> Path:
 def reconstruction_figure(model: MultiMAE, cfg: Any, num_samples: int = 2) -> Tensor | None:
     """The figure on held-out samples of a run's data config (used by the trainer); None when the
     data has no held-out samples (a folder dataset without a validation split)."""
-    from multimae.data.loader import BatchSpec, eval_batches
-
-    batches = eval_batches(BatchSpec.of(model), cfg.data, cfg.mask, cfg.train.seed, batch_size=num_samples,
-                           limit=num_samples)
-    if not batches:
-        return None
-    batch, plan = batches[0]
     was_training = model.training
     model.eval()
-    fig = reconstruction_grid(model, batch, plan, num_samples, vocab=run_vocabulary(model, cfg))
+    fig = heldout_figure(model, cfg.data, cfg.mask, cfg.train.seed, num_samples)
     model.train(was_training)
     return fig
 
 
-def run_vocabulary(model: MultiMAE, cfg: Any) -> list[str] | None:
-    """id -> token of the run's tokenizer, when the model has a text modality."""
+def heldout_figure(model: MultiMAE, data: Any, mask: Any, seed: int, num_samples: int = 2) -> Tensor | None:
+    """The figure of the first ``num_samples`` held-out samples of ``data`` (a
+    :class:`~multimae.data.config.DataConfig`) under ``mask`` (its masking, seeded); None when
+    there are none."""
+    from multimae.data.loader import BatchSpec, eval_batches
+
+    batches = eval_batches(BatchSpec.of(model), data, mask, seed, batch_size=num_samples, limit=num_samples)
+    if not batches:
+        return None
+    batch, plan = batches[0]
+    return reconstruction_grid(model, batch, plan, num_samples, vocab=run_vocabulary(model, data))
+
+
+def files_figure(model: MultiMAE, mask: Any, files: Sequence[str | Path], seed: int = 0) -> Tensor:
+    """RGB image files -> figure (random masks of the first input under ``mask``, and every other
+    task predicted from it)."""
+    from multimae.core.seeding import generator
+    from multimae.data.codecs import decode_image
+    from multimae.data.errors import DataError
+    from multimae.data.loader import BatchSpec, MaskCollator
+    from multimae.data.transforms import PairedTransform
+
+    source = next(iter(model.input_specs.values()))
+    tf = PairedTransform([source], model.config.image_size, train=False)
+    samples = []
+    for f in files:
+        try:
+            data = Path(f).read_bytes()
+        except OSError as e:
+            raise DataError(f"image {f}: cannot be read ({e})") from e
+        arr = decode_image(data, 3, f"image {f}")  # upright (EXIF), alpha composited
+        samples.append(tf({source.key: arr, "__key__": Path(f).stem}))
+    batch = Batch({source.key: torch.stack([s[source.key] for s in samples])})
+    spec = BatchSpec((source,), (source,), model.config.patch_size, model.config.image_size)
+    plan = MaskCollator(spec, mask, seed).plan(batch, generator(seed, "visualize-files"))
+    return reconstruction_grid(model, batch, plan, len(files))
+
+
+def run_vocabulary(model: MultiMAE, data: Any) -> list[str] | None:
+    """id -> token of the tokenizer of ``data`` (a run's data config), when the model has a text modality."""
     if not any(s.kind == "text" for s in model.input_specs.values()):
         return None
     from multimae.data.loader import load_text_tokenizer
 
-    tok = load_text_tokenizer(cfg.data.tokenizer)
+    tok = load_text_tokenizer(data.tokenizer)
     return [tok.id_to_token(i) or "?" for i in range(tok.get_vocab_size())]

@@ -9,7 +9,7 @@ Layout of one checkpoint (a directory)::
         meta.json           {"format_version", "step", "epoch", "config", "library_version",
                              "time", ...}
 
-Writes are atomic: everything goes into ``.tmp-step-...-<pid>@<host>-<random>/`` beside the final
+Writes are atomic (:mod:`multimae.core.io`): everything goes into ``.tmp-step-...-<pid>@<host>-<random>/`` beside the final
 directory, every file is fsync'ed, and the directory is renamed into place. ``meta.json`` is written
 last, so a directory without a parseable ``meta.json`` is never taken as a checkpoint. Old
 checkpoints are pruned by renaming them out of sight first (``.old-...``), then deleting; leftovers
@@ -20,16 +20,13 @@ the free space (:class:`CheckpointError`); the previous checkpoint stays intact.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
 import re
 import shutil
-import socket
 import time
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save_file as _st_save_file
+
+from multimae.core.io import TMP_PREFIX as _TMP_PREFIX
+from multimae.core.io import apply_umask, free_space, save_file_atomic, tmp_name, writer_gone
+from multimae.core.io import disk_full as _disk_full
+from multimae.core.io import fsync_dir as _fsync_dir
+from multimae.core.io import fsync_file as _fsync_file
 
 __all__ = [
     "FORMAT_VERSION",
@@ -91,7 +94,6 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 CHECKPOINTS_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-_TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 
 
@@ -106,110 +108,9 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:09d}"
 
 
-# --------------------------------------------------------------------------------------------
-# Atomic file helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
-def apply_umask(path: str | os.PathLike[str]) -> None:
-    """Give a file the mode the user's umask gives new files (``0o666 & ~umask``): writers that
-    create private temporaries (``tempfile.mkstemp``, safetensors: 0600) would keep them unreadable
-    by the group."""
-    os.chmod(path, 0o666 & ~_umask())
-
-
-def tmp_name(name: str, prefix: str = "") -> str:
-    """``<prefix or .tmp->name-<pid>@<host>-<random>``: a temporary name that says who writes it, so
-    a clean-up removes it only once that process is gone (:func:`writer_gone`)."""
-    return f"{prefix or _TMP_PREFIX}{name}-{os.getpid()}@{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-
-
-_WRITER_RE = re.compile(r"-(\d+)@([^/]+)-[0-9a-f]{8}$")
-
-
-def writer_gone(name: str) -> bool:
-    """Whether the process that named a temporary with :func:`tmp_name` has ended (a name from
-    another host, or without a writer, counts as gone only when it is a day old: see the caller)."""
-    m = _WRITER_RE.search(name)
-    if m is None or m.group(2) != socket.gethostname():
-        return False
-    pid = int(m.group(1))
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def _disk_full(e: BaseException) -> bool:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(e)
-    return "No space left" in text or "unexpected pos" in text or "quota" in text.lower()
-
-
 def _disk_full_error(path: Path, e: BaseException) -> CheckpointError:
-    try:
-        free = shutil.disk_usage(path if path.exists() else path.parent).free
-        left = f"{free / 2**20:.1f} MiB free"
-    except OSError:
-        left = "free space unknown"
-    return CheckpointError(f"disk full while writing {path} ({left}); the previous checkpoint is intact. "
+    return CheckpointError(f"disk full while writing {path} ({free_space(path)}); the previous checkpoint is intact. "
                            "Free some space (or set train.keep_last lower) and run the same command again")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_file_atomic(path: str | os.PathLike[str], write_fn: Callable[[Path], None]) -> Path:
-    """Write one file atomically: ``write_fn(tmp_path)``, fsync, then ``os.replace`` into place.
-
-    If ``write_fn`` raises, the temp file is removed and an existing file at ``path`` is left
-    untouched. Returns the final path.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(tmp_name(final.name))
-    try:
-        write_fn(tmp)
-        if not tmp.is_file():
-            raise CheckpointError(f"write function did not create {tmp} (for {final})")
-        apply_umask(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, final)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if _disk_full(e):
-            raise _disk_full_error(final, e) from e
-        raise
-    _fsync_dir(final.parent)
-    return final
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -253,7 +253,7 @@ def to_transformers_vitmae(model: torch.nn.Module, directory: Any, input_name: s
     from safetensors.torch import save_file
 
     from multimae.checkpoint import hf
-    from multimae.checkpoint.io import save_file_atomic
+    from multimae.core.io import save_file_atomic
 
     sd, kwargs, report = to_timm_state_dict(model, input_name)
     cfg = model.config

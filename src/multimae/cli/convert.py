@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from safetensors.torch import save_file
 
-    from multimae.checkpoint.io import save_file_atomic
+    from multimae.core.io import save_file_atomic
     from multimae.checkpoint.vit import to_timm_state_dict
 
     if dst.suffix != ".safetensors":

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="folder dataset root to offer samples from (default: the run's own)")
     p.add_argument("--split", default=None, help="split of --data (default: val when it exists)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 where the CPU computes it natively (AVX512-BF16/AMX), else fp32")
+                   help="auto: bf16 on a CUDA device with native bf16, else fp32 (multimae.core.device)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, at most 2)")
     p.set_defaults(func=run)
 

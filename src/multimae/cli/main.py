@@ -6,7 +6,9 @@ import importlib
 import sys
 
 # module name under multimae.cli -> each registers one or more subcommands
-_SUBCOMMAND_MODULES = ["pretrain", "visualize", "data", "tokenizer", "info", "demo", "convert", "pseudolabel", "finetune",
+# (each imports only argparse at its top: the library is imported after parsing, so ``--help`` and
+# argument errors never import torch)
+_SUBCOMMAND_MODULES = ["pretrain", "visualize", "data", "tokenizer", "demo", "convert", "pseudolabel", "finetune",
                        "export", "predict", "submit"]
 
 
@@ -16,13 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _SUBCOMMAND_MODULES:
-        try:
-            m = importlib.import_module(f"multimae.cli.{mod}")
-        except ModuleNotFoundError as e:  # a subcommand module not written yet
-            if e.name == f"multimae.cli.{mod}":
-                continue
-            raise
-        m.register(sub)
+        importlib.import_module(f"multimae.cli.{mod}").register(sub)
     return parser
 
 
@@ -30,10 +26,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from multimae.checkpoint import CheckpointError
     from multimae.checkpoint.convert import ConversionError
     from multimae.core.config import ConfigError
+    from multimae.core.io import WriteError
     from multimae.data.errors import DataError
     from multimae.engine.identity import RunLockedError
 
-    return (CheckpointError, ConversionError, ConfigError, DataError, FileNotFoundError, RunLockedError)
+    return (CheckpointError, ConversionError, ConfigError, DataError, FileNotFoundError, RunLockedError, WriteError)
 
 
 def _run_stops() -> tuple[type[BaseException], ...]:

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 on a CUDA device supporting it, else fp32")
+                   help="auto: bf16 on a CUDA device with native bf16, else fp32 (multimae.core.device)")
     p.add_argument("--window", action="store_true",
                    help="sliding-window inference (averaged overlapping windows) instead of letterboxing")
     p.add_argument("--topk", type=int, default=5, help="classification: classes per image")

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 autocast where the device supports it, else fp32")
+                   help="auto: bf16 on a CUDA device with native bf16, else fp32 (multimae.core.device)")
     p.add_argument("--format", choices=("folder", "shards"), default="folder")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (--format shards)")
     p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
-    from multimae.apps.pseudolabel.sources import open_input
+    from multimae.apps.inference import open_input
 
     open_input(args.input)  # a bad --input fails (DataError, exit 2) before any model is loaded
     try:

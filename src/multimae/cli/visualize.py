@@ -22,15 +22,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from multimae.tasks.inference import load_pretrain_run, visualize_files, visualize_heldout
-    from multimae.apps.viz import save_png
+    from multimae.apps.viz import files_figure, heldout_figure, save_png
+    from multimae.data.config import DataConfig, MaskConfig
+    from multimae.data.errors import DataError
+    from multimae.runs import load_run
 
-    model, cfg, ckpt = load_pretrain_run(args.checkpoint)
+    run = load_run(args.checkpoint)
+    if run.kind != "pretrain":
+        raise DataError(f"{run.checkpoint}: a {run.kind} run; visualize draws a pretraining run's predictions")
+    data, mask = run.section(DataConfig, "data"), run.section(MaskConfig, "mask")
     if args.input == "heldout":
-        fig = visualize_heldout(model, cfg, args.num, args.seed)
+        fig = heldout_figure(run.model, data, mask, args.seed, args.num)
+        if fig is None:
+            raise DataError(f"the run's data ({data.source} {data.root}) has no held-out samples (no "
+                            f"{data.val_split} split, data.val_fraction=0); pass image files with --input")
     else:
         files = [args.input, *args.files] if args.input != "files" else list(args.files)
-        fig = visualize_files(model, cfg, files, args.seed)
-    out = Path(args.out) if args.out else ckpt.parent.parent / "visualize.png"
+        fig = files_figure(run.model, mask, files, args.seed)
+    out = Path(args.out) if args.out else run.checkpoint.parent.parent / "visualize.png"
     print(f"figure: {save_png(fig, out)}")
     return 0

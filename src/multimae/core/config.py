@@ -441,11 +441,12 @@ def _build_dataclass(cls: type[T], value: Any, key: str) -> T:
         raise ConfigError(f"invalid config at '{key or cls.__name__}': {e}") from e
 
 
-def from_dict(cls: type[T], d: Mapping[str, Any]) -> T:
-    """Build dataclass ``cls`` from a plain (e.g. JSON) mapping with the same validation as YAML."""
+def from_dict(cls: type[T], d: Mapping[str, Any], key: str = "") -> T:
+    """Build dataclass ``cls`` from a plain (e.g. JSON) mapping with the same validation as YAML;
+    ``key``: where the mapping sits in a larger config (``"model"``), named in errors."""
     if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
         raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
-    return _build_dataclass(cls, d, "")
+    return _build_dataclass(cls, d, key)
 
 
 def to_dict(cfg: Any) -> Any:
@@ -469,10 +470,20 @@ def to_dict(cfg: Any) -> Any:
 
 def save_json(cfg: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``to_dict(cfg)`` as indented JSON, atomically (temp file + fsync + rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n"
-    from multimae.checkpoint.io import save_file_atomic  # fsync + rename, the user's umask, disk-full named
+    from multimae.core.io import save_bytes_atomic  # fsync + rename, the user's umask, disk-full named
 
-    save_file_atomic(p, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return p
+    return save_bytes_atomic(path, (json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n").encode())
+
+
+def upgrade_saved_config(d: dict) -> dict:
+    """A run config (pretraining or fine-tuning) saved by an earlier version, in the current schema
+    (a copy; unknown keys stay unknown and are reported by ``from_dict``). ``train.attention``
+    became ``model.attention``."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    train = d.get("train")
+    if isinstance(train, dict) and "attention" in train:
+        mode = train.pop("attention")
+        model = d.setdefault("model", {})
+        if isinstance(model, dict):
+            model.setdefault("attention", mode)
+    return d

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch.utils.data import Dataset, Subset
 
+from multimae.core.io import save_bytes_atomic
 from multimae.data.codecs import (
     DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, decode_field, decode_packed, encode_field,
     scale_for,
@@ -316,10 +317,7 @@ def write_folder(samples: Iterable[dict], root: str | os.PathLike, split: str, i
             if ext == "png" and getattr(value, "is_floating_point", lambda: False)() and value.shape[0] == 1:
                 png16.add(key)
             path = root / split / key / cdir / f"{name}.{ext}"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            save_bytes_atomic(path, data, fsync=False)  # many small files, rewritten by a re-run
         count += 1
     meta = read_meta(root)
     meta.update(format="multimae-folder", version=1)
@@ -327,5 +325,5 @@ def write_folder(samples: Iterable[dict], root: str | os.PathLike, split: str, i
     if classes is not None:
         meta["classes"] = list(classes)
     root.mkdir(parents=True, exist_ok=True)
-    (root / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    save_bytes_atomic(root / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return count

@@ -96,12 +96,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> Path:
     """Write ``tok`` as a ``tokenizer.json`` (atomically; parent directories are created)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tok.save(str(tmp), pretty=True)
-    os.replace(tmp, p)
-    return p
+    from multimae.core.io import save_file_atomic
+
+    return save_file_atomic(path, lambda tmp: tok.save(str(tmp), pretty=True))
 
 
 # --- training --------------------------------------------------------------------------------------

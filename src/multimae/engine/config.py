@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from multimae.core.config import upgrade_saved_config  # noqa: F401 (re-exported: saved run configs are upgraded below the engine)
+
 
 @dataclass
 class OptimConfig:
@@ -82,17 +84,3 @@ def _check(section: str, cfg: object, positive: tuple[str, ...], non_negative: t
             v = getattr(cfg, name)
             if v is not None and not isinstance(v, bool) and isinstance(v, (int, float)) and not (ok(v) and v == v):
                 raise ValueError(f"{section}.{name}={v}: must be {want}")
-
-
-def upgrade_saved_config(d: dict) -> dict:
-    """A run config (pretraining or fine-tuning) saved by an earlier version, in the current schema
-    (a copy; unknown keys stay unknown and are reported by ``from_dict``). ``train.attention``
-    became ``model.attention``."""
-    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
-    train = d.get("train")
-    if isinstance(train, dict) and "attention" in train:
-        mode = train.pop("attention")
-        model = d.setdefault("model", {})
-        if isinstance(model, dict):
-            model.setdefault("attention", mode)
-    return d

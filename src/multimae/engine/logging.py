@@ -125,7 +125,7 @@ class RunLogger(_Closing):
             run_id = id_file.read_text().strip() if id_file.is_file() else None
             if not run_id:
                 run_id = uuid.uuid4().hex[:12]  # W&B ids: lower-case letters and digits
-                from multimae.checkpoint.io import save_file_atomic
+                from multimae.core.io import save_file_atomic
 
                 save_file_atomic(id_file, lambda tmp: tmp.write_text(run_id + "\n"))
             w = self.wandb

@@ -60,7 +60,7 @@ def drop_rows_after(path: Path, step: int) -> int:
         else:
             keep.append(line)
     if dropped:
-        from multimae.checkpoint.io import save_file_atomic
+        from multimae.core.io import save_file_atomic
 
         save_file_atomic(path, lambda tmp: tmp.write_text("".join(keep), encoding="utf-8"))
     return dropped

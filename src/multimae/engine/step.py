@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from multimae.core.batch import Batch
+from multimae.core.device import autocast  # noqa: F401 (re-exported: the step and its callers use one helper)
 from multimae.core.masking import MaskPlan
 
 Micro = tuple[Batch, MaskPlan | None]
@@ -29,20 +30,6 @@ FINITE_KEY = "finite"  # the stats entry holding the step's device-side finite f
 class NonFiniteLossError(FloatingPointError):
     """A loss or the gradient norm became NaN or infinite; the message names the step and the
     task losses."""
-
-
-def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """Autocast context for ``fp32`` (none), ``bf16`` (CPU or GPU) or ``fp16`` (GPU only)."""
-    dev = torch.device(device).type
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(dev, dtype=torch.bfloat16)
-    if precision == "fp16":
-        if dev != "cuda":
-            raise ValueError("precision fp16 needs a CUDA device (use bf16 on the CPU)")
-        return torch.autocast(dev, dtype=torch.float16)
-    raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
 
 
 def read_stats(stats: Mapping[str, Any]) -> dict[str, float]:

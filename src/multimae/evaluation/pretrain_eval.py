@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from multimae.core.batch import Batch
+from multimae.core.io import save_bytes_atomic
 from multimae.model.losses import norm_pix
 from multimae.core.masking import MaskPlan
 from multimae.model.multimae import MultiMAE
@@ -137,7 +138,7 @@ def format_eval_rows(rows: list[EvalRow]) -> str:
 
 def write_eval_rows(rows: list[EvalRow], run_dir: Path, header: str = "") -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "eval.json").write_text(json.dumps([asdict(r) | {"better": r.better} for r in rows], indent=2))
+    save_bytes_atomic(run_dir / "eval.json", json.dumps([asdict(r) | {"better": r.better} for r in rows], indent=2).encode())
     path = run_dir / "eval.md"
-    path.write_text((header + "\n\n" if header else "") + format_eval_rows(rows) + "\n")
+    save_bytes_atomic(path, ((header + "\n\n" if header else "") + format_eval_rows(rows) + "\n").encode())
     return path

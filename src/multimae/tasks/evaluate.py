@@ -13,29 +13,21 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = (), device: str = 
     """Re-score a saved fine-tuning or probe run: its config from the checkpoint, ``overrides``
     applied (e.g. ``data.split=test``); writes ``eval-<split>.md/json`` into the run directory and
     returns the result."""
-    from multimae.checkpoint import load_meta, load_weights, resolve_checkpoint
-    from multimae.checkpoint.convert import load_state_strict
-    from multimae.core.config import ConfigError, apply_overrides, from_dict
-    from multimae.engine.config import upgrade_saved_config
+    from multimae.core.config import ConfigError, from_dict
+    from multimae.runs import load_run
     from multimae.tasks.finetune_eval import evaluate_model, write_eval_report
-    from multimae.tasks.probe import evaluate_probe_weights
-    from multimae.model.transfer import TransferModel
+    from multimae.tasks.probe import evaluate_probe
 
-    ckpt = resolve_checkpoint(path)
-    meta = load_meta(ckpt)
-    if meta.get("kind") not in ("finetune", "probe"):
-        raise ConfigError(f"{ckpt} is not a fine-tuning or probe run (meta kind {meta.get('kind')!r}); "
+    run = load_run(path, device, overrides)
+    if run.kind not in ("finetune", "probe"):
+        raise ConfigError(f"{run.checkpoint} is not a fine-tuning or probe run (meta kind {run.meta.get('kind')!r}); "
                           "pretraining runs are evaluated at the end of 'multimae pretrain'")
-    cfg = from_dict(FinetuneConfig, apply_overrides(upgrade_saved_config(meta["config"]), list(overrides)))
-    run_dir = ckpt.parent.parent
+    cfg = from_dict(FinetuneConfig, run.config)
     torch.manual_seed(cfg.train.seed)
-    model = TransferModel(cfg.model)
-    weights = load_weights(ckpt)
-    if meta["kind"] == "probe":
-        res = evaluate_probe_weights(model, weights, cfg, device)
+    if run.kind == "probe":
+        res = evaluate_probe(run.model, cfg, run.device)  # type: ignore[arg-type]
     else:
-        load_state_strict(model, weights, str(ckpt))
-        res = evaluate_model(model, cfg, device)
-    write_eval_report(res, cfg, run_dir, int(meta["step"]), meta.get("init_report", cfg.init),
-                      protocol="linear probe" if meta["kind"] == "probe" else "fine-tune", name=f"eval-{res['split']}")
+        res = evaluate_model(run.model, cfg, run.device)
+    write_eval_report(res, cfg, run.checkpoint.parent.parent, int(run.step or 0), run.meta.get("init_report", cfg.init),
+                      protocol="linear probe" if run.kind == "probe" else "fine-tune", name=f"eval-{res['split']}")
     return res

@@ -12,6 +12,7 @@ from typing import Literal
 from multimae.data.sources import SYNTHETIC_SPLITS
 from multimae.engine.config import OptimConfig, RunConfig
 from multimae.model.transfer import TransferModelConfig
+from multimae.runs import target_name
 
 #: Synthetic downstream scenes use the streams ``seed + {0, 1, 2}`` for train / val / test. Pre-
 #: training uses ``train.seed`` (default 0) and ``train.seed + 10000`` (its held-out scenes), so
@@ -129,16 +130,6 @@ class FinetuneConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
-DEFAULT_TARGETS = {"classification": "label", "segmentation": "semseg", "depth": "depth"}
-
-
 def target_of(cfg: FinetuneConfig) -> str:
-    """The predicted field: ``data.target`` or the head kind's default."""
-    kind = cfg.model.head.kind
-    if cfg.data.target:
-        if kind == "classification" and cfg.data.target != "label":
-            raise ValueError(f"data.target={cfg.data.target!r}: a classification head predicts 'label'")
-        return cfg.data.target
-    if kind not in DEFAULT_TARGETS:
-        raise ValueError(f"model.head.kind={kind!r} needs data.target (the dense modality to predict, e.g. normals)")
-    return DEFAULT_TARGETS[kind]
+    """The predicted field: ``data.target`` or the head kind's default (:func:`multimae.runs.target_name`)."""
+    return target_name(cfg.model.head.kind, cfg.data.target)

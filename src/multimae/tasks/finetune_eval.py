@@ -25,11 +25,14 @@ import torch
 from torch import Tensor
 
 from multimae.core.batch import Batch
+from multimae.core.config import to_dict
+from multimae.core.io import save_bytes_atomic
 from multimae.data.downstream import TARGET, TARGET_VALID
 from multimae.evaluation import metrics as M
+from multimae.runs import class_names
 from multimae.tasks.downstream import Datasets, dense_target_spec
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
-from multimae.engine.step import autocast
+from multimae.core.device import autocast
 
 BASELINE_SAMPLES = 512
 #: Metric direction, for the "better" column: True = higher is better.
@@ -201,23 +204,13 @@ def format_metrics_table(res: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def class_names(cfg: FinetuneConfig) -> list[str] | None:
-    """The class names of the run: ``data.classes`` (a folder source's, recorded), else its
-    source's when it fixes them (the synthetic scenes)."""
-    from multimae.data.sources import get_source
-
-    if cfg.model.head.kind == "classification" and cfg.data.classes:
-        return list(cfg.data.classes)
-    return get_source(cfg.data.source).classes(cfg.model.head.kind)
-
-
 def write_eval_report(res: dict[str, Any], cfg: FinetuneConfig, run_dir: Path, step: int, init: str,
                       protocol: str = "fine-tune", name: str = "eval") -> Path:
     """Write ``<name>.md`` (human) and ``<name>.json`` (machine) into ``run_dir``; prints the table."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     answer = res.get("baseline_answer")
-    names = class_names(cfg)
+    names = class_names(cfg.model.head.kind, to_dict(cfg.data))
     if answer and answer["kind"] == "class" and names:
         answer_txt = f"always '{names[answer['value']]}'"
     elif answer and answer["kind"] == "class":
@@ -237,23 +230,7 @@ def write_eval_report(res: dict[str, Any], cfg: FinetuneConfig, run_dir: Path, s
                   zip(labels, res["per_class_iou"], res.get("baseline_per_class_iou") or [None] * len(labels))]
         lines.append("")
     md = run_dir / f"{name}.md"
-    md.write_text("\n".join(lines))
-    (run_dir / f"{name}.json").write_text(json.dumps({**res, "step": step, "init": init}, indent=2) + "\n")
+    save_bytes_atomic(md, "\n".join(lines).encode())
+    save_bytes_atomic(run_dir / f"{name}.json", (json.dumps({**res, "step": step, "init": init}, indent=2) + "\n").encode())
     print("\n".join(lines[2:]), flush=True)
     return md
-
-
-def load_finetuned(ckpt: Path, meta: dict[str, Any]) -> tuple[torch.nn.Module, FinetuneConfig]:
-    """The transfer model (weights loaded strictly) and config of a fine-tuning checkpoint, as
-    ``multimae evaluate`` builds them; used by ``predict`` and ``export``."""
-    from multimae.checkpoint import load_weights
-    from multimae.checkpoint.convert import load_state_strict
-    from multimae.core.config import from_dict
-    from multimae.model.transfer import TransferModel
-
-    from multimae.engine.config import upgrade_saved_config
-
-    cfg = from_dict(FinetuneConfig, upgrade_saved_config(meta["config"]))
-    model = TransferModel(cfg.model)
-    load_state_strict(model, load_weights(ckpt), str(ckpt))
-    return model, cfg

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from multimae.core import config as config_lib
 from multimae.checkpoint import find_latest, load_meta, save_checkpoint
@@ -28,29 +28,16 @@ from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.engine.logging import Progress, RunLogger
 from multimae.engine.optim import WarmupCosine
 from multimae.checkpoint.convert import ConversionReport
+from multimae.model.heads.probe import LinearProbe
 from multimae.model.transfer import TransferModel
+from multimae.runs import PROBE_PREFIX, ProbeModel
 
-PROBE_PREFIX = "probe."
 #: what may change between two invocations of one probe run: besides the schedule, what a probe
 #: does not read (the fine-tuning optimizer, augmentation and loss) and the evaluated split
 PROBE_SCHEDULE_ONLY = SCHEDULE_ONLY | {"optim.*", "aug.*", "train.batch_size", "train.precision", "train.loss",
                                        "train.eval_every", "train.eval_batch_size", "data.split",
                                        "data.eval_transform", "data.eval_crop_pct", "data.val_samples",
                                        "data.test_samples"}
-
-
-class LinearProbe(nn.Module):
-    """BatchNorm1d(affine=False) + Linear: (B, D) features -> (B, K) logits."""
-
-    def __init__(self, dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-        self.fc = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
-
-    def forward(self, feats: Tensor) -> Tensor:
-        return self.fc(self.bn(feats))
 
 
 @torch.no_grad()
@@ -201,19 +188,14 @@ def _run_probe(cfg: FinetuneConfig, datasets: Datasets | None) -> tuple[Path, di
     return run_dir, res
 
 
-def evaluate_probe_weights(model: Any, weights: dict[str, Tensor], cfg: FinetuneConfig, device: str
-                           ) -> dict[str, Any]:
-    """Score a saved probe run's weights (encoder + ``probe.*``) on ``cfg.data.split``."""
-    from multimae.checkpoint.convert import load_state_strict
+def evaluate_probe(model: ProbeModel, cfg: FinetuneConfig, device: str | torch.device) -> dict[str, Any]:
+    """Score a saved probe run's model (:func:`multimae.runs.load_run`) on ``cfg.data.split``."""
     from multimae.tasks.finetune_data import build_eval_loader
     from multimae.tasks.finetune_eval import class_baseline
 
-    load_state_strict(model, {k: v for k, v in weights.items() if not k.startswith(PROBE_PREFIX)}, "probe run")
     K = int(cfg.model.head.num_classes or 0)
-    probe = LinearProbe(model.dim, K)
-    probe.load_state_dict({k[len(PROBE_PREFIX):]: v for k, v in weights.items() if k.startswith(PROBE_PREFIX)})
     specs = list(model.input_specs.values())
     x, y = extract_features(model, build_eval_loader(cfg, specs), torch.device(device))
     train_y = torch.cat([b[TARGET] for b in build_eval_loader(cfg, specs, train_split_stats=True)])
-    return {"metrics": probe_scores(probe, x, y, K), "baseline": class_baseline(train_y, y, K),
+    return {"metrics": probe_scores(model.probe, x, y, K), "baseline": class_baseline(train_y, y, K),
             "num_samples": len(y), "split": cfg.data.split}

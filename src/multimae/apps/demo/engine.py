@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -25,6 +24,7 @@ from multimae.apps.demo.errors import DemoError, short
 from multimae.apps.demo.images import (
     class_colors, decode_upload, patch_mask, png_data_url, prediction_image, set_class, shift_hue, show,
 )
+from multimae.core.device import autocast, resolve_precision
 from multimae.core.masking import MaskPlan, dirichlet_plan
 from multimae.core.modalities import ModalitySpec
 
@@ -51,23 +51,6 @@ class Sample:
     title: str
     pad: dict[str, Tensor] = field(default_factory=dict)  # text: (L,) bool, True = padding
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
-    and slower than fp32."""
-    cpu = getattr(torch, "cpu", None)
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, p, lambda: False)()) for p in probes)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on a CUDA device or a CPU with native bf16, else ``fp32``."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise DemoError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and native_bf16()) else "fp32"
 
 
 class DemoEngine:
@@ -101,7 +84,10 @@ class DemoEngine:
         self.grid = (image_size // self.patch, image_size // self.patch)
         self.default_visible, self.default_alpha = default_visible, default_alpha
         self.device = next(model.parameters()).device
-        self.precision = resolve_precision(precision, self.device)
+        try:
+            self.precision = resolve_precision(precision, self.device)
+        except ValueError as e:
+            raise DemoError(str(e)) from None
         self.class_names = list(class_names) if class_names else None
         self.scene_seed = scene_seed
         self._lock = threading.Lock()  # one model call at a time
@@ -334,9 +320,7 @@ class DemoEngine:
 
     # ------------------------------------------------------------------ predictions
     def _autocast(self) -> Any:
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast(self.precision, self.device)
 
     def predict(self, sample_id: object, hidden: object) -> dict[str, Any]:
         """Every output task's prediction beside its target, for the given hidden patches."""
@@ -470,32 +454,34 @@ def engine_from_checkpoint(path: str | Path, data: str | Path | None = None, spl
     ``data``: a folder dataset root to offer samples from (default: the run's own, when it
     trained on one); ``split``: its split (default ``val`` when it exists, else the run's).
     """
-    from multimae.tasks.inference import load_pretrain_run
-
+    from multimae.data.config import DataConfig, MaskConfig
     from multimae.data.loader import held_out_seed
     from multimae.data.sources import get_source
+    from multimae.runs import load_run, pretrain_classes
 
-    model, cfg, _ = load_pretrain_run(path)
-    source = get_source(cfg.data.source)
-    root = data if data is not None else (cfg.data.root if source.browsable_root else None)
+    run = load_run(path)
+    if run.kind != "pretrain":
+        raise DemoError(f"{run.checkpoint}: a {run.kind} run; the demo shows a pretraining run's predictions")
+    model = run.model
+    dcfg, mcfg = run.section(DataConfig, "data"), run.section(MaskConfig, "mask")
+    seed = int((run.config.get("train") or {}).get("seed", 0))
+    source = get_source(dcfg.source)
+    root = data if data is not None else (dcfg.root if source.browsable_root else None)
     folder = None
     if root is not None:
-        chosen = split or ("val" if (Path(root) / "val").is_dir() else cfg.data.split)
+        chosen = split or ("val" if (Path(root) / "val").is_dir() else dcfg.split)
         folder = (root, chosen)
-    names = source.classes("segmentation")
-    if names is None and root is not None:  # a pseudo-labelled folder dataset records its class names
-        from multimae.data.folder import read_meta
-
-        names = read_meta(root).get("pseudolabel", {}).get("semseg", {}).get("classes")
+    semseg = model.output_specs.get("semseg")
+    names = pretrain_classes({"source": dcfg.source, "root": root}, "semseg", semseg.num_classes) if semseg else None
     tokenizer, ratio = None, 0.75  # M3AE's text mask ratio
     texts = [s for s in model.input_specs.values() if s.kind == "text"]
     if texts:
         from multimae.data.loader import load_text_tokenizer
 
-        tokenizer = load_text_tokenizer(cfg.data.tokenizer)
-        r = cfg.mask.ratios.get(texts[0].name, ratio)
+        tokenizer = load_text_tokenizer(dcfg.tokenizer)
+        r = mcfg.ratios.get(texts[0].name, ratio)
         ratio = float(sum(r) / 2 if isinstance(r, (tuple, list)) else r)
-    return DemoEngine(model, cfg.data.image_size, cfg.mask.num_visible, cfg.mask.alpha, folder=folder,
+    return DemoEngine(model, dcfg.image_size, mcfg.num_visible, mcfg.alpha, folder=folder,
                       precision=precision, limits=limits, class_names=names,
-                      scene_seed=held_out_seed(cfg.train.seed),  # the run's held-out scenes
+                      scene_seed=held_out_seed(seed),  # the run's held-out scenes
                       tokenizer=tokenizer, text_ratio=ratio)

@@ -14,7 +14,6 @@ imported only when a Hugging Face labeller is built (``pip install 'multimae[pse
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from multimae.core.device import autocast, resolve_device, resolve_precision
 from multimae.apps.pseudolabel.labels import LabelMap, build_label_map, coco_panoptic_names, panoptic_to_semantic
 
 UNIVERSAL_TYPES = ("mask2former", "oneformer", "maskformer")
@@ -48,38 +48,6 @@ class LabelerError(ValueError):
 
 
 # --- shared helpers ------------------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively (CUDA with bf16, or a CPU oneDNN reports bf16 for)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """``auto`` -> bf16 where supported, else fp32 (None = no autocast); ``bf16`` / ``fp32`` forced."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision == "bf16" or (precision == "auto" and bf16_supported(device)):
-        return torch.bfloat16
-    return None
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def resize_map(x: Tensor, size: tuple[int, int], categorical: bool) -> Tensor:
@@ -155,7 +123,7 @@ class _HFBase:
                  processor_kwargs: dict | None = None) -> None:
         self.path = Path(path)
         self.device = resolve_device(device)
-        self.dtype = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device)
         self.processor_kwargs = dict(processor_kwargs or {})
 
     def _inputs(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
@@ -176,7 +144,7 @@ class _HFBase:
         results: list = [None] * len(images)
         for idx in groups.values():
             batch = {k: torch.cat([inputs[i][k] for i in idx]).to(self.device) for k in inputs[idx[0]]}
-            with _autocast(self.device, self.dtype):
+            with autocast(self.precision, self.device):
                 out = self.model(**batch)
             for j, i in enumerate(idx):
                 results[i] = (out, j, inputs[i])
@@ -320,15 +288,17 @@ class MultiMAELabeler:
 
     def __init__(self, path: str | Path, tasks: Sequence[str] = ("depth", "semseg"), device: str = "auto",
                  precision: str = "auto", image_size: int | None = None) -> None:
-        from multimae.model.multimae import MultiMAE
+        from multimae.runs import load_run
 
         self.path = Path(path)
         self.device = resolve_device(device)
-        self.dtype = resolve_precision(precision, self.device)
-        self.model, report = MultiMAE.from_pretrained(path, with_report=True)
-        self.ckpt = report.source
-        self.trained_on = str(self.model.provenance.get("training", {}).get("data", ""))
-        self.model.to(self.device)
+        self.precision = resolve_precision(precision, self.device)
+        run = load_run(path, self.device)
+        if run.kind != "pretrain":
+            raise LabelerError(f"{path}: a {run.kind} run; a MultiMAE labeller is a pretraining run (its decoders "
+                               "predict depth / semseg)")
+        self.model, self.ckpt = run.model, str(run.checkpoint)
+        self.trained_on = str(getattr(self.model, "provenance", {}).get("training", {}).get("data", ""))
         outs = self.model.output_specs
         missing = [t for t in tasks if t not in outs]
         if missing:
@@ -371,7 +341,7 @@ class MultiMAELabeler:
         x = torch.cat([F.interpolate(img[None].float() / 255.0, size=(self.size, self.size), mode="bilinear",
                                      antialias=True, align_corners=False) for img in images])
         x = self.rgb.normalize(x).to(self.device)
-        with _autocast(self.device, self.dtype):
+        with autocast(self.precision, self.device):
             preds = self.model({"rgb": x}, tasks=list(self.tasks), compute_loss=False).preds
         out: dict[str, list[Tensor]] = {}
         for t in self.tasks:

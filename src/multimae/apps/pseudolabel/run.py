@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ from multimae.data.errors import DataError, ErrorPolicy
 from multimae.data.folder import META_FILE
 from multimae.data.prepare.writing import METRIC_PNG_SCALE, metric_depth_mm, update_meta, write_bytes
 from multimae.apps.pseudolabel.labelers import Labeler, MultiMAELabeler, is_multimae_checkpoint, load_labeler
-from multimae.apps.pseudolabel.sources import InputItem, open_input
+from multimae.apps.inference import Counts, InputItem, open_input, run_batches
 
 log = logging.getLogger("multimae.apps.pseudolabel")
 
@@ -40,14 +39,14 @@ CLASSES_FILE = "semseg_classes.txt"
 
 
 @dataclass
-class PseudolabelReport:
-    """What a run did: images labelled now, found already done, bad (skipped), and wall time."""
+class PseudolabelReport(Counts):
+    """What a run did (:class:`~multimae.apps.inference.Counts`) and the files it wrote."""
 
-    labelled: int = 0
-    already_done: int = 0
-    bad: int = 0
-    seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
+
+    @property
+    def labelled(self) -> int:
+        return self.processed
 
     @property
     def images_per_second(self) -> float:
@@ -216,17 +215,6 @@ def build_labelers(depth: str | os.PathLike | None, semseg: str | os.PathLike | 
     return out
 
 
-def _batches(items: Iterable[InputItem], size: int) -> Iterator[list[InputItem]]:
-    batch: list[InputItem] = []
-    for it in items:
-        batch.append(it)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def pseudolabel(input: str | os.PathLike, out: str | os.PathLike, labelers: Sequence[Labeler], split: str = "train",
                 batch_size: int = 8, on_error: str = "skip", fmt: str = "folder", shard_size: int = 1000,
                 progress: bool = True, limit: int | None = None) -> PseudolabelReport:
@@ -235,8 +223,6 @@ def pseudolabel(input: str | os.PathLike, out: str | os.PathLike, labelers: Sequ
     on_error: ``skip`` a corrupt / unreadable image (logged, counted in ``report.bad``) or ``raise``.
     limit: stop after this many input images (done ones included). Returns a :class:`PseudolabelReport`.
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if fmt not in ("folder", "shards"):
@@ -256,62 +242,34 @@ def pseudolabel(input: str | os.PathLike, out: str | os.PathLike, labelers: Sequ
         total = min(total, limit) if total is not None else limit
     _record_meta(root, info, depth_scale, fmt)
     writer = FolderWriter(root, split, tasks) if fmt == "folder" else ShardWriter(root, split, shard_size, depth_scale)
+
+    def decode(it: InputItem) -> tuple[bytes, Tensor]:
+        data = it.read()
+        return data, decode_image(data, 3, f"image {it.where}")
+
+    def process(batch: Sequence[tuple[InputItem, str, tuple[bytes, Tensor]]]) -> None:
+        images = [img for _, _, (_, img) in batch]
+        maps: dict[str, list[Tensor]] = {}
+        for lab in labelers:
+            maps.update(lab(images))
+        for i, (it, _, (data, img)) in enumerate(batch):
+            encoded = {}
+            for task in tasks:
+                m = maps[task][i]
+                if tuple(m.shape[-2:]) != tuple(img.shape[-2:]):
+                    raise RuntimeError(f"labeller returned {task} of size {tuple(m.shape[-2:])} for image "
+                                       f"{it.where} of size {tuple(img.shape[-2:])}")
+                encoded[task] = (encode_png16(encode_depth(m, units)[0]) if task == "depth"
+                                 else encode_classes(m, num_classes.get(task, 0), f"{task} of {it.where}"))
+            writer.write(it, data, img, encoded)
+
     report = PseudolabelReport()
-    start = time.perf_counter()
-    bar = tqdm(total=total, unit="img", desc="pseudolabel", disable=not progress, dynamic_ncols=True)
     try:
-        for batch in _batches(_pending(items, writer, report, bar, policy), batch_size):
-            decoded = []
-            for it in batch:
-                try:
-                    data = it.read()
-                    decoded.append((it, data, decode_image(data, 3, f"image {it.where}")))
-                except DataError as err:
-                    policy.handle(err)
-                    report.bad += 1
-                    bar.update(1)
-            if not decoded:
-                continue
-            images = [img for _, _, img in decoded]
-            maps: dict[str, list[Tensor]] = {}
-            for lab in labelers:
-                maps.update(lab(images))
-            for i, (it, data, img) in enumerate(decoded):
-                encoded = {}
-                for task in tasks:
-                    m = maps[task][i]
-                    if tuple(m.shape[-2:]) != tuple(img.shape[-2:]):
-                        raise RuntimeError(f"labeller returned {task} of size {tuple(m.shape[-2:])} for image "
-                                           f"{it.where} of size {tuple(img.shape[-2:])}")
-                    encoded[task] = (encode_png16(encode_depth(m, units)[0]) if task == "depth"
-                                     else encode_classes(m, num_classes.get(task, 0), f"{task} of {it.where}"))
-                writer.write(it, data, img, encoded)
-                report.labelled += 1
-            bar.update(len(decoded))
-            bar.set_postfix(bad=report.bad, done_before=report.already_done, refresh=False)
+        run_batches(items, total, name=lambda it: it.key, done=lambda it, _: writer.done(it), decode=decode,
+                    process=process, on_bad=policy.handle, batch_size=batch_size, desc="pseudolabel",
+                    progress=progress, counts=report)
     finally:
-        bar.close()
-        report.seconds = time.perf_counter() - start
         report.outputs = writer.close()
     if report.bad:
         log.warning("%s", policy.summary(str(input)))
     return report
-
-
-def _pending(items: Iterable[InputItem], writer: FolderWriter | ShardWriter, report: PseudolabelReport,
-             bar, policy: ErrorPolicy) -> Iterator[InputItem]:
-    """The items not labelled yet (resume); the others are counted as already done. An item whose
-    output name an earlier one has (the same key in two shards) is a bad input, never an overwrite."""
-    seen: dict[str, str] = {}
-    for it in items:
-        if it.key in seen:
-            policy.handle(DataError(f"{it.where}: would be written as {it.key}, as {seen[it.key]} is; rename one"))
-            report.bad += 1
-            bar.update(1)
-            continue
-        seen[it.key] = it.where
-        if writer.done(it):
-            report.already_done += 1
-            bar.update(1)
-            continue
-        yield it

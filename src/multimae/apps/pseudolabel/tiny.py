@@ -51,16 +51,15 @@ def save_random_multimae(run_dir: str | os.PathLike, preset: str = "base", image
 
     from multimae.checkpoint import save_checkpoint
     from multimae.core.config import to_dict
+    from multimae.data.config import DataConfig
     from multimae.model.multimae import ModelConfig, MultiMAE
-    from multimae.tasks.pretrain_config import PretrainConfig
 
-    cfg = PretrainConfig(model=ModelConfig(preset=preset, image_size=image_size, inputs=["rgb"],
-                                           outputs=["depth", "semseg"],
-                                           modalities={"semseg": {"num_classes": num_classes}}))
-    cfg.data.source = "folder"
+    cfg = ModelConfig(preset=preset, image_size=image_size, inputs=["rgb"], outputs=["depth", "semseg"],
+                      modalities={"semseg": {"num_classes": num_classes}})
     torch.manual_seed(0)
-    model = MultiMAE(cfg.model)
-    return save_checkpoint(run_dir, 0, model.state_dict(), {"step": 0}, {"config": to_dict(cfg), "epoch": 0})
+    model = MultiMAE(cfg)
+    config = {"model": to_dict(cfg), "data": to_dict(DataConfig(source="folder"))}
+    return save_checkpoint(run_dir, 0, model.state_dict(), {"step": 0}, {"config": config, "epoch": 0})
 
 
 def save_tiny_segformer(path: str | os.PathLike, classes: tuple[str, ...] = ("lava", "sky", "grass"),

@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from multimae.core.io import save_bytes_atomic, save_file_atomic, tmp_name
 from multimae.data.codecs import encode_png16
 from multimae.data.errors import DataError
 from multimae.data.folder import META_FILE, read_meta
@@ -30,11 +30,7 @@ METRIC_PNG_SCALE = 1e-3  # depth in millimetres: up to 65.535 m
 LINK_MODES = ("copy", "hardlink", "symlink")
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write one file atomically (temporary name, fsync, rename)."""
-    from multimae.checkpoint.io import save_file_atomic
-
-    save_file_atomic(path, lambda tmp: tmp.write_bytes(data))
+write_bytes = save_bytes_atomic  # one file, atomically (temporary name, fsync, rename: multimae.core.io)
 
 
 def place_file(src: Path, dst: Path, mode: str = "copy") -> None:
@@ -42,11 +38,15 @@ def place_file(src: Path, dst: Path, mode: str = "copy") -> None:
     if mode not in LINK_MODES:
         raise ValueError(f"link mode must be one of {LINK_MODES}, got {mode!r}")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".tmp-{dst.name}-{uuid.uuid4().hex[:8]}")
+    if mode == "copy":
+        try:
+            save_file_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+        except FileNotFoundError:
+            raise DataError(f"{src}: not found") from None
+        return
+    tmp = dst.with_name(tmp_name(dst.name))  # a link: its target's mode and data are not ours to change
     try:
-        if mode == "copy":
-            shutil.copyfile(src, tmp)
-        elif mode == "hardlink":
+        if mode == "hardlink":
             os.link(src, tmp)
         else:
             os.symlink(os.path.abspath(src), tmp)
