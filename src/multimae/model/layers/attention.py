@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import Tensor, nn
 
 from multimae.model.layers.mlp import Mlp
@@ -114,8 +113,19 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias, mode=attention)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = drop_path_layer(drop_path)
 
     def forward(self, x: Tensor, key_pad: Tensor | None = None) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), key_pad))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def drop_path_layer(rate: float) -> nn.Module:
+    """timm's stochastic depth for ``rate`` > 0, else an identity. timm is imported only then: it
+    pulls in torchvision (~250 MB resident per process), which a pretraining run (no drop path)
+    never needs -- on every FSDP / DDP rank."""
+    if rate <= 0:
+        return nn.Identity()
+    from timm.layers import DropPath
+
+    return DropPath(rate)
