@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from multimae.data.folder import FolderDataset
 from multimae.data.synthetic import SyntheticScenes
 from multimae.apps.pseudolabel import build_labelers, pseudolabel
-from multimae.apps.viz import colormap, palette
+from multimae.evaluation.viz import colormap, palette
 
 TILE = 160
 

@@ -1,5 +1,5 @@
-"""The package's import graph: no circles, and the data layer never reaches into the engine, the tasks, viz
-or the model (data flows one way: source -> transform -> collate + plan -> model -> step)."""
+"""The package's import graph: no circles, and every import points down the rank table of the layers
+(core < data, checkpoint < model < runs, evaluation < engine < tasks < apps < cli)."""
 from __future__ import annotations
 
 import ast
@@ -97,53 +97,71 @@ def test_a_new_circle_is_found() -> None:
     assert cycles(g) == [{"m.model", "m.checkpoint.pretrained", "m.checkpoint.convert"}]
 
 
-def test_checkpoint_layer_sits_below_the_model() -> None:
-    """checkpoint/ reads and converts weights and configs; it never imports the model (nor anything
-    above it), not even inside a function: the model calls down into it."""
-    banned = ("multimae.model.multimae", "multimae.model.transfer", "multimae.model.heads", "multimae.model.adapters",
-              "multimae.cli", "multimae.apps.viz", "multimae.evaluation", "multimae.apps.predict", "multimae.apps.export",
-              "multimae.engine", "multimae.tasks")
-    bad = {m: sorted(d for d in deps if d.startswith(banned) and d != "multimae.model.config")
-           for m, deps in import_graph().items() if m.startswith("multimae.checkpoint")}
-    assert not {m: d for m, d in bad.items() if d}, bad
-
-
-def test_model_and_transfer_do_not_reach_into_the_engine_or_tasks() -> None:
-    """The model layer (model, layers, adapters, heads, checkpoint, transfer) is below the engine and
-    the tasks: they import it, never the other way round."""
-    low = ("multimae.model.multimae", "multimae.model.layers", "multimae.model.adapters", "multimae.model.heads", "multimae.checkpoint",
-           "multimae.model.transfer")
-    bad = {m: sorted(d for d in deps if d.startswith(("multimae.engine", "multimae.tasks", "multimae.cli")))
-           for m, deps in import_graph().items() if m.startswith(low)}
-    assert not {m: d for m, d in bad.items() if d}, bad
-
-
-def test_data_layer_depends_only_downward() -> None:
-    banned = ("multimae.engine", "multimae.tasks", "multimae.apps.viz", "multimae.model.multimae", "multimae.model.adapters", "multimae.model.layers",
-              "multimae.evaluation", "multimae.cli")
-    bad = {m: sorted(d for d in deps if d.startswith(banned))
-           for m, deps in import_graph().items() if m.startswith("multimae.data")}
-    assert not {m: d for m, d in bad.items() if d}, bad
-
-
 def test_loader_import_pulls_in_no_training_or_viz() -> None:
     """(The package root imports the model for ``from multimae import MultiMAE``; the loader adds
     nothing from training/ or viz on top.)"""
     code = ("import sys, multimae; before = set(sys.modules); import multimae.data.loader; "
             "print(sorted(m for m in set(sys.modules) - before if m.startswith(('multimae.engine', 'multimae.tasks', "
-            "'multimae.apps.viz', 'multimae.evaluation'))))")
+            "'multimae.evaluation.viz', 'multimae.evaluation'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
 
-def test_runs_sit_below_the_engine_and_the_apps_on_runs() -> None:
-    """``runs.py`` (load_run) imports neither the engine nor the tasks; the apps open runs through it
-    and import no task module; ``core/`` imports nothing above it."""
-    g = import_graph()
-    assert not [d for d in g["multimae.runs"] if d.startswith(("multimae.engine", "multimae.tasks", "multimae.apps"))]
-    bad = {m: sorted(d for d in deps if d.startswith("multimae.tasks"))
-           for m, deps in g.items() if m.startswith("multimae.apps")}
-    assert not {m: d for m, d in bad.items() if d}, bad
-    core = {m: sorted(d for d in deps if not d.startswith("multimae.core"))
-            for m, deps in g.items() if m.startswith("multimae.core")}
-    assert not {m: d for m, d in core.items() if d}, core
+# The layers, bottom to top. A module's rank is that of the longest prefix naming it; an import must
+# point to a strictly lower rank, or stay inside its own entry (data may import data). Two entries of
+# one rank are peers and never import each other (data and checkpoint know nothing of one another).
+RANKS: dict[str, int] = {
+    "multimae.core": 0,            # batch, modalities, masking, seeding, configs, io, device policy
+    "multimae.model.layers": 1,    # pure blocks
+    "multimae.model.presets": 1,
+    "multimae.model.config": 2,    # ModelConfig (the checkpoint layer reads it)
+    "multimae.data": 3,
+    "multimae.checkpoint": 3,
+    "multimae.model": 4,           # the encoder, MultiMAE, adapters, decoders, heads, transfer model
+    "multimae.runs": 5,            # load_run: the one way to open a run
+    "multimae.evaluation": 5,      # metrics, protocols, figures
+    "multimae.engine": 6,
+    "multimae.tasks": 7,
+    "multimae.apps": 8,            # predict, tiled, export, demo, pseudolabel, the inference pipeline
+    "multimae.cli": 9,
+}
+
+
+def entry(module: str) -> str | None:
+    """The RANKS key that names ``module`` (its longest prefix), or None for the package root."""
+    keys = [k for k in RANKS if module == k or module.startswith(k + ".")]
+    return max(keys, key=len) if keys else None
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for mod, deps in graph.items():
+        src = entry(mod)
+        if src is None:
+            continue
+        for dep in deps:
+            dst = entry(dep)
+            if dst is None or dst == src:
+                continue
+            if RANKS[dst] >= RANKS[src]:
+                bad.append(f"{mod} (rank {RANKS[src]}) imports {dep} (rank {RANKS[dst]})")
+    return sorted(bad)
+
+
+def test_every_module_has_a_rank() -> None:
+    unranked = sorted(m for m in import_graph() if m != "multimae" and entry(m) is None)
+    assert not unranked, f"modules outside the rank table (add them to RANKS): {unranked}"
+
+
+def test_every_import_points_down_the_rank_table() -> None:
+    bad = layering_violations(import_graph())
+    assert not bad, "imports that point up or sideways:\n" + "\n".join(bad)
+
+
+def test_the_rank_check_catches_upward_and_sideways_imports() -> None:
+    g = {"multimae.data.folder": {"multimae.checkpoint.io"},            # peers
+         "multimae.model.layers.mlp": {"multimae.model.multimae"},     # up, inside one folder
+         "multimae.tasks.pretrain": {"multimae.data.loader", "multimae.tasks.pretrain_config"}}  # fine
+    assert layering_violations(g) == [
+        "multimae.data.folder (rank 3) imports multimae.checkpoint.io (rank 3)",
+        "multimae.model.layers.mlp (rank 1) imports multimae.model.multimae (rank 4)"]

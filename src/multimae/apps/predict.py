@@ -209,7 +209,7 @@ def _size(raw: dict[str, Tensor]) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------- writing
 
 def _colour(ids: Tensor, n: int) -> np.ndarray:
-    from multimae.apps.viz import palette
+    from multimae.evaluation.viz import palette
 
     return (palette(max(n, 1))[ids.clamp(0, max(n, 1) - 1)] * 255).round().byte().numpy()
 

@@ -136,7 +136,7 @@ def write_ids(path: Path, pred: LowRes, num_classes: int) -> np.ndarray:
 def write_colour(path: Path, ids: np.ndarray, num_classes: int) -> None:
     from multimae.data.codecs import _png_bytes
     from multimae.data.prepare.writing import write_bytes
-    from multimae.apps.viz import palette
+    from multimae.evaluation.viz import palette
 
     pal = (palette(max(num_classes, 1)) * 255).round().byte().numpy()
     write_bytes(path, _png_bytes(pal[np.minimum(ids, len(pal) - 1)], compress_level=1))
@@ -160,7 +160,7 @@ def write_preview(path: Path, pred: LowRes, mean: Sequence[float] | None = None,
     2-98 % range (taken at model resolution)."""
     from multimae.data.codecs import _png_bytes
     from multimae.data.prepare.writing import write_bytes
-    from multimae.apps.viz import colormap
+    from multimae.evaluation.viz import colormap
 
     rgb = pred.channels == 3
     v = pred.p[0].float().flatten()

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from multimae.apps.viz import files_figure, heldout_figure, save_png
+    from multimae.evaluation.viz import files_figure, heldout_figure, save_png
     from multimae.data.config import DataConfig, MaskConfig
     from multimae.data.errors import DataError
     from multimae.runs import load_run

@@ -99,7 +99,7 @@ class PretrainTask(Task):
 
     def _log_figure(self, trainer: Trainer, logger: RunLogger) -> None:
         try:
-            from multimae.apps.viz import reconstruction_figure
+            from multimae.evaluation.viz import reconstruction_figure
         except ImportError:  # pragma: no cover - viz is optional at import time
             return
         fig = reconstruction_figure(self.model, self.cfg, num_samples=2)

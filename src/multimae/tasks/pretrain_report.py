@@ -6,7 +6,7 @@ from typing import Any
 from multimae.evaluation.pretrain_eval import evaluate as run_eval, format_eval_rows, write_eval_rows
 from multimae.data.loader import BatchSpec, eval_batches
 from multimae.data.sources import get_source
-from multimae.apps.viz import reconstruction_figure, save_png
+from multimae.evaluation.viz import reconstruction_figure, save_png
 
 
 def finish_run(trainer: Any, evaluate: bool = True, figure: bool = True) -> dict[str, Any]:

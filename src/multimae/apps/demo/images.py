@@ -22,7 +22,7 @@ from multimae.apps.demo.errors import DemoError
 from multimae.model.losses import patchify, unpatchify
 from multimae.core.modalities import ModalitySpec
 from multimae.core.perf import trim_malloc
-from multimae.apps.viz import palette, render
+from multimae.evaluation.viz import palette, render
 
 
 # Decoding an upload needs its full-size pixels once (a 6300x6300 PNG: 119 MB of RGB, several
@@ -98,7 +98,7 @@ def png_data_url(img: Tensor) -> str:
 
 
 def class_colors(num_classes: int) -> list[str]:
-    """The ``#rrggbb`` colour of every class, as :func:`multimae.apps.viz.render` draws them."""
+    """The ``#rrggbb`` colour of every class, as :func:`multimae.evaluation.viz.render` draws them."""
     pal = (palette(num_classes) * 255 + 0.5).to(torch.uint8).tolist()
     return ["#%02x%02x%02x" % tuple(c) for c in pal]
 
