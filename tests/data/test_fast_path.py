@@ -30,7 +30,7 @@ from multimae.data.folder import FolderDataset
 from multimae.data.loader import BatchSpec, build_loader
 from multimae.data.shards import ShardDataset, folder_samples, write_shards
 from multimae.data.transforms import (
-    PairedTransform, nearest_exact_index, robust_standardize, robust_standardize_fast,
+    PairedTransform, nearest_exact_index, robust_standardize, robust_standardize_fast, trimmed_moments,
 )
 
 DEPTH_TOL = 1e-5
@@ -167,6 +167,38 @@ def test_robust_standardize_fast_within_tolerance() -> None:
     x = cases[2]
     assert torch.equal(robust_standardize_fast(x, torch.ones_like(x, dtype=torch.bool)),
                        robust_standardize_fast(x, None, all_valid=True))
+
+
+def test_trimmed_moments_are_the_sorted_slice_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exact selection without a sort: the mean and variance of ``sort(v)[lo:hi]`` (float64), on
+    smooth maps, noise, heavy ties (a plateau: the partition fallback), outliers and small arrays."""
+    from multimae.data import transforms
+
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:224, 0:224]
+    plateau = np.full(224 * 224, 3.0, np.float32)
+    plateau[:4000] = rng.random(4000)
+    outliers = (5 + rng.standard_normal(224 * 224)).astype(np.float32)
+    outliers[rng.random(outliers.size) < 0.05] = 65.535
+    cases = [(3 + 0.02 * xx + 0.005 * yy + 0.03 * rng.random((224, 224))).astype(np.float32).ravel(),
+             rng.random(60000).astype(np.float32), rng.integers(1, 6, 50000).astype(np.float32), plateau, outliers,
+             rng.random(300).astype(np.float32), np.float32([2.0, 3.0, 7.0])]
+    fallbacks = []
+    partition = transforms.trimmed_moments_partition
+    monkeypatch.setattr(transforms, "trimmed_moments_partition", lambda *a: fallbacks.append(1) or partition(*a))
+    for v in cases:
+        n = v.size
+        for trunc in (0.0, 0.1, 0.25, 0.49):
+            lo, hi = int(trunc * n), int((1 - trunc) * n)
+            lo, hi = (lo, hi) if hi - lo >= 2 else (0, n)  # as robust_standardize_fast
+            kept = np.sort(v)[lo:hi].astype(np.float64)
+            mean, var = trimmed_moments(v, lo, hi)
+            assert abs(mean - kept.mean()) <= 1e-12 * max(1.0, abs(kept.mean())), (n, trunc)
+            want = kept.var(ddof=1) if kept.size > 1 else 0.0
+            assert abs(var - want) <= 1e-9 * max(want, 1e-12) + 1e-12, (n, trunc)
+    assert 8 < len(fallbacks) < 28, len(fallbacks)  # small arrays and some ties took the partition, not all
+    with pytest.raises(ValueError):
+        trimmed_moments(cases[0], 10, 10)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -68,15 +68,76 @@ def robust_standardize(depth: Tensor, valid: Tensor | None = None, trunc: float 
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype))
 
 
+SELECT_SAMPLE = 1024  # values the cut thresholds of :func:`trimmed_moments` are estimated from
+
+
+def _sum2(x: np.ndarray, pivot: float) -> tuple[float, float]:
+    """(sum, sum of squares) of ``x - pivot`` in float64 (einsum: no BLAS threads, which spin on a
+    busy core)."""
+    d = x.astype(np.float64)
+    d -= pivot
+    return float(d.sum()), float(np.einsum("i,i->", d, d))
+
+
+def trimmed_moments(values: np.ndarray, lo: int, hi: int) -> tuple[float, float]:
+    """Mean and unbiased variance of the values of ranks ``[lo, hi)`` of ``values`` (1-D), i.e. of
+    ``np.sort(values)[lo:hi]``, without sorting or partitioning all of them; summed in float64.
+
+    Two thresholds read from a sorted strided sample of :data:`SELECT_SAMPLE` values, ~4 standard
+    errors of the sample's ranks outside the cuts, split the values into those below (a few more
+    than ``lo``), the middle (all kept) and those above (a few more than ``n - hi``); only the two
+    small outer sets are partitioned, to take their kept part. When a threshold falls short (ties,
+    an odd sample) the full partition is used (:func:`trimmed_moments_partition`). The kept multiset
+    is the sort's, so the only difference to summing that slice is float64 rounding (sums around a
+    pivot, the sample's median). ~2x faster than ``np.partition`` at the two cut ranks on 224 px maps."""
+    n = values.size
+    if not 0 <= lo < hi <= n:
+        raise ValueError(f"trimmed_moments: ranks [{lo}, {hi}) of {n} values")
+    if n < 4 * SELECT_SAMPLE:  # small maps: the partition costs little
+        return trimmed_moments_partition(values, lo, hi)
+    sample = np.sort(values[::n // SELECT_SAMPLE])
+    m, c = sample.size, n - hi
+    margin = 2 * int(math.sqrt(m)) + 8  # a sample rank's standard error is <= sqrt(m) / 2: ~4 of them
+    a, b = sample[min(m - 1, lo * m // n + margin)], sample[max(0, hi * m // n - margin)]
+    if lo > 0 and c > 0 and not a <= b:
+        return trimmed_moments_partition(values, lo, hi)
+    outer = below = above = None
+    if lo > 0:
+        outer = values < a
+        below = values[outer]
+    if c > 0:
+        high = values > b
+        above = values[high]
+        outer = high if outer is None else outer | high
+    nb, na = (0 if below is None else below.size), (0 if above is None else above.size)
+    if nb < lo or na < c or nb > hi or na > n - lo:  # a threshold fell short: ties or an odd sample
+        return trimmed_moments_partition(values, lo, hi)
+    pivot = float(sample[m // 2])
+    t1, t2 = _sum2(values if outer is None else values[~outer], pivot)  # below < a <= middle <= b < above
+    if below is not None and lo < nb:
+        s = _sum2(np.partition(below, lo)[lo:], pivot)
+        t1, t2 = t1 + s[0], t2 + s[1]
+    if above is not None and na > c:
+        s = _sum2(np.partition(above, na - c - 1)[:na - c], pivot)
+        t1, t2 = t1 + s[0], t2 + s[1]
+    k = hi - lo
+    return pivot + t1 / k, (max(t2 - t1 * t1 / k, 0.0) / (k - 1) if k > 1 else 0.0)
+
+
+def trimmed_moments_partition(values: np.ndarray, lo: int, hi: int) -> tuple[float, float]:
+    """:func:`trimmed_moments` by ``np.partition`` at the two cut ranks (its fallback)."""
+    kept = np.partition(values, (lo, hi - 1))[lo:hi].astype(np.float64)
+    mean = float(kept.mean())
+    kept -= mean
+    return mean, (float(np.einsum("i,i->", kept, kept)) / (kept.size - 1) if kept.size > 1 else 0.0)
+
+
 def robust_standardize_fast(depth: Tensor, valid: Tensor | None = None, trunc: float = 0.1,
                             all_valid: bool = False) -> Tensor:
-    """:func:`robust_standardize` with the truncation found by selection instead of a sort.
-
-    The kept values are the same multiset (``np.partition`` at the two cut ranks: on smooth
-    224 px depth maps 0.7x numpy's vectorised sort and ~0.1x torch's CPU sort, measured; on random
-    values the vectorised sort wins); their mean and variance are summed in float64 (the
-    reference sums the sorted values in float32), so the output matches
-    :func:`robust_standardize` to about 1e-6 (tested in ``tests/data/test_fast_path.py``).
+    """:func:`robust_standardize` with the truncated statistics of :func:`trimmed_moments`
+    (no sort: the same kept multiset, summed in float64; the reference sums the sorted values in
+    float32), so the output matches :func:`robust_standardize` to about 1e-6 (tested in
+    ``tests/data/test_fast_path.py``).
     ``all_valid``: every pixel is valid (what ``valid`` all True means, without building it).
     """
     x = depth.float()
@@ -88,16 +149,13 @@ def robust_standardize_fast(depth: Tensor, valid: Tensor | None = None, trunc: f
     if n == 0:
         return torch.zeros_like(x)
     lo, hi = int(trunc * n), int((1 - trunc) * n)
-    v = vals.detach().cpu().numpy()
-    kept = np.partition(v, (lo, hi - 1))[lo:hi] if hi - lo >= 2 else v
-    # float64 sums (numpy pairwise): as close to the exact statistics as the reference's float32 ones
-    k64 = kept.astype(np.float64)
-    mean64 = k64.mean()
-    dev = k64 - mean64
-    var64 = float(np.square(dev, out=dev).sum()) / (kept.size - 1) if kept.size > 1 else 0.0  # no BLAS threads
-    mean = torch.tensor(mean64, dtype=torch.float32)
-    var = torch.tensor(var64, dtype=torch.float32)
-    out = (x - mean).div_(torch.sqrt(var + 1e-6))
+    if hi - lo < 2:
+        lo, hi = 0, n
+    vals = vals.detach()
+    mean, var = trimmed_moments((vals if vals.device.type == "cpu" else vals.cpu()).numpy(), lo, hi)
+    mean32, var32 = np.float32(mean), np.float32(var)
+    sd = float(np.sqrt(var32 + np.float32(1e-6)))  # as the reference: float32 sqrt(var + 1e-6)
+    out = (x - float(mean32)).div_(sd)
     return out if every else out.masked_fill_(~valid, 0.0)
 
 
@@ -186,7 +244,8 @@ def _bilinear(x: Tensor, size: int) -> Tensor:
     strides = img.stride()
     if img.is_contiguous(memory_format=torch.channels_last) and img.numel() != strides[0]:
         img = img.as_strided((1, c, h, w), [img.numel(), *strides[1:]])  # as torchvision: keep channels-last
-    out = torch.nn.functional.interpolate(img, size=[size, size], mode="bilinear", align_corners=False, antialias=True)
+    # interpolate(img, [size, size], "bilinear", antialias=True) calls this kernel, after ~20 us of Python
+    out = torch._C._nn._upsample_bilinear2d_aa(img, [size, size], False, None)
     return out.reshape(c, size, size)
 
 
@@ -212,7 +271,10 @@ def _image_fast(x: Packed, box: Box, size: int, spec: ModalitySpec, flip: bool,
     ``x * (1 / (255 std)) - mean / std`` (within 1e-6 of the reference's ``(x / 255 - mean) / std``,
     a third of its time). ``norm``: (scale, shift) (C,1,1) or None."""
     top, left, h, w = box
-    out = _bilinear(_readonly_view(x.array).permute(2, 0, 1)[:, top:top + h, left:left + w], size)
+    # the crop copied to contiguous (h,w,C) first: torch's uint8 kernel reads a channels-last block
+    # directly and repacks a strided view pixel by pixel (2x the time, the same pixels: tested)
+    crop = np.ascontiguousarray(x.array[top:top + h, left:left + w])
+    out = _bilinear(torch.from_numpy(crop).permute(2, 0, 1), size)
     out = (out.flip(-1) if flip else out).contiguous().float()
     return out.mul_(norm[0]).add_(norm[1]) if norm is not None else out.div_(255.0)
 
