@@ -35,7 +35,8 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from multimae.data.codecs import Packed
+from multimae.data.codecs import EncodedJpeg, Packed
+from multimae.data.device_decode import DeferredImage
 from multimae.data.errors import DataError
 from multimae.data.fields import by_key
 from multimae.core.modalities import ModalitySpec, resolve
@@ -474,6 +475,8 @@ class PairedTransform:
         if spec.kind == "categorical":
             return _categorical_fast(x, box, size, flip)
         if spec.kind == "image":
+            if isinstance(x, EncodedJpeg):  # data.decode=cuda: decoded, cropped and resized on the device
+                return DeferredImage(x.array.tobytes(), box, flip, size, self._norm(spec))
             return _image_fast(x, box, size, spec, flip, self._norm(spec))
         out, valid = _dense_fast(x, box, size, spec)
         if flip:
