@@ -89,7 +89,7 @@ class DeferredImages:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         device = torch.device(device)
-        out = ready.to(device, non_blocking=True)
+        out = ready.to(device, non_blocking=True, copy=True)  # never writes into the batch it was given
         files = self.files()
         try:
             images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
