@@ -118,6 +118,49 @@ def test_fast_path_matches_reference(folder: Path, kw: dict) -> None:
                 _compare(ref[i], fast[i])
 
 
+def _depth_oracle(raw: np.ndarray, scale: float, box: tuple, size: int, flip: bool, trunc: float = 0.1) -> torch.Tensor:
+    """The reference depth algorithm (masked antialiased resize, flip, truncated standardisation)
+    in float64, on the pixels the reference keeps (its float32 ``den >= 0.5``)."""
+    x = torch.from_numpy(raw.astype(np.float64) * scale)[None]
+    kw = dict(interpolation=InterpolationMode.BILINEAR, antialias=True)
+    valid = x != 0
+    num = TF.resized_crop(torch.where(valid, x, 0.0), *box, [size, size], **kw)
+    if bool(valid.all()):
+        y, ok = num, torch.ones_like(num, dtype=torch.bool)
+    else:
+        ok = TF.resized_crop(valid.float(), *box, [size, size], **kw) >= 0.5
+        y = num / TF.resized_crop(valid.double(), *box, [size, size], **kw).clamp_min(1e-6)
+    if flip:
+        y, ok = y.flip(-1), ok.flip(-1)
+    s = y[ok].sort().values
+    n = s.numel()
+    kept = s[int(trunc * n): int((1 - trunc) * n)] if int((1 - trunc) * n) - int(trunc * n) >= 2 else s
+    z = (y - kept.mean()) / torch.sqrt(kept.var() + 1e-6)
+    return torch.where(ok, z, 0.0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fast_depth_is_the_float64_computation(folder: Path) -> None:
+    """The fast depth path computes in float64 (resize, statistics): within 1e-6 of the reference
+    algorithm done in float64; the reference (float32) is within DEPTH_TOL of it, at the official
+    16-bit PNG scale (where the variance is near the 1e-6 added to it) and at millimetres."""
+    spec = SPECS[1]
+    fast_err = ref_err = 0.0
+    for path, scale in ((p, sc) for p in sorted((folder / "train" / "depth" / "all").glob("*.png"))
+                        for sc in (2.0**-16, 1e-3)):  # the official scale (the 1e-6 of the variance matters), mm
+        data = path.read_bytes()
+        packed, ref = decode_packed(data, "png", spec, scale, str(path)), decode_field(data, "png", spec, scale, str(path))
+        for size in (32, 224):
+            tf, ft = PairedTransform(SPECS, size, seed=3), PairedTransform(SPECS, size, seed=3, fast=True)
+            for t in range(6):
+                box, flip = tf.params(*ref.shape[-2:], torch.Generator().manual_seed(t))
+                want = _depth_oracle(packed.array, scale, box, size, flip)
+                fast_err = max(fast_err, _depth_err(want, ft._apply_packed(packed, spec, box, flip).double()))
+                ref_err = max(ref_err, _depth_err(want, tf._apply(ref, spec, box, flip, "x").double()))
+    assert fast_err <= 1e-6 and ref_err <= DEPTH_TOL, (fast_err, ref_err)
+    print(f"max error vs float64: fast {fast_err:.3g}, reference {ref_err:.3g}")
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_packed_fields_decode_to_the_reference_tensors(folder: Path) -> None:
     ds = FolderDataset(folder, "train", SPECS, packed=True)
