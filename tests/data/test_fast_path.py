@@ -194,6 +194,18 @@ def test_nearest_index_is_torch_nearest_exact(out: int) -> None:
         assert np.array_equal(nearest_exact_index(n, out), want), n
 
 
+def test_resize64_is_the_antialiased_resize() -> None:
+    """The plain bilinear kernel where no axis shrinks equals the antialiased one (float64)."""
+    from multimae.data.transforms import _resize64
+
+    g = torch.Generator().manual_seed(0)
+    for h, w, size in [(114, 130, 224), (224, 100, 224), (37, 224, 224), (250, 90, 224), (300, 300, 224),
+                       (1, 5, 32), (32, 32, 32), (20, 40, 32)]:
+        x = torch.rand(1, h, w, generator=g, dtype=torch.float64) * 1000
+        want = TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        assert float((_resize64(x, size) - want).abs().max()) <= 1e-9, (h, w, size)
+
+
 def test_robust_standardize_fast_within_tolerance() -> None:
     g = torch.Generator().manual_seed(0)
     cases = [torch.rand(1, 64, 64, generator=g) * 10 + 0.5,
