@@ -276,7 +276,12 @@ def _image_fast(x: Packed, box: Box, size: int, spec: ModalitySpec, flip: bool,
     # directly and repacks a strided view pixel by pixel (2x the time, the same pixels: tested)
     crop = np.ascontiguousarray(x.array[top:top + h, left:left + w])  # may be the read-only array itself
     out = _bilinear(_readonly_view(crop).permute(2, 0, 1), size)
-    out = (out.flip(-1) if flip else out).contiguous().float()
+    hwc = out.permute(1, 2, 0)
+    if hwc.is_contiguous():  # the kernel's channels-last output: flip + (C,S,S) in one numpy copy (torch's: 1.5x)
+        a = hwc.numpy()
+        out = torch.from_numpy(np.ascontiguousarray((a[:, ::-1] if flip else a).transpose(2, 0, 1))).float()
+    else:
+        out = (out.flip(-1) if flip else out).contiguous().float()
     return out.mul_(norm[0]).add_(norm[1]) if norm is not None else out.div_(255.0)
 
 
