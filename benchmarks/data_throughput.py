@@ -321,6 +321,30 @@ def step_profile(zst: list[str], png: list[str], specs: list, n: int) -> list[st
     return out + [""]
 
 
+def device_decode_section(root: str, zst: list[str], specs: list, n: int, rounds: int) -> list[str]:
+    """``data.decode=cuda``: what the loader workers still spend per sample when the GPU decodes
+    the rgb JPEGs (JPEG header, crop draw, depth and semseg), against the fast path decoding on the
+    CPU, interleaved, one thread. The GPU's part is measured by ``benchmarks/gpu_check.py``
+    (section ``jpeg_decode``)."""
+    tf = PairedTransform(specs, 224, fast=True)
+    cpu_f, enc_f = (FolderDataset(root, "train", specs, transform=tf, packed=p) for p in (True, "encoded"))
+    paths = {"folder, CPU decode": lambda: (cpu_f[i] for i in range(len(cpu_f))),
+             "folder, decode=cuda (workers)": lambda: (enc_f[i] for i in range(len(enc_f))),
+             "shards, CPU decode": lambda: iter(ShardDataset(zst, specs, transform=tf, shuffle_buffer=100, packed=True)),
+             "shards, decode=cuda (workers)": lambda: iter(ShardDataset(zst, specs, transform=tf, shuffle_buffer=100,
+                                                                        packed="encoded"))}
+    rates = interleaved(paths, n, rounds)
+    out = ["## With the GPU decoding the JPEGs (`data.decode=cuda`)", "",
+           "Samples per CPU second of the loader's work on one thread (in brackets the cores per H100 at "
+           f"{H100_IMG_S:.0f} img/s): with `data.decode=cuda` a worker reads the JPEG header and draws the crop, "
+           "the GPU decodes, crops and resizes (not included: see `benchmarks/gpu_check.py`, section `jpeg_decode`).", "",
+           "| path | samples per CPU second |", "|---|---:|"]
+    out += [f"| {k} | {c:.1f} ({H100_IMG_S / c:.1f}) |" for k, (_, c) in rates.items()]
+    for line in out:
+        print(line)
+    return out + [""]
+
+
 def paths_section(compare: list[dict], load: tuple[tuple[float, ...], tuple[float, ...]]) -> list[str]:
     """The table of the paths side by side, cores per H100, and the fast vs reference agreement."""
     out = ["## The paths side by side (same run, interleaved)", "",
@@ -377,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = paths_section(compare, load) + [
             f"Shard bytes per sample: {sizes['png']:.1f} KiB with PNG maps, {sizes['zst']:.1f} KiB with .zst maps.", ""]
         lines += step_profile(zst, png, specs, n)
+        lines += device_decode_section(tmp, zst, specs, n, args.rounds)
         rates = {c["name"].split()[0]: c["rates"]["fast"][1] for c in compare}
         if not args.skip_keep_up:
             lines += keep_up(args, specs, tmp, zst, rates)
