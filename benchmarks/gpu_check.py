@@ -31,6 +31,8 @@ failure is recorded in the report and makes the exit code 1):
 * inference: the eval-mode forward (``torch.no_grad``, the step's precision) of each fine-tuned
   model and of the pretraining model at its recipe's evaluation batch;
 * goal: >= 1500 img/s ViT-B pretraining on one H100 (the paper: ~444 img/s per A100), judged.
+* JPEG decoding on the device (``section_jpeg_decode``): ``data.decode=cuda``'s batched nvJPEG decode +
+  crop / resize / normalise against the CPU fast path: samples/s, rgb difference in 8-bit levels.
 
 A batch that does not fit in memory is halved (up to three times) and the report says so.
 """
