@@ -218,6 +218,16 @@ def _main_image_fast(x, box, size, spec, flip, norm):  # type: ignore[no-untyped
     return (out - _MEAN_STD[0]) / _MEAN_STD[1]
 
 
+def _main_depth_fast(x, box, size, spec, flip, trunc):  # type: ignore[no-untyped-def]
+    """main's depth step: the crop to float32, float32 antialiased resize, flip, main's statistics."""
+    out, valid = transforms._dense_fast(x, box, size, spec)
+    if flip:
+        out, valid = out.flip(-1), (None if valid is None else valid.flip(-1))
+    if valid is None:
+        return _main_robust_standardize_fast(out, None, trunc, all_valid=True)
+    return _main_robust_standardize_fast(out, valid.expand_as(out), trunc)
+
+
 def _main_file_samples(url: str) -> Iterator[dict]:
     """main's tar reading: webdataset's expander (Python's tarfile)."""
     return tar_file_expander(url_opener([{"url": url}]))
@@ -229,7 +239,7 @@ def main_fast_path() -> Iterator[None]:
     statistics and rgb normalisation (fed PNG maps, it is main's fast path; only the cached
     nearest-exact indices of semseg stay)."""
     patches = [(codecs, "simplejpeg", None), (transforms, "robust_standardize_fast", _main_robust_standardize_fast),
-               (transforms, "_image_fast", _main_image_fast),
+               (transforms, "_image_fast", _main_image_fast), (transforms, "_depth_fast", _main_depth_fast),
                (shards, "_file_samples", _main_file_samples)]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     for mod, name, value in patches:
