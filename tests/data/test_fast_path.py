@@ -3,7 +3,9 @@ reference path (``decode_field`` tensors + ``PairedTransform(fast=False)``).
 
 Documented tolerance: semseg bit for bit; rgb (after normalisation) within 1e-6 (the fast path
 normalises with one fused multiply-add, the same resized uint8 pixels); depth (robust-
-standardised) within 1e-5 of max(1, |reference value|) -- absolute for the usual |z| <= 1-5, as its
+standardised) within 1e-5 of max(1, |reference value|) on these maps and within 1e-6 of the reference
+algorithm computed in float64 (the fast path computes in float64; the float32 reference itself is up to
+~1e-4 from that on low-contrast crops, 8.7e-5 on the benchmark's synthetic scenes) -- absolute for the usual |z| <= 1-5, as its
 robust statistics are summed in another order. Crop boxes,
 flips and per-sample seeding are the reference's, so resumed runs see the same samples.
 """
@@ -159,6 +161,24 @@ def test_fast_depth_is_the_float64_computation(folder: Path) -> None:
                 ref_err = max(ref_err, _depth_err(want, tf._apply(ref, spec, box, flip, "x").double()))
     assert fast_err <= 1e-6 and ref_err <= DEPTH_TOL, (fast_err, ref_err)
     print(f"max error vs float64: fast {fast_err:.3g}, reference {ref_err:.3g}")
+
+
+def test_fast_depth_on_a_low_contrast_crop_is_closer_to_float64_than_the_reference() -> None:
+    """A flat far wall (mean / std ~ 500): the float32 reference's rounding shows in the standardised
+    values (> 1e-5); the fast path stays within 1e-6 of the float64 computation."""
+    spec = SPECS[1]
+    yy, xx = np.mgrid[0:96, 0:96]
+    raw = (6000 + xx // 8 + np.random.default_rng(1).integers(0, 8, (96, 96))).astype(np.uint16)
+    raw[:3, :3] = 0  # a few holes: the masked resize
+    packed = Packed("dense", raw, 1e-3)
+    tf, ft = PairedTransform(SPECS, 64, seed=0), PairedTransform(SPECS, 64, seed=0, fast=True)
+    fast_err = ref_err = 0.0
+    for t in range(8):
+        box, flip = tf.params(96, 96, torch.Generator().manual_seed(t))
+        want = _depth_oracle(raw, 1e-3, box, 64, flip)
+        fast_err = max(fast_err, _depth_err(want, ft._apply_packed(packed, spec, box, flip).double()))
+        ref_err = max(ref_err, _depth_err(want, tf._apply(packed.tensor(), spec, box, flip, "x").double()))
+    assert fast_err <= 1e-6 < DEPTH_TOL < ref_err, (fast_err, ref_err)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
