@@ -31,6 +31,8 @@ failure is recorded in the report and makes the exit code 1):
 * inference: the eval-mode forward (``torch.no_grad``, the step's precision) of each fine-tuned
   model and of the pretraining model at its recipe's evaluation batch;
 * goal: >= 1500 img/s ViT-B pretraining on one H100 (the paper: ~444 img/s per A100), judged.
+* JPEG decoding on the device (``section_jpeg_decode``): ``data.decode=cuda``'s batched nvJPEG decode +
+  crop / resize / normalise against the CPU fast path: samples/s, rgb difference in 8-bit levels.
 
 A batch that does not fit in memory is halved (up to three times) and the report says so.
 """
@@ -39,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import io
 import json
 import os
 import platform
@@ -55,6 +58,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by path
 from common import H100_SXM_TFLOPS, count_flops, matmul_gflops, nominal_peak, sync, timed  # noqa: E402
@@ -786,12 +790,108 @@ def markdown(res: dict[str, Any]) -> str:
         L.append(_row(f"{name} ({r.get('precision')}, {r.get('image_size', meta['image_size'])} px)", r))
     if (R.get("inference_pretrain") or {}).get("status") == "error":
         L.append(_row("pretrain model", R["inference_pretrain"]))
+    if "jpeg_decode" in R:
+        L += [""] + jpeg_decode_md(R["jpeg_decode"])
     goal = R.get("goal", {})
     L += ["", "## Goal", "", f">= {GOAL_H100_IMG_S:.0f} img/s ViT-B pretraining at this setting on one H100 (the paper: "
           f"~{PAPER_A100_IMG_S:.0f} img/s per A100).", "", f"**{goal.get('verdict', 'not judged')}**", ""]
     failed = [k for k, r in R.items() if isinstance(r, dict) and r.get("status") == "error"]
     L += ["## Failures", ""] + ([f"- {k}: {R[k]['error']}" for k in failed] or ["none"]) + [""]
     return "\n".join(L)
+
+
+# ----------------------------------------------------------------------------- JPEG decoding on the device
+def section_jpeg_decode(setup: Setup, ctx: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """``data.decode=cuda`` (:mod:`multimae.data.device_decode`): a batch of 256 px JPEGs (half
+    4:4:4 q95 as ``multimae data`` writes them, half 4:2:0 q90 as most photos are) decoded by one
+    ``torchvision.io.decode_jpeg(list, device=...)`` call, cropped, resized to 224 and normalised on
+    the device, against the CPU fast path (simplejpeg + torch's uint8 resize, one thread) on the same
+    crops: samples/s of each, the CPU seconds a worker still spends per sample (JPEG header, crop
+    draw), and how far the rgb values are apart in 8-bit levels. In a dry run the "device" is the
+    CPU (nvJPEG is not exercised; the numbers mean nothing)."""
+    from PIL import Image
+
+    from multimae.core import modalities
+    from multimae.data.codecs import decode_encoded, decode_packed
+    from multimae.data.device_decode import DeferredImages
+    from multimae.data.synthetic import SyntheticScenes
+    from multimae.data.transforms import PairedTransform
+
+    dev = setup.device
+    n, batch, side, size = (16, 8, 64, 32) if setup.dry_run else (1024, 256, 256, 224)
+    scenes = SyntheticScenes(n, image_size=side, seed=0, modalities=["rgb"])
+    files = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(scenes[i]["rgb"].permute(1, 2, 0).numpy()).save(
+            buf, format="JPEG", quality=95 if i % 2 else 90, subsampling=0 if i % 2 else 2)
+        files.append(buf.getvalue())
+    spec = modalities.resolve(["rgb"])[0]
+    tf = PairedTransform([spec], size, fast=True, seed=0)
+
+    def run(decode: Callable[..., Any]) -> tuple[list[Any], float]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            c = time.process_time()
+            out = [tf({"__key__": f"{i:06d}", "rgb": decode(files[i], "jpg", spec, 1.0, f"{i}.jpg")})["rgb"]
+                   for i in range(n)]
+            return out, time.process_time() - c
+        finally:
+            torch.set_num_threads(threads)
+
+    cpu_out, cpu_s = run(decode_packed)
+    run(decode_encoded)  # warm-up
+    deferred, worker_s = run(decode_encoded)
+    groups = [DeferredImages.of(deferred[a:a + batch], list(range(len(deferred[a:a + batch]))))
+              for a in range(0, n, batch)]
+    ready = torch.zeros(batch, 3, size, size)
+
+    def device_pass() -> list[Tensor]:
+        return [g.finish(ready[:len(g.index)], dev) for g in groups]
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    device_pass()  # warm-up (nvJPEG's handles, the kernels)
+    sync(dev)
+    t = time.perf_counter()
+    outs = device_pass()
+    sync(dev)
+    full_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for g in groups:
+        decode_jpeg(g.files(), mode=ImageReadMode.RGB, device=dev)
+    sync(dev)
+    decode_s = time.perf_counter() - t
+    got = torch.cat([o.cpu() for o in outs])
+    want = torch.stack(cpu_out)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    levels = ((got - want).abs() * std * 255.0)
+    return {"device": str(dev) + (" (dry run: the CPU's libjpeg-turbo, not nvJPEG)" if setup.dry_run else ""),
+            "images": n, "batch": batch, "source_px": side, "crop_px": size,
+            "cpu_path_samples_per_cpu_s": n / cpu_s,
+            "worker_samples_per_cpu_s": n / worker_s,
+            "device_samples_per_s": n / full_s, "device_decode_only_samples_per_s": n / decode_s,
+            "max_abs_levels": float(levels.max()), "mean_abs_levels": float(levels.mean()),
+            "pixels_over_1_level_pct": 100.0 * float((levels > 1.001).float().mean()),
+            "max_abs_levels_444": float(levels[1::2].max()), "max_abs_levels_420": float(levels[0::2].max())}
+
+
+def jpeg_decode_md(r: dict[str, Any]) -> list[str]:
+    L = ["## JPEG decoding on the device (`data.decode=cuda`)", ""]
+    if not r or r.get("status") == "error":
+        return L + [f"FAILED: {(r or {}).get('error', 'not run')}", ""]
+    return L + [
+        f"{r['images']} JPEGs of {r['source_px']} px (half 4:4:4 q95, half 4:2:0 q90), batch {r['batch']}, crops resized "
+        f"to {r['crop_px']} px on {r['device']}:", "",
+        f"- device decode + crop + resize + normalise: {_f(r['device_samples_per_s'])} samples/s "
+        f"(decode alone {_f(r['device_decode_only_samples_per_s'])})",
+        f"- what a worker still does per sample (JPEG header, crop draw): {_f(r['worker_samples_per_cpu_s'])} samples "
+        f"per CPU second; the CPU fast path (decode + resize + normalise): {_f(r['cpu_path_samples_per_cpu_s'])}",
+        f"- rgb vs the CPU fast path, in 8-bit levels: max {_f(r['max_abs_levels'], '{:.2f}')} (4:4:4 "
+        f"{_f(r['max_abs_levels_444'], '{:.2f}')}, 4:2:0 {_f(r['max_abs_levels_420'], '{:.2f}')}), mean "
+        f"{_f(r['mean_abs_levels'], '{:.3f}')}, pixels more than one level apart {_f(r['pixels_over_1_level_pct'], '{:.3f}')}%",
+        ""]
 
 
 # ----------------------------------------------------------------------------- main
@@ -806,6 +906,7 @@ SECTIONS: list[tuple[str, Callable[[Setup, dict[str, Any], Callable[[str], None]
     ("finetune", section_finetune),
     ("step_checks", section_step_checks),
     ("inference_pretrain", section_inference_pretrain),
+    ("jpeg_decode", section_jpeg_decode),
 ]
 
 

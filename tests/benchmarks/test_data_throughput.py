@@ -60,6 +60,7 @@ def test_plain_sample_and_main_fast_context(bench) -> None:
     before = (codecs.simplejpeg, transforms.robust_standardize_fast, transforms._image_fast, shards._file_samples)
     with bench.main_fast_path():
         assert codecs.simplejpeg is None and transforms._image_fast is bench._main_image_fast
+        assert transforms._depth_fast is bench._main_depth_fast
         assert shards._file_samples is bench._main_file_samples
     assert (codecs.simplejpeg, transforms.robust_standardize_fast, transforms._image_fast,
             shards._file_samples) == before

@@ -126,3 +126,14 @@ def test_goal_verdict(gpu_check) -> None:
     assert "meets" in a100["verdict"] and "estimate" in a100["verdict"]
     unknown = verdict("Some Future GPU", 900.0)
     assert unknown["verdict"].startswith("not judged")
+
+
+def test_jpeg_decode_section_runs_the_device_path_on_the_cpu(gpu_check) -> None:
+    """The ``jpeg_decode`` section in a dry run: the device path on the CPU (libjpeg-turbo, uint8
+    resize) gives the CPU fast path's rgb exactly; its rates and its markdown are filled in."""
+    setup = gpu_check.make_setup(gpu_check.parse_args(["--dry-run"]))
+    r = gpu_check.section_jpeg_decode(setup, {}, lambda msg: None)
+    assert r["max_abs_levels"] == 0.0 and r["pixels_over_1_level_pct"] == 0.0 and r["images"] == 16
+    assert min(r["cpu_path_samples_per_cpu_s"], r["worker_samples_per_cpu_s"], r["device_samples_per_s"]) > 0
+    md = "\n".join(gpu_check.jpeg_decode_md(r))
+    assert "## JPEG decoding on the device (`data.decode=cuda`)" in md and "dry run" in md

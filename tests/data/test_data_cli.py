@@ -52,7 +52,7 @@ def test_data_bench_reports_rate_and_cores(tmp_path: Path, capsys: pytest.Captur
     out = capsys.readouterr().out
     rate = float(re.search(r"decode \+ transforms: ([\d.]+) samples per CPU second", out).group(1))
     cores = float(re.search(r"one GPU at 1000 images/s needs ([\d.]+) cores", out).group(1))
-    assert rate > 0 and cores == pytest.approx(1000 / rate, rel=0.06)
+    assert rate > 0 and cores == pytest.approx(1000 / rate, rel=0.06, abs=0.051)  # printed to 0.1
     assert main(["data", "bench", "--source", "folder", "--urls", urls]) == 2
     assert "--source folder needs --root" in capsys.readouterr().err
     assert main(["data", "bench", "--source", "shards", "--urls", str(tmp_path / "missing.tar"), "--num", "2"]) == 2

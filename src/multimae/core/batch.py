@@ -88,6 +88,15 @@ class Batch(Mapping[str, Tensor]):
                  for k, v in self.extra.items()}
         return Batch(mv(self.tensors), mv(self.pad), mv(self.present), extra)
 
+    def pin_memory(self) -> "Batch":
+        """A copy with every tensor in pinned memory. ``DataLoader(pin_memory=True)`` calls this;
+        without it the DataLoader rebuilt the batch from its modality tensors alone (a Mapping),
+        dropping ``pad``, ``present`` and ``extra``."""
+        def pin(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in d.items()}
+
+        return Batch(pin(self.tensors), pin(self.pad), pin(self.present), pin(self.extra))
+
     def select(self, keys: "list[str] | tuple[str, ...]") -> "Batch":
         """Only the modalities ``keys`` (with their padding and presence); extras kept."""
         keep = [k for k in keys if k in self.tensors]

@@ -410,12 +410,73 @@ def decode_packed(data: bytes, ext: str, spec: ModalitySpec, png_scale: float, w
     return Packed("categorical", arr)
 
 
+@dataclass(frozen=True, eq=False)
+class EncodedJpeg(Packed):
+    """An RGB JPEG kept encoded for a decoder on the training device (``data.decode=cuda``):
+    ``array`` holds the file's bytes (uint8, 1-D), ``height`` / ``width`` its header's size.
+    :meth:`tensor` and :meth:`pixels` decode it on the CPU (the reference, and what
+    :func:`decode_packed` gives); :class:`~multimae.data.transforms.PairedTransform` with
+    ``fast=True`` only draws its crop and hands the bytes on
+    (:class:`~multimae.data.device_decode.DeferredImage`)."""
+
+    height: int = 0
+    width: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (3, self.height, self.width)
+
+    def pixels(self) -> np.ndarray:
+        """uint8 (H,W,3): the pixels the CPU path decodes (:func:`read_pixels`)."""
+        return read_pixels(self.array.tobytes(), 3, "an encoded JPEG")
+
+    def tensor(self) -> Tensor:
+        return _writable_tensor(self.pixels().transpose(2, 0, 1))
+
+
+def jpeg_for_device(data: bytes, channels: int) -> EncodedJpeg | None:
+    """``data`` as an :class:`EncodedJpeg` where a device decoder reads it as the CPU path does
+    (what :func:`_jpeg_turbo` takes: an RGB / greyscale JPEG without EXIF orientation, within
+    PIL's pixel limit, a header simplejpeg parses), else None (then decoded on the CPU)."""
+    if simplejpeg is None or channels != 3 or not data.startswith(b"\xff\xd8") or b"Exif\x00\x00" in data[:65536]:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except (ValueError, RuntimeError):
+        return None
+    if colorspace not in ("YCbCr", "Gray") or height * width > (Image.MAX_IMAGE_PIXELS or math.inf) or not height * width:
+        return None
+    return EncodedJpeg("image", np.frombuffer(data, np.uint8), 1.0, height, width)
+
+
+def decode_encoded(data: bytes, ext: str, spec: ModalitySpec, png_scale: float, where: str) -> Tensor | str | Packed:
+    """:func:`decode_packed`, but RGB JPEG images stay encoded (:class:`EncodedJpeg`) for the
+    device decoder of ``data.decode=cuda``."""
+    if spec.kind == "image" and ext.lower() in ("jpg", "jpeg"):
+        enc = jpeg_for_device(data, spec.channels)
+        if enc is not None:
+            return enc
+    return decode_packed(data, ext, spec, png_scale, where)
+
+
+def decoder_for(packed: bool | str):  # type: ignore[no-untyped-def]
+    """The field decoder of a dataset's ``packed`` setting: False :func:`decode_field` (the
+    reference), True :func:`decode_packed`, ``"encoded"`` :func:`decode_encoded`."""
+    if packed == "encoded":
+        return decode_encoded
+    return decode_packed if packed else decode_field
+
+
 def validate_packed(value: Packed, spec: ModalitySpec, where: str) -> None:
     """:func:`validate_field` for a :class:`Packed` field, on its integers: the same checks and,
     when one fails, the same error (the reference check then runs on :meth:`Packed.tensor`)."""
     if value.kind != spec.kind:
         raise DataError(f"{where}: a packed {value.kind} field for a {spec.kind} modality")
     a = value.array
+    if isinstance(value, EncodedJpeg):  # its header was read: only the channels can disagree
+        if spec.channels != 3:
+            raise DataError(f"{where}: an RGB JPEG for a {spec.channels}-channel image modality")
+        return
     if spec.kind == "categorical":
         ok = a.size > 0 and int(a.max()) < spec.num_classes
     elif spec.kind == "dense":

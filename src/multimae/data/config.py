@@ -40,8 +40,12 @@ class DataConfig:
     # marked absent in the batch, gets no visible token and no loss; docs/data.md "Incomplete datasets")
     missing: Literal["error", "skip", "allow"] = "error"
     # the fast data path (folder / shards: Packed integer decoding + PairedTransform(fast=True)):
-    # semseg bit for bit as the reference path, rgb within 1e-6, depth within 1e-5; false: the reference
+    # semseg bit for bit as the reference path, rgb within 1e-6, depth within 1e-6 of the reference
+    # algorithm in float64 (the float32 reference: up to ~1e-4 from it); false: the reference
     fast_decode: bool = True
+    # where the fast path decodes RGB JPEGs (folder / shards): "cpu" in the loader workers; "cuda":
+    # the workers hand the bytes and crop boxes on, the training GPU decodes a batch at once (nvJPEG)
+    decode: Literal["cpu", "cuda"] = "cpu"
     # text modality (M3AE)
     tokenizer: str = "synthetic"  # "synthetic" (built in, offline), or a tokenizer.json / BERT vocab.txt
     text_overflow: Literal["truncate", "error"] = "truncate"  # captions longer than max_len

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Subset
 
 from multimae.core.io import save_bytes_atomic
 from multimae.data.codecs import (
-    DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, decode_field, decode_packed, encode_field,
+    DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, decoder_for, encode_field,
     scale_for,
 )
 from multimae.data.errors import DataError, ErrorPolicy, check_missing, notice_once
@@ -101,7 +101,9 @@ class FolderDataset(Dataset):
             lacking one are left out and counted.
         packed: decode rgb / one-channel dense / categorical image files into
             :class:`~multimae.data.codecs.Packed` integers (validated as such) for a
-            ``PairedTransform(fast=True)``, instead of the documented raw-sample tensors.
+            ``PairedTransform(fast=True)``, instead of the documented raw-sample tensors;
+            ``"encoded"``: the same, with RGB JPEGs kept encoded for the training device's
+            decoder (``data.decode=cuda``, :mod:`multimae.data.device_decode`).
 
     Missing files are found when the index is built: with ``raise`` the constructor fails, with
     ``skip`` those samples are left out of the index (and counted).
@@ -110,10 +112,10 @@ class FolderDataset(Dataset):
     def __init__(self, root: str | os.PathLike, split: str, modalities: Sequence[str | dict | ModalitySpec],
                  transform: Callable[[dict], dict] | None = None, on_error: str = "raise",
                  label_from_class_dir: bool = True, png_scale: PngScale = None,
-                 classes: Sequence[str] | None = None, packed: bool = False, missing: str = "error",
+                 classes: Sequence[str] | None = None, packed: bool | str = False, missing: str = "error",
                  required: Sequence[str] = ()) -> None:
         self.root, self.split, self.transform = Path(root), split, transform
-        self.packed = bool(packed)
+        self.packed = packed if packed == "encoded" else bool(packed)
         self.specs, want_label = resolve_fields(modalities)
         self.policy = ErrorPolicy(on_error)
         self.missing = check_missing(missing)
@@ -223,7 +225,7 @@ class FolderDataset(Dataset):
                 data = path.read_bytes()
             except OSError as e:
                 raise DataError(f"{where[key]}: unreadable ({e})") from None
-            decode = decode_packed if self.packed else decode_field
+            decode = decoder_for(self.packed)
             sample[key] = decode(data, path.suffix[1:], self.specs[key], self.png_scale[key], where[key])
         self.policy.count_invalid(
             validate_sample(sample, {k: self.specs[k] for k in files}, where,
@@ -264,7 +266,7 @@ def holdout(keys: Sequence[str], fraction: float) -> tuple[list[int], list[int]]
 
 def open_folder(root: str | os.PathLike, split: str, specs: Sequence[str | dict | ModalitySpec], *,
                 val_split: str = "val", val_fraction: float = 0.0, train: bool = True,
-                on_error: str = "raise", packed: bool = False, missing: str = "error") -> Dataset | None:
+                on_error: str = "raise", packed: bool | str = False, missing: str = "error") -> Dataset | None:
     """The training data (``train=True``) or the validation data of a folder dataset.
 
     Validation is ``root/<val_split>`` when that directory exists. Otherwise, with

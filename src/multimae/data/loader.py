@@ -213,10 +213,14 @@ class MaskCollator:
         if self.text is not None:
             return self.text(samples)
         from multimae.data import collate
+        from multimae.data.device_decode import DEFERRED, gather_deferred
 
+        deferred = gather_deferred(samples)  # data.decode=cuda: JPEGs left to the device
         tensors, present = stack_modalities(samples, self.spec.specs, self.image_size or self.spec.image_size,
                                             self.allow_missing)
         extra = collate([{k: v for k, v in smp.items() if k not in tensors} for smp in samples])
+        if deferred:
+            extra[DEFERRED] = deferred
         return raster_padding(Batch(tensors, present=present, extra=extra), self.spec.specs, self.spec.patch_size)
 
     def __call__(self, samples: list[dict[str, Any]]) -> tuple[Batch, MaskPlan]:
@@ -331,13 +335,20 @@ def resolve_workers(num_workers: int | str, cores: int | None = None, local_rank
 
 
 def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1) -> tuple[DataLoader, "ResumableBatchSampler | StreamBatches"]:
+                 rank: int = 0, world_size: int = 1, decode_device: torch.device | str | None = None,
+                 ) -> tuple[Any, "ResumableBatchSampler | StreamBatches"]:
     """Training DataLoader yielding ``(batch, plan)``, and its position: an object with
     ``len()`` (batches per epoch and rank) and ``set_epoch(epoch, start_batch)``, to be called
-    before every epoch (a :class:`ResumableBatchSampler`, or the :class:`StreamBatches`)."""
+    before every epoch (a :class:`ResumableBatchSampler`, or the :class:`StreamBatches`).
+
+    ``data.decode=cuda`` (folder / shards with ``data.fast_decode``): RGB JPEGs are decoded on the
+    current CUDA device in the main process (:mod:`multimae.data.device_decode`; the loader is a
+    :class:`~multimae.data.device_decode.DeviceDecodeLoader` and a batch's rgb arrives on the
+    device). ``decode_device`` overrides that device (tests run the same path on the CPU)."""
     from multimae.data.transforms import PairedTransform
 
     data = resolve_image_size(data, spec)
+    device = _decode_device(data, decode_device)
     specs = list(spec.specs)
     allow = data.missing == "allow"
     collator = MaskCollator(spec, mask, seed, rank, text=text_collator(data, specs), allow_missing=allow,
@@ -348,6 +359,7 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
     if data.image_only or data.text_only:
         unpaired = Unpairing([s.key for s in specs if s.kind == "text"], [s.key for s in specs if s.is_spatial],
                              data.image_only, data.text_only)
+    packing: bool | str = "encoded" if device is not None else data.fast_decode
     workers = resolve_workers(data.num_workers)
     kw: dict[str, Any] = dict(num_workers=workers, collate_fn=collator,
                               persistent_workers=False, pin_memory=torch.cuda.is_available(),
@@ -361,7 +373,7 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
             raise ValueError("data.urls must be set for data.source=shards")
         stream = ShardDataset(shard_urls(data.urls), specs, shuffle_buffer=data.shuffle_buffer,
                               seed=seed, on_error=data.on_error, rank=rank, world_size=world_size,
-                              packed=data.fast_decode, missing=data.missing)
+                              packed=packing, missing=data.missing)
         n, how = epoch_samples(data)
         per_rank = n // (world_size * batch_size)  # batches per rank and epoch
         if per_rank < 1:
@@ -369,10 +381,37 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
                             f"{world_size} rank(s)")
         batches = StreamBatches(stream, transform, batch_size, per_rank, seed,
                                 unpaired)
-        return DataLoader(batches, batch_size=None, **kw), batches
-    base = build_dataset(data, specs, seed, packed=data.fast_decode)
+        return _on_device(DataLoader(batches, batch_size=None, **kw), device), batches
+    base = build_dataset(data, specs, seed, packed=packing)
     sampler = ResumableBatchSampler(len(base), batch_size, seed, rank, world_size)  # type: ignore[arg-type]
-    return DataLoader(SeededAugment(base, transform, seed, unpaired), batch_sampler=sampler, **kw), sampler
+    return _on_device(DataLoader(SeededAugment(base, transform, seed, unpaired), batch_sampler=sampler, **kw),
+                      device), sampler
+
+
+def _decode_device(data: DataConfig, override: torch.device | str | None) -> torch.device | None:
+    """Where ``data.decode`` decodes JPEGs: None (the workers, on the CPU), or a device."""
+    if data.decode not in ("cpu", "cuda"):
+        raise ValueError(f"data.decode must be 'cpu' or 'cuda', got {data.decode!r}")
+    if data.decode == "cpu" and override is None:
+        return None
+    if data.source not in ("folder", "shards") or not data.fast_decode:
+        raise ValueError(f"data.decode={data.decode} decodes the JPEGs of folder and shard sources on the fast path "
+                         f"(data.fast_decode=true); this run has data.source={data.source}, "
+                         f"data.fast_decode={data.fast_decode}: set data.decode=cpu")
+    if override is not None:
+        return torch.device(override)
+    if not torch.cuda.is_available():
+        raise ValueError("data.decode=cuda needs a CUDA device (torch.cuda.is_available() is False); "
+                         "set data.decode=cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _on_device(loader: DataLoader, device: torch.device | None) -> Any:
+    if device is None:
+        return loader
+    from multimae.data.device_decode import DeviceDecodeLoader
+
+    return DeviceDecodeLoader(loader, device)
 
 
 class StreamBatches(IterableDataset):

@@ -34,8 +34,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from multimae.core.io import commit, tmp_name
 from multimae.data.codecs import (
-    DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, compact_png, decode_field, decode_label,
-    decode_packed, encode_field, scale_for,
+    DEFAULT_WRITE_PNG_SCALE, EXTS, LABEL_KEY, OFFICIAL_PNG_SCALE, PngScale, compact_png, decode_label,
+    decoder_for, encode_field, scale_for,
 )
 from multimae.data.errors import DataError, ErrorPolicy, check_missing
 from multimae.data.fields import resolve_fields, validate_sample
@@ -319,7 +319,8 @@ class ShardDataset(IterableDataset):
             shards (tar headers) and takes ``ceil(count / world_size)``. None: one pass as is.
         png_scale: scale of 16-bit PNGs lacking a ``json`` record; default ``1 / 2**16``.
         packed: decode image files into :class:`~multimae.data.codecs.Packed` integers for a
-            ``PairedTransform(fast=True)`` (see :class:`~multimae.data.folder.FolderDataset`).
+            ``PairedTransform(fast=True)`` (see :class:`~multimae.data.folder.FolderDataset`;
+            ``"encoded"`` keeps RGB JPEGs encoded for ``data.decode=cuda``).
         missing: a sample lacking a modality's key: ``error`` (bad data, ``on_error`` decides),
             ``skip`` (passed over before it takes a stream position, counted in ``skipped``), or
             ``allow`` (kept: its raw sample lacks that key; the collator marks it absent).
@@ -333,7 +334,7 @@ class ShardDataset(IterableDataset):
                  transform: Callable[[dict], dict] | None = None, shuffle_buffer: int = 1000, seed: int = 0,
                  on_error: str = "raise", rank: int | None = None, world_size: int | None = None,
                  samples_per_rank: int | Literal["auto"] | None = None, png_scale: PngScale = None,
-                 packed: bool = False, missing: str = "error") -> None:
+                 packed: bool | str = False, missing: str = "error") -> None:
         self.urls = expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]
         if not self.urls:
             raise DataError(f"no shards in {urls!r}")
@@ -349,7 +350,7 @@ class ShardDataset(IterableDataset):
             samples_per_rank = math.ceil(count_samples(self.urls) / self.world_size)
         self.samples_per_rank = samples_per_rank
         self.png_scale = png_scale
-        self.packed = bool(packed)
+        self.packed = packed if packed == "encoded" else bool(packed)
         self.epoch, self._epoch_set, self._last_epoch = 0, True, -1
 
     @property
@@ -423,7 +424,7 @@ class ShardDataset(IterableDataset):
                 raise DataError(f"{where}: missing key '{name}.{EXTS[spec.kind][0]}' (has {present}; "
                                 f"data.missing={self.missing})")
             scale = float(scales.get(name, scale_for(self.png_scale, name, OFFICIAL_PNG_SCALE)))
-            decode = decode_packed if self.packed else decode_field
+            decode = decoder_for(self.packed)
             sample[name] = decode(raw[field], field.rsplit(".", 1)[-1], spec, scale, f"{where}: {field}")
         have = {k: s for k, s in self.specs.items() if k in sample}
         self.policy.count_invalid(validate_sample(sample, have, {k: f"{where}: {k}" for k in have}, where))
