@@ -499,7 +499,7 @@ def pretrain_main(a: argparse.Namespace, argv: list[str] | None, off: dict[str, 
         res["losses"] = loss_rows(a.presets.split(",")[-1], a, device)
     elif a.loss_steps:
         res["notes"].append("fp32/bf16 first-step losses not compared here (no bf16 run); "
-                            "`tests/training/test_bf16_losses.py` compares them on a small model.")
+                            "`tests/engine/test_bf16_losses.py` compares them on a small model.")
     load1 = os.getloadavg()
     res["load_note"] = (f"Load average (1 min) at start / end: {load0[0]:.1f} / {load1[0]:.1f} on {os.cpu_count()} CPUs "
                         "(other jobs share the machine: absolute times are noisy, the interleaved ratios less so).")

@@ -26,7 +26,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-sys.path.insert(0, str(REPO / "tests" / "weights"))
+sys.path.insert(0, str(REPO / "tests" / "helpers"))
 
 FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 MARK = re.compile(r"<!--\s*(example|not-tested):\s*(.*?)\s*-->")

@@ -4,11 +4,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from multimae.core.masking import MaskPlan, dirichlet_plan
 from multimae.model.multimae import ModelConfig, MultiMAE
+
+pytestmark = pytest.mark.multiprocess
 
 CFG = dict(preset="nano", depth=2, image_size=32, patch_size=8, modalities={"semseg": {"num_classes": 5}})
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from multimae.model.transfer import HeadConfig
-from step_setups import finetune_micros, pretrain_micros  # tests/engine is on sys.path
+from step_setups import finetune_micros, pretrain_micros  # tests/helpers is on sys.path (tests/conftest.py)
 
 PRETRAIN = {
     "multimae": ("configs/pretrain/synthetic-tiny.yaml",),

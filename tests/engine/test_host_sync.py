@@ -12,7 +12,7 @@ from multimae.engine.step import read_stats, train_step
 from multimae.tasks.pretrain import PretrainTask
 from multimae.tasks.pretrain_config import PretrainConfig
 from multimae.model.transfer import HeadConfig
-from step_setups import NANO, finetune_micros, pretrain_micros  # tests/engine is on sys.path
+from step_setups import NANO, finetune_micros, pretrain_micros  # tests/helpers is on sys.path (tests/conftest.py)
 
 
 def _count(model, micros):

@@ -134,7 +134,7 @@ def test_steps_with_absent_modalities_read_nothing():
     """No host synchronisation in a step whose batch lacks modalities in some samples (pretraining:
     depth / semseg absent; fine-tuning: a depth input absent), and n/<task> is read with the
     other stats at a log step."""
-    from step_setups import pretrain_micros  # tests/engine is on sys.path
+    from step_setups import pretrain_micros  # tests/helpers is on sys.path (tests/conftest.py)
 
     from multimae.core.batch import Batch
     from multimae.engine.host_sync import HostSyncCounter

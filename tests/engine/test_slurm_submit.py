@@ -19,6 +19,8 @@ from multimae.cli.main import main
 from multimae.cli.submit import submit_command
 from multimae.engine.slurm import SlurmConfig, distributed_env
 
+pytestmark = pytest.mark.multiprocess
+
 pytest.importorskip("submitit")  # the `test` extra installs it
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40

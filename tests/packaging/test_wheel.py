@@ -11,6 +11,8 @@ import pytest
 
 from multimae.core.config import ConfigError, packaged_configs, resolve_config_path
 
+pytestmark = pytest.mark.wheel
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -55,7 +55,7 @@ class MaskPlan:
         return cls({k: torch.as_tensor(v).bool() for k, v in masks.items()}).counted()
 
     @classmethod
-    def full(cls, token_counts: Mapping[str, int], batch_size: int, device: torch.device | str = "cpu") -> "MaskPlan":
+    def all_visible(cls, token_counts: Mapping[str, int], batch_size: int, device: torch.device | str = "cpu") -> "MaskPlan":
         """Nothing masked: every token of every modality is visible."""
         return cls({k: torch.zeros(batch_size, n, dtype=torch.bool, device=device) for k, n in token_counts.items()},
                    num_visible=sum(token_counts.values()), uneven=False)

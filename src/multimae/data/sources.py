@@ -77,10 +77,6 @@ def get_source(name: str) -> Source:
     return _SOURCES[name]
 
 
-def source_names() -> list[str]:
-    return sorted(_SOURCES)
-
-
 # ------------------------------------------------------------------------------- built-in sources
 
 def _synthetic_dataset(r: Request) -> Dataset:

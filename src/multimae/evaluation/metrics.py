@@ -5,7 +5,7 @@ metric, its stateful ``Metric`` objects carry their own device/DDP synchronisati
 beside the engine's, and some definitions here are the papers' own (depth on valid pixels only,
 delta thresholds 1.25^k, angular error of normals) which torchmetrics does not all provide.
 Small functions over plain tensors are read and checked against hand-computed values in a few
-lines (tests/transfer/test_metrics.py).
+lines (tests/model/transfer/test_metrics.py).
 
 Every family has two steps so that a whole split is scored exactly (not as a mean of batch
 means):

@@ -28,7 +28,7 @@ from multimae.core.batch import Batch
 from multimae.core.config import to_dict
 from multimae.core.io import save_bytes_atomic
 from multimae.data.downstream import TARGET, TARGET_VALID
-from multimae.evaluation import metrics as M
+from multimae.evaluation import metrics as metric_fns
 from multimae.runs import class_names
 from multimae.tasks.downstream import Datasets, dense_target_spec
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
@@ -57,33 +57,33 @@ class Scorer:
         pred = pred.detach().float().cpu()
         t = batch[TARGET]
         if self.kind == "segmentation":
-            c = M.confusion_matrix(pred, t, self.K, self.ignore)
+            c = metric_fns.confusion_matrix(pred, t, self.K, self.ignore)
             self.conf = c if self.conf is None else self.conf + c
             return
         if self.kind == "classification":
-            s = M.topk_stats(pred, t, (1, 5) if self.K > 5 else (1,))
+            s = metric_fns.topk_stats(pred, t, (1, 5) if self.K > 5 else (1,))
         elif self.kind == "depth":
-            s = M.depth_stats(pred, t, batch[TARGET_VALID])
+            s = metric_fns.depth_stats(pred, t, batch[TARGET_VALID])
         elif self.angular:
-            s = M.normal_stats(pred, t, batch[TARGET_VALID])
+            s = metric_fns.normal_stats(pred, t, batch[TARGET_VALID])
         else:
             v = batch[TARGET_VALID].expand_as(pred)
             d = (pred - t).double()[v]
             s = {"l1": d.abs().sum(), "sq": (d * d).sum(), "count": torch.tensor(float(d.numel()), dtype=torch.float64)}
-        self.stats = M.merge_stats(self.stats, s)
+        self.stats = metric_fns.merge_stats(self.stats, s)
 
     def scores(self) -> dict[str, float]:
         if self.kind == "segmentation":
             assert self.conf is not None
-            s = M.segmentation_scores(self.conf)
+            s = metric_fns.segmentation_scores(self.conf)
             return {"miou": float(s["miou"]), "pixel_acc": float(s["pixel_acc"])}  # type: ignore[arg-type]
         assert self.stats is not None, "no batch was scored"
         if self.kind == "classification":
-            return M.topk_scores(self.stats)
+            return metric_fns.topk_scores(self.stats)
         if self.kind == "depth":
-            return M.depth_scores_from_stats(self.stats)
+            return metric_fns.depth_scores_from_stats(self.stats)
         if self.angular:
-            return M.normal_scores_from_stats(self.stats)
+            return metric_fns.normal_scores_from_stats(self.stats)
         n = max(float(self.stats["count"]), 1.0)
         return {"l1": float(self.stats["l1"]) / n, "rmse": math.sqrt(float(self.stats["sq"]) / n)}
 
@@ -91,7 +91,7 @@ class Scorer:
         """Per-class IoU (%) of a segmentation scorer."""
         if self.conf is None:
             return None
-        return list(M.segmentation_scores(self.conf)["per_class_iou"])  # type: ignore[arg-type]
+        return list(metric_fns.segmentation_scores(self.conf)["per_class_iou"])  # type: ignore[arg-type]
 
 
 def scorer_for(cfg: FinetuneConfig) -> Scorer:
@@ -151,7 +151,7 @@ def class_baseline(train_y: Tensor, eval_y: Tensor, num_classes: int) -> dict[st
     c = int(torch.bincount(train_y, minlength=num_classes).argmax())
     logits = torch.zeros(len(eval_y), num_classes)
     logits[:, c] = 1.0
-    return M.topk_scores(M.topk_stats(logits, eval_y, (1, 5) if num_classes > 5 else (1,)))
+    return metric_fns.topk_scores(metric_fns.topk_stats(logits, eval_y, (1, 5) if num_classes > 5 else (1,)))
 
 
 # ----------------------------------------------------------------------------------- evaluation

@@ -213,7 +213,7 @@ class DemoEngine:
             batch = {self.source.key: tensors[self.source.key][None].to(self.device)}
             can = [s.name for s in missing if s.name in self.tasks]
             with self._lock, torch.inference_mode(), self._autocast():
-                preds = self.model(batch, MaskPlan.full({self.source.name: self._n_tokens}, 1), tasks=can,
+                preds = self.model(batch, MaskPlan.all_visible({self.source.name: self._n_tokens}, 1), tasks=can,
                                    compute_loss=False).preds if can else {}
             for s in missing:
                 if s.name not in preds:

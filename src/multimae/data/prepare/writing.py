@@ -234,14 +234,6 @@ def write_items(items: Sequence[Item], root: str | os.PathLike, fmt: str = "fold
         bar.close()
 
 
-def limit_items(items: list, limit: int | None) -> list:
-    """The first ``limit`` items (all when None); ``limit`` must be >= 1."""
-    if limit is None:
-        return items
-    if limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
-    return items[:limit]
-
 
 def closing_line(dataset: str, counts: Mapping[str, int], known: Mapping[str, int], limit: int | None,
                  unit: str = "samples") -> str:

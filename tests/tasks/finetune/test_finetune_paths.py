@@ -16,7 +16,7 @@ from multimae.engine.trainer import Trainer
 from multimae.tasks.finetune import FinetuneTask
 from multimae.tasks.finetune_config import FinetuneConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY_ENCODER = ("model.encoder={preset: nano, dim: 48, depth: 2, num_heads: 2, patch_size: 8, image_size: 32, "
                 "modalities: {semseg: {num_classes: 6}}}")
 TINY = [TINY_ENCODER, "data.image_size=32", "data.num_workers=0", "train.batch_size=4", "train.eval_batch_size=8",

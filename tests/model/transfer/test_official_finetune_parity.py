@@ -11,7 +11,7 @@ from multimae.checkpoint.convert import ConversionError
 from multimae.model.multimae import ModelConfig
 from multimae.model.transfer import HeadConfig, TransferModel, TransferModelConfig, build_transfer_model
 
-GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "multimae-official-finetune-compact.safetensors"
+GOLDEN = Path(__file__).resolve().parents[2] / "fixtures" / "multimae-official-finetune-compact.safetensors"
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from torch import nn
 
 from multimae.engine import distributed as D
 
+pytestmark = pytest.mark.multiprocess
+
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 

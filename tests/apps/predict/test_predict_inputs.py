@@ -28,7 +28,7 @@ from multimae.tasks.downstream import prepare
 from multimae.tasks.finetune_config import FinetuneConfig
 
 ENC = "{preset: nano, dim: 48, depth: 2, num_heads: 2, patch_size: 8, image_size: 32}"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def seg_run(root: Path, num_classes: int = 6, seed: int = 0) -> Path:

@@ -144,5 +144,5 @@ def test_a_plan_knows_its_budget_without_reading_its_masks(seed):
         assert c.num_visible == int(total.max()) and c.uneven == bool((total < c.num_visible).any())
         assert c.to("cpu").num_visible == c.num_visible  # moving a plan keeps its budget
     assert not plans[0].uneven and not plans[1].uneven and not plans[3].uneven
-    full = MaskPlan.full(counts, 3)
+    full = MaskPlan.all_visible(counts, 3)
     assert full.num_visible == 26 and not full.uneven

@@ -18,6 +18,8 @@ import torch.multiprocessing as mp
 
 from multimae.checkpoint import CheckpointError, find_latest, load_meta, load_weights
 
+pytestmark = pytest.mark.multiprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 PRE_CONFIG = "configs/pretrain/synthetic-tiny.yaml"
 PRE = ["model.preset=nano", "model.depth=2", "model.image_size=32", "model.drop_path=0.1", "data.image_size=32",
