@@ -12,33 +12,15 @@ import torch
 from multimae.cli.main import main
 from multimae.data import DataError
 from multimae.data.config import DataConfig, MaskConfig
-from multimae.data.folder import FolderDataset, write_folder
+from multimae.data.folder import FolderDataset
 from multimae.data.loader import BatchSpec, build_loader
 from multimae.data.shards import ShardDataset, write_shards
 from multimae.data.synthetic import SyntheticScenes
+from data_testutils import lacks_depth, lacks_semseg, partial_folder  # tests/helpers
 from multimae.core.modalities import resolve
 
 N = 12
 SEMSEG6 = {"semseg": {"num_classes": 6}}
-
-
-def lacks_depth(i: int) -> bool:
-    return i % 2 == 0  # half the samples
-
-
-def lacks_semseg(i: int) -> bool:
-    return i % 3 == 0  # a third
-
-
-def partial_folder(root: Path, n: int = N) -> Path:
-    """rgb for every sample; depth missing for even i, semseg for i divisible by 3."""
-    write_folder(SyntheticScenes(n, image_size=32, seed=2, modalities=["rgb", "depth", "semseg"]), root, "train")
-    for i, f in enumerate(sorted((root / "train" / "rgb" / "all").iterdir())):
-        if lacks_depth(i):
-            (root / "train" / "depth" / "all" / f.name).unlink()
-        if lacks_semseg(i):
-            (root / "train" / "semseg" / "all" / f.name).unlink()
-    return root
 
 
 def specs():

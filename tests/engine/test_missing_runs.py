@@ -10,33 +10,12 @@ import torch
 
 from multimae.checkpoint import find_latest, load_weights
 from multimae.core.config import load_config
-from multimae.data.folder import write_folder
-from multimae.data.synthetic import SyntheticScenes
+from data_testutils import lacks_depth, lacks_semseg, partial_folder  # tests/helpers
 from multimae.engine.trainer import Trainer
 from multimae.tasks.pretrain import PretrainTask
 from multimae.tasks.pretrain_config import PretrainConfig
 
 N = 12
-
-
-def lacks_depth(i: int) -> bool:
-    return i % 2 == 0  # half the samples
-
-
-def lacks_semseg(i: int) -> bool:
-    return i % 3 == 0  # a third
-
-
-def partial_folder(root: Path) -> Path:
-    """rgb for every sample; depth missing for even i, semseg for i divisible by 3 (as
-    tests/data/test_missing_modalities.py)."""
-    write_folder(SyntheticScenes(N, image_size=32, seed=2, modalities=["rgb", "depth", "semseg"]), root, "train")
-    for i, f in enumerate(sorted((root / "train" / "rgb" / "all").iterdir())):
-        if lacks_depth(i):
-            (root / "train" / "depth" / "all" / f.name).unlink()
-        if lacks_semseg(i):
-            (root / "train" / "semseg" / "all" / f.name).unlink()
-    return root
 
 TINY = [
     "model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "model.decoder_depth=1",

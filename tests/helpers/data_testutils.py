@@ -38,3 +38,30 @@ def official_folder(root: Path, n: int = 4, size: int = 16, split: str = "train"
         write_png(root / split / "depth" / cls / f"{i:04d}.png", rng.integers(1, 65536, (size, size), dtype=np.uint16))
         write_png(root / split / "semseg" / cls / f"{i:04d}.png", rng.integers(0, 6, (size, size), dtype=np.uint8))
     return root
+
+
+# ----------------------------------------------------------------------------- incomplete datasets
+PARTIAL_N = 12
+
+
+def lacks_depth(i: int) -> bool:
+    return i % 2 == 0  # half the samples
+
+
+def lacks_semseg(i: int) -> bool:
+    return i % 3 == 0  # a third
+
+
+def partial_folder(root, n: int = PARTIAL_N):
+    """A synthetic folder dataset (32 px) where every sample has rgb, sample i lacks depth when
+    :func:`lacks_depth` and semseg when :func:`lacks_semseg`. Returns ``root``."""
+    from multimae.data.folder import write_folder
+    from multimae.data.synthetic import SyntheticScenes
+
+    write_folder(SyntheticScenes(n, image_size=32, seed=2, modalities=["rgb", "depth", "semseg"]), root, "train")
+    for i, f in enumerate(sorted((root / "train" / "rgb" / "all").iterdir())):
+        if lacks_depth(i):
+            (root / "train" / "depth" / "all" / f.name).unlink()
+        if lacks_semseg(i):
+            (root / "train" / "semseg" / "all" / f.name).unlink()
+    return root

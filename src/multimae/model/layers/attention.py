@@ -59,15 +59,22 @@ def attend(q: Tensor, k: Tensor, v: Tensor, key_pad: Tensor | None, mode: str = 
     return attn.softmax(dim=-1) @ v  # for bf16 the CPU kernel accumulates in fp32
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention. x: (B, N, D) -> (B, N, D). ``mode``: the kernel (see module doc)."""
+class _MultiHead(nn.Module):
+    """What self- and cross-attention share: ``num_heads`` heads over ``dim`` and the kernel ``mode``."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, mode: str = "auto") -> None:
+    def __init__(self, dim: int, num_heads: int, mode: str) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.mode = check_attention_mode(mode)
+
+
+class Attention(_MultiHead):
+    """Multi-head self-attention. x: (B, N, D) -> (B, N, D). ``mode``: the kernel (see module doc)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, mode: str = "auto") -> None:
+        super().__init__(dim, num_heads, mode)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -79,15 +86,11 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_MultiHead):
     """Queries attend to a context. x: (B, Nq, D), context: (B, Nk, D) -> (B, Nq, D)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, mode: str = "auto") -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.mode = check_attention_mode(mode)
+        super().__init__(dim, num_heads, mode)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
