@@ -73,6 +73,7 @@ class TiffWindows:
             self._tif.close()
             raise DataError(f"{where}: not a readable TIFF ({type(e).__name__}: {e})") from None
         self._page = page
+        self.tiff = self._tif  # the open file (its tags: band names, georeferencing)
         try:
             if dtype is None:
                 raise DataError(f"{where}: unsupported sample format ({page.sampleformat}, "
@@ -624,9 +625,9 @@ def _input_prep(spec: Any, reader: TiffWindows) -> Callable[[Tensor], Tensor] | 
     nodata declared on the spec, :mod:`multimae.data.rasters`), the function that keeps its bands
     and turns nodata into NaN (invalid pixels), as the training data was read."""
     if getattr(spec, "is_raster", False):
-        from multimae.data.rasters import band_indices, nodata_invalid
+        from multimae.data.rasters import band_indices, file_band_names, nodata_invalid
 
-        idx = band_indices(spec, reader.channels, None, reader.where)
+        idx = band_indices(spec, reader.channels, file_band_names(reader.tiff, reader.channels), reader.where)
         where = reader.where
 
         def prep(x: Tensor) -> Tensor:

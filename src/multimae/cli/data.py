@@ -54,7 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k = actions.add_parser("check", help="decode and validate every sample of a folder dataset")
     k.add_argument("--folder", required=True)
     k.add_argument("--split", default="train")
-    k.add_argument("--modalities", default="rgb,depth,semseg")
+    k.add_argument("--modalities", default=None,
+                   help="comma-separated modality names (default: rgb,depth,semseg, or a --config's inputs and outputs)")
+    k.add_argument("--config", help="a pretrain config (path or shipped name) whose model.modalities declare modalities "
+                                    "such as multi-band rasters")
     k.add_argument("--num-classes", type=int, default=None, help="override semseg num_classes")
     k.add_argument("--missing", choices=("error", "skip", "allow"), default="error",
                    help="a sample lacking a modality's file: a problem (error, the default), left out (skip) or "
@@ -291,14 +294,40 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_specs(args: argparse.Namespace) -> list:
+    """The modalities ``data check`` reads: ``--modalities`` (registered names), declared by a
+    ``--config``'s ``model.modalities`` when one is given (its inputs and outputs by default)."""
+    if not args.config:
+        try:
+            return _specs(args.modalities or "rgb,depth,semseg", args.num_classes)
+        except KeyError as e:
+            raise KeyError(f"{e.args[0]}; a modality declared in a run config: --config PRETRAIN.yaml") from None
+    from multimae.core.config import load_config, resolve_config_path
+    from multimae.tasks.pretrain_config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, resolve_config_path(args.config, kind="pretrain"), [])
+    names = [n.strip() for n in args.modalities.split(",") if n.strip()] if args.modalities else \
+        list(dict.fromkeys([*cfg.model.inputs, *cfg.model.outputs]))
+    specs = cfg.model.specs(names)
+    if args.num_classes is not None:
+        specs = [sp.with_(num_classes=args.num_classes) if sp.kind == "categorical" else sp for sp in specs]
+    return specs
+
+
 def _check(args: argparse.Namespace) -> int:
     from multimae.data.codecs import EXTS
     from multimae.data.errors import coverage_lines
     from multimae.data.folder import FolderDataset
 
+    from multimae.core.config import ConfigError
+
+    try:
+        specs = _check_specs(args)
+    except (ConfigError, KeyError, ValueError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
     # every sample indexed (missing files too), so that coverage counts them and each is named
-    folder = FolderDataset(args.folder, args.split, _specs(args.modalities, args.num_classes), on_error="skip",
-                           missing="allow")
+    folder = FolderDataset(args.folder, args.split, specs, on_error="skip", missing="allow")
     bad = folder.skipped
     left_out = 0
     split_dir = folder.root / folder.split

@@ -158,6 +158,21 @@ class CachedDataset(Dataset):
         return dict(self.items[i])
 
 
+def _fill_absent_valid(samples: list[dict[str, Any]], specs: Any) -> None:
+    """A raster's valid-pixel map (``<key>.valid``) for the samples lacking that raster
+    (``data.missing=allow``): all invalid, shaped as the others' -- the sample is absent there anyway
+    (``Batch.present``), and every sample of a batch must hold the same keys to collate."""
+    from multimae.data.transforms import valid_key
+
+    for spec in specs:
+        vk = valid_key(spec.key)
+        ref = next((smp[vk] for smp in samples if vk in smp), None)
+        if ref is not None:
+            for smp in samples:
+                if vk not in smp:
+                    smp[vk] = torch.zeros_like(ref)
+
+
 def raster_padding(batch: Batch, specs: Any, patch_size: int) -> Batch:
     """``batch`` with ``pad[key]`` (B, N) set for each raster whose valid-pixel map
     (``<key>.valid``, from the transforms) leaves a patch without any valid pixel: such a patch
@@ -216,6 +231,7 @@ class MaskCollator:
         from multimae.data.device_decode import DEFERRED, gather_deferred
 
         deferred = gather_deferred(samples)  # data.decode=cuda: JPEGs left to the device
+        _fill_absent_valid(samples, self.spec.specs)
         tensors, present = stack_modalities(samples, self.spec.specs, self.image_size or self.spec.image_size,
                                             self.allow_missing)
         extra = collate([{k: v for k, v in smp.items() if k not in tensors} for smp in samples])

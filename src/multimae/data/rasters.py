@@ -48,7 +48,7 @@ def _tiff_axes_to_chw(arr: np.ndarray, axes: str, where: str) -> np.ndarray:
     return arr.transpose(order)
 
 
-def _tiff_band_names(tif: object, count: int) -> tuple[str, ...] | None:
+def file_band_names(tif: object, count: int) -> tuple[str, ...] | None:
     """The GeoTIFF band descriptions (GDAL_METADATA), when every band has one."""
     tag = tif.pages[0].tags.get(GDAL_METADATA)  # type: ignore[attr-defined]
     if tag is None or not isinstance(tag.value, str):
@@ -120,7 +120,7 @@ def _read(data: bytes | str | os.PathLike, ext: str | None,
         with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
             series = tif.series[0]
             arr = _tiff_axes_to_chw(series.asarray(), series.axes, where)
-            names = _tiff_band_names(tif, arr.shape[0])
+            names = file_band_names(tif, arr.shape[0])
             nodata = _tiff_nodata(tif)
     except DataError:
         raise

@@ -347,9 +347,11 @@ def test_cli_tiled_with_a_paired_depth_raster(pretrain_run, tmp_path, capsys):
     assert not list(out.glob("b.*"))
 
 
-def test_tiled_raster_modality_keeps_its_bands_and_nodata(tmp_path):
-    """A raster modality (bands by name and index, nodata; multimae.data.rasters, from the 'bands'
-    work) read window by window gives what untiled predict gives on the decoded raster."""
+@pytest.mark.parametrize("names_in", ["spec", "file"])
+def test_tiled_raster_modality_keeps_its_bands_and_nodata(tmp_path, names_in):
+    """A raster modality (bands by name and index, nodata; multimae.data.rasters) read window by
+    window gives what untiled predict gives on the decoded raster; the band names come from the
+    spec's ``band_names`` or, as in training, from the GeoTIFF's own band descriptions."""
     rasters = pytest.importorskip("multimae.data.rasters")
     from multimae.apps.predict import Predictor
     from multimae.apps.tiled import predict_tiled_files
@@ -358,8 +360,10 @@ def test_tiled_raster_modality_keeps_its_bands_and_nodata(tmp_path):
     from multimae.model.multimae import ModelConfig, MultiMAE
 
     names = [f"B{i:02d}" for i in range(1, 13)] + ["B8A"]
-    spec = {"kind": "dense", "channels": 3, "bands": ["B04", "B08", 10], "band_names": names, "nodata": 0,
+    spec = {"kind": "dense", "channels": 3, "bands": ["B04", "B08", 10], "nodata": 0,
             "loss": "mse", "mean": [1000.0, 2000.0, 1500.0], "std": [300.0, 500.0, 400.0]}
+    if names_in == "spec":
+        spec["band_names"] = names
     mcfg = ModelConfig(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32,
                        modalities={"s2": spec}, inputs=["s2"], outputs=["s2"], decoder_dim=16, decoder_depth=1,
                        decoder_heads=2)
@@ -370,7 +374,11 @@ def test_tiled_raster_modality_keeps_its_bands_and_nodata(tmp_path):
     a = np.random.default_rng(0).integers(1, 4000, (13, 32, 32), dtype=np.uint16)
     a[:, :5, :5] = 0  # nodata corner
     (tmp_path / "in").mkdir()
-    tifffile.imwrite(tmp_path / "in" / "one.tif", a, photometric="minisblack", planarconfig="separate", tile=(16, 16))
+    if names_in == "spec":
+        tifffile.imwrite(tmp_path / "in" / "one.tif", a, photometric="minisblack", planarconfig="separate",
+                         tile=(16, 16))
+    else:  # band descriptions in the file (GDAL_METADATA), stored in strips
+        rasters.write_raster(tmp_path / "in" / "one.tif", a, band_names=names)
     counts = predict_tiled_files(pred, [tmp_path / "in"], tmp_path / "out", arrays="float32", progress=False)
     assert counts == {"predicted": 1, "already_done": 0, "bad": 0}
     got = np.moveaxis(tifffile.imread(tmp_path / "out" / "one.s2.tif"), -1, 0)
