@@ -255,3 +255,22 @@ def test_a_file_nodata_the_spec_does_not_name_is_said(tmp_path, caplog):
         x = decode_raster(p, None, spec, str(p))
     assert not bool(x.isnan().any())  # its 0 pixels stay values: the spec decides...
     assert "GDAL nodata tag is 0" in caplog.text and str(p) in caplog.text  # ...and a notice says so
+
+
+def test_data_check_takes_the_modalities_a_config_declares(tmp_path, capsys):
+    """``data check --config``: a raster modality declared only in a run config is checked and its
+    coverage printed; without the config the unknown name is one line naming the way out."""
+    from multimae.cli.main import main
+
+    assert main(["data", "synthetic", "--out", str(tmp_path), "--num", "6", "--size", "32", "--bands", "ms"]) == 0
+    tifs = sorted((tmp_path / "train" / "ms").rglob("*.tif"))
+    for f in tifs[::3]:
+        f.unlink()
+    capsys.readouterr()
+    rc = main(["data", "check", "--folder", str(tmp_path), "--config", "synthetic-bands", "--missing", "allow"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "rgb: 6 of 6 (100.0%)" in out.out and "ms: 4 of 6 (66.7%)" in out.out
+    assert main(["data", "check", "--folder", str(tmp_path), "--modalities", "rgb,ms"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown modality 'ms'" in err and "--config" in err
