@@ -57,3 +57,12 @@ def _seeded_rngs():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh MultiMAE of the shared tiny config (tests/helpers/tiny.py: dim 32, depth 2, 2 heads,
+    8-px patches, 32-px images), in eval mode, its weights drawn from the seeded RNG."""
+    from tiny import tiny_model as build
+
+    return build().eval()

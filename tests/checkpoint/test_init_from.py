@@ -8,11 +8,12 @@ from multimae.checkpoint.pretrained import init_from
 from multimae.core.config import load_config
 from multimae.tasks.pretrain_config import PretrainConfig
 from weights_testutils import mae_state_dict
+from tiny import TINY
 
 
 def model(**kw):
     torch.manual_seed(0)
-    cfg = dict(preset="nano", dim=32, depth=2, num_heads=2, image_size=64, patch_size=8, inputs=["rgb", "depth"],
+    cfg = dict(TINY, image_size=64, inputs=["rgb", "depth"],
                outputs=["rgb", "depth"], decoder_dim=16, decoder_heads=2, encoder_norm=True)
     return MultiMAE(ModelConfig(**{**cfg, **kw}))
 

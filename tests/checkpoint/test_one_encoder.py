@@ -12,8 +12,9 @@ from multimae.core.config import to_dict
 from multimae.model.layers.attention import Attention, CrossAttention
 from multimae.model.multimae import ModelConfig, MultiMAE
 from multimae.model.transfer import HeadConfig, TransferModel, TransferModelConfig, build_transfer_model
+from tiny import TINY
 
-ENC = dict(preset="nano", dim=32, depth=2, num_heads=2, patch_size=16, image_size=32)
+ENC = dict(TINY, patch_size=16)
 
 
 def _ft_cfg(**kw) -> TransferModelConfig:

@@ -9,9 +9,9 @@ from multimae.checkpoint import CheckpointError, save_checkpoint
 from multimae.checkpoint.convert import ConversionError
 from multimae.core.config import to_dict
 from multimae.tasks.pretrain_config import PretrainConfig
+from tiny import TINY
 
-CFG = dict(preset="nano", dim=32, depth=2, num_heads=2, image_size=32, patch_size=8, decoder_dim=16,
-           decoder_depth=1, decoder_heads=2, modalities={"semseg": {"num_classes": 5}})
+CFG = dict(TINY, decoder_dim=16, decoder_depth=1, decoder_heads=2, modalities={"semseg": {"num_classes": 5}})
 
 
 def small_model():

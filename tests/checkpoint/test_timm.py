@@ -10,12 +10,12 @@ from multimae import ModelConfig, MultiMAE
 from multimae.checkpoint.convert import ConversionError
 from multimae.checkpoint.vit import TIMM_NAMES, to_timm_state_dict
 from weights_testutils import timm_features, timm_vit
+from tiny import TINY
 
 
 def tiny_multimae(**kw):
     torch.manual_seed(0)
-    cfg = dict(preset="nano", dim=32, depth=2, num_heads=2, image_size=32, patch_size=8,
-               inputs=["rgb", "depth"], outputs=["rgb"], decoder_dim=16, decoder_heads=2)
+    cfg = dict(TINY, inputs=["rgb", "depth"], outputs=["rgb"], decoder_dim=16, decoder_heads=2)
     model = MultiMAE(ModelConfig(**{**cfg, **kw})).eval()
     with torch.no_grad():  # non-trivial norms and biases
         for p in model.parameters():

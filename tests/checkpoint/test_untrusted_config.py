@@ -11,9 +11,9 @@ from multimae.cli.main import main
 from multimae.core.config import ConfigError
 from multimae.model.multimae import MultiMAE
 from multimae.model.config import ModelConfig
+import tiny
 
-TINY = dict(preset="nano", dim=32, depth=2, num_heads=2, patch_size=8, image_size=16, decoder_dim=32,
-            decoder_depth=1, decoder_heads=2)
+TINY = dict(tiny.TINY, image_size=16, decoder_dim=32, decoder_depth=1, decoder_heads=2)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ from multimae.model.multimae import MultiMAE
 from multimae.tasks.pretrain_config import PretrainConfig
 from multimae.engine.trainer import Trainer
 from multimae.tasks.pretrain import PretrainTask
+from tiny import TINY_OVERRIDES
 
-NANO = ["model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "data.image_size=32",
+NANO = TINY_OVERRIDES + [
         "data.num_samples=16", "data.num_workers=0", "data.cache=false", "mask.num_visible=12", "optim.lr=1e-3",
         "optim.warmup_steps=1", "train.batch_size=8", "train.max_steps=2", "train.log_every=1",
         "train.figure_at_end=false", "train.resume=null"]

@@ -14,9 +14,10 @@ from multimae.data import DataError
 from multimae.data.folder import FolderDataset, holdout, write_folder
 from multimae.data.synthetic import SyntheticScenes
 from multimae.core.modalities import ModalitySpec
+from tiny import TINY_OVERRIDES
 
 CURVATURE = "{semseg: {num_classes: 6}, curvature: {kind: dense, channels: 2, loss: l1}}"
-SMALL = ["model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "data.image_size=32",
+SMALL = TINY_OVERRIDES + [
          "data.source=folder", "data.cache=false", "mask.num_visible=8", "optim.lr=1e-3", "optim.warmup_steps=1",
          "train.batch_size=4", "train.max_steps=3", "train.log_every=1", "train.resume=null"]
 

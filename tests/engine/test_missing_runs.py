@@ -14,13 +14,13 @@ from data_testutils import lacks_depth, lacks_semseg, partial_folder  # tests/he
 from multimae.engine.trainer import Trainer
 from multimae.tasks.pretrain import PretrainTask
 from multimae.tasks.pretrain_config import PretrainConfig
+from tiny import TINY_OVERRIDES, tiny_config
 
 N = 12
 
 TINY = [
-    "model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "model.decoder_depth=1",
-    "model.modalities={semseg: {num_classes: 6}}", "data.image_size=32", "mask.num_visible=8", "optim.lr=2e-3",
-    "optim.warmup_steps=2", "train.batch_size=4", "train.log_every=1", "train.figure_at_end=false",
+    *TINY_OVERRIDES, "model.decoder_depth=1", "model.modalities={semseg: {num_classes: 6}}", "mask.num_visible=8",
+    "optim.lr=2e-3", "optim.warmup_steps=2", "train.batch_size=4", "train.log_every=1", "train.figure_at_end=false",
     "train.eval_at_end=false", "train.ckpt_every=100", "train.precision=fp32", "train.device=cpu",
     "data.source=folder", "data.missing=allow", "data.cache=false",
 ]
@@ -118,7 +118,6 @@ def test_steps_with_absent_modalities_read_nothing():
     from multimae.core.batch import Batch
     from multimae.engine.host_sync import HostSyncCounter
     from multimae.engine.step import read_stats, train_step
-    from multimae.model.multimae import ModelConfig
     from multimae.model.transfer import HeadConfig, TransferModel, TransferModelConfig
     from multimae.tasks.finetune import FinetuneObjective
 
@@ -137,7 +136,7 @@ def test_steps_with_absent_modalities_read_nothing():
     values = read_stats(stats)
     assert values["n/depth"] <= 2 and values["n/semseg"] <= 3 and values["n/rgb"] <= 4
 
-    enc = ModelConfig(preset="nano", dim=32, depth=1, num_heads=2, patch_size=8, image_size=32)
+    enc = tiny_config(depth=1)
     net = TransferModel(TransferModelConfig(encoder=enc, inputs=["rgb", "depth"],
                                             head=HeadConfig(kind="classification", num_classes=3), drop_path=0))
     objective = FinetuneObjective(net, lambda pred, b: torch.nn.functional.cross_entropy(pred, b["target"]),

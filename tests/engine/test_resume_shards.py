@@ -9,12 +9,13 @@ from multimae.data.synthetic import SyntheticScenes
 from multimae.tasks.pretrain_config import PretrainConfig
 from multimae.engine.trainer import Trainer
 from multimae.tasks.pretrain import PretrainTask
+from tiny import TINY_OVERRIDES
 
 TINY = [
-    "model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "model.decoder_depth=1",
-    "model.modalities={semseg: {num_classes: 6}}", "data.image_size=32", "mask.num_visible=12", "optim.lr=2e-3",
-    "optim.warmup_steps=2", "train.batch_size=4", "train.epochs=3", "train.log_every=100", "train.figure_at_end=false",
-    "train.eval_at_end=false", "train.ckpt_every=100", "train.precision=fp32", "train.device=cpu",
+    *TINY_OVERRIDES, "model.decoder_depth=1", "model.modalities={semseg: {num_classes: 6}}", "mask.num_visible=12",
+    "optim.lr=2e-3", "optim.warmup_steps=2", "train.batch_size=4", "train.epochs=3", "train.log_every=100",
+    "train.figure_at_end=false", "train.eval_at_end=false", "train.ckpt_every=100", "train.precision=fp32",
+    "train.device=cpu",
     "data.source=shards", "data.num_workers=2", "data.num_samples=24", "data.shuffle_buffer=6",
 ]
 

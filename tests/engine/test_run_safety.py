@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from multimae.checkpoint import find_latest, list_checkpoints, load_weights
+from tiny import TINY_OVERRIDES
 
 STEPS = 16
-SMALL = ["--no-eval", "model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8",
-         "data.image_size=32", "data.num_samples=16", "data.num_workers=0", "data.cache=false", "mask.num_visible=12",
-         "optim.lr=1e-3", "optim.warmup_steps=2", "train.batch_size=4", "train.ckpt_every=4", "train.log_every=1",
-         "train.figure_at_end=false", f"train.max_steps={STEPS}"]
+SMALL = ["--no-eval", *TINY_OVERRIDES, "data.num_samples=16", "data.num_workers=0", "data.cache=false",
+         "mask.num_visible=12", "optim.lr=1e-3", "optim.warmup_steps=2", "train.batch_size=4", "train.ckpt_every=4",
+         "train.log_every=1", "train.figure_at_end=false", f"train.max_steps={STEPS}"]
 # torchrun restarts: a fresh rendezvous store each round (pytorch/pytorch#135712: the shared one hands the
 # restarted ranks the addresses of the dead ones)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")

@@ -5,14 +5,14 @@ import torch
 from multimae.core.batch import Batch
 from multimae.core.config import load_config
 from multimae.data.downstream import TARGET, TARGET_VALID
-from multimae.model.multimae import ModelConfig
 from multimae.tasks.finetune import FinetuneObjective, build_loss
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.pretrain import PretrainTask
 from multimae.tasks.pretrain_config import PretrainConfig
 from multimae.model.transfer import HeadConfig, TransferModel, TransferModelConfig
+from tiny import TINY_OVERRIDES, tiny_config
 
-NANO = ["model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "data.image_size=32",
+NANO = TINY_OVERRIDES + [
         "data.num_samples=12", "data.num_workers=0", "data.cache=false", "mask.num_visible=12",
         "train.batch_size=4", "train.resume=null"]
 STEPS = 3
@@ -28,7 +28,7 @@ def pretrain_micros(config: str, *extra: str):
 
 def finetune_micros(kind: str, head: HeadConfig, config: str):
     cfg = load_config(FinetuneConfig, config, [])
-    enc = ModelConfig(preset="nano", dim=32, depth=2, num_heads=2, patch_size=8, image_size=32)
+    enc = tiny_config()
     model = TransferModel(TransferModelConfig(encoder=enc, inputs=["rgb"], head=head, drop_path=0.1))
     objective = FinetuneObjective(model, build_loss(cfg), kind)
     g = torch.Generator().manual_seed(0)

@@ -15,8 +15,9 @@ from multimae.core.config import load_config
 from multimae.core.modalities import get
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.finetune_data import build_eval_loader
+from tiny import tiny_encoder_override
 
-TINY = ["model.encoder={preset: nano, dim: 32, depth: 1, num_heads: 2, patch_size: 8, image_size: 32}",
+TINY = [tiny_encoder_override(depth=1),
         "data.image_size=32", "data.num_workers=0", "train.batch_size=2", "train.eval_batch_size=4",
         "train.epochs=1", "train.max_steps=2", "train.log_every=1", "train.precision=fp32", "model.drop_path=0",
         "aug.randaugment=false", "aug.mixup=0", "aug.cutmix=0"]

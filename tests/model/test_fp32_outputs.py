@@ -3,13 +3,13 @@ official recipe's ``fp32_output_adapters: semseg``); the others follow autocast.
 import pytest
 import torch
 
-from multimae import ModelConfig, MultiMAE, dirichlet_plan
+from multimae import MultiMAE, dirichlet_plan
+from tiny import tiny_config
 
 
 def _model(**kw) -> MultiMAE:
     torch.manual_seed(0)
-    return MultiMAE(ModelConfig(preset="nano", depth=2, image_size=32, patch_size=8,
-                                outputs=["rgb", "depth", "semseg", "norm_rgb"],
+    return MultiMAE(tiny_config(outputs=["rgb", "depth", "semseg", "norm_rgb"],
                                 modalities={"semseg": {"num_classes": 6}}, **kw))
 
 

@@ -142,3 +142,16 @@ def test_gradients_reach_every_trainable_parameter():
     out.loss.backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert dead == []
+
+
+def test_shared_tiny_model_is_the_documented_size_and_trains(tiny_model):
+    """The tiny model most tests share (tests/helpers/tiny.py): the sizes it promises, and one
+    masked forward / backward on 32-px inputs reaches every trainable parameter."""
+    assert len(tiny_model.encoder) == 2 and tiny_model.global_tokens.shape[-1] == 32
+    assert tiny_model.token_counts(32) == {"rgb": 16, "depth": 16, "semseg": 16}
+    model = tiny_model.train()
+    plan = dirichlet_plan(model.token_counts(32), 2, 12, generator=torch.Generator().manual_seed(7))
+    out = model(batch(S=32, classes=133), plan)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []

@@ -10,9 +10,9 @@ from multimae.core.config import to_dict
 from multimae.model.multimae import ModelConfig, MultiMAE
 from multimae.model.transfer import HeadConfig, TransferModel, TransferModelConfig
 from multimae.runs import ProbeModel, load_run
+from tiny import TINY
 
-ENC = dict(preset="nano", dim=32, depth=1, num_heads=2, patch_size=8, image_size=32, decoder_dim=16,
-           decoder_depth=1, decoder_heads=2)
+ENC = dict(TINY, depth=1, decoder_dim=16, decoder_depth=1, decoder_heads=2)
 
 
 def _transfer_cfg(kind: str = "segmentation", K: int = 3) -> TransferModelConfig:

@@ -11,13 +11,13 @@ from multimae.checkpoint import save_checkpoint
 from multimae.cli.main import main
 from multimae.core.config import load_config, to_dict
 from multimae.apps.export import export_onnx, load_exportable, run_onnx
-from multimae.model.multimae import ModelConfig, MultiMAE
+from multimae.model.multimae import MultiMAE
 from multimae.engine.trainer import Trainer
 from multimae.tasks.finetune import FinetuneTask
 from multimae.tasks.finetune_config import FinetuneConfig
+from tiny import tiny_config, tiny_encoder_override
 
-ENC = ("model.encoder={preset: nano, dim: 48, depth: 2, num_heads: 2, patch_size: 8, image_size: 32, "
-       "modalities: {semseg: {num_classes: 6}}}")
+ENC = tiny_encoder_override(dim=48, modalities={"semseg": {"num_classes": 6}})
 TINY = [ENC, "data.image_size=32", "data.train_samples=8", "data.val_samples=4", "data.num_workers=0",
         "train.batch_size=4", "train.eval_batch_size=4", "train.max_steps=1", "train.log_every=1",
         "model.head.embed_dim=64", "model.head.feature_dim=8", "model.head.layer_dims=[8,8,16,16]"]
@@ -71,8 +71,8 @@ def test_finetuned_heads_export_and_match(tmp_path, task, extra, shape):
 
 
 def test_pretraining_run_encoder_and_cli(tmp_path, capsys):
-    cfg = ModelConfig(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32,
-                      inputs=["rgb", "depth"], outputs=["rgb"], decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    cfg = tiny_config(dim=48, inputs=["rgb", "depth"], outputs=["rgb"], decoder_dim=16, decoder_depth=1,
+                      decoder_heads=2)
     mae = MultiMAE(cfg)
     save_checkpoint(tmp_path / "pre", 3, mae.state_dict(), {"step": 3}, {"config": {"model": to_dict(cfg)}, "epoch": 1})
     assert main(["export", "--onnx", str(tmp_path / "e.onnx"), "--checkpoint", str(tmp_path / "pre")]) == 0
@@ -88,8 +88,7 @@ def test_pretraining_run_encoder_and_cli(tmp_path, capsys):
 def test_probe_run_exports_the_probe(tmp_path):
     from multimae.tasks.probe import run_probe
 
-    cfg = ModelConfig(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32,
-                      inputs=["rgb"], outputs=["rgb"], decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    cfg = tiny_config(dim=48, inputs=["rgb"], outputs=["rgb"], decoder_dim=16, decoder_depth=1, decoder_heads=2)
     save_checkpoint(tmp_path / "pre", 3, MultiMAE(cfg).state_dict(), {"step": 3},
                     {"config": {"model": to_dict(cfg)}, "epoch": 1})
     pc = load_config(FinetuneConfig, "configs/finetune/synthetic-probe.yaml",
@@ -110,8 +109,7 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path, capsys):
 def test_pretraining_run_with_semseg_input_exports_without_inputs(tmp_path, capsys):
     """The docs' own example (no --inputs) on an rgb+depth+semseg run: the image-like inputs by
     default; semseg asked for explicitly is traced with integer class ids."""
-    cfg = ModelConfig(preset="nano", dim=48, depth=1, num_heads=2, patch_size=8, image_size=32,
-                      modalities={"semseg": {"num_classes": 6}}, inputs=["rgb", "depth", "semseg"],
+    cfg = tiny_config(dim=48, depth=1, modalities={"semseg": {"num_classes": 6}}, inputs=["rgb", "depth", "semseg"],
                       outputs=["rgb"], decoder_dim=16, decoder_depth=1, decoder_heads=2)
     mae = MultiMAE(cfg)
     save_checkpoint(tmp_path / "pre", 3, mae.state_dict(), {"step": 3}, {"config": {"model": to_dict(cfg)}, "epoch": 1})

@@ -13,14 +13,15 @@ from multimae.checkpoint import save_checkpoint
 from multimae.cli.main import main
 from multimae.core.config import load_config, to_dict
 from multimae.data.downstream import TransferTransform
-from multimae.model.multimae import ModelConfig, MultiMAE
+from multimae.model.multimae import MultiMAE
 from multimae.data.codecs import decode_image
 from multimae.apps.predict import META_FILE, Predictor, predict_files
 from multimae.tasks.downstream import prepare
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.finetune_data import build_transform
+from tiny import tiny_config, tiny_yaml
 
-ENC = "{preset: nano, dim: 48, depth: 2, num_heads: 2, patch_size: 8, image_size: 32, modalities: {semseg: {num_classes: 6}}}"
+ENC = tiny_yaml(dim=48, modalities={"semseg": {"num_classes": 6}})
 HEAD = {"cls": [], "semseg": ["model.head.embed_dim=64"],
         "depth": ["model.head.feature_dim=8", "model.head.layer_dims=[8,8,16,16]"],
         "normals": ["model.head.feature_dim=8", "model.head.layer_dims=[8,8,16,16]"]}
@@ -41,8 +42,7 @@ def _ft_run(root, task):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     out = {t: _ft_run(root, t) for t in HEAD}
-    mcfg = ModelConfig(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32,
-                       modalities={"semseg": {"num_classes": 6}}, inputs=["rgb", "depth"],
+    mcfg = tiny_config(dim=48, modalities={"semseg": {"num_classes": 6}}, inputs=["rgb", "depth"],
                        outputs=["rgb", "depth", "semseg"], decoder_dim=16, decoder_depth=1, decoder_heads=2)
     torch.manual_seed(0)
     mae = MultiMAE(mcfg)

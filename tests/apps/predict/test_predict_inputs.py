@@ -26,8 +26,9 @@ from multimae.apps.predict import META_FILE, Output, Predictor, write_prediction
 from multimae.apps.predict_io import LowRes, write_array, write_preview
 from multimae.tasks.downstream import prepare
 from multimae.tasks.finetune_config import FinetuneConfig
+from tiny import tiny_yaml
 
-ENC = "{preset: nano, dim: 48, depth: 2, num_heads: 2, patch_size: 8, image_size: 32}"
+ENC = tiny_yaml(dim=48)
 REPO = Path(__file__).resolve().parents[3]
 
 

@@ -17,6 +17,7 @@ import torch
 
 from multimae.apps.tiled import TiffWindows, memory_bound, predict_tiled
 from multimae.data.errors import DataError
+from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[3]
 GEO = [(33550, "d", 3, (10.0, 10.0, 0.0), True), (33922, "d", 6, (0.0, 0.0, 0.0, 500000.0, 4000000.0, 0.0), True),
@@ -270,11 +271,10 @@ def test_peak_memory_stays_under_the_bound_on_a_raster_20x_larger(tmp_path):
 def pretrain_run(tmp_path_factory):
     from multimae.checkpoint import save_checkpoint
     from multimae.core.config import to_dict
-    from multimae.model.multimae import ModelConfig, MultiMAE
+    from multimae.model.multimae import MultiMAE
 
     root = tmp_path_factory.mktemp("tiled-run")
-    mcfg = ModelConfig(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32,
-                       modalities={"semseg": {"num_classes": 6}}, inputs=["rgb", "depth"],
+    mcfg = tiny_config(dim=48, modalities={"semseg": {"num_classes": 6}}, inputs=["rgb", "depth"],
                        outputs=["rgb", "depth", "semseg"], decoder_dim=16, decoder_depth=1, decoder_heads=2)
     torch.manual_seed(0)
     save_checkpoint(root / "pre", 1, MultiMAE(mcfg).state_dict(), {"step": 1},
@@ -357,15 +357,14 @@ def test_tiled_raster_modality_keeps_its_bands_and_nodata(tmp_path, names_in):
     from multimae.apps.tiled import predict_tiled_files
     from multimae.checkpoint import save_checkpoint
     from multimae.core.config import to_dict
-    from multimae.model.multimae import ModelConfig, MultiMAE
+    from multimae.model.multimae import MultiMAE
 
     names = [f"B{i:02d}" for i in range(1, 13)] + ["B8A"]
     spec = {"kind": "dense", "channels": 3, "bands": ["B04", "B08", 10], "nodata": 0,
             "loss": "mse", "mean": [1000.0, 2000.0, 1500.0], "std": [300.0, 500.0, 400.0]}
     if names_in == "spec":
         spec["band_names"] = names
-    mcfg = ModelConfig(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32,
-                       modalities={"s2": spec}, inputs=["s2"], outputs=["s2"], decoder_dim=16, decoder_depth=1,
+    mcfg = tiny_config(dim=48, modalities={"s2": spec}, inputs=["s2"], outputs=["s2"], decoder_dim=16, decoder_depth=1,
                        decoder_heads=2)
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "pre", 1, MultiMAE(mcfg).state_dict(), {"step": 1},

@@ -18,6 +18,7 @@ from multimae.apps.pseudolabel.tiny import save_tiny_dpt, save_tiny_mask2former,
 from multimae.apps.pseudolabel import (  # noqa: E402
     build_label_map, coco_panoptic_categories, encode_depth, load_labeler, panoptic_to_semantic, pseudolabel,
 )
+from tiny import TINY_OVERRIDES
 
 SIZES = {"astronaut.jpg": (96, 128), "sub/coffee.png": (80, 60), "chelsea.webp": (50, 70)}
 
@@ -86,8 +87,8 @@ def test_layout_loads_pretrains_and_the_result_labels_again(labelled, tmp_path):
     if not (out / "val").exists():
         shutil.copytree(out / "train", out / "val")
     cfg = load_config(PretrainConfig, "configs/pretrain/synthetic-tiny.yaml", [
-        "model.preset=nano", "model.depth=1", "model.image_size=32", "model.patch_size=8", "model.modalities={}",
-        "data.source=folder", f"data.root={out}", "data.split=train", "data.image_size=32", "data.num_workers=0",
+        *TINY_OVERRIDES, "model.modalities={}",
+        "data.source=folder", f"data.root={out}", "data.split=train", "data.num_workers=0",
         "data.cache=false", "mask.num_visible=12", "train.batch_size=2", "train.max_steps=2", "train.log_every=1",
         "train.figure_at_end=false", f"train.out_dir={tmp_path}", "train.run_name=pl"])
     run = Trainer(PretrainTask(cfg)).fit()

@@ -20,11 +20,12 @@ sio = pytest.importorskip("scipy.io", reason="pip install -e '.[datasets]' (make
 from multimae.core import modalities  # noqa: E402
 from multimae.cli.main import main  # noqa: E402
 from multimae.data.folder import FolderDataset, read_meta  # noqa: E402
+from tiny import tiny_encoder_override  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 H, W = 12, 16  # NYUv2 is 480 x 640; same aspect, tiny
 SEMSEG256 = modalities.get("semseg").with_(num_classes=256)  # 255 (ignore) readable
-TINY_FT = ["model.encoder={preset: nano, dim: 32, depth: 1, num_heads: 2, patch_size: 8, image_size: 16}",
+TINY_FT = [tiny_encoder_override(depth=1, image_size=16),
            "data.image_size=16", "data.num_workers=0", "train.batch_size=2", "train.eval_batch_size=4",
            "train.epochs=1", "train.log_every=1", "train.precision=fp32", "train.resume=null"]
 

@@ -9,8 +9,9 @@ from multimae.model.heads import default_hooks, default_layer_dims
 from multimae.model.multimae import ModelConfig, MultiMAE
 from multimae.engine.optim import param_groups
 from multimae.model.transfer import HeadConfig, TransferModel, TransferModelConfig, build_transfer_model
+from tiny import TINY
 
-ENC = dict(preset="nano", dim=32, depth=3, num_heads=2, patch_size=16, image_size=32)
+ENC = dict(TINY, depth=3, patch_size=16)
 
 
 def _enc(**kw) -> ModelConfig:

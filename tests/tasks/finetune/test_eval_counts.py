@@ -6,15 +6,15 @@ import json
 import torch
 
 from multimae.cli.main import main
+from tiny import tiny_config
 
 
 def test_pretraining_held_out_batches_cover_every_sample():
     from multimae.data.config import DataConfig, MaskConfig
     from multimae.data.loader import BatchSpec, eval_batches
-    from multimae.model.multimae import ModelConfig, MultiMAE
+    from multimae.model.multimae import MultiMAE
 
-    model = MultiMAE(ModelConfig(preset="nano", dim=32, depth=1, num_heads=2, patch_size=8, image_size=16,
-                                 decoder_dim=32, decoder_depth=1, decoder_heads=2,
+    model = MultiMAE(tiny_config(depth=1, image_size=16, decoder_dim=32, decoder_depth=1, decoder_heads=2,
                                  modalities={"semseg": {"num_classes": 6}}))
     data = DataConfig(val_samples=24, image_size=16)
     batches = eval_batches(BatchSpec.of(model), data, MaskConfig(num_visible=4), 0, batch_size=16)

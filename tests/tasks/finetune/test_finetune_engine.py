@@ -13,12 +13,11 @@ from multimae.tasks.finetune import FinetuneObjective, FinetuneTask, build_loss,
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.evaluate import evaluate_run
 from multimae.engine.step import read_stats, train_step
+from tiny import TINY, tiny_encoder_override
 
-ENC = dict(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32,
-           modalities={"semseg": {"num_classes": 6}})
+ENC = dict(TINY, dim=48, modalities={"semseg": {"num_classes": 6}})
 TINY = [
-    "model.encoder={preset: nano, dim: 48, depth: 2, num_heads: 2, patch_size: 8, image_size: 32, "
-    "modalities: {semseg: {num_classes: 6}}}",
+    tiny_encoder_override(**ENC),
     "data.image_size=32", "data.train_samples=32", "data.val_samples=16", "data.test_samples=16",
     "data.num_workers=0", "train.batch_size=8", "train.eval_batch_size=16", "train.epochs=1", "train.log_every=2",
     "model.head.embed_dim=64", "model.head.feature_dim=8", "model.head.layer_dims=[8,8,16,16]",

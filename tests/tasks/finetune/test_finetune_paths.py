@@ -15,10 +15,10 @@ from multimae.data.synthetic import SyntheticScenes
 from multimae.engine.trainer import Trainer
 from multimae.tasks.finetune import FinetuneTask
 from multimae.tasks.finetune_config import FinetuneConfig
+from tiny import tiny_encoder_override
 
 ROOT = Path(__file__).resolve().parents[3]
-TINY_ENCODER = ("model.encoder={preset: nano, dim: 48, depth: 2, num_heads: 2, patch_size: 8, image_size: 32, "
-                "modalities: {semseg: {num_classes: 6}}}")
+TINY_ENCODER = tiny_encoder_override(dim=48, modalities={"semseg": {"num_classes": 6}})
 TINY = [TINY_ENCODER, "data.image_size=32", "data.num_workers=0", "train.batch_size=4", "train.eval_batch_size=8",
         "train.epochs=1", "train.log_every=2"]
 

@@ -9,8 +9,9 @@ from multimae.checkpoint import save_checkpoint
 from multimae.cli.main import main
 from multimae.core.config import to_dict
 from multimae.model.multimae import ModelConfig, MultiMAE
+from tiny import TINY
 
-ENC = dict(preset="nano", dim=48, depth=2, num_heads=2, patch_size=8, image_size=32)
+ENC = dict(TINY, dim=48)
 RUN = ["data.num_workers=0", "train.batch_size=2", "train.eval_batch_size=4", "train.epochs=1", "train.max_steps=1",
        "train.precision=fp32", "aug.randaugment=false", "aug.mixup=0", "aug.cutmix=0", "model.head.num_classes=2"]
 

@@ -9,10 +9,10 @@ from PIL import Image
 
 from multimae.cli.main import main
 from multimae.core.batch import Batch
-from multimae.model.multimae import ModelConfig
 from multimae.model.transfer import HeadConfig, TransferModel, TransferModelConfig
+from tiny import tiny_config, tiny_encoder_override
 
-TINY = ["model.encoder={preset: nano, dim: 32, depth: 1, num_heads: 2, patch_size: 8, image_size: 32}",
+TINY = [tiny_encoder_override(depth=1),
         "data.image_size=32", "data.num_workers=0", "train.batch_size=2", "train.eval_batch_size=4",
         "train.epochs=1", "train.max_steps=2", "train.log_every=1", "train.precision=fp32", "model.drop_path=0",
         "aug.randaugment=false", "aug.mixup=0", "aug.cutmix=0", "model.head.embed_dim=32",
@@ -39,7 +39,7 @@ def _rgbd_seg_tree(root, n=6):
 def test_transfer_model_uses_the_inputs_a_sample_has():
     """A sample lacking depth gets the output the same weights give from its rgb alone; what
     stands in for its depth never matters."""
-    enc = ModelConfig(preset="nano", dim=32, depth=2, num_heads=2, patch_size=8, image_size=32)
+    enc = tiny_config()
     for head in (HeadConfig(kind="classification", num_classes=3), HeadConfig(kind="segmentation", num_classes=3,
                                                                                  embed_dim=32)):
         torch.manual_seed(0)

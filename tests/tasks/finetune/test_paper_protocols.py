@@ -15,8 +15,9 @@ from multimae.data.downstream import TARGET
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.finetune_data import build_transform
 from multimae.model.transfer import TransferModel
+from tiny import tiny_encoder_override
 
-TINY_ENC = "model.encoder={preset: nano, dim: 48, depth: 2, num_heads: 2, patch_size: 8, image_size: 32}"
+TINY_ENC = tiny_encoder_override(dim=48)
 
 
 def _specs(cfg):
