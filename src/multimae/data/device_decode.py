@@ -33,6 +33,7 @@ from torch import Tensor
 
 from multimae.core.batch import Batch
 from multimae.data.errors import DataError
+from multimae.data.resize import bilinear
 
 DEFERRED = "__deferred__"  # Batch.extra key: {batch key: DeferredImages}
 DECODE_MODES = ("cpu", "cuda")
@@ -115,14 +116,12 @@ class DeferredImages:
 def _crop_resize(img: Tensor, box: tuple[int, int, int, int], flip: bool, size: int, uint8: bool) -> Tensor:
     """One decoded (C,H,W) uint8 image -> its (C,S,S) crop resized (antialiased bilinear) and
     flipped: uint8 via torch's uint8 kernel (the CPU fast path's pixels), else float rounded."""
-    from multimae.data.transforms import _bilinear
-
     top, left, h, w = box
     if img.shape[-2] < top + h or img.shape[-1] < left + w:
         raise DataError(f"a decoded JPEG of {tuple(img.shape[-2:])} is smaller than its header said (box {box})")
     crop = img[:, top:top + h, left:left + w]
     if uint8:
-        out = _bilinear(crop, size)
+        out = bilinear(crop, size)
     else:
         out = crop.float()
         if (h, w) != (size, size):

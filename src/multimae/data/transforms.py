@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import platform
 import warnings
 from typing import Sequence
 
@@ -41,6 +40,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from multimae.data.codecs import EncodedJpeg, Packed
 from multimae.data.device_decode import DeferredImage
+from multimae.data.resize import bilinear as _bilinear
 from multimae.data.errors import DataError
 from multimae.data.fields import by_key
 from multimae.core.modalities import ModalitySpec, resolve
@@ -235,29 +235,6 @@ def _resize_dense(x: Tensor, box: Box, size: int, spec: ModalitySpec) -> tuple[T
 def _resize_categorical(x: Tensor, box: Box, size: int) -> Tensor:
     out = TF.resized_crop(x[None], *box, [size, size], interpolation=InterpolationMode.NEAREST_EXACT)
     return out[0]
-
-
-def _bilinear(x: Tensor, size: int) -> Tensor:
-    """``TF.resize(x, [size, size], BILINEAR, antialias=True)`` of a (C,h,w) float32 or uint8 tensor
-    (a crop view), the same ``interpolate`` call without torchvision's per-call dispatch; uint8
-    only where torchvision resizes uint8 natively (else its own path)."""
-    c, h, w = x.shape
-    if (h, w) == (size, size):
-        return x  # torchvision returns the input unchanged too
-    if x.dtype == torch.uint8 and not _NATIVE_UINT8:
-        return TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    img = x.reshape(1, c, h, w)
-    strides = img.stride()
-    if img.is_contiguous(memory_format=torch.channels_last) and img.numel() != strides[0]:
-        img = img.as_strided((1, c, h, w), [img.numel(), *strides[1:]])  # as torchvision: keep channels-last
-    # interpolate(img, [size, size], "bilinear", antialias=True) calls this kernel, after ~20 us of Python
-    out = torch._C._nn._upsample_bilinear2d_aa(img, [size, size], False, None)
-    return out.reshape(c, size, size)
-
-
-# torchvision resizes uint8 bilinear natively on these CPUs (torchvision's _do_native_uint8_resize_on_cpu)
-_NATIVE_UINT8 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or \
-    platform.machine() in ("aarch64", "arm64")
 
 
 def _readonly_view(arr: np.ndarray) -> Tensor:
