@@ -56,7 +56,7 @@ def scene_datasets(cfg: Any) -> Any:
     from multimae.tasks.finetune_config import SPLITS, target_of
 
     d = cfg.data
-    if d.source != "synthetic" or not d.cache or {d.train_split, d.split} - set(SPLITS):
+    if d.source != "synthetic" or not d.cache or {d.train_split, d.eval_split} - set(SPLITS):
         return None
     keys = set(cfg.model.inputs) | {target_of(cfg)}
 
@@ -111,7 +111,7 @@ def _features(cfg: Any, cache: Path | None) -> _Features:
 
     d = cfg.data
     key = {"init": str(cfg.init), "inputs": list(cfg.model.inputs), "seed": cfg.train.seed, "data_seed": d.seed,
-           "train": [d.train_split, d.train_samples], "eval": [d.split, d.test_samples, d.val_samples],
+           "train": [d.train_split, d.train_samples], "eval": [d.eval_split, d.test_samples, d.val_samples],
            "image_size": d.image_size}
     if cache is not None and cache.exists():
         blob = torch.load(cache, weights_only=False)
