@@ -56,7 +56,7 @@ def scene_datasets(cfg: Any) -> Any:
     from multimae.tasks.finetune_config import SPLITS, target_of
 
     d = cfg.data
-    if d.source != "synthetic" or not d.cache or {d.train_split, d.split} - set(SPLITS):
+    if d.source != "synthetic" or not d.cache or {d.train_split, d.eval_split} - set(SPLITS):
         return None
     keys = set(cfg.model.inputs) | {target_of(cfg)}
 
@@ -111,7 +111,7 @@ def _features(cfg: Any, cache: Path | None) -> _Features:
 
     d = cfg.data
     key = {"init": str(cfg.init), "inputs": list(cfg.model.inputs), "seed": cfg.train.seed, "data_seed": d.seed,
-           "train": [d.train_split, d.train_samples], "eval": [d.split, d.test_samples, d.val_samples],
+           "train": [d.train_split, d.train_samples], "eval": [d.eval_split, d.test_samples, d.val_samples],
            "image_size": d.image_size}
     if cache is not None and cache.exists():
         blob = torch.load(cache, weights_only=False)
@@ -136,8 +136,8 @@ def _probe_data(cfg: Any, attr: str, cache: Path | None = None) -> tuple[_Featur
     f = _features(cfg, cache)
     d = f.cfg.data
     labels = []
-    for split, n, y in ((d.train_split, d.train_samples, f.train_y), (d.split, {"val": d.val_samples, "test":
-                        d.test_samples, "train": d.train_samples}[d.split], f.eval_y)):
+    for split, n, y in ((d.train_split, d.train_samples, f.train_y), (d.eval_split, {"val": d.val_samples, "test":
+                        d.test_samples, "train": d.train_samples}[d.eval_split], f.eval_y)):
         a = _attributes(d.seed + SPLITS.index(split), n, d.image_size)
         if len(y) != n or not bool((a["type"] == y).all()):
             raise RuntimeError(f"probe features of split {split!r} are not in scene order ({len(y)} labels, {n} "
@@ -164,7 +164,7 @@ def _attr_probe(cfg: Any, run_dir: Path, task: str, cache: Path | None = None) -
     f, tr_y, te_y = _probe_data(cfg, attr, cache)
     res = probe_attribute(_fit(f.cfg), f.train_x, tr_y, f.eval_x, te_y, len(ATTRIBUTE_CLASSES[attr]))
     res.update({"attribute": attr, "classes": ATTRIBUTE_CLASSES[attr], "num_train": len(tr_y), "num_samples": len(te_y),
-                "split": f.cfg.data.split, "init_report": f.report, "time": {"features_s": round(f.seconds, 2)}})
+                "split": f.cfg.data.eval_split, "init_report": f.report, "time": {"features_s": round(f.seconds, 2)}})
     write_json_atomic(run_dir / "eval.json", res)
     return res
 
@@ -182,7 +182,7 @@ def _ood(cfg: Any, run_dir: Path, task: str, cache: Path | None = None) -> dict[
                   [classes.index(c) for c in ood_out])
     res.update({"score": "max-softmax probability (MSP) of a linear probe (BatchNorm + linear) on frozen mean-token "
                          "features; in-distribution = positive", "attribute": attr,
-                "in_classes": list(ood_in), "ood_classes": list(ood_out), "split": f.cfg.data.split,
+                "in_classes": list(ood_in), "ood_classes": list(ood_out), "split": f.cfg.data.eval_split,
                 "init_report": f.report, "time": {"features_s": round(f.seconds, 2)}})
     write_json_atomic(run_dir / "ood.json", res)
     return res

@@ -217,7 +217,7 @@ def transfer_overrides(job: Job, out: Path, b: Budget) -> list[str]:
     init = "scratch" if job.arm == "scratch" else str(out / "pretrain" / f"{job.arm}-s{job.seed}")
     own = job.task == "cls" and b.cls_own_recipe  # the config's sizes, batch and epochs as they are
     ov = [f"init={init}", *extra, f"train.seed={job.seed}", f"train.out_dir={out / 'transfer' / job.task}",
-          f"train.run_name={job.arm}-s{job.seed}", "data.split=test",
+          f"train.run_name={job.arm}-s{job.seed}", "data.eval_split=test",
           *([] if own else [f"data.train_samples={b.ft_train_scenes}"]),
           f"data.test_samples={b.test_scenes}", "data.num_workers=0", f"train.ckpt_every={b.ckpt_every}",
           "train.keep_last=1", "train.log_every=16"]

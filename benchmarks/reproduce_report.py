@@ -283,7 +283,7 @@ def _budget_setup(data: dict[str, Any], budget: Budget) -> list[str]:
         f"{budget.ft_epochs} epoch(s) ({budget.ft_steps} steps, {budget.ft_warmup} warm-up steps); classification "
         f"(task `cls`): {cls_text}; linear probes "
         f"{budget.probe_epochs} epochs on cached features; scored on {budget.test_scenes} test scenes "
-        f"(`data.split=test`, stream 1000002; training scenes stream 1000000). Everything else is the "
+        f"(`data.eval_split=test`, stream 1000002; training scenes stream 1000000). Everything else is the "
         f"recipe of the `configs/finetune/synthetic-*.yaml` file of the task. Steps per transfer task in "
         f"this run: {json.dumps(data['transfer_steps'])}.", "",
         "Why the main run's budget (200 pretraining steps; variants change it as their command says):", "",

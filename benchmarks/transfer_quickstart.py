@@ -110,7 +110,7 @@ def report(out: Path, init: str, tasks: list[str], started: str) -> str:
         "```",
         *[f"multimae {' '.join(command(t, init, Path('runs'))[:4])}" for t in tasks],
         "# the same with init=scratch",
-        "multimae evaluate --checkpoint runs/ft-segmentation-rgb-synthetic-tiny data.split=test",
+        "multimae evaluate --checkpoint runs/ft-segmentation-rgb-synthetic-tiny data.eval_split=test",
         "```",
         "",
     ])

@@ -89,7 +89,7 @@ def test_more_class_directories_than_num_classes(tmp_path, capsys):
 
 def test_missing_eval_split_fails_before_the_first_step(tmp_path, capsys):
     _seg_tree(tmp_path, ["train"])
-    assert _finetune(tmp_path, "folder-semseg", tmp_path, *SEG) == 2  # folder-semseg scores data.split=test
+    assert _finetune(tmp_path, "folder-semseg", tmp_path, *SEG) == 2  # folder-semseg scores data.eval_split=test
     line = _err(capsys)
     assert str(tmp_path / "test") in line
     assert not (tmp_path / "runs" / "r" / "checkpoints").exists()  # no step was taken

@@ -205,7 +205,9 @@ def _describe_data(data: Mapping[str, Any]) -> str:
     if src == "synthetic":
         return f"built-in synthetic scenes ({data.get('num_samples')} per epoch, {data.get('image_size')}px)"
     where = data.get("root") or data.get("urls")
-    return f"{src}: {where} (split {data.get('split', '?')})"
+    # the split trained on: a fine-tuning run's data.train_split (its data.split, in runs saved
+    # before data.eval_split, was the evaluated one), a pretraining run's data.split
+    return f"{src}: {where} (split {data.get('train_split') or data.get('split', '?')})"
 
 
 def _run_model_fields(meta: Mapping[str, Any], where: Path) -> dict[str, Any]:

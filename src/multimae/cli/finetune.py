@@ -1,7 +1,7 @@
 """``multimae finetune`` / ``evaluate`` / ``probe``: parse, build the config, call the library.
 
     multimae finetune --config configs/finetune/synthetic-cls.yaml init=runs/synthetic-tiny [k=v ...]
-    multimae evaluate --checkpoint runs/<finetune-run> [data.split=test]
+    multimae evaluate --checkpoint runs/<finetune-run> [data.eval_split=test]
     multimae probe --config configs/finetune/synthetic-probe.yaml init=runs/synthetic-tiny
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser("evaluate", help="score a fine-tuning (or probe) run on a split",
                        description="Re-evaluate a saved fine-tuning or linear-probe run, e.g. on its test split: "
-                                   "multimae evaluate --checkpoint runs/X data.split=test. Writes eval-<split>.md "
+                                   "multimae evaluate --checkpoint runs/X data.eval_split=test. Writes eval-<split>.md "
                                    "and eval-<split>.json into the run directory.")
     e.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
-    e.add_argument("overrides", nargs="*", help="dotted overrides of the run's config (data.split=test, ...)")
+    e.add_argument("overrides", nargs="*", help="dotted overrides of the run's config (data.eval_split=test, ...)")
     e.set_defaults(func=run_evaluate)
 
     q = sub.add_parser("probe", help="linear probe: frozen encoder, cached features, BatchNorm + linear",

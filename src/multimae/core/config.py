@@ -33,6 +33,7 @@ import re
 import reprlib
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
@@ -411,6 +412,9 @@ def _build_dataclass(cls: type[T], value: Any, key: str) -> T:
     except Exception as e:  # noqa: BLE001 - unresolved forward references
         raise ConfigError(f"cannot resolve the annotations of {cls.__name__}: {e}") from e
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    renamed = getattr(cls, "RENAMED_KEYS", None) or {}
+    if any(k in renamed for k in value):
+        value = _read_renamed(value, renamed, key)
     unknown = [k for k in value if k not in fields]
     if unknown:
         bad = str(unknown[0])
@@ -439,6 +443,23 @@ def _build_dataclass(cls: type[T], value: Any, key: str) -> T:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"invalid config at '{key or cls.__name__}': {e}") from e
+
+
+def _read_renamed(value: Mapping[str, Any], renamed: Mapping[str, tuple[str, str]], key: str) -> dict[str, Any]:
+    """``value`` with each old key of a dataclass's ``RENAMED_KEYS`` (``{old: (new, why)}``) moved to
+    its new name, with a FutureWarning naming both. The old key wins over a new one beside it: it
+    only comes from the user (a YAML file, an override), the new one may come from a shipped config
+    or a saved run."""
+    out = dict(value)
+    for old, (new, why) in renamed.items():
+        if old not in out:
+            continue
+        v = out.pop(old)
+        over = f" over {_join(key, new)}={short_repr(out[new])}" if new in out and out[new] != v else ""
+        warnings.warn(f"config key '{_join(key, old)}' is now '{_join(key, new)}': {why}; "
+                      f"read as {_join(key, new)}={short_repr(v)}{over}", FutureWarning, stacklevel=2)
+        out[new] = v
+    return out
 
 
 def from_dict(cls: type[T], d: Mapping[str, Any], key: str = "") -> T:
@@ -475,11 +496,24 @@ def save_json(cfg: Any, path: str | os.PathLike[str]) -> Path:
     return save_bytes_atomic(path, (json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n").encode())
 
 
+def is_transfer_config(d: Mapping[str, Any]) -> bool:
+    """Whether a run config dict is a fine-tuning / linear-probe one (``init`` at the top level,
+    ``data.train_split`` or ``model.head``), not a pretraining one."""
+    data, model = d.get("data"), d.get("model")
+    return "init" in d or (isinstance(data, Mapping) and "train_split" in data) or \
+        (isinstance(model, Mapping) and "head" in model)
+
+
 def upgrade_saved_config(d: dict) -> dict:
     """A run config (pretraining or fine-tuning) saved by an earlier version, in the current schema
     (a copy; unknown keys stay unknown and are reported by ``from_dict``). ``train.attention``
-    became ``model.attention``."""
+    became ``model.attention``; a fine-tuning or probe run's ``data.split`` (its evaluated split)
+    became ``data.eval_split`` (pretraining keeps ``data.split``, its training split)."""
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    data = d.get("data")
+    if isinstance(data, dict) and "split" in data and is_transfer_config(d):
+        split = data.pop("split")
+        data.setdefault("eval_split", split)
     train = d.get("train")
     if isinstance(train, dict) and "attention" in train:
         mode = train.pop("attention")

@@ -11,7 +11,7 @@ from multimae.tasks.finetune_config import FinetuneConfig
 
 def evaluate_run(path: str | Path, overrides: Sequence[str] = (), device: str = "cpu") -> dict[str, Any]:
     """Re-score a saved fine-tuning or probe run: its config from the checkpoint, ``overrides``
-    applied (e.g. ``data.split=test``); writes ``eval-<split>.md/json`` into the run directory and
+    applied (e.g. ``data.eval_split=test``); writes ``eval-<split>.md/json`` into the run directory and
     returns the result."""
     from multimae.core.config import ConfigError, from_dict
     from multimae.runs import load_run

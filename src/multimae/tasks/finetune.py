@@ -3,7 +3,7 @@
 :class:`FinetuneTask` builds the transfer model (encoder from ``init`` + head,
 :func:`multimae.tasks.downstream.prepare`), the :class:`FinetuneObjective` the step optimises
 (task loss + mixup), the downstream training loader (``(Batch, None)`` micro-batches), layer-wise
-lr decay over the encoder, periodic and final evaluation on ``data.split`` (``eval.md`` /
+lr decay over the encoder, periodic and final evaluation on ``data.eval_split`` (``eval.md`` /
 ``eval.json`` next to a trivial baseline). The :class:`~multimae.engine.trainer.Trainer` does the
 rest (distributed set-up, AdamW + warm-up / cosine, exact resume, the loop, checkpoints).
 """
@@ -158,7 +158,7 @@ class FinetuneTask(Task):
     configured source's raw datasets (an injection point for benchmarks and custom data)."""
 
     # what only the evaluation reads (the evaluated split and its view), and the probe's own section
-    schedule_only = frozenset({"train.eval_every", "train.eval_batch_size", "data.split", "data.eval_transform",
+    schedule_only = frozenset({"train.eval_every", "train.eval_batch_size", "data.eval_split", "data.eval_transform",
                                "data.eval_crop_pct", "data.val_samples", "data.test_samples", "probe.*"})
 
     def __init__(self, cfg: FinetuneConfig, datasets: Datasets | None = None) -> None:
@@ -205,7 +205,7 @@ class FinetuneTask(Task):
             self._evaluate(trainer, logger, final=True)
 
     def _evaluate(self, trainer: Trainer, logger: RunLogger, final: bool) -> None:
-        """Score ``data.split`` on rank 0 (others wait); the final one writes eval.md / eval.json.
+        """Score ``data.eval_split`` on rank 0 (others wait); the final one writes eval.md / eval.json.
         The trivial baseline is fitted once per run."""
         # FSDP, mid-run: a plain copy of the weights on rank 0 (collective; at the end the Trainer made one)
         model = self.model if final else P.unsharded_copy(self.model)

@@ -7,7 +7,7 @@ an optimizer with layer-wise lr decay, a schedule and augmentation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from multimae.data.sources import SYNTHETIC_SPLITS
 from multimae.engine.config import OptimConfig, RunConfig
@@ -23,15 +23,22 @@ SPLITS = SYNTHETIC_SPLITS
 
 @dataclass
 class FinetuneDataConfig:
-    """Downstream data. ``split`` is the split evaluated at the end of training and by
-    ``multimae evaluate`` (``data.split=test`` there scores the test split)."""
+    """Downstream data. ``train_split`` is the split trained on; ``eval_split`` the split scored at the
+    end of training, by ``train.eval_every`` and by ``multimae evaluate`` (``data.eval_split=test``
+    there scores the test split). ``data.split`` (pretraining's training split) is the old name of
+    ``eval_split`` here: it is read as ``eval_split`` with a FutureWarning (:data:`RENAMED_KEYS`)."""
+
+    #: old key -> (new key, why): read by :func:`multimae.core.config.from_dict` with a FutureWarning
+    RENAMED_KEYS: ClassVar[dict[str, tuple[str, str]]] = {
+        "split": ("eval_split", "fine-tuning, probes and evaluate score data.eval_split "
+                                "(data.split is pretraining's training split)")}
 
     source: str = "synthetic"  # a registered source (multimae.data.sources): synthetic, folder, shards
     root: str | None = None  # folder: root/<split>/<modality>/<class or all>/<name>.<ext>
     train_urls: str | None = None  # shards: training shards (brace pattern or comma list)
     eval_urls: str | None = None  # shards: shards of the evaluated split
-    train_split: str = "train"
-    split: str = "val"
+    train_split: str = "train"  # the split trained on (and the trivial baseline's)
+    eval_split: str = "val"  # the split scored (was data.split)
     # what is predicted: None -> "label" (classification), "semseg" (segmentation), "depth"
     # (depth); a dense head needs a modality name (e.g. "normals")
     target: str | None = None

@@ -77,14 +77,14 @@ def required_keys(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec]) -> list[s
 
 
 def check_eval_data(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], datasets: Datasets | None = None) -> None:
-    """Open the evaluation split a run will score (``data.split``) before its first step, so that a
+    """Open the evaluation split a run will score (``data.eval_split``) before its first step, so that a
     missing or broken split fails at once, naming the directory or shard, not after training."""
     d, source = cfg.data, get_source(cfg.data.source)
     if datasets is not None:
         return
     if not source.streams:
         if source.open_to_check:
-            raw_dataset(cfg, inputs, d.split, train=False)
+            raw_dataset(cfg, inputs, d.eval_split, train=False)
         return
     if not d.eval_urls:
         raise DataError("data.eval_urls must be set for data.source=shards (the split scored after training)")
@@ -273,10 +273,10 @@ class _Present:
 def build_eval_loader(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], split: str | None = None,
                       train_split_stats: bool = False, limit: int | None = None,
                       datasets: Datasets | None = None) -> Iterable[Batch]:
-    """Deterministic loader over ``split`` (default ``data.split``) with the evaluation transform,
+    """Deterministic loader over ``split`` (default ``data.eval_split``) with the evaluation transform,
     in dataset order; ``train_split_stats`` reads the training split instead (for baselines)."""
     d = cfg.data
-    split = d.train_split if train_split_stats else (split or d.split)
+    split = d.train_split if train_split_stats else (split or d.eval_split)
     tf = build_transform(cfg, inputs, train=False)
     if datasets is None and get_source(d.source).streams:
         ds: Any = shard_dataset(cfg, inputs, d.train_urls if train_split_stats else d.eval_urls, tf, False)

@@ -160,14 +160,14 @@ def class_baseline(train_y: Tensor, eval_y: Tensor, num_classes: int) -> dict[st
 def evaluate_model(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device | str = "cpu",
                    split: str | None = None, baseline: dict[str, Any] | None = None,
                    datasets: Datasets | None = None) -> dict[str, Any]:
-    """Score ``model`` on ``split`` (default ``data.split``) and the training-split baseline.
+    """Score ``model`` on ``split`` (default ``data.eval_split``) and the training-split baseline.
 
     Returns {"metrics", "baseline", "baseline_answer", "per_class_iou"?, "num_samples", "split"}.
     """
     from multimae.tasks.finetune_data import build_eval_loader
 
     specs = list(model.input_specs.values())  # type: ignore[union-attr]
-    split = split or cfg.data.split
+    split = split or cfg.data.eval_split
     kind, K = cfg.model.head.kind, int(cfg.model.head.num_classes or 0)
     baseline = baseline or fit_baseline(cfg, specs, datasets=datasets)
     ours, base = scorer_for(cfg), scorer_for(cfg)

@@ -1,5 +1,5 @@
 """Linear probing (MAE / M3AE protocol): a frozen encoder, features computed once and cached,
-BatchNorm without affine parameters + a linear layer trained on them; top-1 on ``data.split``.
+BatchNorm without affine parameters + a linear layer trained on them; top-1 on ``data.eval_split``.
 
 The features are the mean of all final encoder tokens (:meth:`TransferModel.features`) of the
 evaluation-transformed images (no augmentation), so one pass over each split is all the encoder
@@ -35,7 +35,7 @@ from multimae.runs import PROBE_PREFIX, ProbeModel
 #: what may change between two invocations of one probe run: besides the schedule, what a probe
 #: does not read (the fine-tuning optimizer, augmentation and loss) and the evaluated split
 PROBE_SCHEDULE_ONLY = SCHEDULE_ONLY | {"optim.*", "aug.*", "train.batch_size", "train.precision", "train.loss",
-                                       "train.eval_every", "train.eval_batch_size", "data.split",
+                                       "train.eval_every", "train.eval_batch_size", "data.eval_split",
                                        "data.eval_transform", "data.eval_crop_pct", "data.val_samples",
                                        "data.test_samples"}
 
@@ -110,7 +110,7 @@ def probe_scores(probe: LinearProbe, x: Tensor, y: Tensor, num_classes: int) -> 
 @dataclass
 class ProbeFeatures:
     """A frozen encoder built from ``cfg.init`` and its cached features of the training split and
-    of ``cfg.data.split`` (what a linear probe trains and is scored on)."""
+    of ``cfg.data.eval_split`` (what a linear probe trains and is scored on)."""
 
     model: TransferModel
     report: ConversionReport
@@ -166,7 +166,7 @@ def _run_probe(cfg: FinetuneConfig, datasets: Datasets | None) -> tuple[Path, di
         check_same_run(load_meta(latest).get("config"), config_lib.to_dict(cfg), PROBE_SCHEDULE_ONLY, latest)
     config_lib.save_json(cfg, run_dir / "config.json")
     print(f"probe {run_dir}: {report.init_summary()}; features {tuple(train_x.shape)} train, {tuple(eval_x.shape)} "
-          f"{cfg.data.split} in {t_feat:.1f}s", flush=True)
+          f"{cfg.data.eval_split} in {t_feat:.1f}s", flush=True)
     with RunLogger(run_dir) as logger:
         steps = p.epochs * probe_steps(len(train_x), p.batch_size)
         progress = Progress(steps, log_every=max(1, steps // 5))
@@ -182,14 +182,14 @@ def _run_probe(cfg: FinetuneConfig, datasets: Datasets | None) -> tuple[Path, di
     save_checkpoint(run_dir, steps, weights, {"step": steps}, {"config": config_lib.to_dict(cfg), "kind": "probe",
                                                               "task": "label", "init_report": report.init_summary()})
     base = class_baseline(train_y, eval_y, K)
-    res = {"metrics": metrics, "baseline": base, "num_samples": len(eval_y), "split": cfg.data.split,
+    res = {"metrics": metrics, "baseline": base, "num_samples": len(eval_y), "split": cfg.data.eval_split,
            "time": {"features_s": round(t_feat, 2), "fit_s": round(t_fit, 2)}}
     write_eval_report(res, cfg, run_dir, steps, report.init_summary(), protocol="linear probe")
     return run_dir, res
 
 
 def evaluate_probe(model: ProbeModel, cfg: FinetuneConfig, device: str | torch.device) -> dict[str, Any]:
-    """Score a saved probe run's model (:func:`multimae.runs.load_run`) on ``cfg.data.split``."""
+    """Score a saved probe run's model (:func:`multimae.runs.load_run`) on ``cfg.data.eval_split``."""
     from multimae.tasks.finetune_data import build_eval_loader
     from multimae.tasks.finetune_eval import class_baseline
 
@@ -198,4 +198,4 @@ def evaluate_probe(model: ProbeModel, cfg: FinetuneConfig, device: str | torch.d
     x, y = extract_features(model, build_eval_loader(cfg, specs), torch.device(device))
     train_y = torch.cat([b[TARGET] for b in build_eval_loader(cfg, specs, train_split_stats=True)])
     return {"metrics": probe_scores(model.probe, x, y, K), "baseline": class_baseline(train_y, y, K),
-            "num_samples": len(y), "split": cfg.data.split}
+            "num_samples": len(y), "split": cfg.data.eval_split}

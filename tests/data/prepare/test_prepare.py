@@ -204,7 +204,7 @@ def test_ade20k_sizes_mapping_names_and_finetune(ade, tmp_path, capsys):
         want = np.where(raw == 0, 255, raw - 1)
         assert np.array_equal(s["semseg"].numpy(), want) and s["semseg"][0, :3].tolist() == [255, 0, 149]
     res = finetune(tmp_path, "folder-semseg.yaml", out, "ade-seg", "model.head.embed_dim=16",
-                   "model.head.num_classes=150", "data.split=val")
+                   "model.head.num_classes=150", "data.eval_split=val")
     assert res["num_samples"] == 2
 
 

@@ -130,8 +130,29 @@ def test_evaluate_reproduces_the_runs_final_metrics(learned):
     res = evaluate_run(run)
     assert res["metrics"] == saved["metrics"] and res["baseline"] == saved["baseline"]
     assert (run / "eval-val.md").is_file()
-    test = evaluate_run(run, ["data.split=test"])
+    test = evaluate_run(run, ["data.eval_split=test"])
     assert test["split"] == "test" and (run / "eval-test.json").is_file()
+    with pytest.warns(FutureWarning, match="data.eval_split"):  # the old spelling still works
+        assert evaluate_run(run, ["data.split=test"])["metrics"] == test["metrics"]
+
+
+def test_a_run_saved_with_data_split_is_scored_on_that_split(learned, tmp_path):
+    """A fine-tuning run saved before data.eval_split recorded its evaluated split as data.split:
+    ``multimae evaluate`` scores that split, without a warning (the user wrote nothing old)."""
+    import shutil
+    import warnings
+
+    run = shutil.copytree(learned("semseg"), tmp_path / "old")
+    meta_file = find_latest(run) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["data"]["split"] = "test"
+    del meta["config"]["data"]["eval_split"]
+    meta_file.write_text(json.dumps(meta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        res = evaluate_run(run)
+    assert res["split"] == "test" and (run / "eval-test.json").is_file()
+    assert res["metrics"] == evaluate_run(learned("semseg"), ["data.eval_split=test"])["metrics"]
 
 
 def test_resume_is_exact(tmp_path):

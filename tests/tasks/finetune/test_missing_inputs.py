@@ -16,7 +16,7 @@ TINY = [tiny_encoder_override(depth=1),
         "data.image_size=32", "data.num_workers=0", "train.batch_size=2", "train.eval_batch_size=4",
         "train.epochs=1", "train.max_steps=2", "train.log_every=1", "train.precision=fp32", "model.drop_path=0",
         "aug.randaugment=false", "aug.mixup=0", "aug.cutmix=0", "model.head.embed_dim=32",
-        "model.head.num_classes=4", "model.inputs=[rgb,depth]", "data.split=val"]
+        "model.head.num_classes=4", "model.inputs=[rgb,depth]", "data.eval_split=val"]
 
 
 def _png(path, arr):

@@ -174,6 +174,6 @@ def test_two_steps_of_multimae_finetune(name, datasets, tmp_path):
     assert np.isfinite(res["metrics"][metric])
     if name == "nyuv2-depth":
         assert res["num_samples"] == 2 and {"absrel", "rmse", "delta3"} <= set(res["metrics"])
-        assert cli(["evaluate", "--checkpoint", str(run), "data.split=train"]) == 0
+        assert cli(["evaluate", "--checkpoint", str(run), "data.eval_split=train"]) == 0
         again = json.loads((run / "eval-train.json").read_text())
         assert again["split"] == "train" and again["num_samples"] == 4
