@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from multimae.core.io import commit, save_bytes_atomic
 from multimae.data.errors import DataError
 from multimae.data.tiff_windows import DEFAULT_CACHE_BYTES, TiffWindows
 
@@ -135,7 +136,7 @@ class _TileWriter:
                 pass
             self.thread.join()
         if ok and self.error is None:
-            os.replace(self.tmp, self.path)
+            commit(self.tmp, self.path)  # the user's umask, fsync, rename
             return
         self.tmp.unlink(missing_ok=True)
         if ok and self.error is not None:
@@ -422,7 +423,7 @@ def _merge(parts: Sequence[Path], out: Path, H: int, W: int, channels: int, dtyp
                              planarconfig="contig" if channels > 1 else None, extratags=extratags,
                              compression=compression, metadata=None,
                              bigtiff=H * W * channels * np.dtype(dtype).itemsize > (3 << 30))
-            os.replace(tmp, out)
+            commit(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)
     finally:
@@ -525,9 +526,7 @@ def predict_tiled_files(predictor: Any, inputs: Sequence[str | os.PathLike], out
             "counts": counts}
 
     def save_meta() -> None:  # whole or not at all
-        tmp = meta_path.with_name(meta_path.name + ".part")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, meta_path)
+        save_bytes_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
 
     root.mkdir(parents=True, exist_ok=True)
     save_meta()
