@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -249,15 +250,11 @@ def _stats_specs(args: argparse.Namespace) -> tuple[list, str | None, str]:
 
     root, split, specs = args.root, args.split, []
     if args.config:
-        from multimae.core.config import load_config, resolve_config_path
-        from multimae.tasks.pretrain_config import PretrainConfig
-
-        cfg = load_config(PretrainConfig, resolve_config_path(args.config, kind="pretrain"), [])
+        cfg, specs = _config_specs(args.config, args.modalities)
         root = root or cfg.data.root
         split = split or cfg.data.split
-        names = [n.strip() for n in args.modalities.split(",")] if args.modalities else \
-            sorted(set(cfg.model.inputs) | set(cfg.model.outputs))
-        specs = [s for s in cfg.model.specs(names) if s.is_raster or args.modalities]
+        if not args.modalities:  # every raster of the config, by name
+            specs = sorted((sp for sp in specs if sp.is_raster), key=lambda sp: sp.name)
     elif args.modalities:
         specs = M.resolve([n.strip() for n in args.modalities.split(",") if n.strip()])
     for text in args.modality:
@@ -294,6 +291,18 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_specs(config: str, modalities: str | None) -> tuple[Any, list]:
+    """A pretrain config (path or shipped name) and the specs of ``modalities`` (comma-separated;
+    default: its inputs and outputs) as its ``model.modalities`` declare them."""
+    from multimae.core.config import load_config, resolve_config_path
+    from multimae.tasks.pretrain_config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, resolve_config_path(config, kind="pretrain"), [])
+    names = [n.strip() for n in modalities.split(",") if n.strip()] if modalities else \
+        list(dict.fromkeys([*cfg.model.inputs, *cfg.model.outputs]))
+    return cfg, cfg.model.specs(names)
+
+
 def _check_specs(args: argparse.Namespace) -> list:
     """The modalities ``data check`` reads: ``--modalities`` (registered names), declared by a
     ``--config``'s ``model.modalities`` when one is given (its inputs and outputs by default)."""
@@ -302,13 +311,7 @@ def _check_specs(args: argparse.Namespace) -> list:
             return _specs(args.modalities or "rgb,depth,semseg", args.num_classes)
         except KeyError as e:
             raise KeyError(f"{e.args[0]}; a modality declared in a run config: --config PRETRAIN.yaml") from None
-    from multimae.core.config import load_config, resolve_config_path
-    from multimae.tasks.pretrain_config import PretrainConfig
-
-    cfg = load_config(PretrainConfig, resolve_config_path(args.config, kind="pretrain"), [])
-    names = [n.strip() for n in args.modalities.split(",") if n.strip()] if args.modalities else \
-        list(dict.fromkeys([*cfg.model.inputs, *cfg.model.outputs]))
-    specs = cfg.model.specs(names)
+    _, specs = _config_specs(args.config, args.modalities)
     if args.num_classes is not None:
         specs = [sp.with_(num_classes=args.num_classes) if sp.kind == "categorical" else sp for sp in specs]
     return specs
