@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules,
 import vs_official_finetune as FT  # noqa: E402
 from common import (count_flops, current_rss_mb, gpu_peak_gb, machine_line, matmul_gflops, native_bf16,  # noqa: E402
                     nominal_peak, peak_rss_mb, reset_gpu_peak)
-from vs_official_common import (DEFAULT_OFFICIAL, RESULTS, Step, child_result, interleaved, load_official,  # noqa: E402
+from vs_official_common import (DEFAULT_OFFICIAL, memory_cells, RESULTS, Step, child_result, interleaved, load_official,  # noqa: E402
                                 medians, preset_label, profile_ops, profile_tuples, ratio, run_child, write_json,
                                 write_results)
 
@@ -272,16 +272,8 @@ def _memory(res: dict[str, Any]) -> list[str]:
              "step (MB) | step vs official |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for p, r in res["presets"].items():
         mem = r.get("memory") or {}
-        o = mem.get("official") or {}
-        off = o.get("peak_rss_mb")
-        off_step = off - o["rss_after_build_mb"] if off else None
-        for n, m in mem.items():
-            if m is None:
-                continue
-            st = m["peak_rss_mb"] - m["rss_after_build_mb"]
-            lines.append(f"| {preset_label(p)} | {n} | {m['peak_rss_mb']:.0f} | {m['rss_after_import_mb']:.0f} | "
-                         f"{m['rss_after_build_mb']:.0f} | {ratio(m['peak_rss_mb'], off)} | {st:.0f} | "
-                         f"{ratio(st, off_step)} |")
+        lines += [f"| {preset_label(p)} | {n} | {memory_cells(m, mem.get('official'))} |"
+                  for n, m in mem.items() if m is not None]
     return lines + [""]
 
 

@@ -145,6 +145,17 @@ def ratio(a: float | None, b: float | None) -> str:
     return "—" if not a or not b else f"{a / b:.2f}x"
 
 
+def memory_cells(m: dict[str, Any], official: dict[str, Any] | None) -> str:
+    """A memory table's measured cells of one variant ``m`` against the ``official`` one: peak RSS,
+    RSS after import, RSS after build, peak vs official, step (peak - after build), step vs official."""
+    o = official or {}
+    off = o.get("peak_rss_mb")
+    off_step = off - o["rss_after_build_mb"] if off else None
+    st = m["peak_rss_mb"] - m["rss_after_build_mb"]
+    return (f"{m['peak_rss_mb']:.0f} | {m['rss_after_import_mb']:.0f} | {m['rss_after_build_mb']:.0f} | "
+            f"{ratio(m['peak_rss_mb'], off)} | {st:.0f} | {ratio(st, off_step)}")
+
+
 def preset_label(p: str) -> str:
     return {"base": "ViT-B", "small": "ViT-S", "tiny": "ViT-Ti"}.get(p, p)
 
@@ -173,5 +184,6 @@ def write_results(out: Path | None, res: dict[str, Any], text: str, log: Any) ->
         return
     common.write_text_atomic(out, text + "\n")
     write_json(res, out.with_suffix(".json"))
+    out.with_suffix(".partial.json").unlink(missing_ok=True)  # the per-round save, superseded
     log(f"wrote {out} and {out.with_suffix('.json').name}")
 

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when loaded by path
 
 from common import machine_line  # noqa: E402
-from vs_official_common import (ROOT, Step, interleaved, medians, preset_label, profile_ops, ratio,  # noqa: E402
+from vs_official_common import (ROOT, memory_cells, Step, interleaved, medians, preset_label, profile_ops, ratio,  # noqa: E402
                                 read_json, run_child, write_json, write_results)
 
 Render = Callable[[dict[str, Any]], str]  # the whole report (vs_official.markdown)
@@ -369,17 +369,9 @@ def _ft_memory(ft: dict[str, Any]) -> list[str]:
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in ft["tasks"].items():
             mem = r.get("memory") or {}
-            o = mem.get("official") or {}
-            off_peak = o.get("peak_rss_mb")
-            off_step = off_peak - o["rss_after_build_mb"] if off_peak else None
-            for n, m in mem.items():
-                if m is None:
-                    lines.append(f"| {name} | {n} | — | failed | | | | | |")
-                    continue
-                st = m["peak_rss_mb"] - m["rss_after_build_mb"]
-                lines.append(f"| {name} | {n} | {r['params'].get(n, 0) / 1e6:.1f}M | {m['peak_rss_mb']:.0f} | "
-                             f"{m['rss_after_import_mb']:.0f} | {m['rss_after_build_mb']:.0f} | "
-                             f"{ratio(m['peak_rss_mb'], off_peak)} | {st:.0f} | {ratio(st, off_step)} |")
+            lines += [f"| {name} | {n} | — | failed | | | | | |" if m is None else
+                      f"| {name} | {n} | {r['params'].get(n, 0) / 1e6:.1f}M | {memory_cells(m, mem.get('official'))} |"
+                      for n, m in mem.items()]
         lines.append("")
     return lines
 
