@@ -9,10 +9,9 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
-# shared helpers (tiny data, weights, step set-ups) and the hostile fine-tuning trees other folders reuse
-for _helpers in (REPO / "tests" / "helpers", REPO / "tests" / "hostile"):
-    if str(_helpers) not in sys.path:
-        sys.path.insert(0, str(_helpers))
+# shared helpers (tiny models, data, weights, step set-ups, fine-tuning trees): `from data_testutils import ...`
+if str(REPO / "tests" / "helpers") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests" / "helpers"))
 FIXTURES = REPO / "tests" / "fixtures"
 GOLDEN = FIXTURES / "multimae-official-compact.safetensors"
 OFFICIAL_TSV = FIXTURES / "multimae-official-state-dict.tsv"

@@ -35,15 +35,15 @@ def test_bomb_is_the_named_data_error(tmp_path, side):
 
 
 def test_bomb_in_a_training_folder_is_skipped_and_named_by_data_check(tmp_path, capsys, caplog):
-    from test_finetune_datasets import SEG, _finetune, _seg_tree
+    from finetune_trees import SEG, finetune, seg_tree
 
-    _seg_tree(tmp_path, ["train", "test"], n=4)
+    seg_tree(tmp_path, ["train", "test"], n=4)
     bomb = tmp_path / "train" / "rgb" / "all" / "s1.png"
     bomb_png(bomb, 12_000)
-    assert _finetune(tmp_path, "folder-semseg", tmp_path, *SEG, "data.on_error=raise") == 2
+    assert finetune(tmp_path, "folder-semseg", tmp_path, *SEG, "data.on_error=raise") == 2
     assert str(bomb) in capsys.readouterr().err
     with caplog.at_level(logging.WARNING, logger="multimae.data"):
-        assert _finetune(tmp_path, "folder-semseg", tmp_path, *SEG, "data.on_error=skip", "train.run_name=s") == 0
+        assert finetune(tmp_path, "folder-semseg", tmp_path, *SEG, "data.on_error=skip", "train.run_name=s") == 0
     assert any(str(bomb) in r.getMessage() and "pixels" in r.getMessage() for r in caplog.records)
     assert main(["data", "check", "--folder", str(tmp_path), "--modalities", "rgb,semseg"]) == 1
     err = capsys.readouterr().err

@@ -1,59 +1,17 @@
 """Hostile fine-tuning datasets through the CLI: every case is a one-line error naming the file or
 directory before training starts, or it trains with a notice; `data.on_error=skip` skips every
 per-sample error of fine-tuning."""
-import io
 import json
 import logging
 
 import numpy as np
-import pytest
-import torch
-from PIL import Image
 
-from multimae.cli.main import main
 from multimae.core.config import load_config
 from multimae.core.modalities import get
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.finetune_data import build_eval_loader
-from tiny import tiny_encoder_override
+from finetune_trees import SEG, TINY, cls_tree, finetune, png, seg_tree  # tests/helpers
 
-TINY = [tiny_encoder_override(depth=1),
-        "data.image_size=32", "data.num_workers=0", "train.batch_size=2", "train.eval_batch_size=4",
-        "train.epochs=1", "train.max_steps=2", "train.log_every=1", "train.precision=fp32", "model.drop_path=0",
-        "aug.randaugment=false", "aug.mixup=0", "aug.cutmix=0"]
-SEG = ["model.head.embed_dim=32", "model.head.num_classes=4"]
-
-
-def _png(path, arr):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
-
-
-def _rgb(i, h=32, w=32):
-    g = np.random.default_rng(i)
-    return g.integers(0, 255, (h, w, 3), dtype=np.uint8)
-
-
-def _cls_tree(root, splits):
-    """splits: {split: {class: n}} -> root/<split>/rgb/<class>/<i>.png"""
-    for split, classes in splits.items():
-        for c, n in classes.items():
-            d = root / split / "rgb" / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                _png(d / f"{c}{i}.png", _rgb(hash((split, c, i)) % 1000))
-
-
-def _seg_tree(root, splits, n=4, size=32):
-    for split in splits:
-        for i in range(n):
-            _png(root / split / "rgb" / "all" / f"s{i}.png", _rgb(i, size, size))
-            _png(root / split / "semseg" / "all" / f"s{i}.png", np.full((size, size), i % 4, np.uint8))
-
-
-def _finetune(tmp_path, config, root, *extra):
-    return main(["finetune", "--config", f"configs/finetune/{config}.yaml", *TINY, f"data.root={root}",
-                 f"train.out_dir={tmp_path / 'runs'}", "train.run_name=r", *extra])
 
 
 def _err(capsys):
@@ -65,7 +23,7 @@ def _err(capsys):
 
 def test_eval_labels_index_the_training_classes(tmp_path):
     """val lacks class 'a': its samples keep the training split's indices (b=1, c=2), not (0, 1)."""
-    _cls_tree(tmp_path, {"train": {"a": 2, "b": 2, "c": 2}, "val": {"b": 1, "c": 1}})
+    cls_tree(tmp_path, {"train": {"a": 2, "b": 2, "c": 2}, "val": {"b": 1, "c": 1}})
     cfg = load_config(FinetuneConfig, "configs/finetune/folder-cls.yaml",
                       TINY + [f"data.root={tmp_path}", "model.head.num_classes=3"])
     batch = next(iter(build_eval_loader(cfg, [get("rgb")])))
@@ -73,33 +31,33 @@ def test_eval_labels_index_the_training_classes(tmp_path):
 
 
 def test_unknown_eval_class_is_named_before_training(tmp_path, capsys):
-    _cls_tree(tmp_path, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "z": 1}})
-    assert _finetune(tmp_path, "folder-cls", tmp_path, "model.head.num_classes=2") == 2
+    cls_tree(tmp_path, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "z": 1}})
+    assert finetune(tmp_path, "folder-cls", tmp_path, "model.head.num_classes=2") == 2
     line = _err(capsys)
     assert str(tmp_path / "val" / "rgb" / "z") in line and "training split" in line
     assert not (tmp_path / "runs" / "r" / "checkpoints").exists()
 
 
 def test_more_class_directories_than_num_classes(tmp_path, capsys):
-    _cls_tree(tmp_path, {"train": {c: 1 for c in "abcde"}, "val": {"a": 1}})
-    assert _finetune(tmp_path, "folder-cls", tmp_path, "model.head.num_classes=3") == 2
+    cls_tree(tmp_path, {"train": {c: 1 for c in "abcde"}, "val": {"a": 1}})
+    assert finetune(tmp_path, "folder-cls", tmp_path, "model.head.num_classes=3") == 2
     line = _err(capsys)
     assert "5 class directories" in line and "model.head.num_classes=3" in line and str(tmp_path) in line
 
 
 def test_missing_eval_split_fails_before_the_first_step(tmp_path, capsys):
-    _seg_tree(tmp_path, ["train"])
-    assert _finetune(tmp_path, "folder-semseg", tmp_path, *SEG) == 2  # folder-semseg scores data.eval_split=test
+    seg_tree(tmp_path, ["train"])
+    assert finetune(tmp_path, "folder-semseg", tmp_path, *SEG) == 2  # folder-semseg scores data.eval_split=test
     line = _err(capsys)
     assert str(tmp_path / "test") in line
     assert not (tmp_path / "runs" / "r" / "checkpoints").exists()  # no step was taken
 
 
 def test_empty_class_directory_trains_with_a_notice(tmp_path, caplog):
-    _cls_tree(tmp_path, {"train": {"a": 2, "b": 0, "c": 2}, "val": {"a": 1, "c": 1}})
+    cls_tree(tmp_path, {"train": {"a": 2, "b": 0, "c": 2}, "val": {"a": 1, "c": 1}})
     (tmp_path / "train" / "rgb" / "b").mkdir(parents=True, exist_ok=True)
     with caplog.at_level(logging.WARNING, logger="multimae.data"):
-        assert _finetune(tmp_path, "folder-cls", tmp_path, "model.head.num_classes=3") == 0
+        assert finetune(tmp_path, "folder-cls", tmp_path, "model.head.num_classes=3") == 0
     assert any("empty class directory" in r.getMessage() and str(tmp_path / "train" / "rgb" / "b") in r.getMessage()
                for r in caplog.records)
     cfg = load_config(FinetuneConfig, "configs/finetune/folder-cls.yaml",
@@ -109,25 +67,25 @@ def test_empty_class_directory_trains_with_a_notice(tmp_path, caplog):
 
 
 def test_semseg_id_out_of_range_names_the_file_and_is_skippable(tmp_path, capsys):
-    _seg_tree(tmp_path, ["train", "test"])
+    seg_tree(tmp_path, ["train", "test"])
     bad = tmp_path / "train" / "semseg" / "all" / "s1.png"
-    _png(bad, np.full((32, 32), 7, np.uint8))  # 7 >= num_classes 4, and not the ignore index 255
-    _png(tmp_path / "train" / "semseg" / "all" / "s2.png", np.full((32, 32), 255, np.uint8))  # ignore: fine
-    assert _finetune(tmp_path, "folder-semseg", tmp_path, *SEG, "data.on_error=raise") == 2
+    png(bad, np.full((32, 32), 7, np.uint8))  # 7 >= num_classes 4, and not the ignore index 255
+    png(tmp_path / "train" / "semseg" / "all" / "s2.png", np.full((32, 32), 255, np.uint8))  # ignore: fine
+    assert finetune(tmp_path, "folder-semseg", tmp_path, *SEG, "data.on_error=raise") == 2
     line = _err(capsys)
     assert str(bad) in line and "class id 7" in line and "ignore index 255" in line
-    assert _finetune(tmp_path, "folder-semseg", tmp_path, *SEG, "data.on_error=skip", "train.run_name=s") == 0
+    assert finetune(tmp_path, "folder-semseg", tmp_path, *SEG, "data.on_error=skip", "train.run_name=s") == 0
 
 
 def test_on_error_skip_skips_every_per_sample_error(tmp_path, caplog):
     """A corrupt image, a map of another size and a bad class id in one fine-tuning folder: skip
     counts each and trains; raise names the first file."""
-    _seg_tree(tmp_path, ["train", "test"], n=6)
+    seg_tree(tmp_path, ["train", "test"], n=6)
     (tmp_path / "train" / "rgb" / "all" / "s0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    _png(tmp_path / "train" / "semseg" / "all" / "s1.png", np.zeros((16, 16), np.uint8))
-    _png(tmp_path / "train" / "semseg" / "all" / "s2.png", np.full((32, 32), 9, np.uint8))
+    png(tmp_path / "train" / "semseg" / "all" / "s1.png", np.zeros((16, 16), np.uint8))
+    png(tmp_path / "train" / "semseg" / "all" / "s2.png", np.full((32, 32), 9, np.uint8))
     with caplog.at_level(logging.WARNING, logger="multimae.data"):
-        assert _finetune(tmp_path, "folder-semseg", tmp_path, *SEG, "data.on_error=skip", "train.max_steps=3") == 0
+        assert finetune(tmp_path, "folder-semseg", tmp_path, *SEG, "data.on_error=skip", "train.max_steps=3") == 0
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping bad sample")]
     for name, what in (("rgb/all/s0.png", "truncated or not an image"), ("s1", "different sizes"),
                        ("semseg/all/s2.png", "class id 9")):
@@ -140,11 +98,11 @@ def test_folder_classification_takes_its_classes_and_keeps_their_names(tmp_path,
     from multimae.apps.predict import Predictor, predict_files
 
     classes = ["cat", "dog", "eel", "fox"]
-    _cls_tree(tmp_path, {"train": {c: 1 for c in classes}, "val": {c: 1 for c in classes}})
-    assert _finetune(tmp_path, "folder-cls", tmp_path, "model.head.num_classes=1000") == 2
+    cls_tree(tmp_path, {"train": {c: 1 for c in classes}, "val": {c: 1 for c in classes}})
+    assert finetune(tmp_path, "folder-cls", tmp_path, "model.head.num_classes=1000") == 2
     line = _err(capsys)
     assert "4 class directories" in line and "model.head.num_classes=1000" in line and "null" in line
-    assert _finetune(tmp_path, "folder-cls", tmp_path) == 0
+    assert finetune(tmp_path, "folder-cls", tmp_path) == 0
     run = tmp_path / "runs" / "r"
     pred = Predictor.from_run(run, device="cpu")
     assert pred.outputs["label"].classes == classes

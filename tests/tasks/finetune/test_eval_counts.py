@@ -25,11 +25,11 @@ def test_pretraining_held_out_batches_cover_every_sample():
 
 
 def test_evaluate_with_skip_scores_each_good_sample_once(tmp_path, capsys):
-    from test_finetune_datasets import _cls_tree, _finetune
+    from finetune_trees import cls_tree, finetune
 
-    _cls_tree(tmp_path, {"train": {"a": 3, "b": 3}, "val": {"a": 3, "b": 2}})
+    cls_tree(tmp_path, {"train": {"a": 3, "b": 3}, "val": {"a": 3, "b": 2}})
     (tmp_path / "val" / "rgb" / "a" / "a1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    assert _finetune(tmp_path, "folder-cls", tmp_path, "model.head.num_classes=2", "data.on_error=skip",
+    assert finetune(tmp_path, "folder-cls", tmp_path, "model.head.num_classes=2", "data.on_error=skip",
                      "train.eval_batch_size=3", "train.max_steps=null") == 0
     run = tmp_path / "runs" / "r"
     assert json.loads((run / "eval.json").read_text())["num_samples"] == 4  # 5 minus the broken one (was 5)
