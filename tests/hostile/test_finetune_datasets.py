@@ -13,7 +13,6 @@ from multimae.tasks.finetune_data import build_eval_loader
 from finetune_trees import SEG, TINY, cls_tree, finetune, png, seg_tree  # tests/helpers
 
 
-
 def _err(capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
