@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from multimae.core.batch import Batch
-from multimae.data.downstream import TARGET, TARGET_VALID
+from multimae.data.transfer import TARGET, TARGET_VALID
 from multimae.engine.host_sync import HostSyncCounter
 from multimae.engine.optim import build_optimizer
 from multimae.engine.step import read_stats, train_step

@@ -70,7 +70,7 @@ from common import write_text_atomic as write_atomic  # noqa: E402
 # Every multimae import of this script is here, so moving modules means editing this block only.
 from multimae.core.batch import Batch
 from multimae.core.config import load_config
-from multimae.data.downstream import TARGET, TARGET_VALID
+from multimae.data.transfer import TARGET, TARGET_VALID
 from multimae.engine.distributed import cleanup as dist_cleanup
 from multimae.engine.distributed import init_distributed
 from multimae.engine.host_sync import HostSyncCounter, graph_breaks

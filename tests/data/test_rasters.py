@@ -200,7 +200,7 @@ def test_modality_behaviour_comes_from_spec_fields():
     """Normals' angular scoring and 3-channel head come from the spec (unit_vectors, channels),
     not from the name: a renamed copy behaves alike, a plain dense target does not."""
     from multimae.core.config import load_config
-    from multimae.tasks.downstream import dense_target_spec
+    from multimae.tasks.transfer import dense_target_spec
     from multimae.tasks.finetune_config import FinetuneConfig
     from multimae.tasks.finetune_eval import scorer_for
 

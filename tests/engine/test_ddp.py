@@ -39,6 +39,7 @@ def _worker(rank, port, out):
     loss.backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, out)
+    del net, loss  # the DDP module goes before the process group (D.cleanup)
     D.cleanup()
 
 

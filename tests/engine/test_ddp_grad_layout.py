@@ -40,6 +40,7 @@ def _worker(rank: int, port: int) -> None:
             train_step(net, batch, opt, plan)
         for name, p in model.named_parameters():
             assert p.grad is None or p.grad.stride() == p.stride(), (name, p.grad.stride(), p.stride())
+        del net  # before the process group goes (D.cleanup)
     finally:
         D.cleanup()
 

@@ -64,9 +64,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         model = D.wrap_ddp(nn.Linear(3, 1), info)
         model(torch.full((2, 3), float(rank + 1))).sum().backward()
         grad = D.unwrap(model).weight.grad.tolist()  # DDP averaged the gradients
+        wrapped = type(model).__name__
+        del model  # before the process group goes (D.cleanup)
         D.barrier()
         result = {"rank": info.rank, "world": info.world_size, "main": D.is_main(),
-                  "mean": mean.tolist(), "obj": obj, "wrapped": type(model).__name__,
+                  "mean": mean.tolist(), "obj": obj, "wrapped": wrapped,
                   "grad": grad}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:

@@ -4,7 +4,7 @@ import torch
 
 from multimae.core.batch import Batch
 from multimae.core.config import load_config
-from multimae.data.downstream import TARGET, TARGET_VALID
+from multimae.data.transfer import TARGET, TARGET_VALID
 from multimae.tasks.finetune import FinetuneObjective, build_loss
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.pretrain import PretrainTask

@@ -3,7 +3,7 @@
 A run is either a fine-tuning run (classification, segmentation, depth or another dense head) or
 a pretraining run (every decoder's prediction from the given inputs: cross-modal predictions).
 
-Preprocessing is the run's evaluation transform (:class:`multimae.data.downstream.TransferTransform`,
+Preprocessing is the run's evaluation transform (:class:`multimae.data.transfer.TransferTransform`,
 the one ``multimae evaluate`` uses): dense tasks letterbox (longest side resized to the model's
 image size, the rest padded), classification centre-crops. Predictions are mapped back to the
 image's original size (EXIF orientation applied by :func:`multimae.data.codecs.open_image`, so
@@ -63,7 +63,7 @@ class Predictor:
     @classmethod
     def from_run(cls, path: str | os.PathLike, device: str = "auto", precision: str = "auto",
                  inputs: Sequence[str] | None = None, window: bool = False) -> "Predictor":
-        from multimae.data.downstream import TransferTransform
+        from multimae.data.transfer import TransferTransform
 
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)

@@ -8,6 +8,7 @@ All helpers below also work (as no-ops) in a single, non-initialised process.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -175,8 +176,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def cleanup() -> None:
-    """Destroy the process group if one exists."""
+    """Destroy the process group if one exists. Drop every DDP module first (``del``): this collects
+    their reference cycles, which otherwise the interpreter frees at exit, where gloo can abort the
+    process (``terminate called without an active exception``)."""
     global _CPU_GROUP
+    gc.collect()
     if is_dist():
         dist.destroy_process_group()
     _CPU_GROUP = None

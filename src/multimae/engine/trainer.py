@@ -11,6 +11,7 @@ from the task's loader into :func:`multimae.engine.step.train_step`.
 """
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from pathlib import Path
@@ -147,9 +148,25 @@ class Trainer:
         seed = D.rank_seed(t.seed, self.info.rank) + self.step
         torch.manual_seed(seed)  # drop path, mixup and masking noise per rank
         np.random.seed(seed % 2**32)
-        self.net: nn.Module = P.wrap(task.objective, t, self.info)  # DDP (several ranks), else as is
+        self.net: nn.Module | None = self._build_net()  # the loop's module; fit releases it when it ends
+
+    def _build_net(self) -> nn.Module:
+        """The task's objective as the loop calls it: in DDP (several ranks), compiled (``train.compile``)."""
+        t = self.cfg.train
+        net = P.wrap(self.task.objective, t, self.info)
         if t.compile:
-            self.net = torch.compile(self.net, backend=t.compile_backend, fullgraph=True)  # forward + loss whole
+            net = torch.compile(net, backend=t.compile_backend, fullgraph=True)  # forward + loss whole
+        return net
+
+    def _release_net(self) -> None:
+        """Drop the DDP wrapper as soon as the loop ends (normally or not). DDP keeps the process group
+        alive from reference cycles that only the interpreter's final collection frees: gloo then tears
+        its threads down in a dying process and aborts it (``terminate called without an active
+        exception``, about one exit in 20 on a 2-core machine), so a finished torchrun job reported a
+        crash. Freed here, before the process group goes, nothing is left for the exit."""
+        if self.info.is_distributed and self.net is not None and self.net is not self.task.objective:
+            self.net = None
+            gc.collect()
 
     @property
     def cfg(self) -> Any:
@@ -270,7 +287,10 @@ class Trainer:
                 print(line, flush=True)
         progress = Progress(last, initial=self.step, enabled=self.info.is_main, log_every=t.log_every)
         imgs_per_step = t.batch_size * self.info.world_size * self.cfg.optim.accum_steps
-        no_sync = getattr(self.net, "no_sync", None)
+        if self.net is None:
+            self.net = self._build_net()
+        net = self.net
+        no_sync = getattr(net, "no_sync", None)
         watch = NonFiniteWatch(t.nonfinite, t.nonfinite_max_skips)
         tic, window = time.perf_counter(), 0
         batches = self.batches()
@@ -278,7 +298,7 @@ class Trainer:
         saved: Path | None = None
         try:
             while self.step < last:
-                stats = train_step(self.net, next(batches), self.optimizer, scheduler=self.scheduler,
+                stats = train_step(net, next(batches), self.optimizer, scheduler=self.scheduler,
                                    precision=t.precision, scaler=self.scaler, clip_grad=self.cfg.optim.clip_grad,
                                    step=self.step + 1, no_sync=no_sync, nonfinite=watch.step_mode)
                 self.step += 1
@@ -300,6 +320,8 @@ class Trainer:
                 if preempted:
                     raise Preempted(stop.name, self.step, saved)
         finally:
+            net = no_sync = None
+            self._release_net()
             stop.restore()
             progress.close()
             if sys.exc_info()[0] is not None:  # the run stops here (the process may go on)

@@ -1,7 +1,7 @@
 """Fine-tuning as a task of the engine: ``finetune(config) -> run directory``.
 
 :class:`FinetuneTask` builds the transfer model (encoder from ``init`` + head,
-:func:`multimae.tasks.downstream.prepare`), the :class:`FinetuneObjective` the step optimises
+:func:`multimae.tasks.transfer.prepare`), the :class:`FinetuneObjective` the step optimises
 (task loss + mixup), the downstream training loader (``(Batch, None)`` micro-batches), layer-wise
 lr decay over the encoder, periodic and final evaluation on ``data.eval_split`` (``eval.md`` /
 ``eval.json`` next to a trivial baseline). The :class:`~multimae.engine.trainer.Trainer` does the
@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multimae.core.batch import Batch
-from multimae.data.downstream import TARGET, TARGET_VALID
+from multimae.data.transfer import TARGET, TARGET_VALID
 from multimae.engine import distributed as D
 from multimae.engine import parallel as P
 from multimae.engine.distributed import DistInfo
 from multimae.engine.logging import RunLogger
 from multimae.engine.trainer import Task, Trainer
-from multimae.tasks.downstream import Datasets, prepare
+from multimae.tasks.transfer import Datasets, prepare
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
 from multimae.model.transfer import TransferModel
 

@@ -1,5 +1,5 @@
 """Downstream data of a fine-tuning run: raw datasets per split, the resumable training loader and
-the evaluation loader (see :mod:`multimae.data.downstream` for what a sample holds).
+the evaluation loader (see :mod:`multimae.data.transfer` for what a sample holds).
 
 Sources: ``synthetic`` (scene streams disjoint from pretraining, fixed train / val / test splits),
 ``folder`` (``root/<split>/<modality>/<class or all>/<name>.<ext>``: ImageFolder-style
@@ -18,13 +18,13 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from multimae.core.batch import Batch
 from multimae.data import collate
-from multimae.data.downstream import LABEL, TransferTransform, build_randaugment, target_spec
+from multimae.data.transfer import LABEL, TransferTransform, build_randaugment, target_spec
 from multimae.data.errors import DataError
 from multimae.data.loader import ResumableBatchSampler, SeededAugment, shard_urls, stack_modalities
 from multimae.core.modalities import ModalitySpec
 from multimae.data.sources import Request, get_source
 from multimae.core.seeding import derive_seed
-from multimae.tasks.downstream import Datasets
+from multimae.tasks.transfer import Datasets
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
 
 #: Tasks evaluated by letterboxing (resize longest side + pad) rather than a centre crop.

@@ -27,10 +27,10 @@ from torch import Tensor
 from multimae.core.batch import Batch
 from multimae.core.config import to_dict
 from multimae.core.io import save_bytes_atomic
-from multimae.data.downstream import TARGET, TARGET_VALID
+from multimae.data.transfer import TARGET, TARGET_VALID
 from multimae.evaluation import metrics as metric_fns
 from multimae.runs import class_names
-from multimae.tasks.downstream import Datasets, dense_target_spec
+from multimae.tasks.transfer import Datasets, dense_target_spec
 from multimae.tasks.finetune_config import FinetuneConfig, target_of
 from multimae.core.device import autocast
 

@@ -22,8 +22,8 @@ from multimae.core import config as config_lib
 from multimae.checkpoint import find_latest, load_meta, save_checkpoint
 from multimae.engine.identity import SCHEDULE_ONLY, acquire_lock, check_same_run, release_lock
 from multimae.engine.signals import Preempted, StopSignals
-from multimae.data.downstream import TARGET
-from multimae.tasks.downstream import Datasets, default_run_name, prepare
+from multimae.data.transfer import TARGET
+from multimae.tasks.transfer import Datasets, default_run_name, prepare
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.engine.logging import Progress, RunLogger
 from multimae.engine.optim import WarmupCosine

@@ -12,11 +12,11 @@ from skimage import data as skdata
 from multimae.checkpoint import save_checkpoint
 from multimae.cli.main import main
 from multimae.core.config import load_config, to_dict
-from multimae.data.downstream import TransferTransform
+from multimae.data.transfer import TransferTransform
 from multimae.model.multimae import MultiMAE
 from multimae.data.codecs import decode_image
 from multimae.apps.predict import META_FILE, Predictor, predict_files
-from multimae.tasks.downstream import prepare
+from multimae.tasks.transfer import prepare
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.finetune_data import build_transform
 from tiny import tiny_config, tiny_yaml

@@ -24,7 +24,7 @@ from multimae.core.config import load_config, to_dict
 from multimae.data.errors import DataError
 from multimae.apps.predict import META_FILE, Output, Predictor, write_prediction
 from multimae.apps.predict_io import LowRes, write_array, write_preview
-from multimae.tasks.downstream import prepare
+from multimae.tasks.transfer import prepare
 from multimae.tasks.finetune_config import FinetuneConfig
 from tiny import tiny_yaml
 

@@ -193,7 +193,7 @@ def test_linear_probe_runs_fast_and_evaluates(tmp_path, pretrain_run):
 
 def test_loss_and_mixup_choices(tmp_path):
     cfg = cfg_for(tmp_path, "cls", "aug.mixup=0.8", "model.inputs=[rgb,semseg]")
-    from multimae.tasks.downstream import prepare
+    from multimae.tasks.transfer import prepare
 
     model, _, cfg = prepare(cfg)
     with pytest.raises(ValueError, match="categorical"):

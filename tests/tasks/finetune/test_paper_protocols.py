@@ -11,7 +11,7 @@ from PIL import Image
 
 from multimae.cli.main import main as cli
 from multimae.core.config import load_config
-from multimae.data.downstream import TARGET
+from multimae.data.transfer import TARGET
 from multimae.tasks.finetune_config import FinetuneConfig
 from multimae.tasks.finetune_data import build_transform
 from multimae.model.transfer import TransferModel

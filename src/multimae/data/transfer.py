@@ -1,4 +1,4 @@
-"""Downstream (transfer) samples: model inputs plus one ``target``, with paired crops.
+"""Transfer samples (fine-tuning and probing): model inputs plus one ``target``, with paired crops.
 
 A raw sample (see :mod:`multimae.data`) becomes ``{<input keys>: ..., "target": ..., "__key__"}``
 (+ ``"target_valid"`` (1,S,S) bool for dense targets):

@@ -43,7 +43,7 @@ def _folder_classes(cfg: FinetuneConfig) -> list[str] | None:
 def dense_target_spec(cfg: FinetuneConfig) -> "ModalitySpec | None":
     """The spec of a dense head's target (its channels, ``unit_vectors``), or None for other
     heads or a target the config cannot name yet."""
-    from multimae.data.downstream import target_spec
+    from multimae.data.transfer import target_spec
 
     if cfg.model.head.kind != "dense":
         return None

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from multimae.core.config import load_config
-from multimae.data.downstream import TransferTransform, target_spec
+from multimae.data.transfer import TransferTransform, target_spec
 from multimae.data.errors import DataError
 from multimae.core.modalities import get
 from multimae.tasks.finetune_config import FinetuneConfig
