@@ -44,6 +44,45 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def _v1_name(key: str) -> str:
+    """A fine-tuning parameter's name in checkpoint format 1 (the encoder under ``encoder.blocks.<i>``,
+    ``encoder.input_adapters``, ``encoder.global_tokens``, ``encoder.norm``)."""
+    import re
+
+    for rx, to in ((r"^encoder\.(\d+)\.", r"encoder.blocks.\1."), (r"^input_adapters\.", "encoder.input_adapters."),
+                   (r"^global_tokens$", "encoder.global_tokens"), (r"^encoder_norm\.", "encoder.norm.")):
+        if re.match(rx, key):
+            return re.sub(rx, to, key, count=1)
+    return key
+
+
+def as_format_1(src: Path, dst: Path) -> None:
+    """Copy the FSDP fine-tuning checkpoint ``src`` to ``dst`` as format 1 wrote it: old names in the
+    weights, in the DCP shards (model and optimizer) and ``format_version`` 1 in meta.json."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("sharded"))
+    save_file({_v1_name(k): v for k, v in load_file(src / "model.safetensors").items()}, dst / "model.safetensors")
+    meta = json.loads((src / "meta.json").read_text())
+    (dst / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    whole = dst.parent / "whole.pt"
+    dcp_to_torch_save(src / "sharded", whole)
+    sd = torch.load(whole, weights_only=False)
+    osd = sd["optimizer"]
+    sd = {"model": {_v1_name(k): v for k, v in sd["model"].items()},
+          "optimizer": {"state": {_v1_name(k): v for k, v in osd["state"].items()},
+                        "param_groups": [{**g, "params": [_v1_name(n) for n in g["params"]]}
+                                         for g in osd["param_groups"]]}}
+    assert any(k.startswith("encoder.blocks.") for k in sd["model"])
+    torch.save(sd, whole)
+    torch_save_to_dcp(whole, dst / "sharded")
+    for rng in (src / "sharded").glob("rng-rank*.pt"):
+        shutil.copy(rng, dst / "sharded" / rng.name)
+
+
 # ------------------------------------------------------------------------ the shared 2-process runs
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
@@ -78,6 +117,13 @@ def _worker(rank: int, port: int, out: str) -> None:
         for name, extra in (("ft-ddp", []), ("ft-fsdp", ["train.parallel=fsdp"])):
             Trainer(FinetuneTask(load_config(FinetuneConfig, FT_CONFIG, FT + [
                 f"train.out_dir={out}", f"train.run_name={name}", *extra]))).fit()
+        # a sharded fine-tuning checkpoint of format 1 (the old encoder names) resumes under FSDP
+        v1 = Path(out, "v1-source", "checkpoints", "step-000000002")
+        if rank == 0:
+            as_format_1(Path(out, "ft-fsdp", "checkpoints", "step-000000002"), v1)
+        D.barrier()
+        Trainer(FinetuneTask(load_config(FinetuneConfig, FT_CONFIG, FT + [
+            f"train.out_dir={out}", "train.run_name=ft-from-v1", "train.parallel=fsdp", f"train.resume={v1}"]))).fit()
     finally:
         D.cleanup()
 
@@ -126,6 +172,24 @@ def test_fsdp_finetuning_matches_ddp(runs):
     assert e_fsdp.keys() == e_ddp.keys()
     for k in e_ddp:
         assert e_fsdp[k] == pytest.approx(e_ddp[k], rel=1e-3, abs=1e-3), k
+
+
+def test_format_1_sharded_finetuning_checkpoint_resumes(runs):
+    v1 = runs / "v1-source" / "checkpoints" / "step-000000002"
+    from safetensors import safe_open
+
+    with safe_open(v1 / "model.safetensors", "pt") as f:
+        assert any(k.startswith("encoder.blocks.") for k in f.keys())
+    assert load_meta(v1)["format_version"] == 1
+    # resumed at step 2 from the old names, it ends as the run that wrote the checkpoint ended
+    resumed, fsdp = losses(runs / "ft-from-v1"), losses(runs / "ft-fsdp")
+    assert sorted(resumed) == [3, 4]
+    for s in resumed:
+        assert resumed[s] == pytest.approx(fsdp[s], rel=1e-5, abs=1e-6), (s, resumed, fsdp)
+    a, b = load_weights(runs / "ft-from-v1"), load_weights(runs / "ft-fsdp")
+    assert sorted(a) == sorted(b)  # saved again under the current names
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
 
 
 def test_fsdp_checkpoint_layout_and_cross_resume(runs):

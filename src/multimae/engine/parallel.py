@@ -39,12 +39,14 @@ Every rank stages ``sharded/`` beside the checkpoints; rank 0 moves it into the 
 checkpoint directory before ``meta.json`` is written and renames that into place, so the
 checkpoint appears whole or not at all (a crash leaves a stale staging directory, removed by the
 next save). All ranks must see the same file system. Resuming reads ``sharded/`` with DCP, which
-also re-shards: a run may resume on another number of ranks, or under ``ddp``.
+also re-shards: a run may resume on another number of ranks, or under ``ddp``; the shards of a
+format-1 fine-tuning checkpoint (the encoder under its old names) are read under those names.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import re
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -55,6 +57,7 @@ from torch import nn
 
 from multimae.engine import distributed as D
 from multimae.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, save_checkpoint, step_dir_name
+from multimae.checkpoint.io import _V1_TRANSFER_NAMES
 
 __all__ = [
     "PARALLEL_MODES",
@@ -370,6 +373,43 @@ def _save_rank_rng(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+#: The current (format 2) name of a fine-tuning model's encoder parameter -> its format-1 name
+#: (the inverse of :mod:`multimae.checkpoint.io`'s ``_V1_TRANSFER_NAMES``).
+_V2_TO_V1 = ((re.compile(r"^encoder\.(\d+)\."), r"encoder.blocks.\1."),
+             (re.compile(r"^input_adapters\."), "encoder.input_adapters."),
+             (re.compile(r"^global_tokens$"), "encoder.global_tokens"),
+             (re.compile(r"^encoder_norm\."), "encoder.norm."))
+
+
+def _rename(key: str, table: Any) -> str:
+    for rx, to in table:
+        if rx.match(key):
+            return rx.sub(to, key, count=1)
+    return key
+
+
+def _holds_v1_transfer_names(sharded: Path) -> bool:
+    """True for DCP shards written by a format-1 fine-tuning run (keys ``model.encoder.blocks.<i>.*``;
+    pretraining kept its names, so only these need renaming)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(str(sharded)).read_metadata().state_dict_metadata
+    except Exception:  # noqa: BLE001 - unreadable: dcp.load says so, naming the directory
+        return False
+    return any(k.startswith("model.encoder.blocks.") for k in keys)
+
+
+def _renamed(sd: dict[str, Any], rename: Any) -> dict[str, Any]:
+    """``{"model", "optimizer"}`` of :func:`_dcp_state` with every parameter name mapped by ``rename``
+    (model keys, the optimizer's per-parameter state and its groups' parameter lists; tensors shared)."""
+    osd = sd["optimizer"]
+    groups = [{**g, "params": [rename(n) for n in g["params"]]} for g in osd.get("param_groups", [])]
+    return {"model": {rename(k): v for k, v in sd["model"].items()},
+            "optimizer": {**osd, "state": {rename(k): v for k, v in osd.get("state", {}).items()},
+                          "param_groups": groups}}
+
+
 def restore_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     scaler: Any) -> tuple[int, dict[str, Any] | None]:
     """Load a :func:`save_sharded` checkpoint into ``model`` (sharded or not) and ``optimizer`` on
@@ -382,10 +422,15 @@ def restore_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     _weights, state, _meta = load_checkpoint(path)
     del _weights
     sd = _dcp_state(model, optimizer)
+    v1 = _holds_v1_transfer_names(path / SHARDED_DIR)
     try:
+        if v1:  # a fine-tuning run of format 1: its shards carry the old encoder names
+            sd = _renamed(sd, lambda k: _rename(k, _V2_TO_V1))
         dcp.load(sd, checkpoint_id=path / SHARDED_DIR, no_dist=not D.is_dist())
     except Exception as e:  # noqa: BLE001 - DCP raises several types (CheckpointException, ...)
         raise CheckpointError(f"cannot read the sharded train state {path / SHARDED_DIR}: {e}") from e
+    if v1:
+        sd = _renamed(sd, lambda k: _rename(k, _V1_TRANSFER_NAMES))
     set_state_dict(D.unwrap(model), optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
