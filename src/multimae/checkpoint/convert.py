@@ -408,9 +408,8 @@ def fit_state_dict(model: nn.Module, weights: ConvertedWeights, drop_unexpected:
     for k in own:
         if k in take or any(s.startswith(f"{k}:") for s in shapes):
             continue
-        why = _fresh_reason(k, sd, src_mods, weights.fresh)
-        if why is None and keep_missing:
-            why = "not in the source (freshly initialised)"
+        why = _fresh_reason(k, sd, src_mods, weights.fresh) or (
+            "not in the source (freshly initialised)" if keep_missing else None)
         if why is None:
             missing.append(k)
         else:

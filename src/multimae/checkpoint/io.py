@@ -27,6 +27,7 @@ import re
 import shutil
 import time
 from collections.abc import Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +109,6 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:09d}"
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
 # --------------------------------------------------------------------------------------------
 # Validation of what goes into state.pt
 # --------------------------------------------------------------------------------------------
@@ -169,10 +164,8 @@ def _prepare_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def _library_version() -> str:
     try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("multimae")
-    except (ImportError, PackageNotFoundError):
+        return metadata.version("multimae")
+    except metadata.PackageNotFoundError:
         return "unknown"
 
 
@@ -247,7 +240,8 @@ def save_checkpoint(
             if not Path(src).is_dir():
                 raise CheckpointError(f"extra checkpoint directory {Path(src)} (for {name}/) does not exist")
             os.replace(src, tmp / name)
-        _write_json(tmp / META_FILE, full_meta)  # last: its presence marks the directory complete
+        # last: its presence marks the directory complete
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
         for name in (WEIGHTS_FILE, STATE_FILE, META_FILE):
             apply_umask(tmp / name)
             _fsync_file(tmp / name)
