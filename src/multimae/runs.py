@@ -195,7 +195,6 @@ def pretrain_classes(data: dict[str, Any], task: str, num_classes: int | None) -
 
     if not data:  # weights without a run config: nothing names the classes
         return None
-    names = None
     try:
         names = get_source(str(data.get("source", "synthetic"))).classes("segmentation")
         root = data.get("root")

@@ -21,6 +21,7 @@ import argparse
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -99,12 +100,9 @@ class ConversionReport:
         """Human-readable report: the summary, the renames (block indices folded into ``N``), then
         dropped / added / resized keys grouped by reason."""
         out = [self.summary()]
-        renames: dict[tuple[str, str], int] = {}
-        for ours, theirs in self.mapped.items():
-            if ours != theirs:
-                pair = (re.sub(r"\.\d+\.", ".N.", theirs), re.sub(r"\.\d+\.", ".N.", ours))
-                renames[pair] = renames.get(pair, 0) + 1
-        same = sum(1 for ours, theirs in self.mapped.items() if ours == theirs)
+        renames = Counter((re.sub(r"\.\d+\.", ".N.", theirs), re.sub(r"\.\d+\.", ".N.", ours))
+                          for ours, theirs in self.mapped.items() if ours != theirs)
+        same = len(self.mapped) - sum(renames.values())
         if same:
             out.append(f"  mapped: {same} tensors under their own names")
         for (theirs, ours), n in renames.items():
@@ -217,10 +215,9 @@ def infer_official_config(sd: Mapping[str, Tensor], num_heads: int | None = None
         raise ConversionError("not a MultiMAE state_dict: no 'global_tokens'")
     dim = sd["global_tokens"].shape[-1]
     depth = _count(sd, r"encoder\.(\d+)\.norm1\.weight")
-    inputs = sorted({k.split(".")[1] for k in sd if k.startswith("input_adapters.")},
-                    key=lambda n: next(i for i, k in enumerate(sd) if k.startswith(f"input_adapters.{n}.")))
-    outputs = sorted({k.split(".")[1] for k in sd if k.startswith("output_adapters.")},
-                     key=lambda n: next(i for i, k in enumerate(sd) if k.startswith(f"output_adapters.{n}.")))
+    # modalities in the order of their first key
+    inputs = list(dict.fromkeys(k.split(".")[1] for k in sd if k.startswith("input_adapters.")))
+    outputs = list(dict.fromkeys(k.split(".")[1] for k in sd if k.startswith("output_adapters.")))
     mods: dict[str, dict[str, Any]] = {}
     patch_size = None
     grid = None
@@ -228,17 +225,12 @@ def infer_official_config(sd: Mapping[str, Tensor], num_heads: int | None = None
         w = sd[f"input_adapters.{n}.proj.weight"]
         kernel = w.shape[-1]
         known = M.registered().get(n)
-        if f"input_adapters.{n}.class_emb.weight" in sd:
-            ce = sd[f"input_adapters.{n}.class_emb.weight"]
-            stride = known.stride if known is not None else 4
-            mods[n] = {"num_classes": ce.shape[0], "class_emb_dim": ce.shape[1], "stride": stride}
-            if known is None:
-                mods[n].update(kind="categorical", loss="ce")
-        else:
-            stride = known.stride if known is not None else 1
-            mods[n] = {"channels": w.shape[1], "stride": stride}
-            if known is None:
-                mods[n].update(kind="dense", loss="l1")
+        ce = sd.get(f"input_adapters.{n}.class_emb.weight")
+        stride = known.stride if known is not None else 1 if ce is None else 4
+        mods[n] = {"channels": w.shape[1]} if ce is None else {"num_classes": ce.shape[0], "class_emb_dim": ce.shape[1]}
+        mods[n]["stride"] = stride
+        if known is None:
+            mods[n].update(dict(kind="dense", loss="l1") if ce is None else dict(kind="categorical", loss="ce"))
         if patch_size is None or stride == 1:
             patch_size = kernel * stride
         pos = sd.get(f"input_adapters.{n}.pos_emb")
@@ -254,11 +246,9 @@ def infer_official_config(sd: Mapping[str, Tensor], num_heads: int | None = None
         if n in mods:
             continue
         known = M.registered().get(n)
-        if known is not None:
-            p = known.patch(patch_size or 16)
-            if known.kind == "categorical":
-                mods[n] = {"num_classes": out // (p * p)}
-        else:
+        if known is not None and known.kind == "categorical":
+            mods[n] = {"num_classes": out // known.patch(patch_size or 16) ** 2}
+        elif known is None:
             mods[n] = {"kind": "dense", "loss": "l1", "channels": out // ((patch_size or 16) ** 2)}
     if patch_size is None:
         raise ConversionError("cannot infer the patch size: no input adapter in the state_dict")
@@ -418,9 +408,8 @@ def fit_state_dict(model: nn.Module, weights: ConvertedWeights, drop_unexpected:
     for k in own:
         if k in take or any(s.startswith(f"{k}:") for s in shapes):
             continue
-        why = _fresh_reason(k, sd, src_mods, weights.fresh)
-        if why is None and keep_missing:
-            why = "not in the source (freshly initialised)"
+        why = _fresh_reason(k, sd, src_mods, weights.fresh) or (
+            "not in the source (freshly initialised)" if keep_missing else None)
         if why is None:
             missing.append(k)
         else:
@@ -447,4 +436,4 @@ def load_state_strict(model: torch.nn.Module, sd: Mapping[str, Tensor], source: 
     err = fit_error(source, "the model", missing=missing, unexpected=unexpected, shapes=shapes)
     if err is not None:
         raise err
-    model.load_state_dict({k: v for k, v in sd.items()}, strict=True)
+    model.load_state_dict(dict(sd), strict=True)

@@ -80,10 +80,9 @@ def hf_to_timm(sd: Mapping[str, Tensor], cfg: Mapping[str, Any], source: str
     qkv: dict[int, dict[str, dict[str, Tensor]]] = {}
     for key, v in sd.items():
         if not key.startswith(prefix):
-            what = ("ViTMAE decoder (unused: MultiMAE decoders are per-task cross-attention decoders)"
-                    if key.startswith("decoder.") else "classification head (unused)"
-                    if key.startswith("classifier.") else "not part of the encoder")
-            dropped[key] = what
+            dropped[key] = ("ViTMAE decoder (unused: MultiMAE decoders are per-task cross-attention decoders)"
+                            if key.startswith("decoder.") else "classification head (unused)"
+                            if key.startswith("classifier.") else "not part of the encoder")
             continue
         k = key[len(prefix):]
         if k == "embeddings.cls_token":

@@ -27,6 +27,7 @@ import re
 import shutil
 import time
 from collections.abc import Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -108,17 +109,6 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:09d}"
 
 
-def _disk_full_error(path: Path, e: BaseException) -> CheckpointError:
-    return CheckpointError(f"disk full while writing {path} ({free_space(path)}); the previous checkpoint is intact. "
-                           "Free some space (or set train.keep_last lower) and run the same command again")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
 # --------------------------------------------------------------------------------------------
 # Validation of what goes into state.pt
 # --------------------------------------------------------------------------------------------
@@ -174,10 +164,8 @@ def _prepare_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def _library_version() -> str:
     try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("multimae")
-    except (ImportError, PackageNotFoundError):
+        return metadata.version("multimae")
+    except metadata.PackageNotFoundError:
         return "unknown"
 
 
@@ -193,23 +181,6 @@ def _iterdir(path: Path) -> list[Path]:
         return list(path.iterdir())
     except (FileNotFoundError, NotADirectoryError):
         return []
-
-
-def _write_checkpoint_files(
-    tmp: Path, weights: dict[str, torch.Tensor], train_state: dict, meta: dict,
-    extra_dirs: Mapping[str, Path] | None = None,
-) -> None:
-    _st_save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    torch.save(train_state, tmp / STATE_FILE)
-    for name, src in (extra_dirs or {}).items():  # already written (and fsync'ed) by their owner
-        if not Path(src).is_dir():
-            raise CheckpointError(f"extra checkpoint directory {src} (for {name}/) does not exist")
-        os.replace(src, tmp / name)
-    _write_json(tmp / META_FILE, meta)  # last: its presence marks the directory complete
-    for name in (WEIGHTS_FILE, STATE_FILE, META_FILE):
-        apply_umask(tmp / name)
-        _fsync_file(tmp / name)
-    _fsync_dir(tmp)
 
 
 def save_checkpoint(
@@ -263,8 +234,18 @@ def save_checkpoint(
     tmp.mkdir()
     old = None
     try:
-        _write_checkpoint_files(tmp, weights, train_state, full_meta,
-                                {k: Path(v) for k, v in (extra_dirs or {}).items()})
+        _st_save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        torch.save(train_state, tmp / STATE_FILE)
+        for name, src in (extra_dirs or {}).items():  # already written (and fsync'ed) by their owner
+            if not Path(src).is_dir():
+                raise CheckpointError(f"extra checkpoint directory {Path(src)} (for {name}/) does not exist")
+            os.replace(src, tmp / name)
+        # last: its presence marks the directory complete
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
+        for name in (WEIGHTS_FILE, STATE_FILE, META_FILE):
+            apply_umask(tmp / name)
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside, then swap
             old = root / tmp_name(final.name, _OLD_PREFIX)
             os.replace(final, old)
@@ -275,7 +256,9 @@ def save_checkpoint(
         if old is not None and not final.exists():
             os.replace(old, final)
         if _disk_full(e):
-            raise _disk_full_error(final, e) from e
+            raise CheckpointError(f"disk full while writing {final} ({free_space(final)}); the previous checkpoint is "
+                                  "intact. Free some space (or set train.keep_last lower) and run the same command "
+                                  "again") from e
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -443,7 +426,7 @@ def capture_rng_state() -> dict[str, Any]:
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": [t for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
         "numpy": {
             "bit_generator": str(np_state[0]),
             "state": [int(x) for x in np_state[1]],
@@ -464,9 +447,8 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available():
-        n = min(len(cuda), torch.cuda.device_count())
-        for i in range(n):
-            torch.cuda.set_rng_state(torch.as_tensor(cuda[i], dtype=torch.uint8).cpu(), i)
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(torch.as_tensor(s, dtype=torch.uint8).cpu(), i)
     if "numpy" in state:
         s = state["numpy"]
         np.random.set_state(

@@ -326,8 +326,7 @@ def read_pretrained(source: str | os.PathLike | Mapping[str, Tensor], num_heads_
             data = (meta.get("config") or {}).get("data") or {}
             training = {"data": _describe_data(data), "steps": meta.get("step"), "run": str(ckpt)}
         else:
-            hints = _export_hints(p)
-            weights = _from_state_dict(read_state_dict(p), str(p), {**hints, **ext})
+            weights = _from_state_dict(read_state_dict(p), str(p), {**_export_hints(p), **ext})
     report = weights.report
     src, kind = origin or (report.source, report.kind)  # converted weights keep where they first came from
     weights.provenance = {"source": src, "source_kind": kind, **({"training": training} if training else {})}

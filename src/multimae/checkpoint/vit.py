@@ -26,15 +26,20 @@ a model without ``encoder_norm`` gets an identity-affine ``norm`` (weight 1, bia
 """
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
+from multimae.checkpoint import hf
 from multimae.checkpoint.convert import ConversionError, ConversionReport, default_heads, read_state_dict
 from multimae.checkpoint.resize import resize_pos_table, sincos_layout
+from multimae.core.io import save_file_atomic
 
 #: (dim, depth, heads, patch size) -> timm model name, for ``timm.create_model(name, pretrained=False,
 #: num_classes=0)``; ViT-Ti/S/B/L are the presets tiny/small/base/large with 16 px patches, ViT-H/14
@@ -48,7 +53,9 @@ TIMM_NAMES: dict[tuple[int, int, int, int], str] = {
 }
 MAE_DECODER_PREFIXES = ("decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
                         "decoder_pred.")
-_UNUSED = {"head.": "classification head (unused)", "fc_norm.": "pooled-feature norm of a timm/MAE classifier (unused)",
+_UNUSED = {**dict.fromkeys(MAE_DECODER_PREFIXES, "MAE decoder (unused: MultiMAE decoders are per-task cross-attention "
+                                                  "decoders)"),
+           "head.": "classification head (unused)", "fc_norm.": "pooled-feature norm of a timm/MAE classifier (unused)",
            "head_drop": "dropout (no weights)"}
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)$")
 
@@ -89,12 +96,15 @@ def vit_to_multimae(sd: Mapping[str, Tensor], source: str = "state_dict", num_he
     if chans != 3:
         raise ConversionError(f"{source}: patch_embed.proj.weight takes {chans} channels; the rgb input takes 3")
     report = ConversionReport(source, "mae" if is_mae(sd) else "timm")
-    mapped, dropped = report.mapped, report.dropped
-    out: dict[str, Tensor] = {"input_adapters.rgb.proj.weight": w}
-    mapped["input_adapters.rgb.proj.weight"] = "patch_embed.proj.weight"
+    out: dict[str, Tensor] = {}
+
+    def put(ours: str, theirs: str, v: Tensor | None = None) -> None:
+        out[ours] = sd[theirs] if v is None else v
+        report.mapped[ours] = theirs
+
+    put("input_adapters.rgb.proj.weight", "patch_embed.proj.weight")
     if "patch_embed.proj.bias" in sd:
-        out["input_adapters.rgb.proj.bias"] = sd["patch_embed.proj.bias"]
-        mapped["input_adapters.rgb.proj.bias"] = "patch_embed.proj.bias"
+        put("input_adapters.rgb.proj.bias", "patch_embed.proj.bias")
     cls = sd.get("cls_token")
     pos = sd.get("pos_embed")
     if pos is None or pos.ndim != 3:
@@ -107,26 +117,22 @@ def vit_to_multimae(sd: Mapping[str, Tensor], source: str = "state_dict", num_he
         else:
             raise ConversionError(f"{source}: pos_embed has {pos.shape[1]} positions: not a square grid "
                                   f"(+{n_prefix} class position)")
-    out["input_adapters.rgb.pos_emb"] = pos[:, n_prefix:].transpose(1, 2).reshape(1, dim, g, g).contiguous()
-    mapped["input_adapters.rgb.pos_emb"] = "pos_embed[:, 1:]" if n_prefix else "pos_embed"
+    put("input_adapters.rgb.pos_emb", "pos_embed[:, 1:]" if n_prefix else "pos_embed",
+        pos[:, n_prefix:].transpose(1, 2).reshape(1, dim, g, g).contiguous())
     if cls is not None:
-        out["global_tokens"] = cls + (pos[:, :1] if n_prefix else 0)
-        mapped["global_tokens"] = "cls_token + pos_embed[:, :1]" if n_prefix else "cls_token"
+        put("global_tokens", "cls_token + pos_embed[:, :1]" if n_prefix else "cls_token",
+            cls + (pos[:, :1] if n_prefix else 0))
     depth = 0
     unknown = []
-    for k, v in sd.items():
+    for k in sd:
         m = _BLOCK.match(k)
         if m:
-            out[f"encoder.{m[1]}.{m[2]}.{m[3]}"] = v
-            mapped[f"encoder.{m[1]}.{m[2]}.{m[3]}"] = k
+            put(f"encoder.{m[1]}.{m[2]}.{m[3]}", k)
             depth = max(depth, int(m[1]) + 1)
         elif k.startswith("norm."):
-            out["encoder_norm." + k[5:]] = v
-            mapped["encoder_norm." + k[5:]] = k
-        elif k.startswith(MAE_DECODER_PREFIXES):
-            dropped[k] = "MAE decoder (unused: MultiMAE decoders are per-task cross-attention decoders)"
-        elif any(k.startswith(p) for p in _UNUSED):
-            dropped[k] = next(r for p, r in _UNUSED.items() if k.startswith(p))
+            put("encoder_norm." + k[5:], k)
+        elif (why := next((r for p, r in _UNUSED.items() if k.startswith(p)), None)) is not None:
+            report.dropped[k] = why
         elif k not in ("patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed"):
             unknown.append(k)
     if unknown:
@@ -184,8 +190,8 @@ def to_timm_state_dict(model: torch.nn.Module, input_name: str = "rgb", image_si
     sd = {
         "cls_token": own["global_tokens"].clone(),
         "pos_embed": torch.cat([table.new_zeros(1, 1, D), table.flatten(2).transpose(1, 2)], dim=1).contiguous(),
-        "patch_embed.proj.weight": own[f"input_adapters.{input_name}.proj.weight"],
-        "patch_embed.proj.bias": own[f"input_adapters.{input_name}.proj.bias"],
+        "patch_embed.proj.weight": own[f"{src}.proj.weight"],
+        "patch_embed.proj.bias": own[f"{src}.proj.bias"],
     }
     report.mapped.update({"cls_token": "global_tokens", "pos_embed[:, 1:]": f"{src}.pos_emb",
                           "patch_embed.proj.weight": f"{src}.proj.weight", "patch_embed.proj.bias": f"{src}.proj.bias"})
@@ -193,12 +199,11 @@ def to_timm_state_dict(model: torch.nn.Module, input_name: str = "rgb", image_si
     if how != "unchanged":
         report.resized["pos_embed"] = f"{own[f'{src}.pos_emb'].shape[-1]} -> {g} per side, {how}"
     for k, v in own.items():
-        if k.startswith("encoder.") and not k.startswith("encoder_norm."):
-            sd["blocks." + k[len("encoder."):]] = v
-            report.mapped["blocks." + k[len("encoder."):]] = k
-        elif k.startswith("encoder_norm."):
-            sd["norm." + k[len("encoder_norm."):]] = v
-            report.mapped["norm." + k[len("encoder_norm."):]] = k
+        theirs = ("blocks." + k[len("encoder."):] if k.startswith("encoder.") else
+                  "norm." + k[len("encoder_norm."):] if k.startswith("encoder_norm.") else None)
+        if theirs is not None:
+            sd[theirs] = v
+            report.mapped[theirs] = k
         elif not k.startswith((f"{src}.", "global_tokens")):
             a = k.split(".")[0]
             report.dropped[k] = ("decoders (not part of a timm ViT)" if a in ("output_adapters", "shared_decoder")
@@ -223,10 +228,6 @@ def load_hf_vit(path: Any, num_heads: int | None = None
                 ) -> tuple[dict[str, Any], dict[str, Tensor], ConversionReport, tuple[str, ...]]:
     """A transformers ViT / ViTMAE directory -> (ModelConfig fields, MultiMAE state dict, report,
     fresh keys), as :func:`vit_to_multimae` returns them; heads, eps and sizes from ``config.json``."""
-    from pathlib import Path
-
-    from multimae.checkpoint import hf
-
     d = Path(path)
     cfg = hf.hf_config(d)
     if cfg is None:
@@ -247,14 +248,6 @@ def load_hf_vit(path: Any, num_heads: int | None = None
 def to_transformers_vitmae(model: torch.nn.Module, directory: Any, input_name: str = "rgb") -> tuple[Any, ConversionReport]:
     """Write ``model``'s encoder (one image input) as a transformers ``ViTMAEModel`` directory:
     ``config.json`` + ``model.safetensors``, each written atomically. Returns (directory, report)."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from multimae.checkpoint import hf
-    from multimae.core.io import save_file_atomic
-
     sd, kwargs, report = to_timm_state_dict(model, input_name)
     cfg = model.config
     report.kind = "transformers ViTMAEModel export"

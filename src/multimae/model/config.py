@@ -58,11 +58,8 @@ class ModelConfig:
     def resolved(self) -> "ModelConfig":
         """A copy with every size filled in from the preset, checked (:func:`validate`): every
         model is built from a resolved config, so nothing is allocated for a config that fails."""
-        p = get_preset(self.preset)
         d = dict(self.__dict__)
-        for k, v in p.items():
-            if d.get(k) is None:
-                d[k] = v
+        d.update({k: v for k, v in get_preset(self.preset).items() if d.get(k) is None})
         out = ModelConfig(**d)
         validate(out)
         return out
@@ -73,11 +70,11 @@ class ModelConfig:
             over = dict(self.modalities.get(n, {}))
             if n in M.registered():
                 out.append(M.get(n).with_(**over) if over else M.get(n))
-            else:
-                if not over:
-                    raise KeyError(f"unknown modality {n!r}; registered: {sorted(M.registered())}; "
-                                   f"declare it under model.modalities.{n} (kind, channels, ...)")
+            elif over:
                 out.append(M.ModalitySpec(name=n, **over))
+            else:
+                raise KeyError(f"unknown modality {n!r}; registered: {sorted(M.registered())}; "
+                               f"declare it under model.modalities.{n} (kind, channels, ...)")
         return out
 
 

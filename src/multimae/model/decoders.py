@@ -88,10 +88,7 @@ class SpatialDecoder(nn.Module):
 
     def _embedding(self, name: str, length: int, grid: tuple[int, int] | None, dtype: torch.dtype) -> Tensor:
         """Position + modality embedding of one segment: (1, length, dim)."""
-        if grid is not None:
-            pos = resample_pos(self.pos_emb, grid, "bilinear")
-        else:
-            pos = sincos_1d(length, self.pos_emb.shape[1]).to(self.pos_emb.device)
+        pos = positions(self.pos_emb, length, grid)
         if name in self.task_embeddings:
             pos = pos + self.task_embeddings[name]
         return pos.to(dtype)
@@ -149,8 +146,19 @@ class SpatialDecoder(nn.Module):
             queries = self.mask_token.to(context.dtype) + self._embedding(self.spec.key, grid[0] * grid[1], grid,
                                                                           context.dtype)
             queries = queries.expand(B, -1, -1)
-        x = self._decode(queries, context, key_pad)  # (B, rows*cols, C*P*P)
-        rows, cols = grid
-        C, P = self.spec.out_channels, self.patch
-        x = x.reshape(B, rows, cols, C, P, P).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(B, C, rows * P, cols * P)
+        return to_image(self._decode(queries, context, key_pad), grid, self.spec.out_channels, self.patch)
+
+
+def positions(table: Tensor, length: int, grid: tuple[int, int] | None) -> Tensor:
+    """(1, length, dim) positions of one segment: the 2D table ``table`` (1, dim, h, w) at ``grid``
+    (resampled bilinearly when it differs), or 1D sine-cosine ones for a sequence (``grid`` None)."""
+    if grid is not None:
+        return resample_pos(table, grid, "bilinear")
+    return sincos_1d(length, table.shape[1]).to(table.device)
+
+
+def to_image(y: Tensor, grid: tuple[int, int], channels: int, patch: int) -> Tensor:
+    """Decoder output (B, rows*cols, C*P*P), each token channel-major -> (B, C, rows*P, cols*P)."""
+    B, (rows, cols) = y.shape[0], grid
+    y = y.reshape(B, rows, cols, channels, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return y.reshape(B, channels, rows * patch, cols * patch)

@@ -82,17 +82,14 @@ class Encoder(nn.Module):
                 parts = 3 if name.endswith("qkv") else 2 if name.endswith(".kv") else 1
                 bound = math.sqrt(6.0 / (m.weight.shape[0] // parts + m.weight.shape[1]))
                 init_(m.weight, nn.init.uniform_, -bound, bound)
-                if m.bias is not None:
-                    init_(m.bias, nn.init.zeros_)
             elif isinstance(m, nn.LayerNorm):
                 init_(m.weight, nn.init.ones_)
-                init_(m.bias, nn.init.zeros_)
             elif isinstance(m, nn.Conv2d):
                 init_(m.weight, lambda w: nn.init.xavier_uniform_(w.view(w.shape[0], -1)))
-                if m.bias is not None:
-                    init_(m.bias, nn.init.zeros_)
             elif isinstance(m, nn.Embedding):
                 init_(m.weight, nn.init.trunc_normal_, std=0.02)
+            if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d)) and m.bias is not None:
+                init_(m.bias, nn.init.zeros_)  # no draw: the order of these does not matter
         init_(self.global_tokens, nn.init.trunc_normal_, std=0.02)
         for name, p in self.named_parameters():
             if "task_embeddings" in name or "type_emb" in name or ".mask_tokens." in name:
@@ -133,10 +130,8 @@ class Encoder(nn.Module):
             raise ValueError(f"encoder layer(s) {sorted(bad)} outside 0..{depth - 1}")
         stop = max(want) + 1 if want and not final else depth
         layers = {}
-        for i, blk in enumerate(self.encoder):
-            if i == stop:
-                break
-            x = blk(x, key_pad)
+        for i in range(stop):
+            x = self.encoder[i](x, key_pad)
             if i in want:
                 layers[i] = x
         return (self.encoder_norm(x) if stop == depth else x), layers

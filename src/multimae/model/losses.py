@@ -52,13 +52,10 @@ def token_loss(pred: Tensor, target: Tensor, spec: ModalitySpec, patch: int) -> 
     target = target.to(pred.dtype)
     if spec.norm_pix:
         target = norm_pix(target, patch)
-    if spec.loss == "mse":
-        per_px = F.mse_loss(pred, target, reduction="none")
-    elif spec.loss == "l1":
-        per_px = F.l1_loss(pred, target, reduction="none")
-    else:
+    loss = {"mse": F.mse_loss, "l1": F.l1_loss}.get(spec.loss)
+    if loss is None:
         raise ValueError(f"{spec.name}: loss {spec.loss!r} does not apply to kind {spec.kind!r}")
-    return patchify(per_px.float(), patch).mean(-1)
+    return patchify(loss(pred, target, reduction="none").float(), patch).mean(-1)
 
 
 def masked_mean(per_token: Tensor, weight: Tensor | None) -> Tensor:

@@ -21,9 +21,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from multimae.model.decoders import EncodedTokens, Segment, SpatialDecoder
+from multimae.model.decoders import EncodedTokens, Segment, SpatialDecoder, positions, to_image
 from multimae.model.layers.attention import Block
-from multimae.model.layers.pos_embed import resample_pos, sincos_1d, sincos_2d
+from multimae.model.layers.pos_embed import sincos_1d, sincos_2d
 from multimae.core.modalities import ModalitySpec
 
 
@@ -50,12 +50,7 @@ class TextInput(nn.Module):
             raise TypeError(f"{s.name}: expected integer token ids (B, L), got {ids.dtype}")
         if ids.ndim != 2:
             raise ValueError(f"{s.name}: expected token ids (B, L), got shape {tuple(ids.shape)}")
-        if not self.training and not torch.compiler.is_compiling() and ids.numel():  # training: the data path checks
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= s.num_classes:
-                bad = hi if hi >= s.num_classes else lo
-                raise ValueError(f"{s.name}: token id {bad} out of range [0, {s.num_classes}) "
-                                 f"(the vocabulary size is the spec's num_classes)")
+        check_ids(self, ids, "token", " (the vocabulary size is the spec's num_classes)")
 
     def positions(self, length: int) -> Tensor:
         """Position embeddings (1, length, dim)."""
@@ -67,6 +62,17 @@ class TextInput(nn.Module):
         self._check(ids)
         x = self.token_emb(ids.long())
         return x + (self.positions(ids.shape[1]) + self.type_emb).to(x.dtype)
+
+
+def check_ids(adapter: nn.Module, ids: Tensor, what: str, hint: str = "") -> None:
+    """Ids outside ``[0, adapter.spec.num_classes)`` are an error naming one; checked in eval mode
+    only (in training the data path checks) and not while compiling."""
+    s = adapter.spec
+    if not adapter.training and not torch.compiler.is_compiling() and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= s.num_classes:
+            raise ValueError(f"{s.name}: {what} id {hi if hi >= s.num_classes else lo} out of range "
+                             f"[0, {s.num_classes}){hint}")
 
 
 def _text_segment(spec: ModalitySpec, layout: Sequence[Segment]) -> Segment:
@@ -167,11 +173,7 @@ class SharedDecoder(nn.Module):
 
     def _embedding(self, name: str, length: int, grid: tuple[int, int] | None) -> Tensor:
         """Position + type embedding of one segment: (1, length, dim)."""
-        if grid is not None:
-            pos = resample_pos(self.pos_emb, grid, "bilinear")
-        else:
-            pos = sincos_1d(length, self.pos_emb.shape[1]).to(self.pos_emb.device)
-        return pos + self.type_emb[name]
+        return positions(self.pos_emb, length, grid) + self.type_emb[name]
 
     def _sequence(self, enc: EncodedTokens, grid: tuple[int, int]) -> tuple[Tensor, list[Segment]]:
         """Decoder input (B, N + extra, dim) without global tokens, and its segments."""
@@ -214,11 +216,6 @@ class SharedDecoder(nn.Module):
         for name, spec in self.specs.items():
             seg = next(s for s in layout if s.name == spec.key)
             y = self.heads[name](x[:, seg.start:seg.end])
-            out[name] = y if spec.kind == "text" else self._unpatchify(y, spec, seg.grid or grid)
+            out[name] = y if spec.kind == "text" else to_image(y, seg.grid or grid, spec.out_channels,
+                                                               spec.patch(self.patch_size))
         return out
-
-    def _unpatchify(self, y: Tensor, spec: ModalitySpec, grid: tuple[int, int]) -> Tensor:
-        """(B, rows*cols, C*P*P) -> (B, C, rows*P, cols*P), the layout of SpatialDecoder."""
-        B, (rows, cols), C, P = y.shape[0], grid, spec.out_channels, spec.patch(self.patch_size)
-        y = y.reshape(B, rows, cols, C, P, P).permute(0, 3, 1, 4, 2, 5)
-        return y.reshape(B, C, rows * P, cols * P)

@@ -78,14 +78,12 @@ class FusionBlock(nn.Module):
 
 def _reassemble(in_dim: int, out_dim: int, level: int) -> nn.Sequential:
     """1x1 projection then resampling of the token grid: x4, x2, x1, x1/2 for levels 0..3."""
-    proj = nn.Conv2d(in_dim, out_dim, 1)
-    if level == 0:
-        return nn.Sequential(proj, nn.ConvTranspose2d(out_dim, out_dim, 4, stride=4))
-    if level == 1:
-        return nn.Sequential(proj, nn.ConvTranspose2d(out_dim, out_dim, 2, stride=2))
-    if level == 2:
-        return nn.Sequential(proj)
-    return nn.Sequential(proj, nn.Conv2d(out_dim, out_dim, 3, stride=2, padding=1))
+    layers = [nn.Conv2d(in_dim, out_dim, 1)]
+    if level < 2:
+        layers.append(nn.ConvTranspose2d(out_dim, out_dim, 4 >> level, stride=4 >> level))
+    elif level == 3:
+        layers.append(nn.Conv2d(out_dim, out_dim, 3, stride=2, padding=1))
+    return nn.Sequential(*layers)
 
 
 class DPTHead(nn.Module):

@@ -48,9 +48,7 @@ def use_fused(q: Tensor, mode: str) -> bool:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, key_pad: Tensor | None, mode: str = "auto") -> Tensor:
     """q: (B, h, Nq, d), k/v: (B, h, Nk, d), key_pad: (B, Nk) bool, True = ignore -> (B, h, Nq, d)."""
-    mask = None
-    if key_pad is not None:
-        mask = ~key_pad[:, None, None, :]  # True = take part in attention
+    mask = None if key_pad is None else ~key_pad[:, None, None, :]  # True = take part in attention
     if use_fused(q, mode):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
@@ -80,8 +78,7 @@ class Attention(_MultiHead):
 
     def forward(self, x: Tensor, key_pad: Tensor | None = None) -> Tensor:
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = attend(q, k, v, key_pad, self.mode)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
@@ -100,8 +97,7 @@ class CrossAttention(_MultiHead):
         M = context.shape[1]
         h = self.num_heads
         q = self.q(x).reshape(B, N, h, D // h).transpose(1, 2)
-        kv = self.kv(context).reshape(B, M, 2, h, D // h).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)
+        k, v = self.kv(context).reshape(B, M, 2, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)
         out = attend(q, k, v, key_pad, self.mode)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 

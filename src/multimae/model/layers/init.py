@@ -17,14 +17,6 @@ from torch import Tensor
 __all__ = ["init_"]
 
 
-def _dtensor_type() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
 @torch.no_grad()
 def init_(p: Tensor, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     """``fn(p, *args, **kwargs)`` in place (an ``nn.init`` function or one like it), for a
@@ -32,8 +24,11 @@ def init_(p: Tensor, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     wherever ``p`` lives). A DTensor ``p``: ``fn`` fills a full-size CPU temporary (the same draws
     as for the unsharded parameter) and ``p``'s local shard takes its part. A meta ``p`` is left
     alone."""
-    dtensor = _dtensor_type()
-    sharded = dtensor is not None and isinstance(p, dtensor)
+    sharded = False
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        sharded = isinstance(p, DTensor)
     if p.is_meta or (sharded and p.to_local().is_meta):
         return
     if not sharded and p.device.type == "cpu":

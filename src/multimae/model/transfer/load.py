@@ -81,8 +81,7 @@ def _rename_head(task: str, keys: list[str], kind: str) -> dict[str, str]:
     out = {}
     for k in keys:
         for rx, fn in _HEAD_RULES[kind]:
-            m = rx.match(k)
-            if m:
+            if m := rx.match(k):
                 out[f"output_adapters.{task}.{k}"] = "head." + fn(m)
                 break
     return out
