@@ -195,18 +195,15 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         parts = key.split(".")
         node = out
         for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif isinstance(child, Mapping):
-                child = node[part] = dict(child)
-            else:
+            child = {} if node.get(part) is None else node[part]
+            if not isinstance(child, Mapping):
                 prefix = ".".join(parts[: i + 1])
                 raise ConfigError(
                     f"override {item!r}: cannot set '{key}' because '{prefix}' is "
                     f"{type(child).__name__} {short_repr(child)}, not a mapping"
                 )
-            node = child
+            node[part] = dict(child)  # a copy: ``data`` is left as it was
+            node = node[part]
         node[parts[-1]] = parse_value(raw.strip())
     return out
 
@@ -234,16 +231,11 @@ def load_config(
 # --------------------------------------------------------------------------------------------
 
 
-def packaged_configs_root() -> Path:
-    """Where the run configs ship: ``multimae/configs/<kind>/<name>.yaml`` (in a source checkout a
-    link to the repository's ``configs/``)."""
-    return Path(__file__).resolve().parents[1] / "configs"
-
-
 def packaged_configs(root: str | os.PathLike[str] | None = None) -> dict[str, list[Path]]:
     """``name -> [paths]`` of the shipped run configs (every ``<kind>/`` directory: pretrain,
-    finetune, ...); ``kind/name`` keys are listed too."""
-    base = Path(root) if root is not None else packaged_configs_root()
+    finetune, ...); ``kind/name`` keys are listed too. The run configs ship as
+    ``multimae/configs/<kind>/<name>.yaml`` (in a source checkout a link to the repository's ``configs/``)."""
+    base = Path(root) if root is not None else Path(__file__).resolve().parents[1] / "configs"
     out: dict[str, list[Path]] = {}
     for f in sorted(base.glob("*/*.yaml")):
         out.setdefault(f.stem, []).append(f)
@@ -313,10 +305,8 @@ def short_repr(value: Any) -> str:
 
 
 def _fail(key: str, tp: Any, value: Any) -> ConfigError:
-    where = key or "<root>"
-    shown = short_repr(value)
     return ConfigError(
-        f"config key '{where}': expected {_type_name(tp)}, got {type(value).__name__} {shown}"
+        f"config key '{key or '<root>'}': expected {_type_name(tp)}, got {type(value).__name__} {short_repr(value)}"
     )
 
 
@@ -375,27 +365,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             k = _convert(key_tp, k, f"{key} (key {k!r})")
             out[k] = _convert(val_tp, v, _join(key, str(k)))
         return out
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
+    if tp in (int, float) and isinstance(value, bool):  # a bool is an int to Python, not to a config
         raise _fail(key, tp, value)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _fail(key, tp, value)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _fail(key, tp, value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _fail(key, tp, value)
-    if isinstance(tp, type) and issubclass(tp, Path):
-        if isinstance(value, (str, os.PathLike)):
-            return tp(value)
-        raise _fail(key, tp, value)
-    if isinstance(tp, type):
+    if tp is float and isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(tp, type) and issubclass(tp, Path) and isinstance(value, (str, os.PathLike)):
+        return tp(value)
+    if isinstance(tp, type):  # bool, int, float, str, Path, ...
         if isinstance(value, tp):
             return value
         raise _fail(key, tp, value)

@@ -67,10 +67,6 @@ class MaskPlan:
         nv = int(total.max()) if self.masks and total.numel() else 0
         return MaskPlan(self.masks, nv, bool((total < nv).any()) if self.masks else False)
 
-    def visible_counts(self) -> dict[str, Tensor]:
-        """Visible tokens per sample and modality: name -> (B,) int64."""
-        return {k: (~m).sum(1) for k, m in self.masks.items()}
-
     def to(self, device: torch.device | str) -> "MaskPlan":
         return MaskPlan({k: v.to(device, non_blocking=True) for k, v in self.masks.items()}, self.num_visible,
                         self.uneven)
@@ -238,7 +234,7 @@ def ratio_plan(token_counts: Mapping[str, int], batch_size: int,
             keep = torch.where(present[n].cpu().bool(), keep, torch.zeros_like(keep))
         masks[n] = select_uniform(N, keep, v, generator).to(device)
         total += keep
-        budget += N - int(torch.round(torch.tensor(N * lo, dtype=torch.float64)))  # the most any sample keeps
+        budget += N - round(N * lo)  # the most any sample keeps (both round half to even)
     return MaskPlan(masks, budget, bool((total < budget).any()))  # keep: CPU, no device read
 
 

@@ -216,11 +216,7 @@ class ModalitySpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModalitySpec":
-        d = dict(d)
-        for k in ("mean", "std", "hflip_negate", "bands", "band_names"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
+        return cls(**d)  # lists become tuples in __post_init__
 
 
 _REGISTRY: dict[str, ModalitySpec] = {}
