@@ -342,20 +342,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 if dataclasses.is_dataclass(arm) and isinstance(value, Mapping):
                     raise e
         raise _fail(key, tp, value)
-    if origin in (list, Sequence) or tp is list:
-        if not isinstance(value, (list, tuple)):
+    if origin in (list, Sequence, tuple) or tp in (list, tuple):
+        fixed = origin is tuple and args and args[-1] is not Ellipsis  # tuple[X, Y]; not tuple[X, ...]
+        if not isinstance(value, (list, tuple)) or (fixed and len(args) != len(value)):
             raise _fail(key, tp, value)
-        (item_tp,) = args or (Any,)
-        return [_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple or tp is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _fail(key, tp, value)
-        if not args or (len(args) == 2 and args[1] is Ellipsis):
-            item_tp = args[0] if args else Any
-            return tuple(_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise _fail(key, tp, value)
-        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item_types = args if fixed else [args[0] if args else Any] * len(value)
+        items = [_convert(t, v, f"{key}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))]
+        return tuple(items) if tuple in (origin, tp) else items
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
             raise _fail(key, tp, value)
