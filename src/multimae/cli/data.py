@@ -177,9 +177,9 @@ def _specs(items: list, num_classes: int | None) -> list:
 def _synthetic(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
+    from multimae.core.config import ConfigError
     from multimae.data.folder import write_folder
     from multimae.data.shards import write_shards
-    from multimae.core.config import ConfigError
     from multimae.data.synthetic import LABEL_CLASSES, SyntheticScenes
 
     ds = SyntheticScenes(args.start + args.num, image_size=args.size, seed=args.seed)
