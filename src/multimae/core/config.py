@@ -381,9 +381,7 @@ def _build_dataclass(cls: type[T], value: Any, key: str) -> T:
     except Exception as e:  # noqa: BLE001 - unresolved forward references
         raise ConfigError(f"cannot resolve the annotations of {cls.__name__}: {e}") from e
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    renamed = getattr(cls, "RENAMED_KEYS", None) or {}
-    if any(k in renamed for k in value):
-        value = _read_renamed(value, renamed, key)
+    value = _read_renamed(value, getattr(cls, "RENAMED_KEYS", None) or {}, key)
     unknown = [k for k in value if k not in fields]
     if unknown:
         bad = str(unknown[0])

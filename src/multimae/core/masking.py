@@ -186,14 +186,13 @@ def dirichlet_plan(token_counts: Mapping[str, int], batch_size: int, num_visible
         if valid is not None and n in valid:
             cap[:, j] = valid[n].cpu().sum(1)
     cap = torch.where(pres, cap, torch.zeros_like(cap))
+    chosen = pres
     if sample_subsets:
         subsets = torch.tensor(list(itertools.product([0, 1], repeat=M))[1:], dtype=torch.bool)
         pick = subsets[torch.randint(len(subsets), (batch_size,), generator=generator)]
         chosen = pres & pick
         # a subset with none of the present modalities falls back to all present ones
         chosen = torch.where(chosen.any(-1, keepdim=True), chosen, pres)
-    else:
-        chosen = pres
     conc = torch.where(chosen, alphas.expand(batch_size, M), torch.zeros((), dtype=torch.float64))
     shares = sample_dirichlet(conc, generator)
     counts = _round_to_budget(shares.double(), torch.full((batch_size,), num_visible), cap)
