@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from multimae.cli.options import command, names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert", help="convert weights: MultiMAE / official / MAE / timm -> a pretrained directory or a timm ViT",
+    p = command(
+        sub, "convert", run,
+        help="convert weights: MultiMAE / official / MAE / timm -> a pretrained directory or a timm ViT",
         description="SRC: a save_pretrained directory, a run or checkpoint directory, an official MultiMAE or "
                     "MAE .pth, a timm ViT .pth/.safetensors, or a transformers ViT / ViTMAE directory. DST: a "
                     "directory (--to multimae), a .safetensors file (--to timm: the rgb encoder as a timm "
@@ -18,15 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=["multimae", "timm", "transformers"], default="multimae",
                    help="transformers: a ViTMAEModel directory (config.json + model.safetensors)")
     p.add_argument("--image-size", type=int, help="fit the position tables to this image size")
-    p.add_argument("--inputs", help="comma list of input modalities to keep (e.g. rgb)")
-    p.add_argument("--outputs", help="comma list of output tasks to keep; '' = encoder only")
+    p.add_argument("--inputs", type=names, help="comma list of input modalities to keep (e.g. rgb)")
+    p.add_argument("--outputs", type=names, help="comma list of output tasks to keep; '' = encoder only")
     p.add_argument("--num-heads", type=int, help="encoder heads of an external checkpoint (not stored in weights)")
     p.add_argument("--input", default="rgb", help="--to timm: the image input to export (default rgb)")
-    p.set_defaults(func=run)
-
-
-def _names(text: str | None) -> list[str] | None:
-    return None if text is None else [s.strip() for s in text.split(",") if s.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,14 +31,9 @@ def run(args: argparse.Namespace) -> int:
 
     from multimae.model.multimae import MultiMAE
 
-    overrides: dict = {}
-    if args.image_size and args.to == "multimae":
-        overrides["image_size"] = args.image_size
-    for key, val in (("inputs", _names(args.inputs)), ("outputs", _names(args.outputs))):
-        if val is not None:
-            overrides[key] = val
-    if args.num_heads:
-        overrides["num_heads"] = args.num_heads
+    given = {"inputs": args.inputs, "outputs": args.outputs, "num_heads": args.num_heads or None,
+             "image_size": (args.image_size or None) if args.to == "multimae" else None}
+    overrides = {k: v for k, v in given.items() if v is not None}
     if args.to in ("timm", "transformers"):
         overrides.setdefault("outputs", [])
     model, report = MultiMAE.from_pretrained(args.src, with_report=True, **overrides)
@@ -63,12 +55,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from safetensors.torch import save_file
 
-    from multimae.core.io import save_file_atomic
     from multimae.checkpoint.vit import to_timm_state_dict
+    from multimae.core.config import ConfigError
+    from multimae.core.io import save_file_atomic
 
     if dst.suffix != ".safetensors":
-        print(f"error: --to timm writes a .safetensors file; got {dst}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--to timm writes a .safetensors file; got {dst}")
     sd, kwargs, export = to_timm_state_dict(model, args.input, args.image_size)
     meta = {"format": "pt", "timm_kwargs": json.dumps(kwargs)}
     save_file_atomic(dst, lambda p: save_file(sd, str(p), metadata=meta))

@@ -18,12 +18,14 @@ import os
 import sys
 from typing import Any
 
+from multimae.cli.options import command, names
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("data", help="write synthetic data, convert folders to shards, check datasets")
     actions = p.add_subparsers(dest="data_action", metavar="ACTION", required=True)
 
-    s = actions.add_parser("synthetic", help="render synthetic scenes to a folder tree or to shards")
+    s = command(actions, "synthetic", _synthetic, help="render synthetic scenes to a folder tree or to shards")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--num", type=int, required=True, help="number of samples")
     s.add_argument("--size", type=int, default=224, help="image side in pixels")
@@ -36,12 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="folder format: also write each scene's extra bands (blue, green, red, nir, thermal; uint16, "
                         "nodata 0 outside the swath of a third of them) as a multi-band GeoTIFF modality NAME")
     _maps_arg(s)
-    s.set_defaults(func=_synthetic)
 
-    c = actions.add_parser("shards", help="convert a folder dataset to WebDataset shards (lossless copy)")
+    c = command(actions, "shards", _shards, help="convert a folder dataset to WebDataset shards (lossless copy)")
     c.add_argument("--folder", required=True, help="dataset root (root/<split>/<modality>/<class>/<name>.<ext>)")
     c.add_argument("--split", default="train")
-    c.add_argument("--modalities", default="rgb,depth,semseg", help="comma-separated modality names")
+    c.add_argument("--modalities", type=names, default="rgb,depth,semseg", help="comma-separated modality names")
     c.add_argument("--out", required=True, help="shard pattern, e.g. out/train-%%06d.tar")
     c.add_argument("--shard-size", type=int, default=1000)
     c.add_argument("--on-error", choices=("raise", "skip"), default="raise")
@@ -50,12 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="store samples resized to this shorter side (never enlarged; rgb re-encoded as JPEG q95 / "
                         "PNG, depth masked bilinear, semseg nearest): faster decoding for large sources, not lossless")
     _maps_arg(c)
-    c.set_defaults(func=_shards)
 
-    k = actions.add_parser("check", help="decode and validate every sample of a folder dataset")
+    k = command(actions, "check", _check, help="decode and validate every sample of a folder dataset")
     k.add_argument("--folder", required=True)
     k.add_argument("--split", default="train")
-    k.add_argument("--modalities", default=None,
+    k.add_argument("--modalities", type=names,
                    help="comma-separated modality names (default: rgb,depth,semseg, or a --config's inputs and outputs)")
     k.add_argument("--config", help="a pretrain config (path or shipped name) whose model.modalities declare modalities "
                                     "such as multi-band rasters")
@@ -63,37 +63,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k.add_argument("--missing", choices=("error", "skip", "allow"), default="error",
                    help="a sample lacking a modality's file: a problem (error, the default), left out (skip) or "
                         "kept (allow), as data.missing; the coverage per modality is printed in every case")
-    k.set_defaults(func=_check)
 
-    b = actions.add_parser("bench", help="samples per CPU second of the training loader on your data, and cores per GPU")
+    b = command(actions, "bench", _bench,
+                help="samples per CPU second of the training loader on your data, and cores per GPU")
     b.add_argument("--source", choices=("folder", "shards"), required=True)
     b.add_argument("--root", help="folder dataset root (--source folder)")
     b.add_argument("--split", default="train")
     b.add_argument("--urls", help="shards: brace pattern or comma list of .tar files (--source shards)")
-    b.add_argument("--modalities", default="rgb,depth,semseg", help="comma-separated modality names")
+    b.add_argument("--modalities", type=names, default="rgb,depth,semseg", help="comma-separated modality names")
     b.add_argument("--num-classes", type=int, default=None, help="override semseg num_classes for validation")
     b.add_argument("--num", type=int, default=200, help="samples to time (after a warm-up one)")
     b.add_argument("--image-size", type=int, default=224)
     b.add_argument("--gpu-rate", type=float, default=1500.0, help="images/s one GPU trains at (default: ViT-B on an H100)")
     b.add_argument("--reference", action="store_true", help="time the reference path (data.fast_decode=false)")
-    b.set_defaults(func=_bench)
 
-    t = actions.add_parser("stats", help="per-band mean / std of raster modalities into ROOT/multimae_data.json",
-                           description="Stream a folder dataset's raster files (one at a time), compute each band's "
-                                       "mean / std over valid pixels (nodata excluded) and record them in "
-                                       "ROOT/multimae_data.json, where pretraining reads them.")
+    t = command(actions, "stats", _stats, help="per-band mean / std of raster modalities into ROOT/multimae_data.json",
+                description="Stream a folder dataset's raster files (one at a time), compute each band's mean / std "
+                            "over valid pixels (nodata excluded) and record them in ROOT/multimae_data.json, where "
+                            "pretraining reads them.")
     t.add_argument("--source", choices=("folder",), default="folder")
     t.add_argument("--root", help="folder dataset root (default: the config's data.root)")
     t.add_argument("--split", default=None, help="split to measure (default: the config's data.split, else train)")
     t.add_argument("--config", help="a pretrain config (path or shipped name): its model.modalities declare the rasters")
-    t.add_argument("--modalities", default=None,
+    t.add_argument("--modalities", type=names,
                    help="comma-separated modality names (default: every raster of the config's inputs / outputs)")
     t.add_argument("--modality", action="append", default=[], metavar="JSON",
                    help='a raster spec as JSON, e.g. \'{"name": "s2", "kind": "dense", "channels": 3, '
                         '"bands": ["B04", "B03", "B08"], "nodata": 0}\' (repeatable)')
     t.add_argument("--limit", type=int, default=None, help="at most this many samples")
     t.add_argument("--on-error", choices=("raise", "skip"), default="raise")
-    t.set_defaults(func=_stats)
 
     _register_prepare(actions)
 
@@ -114,41 +112,38 @@ def _register_prepare(actions: argparse._SubParsersAction) -> None:
                            description="Write the folder layout pretrain / finetune read (or shards), with "
                                        "ROOT/multimae_data.json. Re-running resumes: finished files are skipped.")
     ds = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
-    n = ds.add_parser("nyuv2", help="NYU Depth v2 labeled: rgb, depth (mm PNG), 40-class semseg; train/test")
+    n = command(ds, "nyuv2", _prepare, help="NYU Depth v2 labeled: rgb, depth (mm PNG), 40-class semseg; train/test")
     n.add_argument("--mat", required=True, help="nyu_depth_v2_labeled.mat (MATLAB v7.3)")
     n.add_argument("--splits", required=True, help="splits.mat (trainNdxs / testNdxs)")
     n.add_argument("--mapping", required=True, help="classMapping40.mat (mapClass)")
     _common(n)
-    n.set_defaults(func=_prepare)
-    a = ds.add_parser("ade20k", help="ADE20K scene parsing (ADEChallengeData2016): rgb + 150-class semseg; train/val")
+    a = command(ds, "ade20k", _prepare,
+                help="ADE20K scene parsing (ADEChallengeData2016): rgb + 150-class semseg; train/val")
     a.add_argument("--src", required=True, help="the ADEChallengeData2016 directory")
     a.add_argument("--object-info", help="objectInfo150.csv / .txt with the class names (default: the one in --src)")
     _common(a)
-    a.set_defaults(func=_prepare)
-    i = ds.add_parser("imagenet", help="ImageNet-1K: rgb/<wnid>/ for classification and pseudolabel; train/val")
+    i = command(ds, "imagenet", _prepare, help="ImageNet-1K: rgb/<wnid>/ for classification and pseudolabel; train/val")
     i.add_argument("--src", required=True, help="directory with train/<wnid>/*.JPEG and val/")
     i.add_argument("--val-labels", help="flat val/: LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt")
     i.add_argument("--devkit-meta", help="the devkit's meta.mat (with ILSVRC2012_validation_ground_truth.txt)")
     _common(i, link=True)
-    i.set_defaults(func=_prepare)
-    c = ds.add_parser("coco-captions", help="COCO captions: the image-caption table (or shards) M3AE reads")
+    c = command(ds, "coco-captions", _prepare, help="COCO captions: the image-caption table (or shards) M3AE reads")
     c.add_argument("--images", required=True, help="image directory, e.g. train2017")
     c.add_argument("--captions", required=True, help="captions_train2017.json")
     c.add_argument("--split", default="train")
     c.add_argument("--per-sample", choices=("caption", "image"), default="caption",
                    help="one sample per caption, or per image (one of its captions drawn per epoch)")
     _common(c, link=True)
-    c.set_defaults(func=_prepare)
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from multimae.core.config import ConfigError
     from multimae.data import prepare as P
 
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     common = dict(out=args.out, fmt=args.format, limit=args.limit, shard_size=args.shard_size,
                   progress=not args.no_progress)
-    if args.limit is not None and args.limit < 1:
-        print(f"error: --limit must be >= 1, got {args.limit}", file=sys.stderr)
-        return 2
     if args.dataset == "nyuv2":
         line = P.prepare_nyuv2(args.mat, args.splits, args.mapping, **common)
     elif args.dataset == "ade20k":
@@ -169,10 +164,11 @@ def _maps_arg(p: argparse.ArgumentParser) -> None:
                         ".npy, ~4x faster to read; default) or png (as older shards)")
 
 
-def _specs(names: str, num_classes: int | None) -> list:
+def _specs(items: list, num_classes: int | None) -> list:
+    """The specs of ``items`` (registered names or specs); ``num_classes``: of every categorical one."""
     from multimae.core import modalities
 
-    specs = modalities.resolve([n.strip() for n in names.split(",") if n.strip()])
+    specs = modalities.resolve(items)
     if num_classes is not None:
         specs = [s.with_(num_classes=num_classes) if s.kind == "categorical" else s for s in specs]
     return specs
@@ -181,6 +177,7 @@ def _specs(names: str, num_classes: int | None) -> list:
 def _synthetic(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
+    from multimae.core.config import ConfigError
     from multimae.data.folder import write_folder
     from multimae.data.shards import write_shards
     from multimae.data.synthetic import LABEL_CLASSES, SyntheticScenes
@@ -188,8 +185,7 @@ def _synthetic(args: argparse.Namespace) -> int:
     ds = SyntheticScenes(args.start + args.num, image_size=args.size, seed=args.seed)
     samples = Subset(ds, range(args.start, args.start + args.num))
     if args.bands and args.format != "folder":
-        print("error: --bands writes GeoTIFF files into the folder format (--format folder)", file=sys.stderr)
-        return 2
+        raise ConfigError("--bands writes GeoTIFF files into the folder format (--format folder)")
     if args.format == "folder":
         n = write_folder(samples, args.out, args.split, classes=LABEL_CLASSES)
         print(f"wrote {n} samples to {os.path.join(args.out, args.split)}")
@@ -207,13 +203,13 @@ def _synthetic(args: argparse.Namespace) -> int:
 
 
 def _shards(args: argparse.Namespace) -> int:
+    from multimae.core.config import ConfigError
     from multimae.data.folder import FolderDataset
     from multimae.data.shards import count_samples, folder_samples, write_shards
 
     folder = FolderDataset(args.folder, args.split, _specs(args.modalities, args.num_classes), on_error=args.on_error)
     if args.resize is not None and args.resize < 1:
-        print(f"error: --resize must be a positive shorter side in pixels, got {args.resize}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--resize must be a positive shorter side in pixels, got {args.resize}")
     compact = args.maps == "zst"
     paths = write_shards(folder_samples(folder, resize=args.resize, compact=compact), args.out, args.shard_size,
                          compact=compact)
@@ -223,14 +219,14 @@ def _shards(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from multimae.core.config import ConfigError
     from multimae.data.bench import bench, report
     from multimae.data.config import DataConfig
     from multimae.data.errors import DataError
 
     if (args.source == "folder") != bool(args.root) or (args.source == "shards") != bool(args.urls):
-        print(f"error: --source {args.source} needs {'--root' if args.source == 'folder' else '--urls'} "
-              "(and not the other)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--source {args.source} needs {'--root' if args.source == 'folder' else '--urls'} "
+                          "(and not the other)")
     data = DataConfig(source=args.source, root=args.root, split=args.split, urls=args.urls,
                       fast_decode=not args.reference)
     try:
@@ -256,7 +252,7 @@ def _stats_specs(args: argparse.Namespace) -> tuple[list, str | None, str]:
         if not args.modalities:  # every raster of the config, by name
             specs = sorted((sp for sp in specs if sp.is_raster), key=lambda sp: sp.name)
     elif args.modalities:
-        specs = M.resolve([n.strip() for n in args.modalities.split(",") if n.strip()])
+        specs = M.resolve(args.modalities)
     for text in args.modality:
         try:
             d = json.loads(text)
@@ -291,16 +287,14 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_specs(config: str, modalities: str | None) -> tuple[Any, list]:
-    """A pretrain config (path or shipped name) and the specs of ``modalities`` (comma-separated;
-    default: its inputs and outputs) as its ``model.modalities`` declare them."""
+def _config_specs(config: str, modalities: list[str] | None) -> tuple[Any, list]:
+    """A pretrain config (path or shipped name) and the specs of ``modalities`` (default: its inputs
+    and outputs) as its ``model.modalities`` declare them."""
     from multimae.core.config import load_config, resolve_config_path
     from multimae.tasks.pretrain_config import PretrainConfig
 
     cfg = load_config(PretrainConfig, resolve_config_path(config, kind="pretrain"), [])
-    names = [n.strip() for n in modalities.split(",") if n.strip()] if modalities else \
-        list(dict.fromkeys([*cfg.model.inputs, *cfg.model.outputs]))
-    return cfg, cfg.model.specs(names)
+    return cfg, cfg.model.specs(modalities or list(dict.fromkeys([*cfg.model.inputs, *cfg.model.outputs])))
 
 
 def _check_specs(args: argparse.Namespace) -> list:
@@ -308,21 +302,17 @@ def _check_specs(args: argparse.Namespace) -> list:
     ``--config``'s ``model.modalities`` when one is given (its inputs and outputs by default)."""
     if not args.config:
         try:
-            return _specs(args.modalities or "rgb,depth,semseg", args.num_classes)
+            return _specs(args.modalities or ["rgb", "depth", "semseg"], args.num_classes)
         except KeyError as e:
             raise KeyError(f"{e.args[0]}; a modality declared in a run config: --config PRETRAIN.yaml") from None
-    _, specs = _config_specs(args.config, args.modalities)
-    if args.num_classes is not None:
-        specs = [sp.with_(num_classes=args.num_classes) if sp.kind == "categorical" else sp for sp in specs]
-    return specs
+    return _specs(_config_specs(args.config, args.modalities)[1], args.num_classes)
 
 
 def _check(args: argparse.Namespace) -> int:
     from multimae.data.codecs import EXTS
     from multimae.data.errors import coverage_lines
-    from multimae.data.folder import FolderDataset
-
     from multimae.core.config import ConfigError
+    from multimae.data.folder import FolderDataset
 
     try:
         specs = _check_specs(args)

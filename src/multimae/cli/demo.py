@@ -4,22 +4,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+from multimae.cli.options import command, precision_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="interactive browser demo: mask and edit patches, see every prediction",
-                       description="Serves a page (bound to 127.0.0.1 unless --host says otherwise) where you pick "
-                                   "an input (a synthetic scene, a folder dataset sample or an uploaded image), "
-                                   "hide patches of each input modality, edit rgb hue or semseg classes, and see "
-                                   "every task's prediction beside its target. Needs the 'demo' extra.")
+    p = command(sub, "demo", run, help="interactive browser demo: mask and edit patches, see every prediction",
+                description="Serves a page (bound to 127.0.0.1 unless --host says otherwise) where you pick an input "
+                            "(a synthetic scene, a folder dataset sample or an uploaded image), hide patches of each "
+                            "input modality, edit rgb hue or semseg classes, and see every task's prediction beside "
+                            "its target. Needs the 'demo' extra.")
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (0: any free one)")
     p.add_argument("--data", default=None, help="folder dataset root to offer samples from (default: the run's own)")
     p.add_argument("--split", default=None, help="split of --data (default: val when it exists)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 on a CUDA device with native bf16, else fp32 (multimae.core.device)")
+    precision_args(p, device=False)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, at most 2)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,22 +34,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from multimae.apps.demo import DemoError, engine_from_checkpoint
+    from multimae.core.config import ConfigError
 
     if not 0 <= args.port <= 65535:
-        print(f"error: --port must be in [0, 65535], got {args.port}", file=sys.stderr)
-        return 2
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            return 2
-        torch.set_num_threads(args.threads)
-    else:
-        torch.set_num_threads(min(2, torch.get_num_threads()))
+        raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
     try:
         sock = bind(args.host, args.port)  # first: a taken port fails before the model loads
     except DemoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(e)) from e
     with sock:  # closed on every way out, a bad checkpoint included
         try:
             engine = engine_from_checkpoint(args.checkpoint, args.data, args.split, args.precision)
@@ -60,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
                 engine.predict(sample.id, hidden)
                 engine.predict(sample.id, hidden)
         except DemoError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            raise ConfigError(str(e)) from e
         warm = (time.perf_counter() - t0) * 1000
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: listening on {args.host}: anyone who can reach this machine can use the demo",

@@ -9,45 +9,44 @@ from __future__ import annotations
 import argparse
 import sys
 
+from multimae.cli.options import command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a pretrained (or fresh) encoder with a task head",
-                       description="Fine-tune on the configured downstream task. init=scratch | a pretraining run "
-                                   "| a checkpoint | an official .pth. Overrides are dotted keys, e.g. "
-                                   "init=runs/synthetic-tiny train.epochs=5 model.inputs=[rgb,depth]")
+    p = command(sub, "finetune", run_finetune, help="fine-tune a pretrained (or fresh) encoder with a task head",
+                description="Fine-tune on the configured downstream task. init=scratch | a pretraining run "
+                            "| a checkpoint | an official .pth. Overrides are dotted keys, e.g. "
+                            "init=runs/synthetic-tiny train.epochs=5 model.inputs=[rgb,depth]")
     p.add_argument("--config", help="YAML run config (configs/finetune/*.yaml)")
     p.add_argument("--resume", help="checkpoint or run directory to resume from (default: the run's latest)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides (init=... included)")
-    p.set_defaults(func=run_finetune)
 
-    e = sub.add_parser("evaluate", help="score a fine-tuning (or probe) run on a split",
-                       description="Re-evaluate a saved fine-tuning or linear-probe run, e.g. on its test split: "
-                                   "multimae evaluate --checkpoint runs/X data.eval_split=test. Writes eval-<split>.md "
-                                   "and eval-<split>.json into the run directory.")
+    e = command(sub, "evaluate", run_evaluate, help="score a fine-tuning (or probe) run on a split",
+                description="Re-evaluate a saved fine-tuning or linear-probe run, e.g. on its test split: "
+                            "multimae evaluate --checkpoint runs/X data.eval_split=test. Writes eval-<split>.md "
+                            "and eval-<split>.json into the run directory.")
     e.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     e.add_argument("overrides", nargs="*", help="dotted overrides of the run's config (data.eval_split=test, ...)")
-    e.set_defaults(func=run_evaluate)
 
-    q = sub.add_parser("probe", help="linear probe: frozen encoder, cached features, BatchNorm + linear",
-                       description="Linear-probe an encoder on a classification task (configs/finetune/*probe*.yaml).")
+    q = command(sub, "probe", run_probe, help="linear probe: frozen encoder, cached features, BatchNorm + linear",
+                description="Linear-probe an encoder on a classification task (configs/finetune/*probe*.yaml).")
     q.add_argument("--config", help="YAML run config")
     q.add_argument("overrides", nargs="*", help="dotted key=value overrides (init=... included)")
-    q.set_defaults(func=run_probe)
 
 
-def _load(args: argparse.Namespace, extra: list[str] | None = None):
+def _load(args: argparse.Namespace, extra: tuple[str, ...] = ()):
     from multimae.core.config import ConfigError, load_config
     from multimae.tasks.finetune_config import FinetuneConfig
 
     try:
-        return load_config(FinetuneConfig, args.config, list(args.overrides) + (extra or []))
+        return load_config(FinetuneConfig, args.config, [*args.overrides, *extra])
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return None
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    cfg = _load(args, [f"train.resume={args.resume}"] if args.resume else None)
+    cfg = _load(args, (f"train.resume={args.resume}",) if args.resume else ())
     if cfg is None:
         return 2
     from multimae.engine.trainer import Trainer

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # module name under multimae.cli -> each registers one or more subcommands
@@ -40,12 +41,6 @@ def _run_stops() -> tuple[type[BaseException], ...]:
     return (Preempted, NonFiniteLossError)
 
 
-def _is_main() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -58,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except _run_stops() as e:  # a signal (checkpoint saved: exit 75) or a non-finite step (exit 1)
-        if _is_main():
+        if os.environ.get("RANK", "0") == "0":  # one message, not one per rank
             print(f"{'stopped' if getattr(e, 'exit_code', None) else 'error'}: {e}", file=sys.stderr)
         return int(getattr(e, "exit_code", 1))
     except KeyboardInterrupt:

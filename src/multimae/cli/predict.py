@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import argparse
 
+from multimae.cli.options import command, names, precision_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "predict", help="predict with a fine-tuning or pretraining run on a folder, files or shards",
+    p = command(
+        sub, "predict", run,
+        help="predict with a fine-tuning or pretraining run on a folder, files or shards",
         description="Predict every image of --input with a fine-tuning run (classification top-k to "
                     "classification.jsonl; segmentation ids + colour PNG; depth 16-bit PNG + preview; other dense "
                     "targets .npy + preview) or a pretraining run (every decoder's prediction from --inputs), at each "
@@ -21,14 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, nargs="+",
                    help="an image folder, image files, or .tar shards (files, a brace pattern or a comma list)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--inputs", default=None, help="input modalities, comma-separated (default: the run's / rgb)")
+    p.add_argument("--inputs", type=names, help="input modalities, comma-separated (default: the run's / rgb)")
     p.add_argument("--pair", action="append", default=[], metavar="MODALITY=DIR",
                    help="directory of an extra input modality, files paired with --input's by relative path and "
                         "stem (a dataset's rgb/ input finds its sibling <modality>/ by itself); repeatable")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 on a CUDA device with native bf16, else fp32 (multimae.core.device)")
+    precision_args(p)
     p.add_argument("--window", action="store_true",
                    help="sliding-window inference (averaged overlapping windows) instead of letterboxing")
     p.add_argument("--topk", type=int, default=5, help="classification: classes per image")
@@ -42,20 +43,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "read and written tile by tile (OUT/<name>.<task>.tif, georeferencing kept; memory bounded)")
     p.add_argument("--overlap", type=int, default=None, help="--tiled: window overlap in pixels (default: window/4)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from multimae.apps.predict import Predictor, predict_files
-
     from multimae.core.config import ConfigError
 
-    inputs = args.inputs.split(",") if args.inputs else None
     bad = [x for x in args.pair if "=" not in x]
     if bad:
         raise ConfigError(f"--pair {bad[0]}: expected MODALITY=DIR")
     pairs = dict(x.split("=", 1) for x in args.pair)
-    pred = Predictor.from_run(args.checkpoint, args.device, args.precision, inputs, args.window)
+    pred = Predictor.from_run(args.checkpoint, args.device, args.precision, args.inputs or None, args.window)
     if args.tiled:  # rasters larger than memory: multimae.apps.tiled
         from multimae.apps.tiled import predict_tiled_files
         c = predict_tiled_files(pred, args.input, args.out, overlap=args.overlap, batch_size=args.batch_size,

@@ -4,29 +4,28 @@ from __future__ import annotations
 import argparse
 import sys
 
+from multimae.cli.options import command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a MultiMAE / M3AE",
-                       description="Pretrain on the configured data. Overrides are dotted keys, e.g. "
-                                   "train.max_steps=100 model.preset=small data.root=/data/nyu")
+    p = command(sub, "pretrain", run, help="pretrain a MultiMAE / M3AE",
+                description="Pretrain on the configured data. Overrides are dotted keys, e.g. "
+                            "train.max_steps=100 model.preset=small data.root=/data/nyu")
     p.add_argument("--config", help="YAML run config: a path, or a shipped config's name (synthetic-tiny, "
                                     "multimae-b-1600e, ...; see configs/pretrain/)")
     p.add_argument("--resume", help="checkpoint or run directory to resume from (default: the run's latest)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from multimae.core.config import ConfigError, load_config, resolve_config_path
     from multimae.tasks.pretrain_config import PretrainConfig
 
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"train.resume={args.resume}")
+    resume = [f"train.resume={args.resume}"] if args.resume else []
     try:
         path = resolve_config_path(args.config, kind="pretrain") if args.config else None
-        cfg = load_config(PretrainConfig, path, overrides)
+        cfg = load_config(PretrainConfig, path, [*args.overrides, *resume])
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from multimae.cli.options import command, precision_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "pseudolabel", help="label rgb images with depth / segmentation models (pseudo labels for pretraining)",
+    p = command(
+        sub, "pseudolabel", run,
+        help="label rgb images with depth / segmentation models (pseudo labels for pretraining)",
         description="Label every image of --input (a folder, recursively; a dataset's rgb/ directory; or .tar "
                     "shards) with a depth and/or a segmentation model (a Hugging Face model directory or a "
                     "multimae run / checkpoint directory) and write root/<split>/{rgb,depth,semseg}/<class>/"
@@ -23,9 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--semseg", help="segmentation labeller: transformers Mask2Former/OneFormer/semantic model dir, "
                                     "or a multimae run")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 on a CUDA device with native bf16, else fp32 (multimae.core.device)")
+    precision_args(p)
     p.add_argument("--format", choices=("folder", "shards"), default="folder")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (--format shards)")
     p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
@@ -39,19 +39,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None, help="multimae labeller: input size (default: the model's)")
     p.add_argument("--limit", type=int, default=None, help="label at most this many input images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from multimae.apps.pseudolabel.labelers import LabelerError
     from multimae.apps.pseudolabel.run import build_labelers, pseudolabel
+    from multimae.core.config import ConfigError
 
     if args.depth is None and args.semseg is None:
-        print("error: give --depth and/or --semseg (a model directory to label with)", file=sys.stderr)
-        return 2
+        raise ConfigError("give --depth and/or --semseg (a model directory to label with)")
     if args.batch_size < 1:
-        print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     from multimae.apps.inference import open_input
 
     open_input(args.input)  # a bad --input fails (DataError, exit 2) before any model is loaded
@@ -62,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
                              on_error=args.on_error, fmt=args.format, shard_size=args.shard_size,
                              progress=not args.no_progress, limit=args.limit)
     except LabelerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(e)) from e
     print(report.summary())
     print(f"wrote {', '.join(report.outputs)}")
     return 0

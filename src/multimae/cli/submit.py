@@ -7,17 +7,21 @@ requeued on preemption and at the time limit until it finishes (:mod:`multimae.e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any, Sequence
 
+from multimae.cli.options import command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("submit", help="run pretrain / finetune as a SLURM job (submitit; requeued on preemption)",
-                       description="Submit `multimae pretrain ...` or `multimae finetune ...` to SLURM through "
-                                   "submitit: one process per GPU, torch.distributed set up from the job, SIGUSR1 "
-                                   "--signal-delay seconds before the time limit (the trainer saves and exits "
-                                   "resumable), then the job is requeued and resumes. Everything after `--` is the "
-                                   "command, exactly as you would run it.")
+    p = command(sub, "submit", run_submit,
+                help="run pretrain / finetune as a SLURM job (submitit; requeued on preemption)",
+                description="Submit `multimae pretrain ...` or `multimae finetune ...` to SLURM through "
+                            "submitit: one process per GPU, torch.distributed set up from the job, SIGUSR1 "
+                            "--signal-delay seconds before the time limit (the trainer saves and exits "
+                            "resumable), then the job is requeued and resumes. Everything after `--` is the "
+                            "command, exactly as you would run it.")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=1, help="0: a CPU job (default 1)")
     p.add_argument("--tasks-per-node", type=int, default=None, help="processes per node (default: one per GPU)")
@@ -37,7 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local", action="store_true", help="run here with submitit's local executor (no SLURM)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end and return its status")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- pretrain|finetune ARGS ...")
-    p.set_defaults(func=run_submit)
 
 
 TRAIN_COMMANDS = ("pretrain", "finetune")
@@ -88,11 +91,7 @@ def run_submit(args: argparse.Namespace) -> int:
     from multimae.engine.slurm import SlurmConfig
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    cfg = SlurmConfig(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-                      cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=args.time_min,
-                      partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
-                      signal_delay_s=args.signal_delay_s, max_timeouts=args.max_timeouts, name=args.name,
-                      folder=args.folder, local=args.local, setup=args.setup)
+    cfg = SlurmConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SlurmConfig)})  # a flag each
     try:
         job = submit_command(command, cfg)
     except (ValueError, RuntimeError) as e:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 
+from multimae.cli.options import command
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("tokenizer", help="train a WordPiece tokenizer for captions")
     actions = p.add_subparsers(dest="tokenizer_action", metavar="ACTION", required=True)
-    t = actions.add_parser("train", help="learn an uncased WordPiece vocabulary and write tokenizer.json")
+    t = command(actions, "train", _train, help="learn an uncased WordPiece vocabulary and write tokenizer.json")
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="text file, one caption per line")
     src.add_argument("--synthetic", type=int, metavar="N", help="use the captions of N synthetic scenes")
@@ -19,7 +21,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--vocab-size", type=int, default=1000)
     t.add_argument("--min-frequency", type=int, default=1, help="pairs seen fewer times are not merged")
     t.add_argument("--out", required=True, help="output tokenizer.json")
-    t.set_defaults(func=_train)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 
+from multimae.cli.options import command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("visualize", help="figure of masked inputs, predictions and targets",
-                       description="Loads a checkpoint (a run directory -> its latest) and draws, per modality, "
-                                   "the masked input, the prediction and the target, for random masks and for "
-                                   "cross-modal prediction from the first input modality alone.")
+    p = command(sub, "visualize", run, help="figure of masked inputs, predictions and targets",
+                description="Loads a checkpoint (a run directory -> its latest) and draws, per modality, "
+                            "the masked input, the prediction and the target, for random masks and for "
+                            "cross-modal prediction from the first input modality alone.")
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     p.add_argument("--input", default="heldout",
                    help="'heldout' (the run's held-out data), or image files (rgb only: cross-modal predictions)")
@@ -16,7 +18,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     p.add_argument("--out", default=None, help="PNG path (default: <run>/visualize.png)")
     p.add_argument("files", nargs="*", help="image files when --input=files")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

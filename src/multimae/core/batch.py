@@ -15,7 +15,7 @@ with no padding and every modality present (:meth:`Batch.of`).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,22 +80,18 @@ class Batch(Mapping[str, Tensor]):
         """Whether any token of ``key`` may not exist (the batch carries padding or presence for it)."""
         return key in self.pad or key in self.present
 
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
-        def mv(d: dict[str, Tensor]) -> dict[str, Tensor]:
-            return {k: v.to(device, non_blocking=non_blocking) for k, v in d.items()}
+    def _map(self, fn: Callable[[Any], Any]) -> "Batch":
+        """A Batch of ``fn`` of every value of every field (tensors, pad, present and extra)."""
+        return Batch(*({k: fn(v) for k, v in d.items()} for d in (self.tensors, self.pad, self.present, self.extra)))
 
-        extra = {k: v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v
-                 for k, v in self.extra.items()}
-        return Batch(mv(self.tensors), mv(self.pad), mv(self.present), extra)
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
+        return self._map(lambda v: v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v)
 
     def pin_memory(self) -> "Batch":
         """A copy with every tensor in pinned memory. ``DataLoader(pin_memory=True)`` calls this;
         without it the DataLoader rebuilt the batch from its modality tensors alone (a Mapping),
         dropping ``pad``, ``present`` and ``extra``."""
-        def pin(d: dict[str, Any]) -> dict[str, Any]:
-            return {k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in d.items()}
-
-        return Batch(pin(self.tensors), pin(self.pad), pin(self.present), pin(self.extra))
+        return self._map(lambda v: v.pin_memory() if isinstance(v, Tensor) else v)
 
     def select(self, keys: "list[str] | tuple[str, ...]") -> "Batch":
         """Only the modalities ``keys`` (with their padding and presence); extras kept."""
@@ -106,13 +102,8 @@ class Batch(Mapping[str, Tensor]):
     def rows(self, index: slice | Tensor) -> "Batch":
         """The samples ``index`` selects (a slice or an index tensor), every field alike."""
         def take(v: Any) -> Any:
-            if isinstance(v, Tensor):
+            if isinstance(v, Tensor) or (isinstance(v, list) and isinstance(index, slice)):
                 return v[index]
-            if isinstance(v, list) and isinstance(index, slice):
-                return v[index]
-            if isinstance(v, list):
-                return [v[int(i)] for i in index]
-            return v
+            return [v[int(i)] for i in index] if isinstance(v, list) else v
 
-        return Batch({k: take(v) for k, v in self.tensors.items()}, {k: take(v) for k, v in self.pad.items()},
-                     {k: take(v) for k, v in self.present.items()}, {k: take(v) for k, v in self.extra.items()})
+        return self._map(take)

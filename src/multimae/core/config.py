@@ -195,18 +195,15 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         parts = key.split(".")
         node = out
         for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif isinstance(child, Mapping):
-                child = node[part] = dict(child)
-            else:
+            child = {} if node.get(part) is None else node[part]
+            if not isinstance(child, Mapping):
                 prefix = ".".join(parts[: i + 1])
                 raise ConfigError(
                     f"override {item!r}: cannot set '{key}' because '{prefix}' is "
                     f"{type(child).__name__} {short_repr(child)}, not a mapping"
                 )
-            node = child
+            node[part] = dict(child)  # a copy: ``data`` is left as it was
+            node = node[part]
         node[parts[-1]] = parse_value(raw.strip())
     return out
 
@@ -234,16 +231,11 @@ def load_config(
 # --------------------------------------------------------------------------------------------
 
 
-def packaged_configs_root() -> Path:
-    """Where the run configs ship: ``multimae/configs/<kind>/<name>.yaml`` (in a source checkout a
-    link to the repository's ``configs/``)."""
-    return Path(__file__).resolve().parents[1] / "configs"
-
-
 def packaged_configs(root: str | os.PathLike[str] | None = None) -> dict[str, list[Path]]:
     """``name -> [paths]`` of the shipped run configs (every ``<kind>/`` directory: pretrain,
-    finetune, ...); ``kind/name`` keys are listed too."""
-    base = Path(root) if root is not None else packaged_configs_root()
+    finetune, ...); ``kind/name`` keys are listed too. The run configs ship as
+    ``multimae/configs/<kind>/<name>.yaml`` (in a source checkout a link to the repository's ``configs/``)."""
+    base = Path(root) if root is not None else Path(__file__).resolve().parents[1] / "configs"
     out: dict[str, list[Path]] = {}
     for f in sorted(base.glob("*/*.yaml")):
         out.setdefault(f.stem, []).append(f)
@@ -313,10 +305,8 @@ def short_repr(value: Any) -> str:
 
 
 def _fail(key: str, tp: Any, value: Any) -> ConfigError:
-    where = key or "<root>"
-    shown = short_repr(value)
     return ConfigError(
-        f"config key '{where}': expected {_type_name(tp)}, got {type(value).__name__} {shown}"
+        f"config key '{key or '<root>'}': expected {_type_name(tp)}, got {type(value).__name__} {short_repr(value)}"
     )
 
 
@@ -352,20 +342,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 if dataclasses.is_dataclass(arm) and isinstance(value, Mapping):
                     raise e
         raise _fail(key, tp, value)
-    if origin in (list, Sequence) or tp is list:
-        if not isinstance(value, (list, tuple)):
+    if origin in (list, Sequence, tuple) or tp in (list, tuple):
+        fixed = origin is tuple and args and args[-1] is not Ellipsis  # tuple[X, Y]; not tuple[X, ...]
+        if not isinstance(value, (list, tuple)) or (fixed and len(args) != len(value)):
             raise _fail(key, tp, value)
-        (item_tp,) = args or (Any,)
-        return [_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple or tp is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _fail(key, tp, value)
-        if not args or (len(args) == 2 and args[1] is Ellipsis):
-            item_tp = args[0] if args else Any
-            return tuple(_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise _fail(key, tp, value)
-        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item_types = args if fixed else [args[0] if args else Any] * len(value)
+        items = [_convert(t, v, f"{key}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))]
+        return tuple(items) if tuple in (origin, tp) else items
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
             raise _fail(key, tp, value)
@@ -375,27 +358,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             k = _convert(key_tp, k, f"{key} (key {k!r})")
             out[k] = _convert(val_tp, v, _join(key, str(k)))
         return out
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
+    if tp in (int, float) and isinstance(value, bool):  # a bool is an int to Python, not to a config
         raise _fail(key, tp, value)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _fail(key, tp, value)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _fail(key, tp, value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _fail(key, tp, value)
-    if isinstance(tp, type) and issubclass(tp, Path):
-        if isinstance(value, (str, os.PathLike)):
-            return tp(value)
-        raise _fail(key, tp, value)
-    if isinstance(tp, type):
+    if tp is float and isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(tp, type) and issubclass(tp, Path) and isinstance(value, (str, os.PathLike)):
+        return tp(value)
+    if isinstance(tp, type):  # bool, int, float, str, Path, ...
         if isinstance(value, tp):
             return value
         raise _fail(key, tp, value)
@@ -412,9 +381,7 @@ def _build_dataclass(cls: type[T], value: Any, key: str) -> T:
     except Exception as e:  # noqa: BLE001 - unresolved forward references
         raise ConfigError(f"cannot resolve the annotations of {cls.__name__}: {e}") from e
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    renamed = getattr(cls, "RENAMED_KEYS", None) or {}
-    if any(k in renamed for k in value):
-        value = _read_renamed(value, renamed, key)
+    value = _read_renamed(value, getattr(cls, "RENAMED_KEYS", None) or {}, key)
     unknown = [k for k in value if k not in fields]
     if unknown:
         bad = str(unknown[0])

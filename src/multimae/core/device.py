@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Literal
-
 import torch
 
-Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -35,9 +32,8 @@ def native_bf16(device: torch.device | str) -> bool:
     if dev.type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if dev.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(bool(getattr(cpu, p, lambda: False)()) for p in probes)
+        return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
     return False
 
 

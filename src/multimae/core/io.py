@@ -60,10 +60,8 @@ def writer_gone(name: str) -> bool:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
+    except (ProcessLookupError, PermissionError) as e:  # PermissionError: alive, another user's
+        return isinstance(e, ProcessLookupError)
     return False
 
 

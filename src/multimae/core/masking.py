@@ -67,10 +67,6 @@ class MaskPlan:
         nv = int(total.max()) if self.masks and total.numel() else 0
         return MaskPlan(self.masks, nv, bool((total < nv).any()) if self.masks else False)
 
-    def visible_counts(self) -> dict[str, Tensor]:
-        """Visible tokens per sample and modality: name -> (B,) int64."""
-        return {k: (~m).sum(1) for k, m in self.masks.items()}
-
     def to(self, device: torch.device | str) -> "MaskPlan":
         return MaskPlan({k: v.to(device, non_blocking=True) for k, v in self.masks.items()}, self.num_visible,
                         self.uneven)
@@ -190,14 +186,13 @@ def dirichlet_plan(token_counts: Mapping[str, int], batch_size: int, num_visible
         if valid is not None and n in valid:
             cap[:, j] = valid[n].cpu().sum(1)
     cap = torch.where(pres, cap, torch.zeros_like(cap))
+    chosen = pres
     if sample_subsets:
         subsets = torch.tensor(list(itertools.product([0, 1], repeat=M))[1:], dtype=torch.bool)
         pick = subsets[torch.randint(len(subsets), (batch_size,), generator=generator)]
         chosen = pres & pick
         # a subset with none of the present modalities falls back to all present ones
         chosen = torch.where(chosen.any(-1, keepdim=True), chosen, pres)
-    else:
-        chosen = pres
     conc = torch.where(chosen, alphas.expand(batch_size, M), torch.zeros((), dtype=torch.float64))
     shares = sample_dirichlet(conc, generator)
     counts = _round_to_budget(shares.double(), torch.full((batch_size,), num_visible), cap)
@@ -238,7 +233,7 @@ def ratio_plan(token_counts: Mapping[str, int], batch_size: int,
             keep = torch.where(present[n].cpu().bool(), keep, torch.zeros_like(keep))
         masks[n] = select_uniform(N, keep, v, generator).to(device)
         total += keep
-        budget += N - int(torch.round(torch.tensor(N * lo, dtype=torch.float64)))  # the most any sample keeps
+        budget += N - round(N * lo)  # the most any sample keeps (both round half to even)
     return MaskPlan(masks, budget, bool((total < budget).any()))  # keep: CPU, no device read
 
 

@@ -216,11 +216,7 @@ class ModalitySpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModalitySpec":
-        d = dict(d)
-        for k in ("mean", "std", "hflip_negate", "bands", "band_names"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
+        return cls(**d)  # lists become tuples in __post_init__
 
 
 _REGISTRY: dict[str, ModalitySpec] = {}
@@ -261,12 +257,11 @@ def resolve(items: "list[str | dict | ModalitySpec]", overrides: dict | None = N
         elif isinstance(it, str):
             spec = get(it)
         elif isinstance(it, dict):
-            d = dict(it)
-            name = d.get("name")
+            name = it.get("name")
             if name is None:
                 raise ValueError(f"modality entry {it!r} has no 'name'")
-            spec = get(name).with_(**{k: v for k, v in d.items() if k != "name"}) if name in _REGISTRY \
-                else ModalitySpec.from_dict(d)
+            spec = get(name).with_(**{k: v for k, v in it.items() if k != "name"}) if name in _REGISTRY \
+                else ModalitySpec.from_dict(it)
         else:
             raise TypeError(f"cannot make a modality from {it!r}")
         if overrides and spec.name in overrides:

@@ -12,6 +12,7 @@ variable the user set wins. The cost is that the process keeps its peak heap siz
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -22,7 +23,6 @@ _SETTINGS = (  # (parameter, value, environment variable that overrides it)
     (_M_TRIM_THRESHOLD, (1 << 31) - 1, "MALLOC_TRIM_THRESHOLD_"),
     (_M_TOP_PAD, 256 << 20, "MALLOC_TOP_PAD_"),
 )
-_applied: bool | None = None
 
 
 def _glibc(name: str) -> "ctypes._CFuncPtr | None":
@@ -35,25 +35,17 @@ def _glibc(name: str) -> "ctypes._CFuncPtr | None":
         return None
 
 
+@functools.cache
 def tune_malloc() -> bool:
     """Apply the allocator settings once per process; True if glibc accepted them.
 
     A no-op returning False off Linux/glibc (macOS, musl) and on a failed ``mallopt``.
     """
-    global _applied
-    if _applied is not None:
-        return _applied
-    _applied = False
     mallopt = _glibc("mallopt")
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = True
-    for param, value, env in _SETTINGS:
-        if env not in os.environ:
-            ok = mallopt(param, value) == 1 and ok
-    _applied = ok
-    return ok
+    return all([mallopt(param, value) == 1 for param, value, env in _SETTINGS if env not in os.environ])
 
 
 def trim_malloc() -> bool:
