@@ -137,7 +137,7 @@ def shard_items(urls: list[str]) -> Iterator[InputItem]:
 
 
 def is_shard_input(spec: str) -> bool:
-    return spec.endswith(".tar") or ("{" in spec and ".tar" in spec) or ("," in spec and ".tar" in spec)
+    return spec.endswith(".tar") or (".tar" in spec and ("{" in spec or "," in spec))
 
 
 def open_input(spec: str | os.PathLike) -> tuple[str, list[InputItem] | Iterator[InputItem], int | None]:

@@ -31,8 +31,8 @@ from multimae.data.errors import DataError
 from multimae.apps.inference import Counts, InputItem, open_items, run_batches
 from multimae.apps.tiled import starts
 from multimae.runs import RunOutput, load_run
-from multimae.apps.predict_io import (ARRAY_DTYPES, DEFAULT_MAX_PIXELS, LowRes, check_identity, check_pixels, fingerprint,
-                                 write_array, write_colour, write_depth_png, write_ids, write_preview)
+from multimae.apps.predict_io import (ARRAY_DTYPES, DEFAULT_MAX_PIXELS, LowRes, check_identity, check_pixels,
+                                      run_identity, write_array, write_colour, write_depth_png, write_ids, write_preview)
 
 META_FILE = "multimae_predict.json"
 CLS_FILE = "classification.jsonl"
@@ -342,14 +342,6 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
     return report
 
 
-def run_identity(predictor: Predictor, **settings: Any) -> dict[str, Any]:
-    """What makes a folder's predictions one run's: the checkpoint (path and weights) and the
-    ``settings`` that change the outputs."""
-    ckpt = Path(predictor.run)
-    return {"checkpoint": str(ckpt.resolve()), "weights": fingerprint(ckpt),
-            "inputs": [s.name for s in predictor.inputs], "image_size": predictor.image_size, **settings}
-
-
 def _paired(spec: Any, item: Any, input: Any, pairs: dict[str, Path]) -> Tensor:
     """Modality ``spec`` of ``item`` from its paired directory (see :func:`predict_files`)."""
     from multimae.data.codecs import EXTS, decode_field, scale_for
@@ -370,8 +362,7 @@ def _paired(spec: Any, item: Any, input: Any, pairs: dict[str, Path]) -> Tensor:
         pdir, rel = src.parent.parent.parent / spec.name, Path(src.parent.name) / src.stem
     else:
         raise DataError(f"image {item.where}: input {spec.name!r} needs a paired directory (--pair {spec.name}=DIR)")
-    cands = [pdir / f"{rel}.{e}" for e in EXTS[spec.kind]]
-    f = next((c for c in cands if c.is_file()), None)
+    f = next((c for e in EXTS[spec.kind] if (c := pdir / f"{rel}.{e}").is_file()), None)
     if f is None:
         raise DataError(f"image {item.where}: no paired {spec.name} file {pdir / rel}.{{{','.join(EXTS[spec.kind])}}}")
     meta = next((m for d in (pdir, pdir.parent, pdir.parent.parent) if (m := read_meta(d))), {})

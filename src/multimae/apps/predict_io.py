@@ -234,6 +234,14 @@ def fingerprint(ckpt: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def run_identity(predictor: Any, **settings: Any) -> dict[str, Any]:
+    """What makes a folder's predictions one run's: the checkpoint (path and weights) and the
+    ``settings`` that change the outputs."""
+    ckpt = Path(predictor.run)
+    return {"checkpoint": str(ckpt.resolve()), "weights": fingerprint(ckpt),
+            "inputs": [s.name for s in predictor.inputs], "image_size": predictor.image_size, **settings}
+
+
 def check_identity(meta_path: Path, identity: dict[str, Any]) -> None:
     """Refuse to write into a folder holding another run's (or other settings') predictions."""
     if not meta_path.is_file():

@@ -150,13 +150,11 @@ def _tiff_kwargs(height: int, width: int, channels: int, dtype: np.dtype, tile: 
 def _extratags(geotags: Mapping[int, Any]) -> list[tuple]:
     tags = []
     for code, tag in sorted(geotags.items()):
-        dtype = int(tag.dtype)
-        value = tag.value
-        if dtype == 2:  # ASCII: tifffile counts the terminating NUL itself
-            tags.append((code, "s", 0, str(value), True))
+        if int(tag.dtype) == 2:  # ASCII: tifffile counts the terminating NUL itself
+            tags.append((code, "s", 0, str(tag.value), True))
         else:
-            vals = tuple(value) if isinstance(value, (tuple, list, np.ndarray)) else (value,)
-            tags.append((code, dtype, len(vals), vals, True))
+            vals = tuple(tag.value) if isinstance(tag.value, (tuple, list, np.ndarray)) else (tag.value,)
+            tags.append((code, int(tag.dtype), len(vals), vals, True))
     return tags
 
 
@@ -178,7 +176,7 @@ def strip_width(width: int, window: int, tile: int, out_channels: int, band_byte
     """Columns of one strip: the most (a multiple of ``tile``) whose blending band fits ``band_bytes``."""
     per_column = (tile + window) * max(1, out_channels) * 4
     cols = max(tile, band_bytes // per_column // tile * tile)
-    return width if cols >= width else cols
+    return min(width, cols)
 
 
 def memory_bound(width: int, window: int, tile: int, in_channels: int, out_channels: Mapping[str, int] | int,
@@ -499,8 +497,7 @@ def predict_tiled_files(predictor: Any, inputs: Sequence[str | os.PathLike], out
     ``arrays``' dtype, float16 for ``auto`` / ``none``). Extra input modalities come from
     ``pairs[name]/<stem>.tif``. Resumable (finished rasters are skipped); a bad raster is reported,
     skipped and counted. Returns the counts."""
-    from multimae.apps.predict import run_identity
-    from multimae.apps.predict_io import check_identity, output_names
+    from multimae.apps.predict_io import check_identity, output_names, run_identity
 
     if predictor.window:
         raise DataError("--tiled and --window are two ways of sliding windows: give one")
