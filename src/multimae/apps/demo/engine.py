@@ -328,8 +328,7 @@ class DemoEngine:
             t0 = time.perf_counter()
             with torch.inference_mode(), autocast(self.precision, self.device):
                 preds = self.model(Batch(batch, pads), plan.to(self.device), tasks=tasks, compute_loss=False).preds
-            ms = (time.perf_counter() - t0) * 1000
-            self.last_ms = ms
+            self.last_ms = ms = (time.perf_counter() - t0) * 1000
         outputs = {}
         by_key = {self.inputs[n].key: n for n in plan.masks if n in self.inputs}
         for t, s in self.tasks.items():
