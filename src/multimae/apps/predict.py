@@ -315,7 +315,7 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
         check_pixels(data, max_pixels, f"image {it.where}")
         raw = {spec0.key: decode_image(data, spec0.channels, f"image {it.where}")}
         for sp in predictor.inputs[1:]:
-            raw[sp.key] = _paired(sp, it, input, pairs)
+            raw[sp.key] = _paired(sp, it, pairs)
         return raw
 
     def process(batch: Sequence[tuple[InputItem, str, dict[str, Tensor]]]) -> None:
@@ -342,22 +342,17 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
     return report
 
 
-def _paired(spec: Any, item: Any, input: Any, pairs: dict[str, Path]) -> Tensor:
+def _paired(spec: Any, item: InputItem, pairs: dict[str, Path]) -> Tensor:
     """Modality ``spec`` of ``item`` from its paired directory (see :func:`predict_files`)."""
     from multimae.data.codecs import EXTS, decode_field, scale_for
     from multimae.data.folder import read_meta
 
     src = Path(item.where)
-    base = Path(input[0] if isinstance(input, (list, tuple)) else input)
     layout = src.parent.parent.name == "rgb"  # a dataset layout: <split>/rgb/<class>/<name>.<ext>
     if spec.name in pairs:
         pdir = pairs[spec.name]
-        if layout:
-            rel = Path(src.parent.name) / src.stem
-        elif base.is_dir() and src.is_relative_to(base):
-            rel = src.relative_to(base).with_suffix("")
-        else:
-            rel = Path(src.stem)
+        # a layout: <class>/<name>; a folder or files: the path the output name mirrors; a shard sample: its stem
+        rel = Path(src.parent.name) / src.stem if layout else Path(item.rel or src.stem)
     elif layout:
         pdir, rel = src.parent.parent.parent / spec.name, Path(src.parent.name) / src.stem
     else:
