@@ -205,12 +205,8 @@ def build_labelers(depth: str | os.PathLike | None, semseg: str | os.PathLike | 
     if depth is not None and semseg is not None and Path(depth).resolve() == Path(semseg).resolve() \
             and is_multimae_checkpoint(depth):
         return [MultiMAELabeler(depth, ("depth", "semseg"), device, precision, options.get("image_size"))]
-    out: list[Labeler] = []
-    if depth is not None:
-        out.append(load_labeler(depth, "depth", device, precision, **options))
-    if semseg is not None:
-        out.append(load_labeler(semseg, "semseg", device, precision, **options))
-    return out
+    return [load_labeler(path, task, device, precision, **options)
+            for task, path in (("depth", depth), ("semseg", semseg)) if path is not None]
 
 
 def pseudolabel(input: str | os.PathLike, out: str | os.PathLike, labelers: Sequence[Labeler], split: str = "train",
