@@ -66,10 +66,8 @@ class _Positional(nn.Module):
         self.model, self.keys, self.encoder_only = model, list(keys), encoder_only
 
     def forward(self, *xs: Tensor) -> Tensor:
-        batch = dict(zip(self.keys, xs))
-        if self.encoder_only:
-            return self.model(batch).last
-        return self.model(batch)
+        out = self.model(dict(zip(self.keys, xs)))
+        return out.last if self.encoder_only else out
 
 
 def load_exportable(source: str | os.PathLike, inputs: Sequence[str] | None = None,

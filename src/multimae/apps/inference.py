@@ -17,6 +17,7 @@ import re
 import tarfile
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -27,6 +28,7 @@ SHARD_FIELDS = ("rgb.jpg", "rgb.jpeg", "rgb.png", "rgb.webp", "jpg", "jpeg", "pn
 #: what a folder walk reads: the library's image formats and GIF (its first frame), as an explicit
 #: file and the demo's uploads
 WALK_EXTS = (*IMAGE_EXTS, "gif")
+_SUFFIXES = {f".{e}" for e in WALK_EXTS}
 
 
 @dataclass
@@ -64,7 +66,6 @@ def file_reader(path: Path) -> Callable[[], bytes]:
 def _images_under(root: Path) -> list[Path]:
     """Image files under ``root``; symbolic links to folders are followed, each real folder once
     (a link loop is not walked again)."""
-    exts = {f".{e}" for e in WALK_EXTS}
     out = []
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -75,7 +76,8 @@ def _images_under(root: Path) -> list[Path]:
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
                              and os.path.realpath(os.path.join(dirpath, d)) not in seen)
-        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and Path(f).suffix.lower() in exts]
+        out += [Path(dirpath) / f for f in sorted(filenames)
+                if not f.startswith(".") and Path(f).suffix.lower() in _SUFFIXES]
     return out
 
 
@@ -101,11 +103,10 @@ def folder_items(root: Path) -> list[InputItem]:
 
 def layout_items(rgb_dir: Path) -> list[InputItem]:
     """The official layout's ``rgb/<class or all>/<name>.<ext>``: class and name are kept."""
-    exts = {f".{e}" for e in WALK_EXTS}
     items = []
     for cdir in sorted(p for p in rgb_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for f in sorted(cdir.iterdir()):
-            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in exts:
+            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in _SUFFIXES:
                 items.append(InputItem(cdir.name, f.stem, f.suffix[1:].lower(), str(f), file_reader(f)))
     if not items:
         raise DataError(f"{rgb_dir}: no images under its class directories (rgb/<class or all>/<name>.<ext>)")
@@ -136,7 +137,7 @@ def shard_items(urls: list[str]) -> Iterator[InputItem]:
 
 
 def is_shard_input(spec: str) -> bool:
-    return spec.endswith(".tar") or ("{" in spec and ".tar" in spec) or ("," in spec and ".tar" in spec)
+    return spec.endswith(".tar") or (".tar" in spec and ("{" in spec or "," in spec))
 
 
 def open_input(spec: str | os.PathLike) -> tuple[str, list[InputItem] | Iterator[InputItem], int | None]:
@@ -154,11 +155,8 @@ def open_input(spec: str | os.PathLike) -> tuple[str, list[InputItem] | Iterator
     p = Path(s)
     if not p.is_dir():
         raise DataError(f"input {p}: not a directory, nor .tar shards")
-    if p.name == "rgb":
-        items = layout_items(p)
-        return "layout", items, len(items)
-    if (p / "rgb").is_dir():
-        items = layout_items(p / "rgb")
+    if p.name == "rgb" or (p / "rgb").is_dir():
+        items = layout_items(p if p.name == "rgb" else p / "rgb")
         return "layout", items, len(items)
     items = folder_items(p)
     return "folder", items, len(items)
@@ -207,13 +205,8 @@ class Counts:
 
 def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     """Consecutive lists of ``size`` items (the last one shorter)."""
-    batch: list[Any] = []
-    for it in items:
-        batch.append(it)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+    it = iter(items)
+    while batch := list(islice(it, size)):
         yield batch
 
 

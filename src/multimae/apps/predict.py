@@ -14,7 +14,6 @@ mmseg ``slide`` inference).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,9 +29,10 @@ from multimae.core.io import save_bytes_atomic
 from multimae.data.codecs import _png_bytes, decode_image
 from multimae.data.errors import DataError
 from multimae.apps.inference import Counts, InputItem, open_items, run_batches
+from multimae.apps.tiled import starts
 from multimae.runs import RunOutput, load_run
-from multimae.apps.predict_io import (ARRAY_DTYPES, DEFAULT_MAX_PIXELS, LowRes, check_identity, check_pixels, fingerprint,
-                                 write_array, write_colour, write_depth_png, write_ids, write_preview)
+from multimae.apps.predict_io import (ARRAY_DTYPES, DEFAULT_MAX_PIXELS, LowRes, check_identity, check_pixels,
+                                      run_identity, write_array, write_colour, write_depth_png, write_ids, write_preview)
 
 META_FILE = "multimae_predict.json"
 CLS_FILE = "classification.jsonl"
@@ -119,18 +119,13 @@ class Predictor:
         # every image becomes one (S, S) model input, whatever its size: one forward per batch
         xs = [self.model_inputs(r) for r in raws]
         preds = self._forward({k: torch.stack([x[k] for x in xs]) for k in xs[0]})
-        res: list[dict[str, Tensor | LowRes]] = [{} for _ in raws]
-        for t, p in preds.items():
-            for i, r in enumerate(raws):
-                res[i][t] = p[i].cpu() if p.ndim == 2 else self._unletterbox(p[i].cpu(), *_size(r))
-        return res
+        return [{t: p[i].cpu() if p.ndim == 2 else self._unletterbox(p[i].cpu(), *_size(r)) for t, p in preds.items()}
+                for i, r in enumerate(raws)]
 
     def _unletterbox(self, p: Tensor, h: int, w: int) -> LowRes:
         """(C,S,S) prediction of a letterboxed (h,w) image -> its (C,h,w) mapping."""
-        if not self.transform.letterbox:  # centre crop (dense prediction of a classification run: none)
-            return LowRes(p, (h, w), (h, w))
-        s = max(h, w)
-        return LowRes(p, (h, w), (s, s))
+        # a centre crop (dense prediction of a classification run): none
+        return LowRes(p, (h, w), (max(h, w),) * 2 if self.transform.letterbox else (h, w))
 
     def _slide(self, raw: dict[str, Tensor]) -> dict[str, Tensor | LowRes]:
         """Sliding-window inference: the image resized so its shorter side is the model size, windows
@@ -151,12 +146,10 @@ class Predictor:
             x = x.float() / 255.0 if s.kind == "image" and not x.is_floating_point() else x.float()
             full[s.key] = _normalise(x, s)
         stride = max(1, (2 * S) // 3)
-        ys = _starts(H, S, stride)
-        xs = _starts(W, S, stride)
         sums: dict[str, Tensor] = {}
         count = torch.zeros(1, H, W)
-        for y0 in ys:
-            for x0 in xs:
+        for y0 in starts(H, S, stride):
+            for x0 in starts(W, S, stride):
                 crop = {k: v[None, :, y0:y0 + S, x0:x0 + S] for k, v in full.items()}
                 for t, p in self._forward(crop).items():
                     p = p[0].cpu()
@@ -194,13 +187,6 @@ def _normalise(x: Tensor, spec: Any) -> Tensor:
     return torch.nan_to_num(x, nan=0.0) if spec.is_raster else x
 
 
-def _starts(n: int, size: int, stride: int) -> list[int]:
-    if n <= size:
-        return [0]
-    k = math.ceil((n - size) / stride) + 1
-    return sorted({min(i * stride, n - size) for i in range(k)})
-
-
 def _size(raw: dict[str, Tensor]) -> tuple[int, int]:
     v = next(iter(raw.values()))
     return int(v.shape[-2]), int(v.shape[-1])
@@ -208,20 +194,16 @@ def _size(raw: dict[str, Tensor]) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------- writing
 
-def _colour(ids: Tensor, n: int) -> np.ndarray:
-    from multimae.evaluation.viz import palette
-
-    return (palette(max(n, 1))[ids.clamp(0, max(n, 1) - 1)] * 255).round().byte().numpy()
-
-
 def legend_png(classes: Sequence[str]) -> bytes:
     """A legend: one row per class, its colour and its name."""
     from PIL import Image, ImageDraw
 
+    from multimae.evaluation.viz import palette
+
     row = 14
     im = Image.new("RGB", (180, row * len(classes) + 4), (255, 255, 255))
     d = ImageDraw.Draw(im)
-    cols = _colour(torch.arange(len(classes)), len(classes))
+    cols = (palette(max(len(classes), 1)) * 255).round().byte().numpy()
     for i, name in enumerate(classes):
         d.rectangle([2, 2 + i * row, 14, 12 + i * row], fill=tuple(int(c) for c in cols[i]))
         d.text((20, 2 + i * row), f"{i} {name}", fill=(0, 0, 0))
@@ -249,7 +231,7 @@ def write_prediction(root: Path, task: str, out: Output, name: str, pred: Tensor
         prob = pred.float().softmax(-1)
         k = min(topk, prob.numel())
         p, i = prob.topk(k)
-        return {"image": name, "top": [{"class": int(c), "name": (out.classes or [])[int(c)] if out.classes else str(int(c)),
+        return {"image": name, "top": [{"class": int(c), "name": out.classes[int(c)] if out.classes else str(int(c)),
                                         "prob": float(q)} for q, c in zip(p, i)]}
     if isinstance(pred, Tensor):  # a full-size (C,H,W) prediction
         pred = LowRes(pred, tuple(pred.shape[-2:]), tuple(pred.shape[-2:]))
@@ -310,15 +292,12 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
     pairs = {k: Path(v) for k, v in (pairs or {}).items()}
     root = Path(out)
     items, total, mirror = open_items(input)
-    identity = run_identity(predictor, arrays)
+    identity = run_identity(predictor, window=predictor.window, arrays=arrays)
     check_identity(root / META_FILE, identity)
     root.mkdir(parents=True, exist_ok=True)
     cls_path = root / CLS_FILE
-    done_cls = set()
-    if cls_path.exists():
-        for line in cls_path.read_text().splitlines():
-            if line.strip():
-                done_cls.add(json.loads(line)["image"])
+    done_cls = {json.loads(line)["image"] for line in cls_path.read_text().splitlines() if line.strip()} \
+        if cls_path.exists() else set()
     report = PredictReport()
     _write_meta(root, predictor, report, identity, arrays)  # the identity, before the first output
     spec0 = predictor.inputs[0]
@@ -327,20 +306,16 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
         return (it.rel or (it.name if it.cls == "all" else f"{it.cls}/{it.name}")) if mirror else it.name
 
     def done(it: InputItem, name: str) -> bool:
-        for t, o in predictor.outputs.items():
-            if o.kind == "classification":
-                if name not in done_cls:
-                    return False
-            elif not all((root / f).exists() for f in output_files(t, o, name, arrays)):
-                return False
-        return True
+        return all(name in done_cls if o.kind == "classification"
+                   else all((root / f).exists() for f in output_files(t, o, name, arrays))
+                   for t, o in predictor.outputs.items())
 
     def decode(it: InputItem) -> dict[str, Tensor]:
         data = it.read()
         check_pixels(data, max_pixels, f"image {it.where}")
         raw = {spec0.key: decode_image(data, spec0.channels, f"image {it.where}")}
         for sp in predictor.inputs[1:]:
-            raw[sp.key] = _paired(sp, it, input, pairs)
+            raw[sp.key] = _paired(sp, it, pairs)
         return raw
 
     def process(batch: Sequence[tuple[InputItem, str, dict[str, Tensor]]]) -> None:
@@ -367,37 +342,22 @@ def predict_files(predictor: Predictor, input: str | os.PathLike | Sequence[str]
     return report
 
 
-def run_identity(predictor: Predictor, arrays: str) -> dict[str, Any]:
-    """What makes a folder's predictions one run's: the checkpoint (path and weights) and the
-    settings that change the outputs."""
-    ckpt = Path(predictor.run)
-    return {"checkpoint": str(ckpt.resolve()), "weights": fingerprint(ckpt),
-            "inputs": [s.name for s in predictor.inputs], "image_size": predictor.image_size,
-            "window": predictor.window, "arrays": arrays}
-
-
-def _paired(spec: Any, item: Any, input: Any, pairs: dict[str, Path]) -> Tensor:
+def _paired(spec: Any, item: InputItem, pairs: dict[str, Path]) -> Tensor:
     """Modality ``spec`` of ``item`` from its paired directory (see :func:`predict_files`)."""
     from multimae.data.codecs import EXTS, decode_field, scale_for
     from multimae.data.folder import read_meta
 
     src = Path(item.where)
-    base = Path(input[0] if isinstance(input, (list, tuple)) else input)
     layout = src.parent.parent.name == "rgb"  # a dataset layout: <split>/rgb/<class>/<name>.<ext>
     if spec.name in pairs:
         pdir = pairs[spec.name]
-        if layout:
-            rel = Path(src.parent.name) / src.stem
-        elif base.is_dir() and src.is_relative_to(base):
-            rel = src.relative_to(base).with_suffix("")
-        else:
-            rel = Path(src.stem)
+        # a layout: <class>/<name>; a folder or files: the path the output name mirrors; a shard sample: its stem
+        rel = Path(src.parent.name) / src.stem if layout else Path(item.rel or src.stem)
     elif layout:
         pdir, rel = src.parent.parent.parent / spec.name, Path(src.parent.name) / src.stem
     else:
         raise DataError(f"image {item.where}: input {spec.name!r} needs a paired directory (--pair {spec.name}=DIR)")
-    cands = [pdir / f"{rel}.{e}" for e in EXTS[spec.kind]]
-    f = next((c for c in cands if c.is_file()), None)
+    f = next((c for e in EXTS[spec.kind] if (c := pdir / f"{rel}.{e}").is_file()), None)
     if f is None:
         raise DataError(f"image {item.where}: no paired {spec.name} file {pdir / rel}.{{{','.join(EXTS[spec.kind])}}}")
     meta = next((m for d in (pdir, pdir.parent, pdir.parent.parent) if (m := read_meta(d))), {})
@@ -411,9 +371,7 @@ def _write_meta(root: Path, predictor: Predictor, report: PredictReport, identit
                 arrays: str) -> None:
     tasks = {}
     for t, o in predictor.outputs.items():
-        info: dict[str, Any] = {"kind": o.kind}
-        if o.classes:
-            info["classes"] = o.classes
+        info: dict[str, Any] = {"kind": o.kind, **({"classes": o.classes} if o.classes else {})}
         if o.kind == "depth":
             info.update(png_scale=DEPTH_PNG_SCALE, units="the run's depth units (metres for metric data)",
                         files="<name>.%s.png (16-bit, value * png_scale), <name>.%s.preview.png" % (t, t))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,36 +122,36 @@ def _taps(n_in: int, n_out: int, i0: int, i1: int) -> tuple[Tensor, Tensor, Tens
 
 # ------------------------------------------------------------------------------------- files
 
-def write_ids(path: Path, pred: LowRes, num_classes: int) -> np.ndarray:
-    """Class ids (argmax over the channels, band by band) -> PNG (8-bit, 16-bit past 256 classes);
-    returns the (h, w) ids."""
+def _write_png(path: Path, arr: np.ndarray) -> None:
+    """An 8-bit / 16-bit grey or RGB array -> a PNG file, written atomically (fast compression)."""
     from multimae.data.codecs import _png_bytes
     from multimae.data.prepare.writing import write_bytes
 
+    write_bytes(path, _png_bytes(arr, compress_level=1))
+
+
+def write_ids(path: Path, pred: LowRes, num_classes: int) -> np.ndarray:
+    """Class ids (argmax over the channels, band by band) -> PNG (8-bit, 16-bit past 256 classes);
+    returns the (h, w) ids."""
     ids = np.empty(pred.size, np.uint8 if num_classes <= 256 else np.uint16)
     pred.class_ids(ids)
-    write_bytes(path, _png_bytes(ids, compress_level=1))
+    _write_png(path, ids)
     return ids
 
 
 def write_colour(path: Path, ids: np.ndarray, num_classes: int) -> None:
-    from multimae.data.codecs import _png_bytes
-    from multimae.data.prepare.writing import write_bytes
     from multimae.evaluation.viz import palette
 
     pal = (palette(max(num_classes, 1)) * 255).round().byte().numpy()
-    write_bytes(path, _png_bytes(pal[np.minimum(ids, len(pal) - 1)], compress_level=1))
+    _write_png(path, pal[np.minimum(ids, len(pal) - 1)])
 
 
 def write_depth_png(path: Path, pred: LowRes, scale: float) -> None:
     """Channel 0 as a 16-bit PNG of ``round(value / scale)`` (clipped to [0, 65535])."""
-    from multimae.data.codecs import encode_png16
-    from multimae.data.prepare.writing import write_bytes
-
     q = np.empty(pred.size, np.uint16)
     for y0, y1, b in pred.bands():
         q[y0:y1] = np.clip(np.rint(b[0].double().numpy() / scale), 0, 65535).astype(np.uint16)
-    write_bytes(path, encode_png16(q))
+    _write_png(path, q)
 
 
 def write_preview(path: Path, pred: LowRes, mean: Sequence[float] | None = None,
@@ -158,8 +159,6 @@ def write_preview(path: Path, pred: LowRes, mean: Sequence[float] | None = None,
     """A uint8 RGB picture: three channels as colours (``mean`` / ``std`` undo an image
     normalisation, else values in [-1, 1]); otherwise channel 0 through a colour map scaled to its
     2-98 % range (taken at model resolution)."""
-    from multimae.data.codecs import _png_bytes
-    from multimae.data.prepare.writing import write_bytes
     from multimae.evaluation.viz import colormap
 
     rgb = pred.channels == 3
@@ -171,7 +170,7 @@ def write_preview(path: Path, pred: LowRes, mean: Sequence[float] | None = None,
     for y0, y1, b in pred.bands():
         x = (b * s + m).clamp(0, 1) if rgb else colormap((b[0] - lo) / (hi - lo + 1e-6))
         img[y0:y1] = (x.permute(1, 2, 0) * 255).round().byte().numpy()
-    write_bytes(path, _png_bytes(img, compress_level=1))
+    _write_png(path, img)
 
 
 def write_array(path: Path, pred: LowRes, dtype: str) -> None:
@@ -214,8 +213,6 @@ def check_pixels(data: bytes, max_pixels: int, where: str) -> None:
 def output_names(paths: Sequence[Path]) -> list[str]:
     """Output names of explicit input files: each one's path relative to their common folder,
     without its extension (``x/a.png``, ``y/a.png`` -> ``x/a``, ``y/a``)."""
-    import os
-
     parents = [os.path.abspath(p.parent) for p in paths]
     base = os.path.commonpath(parents) if parents else ""
     return [Path(os.path.relpath(os.path.abspath(p), base)).with_suffix("").as_posix() for p in paths]
@@ -235,6 +232,14 @@ def fingerprint(ckpt: Path) -> str:
         with open(f, "rb") as fh:
             h.update(fh.read(8 << 20))
     return h.hexdigest()[:16]
+
+
+def run_identity(predictor: Any, **settings: Any) -> dict[str, Any]:
+    """What makes a folder's predictions one run's: the checkpoint (path and weights) and the
+    ``settings`` that change the outputs."""
+    ckpt = Path(predictor.run)
+    return {"checkpoint": str(ckpt.resolve()), "weights": fingerprint(ckpt),
+            "inputs": [s.name for s in predictor.inputs], "image_size": predictor.image_size, **settings}
 
 
 def check_identity(meta_path: Path, identity: dict[str, Any]) -> None:

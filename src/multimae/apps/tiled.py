@@ -86,11 +86,7 @@ class _TileWriter:
         self.path, self.tmp = path, path.with_name(path.name + ".part")
         self.q: queue.Queue = queue.Queue(maxsize=QUEUE_TILES)
         self.error: BaseException | None = None
-        shape = (height, width, channels) if channels > 1 else (height, width)
-        size = height * width * channels * np.dtype(dtype).itemsize
-        kwargs = dict(shape=shape, dtype=dtype, tile=(tile, tile), photometric="minisblack",
-                      planarconfig="contig" if channels > 1 else None, extratags=extratags,
-                      compression=compression, bigtiff=size > (3 << 30), metadata=None)
+        kwargs = _tiff_kwargs(height, width, channels, dtype, tile, extratags, compression)
         if compression == "zlib":
             kwargs["compressionargs"] = {"level": 1}
 
@@ -119,14 +115,13 @@ class _TileWriter:
         self.thread.start()
 
     def put(self, tile: np.ndarray) -> None:
-        while True:
-            if self.error is not None:
-                raise DataError(f"{self.path}: writing failed ({type(self.error).__name__}: {self.error})")
+        while self.error is None:
             try:
                 self.q.put(tile, timeout=0.5)
                 return
             except queue.Full:
-                continue
+                pass
+        raise DataError(f"{self.path}: writing failed ({type(self.error).__name__}: {self.error})")
 
     def close(self, ok: bool) -> None:
         if self.thread.is_alive():
@@ -143,16 +138,23 @@ class _TileWriter:
             raise DataError(f"{self.path}: writing failed ({type(self.error).__name__}: {self.error})")
 
 
+def _tiff_kwargs(height: int, width: int, channels: int, dtype: np.dtype, tile: int, extratags: list[tuple],
+                 compression: str | None) -> dict[str, Any]:
+    """``tifffile.imwrite``'s arguments for a tiled (height, width[, channels]) TIFF (BigTIFF past 3 GB)."""
+    return dict(shape=(height, width, channels) if channels > 1 else (height, width), dtype=dtype, tile=(tile, tile),
+                photometric="minisblack", planarconfig="contig" if channels > 1 else None, extratags=extratags,
+                compression=compression, metadata=None,
+                bigtiff=height * width * channels * np.dtype(dtype).itemsize > (3 << 30))
+
+
 def _extratags(geotags: Mapping[int, Any]) -> list[tuple]:
     tags = []
     for code, tag in sorted(geotags.items()):
-        dtype = int(tag.dtype)
-        value = tag.value
-        if dtype == 2:  # ASCII: tifffile counts the terminating NUL itself
-            tags.append((code, "s", 0, str(value), True))
+        if int(tag.dtype) == 2:  # ASCII: tifffile counts the terminating NUL itself
+            tags.append((code, "s", 0, str(tag.value), True))
         else:
-            vals = tuple(value) if isinstance(value, (tuple, list, np.ndarray)) else (value,)
-            tags.append((code, dtype, len(vals), vals, True))
+            vals = tuple(tag.value) if isinstance(tag.value, (tuple, list, np.ndarray)) else (tag.value,)
+            tags.append((code, int(tag.dtype), len(vals), vals, True))
     return tags
 
 
@@ -174,7 +176,7 @@ def strip_width(width: int, window: int, tile: int, out_channels: int, band_byte
     """Columns of one strip: the most (a multiple of ``tile``) whose blending band fits ``band_bytes``."""
     per_column = (tile + window) * max(1, out_channels) * 4
     cols = max(tile, band_bytes // per_column // tile * tile)
-    return width if cols >= width else cols
+    return min(width, cols)
 
 
 def memory_bound(width: int, window: int, tile: int, in_channels: int, out_channels: Mapping[str, int] | int,
@@ -228,8 +230,7 @@ def predict_tiled(run_fn: RunFn, src: str | os.PathLike | Mapping[str, str | os.
     srcs = {"rgb": src} if isinstance(src, (str, os.PathLike)) else dict(src)
     if not srcs:
         raise DataError("no input raster")
-    first = Path(next(iter(srcs.values())))
-    name = name or first.stem
+    name = name or Path(next(iter(srcs.values()))).stem
     out = Path(out_dir)
     readers: dict[str, TiffWindows] = {}
     parts: list[Path] = []
@@ -416,13 +417,9 @@ def _merge(parts: Sequence[Path], out: Path, H: int, W: int, channels: int, dtyp
                         fh.seek(page.dataoffsets[r * n + c])
                         yield fh.read(page.databytecounts[r * n + c])
 
-        shape = (H, W, channels) if channels > 1 else (H, W)
         tmp = out.with_name(out.name + ".part")
         try:
-            tifffile.imwrite(tmp, tiles(), shape=shape, dtype=dtype, tile=(tile, tile), photometric="minisblack",
-                             planarconfig="contig" if channels > 1 else None, extratags=extratags,
-                             compression=compression, metadata=None,
-                             bigtiff=H * W * channels * np.dtype(dtype).itemsize > (3 << 30))
+            tifffile.imwrite(tmp, tiles(), **_tiff_kwargs(H, W, channels, dtype, tile, extratags, compression))
             commit(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)
@@ -500,7 +497,7 @@ def predict_tiled_files(predictor: Any, inputs: Sequence[str | os.PathLike], out
     ``arrays``' dtype, float16 for ``auto`` / ``none``). Extra input modalities come from
     ``pairs[name]/<stem>.tif``. Resumable (finished rasters are skipped); a bad raster is reported,
     skipped and counted. Returns the counts."""
-    from multimae.apps.predict_io import check_identity, fingerprint, output_names
+    from multimae.apps.predict_io import check_identity, output_names, run_identity
 
     if predictor.window:
         raise DataError("--tiled and --window are two ways of sliding windows: give one")
@@ -512,10 +509,7 @@ def predict_tiled_files(predictor: Any, inputs: Sequence[str | os.PathLike], out
     window = predictor.image_size
     overlap = window // 4 if overlap is None else overlap
     root = Path(out)
-    ckpt = Path(predictor.run)
-    identity = {"checkpoint": str(ckpt.resolve()), "weights": fingerprint(ckpt),
-                "inputs": [s.name for s in predictor.inputs], "image_size": window,
-                "tiled": {"window": window, "overlap": overlap}, "kinds": kinds}
+    identity = run_identity(predictor, tiled={"window": window, "overlap": overlap}, kinds=kinds)
     meta_path = root / "multimae_predict.json"
     check_identity(meta_path, identity)
     files = _tiff_inputs(inputs)
@@ -542,8 +536,7 @@ def predict_tiled_files(predictor: Any, inputs: Sequence[str | os.PathLike], out
                 if sp.name not in (pairs or {}):
                     raise DataError(f"raster {f}: input {sp.name!r} needs a paired directory (--pair {sp.name}=DIR)")
                 pdir = Path(pairs[sp.name])
-                cand = [pdir / f"{Path(name).name}{e}" for e in TIFF_EXTS]
-                pf = next((c for c in cand if c.is_file()), None)
+                pf = next((c for e in TIFF_EXTS if (c := pdir / f"{Path(name).name}{e}").is_file()), None)
                 if pf is None:
                     raise DataError(f"raster {f}: no paired {sp.name} raster {pdir / Path(name).name}.tif")
                 srcs[sp.key] = pf
@@ -552,10 +545,9 @@ def predict_tiled_files(predictor: Any, inputs: Sequence[str | os.PathLike], out
                 with TiffWindows(srcs[sp.key]) as r:
                     if (prep := _input_prep(sp, r)) is not None:
                         preps[sp.key] = prep
-            fn = run_fn if not preps else \
-                (lambda b, preps=preps: run_fn({k: preps[k](v) if k in preps else v for k, v in b.items()}))
-            predict_tiled(fn, srcs, root, window=window, overlap=overlap, batch_size=batch_size, tile=tile,
-                          name=name, kinds=kinds, progress=progress)
+            predict_tiled(lambda b, preps=preps: run_fn({k: preps[k](v) if k in preps else v for k, v in b.items()}),
+                          srcs, root, window=window, overlap=overlap, batch_size=batch_size, tile=tile, name=name,
+                          kinds=kinds, progress=progress)
             counts["predicted"] += 1
         except DataError as e:
             counts["bad"] += 1

@@ -219,3 +219,24 @@ def test_shard_input(runs, photos, tmp_path):
     r = predict_files(pred, str(tar), tmp_path / "o", progress=False)
     assert (r.predicted, r.bad) == (2, 0)
     assert np.asarray(Image.open(tmp_path / "o" / "s2.semseg.png")).shape == (151, 100)
+
+
+def test_explicit_files_from_two_folders_pair_by_their_relative_path(runs, tmp_path):
+    """x/a.png and y/a.png: each one's depth is DIR/x/a.png, DIR/y/a.png (the path its output name
+    mirrors), not one DIR/a.png for both."""
+    from multimae.data.codecs import encode_png16
+
+    run, _, _ = runs["pretrain"]
+    ddir, files = tmp_path / "depth", []
+    yy, xx = np.mgrid[0:40, 0:48]
+    for sub, dep in (("x", 1000 + 20 * yy + xx), ("y", 1000 + 20 * xx + yy)):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        files.append(tmp_path / "in" / sub / "a.png")
+        Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(files[-1])
+        (ddir / sub).mkdir(parents=True)
+        (ddir / sub / "a.png").write_bytes(encode_png16(dep.astype(np.uint16)))
+    pred = Predictor.from_run(run, device="cpu", inputs=["rgb", "depth"])
+    out = tmp_path / "o"
+    r = predict_files(pred, [str(f) for f in files], out, progress=False, pairs={"depth": ddir}, arrays="float32")
+    assert (r.predicted, r.bad) == (2, 0), r.bad_files
+    assert not np.allclose(np.load(out / "x" / "a.depth.npy"), np.load(out / "y" / "a.depth.npy"))

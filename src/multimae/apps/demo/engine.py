@@ -27,6 +27,7 @@ from multimae.apps.demo.images import (
 from multimae.core.device import autocast, resolve_precision
 from multimae.core.masking import MaskPlan, dirichlet_plan
 from multimae.core.modalities import ModalitySpec
+from multimae.data.errors import DataError
 
 SYNTHETIC_KEYS = ("rgb", "depth", "semseg", "normals")  # what a built-in synthetic scene provides
 MAX_SCENE_INDEX = 10**9
@@ -82,6 +83,7 @@ class DemoEngine:
         self.source = next((s for s in self.inputs.values() if s.kind == "image" and s.channels == 3),
                            next(iter(self.inputs.values())))
         self.grid = (image_size // self.patch, image_size // self.patch)
+        self._n_tokens = self.grid[0] * self.grid[1]  # patches per modality
         self.default_visible, self.default_alpha = default_visible, default_alpha
         self.device = next(model.parameters()).device
         try:
@@ -123,7 +125,7 @@ class DemoEngine:
             "text": ({"name": self.text.name, "max_len": self.text.max_len, "ratio": self.text_ratio,
                       "outputs": list(self.text_tasks)} if self.text is not None else None),
             "source_modality": self.source.name, "grid": list(self.grid), "patch_size": self.patch,
-            "image_size": self.image_size, "tokens": len(self.inputs) * self.grid[0] * self.grid[1],
+            "image_size": self.image_size, "tokens": len(self.inputs) * self._n_tokens,
             "budget": self.default_visible, "alpha": self.default_alpha, "sources": self.sources,
             "folder_size": len(self.folder[0]) if self.folder else 0, "precision": self.precision,
             "device": str(self.device), "threads": torch.get_num_threads(),
@@ -167,8 +169,6 @@ class DemoEngine:
         """Put a caption (str) into a sample's tensors; nothing without a text input."""
         if self.text is None or caption is None:
             return
-        from multimae.data.errors import DataError
-
         try:
             enc = self.text_encoder([caption])
         except DataError as e:
@@ -212,7 +212,7 @@ class DemoEngine:
         if missing:
             batch = {self.source.key: tensors[self.source.key][None].to(self.device)}
             can = [s.name for s in missing if s.name in self.tasks]
-            with self._lock, torch.inference_mode(), self._autocast():
+            with self._lock, torch.inference_mode(), autocast(self.precision, self.device):
                 preds = self.model(batch, MaskPlan.all_visible({self.source.name: self._n_tokens}, 1), tasks=can,
                                    compute_loss=False).preds if can else {}
             for s in missing:
@@ -223,17 +223,13 @@ class DemoEngine:
                 origin[s.key] = f"predicted from {self.source.name}"
         return self._keep(Sample(tensors, origin, title, pad))
 
-    @property
-    def _n_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
-
     def synthetic(self, index: object) -> Sample:
         """Scene ``index`` of the built-in synthetic stream ``scene_seed``, with its exact maps."""
         from multimae.data.synthetic import generate
 
         if "synthetic" not in self.sources:
             raise DemoError("this model has no rgb input to show synthetic scenes to")
-        i = _int(index, "index", 0, MAX_SCENE_INDEX)
+        i = _number(index, "index", 0, MAX_SCENE_INDEX)
         raw = generate(self.scene_seed, i, self.image_size)
         keys = [s.key for s in self.inputs.values() if s.key in SYNTHETIC_KEYS]
         out = self._transform(keys)({k: raw[k] for k in keys} | {"__key__": raw["__key__"]})
@@ -247,20 +243,16 @@ class DemoEngine:
         split_dir = Path(root) / split
         keys = [s.key for s in self.inputs.values() if (split_dir / s.key).is_dir()]
         if self.source.key not in keys:
-            from multimae.data.errors import DataError
-
             raise DataError(f"{split_dir}: no {self.source.key}/ directory (the demo needs the "
                             f"{self.source.name} modality of every sample)")
         return FolderDataset(root, split, keys), keys
 
     def folder_sample(self, index: object) -> Sample:
         """Sample ``index`` of the folder dataset; its missing modalities are predicted."""
-        from multimae.data.errors import DataError
-
         if self.folder is None:
             raise DemoError("no folder dataset: start the demo with --data ROOT")
         ds, keys = self.folder
-        i = _int(index, "index", 0, len(ds) - 1)
+        i = _number(index, "index", 0, len(ds) - 1)
         try:
             raw = ds.load(i)
         except DataError as e:
@@ -286,9 +278,9 @@ class DemoEngine:
         sample = self.get(sample_id)
         names = [n for n, s in self.inputs.items() if s.key in sample.tensors]
         total = len(names) * self._n_tokens
-        k = _int(budget, "budget", 0, total)
-        a = _float(alpha, "alpha", 0.01, 100.0)
-        g = torch.Generator().manual_seed(_int(seed, "seed", 0, 2**62))
+        k = _number(budget, "budget", 0, total)
+        a = _number(alpha, "alpha", 0.01, 100.0, integer=False)
+        g = torch.Generator().manual_seed(_number(seed, "seed", 0, 2**62))
         plan = dirichlet_plan({n: self._n_tokens for n in names}, 1, k, a, generator=g)
         out = {n: plan.masks[n][0].nonzero().flatten().tolist() for n in names}
         if self.text is not None and self.text.key in sample.tensors:  # M3AE: a ratio of the words hidden
@@ -319,9 +311,6 @@ class DemoEngine:
         return MaskPlan(masks)
 
     # ------------------------------------------------------------------ predictions
-    def _autocast(self) -> Any:
-        return autocast(self.precision, self.device)
-
     def predict(self, sample_id: object, hidden: object) -> dict[str, Any]:
         """Every output task's prediction beside its target, for the given hidden patches."""
         sample = self.get(sample_id)
@@ -337,10 +326,9 @@ class DemoEngine:
         tasks = list(self.tasks) + (list(self.text_tasks) if pads else [])
         with self._lock:
             t0 = time.perf_counter()
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), autocast(self.precision, self.device):
                 preds = self.model(Batch(batch, pads), plan.to(self.device), tasks=tasks, compute_loss=False).preds
-            ms = (time.perf_counter() - t0) * 1000
-            self.last_ms = ms
+            self.last_ms = ms = (time.perf_counter() - t0) * 1000
         outputs = {}
         by_key = {self.inputs[n].key: n for n in plan.masks if n in self.inputs}
         for t, s in self.tasks.items():
@@ -400,12 +388,12 @@ class DemoEngine:
         if spec.kind == "image" and spec.channels == 3:
             if hue is None:
                 raise DemoError(f"editing {spec.name} needs 'hue' (degrees)")
-            degrees = _float(hue, "hue", -360.0, 360.0)
+            degrees = _number(hue, "hue", -360.0, 360.0, integer=False)
             new = shift_hue(spec, x, region, degrees)
         elif spec.kind == "categorical":
             if cls is None:
                 raise DemoError(f"editing {spec.name} needs 'class' (a class id)")
-            k = _int(cls, "class", 0, spec.num_classes - 1)
+            k = _number(cls, "class", 0, spec.num_classes - 1)
             new = set_class(x, region, k)
         else:
             raise DemoError(f"{spec.name} ({spec.kind}) cannot be edited; rgb hue and semseg class can")
@@ -419,20 +407,14 @@ def _edited(title: str) -> str:
     return title if title.endswith(" (edited)") else f"{title} (edited)"
 
 
-def _int(v: object, name: str, lo: int, hi: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
-        raise DemoError(f"'{name}' must be an integer, got {short(v)}")
+def _number(v: object, name: str, lo: float, hi: float, integer: bool = True) -> Any:
+    """A JSON number in [lo, hi] (``integer``: a whole one, as an int; else a float, not NaN)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v \
+            or (integer and isinstance(v, float) and not v.is_integer()):
+        raise DemoError(f"'{name}' must be {'an integer' if integer else 'a number'}, got {short(v)}")
     if not lo <= v <= hi:
-        raise DemoError(f"'{name}' must be in [{lo}, {hi}], got {int(v)}")
-    return int(v)
-
-
-def _float(v: object, name: str, lo: float, hi: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise DemoError(f"'{name}' must be a number, got {short(v)}")
-    if not lo <= v <= hi:
-        raise DemoError(f"'{name}' must be in [{lo}, {hi}], got {v}")
-    return float(v)
+        raise DemoError(f"'{name}' must be in [{lo}, {hi}], got {int(v) if integer else v}")
+    return int(v) if integer else float(v)
 
 
 def _indices(v: object, name: str, n: int) -> list[int]:
@@ -467,10 +449,7 @@ def engine_from_checkpoint(path: str | Path, data: str | Path | None = None, spl
     seed = int((run.config.get("train") or {}).get("seed", 0))
     source = get_source(dcfg.source)
     root = data if data is not None else (dcfg.root if source.browsable_root else None)
-    folder = None
-    if root is not None:
-        chosen = split or ("val" if (Path(root) / "val").is_dir() else dcfg.split)
-        folder = (root, chosen)
+    folder = None if root is None else (root, split or ("val" if (Path(root) / "val").is_dir() else dcfg.split))
     semseg = model.output_specs.get("semseg")
     names = pretrain_classes({"source": dcfg.source, "root": root}, "semseg", semseg.num_classes) if semseg else None
     tokenizer, ratio = None, 0.75  # M3AE's text mask ratio

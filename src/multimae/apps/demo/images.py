@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from multimae.data.codecs import image_pixels, open_image
+from multimae.data.codecs import _png_bytes, image_pixels, open_image
 from multimae.data.errors import DataError
 from multimae.apps.demo.errors import DemoError
 from multimae.model.losses import patchify, unpatchify
@@ -92,9 +92,7 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int, max_side: int) -
 def png_data_url(img: Tensor) -> str:
     """(3, H, W) float in [0, 1] -> ``data:image/png;base64,...``."""
     arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(_png_bytes(arr, compress_level=1)).decode("ascii")
 
 
 def class_colors(num_classes: int) -> list[str]:

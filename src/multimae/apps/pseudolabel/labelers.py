@@ -125,6 +125,8 @@ class _HFBase:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.processor_kwargs = dict(processor_kwargs or {})
+        self.tf = _require_transformers()
+        self.config = _hf_config(path)
 
     def _inputs(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         out = []
@@ -135,8 +137,9 @@ class _HFBase:
         return out
 
     @torch.inference_mode()
-    def _run(self, images: Sequence[Tensor]) -> list[tuple[Any, int, dict[str, Tensor]]]:
-        """``(model output, index in its group, that image's processed inputs)`` per image, in order."""
+    def _run(self, images: Sequence[Tensor]) -> list[tuple[Any, int, tuple[int, int], tuple[int, int]]]:
+        """``(model output, index in its group, (h, w) of the image in its processed input, that
+        input's (h, w))`` per image, in order."""
         inputs = self._inputs(images)
         groups: dict[tuple, list[int]] = {}
         for i, enc in enumerate(inputs):
@@ -147,7 +150,8 @@ class _HFBase:
             with autocast(self.precision, self.device):
                 out = self.model(**batch)
             for j, i in enumerate(idx):
-                results[i] = (out, j, inputs[i])
+                full = tuple(inputs[i]["pixel_values"].shape[-2:])
+                results[i] = (out, j, _valid_box(inputs[i].get("pixel_mask", [None])[0], full), full)
         return results
 
 
@@ -167,10 +171,8 @@ class HFDepthLabeler(_HFBase):
     def __init__(self, path: str | Path, device: str = "auto", precision: str = "auto", units: str = "auto",
                  processor_kwargs: dict | None = None) -> None:
         super().__init__(path, device, precision, processor_kwargs)
-        tf = _require_transformers()
-        self.config = _hf_config(path)
-        self.processor = tf.AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
-        self.model = tf.AutoModelForDepthEstimation.from_pretrained(str(path), local_files_only=True)
+        self.processor = self.tf.AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+        self.model = self.tf.AutoModelForDepthEstimation.from_pretrained(str(path), local_files_only=True)
         self.model.to(self.device).eval()
         if units not in ("auto", "metric", "relative"):
             raise ValueError(f"depth units must be auto, metric or relative, got {units!r}")
@@ -186,11 +188,9 @@ class HFDepthLabeler(_HFBase):
 
     def __call__(self, images: Sequence[Tensor]) -> dict[str, list[Tensor]]:
         maps = []
-        for img, (out, j, enc) in zip(images, self._run(images)):
+        for img, (out, j, valid, full) in zip(images, self._run(images)):
             pred = out.predicted_depth[j].float()
-            pred = pred if pred.ndim == 3 else pred[None]
-            full = tuple(enc["pixel_values"].shape[-2:])
-            pred = _crop_to_valid(pred, _valid_box(enc.get("pixel_mask", [None])[0], full), full)
+            pred = _crop_to_valid(pred if pred.ndim == 3 else pred[None], valid, full)
             maps.append(resize_map(pred.cpu(), tuple(img.shape[-2:]), categorical=False))
         return {"depth": maps}
 
@@ -215,8 +215,7 @@ class HFSegmentationLabeler(_HFBase):
     def __init__(self, path: str | Path, device: str = "auto", precision: str = "auto", label_set: str = "auto",
                  mode: str = "semantic", processor_kwargs: dict | None = None) -> None:
         super().__init__(path, device, precision, processor_kwargs)
-        tf = _require_transformers()
-        self.config = _hf_config(path)
+        tf = self.tf
         self.model_type = self.config.get("model_type", "?")
         self.universal = self.model_type in UNIVERSAL_TYPES
         if mode not in ("semantic", "panoptic"):
@@ -253,10 +252,8 @@ class HFSegmentationLabeler(_HFBase):
 
     def __call__(self, images: Sequence[Tensor]) -> dict[str, list[Tensor]]:
         maps = []
-        for img, (out, j, enc) in zip(images, self._run(images)):
+        for img, (out, j, valid, full) in zip(images, self._run(images)):
             size = tuple(img.shape[-2:])
-            full = tuple(enc["pixel_values"].shape[-2:])
-            valid = _valid_box(enc.get("pixel_mask", [None])[0], full)
             scores = _crop_to_valid(self._class_scores(out, j), valid, full).cpu()
             sem = self.label_map(upsampled_argmax(scores, size))
             if self.mode == "panoptic":

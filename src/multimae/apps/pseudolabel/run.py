@@ -88,6 +88,11 @@ def encode_classes(ids: Tensor, num_classes: int, where: str) -> bytes:
 _write_bytes = write_bytes  # atomic (temporary name, fsync, rename), shared with `multimae data prepare`
 
 
+def _rgb_file(item: InputItem, data: bytes, rgb: Tensor) -> tuple[str, bytes]:
+    """``(extension, bytes)`` of a sample's rgb: the input file as it is in a common image format, else a PNG."""
+    return (item.ext, data) if item.ext in IMAGE_EXTS else encode_field(rgb, "rgb", "png")
+
+
 # --- outputs -------------------------------------------------------------------------------------
 
 
@@ -108,11 +113,8 @@ class FolderWriter:
     def write(self, item: InputItem, data: bytes, rgb: Tensor, maps: dict[str, bytes]) -> None:
         for task, png in maps.items():
             _write_bytes(self._path(task, item.cls, item.name, "png"), png)
-        if item.ext in IMAGE_EXTS:
-            _write_bytes(self._path("rgb", item.cls, item.name, item.ext), data)
-        else:
-            ext, png = encode_field(rgb, "rgb", "png")
-            _write_bytes(self._path("rgb", item.cls, item.name, ext), png)
+        ext, raw = _rgb_file(item, data, rgb)
+        _write_bytes(self._path("rgb", item.cls, item.name, ext), raw)
 
     def close(self) -> list[str]:
         return [str(self.root / self.split)]
@@ -142,8 +144,7 @@ class ShardWriter:
 
         def work() -> None:
             try:
-                self.paths = write_shards(stream(), self.pattern, shard_size,
-                                          png_scale=depth_scale or RELATIVE_PNG_SCALE)
+                self.paths = write_shards(stream(), self.pattern, shard_size, png_scale=self.depth_scale)
             except BaseException as e:  # re-raised in close()
                 self.error = e
                 while self.queue.get() is not None:
@@ -156,11 +157,8 @@ class ShardWriter:
         return False
 
     def write(self, item: InputItem, data: bytes, rgb: Tensor, maps: dict[str, bytes]) -> None:
-        sample: dict = {"__key__": item.name}
-        sample[f"rgb.{item.ext}" if item.ext in IMAGE_EXTS else "rgb.png"] = (
-            data if item.ext in IMAGE_EXTS else encode_field(rgb, "rgb", "png")[1])
-        for task, png in maps.items():
-            sample[f"{task}.png"] = png
+        ext, raw = _rgb_file(item, data, rgb)
+        sample: dict = {"__key__": item.name, f"rgb.{ext}": raw, **{f"{t}.png": png for t, png in maps.items()}}
         if "depth" in maps:
             sample["__png_scale__"] = {"depth": self.depth_scale}
         self.queue.put(sample)
@@ -207,12 +205,8 @@ def build_labelers(depth: str | os.PathLike | None, semseg: str | os.PathLike | 
     if depth is not None and semseg is not None and Path(depth).resolve() == Path(semseg).resolve() \
             and is_multimae_checkpoint(depth):
         return [MultiMAELabeler(depth, ("depth", "semseg"), device, precision, options.get("image_size"))]
-    out: list[Labeler] = []
-    if depth is not None:
-        out.append(load_labeler(depth, "depth", device, precision, **options))
-    if semseg is not None:
-        out.append(load_labeler(semseg, "semseg", device, precision, **options))
-    return out
+    return [load_labeler(path, task, device, precision, **options)
+            for task, path in (("depth", depth), ("semseg", semseg)) if path is not None]
 
 
 def pseudolabel(input: str | os.PathLike, out: str | os.PathLike, labelers: Sequence[Labeler], split: str = "train",
