@@ -25,6 +25,7 @@ sample of a batch already formed: it is raised).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -71,9 +72,7 @@ class DeferredImages:
         first = items[0]
         if any(d.size != first.size or (d.norm is None) != (first.norm is None) for d in items):
             raise ValueError("the deferred images of one batch key differ in size or normalisation")
-        offsets = [0]
-        for d in items:
-            offsets.append(offsets[-1] + len(d.data))
+        offsets = [0, *itertools.accumulate(len(d.data) for d in items)]
         blob = torch.frombuffer(bytearray(b"".join(d.data for d in items)), dtype=torch.uint8)
         return cls(blob, offsets, [d.box for d in items], [d.flip for d in items], list(index), first.size,
                    first.norm)
