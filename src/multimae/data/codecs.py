@@ -584,9 +584,7 @@ def compact_png(data: bytes, where: str) -> bytes | None:
     if not data.startswith(b"\x89PNG"):
         return None
     arr = _image_array(open_image(data, where))
-    if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):
-        return None
-    return encode_zst(arr)
+    return encode_zst(arr) if arr.ndim == 2 and arr.dtype in (np.uint8, np.uint16) else None
 
 
 def png16_exact(scale: float) -> bool:

@@ -111,7 +111,7 @@ def trimmed_moments(values: np.ndarray, lo: int, hi: int) -> tuple[float, float]
     a, b = sample[min(m - 1, lo * m // n + margin)], sample[max(0, hi * m // n - margin)]
     if lo > 0 and c > 0 and not a <= b:
         return trimmed_moments_partition(values, lo, hi)
-    outer = below = above = None
+    outer, below, above = None, values[:0], values[:0]  # below / above: empty where nothing is cut
     if lo > 0:
         outer = values < a
         below = values[outer]
@@ -119,15 +119,15 @@ def trimmed_moments(values: np.ndarray, lo: int, hi: int) -> tuple[float, float]
         high = values > b
         above = values[high]
         outer = high if outer is None else outer | high
-    nb, na = (0 if below is None else below.size), (0 if above is None else above.size)
+    nb, na = below.size, above.size
     if nb < lo or na < c or nb > hi or na > n - lo:  # a threshold fell short: ties or an odd sample
         return trimmed_moments_partition(values, lo, hi)
     pivot = float(sample[m // 2])
     t1, t2 = _sum2(values if outer is None else values[~outer], pivot)  # below < a <= middle <= b < above
-    if below is not None and lo < nb:
+    if lo < nb:
         s = _sum2(np.partition(below, lo)[lo:], pivot)
         t1, t2 = t1 + s[0], t2 + s[1]
-    if above is not None and na > c:
+    if na > c:
         s = _sum2(np.partition(above, na - c - 1)[:na - c], pivot)
         t1, t2 = t1 + s[0], t2 + s[1]
     k = hi - lo
@@ -142,10 +142,12 @@ def trimmed_moments_partition(values: np.ndarray, lo: int, hi: int) -> tuple[flo
     return mean, (float(np.einsum("i,i->", kept, kept)) / (kept.size - 1) if kept.size > 1 else 0.0)
 
 
-def _trim_ranks(n: int, trunc: float) -> tuple[int, int]:
-    """The kept ranks [lo, hi) of ``n`` values by the truncation ``trunc`` (all of them when fewer than 2)."""
+def _truncated_moments(vals: Tensor, trunc: float) -> tuple[float, float]:
+    """:func:`trimmed_moments` of (1-D) ``vals`` without the fraction ``trunc`` at each end (all of
+    them when fewer than 2 would be kept)."""
+    n = vals.numel()
     lo, hi = int(trunc * n), int((1 - trunc) * n)
-    return (0, n) if hi - lo < 2 else (lo, hi)
+    return trimmed_moments(vals.detach().cpu().numpy(), *((0, n) if hi - lo < 2 else (lo, hi)))
 
 
 def robust_standardize_fast(depth: Tensor, valid: Tensor | None = None, trunc: float = 0.1,
@@ -161,10 +163,9 @@ def robust_standardize_fast(depth: Tensor, valid: Tensor | None = None, trunc: f
         valid = torch.isfinite(x) & (x != 0)
     every = all_valid or bool(valid.all())
     vals = x.reshape(-1) if every else x[valid]
-    n = vals.numel()
-    if n == 0:
+    if vals.numel() == 0:
         return torch.zeros_like(x)
-    mean, var = trimmed_moments(vals.detach().cpu().numpy(), *_trim_ranks(n, trunc))
+    mean, var = _truncated_moments(vals, trunc)
     mean32, var32 = np.float32(mean), np.float32(var)
     sd = float(np.sqrt(var32 + np.float32(1e-6)))  # as the reference: float32 sqrt(var + 1e-6)
     out = (x - float(mean32)).div_(sd)
@@ -324,10 +325,9 @@ def _depth_fast(x: Packed, box: Box, size: int, spec: ModalitySpec, flip: bool, 
     if flip:
         y, ok = _flip_dense(y, ok, spec)
     vals = y.reshape(-1) if ok is None else y[ok]
-    n = vals.numel()
-    if n == 0:
+    if vals.numel() == 0:
         return torch.zeros(y.shape, dtype=torch.float32)
-    mean, var = trimmed_moments(vals.numpy(), *_trim_ranks(n, trunc))
+    mean, var = _truncated_moments(vals, trunc)
     s = float(x.scale)
     out = (y - mean).mul_(s / math.sqrt(s * s * var + 1e-6)).float()
     return out if ok is None else out.masked_fill_(~ok, 0.0)
