@@ -508,8 +508,7 @@ def validate_field(value: object, spec: ModalitySpec, where: str) -> None:
         raise DataError(f"{where}: expected ({spec.channels},H,W), got shape {tuple(value.shape)}")
     if spec.kind == "dense":
         finite = torch.isfinite(value)
-        bad = int((~finite).sum())
-        if bad == value.numel():
+        if not bool(finite.any()):
             raise DataError(f"{where}: no valid pixel (every value is NaN/inf)")
         if spec.standardize == "robust" and not bool((finite & (value != 0)).any()):
             raise DataError(f"{where}: no valid pixel (every value is 0 or NaN/inf)")

@@ -119,14 +119,8 @@ def _crop_resize(img: Tensor, box: tuple[int, int, int, int], flip: bool, size: 
     if img.shape[-2] < top + h or img.shape[-1] < left + w:
         raise DataError(f"a decoded JPEG of {tuple(img.shape[-2:])} is smaller than its header said (box {box})")
     crop = img[:, top:top + h, left:left + w]
-    if uint8:
-        out = bilinear(crop, size)
-    else:
-        out = crop.float()
-        if (h, w) != (size, size):
-            out = torch.nn.functional.interpolate(out[None], size=[size, size], mode="bilinear",
-                                                  align_corners=False, antialias=True)[0]
-        out = out.round_().clamp_(0, 255)  # the uint8 kernel's output is integers too
+    # float: the same antialiased kernel, rounded (the uint8 kernel's output is integers too)
+    out = bilinear(crop, size) if uint8 else bilinear(crop.float(), size).round_().clamp_(0, 255)
     return out.flip(-1) if flip else out
 
 
