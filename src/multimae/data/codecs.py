@@ -517,9 +517,10 @@ def validate_field(value: object, spec: ModalitySpec, where: str) -> None:
 # --- encoding (writers) --------------------------------------------------------------------------
 
 
-def _png_bytes(arr: np.ndarray, **kw: object) -> bytes:
+def _png_bytes(arr: np.ndarray, format: str = "PNG", **kw: object) -> bytes:
+    """An image array's file bytes: PNG, or ``format`` with PIL's save options ``kw``."""
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", **kw)
+    Image.fromarray(arr).save(buf, format=format, **kw)
     return buf.getvalue()
 
 
@@ -550,9 +551,7 @@ def encode_field(value: object, key: str, image_format: str = "jpg", png_scale: 
         hwc = np.ascontiguousarray(arr.transpose(1, 2, 0))
         hwc = hwc[..., 0] if hwc.shape[-1] == 1 else hwc
         if image_format in ("jpg", "jpeg"):
-            buf = io.BytesIO()
-            Image.fromarray(hwc).save(buf, format="JPEG", quality=95, subsampling=0)
-            return "jpg", buf.getvalue()
+            return "jpg", _png_bytes(hwc, "JPEG", quality=95, subsampling=0)
         return "png", _png_bytes(hwc, compress_level=1)
     if np.issubdtype(arr.dtype, np.integer) and arr.ndim == 2:
         lo, hi = int(arr.min()), int(arr.max())

@@ -59,13 +59,9 @@ def file_band_names(tif: object, count: int) -> tuple[str, ...] | None:
         root = ET.fromstring(tag.value)
     except ET.ParseError:
         return None
-    names: dict[int, str] = {}
-    for item in root.iter("Item"):
-        if item.get("name", "").upper() == "DESCRIPTION" and item.get("sample") is not None and item.text:
-            names[int(item.get("sample"))] = item.text.strip()
-    if sorted(names) != list(range(count)):
-        return None
-    return tuple(names[i] for i in range(count))
+    names = {int(item.get("sample")): item.text.strip() for item in root.iter("Item")
+             if item.get("name", "").upper() == "DESCRIPTION" and item.get("sample") is not None and item.text}
+    return tuple(names[i] for i in range(count)) if sorted(names) == list(range(count)) else None
 
 
 def read_raster(data: bytes | str | os.PathLike, ext: str | None = None,
@@ -74,8 +70,7 @@ def read_raster(data: bytes | str | os.PathLike, ext: str | None = None,
 
     ``ext``: ``tif`` / ``tiff`` / ``npy`` (default: the path's suffix).
     """
-    arr, names, _ = _read(data, ext, where)
-    return arr, names
+    return _read(data, ext, where)[:2]
 
 
 def _tiff_nodata(tif: object) -> float | None:

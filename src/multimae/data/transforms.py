@@ -255,7 +255,7 @@ def _readonly_view(arr: np.ndarray) -> Tensor:
 
 def _image_fast(x: Packed, box: Box, size: int, spec: ModalitySpec, flip: bool,
                 norm: tuple[Tensor, Tensor] | None) -> Tensor:
-    """:func:`_resize_image` (+ flip) of packed (H,W,C) uint8 pixels: the same uint8 kernel reads
+    """The reference image crop-resize (+ flip) of packed (H,W,C) uint8 pixels: the same uint8 kernel reads
     the pixels in place (channels-last view, no (C,H,W) copy); flipping and the float conversion
     happen on the 224x224 output only, and the normalisation is one fused multiply-add
     ``x * (1 / (255 std)) - mean / std`` (within 1e-6 of the reference's ``(x / 255 - mean) / std``,
@@ -345,7 +345,7 @@ def nearest_exact_index(in_size: int, out_size: int) -> np.ndarray:
 
 
 def _categorical_fast(x: Packed, box: Box, size: int, flip: bool) -> Tensor:
-    """:func:`_resize_categorical` (+ flip) of packed class ids, bit for bit: the nearest source
+    """The reference nearest crop-resize (+ flip) of packed class ids, bit for bit: the nearest source
     pixels are gathered from the crop box directly, and only the output becomes int64."""
     top, left, h, w = box
     rows = top + nearest_exact_index(h, size)
