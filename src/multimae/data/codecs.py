@@ -106,9 +106,8 @@ def _image_array(img: Image.Image) -> np.ndarray:
     16-bit PNGs open in mode ``I;16`` (or ``I;16B``), read here as native uint16; palette
     images (``P``, how class maps are often stored) give their indices.
     """
-    if img.mode.startswith("I;16"):
-        return np.asarray(img).astype(np.uint16)
-    return np.asarray(img)
+    arr = np.asarray(img)
+    return arr.astype(np.uint16, copy=False) if img.mode.startswith("I;16") else arr
 
 
 # Transparent pixels are composited onto the ImageNet mean colour: after the input normalisation
@@ -140,18 +139,29 @@ def image_pixels(img: Image.Image, channels: int, where: str) -> np.ndarray:
     return arr.reshape(arr.shape[0], arr.shape[1], -1)
 
 
-def _jpeg_turbo(data: bytes, channels: int) -> np.ndarray | None:
-    """uint8 (H,W,3) of an RGB (YCbCr or grey) JPEG decoded by simplejpeg -- the same
-    libjpeg-turbo decoding as PIL's (same DCT and upsampling, bit for bit, tested), with less
-    overhead -- or None where :func:`open_image` must decode it: not a JPEG, another channel
-    count, CMYK, an EXIF block (its orientation), more pixels than PIL's decompression-bomb
-    limit, or any decoder error (PIL then names it)."""
+def _turbo_size(data: bytes, channels: int) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that simplejpeg decodes as the CPU path must (an RGB / greyscale
+    JPEG without an EXIF block (its orientation), of 1 to PIL's decompression-bomb limit pixels,
+    three channels asked for, a header simplejpeg parses), else None."""
     if simplejpeg is None or channels != 3 or not data.startswith(b"\xff\xd8") or b"Exif\x00\x00" in data[:65536]:
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace not in ("YCbCr", "Gray") or height * width > (Image.MAX_IMAGE_PIXELS or math.inf):
-            return None
+    except (ValueError, RuntimeError):
+        return None
+    ok = colorspace in ("YCbCr", "Gray") and 0 < height * width <= (Image.MAX_IMAGE_PIXELS or math.inf)
+    return (height, width) if ok else None
+
+
+def _jpeg_turbo(data: bytes, channels: int) -> np.ndarray | None:
+    """uint8 (H,W,3) of an RGB (YCbCr or grey) JPEG decoded by simplejpeg -- the same
+    libjpeg-turbo decoding as PIL's (same DCT and upsampling, bit for bit, tested), with less
+    overhead -- or None where :func:`open_image` must decode it: what :func:`_turbo_size`
+    declines (another channel count, CMYK, EXIF, over the pixel limit), or any decoder error
+    (PIL then names it)."""
+    if _turbo_size(data, channels) is None:
+        return None
+    try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
     except (ValueError, RuntimeError):
         return None
@@ -167,8 +177,7 @@ def read_pixels(data: bytes, channels: int, where: str) -> np.ndarray:
 def decode_image(data: bytes, channels: int, where: str) -> Tensor:
     """An image file -> uint8 (C,H,W), upright (EXIF), 16-bit scaled, alpha composited
     (:func:`image_pixels`)."""
-    arr = read_pixels(data, channels, where)
-    return _writable_tensor(arr.transpose(2, 0, 1))
+    return _writable_tensor(read_pixels(data, channels, where).transpose(2, 0, 1))
 
 
 def _writable_tensor(arr: np.ndarray) -> Tensor:
@@ -276,18 +285,20 @@ def decode_dense(data: bytes, ext: str, channels: int, png_scale: float, where: 
             raise DataError(f"{where}: expected a numeric array, got dtype {arr.dtype}")
         return torch.from_numpy(np.ascontiguousarray(_chw(arr, channels, where), dtype=np.float32))
     arr = _int_map(data, ext, where)
-    if arr.dtype == np.uint8 and channels == 1:
-        # a one-channel map (depth) stored in 8 bits: its values, scaled like a 16-bit PNG's
-        notice_once("8bit", where.rsplit("/", 1)[0],
-                    f"{where}: an 8-bit PNG as a one-channel dense map (depth): only 256 levels; read as "
-                    f"value x png_scale {png_scale:g} (0 = invalid), like a 16-bit PNG -- store depth as a 16-bit "
-                    "PNG or .npy to keep its precision")
-        out = (arr.astype(np.float64) * png_scale).astype(np.float32)
-    elif arr.dtype == np.uint8:
+    if arr.dtype == np.uint8 and channels != 1:
         out = arr.astype(np.float32) / 127.5 - 1.0
     else:
+        if arr.dtype == np.uint8:  # a one-channel map (depth) stored in 8 bits: scaled like a 16-bit PNG's
+            _notice_8bit(where, png_scale)
         out = (arr.astype(np.float64) * png_scale).astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(_chw(out, channels, where)))
+
+
+def _notice_8bit(where: str, png_scale: float) -> None:
+    notice_once("8bit", where.rsplit("/", 1)[0],
+                f"{where}: an 8-bit PNG as a one-channel dense map (depth): only 256 levels; read as "
+                f"value x png_scale {png_scale:g} (0 = invalid), like a 16-bit PNG -- store depth as a 16-bit "
+                "PNG or .npy to keep its precision")
 
 
 def decode_categorical(data: bytes, ext: str, where: str) -> Tensor:
@@ -368,7 +379,7 @@ class Packed:
         if self.kind == "image":
             return _writable_tensor(self.array.transpose(2, 0, 1))
         if self.kind == "dense":
-            return torch.from_numpy((self.array.astype(np.float64) * self.scale).astype(np.float32)[None])
+            return self.dense_float(0, 0, *self.array.shape)
         return torch.from_numpy(self.array.astype(np.int64))
 
     def dense_float(self, top: int, left: int, height: int, width: int) -> Tensor:
@@ -389,18 +400,11 @@ def decode_packed(data: bytes, ext: str, spec: ModalitySpec, png_scale: float, w
     if spec.kind == "dense":
         if spec.channels != 1 or not (math.isfinite(png_scale) and png_scale > 1e-30):
             return decode_field(data, ext, spec, png_scale, where)
-        if ext == "zst":
-            arr = zst_array(data, where)
-        else:
-            img = open_image(data, where)
-            arr = np.asarray(img) if img.mode in ("I;16", "L", "P") else _image_array(img)  # no astype copy
+        arr = _int_map(data, ext, where)
         if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):  # e.g. an RGB or 32-bit file
             return decode_dense(data, ext, spec.channels, png_scale, where)  # its error, or a float tensor
         if arr.dtype == np.uint8:
-            notice_once("8bit", where.rsplit("/", 1)[0],
-                        f"{where}: an 8-bit PNG as a one-channel dense map (depth): only 256 levels; read as "
-                        f"value x png_scale {png_scale:g} (0 = invalid), like a 16-bit PNG -- store depth as a 16-bit "
-                        "PNG or .npy to keep its precision")
+            _notice_8bit(where, png_scale)
         return Packed("dense", arr, png_scale)
     arr = _int_map(data, ext, where)
     if arr.ndim == 3 and arr.shape[-1] == 1:
@@ -438,25 +442,15 @@ def jpeg_for_device(data: bytes, channels: int) -> EncodedJpeg | None:
     """``data`` as an :class:`EncodedJpeg` where a device decoder reads it as the CPU path does
     (what :func:`_jpeg_turbo` takes: an RGB / greyscale JPEG without EXIF orientation, within
     PIL's pixel limit, a header simplejpeg parses), else None (then decoded on the CPU)."""
-    if simplejpeg is None or channels != 3 or not data.startswith(b"\xff\xd8") or b"Exif\x00\x00" in data[:65536]:
-        return None
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except (ValueError, RuntimeError):
-        return None
-    if colorspace not in ("YCbCr", "Gray") or height * width > (Image.MAX_IMAGE_PIXELS or math.inf) or not height * width:
-        return None
-    return EncodedJpeg("image", np.frombuffer(data, np.uint8), 1.0, height, width)
+    size = _turbo_size(data, channels)
+    return None if size is None else EncodedJpeg("image", np.frombuffer(data, np.uint8), 1.0, *size)
 
 
 def decode_encoded(data: bytes, ext: str, spec: ModalitySpec, png_scale: float, where: str) -> Tensor | str | Packed:
     """:func:`decode_packed`, but RGB JPEG images stay encoded (:class:`EncodedJpeg`) for the
     device decoder of ``data.decode=cuda``."""
-    if spec.kind == "image" and ext.lower() in ("jpg", "jpeg"):
-        enc = jpeg_for_device(data, spec.channels)
-        if enc is not None:
-            return enc
-    return decode_packed(data, ext, spec, png_scale, where)
+    enc = jpeg_for_device(data, spec.channels) if spec.kind == "image" and ext.lower() in ("jpg", "jpeg") else None
+    return enc if enc is not None else decode_packed(data, ext, spec, png_scale, where)
 
 
 def decoder_for(packed: bool | str):  # type: ignore[no-untyped-def]
@@ -514,8 +508,7 @@ def validate_field(value: object, spec: ModalitySpec, where: str) -> None:
         raise DataError(f"{where}: expected ({spec.channels},H,W), got shape {tuple(value.shape)}")
     if spec.kind == "dense":
         finite = torch.isfinite(value)
-        bad = int((~finite).sum())
-        if bad == value.numel():
+        if not bool(finite.any()):
             raise DataError(f"{where}: no valid pixel (every value is NaN/inf)")
         if spec.standardize == "robust" and not bool((finite & (value != 0)).any()):
             raise DataError(f"{where}: no valid pixel (every value is 0 or NaN/inf)")
@@ -524,9 +517,10 @@ def validate_field(value: object, spec: ModalitySpec, where: str) -> None:
 # --- encoding (writers) --------------------------------------------------------------------------
 
 
-def _png_bytes(arr: np.ndarray, **kw: object) -> bytes:
+def _png_bytes(arr: np.ndarray, format: str = "PNG", **kw: object) -> bytes:
+    """An image array's file bytes: PNG, or ``format`` with PIL's save options ``kw``."""
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", **kw)
+    Image.fromarray(arr).save(buf, format=format, **kw)
     return buf.getvalue()
 
 
@@ -557,9 +551,7 @@ def encode_field(value: object, key: str, image_format: str = "jpg", png_scale: 
         hwc = np.ascontiguousarray(arr.transpose(1, 2, 0))
         hwc = hwc[..., 0] if hwc.shape[-1] == 1 else hwc
         if image_format in ("jpg", "jpeg"):
-            buf = io.BytesIO()
-            Image.fromarray(hwc).save(buf, format="JPEG", quality=95, subsampling=0)
-            return "jpg", buf.getvalue()
+            return "jpg", _png_bytes(hwc, "JPEG", quality=95, subsampling=0)
         return "png", _png_bytes(hwc, compress_level=1)
     if np.issubdtype(arr.dtype, np.integer) and arr.ndim == 2:
         lo, hi = int(arr.min()), int(arr.max())
@@ -590,9 +582,7 @@ def compact_png(data: bytes, where: str) -> bytes | None:
     if not data.startswith(b"\x89PNG"):
         return None
     arr = _image_array(open_image(data, where))
-    if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):
-        return None
-    return encode_zst(arr)
+    return encode_zst(arr) if arr.ndim == 2 and arr.dtype in (np.uint8, np.uint16) else None
 
 
 def png16_exact(scale: float) -> bool:

@@ -25,6 +25,7 @@ sample of a batch already formed: it is raised).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -71,9 +72,7 @@ class DeferredImages:
         first = items[0]
         if any(d.size != first.size or (d.norm is None) != (first.norm is None) for d in items):
             raise ValueError("the deferred images of one batch key differ in size or normalisation")
-        offsets = [0]
-        for d in items:
-            offsets.append(offsets[-1] + len(d.data))
+        offsets = [0, *itertools.accumulate(len(d.data) for d in items)]
         blob = torch.frombuffer(bytearray(b"".join(d.data for d in items)), dtype=torch.uint8)
         return cls(blob, offsets, [d.box for d in items], [d.flip for d in items], list(index), first.size,
                    first.norm)
@@ -120,14 +119,8 @@ def _crop_resize(img: Tensor, box: tuple[int, int, int, int], flip: bool, size: 
     if img.shape[-2] < top + h or img.shape[-1] < left + w:
         raise DataError(f"a decoded JPEG of {tuple(img.shape[-2:])} is smaller than its header said (box {box})")
     crop = img[:, top:top + h, left:left + w]
-    if uint8:
-        out = bilinear(crop, size)
-    else:
-        out = crop.float()
-        if (h, w) != (size, size):
-            out = torch.nn.functional.interpolate(out[None], size=[size, size], mode="bilinear",
-                                                  align_corners=False, antialias=True)[0]
-        out = out.round_().clamp_(0, 255)  # the uint8 kernel's output is integers too
+    # float: the same antialiased kernel, rounded (the uint8 kernel's output is integers too)
+    out = bilinear(crop, size) if uint8 else bilinear(crop.float(), size).round_().clamp_(0, 255)
     return out.flip(-1) if flip else out
 
 

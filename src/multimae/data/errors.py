@@ -84,9 +84,6 @@ class SkipCounter:
             return {"_value": self._value, "_local": 0}
         return {"_value": None, "_local": self.value}
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
 
 class ErrorPolicy:
     """Applies an ``on_error`` policy: raise the DataError, or warn + count + skip.

@@ -15,16 +15,18 @@ Every bad input is one :class:`~multimae.data.errors.DataError` naming the file 
 from __future__ import annotations
 
 import io
+import math
 import os
-import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Sequence
+from xml.sax.saxutils import escape
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from multimae.data.codecs import _load_npy
 from multimae.data.errors import DataError, notice_once
 from multimae.core.modalities import ModalitySpec
 
@@ -57,13 +59,9 @@ def file_band_names(tif: object, count: int) -> tuple[str, ...] | None:
         root = ET.fromstring(tag.value)
     except ET.ParseError:
         return None
-    names: dict[int, str] = {}
-    for item in root.iter("Item"):
-        if item.get("name", "").upper() == "DESCRIPTION" and item.get("sample") is not None and item.text:
-            names[int(item.get("sample"))] = item.text.strip()
-    if sorted(names) != list(range(count)):
-        return None
-    return tuple(names[i] for i in range(count))
+    names = {int(item.get("sample")): item.text.strip() for item in root.iter("Item")
+             if item.get("name", "").upper() == "DESCRIPTION" and item.get("sample") is not None and item.text}
+    return tuple(names[i] for i in range(count)) if sorted(names) == list(range(count)) else None
 
 
 def read_raster(data: bytes | str | os.PathLike, ext: str | None = None,
@@ -72,8 +70,7 @@ def read_raster(data: bytes | str | os.PathLike, ext: str | None = None,
 
     ``ext``: ``tif`` / ``tiff`` / ``npy`` (default: the path's suffix).
     """
-    arr, names, _ = _read(data, ext, where)
-    return arr, names
+    return _read(data, ext, where)[:2]
 
 
 def _tiff_nodata(tif: object) -> float | None:
@@ -99,12 +96,7 @@ def _read(data: bytes | str | os.PathLike, ext: str | None,
     where = where or "<raster bytes>"
     ext = (ext or "").lower()
     if ext == "npy":
-        try:
-            arr = np.load(io.BytesIO(bytes(data)), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise DataError(f"{where}: not a readable .npy array ({e})") from None
-        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-            raise DataError(f"{where}: a raster holds integers or floats, got dtype {arr.dtype}")
+        arr = _numeric(_load_npy(bytes(data), where), where)
         if arr.ndim == 2:
             arr = arr[None]
         elif arr.ndim == 3 and arr.shape[-1] < arr.shape[0]:
@@ -126,9 +118,13 @@ def _read(data: bytes | str | os.PathLike, ext: str | None,
         raise
     except Exception as e:  # tifffile raises TiffFileError, ValueError, KeyError (missing codec), ...
         raise DataError(f"{where}: not a readable TIFF ({type(e).__name__}: {e})") from None
+    return _numeric(arr, where), names, nodata
+
+
+def _numeric(arr: np.ndarray, where: str) -> np.ndarray:
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise DataError(f"{where}: a raster holds integers or floats, got dtype {arr.dtype}")
-    return arr, names, nodata
+    return arr
 
 
 def band_indices(spec: ModalitySpec, count: int, file_names: Sequence[str] | None, where: str) -> list[int]:
@@ -176,12 +172,18 @@ def nodata_invalid(arr: np.ndarray, spec: ModalitySpec, where: str) -> np.ndarra
     return arr == arr.dtype.type(nd)
 
 
+def same_nodata(a: float | None, b: float | None) -> bool:
+    """Whether two nodata settings are the same (both None, equal, or both NaN)."""
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
 def decode_raster(data: bytes | str | os.PathLike, ext: str | None, spec: ModalitySpec, where: str) -> Tensor:
     """A raster file -> float32 (C,H,W) of ``spec``: its ``bands``, raw values, ``nodata`` -> NaN
     (an invalid pixel), non-finite values stay invalid."""
     arr, names, file_nodata = _read(data, ext, where)
-    if file_nodata is not None and not (spec.nodata is not None and (file_nodata == spec.nodata or (
-            np.isnan(file_nodata) and np.isnan(spec.nodata)))):
+    if file_nodata is not None and not same_nodata(file_nodata, spec.nodata):
         notice_once("nodata", spec.name, str(file_nodata),
                     f"{where}: the file's GDAL nodata tag is {file_nodata:g}, modality {spec.name!r} has "
                     f"nodata={spec.nodata!r}: values {file_nodata:g} are read as data (set the key nodata to "
@@ -197,13 +199,9 @@ def decode_raster(data: bytes | str | os.PathLike, ext: str | None, spec: Modali
 
 def gdal_metadata(band_names: Sequence[str]) -> str:
     """The GDAL_METADATA XML naming each band (what GDAL writes for band descriptions)."""
-    items = "".join(f'<Item name="DESCRIPTION" sample="{i}" role="description">{_xml_text(n)}</Item>'
+    items = "".join(f'<Item name="DESCRIPTION" sample="{i}" role="description">{escape(n)}</Item>'
                     for i, n in enumerate(band_names))
     return f"<GDALMetadata>{items}</GDALMetadata>"
-
-
-def _xml_text(s: str) -> str:
-    return re.sub(r"[<>&]", lambda m: {"<": "&lt;", ">": "&gt;", "&": "&amp;"}[m.group()], s)
 
 
 def write_raster(path: str | os.PathLike, arr: np.ndarray, band_names: Sequence[str] | None = None,

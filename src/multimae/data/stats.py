@@ -16,7 +16,6 @@ every checkpoint and exported file, and predict / export / demo normalise the sa
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from multimae.data.errors import DataError
+from multimae.data.rasters import same_nodata
 from multimae.core.modalities import ModalitySpec
 
 STATS_KEY = "band_stats"
@@ -110,10 +110,7 @@ def write_stats(root: str | os.PathLike, stats: dict[str, dict]) -> dict:
     """Merge ``stats`` into ``root/multimae_data.json``'s ``band_stats`` (atomic write)."""
     from multimae.data.prepare.writing import update_meta
 
-    def update(meta: dict) -> None:
-        meta.setdefault(STATS_KEY, {}).update(stats)
-
-    return update_meta(Path(root), update)
+    return update_meta(Path(root), lambda meta: meta.setdefault(STATS_KEY, {}).update(stats))
 
 
 def read_stats(root: str | os.PathLike, spec: ModalitySpec) -> dict | None:
@@ -126,18 +123,12 @@ def read_stats(root: str | os.PathLike, spec: ModalitySpec) -> dict | None:
         return None
     where = f"{Path(root) / META_FILE}: {STATS_KEY}.{spec.name}"
     bands = list(spec.bands) or list(spec.band_names) or None
-    if rec.get("bands") != bands or not _same_nodata(rec.get("nodata"), spec.nodata) \
+    if rec.get("bands") != bands or not same_nodata(rec.get("nodata"), spec.nodata) \
             or len(rec.get("mean", ())) != spec.channels:
         raise DataError(f"{where} was computed for bands {rec.get('bands')} nodata {rec.get('nodata')!r} "
                         f"({len(rec.get('mean', ()))} values), the modality keeps bands {bands} nodata {spec.nodata!r} "
                         f"({spec.channels} channels): run `multimae data stats` again")
     return rec
-
-
-def _same_nodata(a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 def fill_band_stats(root: str | os.PathLike, modalities: dict[str, dict], specs: Sequence[ModalitySpec]) -> dict[str, dict]:

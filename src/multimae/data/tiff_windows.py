@@ -60,26 +60,23 @@ class TiffWindows:
                     except KeyError as e:  # LZW, JPEG, ... need the imagecodecs package
                         raise DataError(f"{where}: cannot decode it: {str(e).strip(chr(34))} (pip install imagecodecs, "
                                         f"or re-save it with deflate compression)") from None
+            self.planes, self.height, self.width, self.samples = shaped[0], shaped[2], shaped[3], shaped[4]
+            self.dtype = np.dtype(dtype)
+            self._raw = page.compression == 1 and page.predictor == 1 and page.is_contiguous
+            self._seg = (page.tilelength, page.tilewidth) if page.is_tiled else \
+                (page.rowsperstrip or self.height, self.width)
+            self._seg_bytes = self._seg[0] * self._seg[1] * self.samples * self.dtype.itemsize
+            if not self._raw and self._seg_bytes > max(cache_bytes, 64 << 20):
+                raise DataError(f"{where}: stores compressed strips of {self._seg[0]} rows ({self._seg_bytes >> 20} "
+                                f"MB each once decoded); tiled prediction needs a tiled TIFF or small strips (e.g. "
+                                f"gdal_translate -co TILED=YES, or tifffile.imwrite(..., tile=(256, 256)))")
         except DataError:
             self.close()
             raise
-        self.planes, self.height, self.width, self.samples = shaped[0], shaped[2], shaped[3], shaped[4]
         self.channels = self.planes * self.samples
-        self.dtype = np.dtype(dtype)
         self.where = where
         self.geotags = {code: page.tags[code] for code in GEO_TAGS if code in page.tags}
-        self._raw = page.compression == 1 and page.predictor == 1 and page.is_contiguous
-        if page.is_tiled:
-            self._seg = (page.tilelength, page.tilewidth)
-        else:
-            self._seg = (page.rowsperstrip or self.height, self.width)
         self._grid = (math.ceil(self.height / self._seg[0]), math.ceil(self.width / self._seg[1]))
-        self._seg_bytes = self._seg[0] * self._seg[1] * self.samples * self.dtype.itemsize
-        if not self._raw and self._seg_bytes > max(cache_bytes, 64 << 20):
-            self.close()
-            raise DataError(f"{where}: stores compressed strips of {self._seg[0]} rows ({self._seg_bytes >> 20} MB "
-                            f"each once decoded); tiled prediction needs a tiled TIFF or small strips (e.g. "
-                            f"gdal_translate -co TILED=YES, or tifffile.imwrite(..., tile=(256, 256)))")
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_cap = max(cache_bytes // max(1, self._seg_bytes), 4)
         self._decode_args: dict[str, Any] = {"_fullsize": True}

@@ -74,11 +74,7 @@ def letterbox(x: Tensor, value: float) -> Tensor:
     """Pad (..., H, W) on the bottom / right to a square of side max(H, W) with ``value``."""
     h, w = x.shape[-2:]
     s = max(h, w)
-    if h == w:
-        return x
-    if x.ndim == 2:
-        return F.pad(x[None], (0, s - w, 0, s - h), value=value)[0]
-    return F.pad(x, (0, s - w, 0, s - h), value=value)
+    return x if h == w else F.pad(x, (0, s - w, 0, s - h), value=value)
 
 
 GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")

@@ -30,7 +30,7 @@ import functools
 import math
 import os
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -111,7 +111,7 @@ def trimmed_moments(values: np.ndarray, lo: int, hi: int) -> tuple[float, float]
     a, b = sample[min(m - 1, lo * m // n + margin)], sample[max(0, hi * m // n - margin)]
     if lo > 0 and c > 0 and not a <= b:
         return trimmed_moments_partition(values, lo, hi)
-    outer = below = above = None
+    outer, below, above = None, values[:0], values[:0]  # below / above: empty where nothing is cut
     if lo > 0:
         outer = values < a
         below = values[outer]
@@ -119,15 +119,15 @@ def trimmed_moments(values: np.ndarray, lo: int, hi: int) -> tuple[float, float]
         high = values > b
         above = values[high]
         outer = high if outer is None else outer | high
-    nb, na = (0 if below is None else below.size), (0 if above is None else above.size)
+    nb, na = below.size, above.size
     if nb < lo or na < c or nb > hi or na > n - lo:  # a threshold fell short: ties or an odd sample
         return trimmed_moments_partition(values, lo, hi)
     pivot = float(sample[m // 2])
     t1, t2 = _sum2(values if outer is None else values[~outer], pivot)  # below < a <= middle <= b < above
-    if below is not None and lo < nb:
+    if lo < nb:
         s = _sum2(np.partition(below, lo)[lo:], pivot)
         t1, t2 = t1 + s[0], t2 + s[1]
-    if above is not None and na > c:
+    if na > c:
         s = _sum2(np.partition(above, na - c - 1)[:na - c], pivot)
         t1, t2 = t1 + s[0], t2 + s[1]
     k = hi - lo
@@ -140,6 +140,14 @@ def trimmed_moments_partition(values: np.ndarray, lo: int, hi: int) -> tuple[flo
     mean = float(kept.mean())
     kept -= mean
     return mean, (float(np.einsum("i,i->", kept, kept)) / (kept.size - 1) if kept.size > 1 else 0.0)
+
+
+def _truncated_moments(vals: Tensor, trunc: float) -> tuple[float, float]:
+    """:func:`trimmed_moments` of (1-D) ``vals`` without the fraction ``trunc`` at each end (all of
+    them when fewer than 2 would be kept)."""
+    n = vals.numel()
+    lo, hi = int(trunc * n), int((1 - trunc) * n)
+    return trimmed_moments(vals.detach().cpu().numpy(), *((0, n) if hi - lo < 2 else (lo, hi)))
 
 
 def robust_standardize_fast(depth: Tensor, valid: Tensor | None = None, trunc: float = 0.1,
@@ -155,14 +163,9 @@ def robust_standardize_fast(depth: Tensor, valid: Tensor | None = None, trunc: f
         valid = torch.isfinite(x) & (x != 0)
     every = all_valid or bool(valid.all())
     vals = x.reshape(-1) if every else x[valid]
-    n = vals.numel()
-    if n == 0:
+    if vals.numel() == 0:
         return torch.zeros_like(x)
-    lo, hi = int(trunc * n), int((1 - trunc) * n)
-    if hi - lo < 2:
-        lo, hi = 0, n
-    vals = vals.detach()
-    mean, var = trimmed_moments((vals if vals.device.type == "cpu" else vals.cpu()).numpy(), lo, hi)
+    mean, var = _truncated_moments(vals, trunc)
     mean32, var32 = np.float32(mean), np.float32(var)
     sd = float(np.sqrt(var32 + np.float32(1e-6)))  # as the reference: float32 sqrt(var + 1e-6)
     out = (x - float(mean32)).div_(sd)
@@ -204,12 +207,6 @@ def center_crop_box(height: int, width: int, crop_pct: float = 1.0) -> Box:
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def _resize_image(x: Tensor, box: Box, size: int, spec: ModalitySpec) -> Tensor:
-    out = TF.resized_crop(x, *box, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    out = out.float() / 255.0 if not out.is_floating_point() else out.float()
-    return spec.normalize(out)
-
-
 def _dense_valid(x: Tensor, spec: ModalitySpec) -> Tensor:
     """Valid pixels (1,H,W): finite in every channel and, for robust-standardised data, non-zero."""
     valid = torch.isfinite(x).all(0, keepdim=True)
@@ -218,23 +215,33 @@ def _dense_valid(x: Tensor, spec: ModalitySpec) -> Tensor:
     return valid
 
 
+def _masked_resize(resize: Callable[[Tensor], Tensor], x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """``resize`` (bilinear) of ``x`` over its ``valid`` pixels only: values, and validity (at least
+    half of an output pixel's interpolation weight fell on valid pixels; 0 elsewhere)."""
+    num = resize(torch.where(valid, x, torch.zeros(())))
+    ok = (den := resize(valid.float())) >= 0.5
+    return torch.where(ok, num / den.clamp_min(1e-6), torch.zeros(())), ok
+
+
+def _bilinear_crop(box: Box, size: int) -> Callable[[Tensor], Tensor]:
+    return lambda t: TF.resized_crop(t, *box, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
 def _resize_dense(x: Tensor, box: Box, size: int, spec: ModalitySpec) -> tuple[Tensor, Tensor]:
     """Bilinear crop-resize that ignores invalid pixels; returns values (C,S,S) and validity (1,S,S)."""
     x = x.float()
     valid = _dense_valid(x, spec)
-    kw = dict(interpolation=InterpolationMode.BILINEAR, antialias=True)
     if bool(valid.all()):
-        out = TF.resized_crop(x, *box, [size, size], **kw)
-        return out, torch.ones((1, size, size), dtype=torch.bool)
-    num = TF.resized_crop(torch.where(valid, x, torch.zeros(())), *box, [size, size], **kw)
-    den = TF.resized_crop(valid.float(), *box, [size, size], **kw)
-    ok = den >= 0.5  # at least half of the interpolation weight fell on valid pixels
-    return torch.where(ok, num / den.clamp_min(1e-6), torch.zeros(())), ok
+        return _bilinear_crop(box, size)(x), torch.ones((1, size, size), dtype=torch.bool)
+    return _masked_resize(_bilinear_crop(box, size), x, valid)
 
 
-def _resize_categorical(x: Tensor, box: Box, size: int) -> Tensor:
-    out = TF.resized_crop(x[None], *box, [size, size], interpolation=InterpolationMode.NEAREST_EXACT)
-    return out[0]
+def _flip_dense(out: Tensor, valid: Tensor | None, spec: ModalitySpec) -> tuple[Tensor, Tensor | None]:
+    """A dense map (and its validity) flipped horizontally, the channels of ``spec.hflip_negate`` negated."""
+    out, valid = out.flip(-1), (None if valid is None else valid.flip(-1))
+    for c in spec.hflip_negate:
+        out[c] = -out[c]
+    return out, valid
 
 
 def _readonly_view(arr: np.ndarray) -> Tensor:
@@ -248,7 +255,7 @@ def _readonly_view(arr: np.ndarray) -> Tensor:
 
 def _image_fast(x: Packed, box: Box, size: int, spec: ModalitySpec, flip: bool,
                 norm: tuple[Tensor, Tensor] | None) -> Tensor:
-    """:func:`_resize_image` (+ flip) of packed (H,W,C) uint8 pixels: the same uint8 kernel reads
+    """The reference image crop-resize (+ flip) of packed (H,W,C) uint8 pixels: the same uint8 kernel reads
     the pixels in place (channels-last view, no (C,H,W) copy); flipping and the float conversion
     happen on the 224x224 output only, and the normalisation is one fused multiply-add
     ``x * (1 / (255 std)) - mean / std`` (within 1e-6 of the reference's ``(x / 255 - mean) / std``,
@@ -276,11 +283,7 @@ def _dense_fast(x: Packed, box: Box, size: int, spec: ModalitySpec) -> tuple[Ten
     crop = x.dense_float(top, left, h, w)
     if spec.standardize != "robust" or bool(x.array.all()):  # every pixel valid: valid = None
         return _bilinear(crop, size), None
-    valid = crop != 0
-    num = _bilinear(torch.where(valid, crop, torch.zeros(())), size)
-    den = _bilinear(valid.float(), size)
-    ok = den >= 0.5
-    return torch.where(ok, num / den.clamp_min(1e-6), torch.zeros(())), ok
+    return _masked_resize(lambda t: _bilinear(t, size), crop, crop != 0)
 
 
 def _resize64(x: Tensor, size: int) -> Tensor:
@@ -320,17 +323,11 @@ def _depth_fast(x: Packed, box: Box, size: int, spec: ModalitySpec, flip: bool, 
             ok[near] = _bilinear((crop != 0).float(), size)[near] >= 0.5
         y = torch.where(ok, _resize64(crop, size) / den.clamp_min(1e-6), torch.zeros((), dtype=torch.float64))
     if flip:
-        y, ok = y.flip(-1), (None if ok is None else ok.flip(-1))
-        for c in spec.hflip_negate:
-            y[c] = -y[c]
+        y, ok = _flip_dense(y, ok, spec)
     vals = y.reshape(-1) if ok is None else y[ok]
-    n = vals.numel()
-    if n == 0:
+    if vals.numel() == 0:
         return torch.zeros(y.shape, dtype=torch.float32)
-    lo, hi = int(trunc * n), int((1 - trunc) * n)
-    if hi - lo < 2:
-        lo, hi = 0, n
-    mean, var = trimmed_moments(vals.numpy(), lo, hi)
+    mean, var = _truncated_moments(vals, trunc)
     s = float(x.scale)
     out = (y - mean).mul_(s / math.sqrt(s * s * var + 1e-6)).float()
     return out if ok is None else out.masked_fill_(~ok, 0.0)
@@ -348,7 +345,7 @@ def nearest_exact_index(in_size: int, out_size: int) -> np.ndarray:
 
 
 def _categorical_fast(x: Packed, box: Box, size: int, flip: bool) -> Tensor:
-    """:func:`_resize_categorical` (+ flip) of packed class ids, bit for bit: the nearest source
+    """The reference nearest crop-resize (+ flip) of packed class ids, bit for bit: the nearest source
     pixels are gathered from the crop box directly, and only the output becomes int64."""
     top, left, h, w = box
     rows = top + nearest_exact_index(h, size)
@@ -482,19 +479,16 @@ class PairedTransform:
             x = x.tensor()  # the reference: decode fully, then crop
         if not isinstance(x, Tensor):
             raise DataError(f"{where}: {spec.key!r} should be a tensor, got {type(x).__name__}")
-        if spec.kind == "categorical":
-            out = _resize_categorical(x, box, self.image_size // spec.stride)
-            return out.flip(-1) if flip else out
         size = self.image_size // spec.stride
-        if spec.kind == "image":
-            out = _resize_image(x, box, size, spec)
-            return out.flip(-1) if flip else out
-        out, valid = _resize_dense(x, box, size, spec)
-        if flip:
-            out, valid = out.flip(-1), valid.flip(-1)
-            for c in spec.hflip_negate:
-                out[c] = -out[c]
-        return self._finish_dense(out, valid, spec)
+        if spec.kind == "dense":
+            out, valid = _resize_dense(x, box, size, spec)
+            return self._finish_dense(*(_flip_dense(out, valid, spec) if flip else (out, valid)), spec)
+        if spec.kind == "categorical":
+            out = TF.resized_crop(x[None], *box, [size, size], interpolation=InterpolationMode.NEAREST_EXACT)[0]
+        else:
+            out = _bilinear_crop(box, size)(x)
+            out = spec.normalize(out.float() if out.is_floating_point() else out.float() / 255.0)
+        return out.flip(-1) if flip else out
 
     def _raster_valid(self, x: Tensor, box: Box, flip: bool, spec: ModalitySpec) -> Tensor:
         """(1,S,S) bool: the output pixels of a raster with at least half their weight on valid
@@ -503,9 +497,7 @@ class PairedTransform:
         valid = _dense_valid(x.float(), spec)
         if bool(valid.all()):
             return torch.ones((1, size, size), dtype=torch.bool)
-        den = TF.resized_crop(valid.float(), *box, [size, size], interpolation=InterpolationMode.BILINEAR,
-                              antialias=True)
-        ok = den >= 0.5
+        ok = _bilinear_crop(box, size)(valid.float()) >= 0.5
         return ok.flip(-1) if flip else ok
 
     def _finish_dense(self, out: Tensor, valid: Tensor | None, spec: ModalitySpec) -> Tensor:
@@ -513,9 +505,8 @@ class PairedTransform:
         if spec.standardize == "robust":
             if not self.fast:
                 return robust_standardize(out, valid.expand_as(out), self.trunc)
-            if valid is None:
-                return robust_standardize_fast(out, None, self.trunc, all_valid=True)
-            return robust_standardize_fast(out, valid.expand_as(out), self.trunc)
+            return robust_standardize_fast(out, valid if valid is None else valid.expand_as(out), self.trunc,
+                                           all_valid=valid is None)
         out = spec.normalize(out)  # per-band mean / std (rasters); unchanged without them
         return out if valid is None else torch.where(valid, out, torch.zeros(()))
 
@@ -541,11 +532,7 @@ class PairedTransform:
         if spec.standardize == "robust" and x.array.ndim == 2:
             return _depth_fast(x, box, size, spec, flip, self.trunc)
         out, valid = _dense_fast(x, box, size, spec)
-        if flip:
-            out, valid = out.flip(-1), (None if valid is None else valid.flip(-1))
-            for c in spec.hflip_negate:
-                out[c] = -out[c]
-        return self._finish_dense(out, valid, spec)
+        return self._finish_dense(*(_flip_dense(out, valid, spec) if flip else (out, valid)), spec)
 
 
 def resize_shorter_side(sample: dict, specs: dict[str, ModalitySpec], side: int) -> dict:
@@ -558,12 +545,9 @@ def resize_shorter_side(sample: dict, specs: dict[str, ModalitySpec], side: int)
     pixels becomes invalid, 0), class maps nearest (half-pixel centres). The sizes follow
     torchvision's shorter-side resize. Packed fields are decoded first.
     """
-    spatial = [k for k, spec in specs.items()
-               if spec.is_spatial and (torch.is_tensor(sample.get(k)) or isinstance(sample.get(k), Packed))]
-    if not spatial:
-        return dict(sample)
-    h, w = spatial_size(sample, [specs[k] for k in spatial], f"sample {sample.get('__key__', '?')}")
-    if min(h, w) <= side:
+    spatial = [k for k, spec in specs.items() if spec.is_spatial and _has_pixels(sample.get(k))]
+    where = f"sample {sample.get('__key__', '?')}"
+    if not spatial or min(spatial_size(sample, [specs[k] for k in spatial], where)) <= side:
         return dict(sample)
     out = dict(sample)
     for key in spatial:
@@ -574,22 +558,22 @@ def resize_shorter_side(sample: dict, specs: dict[str, ModalitySpec], side: int)
         elif spec.kind == "image":
             out[key] = TF.resize(x, [side], interpolation=InterpolationMode.BILINEAR, antialias=True)
         else:
+            resize = functools.partial(TF.resize, size=[side], interpolation=InterpolationMode.BILINEAR, antialias=True)
             xf = x.float()
-            valid = _dense_valid(xf, spec)
-            kw = dict(interpolation=InterpolationMode.BILINEAR, antialias=True)
-            num = TF.resize(torch.where(valid, xf, torch.zeros(())), [side], **kw)
-            den = TF.resize(valid.float(), [side], **kw)
-            out[key] = torch.where(den >= 0.5, num / den.clamp_min(1e-6), torch.zeros(()))
+            out[key] = _masked_resize(resize, xf, _dense_valid(xf, spec))[0]
     return out
 
 
 def spatial_size(sample: dict, specs: Sequence[ModalitySpec], where: str) -> tuple[int, int]:
     """The common (H, W) of a sample's spatial modalities; DataError if they differ."""
-    sizes = {s.key: tuple(sample[s.key].shape[-2:]) for s in specs
-             if s.is_spatial and (torch.is_tensor(sample.get(s.key)) or isinstance(sample.get(s.key), Packed))}
+    sizes = {s.key: tuple(sample[s.key].shape[-2:]) for s in specs if s.is_spatial and _has_pixels(sample.get(s.key))}
     if not sizes:
         raise DataError(f"{where}: no spatial modality among {[s.key for s in specs]} (has {sorted(sample)})")
     if len(set(sizes.values())) > 1:
         desc = ", ".join(f"{k} {h}x{w}" for k, (h, w) in sizes.items())
         raise DataError(f"{where}: modalities have different sizes ({desc})")
     return next(iter(sizes.values()))  # type: ignore[return-value]
+
+
+def _has_pixels(value: object) -> bool:
+    return torch.is_tensor(value) or isinstance(value, Packed)
