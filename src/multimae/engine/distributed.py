@@ -127,9 +127,7 @@ def barrier() -> None:
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of ``tensor`` over all ranks, as a new floating tensor (same shape; input untouched)."""
-    out = tensor.detach().clone()
-    if not out.is_floating_point():
-        out = out.float()
+    out = tensor.detach().clone() if tensor.is_floating_point() else tensor.detach().float()
     if is_dist() and get_world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         out /= get_world_size()

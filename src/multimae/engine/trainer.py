@@ -141,9 +141,12 @@ class Trainer:
         self.scheduler = WarmupCosine(self.optimizer, self.total_steps, min(warmup, self.total_steps), o.min_lr,
                                       warmup_start_lr=o.warmup_lr)
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-        self.step = 0
-        self._rng_after_resume: dict | None = None
-        self._resume()
+        self.step, self._rng_after_resume = 0, None
+        if self._resume_from is not None:  # DDP: the checkpoint rank 0 saved; FSDP: its sharded/ part, through DCP
+            self.step, self._rng_after_resume = P.restore(self._resume_from, self.model, self.optimizer,
+                                                          self.scheduler, self.scaler)
+            if self.info.is_main:
+                print(f"resumed from {self._resume_from} at step {self.step}", flush=True)
         task.started(self)
         seed = D.rank_seed(t.seed, self.info.rank) + self.step
         torch.manual_seed(seed)  # drop path, mixup and masking noise per rank
@@ -212,15 +215,6 @@ class Trainer:
             check_same_run(load_meta(path).get("config"), config_lib.to_dict(self.cfg),
                            SCHEDULE_ONLY | self.task.schedule_only, path)
         return path
-
-    def _resume(self) -> None:
-        path = self._resume_from
-        if path is None:
-            return
-        # a DDP checkpoint as saved by rank 0; an FSDP one (sharded/) through DCP on every rank
-        self.step, self._rng_after_resume = P.restore(path, self.model, self.optimizer, self.scheduler, self.scaler)
-        if self.info.is_main:
-            print(f"resumed from {path} at step {self.step}", flush=True)
 
     def save(self) -> Path | None:
         """Checkpoint on rank 0 (all ranks hold the same weights under DDP); under FSDP every rank
