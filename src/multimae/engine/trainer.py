@@ -31,7 +31,7 @@ from multimae.engine.identity import SCHEDULE_ONLY, acquire_lock, check_same_run
 from multimae.engine.logging import METRICS_FILE, Progress, RunLogger, WandbSettings
 from multimae.engine.optim import WarmupCosine, build_optimizer, scaled_lr
 from multimae.engine.signals import Preempted, StopSignals
-from multimae.engine.state import drop_rows_after, train_state
+from multimae.engine.state import drop_rows_after, load_train_state, train_state
 from multimae.engine.step import FINITE_KEY, NonFiniteLossError, nonfinite_message, read_stats, train_step
 from multimae.core.perf import tune_malloc
 
@@ -194,11 +194,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (the RNG when ``fit`` starts)."""
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self._rng_after_resume = int(state["step"]), state.get("rng")
+        self.step = load_train_state(state, self.optimizer, self.scheduler, self.scaler)
+        self._rng_after_resume = state.get("rng")
 
     def _checkpoint_to_resume(self) -> Path | None:
         """``train.resume``: ``auto`` the run's latest checkpoint if the config defines the same run

@@ -132,7 +132,6 @@ def format_eval_rows(rows: list[EvalRow]) -> str:
 
 
 def write_eval_rows(rows: list[EvalRow], run_dir: Path, header: str = "") -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
     save_bytes_atomic(run_dir / "eval.json", json.dumps([asdict(r) | {"better": r.better} for r in rows], indent=2).encode())
     path = run_dir / "eval.md"
     save_bytes_atomic(path, ((header + "\n\n" if header else "") + format_eval_rows(rows) + "\n").encode())
