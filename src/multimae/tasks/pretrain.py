@@ -58,14 +58,19 @@ class PretrainTask(Task):
                 print("init: " + "\n".join(report.lines()), flush=True)
 
     def describe(self, trainer: Trainer) -> list[str]:
+        return [f"run {trainer.run_dir}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
+                f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} total, lr {trainer.lr:.3g}, "
+                f"world size {trainer.info.world_size}"] + self._epoch_line() + self._coverage_line(trainer)
+
+    def _coverage_line(self, trainer: Trainer) -> list[str]:
+        line = coverage_line(trainer.loader.dataset)
+        return [line] if line else []
+
+    def _epoch_line(self) -> list[str]:
         d = self.cfg.data
-        lines = [f"run {trainer.run_dir}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
-                 f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} total, lr {trainer.lr:.3g}, "
-                 f"world size {trainer.info.world_size}"]
-        if d.source in ("shards", "synthetic"):  # a folder / caption table: the epoch is the dataset
-            lines.append(f"epoch: {d.num_samples} samples ({self.epoch_note}; data.num_samples sets it)")
-        coverage = coverage_line(trainer.loader.dataset)
-        return lines + ([coverage] if coverage else [])
+        if d.source not in ("shards", "synthetic"):
+            return []  # a folder / caption table: the epoch is the dataset
+        return [f"epoch: {d.num_samples} samples ({self.epoch_note}; data.num_samples sets it)"]
 
     def checkpoint_meta(self, trainer: Trainer) -> dict[str, Any]:
         return {"model_config": config_lib.to_dict(self.model.config)}
