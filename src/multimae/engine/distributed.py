@@ -82,7 +82,7 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         ``DistInfo``; with no ``RANK``/``WORLD_SIZE`` in the environment, rank 0 of 1 on
         ``cuda:0`` (if available) or the CPU, without creating a process group.
     """
-    if dist.is_available() and dist.is_initialized():
+    if is_dist():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, _device_for(local_rank))
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -127,9 +127,7 @@ def barrier() -> None:
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of ``tensor`` over all ranks, as a new floating tensor (same shape; input untouched)."""
-    out = tensor.detach().clone()
-    if not out.is_floating_point():
-        out = out.float()
+    out = tensor.detach().clone() if tensor.is_floating_point() else tensor.detach().float()
     if is_dist() and get_world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         out /= get_world_size()

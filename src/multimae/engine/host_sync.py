@@ -33,10 +33,6 @@ SYNC_CALLS = frozenset({
 _TORCH_OPTIM = ("torch/optim/", "torch\\optim\\")
 
 
-def _name(func: Any) -> str:
-    return getattr(func, "__name__", "") or str(func)
-
-
 def _bool_index(index: Any) -> bool:
     """Whether a ``__getitem__`` / ``__setitem__`` index holds a boolean mask tensor."""
     items = index if isinstance(index, tuple) else (index,)
@@ -68,7 +64,7 @@ class HostSyncCounter(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        name = _name(func)
+        name = getattr(func, "__name__", "") or str(func)
         hit = None
         if name in SYNC_CALLS and not (name == "repeat_interleave" and "output_size" in kwargs):
             hit = name

@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from multimae.core.config import ConfigError
 
@@ -42,38 +42,27 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v and not _is_leaf_map(key):
+        if isinstance(v, Mapping) and v and "." not in key:  # model.modalities={...}, mask.ratios={...}: one value each
             out.update(flatten(v, key + "."))
         else:
             out[key] = list(v) if isinstance(v, tuple) else v
     return out
 
 
-def _is_leaf_map(key: str) -> bool:
-    return key.count(".") >= 1  # model.modalities={...}, mask.ratios={...}: one value each
-
-
 def _allowed(key: str, schedule_only: Iterable[str]) -> bool:
     return any(key == s or (s.endswith(".*") and key.startswith(s[:-1])) for s in schedule_only)
 
 
-def differing_keys(saved: Mapping[str, Any], now: Mapping[str, Any], schedule_only: Iterable[str]) -> list[str]:
-    """The defining keys whose values differ (keys only one side knows are a schema change, not a
-    difference)."""
-    a, b = flatten(saved), flatten(now)
-    keys = sorted(k for k in a.keys() & b.keys() if a[k] != b[k] and not _allowed(k, schedule_only))
-    return keys
-
-
 def check_same_run(saved: Mapping[str, Any] | None, now: Mapping[str, Any], schedule_only: Iterable[str],
                    checkpoint: Path) -> None:
-    """Raise :class:`RunMismatchError` (one line) if ``now`` defines another run than ``saved``."""
+    """Raise :class:`RunMismatchError` (one line) if ``now`` defines another run than ``saved``: a
+    defining key whose values differ (keys only one side knows are a schema change, not a difference)."""
     if not isinstance(saved, Mapping):
         return  # a checkpoint without its config (written by hand): nothing to compare
-    keys = differing_keys(saved, now, schedule_only)
+    a, b = flatten(saved), flatten(now)
+    keys = sorted(k for k in a.keys() & b.keys() if a[k] != b[k] and not _allowed(k, schedule_only))
     if not keys:
         return
-    a, b = flatten(saved), flatten(now)
     shown = ", ".join(f"{k}: {_short(a[k])} -> {_short(b[k])}" for k in keys[:5])
     more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
     raise RunMismatchError(
@@ -90,18 +79,13 @@ def _short(v: Any) -> str:
 _held: dict[str, list[Any]] = {}  # realpath -> [file, count]: one process may open its run again
 
 
-def _holder(f: IO[str]) -> str:
-    f.seek(0)
-    return f.read().strip()
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
@@ -122,8 +106,8 @@ def acquire_lock(run_dir: Path, wait_for_orphans_s: float = 15.0) -> str:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
-            holder = _holder(f)
-            pid, _, host = holder.partition("@")
+            f.seek(0)
+            pid, _, host = f.read().strip().partition("@")
             gone = pid.isdigit() and host == socket.gethostname() and not _alive(int(pid))
             if not gone or time.monotonic() > deadline:
                 f.close()

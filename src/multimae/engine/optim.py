@@ -178,19 +178,12 @@ class WarmupCosine:
         self.warmup_start_lr = float(warmup_start_lr)
         self.base_lr = float(optimizer.defaults["lr"] if base_lr is None else base_lr)
         self.last_step = 0
-        cosine_schedule(0, self.total_steps, self.warmup_steps, self.base_lr)  # validate
-        self._apply()
+        self._apply()  # validates the schedule (cosine_schedule)
 
     def lr_at(self, step: int) -> float:
         """Unscaled learning rate for optimizer step ``step``."""
-        return cosine_schedule(
-            step,
-            self.total_steps,
-            self.warmup_steps,
-            self.base_lr,
-            self.min_lr,
-            self.warmup_start_lr,
-        )
+        return cosine_schedule(step, self.total_steps, self.warmup_steps, self.base_lr, self.min_lr,
+                               self.warmup_start_lr)
 
     def _apply(self) -> None:
         lr = self.lr_at(self.last_step)
@@ -208,25 +201,17 @@ class WarmupCosine:
 
     def state_dict(self) -> dict[str, Any]:
         """Step counter and hyper-parameters (plain numbers: safe for weights-only loading)."""
-        return {
-            "last_step": self.last_step,
-            "total_steps": self.total_steps,
-            "warmup_steps": self.warmup_steps,
-            "min_lr": self.min_lr,
-            "warmup_start_lr": self.warmup_start_lr,
-            "base_lr": self.base_lr,
-        }
+        return {k: getattr(self, k) for k in _SCHEDULE_STATE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output and set the groups' lr for the restored step."""
-        self.last_step = int(state["last_step"])
-        for k in ("total_steps", "warmup_steps"):
-            if k in state:
-                setattr(self, k, int(state[k]))
-        for k in ("min_lr", "warmup_start_lr", "base_lr"):
-            if k in state:
-                setattr(self, k, float(state[k]))
+        for k in _SCHEDULE_STATE:  # an older state may lack the hyper-parameters: kept as built
+            if k in state or k == "last_step":
+                setattr(self, k, type(getattr(self, k))(state[k]))  # int steps, float rates
         self._apply()
+
+
+_SCHEDULE_STATE = ("last_step", "total_steps", "warmup_steps", "min_lr", "warmup_start_lr", "base_lr")
 
 
 def scaled_lr(base_lr: float, global_batch: int, ref: int = 256) -> float:

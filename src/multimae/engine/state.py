@@ -25,11 +25,16 @@ def restore_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     when the loop starts)."""
     weights, state, _meta = load_checkpoint(path)
     model.load_state_dict(weights)
+    return load_train_state(state, optimizer, scheduler, scaler), rank_rng(state)
+
+
+def load_train_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> int:
+    """Restore :func:`train_state`'s optimizer, schedule and scaler states in place; returns its step."""
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    return int(state["step"]), rank_rng(state)
+    return int(state["step"])
 
 
 def rank_rng(state: dict[str, Any]) -> dict[str, Any] | None:

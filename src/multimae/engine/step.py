@@ -12,6 +12,7 @@ them together with :func:`read_stats` (one device-to-host copy) when you need nu
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from typing import Any, Callable, Literal, Sequence
 
@@ -47,17 +48,13 @@ def nonfinite_message(step: int | None, values: Mapping[str, float]) -> str:
     """One line naming the step, what was not finite and every task loss (``values``: read stats)."""
     where = f" at step {step}" if step is not None else ""
     tasks = {k[len("loss/"):]: v for k, v in values.items() if k.startswith("loss/")}
-    bad = {k: v for k, v in tasks.items() if not _finite(v)}
-    if bad or not _finite(values.get("loss", 0.0)):
+    bad = {k: v for k, v in tasks.items() if not math.isfinite(v)}
+    if bad or not math.isfinite(values.get("loss", 0.0)):
         what = f"non-finite loss{where}: {bad or {'total': values.get('loss')}}"
     else:
         what = f"non-finite gradient norm{where} ({values.get('grad_norm')})"
     return (f"{what} (all task losses: {tasks}). Lower the learning rate (optim.lr), enable gradient clipping "
             "(optim.clip_grad), or check the inputs for NaN/inf")
-
-
-def _finite(v: float) -> bool:
-    return v == v and v not in (float("inf"), float("-inf"))
 
 
 def train_step(model: nn.Module, batch: Batch | Mapping[str, Any] | Sequence[Micro], optimizer: torch.optim.Optimizer,

@@ -31,7 +31,7 @@ from multimae.engine.identity import SCHEDULE_ONLY, acquire_lock, check_same_run
 from multimae.engine.logging import METRICS_FILE, Progress, RunLogger, WandbSettings
 from multimae.engine.optim import WarmupCosine, build_optimizer, scaled_lr
 from multimae.engine.signals import Preempted, StopSignals
-from multimae.engine.state import drop_rows_after, train_state
+from multimae.engine.state import drop_rows_after, load_train_state, train_state
 from multimae.engine.step import FINITE_KEY, NonFiniteLossError, nonfinite_message, read_stats, train_step
 from multimae.core.perf import tune_malloc
 
@@ -141,9 +141,12 @@ class Trainer:
         self.scheduler = WarmupCosine(self.optimizer, self.total_steps, min(warmup, self.total_steps), o.min_lr,
                                       warmup_start_lr=o.warmup_lr)
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-        self.step = 0
-        self._rng_after_resume: dict | None = None
-        self._resume()
+        self.step, self._rng_after_resume = 0, None
+        if self._resume_from is not None:  # DDP: the checkpoint rank 0 saved; FSDP: its sharded/ part, through DCP
+            self.step, self._rng_after_resume = P.restore(self._resume_from, self.model, self.optimizer,
+                                                          self.scheduler, self.scaler)
+            if self.info.is_main:
+                print(f"resumed from {self._resume_from} at step {self.step}", flush=True)
         task.started(self)
         seed = D.rank_seed(t.seed, self.info.rank) + self.step
         torch.manual_seed(seed)  # drop path, mixup and masking noise per rank
@@ -191,11 +194,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (the RNG when ``fit`` starts)."""
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self._rng_after_resume = int(state["step"]), state.get("rng")
+        self.step = load_train_state(state, self.optimizer, self.scheduler, self.scaler)
+        self._rng_after_resume = state.get("rng")
 
     def _checkpoint_to_resume(self) -> Path | None:
         """``train.resume``: ``auto`` the run's latest checkpoint if the config defines the same run
@@ -212,15 +212,6 @@ class Trainer:
             check_same_run(load_meta(path).get("config"), config_lib.to_dict(self.cfg),
                            SCHEDULE_ONLY | self.task.schedule_only, path)
         return path
-
-    def _resume(self) -> None:
-        path = self._resume_from
-        if path is None:
-            return
-        # a DDP checkpoint as saved by rank 0; an FSDP one (sharded/) through DCP on every rank
-        self.step, self._rng_after_resume = P.restore(path, self.model, self.optimizer, self.scheduler, self.scaler)
-        if self.info.is_main:
-            print(f"resumed from {path} at step {self.step}", flush=True)
 
     def save(self) -> Path | None:
         """Checkpoint on rank 0 (all ranks hold the same weights under DDP); under FSDP every rank

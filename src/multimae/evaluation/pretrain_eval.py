@@ -39,21 +39,15 @@ class EvalRow:
 def per_image_baseline(spec: ModalitySpec, target: Tensor, patch: int) -> Tensor:
     """The trivial prediction for a target: per-image channel mean (after norm-pix if the task
     uses it), or log per-image class frequencies for class maps. Same shape as the model's."""
-    if spec.kind == "text":  # the caption's own token histogram at every position
-        hist = torch.stack([torch.bincount(x.flatten(), minlength=spec.num_classes) for x in target]).float()
-        hist = hist / hist.sum(1, keepdim=True)
-        return hist.clamp_min(1e-6).log()[:, None, :].expand(-1, target.shape[1], -1)
-    if spec.kind == "categorical":
+    if spec.kind in ("text", "categorical"):
         t = target[:, 0] if target.ndim == 4 else target
         hist = torch.stack([torch.bincount(x.flatten(), minlength=spec.num_classes) for x in t]).float()
-        hist = hist / hist.sum(1, keepdim=True)
-        return hist.clamp_min(1e-6).log()[:, :, None, None].expand(-1, -1, *t.shape[-2:])
+        log_freq = (hist / hist.sum(1, keepdim=True)).clamp_min(1e-6).log()
+        if spec.kind == "text":  # the caption's own token histogram at every position
+            return log_freq[:, None, :].expand(-1, t.shape[1], -1)
+        return log_freq[:, :, None, None].expand(-1, -1, *t.shape[-2:])
     t = norm_pix(target.float(), patch) if spec.norm_pix else target.float()
     return t.mean((2, 3), keepdim=True).expand_as(t).contiguous()
-
-
-def _accuracy(pred: Tensor, target: Tensor) -> float:
-    return float((pred.argmax(1) == target).float().mean())
 
 
 def _majority_accuracy(target: Tensor) -> float:
@@ -119,7 +113,8 @@ def evaluate(model: MultiMAE, batches: Iterable[tuple[Batch | dict[str, Any], Ma
             tgt = batch[spec.key]
             has = batch.present[spec.key] if spec.key in batch.present else torch.ones(batch.size, dtype=torch.bool)
             if spec.kind == "categorical" and bool(has.any()):
-                add(setting, t, "acc", _accuracy(cross[t][has], tgt[has]), _majority_accuracy(tgt[has]), int(has.sum()))
+                acc = float((cross[t][has].argmax(1) == tgt[has]).float().mean())
+                add(setting, t, "acc", acc, _majority_accuracy(tgt[has]), int(has.sum()))
             elif spec.kind == "text":
                 real = ~batch.absent(spec.key, tgt.shape[1])
                 if bool(real.any()):
@@ -137,7 +132,6 @@ def format_eval_rows(rows: list[EvalRow]) -> str:
 
 
 def write_eval_rows(rows: list[EvalRow], run_dir: Path, header: str = "") -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
     save_bytes_atomic(run_dir / "eval.json", json.dumps([asdict(r) | {"better": r.better} for r in rows], indent=2).encode())
     path = run_dir / "eval.md"
     save_bytes_atomic(path, ((header + "\n\n" if header else "") + format_eval_rows(rows) + "\n").encode())

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["auroc", "majority_top1", "probe_attribute", "ood_msp", "caption_word_scores"]
+__all__ = ["auroc", "majority_top1", "probe_attribute", "top1_top5", "ood_msp", "caption_word_scores"]
 
 Fit = Callable[[Tensor, Tensor, int], nn.Module]
 
@@ -26,16 +26,11 @@ def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
     (Mann-Whitney U / (n_pos * n_neg)); NaN when either set is empty."""
     if not len(pos) or not len(neg):
         return float("nan")
-    values = sorted([(float(v), 1) for v in pos] + [(float(v), 0) for v in neg])
-    rank_sum, i = 0.0, 0
-    while i < len(values):  # average ranks over ties
-        j = i
-        while j + 1 < len(values) and values[j + 1][0] == values[i][0]:
-            j += 1
-        rank_sum += ((i + j) / 2 + 1) * sum(values[k][1] for k in range(i, j + 1))
-        i = j + 1
+    values = torch.tensor([*map(float, pos), *map(float, neg)], dtype=torch.float64)
+    _, group, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    ranks = counts.cumsum(0) - (counts - 1) / 2  # the average 1-based rank of each distinct value (ties)
     n_pos, n_neg = len(pos), len(neg)
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return (float(ranks[group[:n_pos]].sum()) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def majority_top1(train_y: Tensor, eval_y: Tensor, num_classes: int) -> float:
@@ -48,13 +43,18 @@ def probe_attribute(fit: Fit, train_x: Tensor, train_y: Tensor, eval_x: Tensor, 
                     num_classes: int) -> dict[str, Any]:
     """Fit a probe on (``train_x``, ``train_y``) and score it on the evaluation split:
     ``{"metrics": {"top1": %, "top5": % (more than 5 classes)}, "baseline": {"top1": majority-class %}}``."""
-    probe = fit(train_x, train_y, num_classes)
-    with torch.no_grad():
-        logits = probe.eval()(eval_x)
-    metrics = {"top1": 100.0 * float((logits.argmax(1) == eval_y).float().mean())}
-    if num_classes > 5:
-        metrics["top5"] = 100.0 * float((logits.topk(5, dim=1).indices == eval_y[:, None]).any(1).float().mean())
+    metrics = top1_top5(fit(train_x, train_y, num_classes), eval_x, eval_y, num_classes)
     return {"metrics": metrics, "baseline": {"top1": majority_top1(train_y, eval_y, num_classes)}}
+
+
+@torch.no_grad()
+def top1_top5(probe: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> dict[str, float]:
+    """top-1 (and top-5 with more than 5 classes) in % of ``probe`` (put in eval mode) on features ``x``."""
+    logits = probe.eval()(x)
+    out = {"top1": 100.0 * float((logits.argmax(1) == y).float().mean())}
+    if num_classes > 5:
+        out["top5"] = 100.0 * float((logits.topk(5, dim=1).indices == y[:, None]).any(1).float().mean())
+    return out
 
 
 def ood_msp(fit: Fit, train_x: Tensor, train_y: Tensor, eval_x: Tensor, eval_y: Tensor, num_classes: int,

@@ -33,10 +33,8 @@ def caption_word_accuracy(model: MultiMAE, batches: Iterable[tuple[dict[str, Any
                  for c, v in ids.items()}
     hits = {c: [0, 0, 0, 0] for c in ids}  # model, class-frequency, position-mode, count
     for batch, plan in batches:
-        hide = {n: torch.ones_like(m) if n == text else torch.zeros_like(m) for n, m in plan.masks.items()}
-        pred = model(batch, MaskPlan(hide), tasks=[text], compute_loss=False).preds[text].argmax(-1)
-        batch = Batch.of(batch)
-        tgt = batch[text]
+        batch, logits = _caption_logits(model, batch, plan, text)
+        pred, tgt = logits.argmax(-1), batch[text]
         real = ~batch.absent(text, tgt.shape[1])
         L = tgt.shape[1]
         for c, v in ids.items():
@@ -59,18 +57,15 @@ def caption_word_recall(model: MultiMAE, batches: Iterable[tuple[dict[str, Any],
     frequent class words of the training captions. Returns recall (hits / true words) of both."""
     model.eval()
     real_tr = ~train_pad
-    out: dict[str, dict[str, float]] = {}
     tallies = {c: [0, 0, 0] for c in word_classes}  # model hits, baseline hits, true words
     # class words by training frequency (unseen words last): the baseline names the first k
     ranked = {c: list(dict.fromkeys([w for w, _ in Counter(t for t in train_tokens[real_tr].tolist()
                                                         if t in set(v)).most_common()] + list(v)))
               for c, v in word_classes.items()}
     for batch, plan in batches:
-        hide = {n: torch.ones_like(m) if n == text else torch.zeros_like(m) for n, m in plan.masks.items()}
-        logits = model(batch, MaskPlan(hide), tasks=[text], compute_loss=False).preds[text].float()
-        batch = Batch.of(batch)
+        batch, logits = _caption_logits(model, batch, plan, text)
         real = ~batch.absent(text, batch[text].shape[1])
-        prob = logits.softmax(-1).masked_fill(~real[..., None], 0).amax(1)  # (B, V): best position per word
+        prob = logits.float().softmax(-1).masked_fill(~real[..., None], 0).amax(1)  # (B, V): best position per word
         for c, v in word_classes.items():
             ids = torch.tensor(list(v))
             for b in range(prob.shape[0]):
@@ -83,6 +78,11 @@ def caption_word_recall(model: MultiMAE, batches: Iterable[tuple[dict[str, Any],
                 tallies[c][0] += len(true & set(top))
                 tallies[c][1] += len(true & set(base))
                 tallies[c][2] += k
-    for c, (m, b, n) in tallies.items():
-        out[c] = {"model": m / max(1, n), "frequency_baseline": b / max(1, n), "words": n}
-    return out
+    return {c: {"model": m / max(1, n), "frequency_baseline": b / max(1, n), "words": n}
+            for c, (m, b, n) in tallies.items()}
+
+
+def _caption_logits(model: MultiMAE, batch: Batch | dict[str, Any], plan: MaskPlan, text: str) -> tuple[Batch, Tensor]:
+    """The batch and the model's caption logits from the image alone (the caption fully masked)."""
+    hide = {n: torch.ones_like(m) if n == text else torch.zeros_like(m) for n, m in plan.masks.items()}
+    return Batch.of(batch), model(batch, MaskPlan(hide), tasks=[text], compute_loss=False).preds[text]

@@ -107,9 +107,7 @@ def shard_dataset(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], urls: str
     d = cfg.data
     if not urls:
         raise DataError(f"data.{'train' if train else 'eval'}_urls must be set for data.source=shards")
-    per_rank: Any = None
-    if train:
-        per_rank = d.num_samples // world_size if d.num_samples else "auto"
+    per_rank = (d.num_samples // world_size if d.num_samples else "auto") if train else None
     return ShardDataset(shard_urls(urls), _read_fields(inputs, cfg), transform=_Seeded(transform, cfg.train.seed),
                         shuffle_buffer=d.shuffle_buffer if train else 0, seed=cfg.train.seed, on_error=d.on_error,
                         rank=rank if train else 0, world_size=world_size if train else 1, samples_per_rank=per_rank,
@@ -217,9 +215,8 @@ def build_train_loader(cfg: FinetuneConfig, inputs: Sequence[ModalitySpec], rank
     collate_fn = functools.partial(train_collate, inputs=list(inputs), image_size=d.image_size,
                                    allow_missing=d.missing == "allow")
     kw: dict[str, Any] = dict(num_workers=d.num_workers, collate_fn=collate_fn, persistent_workers=False,
-                              pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(t.seed))
-    if d.num_workers > 0:
-        kw["prefetch_factor"] = 4
+                              pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(t.seed),
+                              prefetch_factor=4 if d.num_workers > 0 else None)
     if datasets is None and get_source(d.source).streams:
         ds = shard_dataset(cfg, inputs, d.train_urls, tf, True, rank, world_size)
         per_rank = len(ds)  # type: ignore[arg-type]

@@ -208,7 +208,6 @@ def write_eval_report(res: dict[str, Any], cfg: FinetuneConfig, run_dir: Path, s
                       protocol: str = "fine-tune", name: str = "eval") -> Path:
     """Write ``<name>.md`` (human) and ``<name>.json`` (machine) into ``run_dir``; prints the table."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     answer = res.get("baseline_answer")
     names = class_names(cfg.model.head.kind, to_dict(cfg.data))
     if answer and answer["kind"] == "class" and names:

@@ -22,6 +22,7 @@ from multimae.core import config as config_lib
 from multimae.checkpoint import find_latest, load_meta, save_checkpoint
 from multimae.engine.identity import SCHEDULE_ONLY, acquire_lock, check_same_run, release_lock
 from multimae.engine.signals import Preempted, StopSignals
+from multimae.evaluation.protocols import top1_top5
 from multimae.data.transfer import TARGET
 from multimae.tasks.transfer import Datasets, default_run_name, prepare
 from multimae.tasks.finetune_config import FinetuneConfig
@@ -96,17 +97,6 @@ def probe_steps(n: int, batch_size: int) -> int:
     return n // batch_size + (1 if n % batch_size >= 2 else 0)
 
 
-@torch.no_grad()
-def probe_scores(probe: LinearProbe, x: Tensor, y: Tensor, num_classes: int) -> dict[str, float]:
-    """top-1 (and top-5 with more than 5 classes) in %, from cached features."""
-    logits = probe.eval()(x)
-    out = {"top1": 100.0 * float((logits.argmax(1) == y).float().mean())}
-    if num_classes > 5:
-        top5 = logits.topk(5, dim=1).indices
-        out["top5"] = 100.0 * float((top5 == y[:, None]).any(1).float().mean())
-    return out
-
-
 @dataclass
 class ProbeFeatures:
     """A frozen encoder built from ``cfg.init`` and its cached features of the training split and
@@ -176,7 +166,7 @@ def _run_probe(cfg: FinetuneConfig, datasets: Datasets | None) -> tuple[Path, di
                                 progress, logger, stop)
         progress.close()
         t_fit = time.perf_counter() - tic
-        metrics = probe_scores(probe, eval_x, eval_y, K)
+        metrics = top1_top5(probe, eval_x, eval_y, K)
         logger.log_scalars(steps, {f"eval/{k}": v for k, v in metrics.items()})
     weights = {**model.state_dict(), **{PROBE_PREFIX + k: v for k, v in probe.state_dict().items()}}
     save_checkpoint(run_dir, steps, weights, {"step": steps}, {"config": config_lib.to_dict(cfg), "kind": "probe",
@@ -197,5 +187,5 @@ def evaluate_probe(model: ProbeModel, cfg: FinetuneConfig, device: str | torch.d
     specs = list(model.input_specs.values())
     x, y = extract_features(model, build_eval_loader(cfg, specs), torch.device(device))
     train_y = torch.cat([b[TARGET] for b in build_eval_loader(cfg, specs, train_split_stats=True)])
-    return {"metrics": probe_scores(model.probe, x, y, K), "baseline": class_baseline(train_y, y, K),
+    return {"metrics": top1_top5(model.probe, x, y, K), "baseline": class_baseline(train_y, y, K),
             "num_samples": len(y), "split": cfg.data.eval_split}

@@ -66,8 +66,7 @@ def prepare(cfg: FinetuneConfig, init: str | None = None) -> tuple[TransferModel
         if names is not None:
             head = replace(head, num_classes=len(names))
     elif head.kind == "classification" and cfg.data.classes and head.num_classes != len(cfg.data.classes):
-        c = cfg.data.classes
-        d = cfg.data
+        c, d = cfg.data.classes, cfg.data
         where = "data.classes has" if d.source != "folder" else \
             f"{d.root}/{d.train_split}/{cfg.model.inputs[0]}: the data has"
         raise DataError(f"{where} {len(c)} class directories ({', '.join(c[:5])}{' ...' if len(c) > 5 else ''}) but "
