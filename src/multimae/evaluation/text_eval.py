@@ -29,8 +29,8 @@ def caption_word_accuracy(model: MultiMAE, batches: Iterable[tuple[dict[str, Any
     real_tr = ~train_pad
     pos_mode = torch.tensor([Counter(train_tokens[real_tr[:, j], j].tolist()).most_common(1)[0][0]
                              if real_tr[:, j].any() else -1 for j in range(train_tokens.shape[1])])
-    freq_word = {c: Counter(t for t in train_tokens[real_tr].tolist() if t in set(v.tolist())).most_common(1)[0][0]
-                 for c, v in ids.items()}
+    seen = Counter(train_tokens[real_tr].tolist())  # a class no training caption holds answers its first word
+    freq_word = {c: max(v.tolist(), key=seen.__getitem__) for c, v in ids.items()}
     hits = {c: [0, 0, 0, 0] for c in ids}  # model, class-frequency, position-mode, count
     for batch, plan in batches:
         batch, logits = _caption_logits(model, batch, plan, text)
@@ -58,10 +58,9 @@ def caption_word_recall(model: MultiMAE, batches: Iterable[tuple[dict[str, Any],
     model.eval()
     real_tr = ~train_pad
     tallies = {c: [0, 0, 0] for c in word_classes}  # model hits, baseline hits, true words
-    # class words by training frequency (unseen words last): the baseline names the first k
-    ranked = {c: list(dict.fromkeys([w for w, _ in Counter(t for t in train_tokens[real_tr].tolist()
-                                                        if t in set(v)).most_common()] + list(v)))
-              for c, v in word_classes.items()}
+    # class words by training frequency (ties and unseen words in class order): the baseline names the first k
+    seen = Counter(train_tokens[real_tr].tolist())
+    ranked = {c: sorted(dict.fromkeys(v), key=lambda w: -seen[w]) for c, v in word_classes.items()}
     for batch, plan in batches:
         batch, logits = _caption_logits(model, batch, plan, text)
         real = ~batch.absent(text, batch[text].shape[1])
