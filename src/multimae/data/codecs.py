@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover
 from torch import Tensor
 
 from multimae.data.errors import DataError, ImageTooLargeError, notice_once
+from multimae.data.rasters import RASTER_EXTS, decode_raster, load_npy
 from multimae.core.modalities import ModalitySpec
 
 OFFICIAL_PNG_SCALE = 1.0 / 2**16  # what the official code multiplies 16-bit depth PNGs by
@@ -259,13 +260,6 @@ def _int_map(data: bytes, ext: str, where: str) -> np.ndarray:
     return arr
 
 
-def _load_npy(data: bytes, where: str) -> np.ndarray:
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{where}: not a readable .npy array ({e})") from None
-
-
 def _chw(arr: np.ndarray, channels: int, where: str) -> np.ndarray:
     """(H,W) / (C,H,W) / (H,W,C) -> (C,H,W) with C == channels."""
     if arr.ndim == 2:
@@ -280,7 +274,7 @@ def _chw(arr: np.ndarray, channels: int, where: str) -> np.ndarray:
 def decode_dense(data: bytes, ext: str, channels: int, png_scale: float, where: str) -> Tensor:
     """A dense map file -> float32 (C,H,W); see the module doc for the encodings."""
     if ext == "npy":
-        arr = _load_npy(data, where)
+        arr = load_npy(data, where)
         if not np.issubdtype(arr.dtype, np.number):
             raise DataError(f"{where}: expected a numeric array, got dtype {arr.dtype}")
         return torch.from_numpy(np.ascontiguousarray(_chw(arr, channels, where), dtype=np.float32))
@@ -303,7 +297,7 @@ def _notice_8bit(where: str, png_scale: float) -> None:
 
 def decode_categorical(data: bytes, ext: str, where: str) -> Tensor:
     """A class-id map file (8/16-bit PNG or .npy) -> int64 (H,W)."""
-    arr = _load_npy(data, where) if ext == "npy" else _int_map(data, ext, where)
+    arr = load_npy(data, where) if ext == "npy" else _int_map(data, ext, where)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim != 2:
@@ -336,8 +330,6 @@ def decode_field(data: bytes, ext: str, spec: ModalitySpec, png_scale: float, wh
     if spec.kind == "image":
         return decode_image(data, spec.channels, where)
     if spec.is_raster:  # multi-band .tif / .npy: raw values, bands, nodata (multimae.data.rasters)
-        from multimae.data.rasters import RASTER_EXTS, decode_raster
-
         if ext not in RASTER_EXTS:
             raise DataError(f"{where}: raster modality {spec.name!r} is read from .tif / .tiff / .npy, not .{ext}")
         return decode_raster(data, ext, spec, where)

@@ -26,13 +26,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from multimae.data.codecs import _load_npy
 from multimae.data.errors import DataError, notice_once
 from multimae.core.modalities import ModalitySpec
 
 RASTER_EXTS = ("tif", "tiff", "npy")
 GDAL_METADATA = 42112  # XML with per-band <Item name="DESCRIPTION" sample="i">name</Item>
 GDAL_NODATA = 42113  # ASCII nodata value
+
+
+def load_npy(data: bytes, where: str) -> np.ndarray:
+    """A .npy file's array (no pickles); a DataError naming ``where`` if it is not one."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{where}: not a readable .npy array ({e})") from None
 
 
 def _tiff_axes_to_chw(arr: np.ndarray, axes: str, where: str) -> np.ndarray:
@@ -96,7 +103,7 @@ def _read(data: bytes | str | os.PathLike, ext: str | None,
     where = where or "<raster bytes>"
     ext = (ext or "").lower()
     if ext == "npy":
-        arr = _numeric(_load_npy(bytes(data), where), where)
+        arr = _numeric(load_npy(bytes(data), where), where)
         if arr.ndim == 2:
             arr = arr[None]
         elif arr.ndim == 3 and arr.shape[-1] < arr.shape[0]:
