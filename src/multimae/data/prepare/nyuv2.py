@@ -22,7 +22,7 @@ import numpy as np
 
 from multimae.data.errors import DataError
 from multimae.data.prepare.matfiles import load_v5, open_h5
-from multimae.data.prepare.writing import METRIC_PNG_SCALE, Item, metric_depth_png
+from multimae.data.prepare.writing import METRIC_PNG_SCALE, Item, metric_depth_mm
 
 KNOWN = {"train": 795, "test": 654}
 NUM_RAW = 894
@@ -89,7 +89,7 @@ def items(mat: Path, splits: Path, mapping: Path, limit: int | None = None) -> t
 
     def make(i: int):
         def run() -> dict[str, bytes]:
-            from multimae.data.codecs import encode_field
+            from multimae.data.codecs import encode_field, encode_png16
             import torch
 
             rgb = np.ascontiguousarray(images[i - 1].transpose(0, 2, 1))  # (3,W,H) -> (3,H,W)
@@ -98,7 +98,7 @@ def items(mat: Path, splits: Path, mapping: Path, limit: int | None = None) -> t
             if raw.min() < 0 or raw.max() > NUM_RAW:
                 raise DataError(f"{where}: labels of image {i} hold ids [{raw.min()}, {raw.max()}] outside 0..{NUM_RAW}")
             return {"rgb": encode_field(torch.from_numpy(rgb), "rgb", "png")[1],
-                    "depth": metric_depth_png(depth),
+                    "depth": encode_png16(metric_depth_mm(depth)),
                     "semseg": encode_field(torch.from_numpy(lut[raw].astype(np.int64)), "semseg")[1]}
         return run
 
