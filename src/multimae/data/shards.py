@@ -169,13 +169,8 @@ def count_samples(urls: str | Sequence[str]) -> int:
     """Number of samples (distinct keys) in local shards, reading tar headers only."""
     total = 0
     for url in expand_urls(urls) if isinstance(urls, str) else list(urls):
-        keys: set[str] = set()
-        with tarfile.open(url) as tar:
-            for info in tar:
-                if info.isreg():
-                    base = os.path.basename(info.name)
-                    keys.add(os.path.join(os.path.dirname(info.name), base.split(".", 1)[0]))
-        total += len(keys)
+        with tarfile.open(url) as tar:  # a key is the member name up to the first '.' of its file name
+            total += len({re.sub(r"\.[^/]*$", "", info.name) for info in tar if info.isreg()})
     return total
 
 
