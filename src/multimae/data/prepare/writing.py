@@ -195,11 +195,10 @@ def write_items(items: Sequence[Item], root: str | os.PathLike, fmt: str = "fold
                 else:
                     data = it.make()
                     for k, p in paths.items():
-                        v = data[k]
-                        if isinstance(v, Path):
-                            place_file(v, p, link)
+                        if isinstance(data[k], Path):
+                            place_file(data[k], p, link)
                         else:
-                            write_bytes(p, v)
+                            write_bytes(p, data[k])
                     report.written += 1
                 bar.update(1)
             report.outputs = [str(root / s) for s in report.per_split]
