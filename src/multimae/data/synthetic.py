@@ -567,10 +567,8 @@ def write_multispectral(root: str, split: str, key: str, indices: Sequence[int],
 
     from multimae.data.rasters import write_raster
 
-    n = 0
     for i in indices:
         arr, label = multispectral(seed, i, image_size)
         write_raster(os.path.join(root, split, key, LABEL_CLASSES[label], f"{i:08d}.tif"), arr,
                      MULTISPECTRAL_BANDS, nodata=MULTISPECTRAL_NODATA)
-        n += 1
-    return n
+    return len(indices)

@@ -201,10 +201,7 @@ def captions_from_file(path: str | os.PathLike) -> Iterator[str]:
     if not p.is_file():
         raise FileNotFoundError(f"caption file {p} not found")
     with open(p, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                yield line
+        yield from (line for line in map(str.strip, f) if line)
 
 
 def synthetic_captions(num: int, seed: int = 0, image_size: int = 32) -> list[str]:
