@@ -259,9 +259,7 @@ def holdout(keys: Sequence[str], fraction: float) -> tuple[list[int], list[int]]
         raise DataError(f"cannot hold out a validation slice of {n} sample(s) (data.val_fraction={fraction})")
     count = min(n - 1, max(1, round(fraction * n)))
     ranked = sorted(range(n), key=lambda i: derive_seed("folder-holdout", keys[i]))
-    held = sorted(ranked[:count])
-    chosen = set(held)
-    return [i for i in range(n) if i not in chosen], held
+    return sorted(ranked[count:]), sorted(ranked[:count])
 
 
 def open_folder(root: str | os.PathLike, split: str, specs: Sequence[str | dict | ModalitySpec], *,
