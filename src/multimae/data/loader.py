@@ -298,7 +298,7 @@ def resolve_image_size(data: DataConfig, spec: BatchSpec) -> DataConfig:
 
 def shard_urls(urls: str) -> str | list[str]:
     """``data.urls``: a brace pattern stays as it is; a comma list becomes a list of paths."""
-    return urls.split(",") if "," in urls and "{" not in urls else urls
+    return [u.strip() for u in urls.split(",") if u.strip()] if "," in urls and "{" not in urls else urls
 
 
 def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *, train: bool = True,

@@ -167,7 +167,7 @@ class CaptionTable(Dataset):
     def item_at_epoch(self, index: int, epoch: int) -> dict:
         """Sample ``index`` of ``epoch`` (transformed; a bad row is skipped under ``on_error=skip``)."""
         n = len(self.rows)
-        for attempt in range(max(n, 1)):
+        for attempt in range(n):  # an empty table (every row skipped) goes straight to the error
             try:
                 sample = self.load((index + attempt) % n, epoch)
                 return self.transform(sample) if self.transform is not None else sample
