@@ -2,6 +2,7 @@
 function of (seed, epoch, rank, worker, batch index); streamed shards resume mid-epoch exactly."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,14 @@ def test_num_workers_auto_sizes_from_cores() -> None:
     loader, _ = build_loader(DataConfig(source="synthetic", num_samples=8, image_size=32, num_workers="auto"),
                              MASK, SPEC, seed=0, batch_size=4)
     assert loader.num_workers >= 1
+
+
+
+def test_comma_listed_shard_urls_ignore_spaces_around_commas(shard_urls: str) -> None:
+    from multimae.data.loader import shard_urls as parse
+
+    assert parse("a.tar, b.tar ,c.tar,") == ["a.tar", "b.tar", "c.tar"]
+    assert parse("s-{0..3}.tar") == "s-{0..3}.tar"  # a brace pattern stays for webdataset
+    spaced = DataConfig(source="shards", urls=shard_urls.replace(",", ", "), num_samples=32, image_size=32,
+                        num_workers=0, shuffle_buffer=8)
+    assert _epochs(spaced, seed=3, epochs=1) == _epochs(replace(spaced, urls=shard_urls), seed=3, epochs=1)

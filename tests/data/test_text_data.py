@@ -128,3 +128,11 @@ def test_text_collator_present_flags_and_masking():
         collate([samples[0], {"rgb": torch.ones(3, 4, 4), "__key__": "i"}])
     with pytest.raises(DataError, match="cannot collate 'label'"):
         collate([dict(samples[0], label=torch.tensor(1)), samples[1]])
+
+
+def test_a_table_whose_every_row_is_skipped_says_so(tmp_path) -> None:
+    table = tmp_path / "captions.csv"
+    table.write_text("image,caption\na.png,\nb.png,\n")  # every caption empty: skipped under missing=skip
+    ds = CaptionTable(table, missing="skip")
+    with pytest.raises(DataError, match=r"captions\.csv: every one of the 0 rows is bad"):
+        ds[0]

@@ -44,12 +44,9 @@ def read_meta(root: str | os.PathLike) -> dict:
 
 def _list_modality(mdir: Path, spec: ModalitySpec) -> dict[tuple[str, str], Path]:
     """``(class, name) -> file`` for one modality directory."""
-    if not mdir.is_dir():
-        raise DataError(f"{mdir}: modality directory not found "
-                        "(expected root/<split>/<modality>/<class or all>/<name>.<ext>)")
     exts = {f".{e}" for e in EXTS[spec.kind]}
     files: dict[tuple[str, str], Path] = {}
-    for cdir in sorted(p for p in mdir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for cdir in _class_dirs(mdir):
         before = len(files)
         for entry in os.scandir(cdir):
             stem, ext = os.path.splitext(entry.name)
@@ -70,11 +67,14 @@ def _list_modality(mdir: Path, spec: ModalitySpec) -> dict[tuple[str, str], Path
 def class_directories(root: str | os.PathLike, split: str, key: str) -> list[str]:
     """The sorted class-directory names of ``root/split/key`` (``all`` included when present),
     the torchvision ImageFolder order: label i is the i-th name."""
-    mdir = Path(root) / split / key
+    return [p.name for p in _class_dirs(Path(root) / split / key)]
+
+
+def _class_dirs(mdir: Path) -> list[Path]:
     if not mdir.is_dir():
         raise DataError(f"{mdir}: modality directory not found "
                         "(expected root/<split>/<modality>/<class or all>/<name>.<ext>)")
-    return sorted(p.name for p in mdir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in mdir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 class FolderDataset(Dataset):
@@ -220,18 +220,18 @@ class FolderDataset(Dataset):
         files = self.samples[index]  # under missing="allow": only the modalities the sample has
         sample: dict = {"__key__": self.key(index)}
         where = {k: f"{k} file {p}" for k, p in files.items()}
+        decode = decoder_for(self.packed)
         for key, path in files.items():
             try:
                 data = path.read_bytes()
             except OSError as e:
                 raise DataError(f"{where[key]}: unreadable ({e})") from None
-            decode = decoder_for(self.packed)
             sample[key] = decode(data, path.suffix[1:], self.specs[key], self.png_scale[key], where[key])
         self.policy.count_invalid(
             validate_sample(sample, {k: self.specs[k] for k in files}, where,
                             f"sample {sample['__key__']} in {self.root / self.split}"))
         if self.with_label:
-            sample[LABEL_KEY] = _label_tensor(self.classes.index(next(iter(files.values())).parent.name))
+            sample[LABEL_KEY] = torch.tensor(self.classes.index(next(iter(files.values())).parent.name))
         return sample
 
     def __getitem__(self, index: int) -> dict:
@@ -259,9 +259,7 @@ def holdout(keys: Sequence[str], fraction: float) -> tuple[list[int], list[int]]
         raise DataError(f"cannot hold out a validation slice of {n} sample(s) (data.val_fraction={fraction})")
     count = min(n - 1, max(1, round(fraction * n)))
     ranked = sorted(range(n), key=lambda i: derive_seed("folder-holdout", keys[i]))
-    held = sorted(ranked[:count])
-    chosen = set(held)
-    return [i for i in range(n) if i not in chosen], held
+    return sorted(ranked[count:]), sorted(ranked[:count])
 
 
 def open_folder(root: str | os.PathLike, split: str, specs: Sequence[str | dict | ModalitySpec], *,
@@ -291,10 +289,6 @@ def open_folder(root: str | os.PathLike, split: str, specs: Sequence[str | dict 
             f"of {len(full)} samples of {split}/ for validation (data.val_fraction={val_fraction:g}, fixed by "
             "the sample names)")
     return Subset(full, keep if train else held)
-
-
-def _label_tensor(i: int) -> torch.Tensor:
-    return torch.tensor(i, dtype=torch.int64)
 
 
 def write_folder(samples: Iterable[dict], root: str | os.PathLike, split: str, image_format: str = "png",

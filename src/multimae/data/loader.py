@@ -298,7 +298,7 @@ def resolve_image_size(data: DataConfig, spec: BatchSpec) -> DataConfig:
 
 def shard_urls(urls: str) -> str | list[str]:
     """``data.urls``: a brace pattern stays as it is; a comma list becomes a list of paths."""
-    return urls.split(",") if "," in urls and "{" not in urls else urls
+    return [u.strip() for u in urls.split(",") if u.strip()] if "," in urls and "{" not in urls else urls
 
 
 def build_dataset(data: DataConfig, specs: Sequence[ModalitySpec], seed: int, *, train: bool = True,
@@ -377,11 +377,9 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
                              data.image_only, data.text_only)
     packing: bool | str = "encoded" if device is not None else data.fast_decode
     workers = resolve_workers(data.num_workers)
-    kw: dict[str, Any] = dict(num_workers=workers, collate_fn=collator,
+    kw: dict[str, Any] = dict(num_workers=workers, collate_fn=collator, prefetch_factor=4 if workers > 0 else None,
                               persistent_workers=False, pin_memory=torch.cuda.is_available(),
                               generator=torch.Generator().manual_seed(seed))  # never draws from the global RNG
-    if workers > 0:
-        kw["prefetch_factor"] = 4
     if data.source == "shards":
         from multimae.data.shards import ShardDataset
 
@@ -395,13 +393,17 @@ def build_loader(data: DataConfig, mask: MaskConfig, spec: BatchSpec, seed: int,
         if per_rank < 1:
             raise DataError(f"an epoch of {n} samples ({how}) is less than one batch of {batch_size} x "
                             f"{world_size} rank(s)")
-        batches = StreamBatches(stream, transform, batch_size, per_rank, seed,
-                                unpaired)
-        return _on_device(DataLoader(batches, batch_size=None, **kw), device), batches
-    base = build_dataset(data, specs, seed, packed=packing)
-    sampler = ResumableBatchSampler(len(base), batch_size, seed, rank, world_size)  # type: ignore[arg-type]
-    return _on_device(DataLoader(SeededAugment(base, transform, seed, unpaired), batch_sampler=sampler, **kw),
-                      device), sampler
+        position: Any = StreamBatches(stream, transform, batch_size, per_rank, seed, unpaired)
+        loader = DataLoader(position, batch_size=None, **kw)
+    else:
+        base = build_dataset(data, specs, seed, packed=packing)
+        position = ResumableBatchSampler(len(base), batch_size, seed, rank, world_size)  # type: ignore[arg-type]
+        loader = DataLoader(SeededAugment(base, transform, seed, unpaired), batch_sampler=position, **kw)
+    if device is None:
+        return loader, position
+    from multimae.data.device_decode import DeviceDecodeLoader
+
+    return DeviceDecodeLoader(loader, device), position
 
 
 def _decode_device(data: DataConfig, override: torch.device | str | None) -> torch.device | None:
@@ -422,14 +424,6 @@ def _decode_device(data: DataConfig, override: torch.device | str | None) -> tor
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _on_device(loader: DataLoader, device: torch.device | None) -> Any:
-    if device is None:
-        return loader
-    from multimae.data.device_decode import DeviceDecodeLoader
-
-    return DeviceDecodeLoader(loader, device)
-
-
 class StreamBatches(IterableDataset):
     """Batches of one rank's sample stream (a :class:`~multimae.data.shards.ShardDataset`).
 
@@ -447,8 +441,6 @@ class StreamBatches(IterableDataset):
 
     def __init__(self, stream: Any, transform: Any, batch_size: int, batches: int, seed: int,
                  unpaired: Unpairing | None = None) -> None:
-        if batches < 1:
-            raise ValueError(f"a stream epoch needs at least one batch of {batch_size} per rank, got {batches}")
         self.stream, self.transform, self.bs, self.batches = stream, transform, batch_size, batches
         self.seed, self.unpaired = seed, unpaired
         self.epoch, self.start = 0, 0
@@ -487,11 +479,9 @@ def eval_batches(spec: BatchSpec, data: DataConfig, mask: MaskConfig, seed: int,
 
     data = resolve_image_size(data, spec)
     specs = list(spec.specs)
-    if data.source == "synthetic":
+    if data.source in ("synthetic", "folder"):  # folder: the val split, or the slice of train held out
         base = build_dataset(data, specs, seed, train=False)
-    elif data.source == "folder":  # the val split, or the slice of train held out; none: no batches
-        base = build_dataset(data, specs, seed, train=False)
-        if base is None:
+        if base is None:  # a folder without validation data: no batches
             return []
     else:  # streamed shards / caption tables: the first samples of the data (not held out)
         from itertools import islice
@@ -526,13 +516,10 @@ def data_counts(dataset: Any) -> dict[str, int]:
     """Bad samples skipped and invalid pixels (NaN/inf set to 0) so far, from the raw dataset under
     a loader's wrappers (``.base`` / ``.stream`` / ``.dataset``), summed over worker processes:
     ``{"data/skipped": n, "data/invalid_pixels": m}``; {} for sources that count neither."""
-    for _ in range(8):
-        policy = getattr(dataset, "policy", None)
+    for ds in _unwrapped(dataset):
+        policy = getattr(ds, "policy", None)
         if policy is not None and hasattr(policy, "invalid_pixels"):
             return {"data/skipped": policy.skipped, "data/invalid_pixels": policy.invalid_pixels}
-        dataset = next((getattr(dataset, a) for a in ("base", "stream", "dataset") if hasattr(dataset, a)), None)
-        if dataset is None:
-            break
     return {}
 
 
@@ -541,17 +528,23 @@ def coverage_line(dataset: Any) -> str | None:
     under a loader's wrappers where some lack one (None otherwise)."""
     from multimae.data.errors import coverage_lines
 
-    for _ in range(8):
-        coverage, listed = getattr(dataset, "coverage", None), getattr(dataset, "listed", None)
+    for ds in _unwrapped(dataset):
+        coverage, listed = getattr(ds, "coverage", None), getattr(ds, "listed", None)
         if coverage is not None and listed is not None:
             if all(n == listed for n in coverage.values()):
                 return None
-            return (f"data: {listed} samples found, {len(dataset)} used (data.missing={dataset.missing}); "
+            return (f"data: {listed} samples found, {len(ds)} used (data.missing={ds.missing}); "
                     f"coverage {', '.join(coverage_lines(coverage, listed))}")
-        dataset = next((getattr(dataset, a) for a in ("base", "stream", "dataset") if hasattr(dataset, a)), None)
-        if dataset is None:
-            break
     return None
+
+
+def _unwrapped(dataset: Any) -> Iterator[Any]:
+    """``dataset`` and the datasets under its wrappers (``.base`` / ``.stream`` / ``.dataset``), at most 8 deep."""
+    for _ in range(8):
+        if dataset is None:
+            return
+        yield dataset
+        dataset = next((getattr(dataset, a) for a in ("base", "stream", "dataset") if hasattr(dataset, a)), None)
 
 
 def text_collator(data: DataConfig, specs: Sequence[ModalitySpec]) -> Any:

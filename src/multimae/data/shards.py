@@ -22,6 +22,7 @@ import random
 import re
 import struct
 import tarfile
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, Sequence
 
@@ -168,13 +169,8 @@ def count_samples(urls: str | Sequence[str]) -> int:
     """Number of samples (distinct keys) in local shards, reading tar headers only."""
     total = 0
     for url in expand_urls(urls) if isinstance(urls, str) else list(urls):
-        keys: set[str] = set()
-        with tarfile.open(url) as tar:
-            for info in tar:
-                if info.isreg():
-                    base = os.path.basename(info.name)
-                    keys.add(os.path.join(os.path.dirname(info.name), base.split(".", 1)[0]))
-        total += len(keys)
+        with tarfile.open(url) as tar:  # a key is the member name up to the first '.' of its file name
+            total += len({re.sub(r"\.[^/]*$", "", info.name) for info in tar if info.isreg()})
     return total
 
 
@@ -273,13 +269,11 @@ def assign_shards(num_shards: int, rank: int, world_size: int, worker: int, num_
     Returns ``(shard indices, rank filter, worker filter)``; a filter ``(m, r)`` keeps the ``i``-th
     sample of a shard when ``i % m == r`` (the worker filter counts samples the rank kept).
     """
-    shards = list(range(num_shards))
-    rank_filter = None
+    shards, rank_filter, worker_filter = list(range(num_shards)), None, None
     if num_shards >= world_size:
         shards = shards[rank::world_size]
     else:
         rank_filter = (world_size, rank)
-    worker_filter = None
     if len(shards) >= num_workers:
         shards = shards[worker::num_workers]
     else:
@@ -381,16 +375,12 @@ class ShardDataset(IterableDataset):
             raise DataError(f"shard {url}: truncated or not a tar file ({type(e).__name__}: {e})") from None
 
     def _raw_stream(self, shard_ids: list[int], order: list[str], rank_filter, worker_filter) -> Iterator[dict]:
-        for s in shard_ids:
-            url = order[s]
-            kept = 0
+        for url in (order[s] for s in shard_ids):
+            raws = self._read_shard(url)
+            for f in (rank_filter, worker_filter):  # keep the i-th sample when i % m == r
+                raws = islice(raws, f[1], None, f[0]) if f else raws
             try:
-                for i, raw in enumerate(self._read_shard(url)):
-                    if rank_filter and i % rank_filter[0] != rank_filter[1]:
-                        continue
-                    kept += 1
-                    if worker_filter and (kept - 1) % worker_filter[0] != worker_filter[1]:
-                        continue
+                for raw in raws:
                     raw["__url__"] = url
                     yield raw
             except DataError as err:
@@ -415,22 +405,21 @@ class ShardDataset(IterableDataset):
         meta = json.loads(raw[META_FIELD]) if META_FIELD in raw else {}
         scales = meta.get("png_scale", {}) if isinstance(meta, dict) else {}
         sample: dict = {"__key__": key}
+        present = sorted(k for k in raw if not k.startswith("__"))
+        decode = decoder_for(self.packed)
         for name, spec in self.specs.items():
             field = self._field(raw, name, spec)
             if field is None:
                 if self.missing == "allow":
                     continue
-                present = sorted(k for k in raw if not k.startswith("__"))
                 raise DataError(f"{where}: missing key '{name}.{EXTS[spec.kind][0]}' (has {present}; "
                                 f"data.missing={self.missing})")
             scale = float(scales.get(name, scale_for(self.png_scale, name, OFFICIAL_PNG_SCALE)))
-            decode = decoder_for(self.packed)
             sample[name] = decode(raw[field], field.rsplit(".", 1)[-1], spec, scale, f"{where}: {field}")
         have = {k: s for k, s in self.specs.items() if k in sample}
         self.policy.count_invalid(validate_sample(sample, have, {k: f"{where}: {k}" for k in have}, where))
         if self.with_label:
             if LABEL_FIELD not in raw:
-                present = sorted(k for k in raw if not k.startswith("__"))
                 raise DataError(f"{where}: missing key '{LABEL_FIELD}' (has {present})")
             sample[LABEL_KEY] = decode_label(raw[LABEL_FIELD], f"{where}: {LABEL_FIELD}")
         return sample
@@ -441,12 +430,8 @@ class ShardDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if self.transform is not None and hasattr(self.transform, "set_epoch"):
             self.transform.set_epoch(epoch)
-        quota = None
-        if self.samples_per_rank is not None:
-            n = int(self.samples_per_rank)
-            quota = n // num_workers + (1 if worker < n % num_workers else 0)
-            if quota == 0:
-                return
+        # this worker's share of the rank's samples per epoch (None: one pass)
+        quota = None if self.samples_per_rank is None else len(range(worker, int(self.samples_per_rank), num_workers))
         for sample in self.samples(epoch, worker, num_workers, count=quota):
             yield self.transform(sample) if self.transform is not None else sample
 

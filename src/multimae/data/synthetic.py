@@ -221,11 +221,7 @@ def _hit_cylinder(o: SceneObject, ox, oy, oz, dx, dy, dz) -> np.ndarray:
     a = dx * dx + dz * dz
     b = px * dx + pz * dz
     disc = b * b - a * (px * px + pz * pz - r * r)
-    sq = np.sqrt(np.maximum(disc, 0))
-    side = np.full(np.shape(dx), np.inf, dtype=np.float32)
-    for t in ((-b - sq) / a, (-b + sq) / a):
-        y = oy + t * dy
-        side = np.minimum(side, np.where((disc >= 0) & (t > _EPS) & (y >= 0) & (y <= h), t, np.inf))
+    side = _side_hits(a, b, disc, oy, dy, h)
     tc = (h - oy) / dy
     cx, cz = px + tc * dx, pz + tc * dz
     cap = np.where((tc > _EPS) & (cx * cx + cz * cz <= r * r), tc, np.inf)
@@ -239,9 +235,13 @@ def _hit_cone(o: SceneObject, ox, oy, oz, dx, dy, dz) -> np.ndarray:
     a = dx * dx + dz * dz - k2 * dy * dy
     b = px * dx + pz * dz + k2 * y0 * dy
     c = px * px + pz * pz - k2 * y0 * y0
-    disc = b * b - a * c
+    return _side_hits(a, b, b * b - a * c, oy, dy, h)
+
+
+def _side_hits(a, b, disc, oy, dy, h: float) -> np.ndarray:
+    """The nearer root ``(-b -+ sqrt(disc)) / a`` in front of the ray whose height is in [0, h]."""
     sq = np.sqrt(np.maximum(disc, 0))
-    best = np.full(np.shape(dx), np.inf, dtype=np.float32)
+    best = np.full(np.shape(dy), np.inf, dtype=np.float32)
     for t in ((-b - sq) / a, (-b + sq) / a):
         y = oy + t * dy
         best = np.minimum(best, np.where((disc >= 0) & (t > _EPS) & (y >= 0) & (y <= h), t, np.inf))
@@ -567,10 +567,8 @@ def write_multispectral(root: str, split: str, key: str, indices: Sequence[int],
 
     from multimae.data.rasters import write_raster
 
-    n = 0
     for i in indices:
         arr, label = multispectral(seed, i, image_size)
         write_raster(os.path.join(root, split, key, LABEL_CLASSES[label], f"{i:08d}.tif"), arr,
                      MULTISPECTRAL_BANDS, nodata=MULTISPECTRAL_NODATA)
-        n += 1
-    return n
+    return len(indices)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from multimae.core.batch import Batch
@@ -31,10 +30,6 @@ from multimae.data.tokenizers import TextEncoder
 from multimae.core.seeding import derive_seed
 
 TEXT_KEY, IMAGE_KEY = "caption", "rgb"
-
-
-def _sample_key(image: str, line: int) -> str:
-    return f"{Path(image).stem.replace('.', '_')}-l{line}"
 
 
 class CaptionTable(Dataset):
@@ -149,7 +144,7 @@ class CaptionTable(Dataset):
         if isinstance(caption, list):
             caption = caption[random.Random(derive_seed(self.seed, "caption", epoch, index)).randrange(len(caption))]
         caption = caption.strip()
-        sample: dict = {"__key__": _sample_key(image or "text", line)}
+        sample: dict = {"__key__": f"{Path(image or 'text').stem.replace('.', '_')}-l{line}"}
         if caption:
             sample[TEXT_KEY] = caption
         elif self.missing != "allow":
@@ -172,7 +167,7 @@ class CaptionTable(Dataset):
     def item_at_epoch(self, index: int, epoch: int) -> dict:
         """Sample ``index`` of ``epoch`` (transformed; a bad row is skipped under ``on_error=skip``)."""
         n = len(self.rows)
-        for attempt in range(max(n, 1)):
+        for attempt in range(n):  # an empty table (every row skipped) goes straight to the error
             try:
                 sample = self.load((index + attempt) % n, epoch)
                 return self.transform(sample) if self.transform is not None else sample
@@ -201,10 +196,6 @@ class TextCollator:
         self.image_keys = tuple(image_keys)
         self.image_shapes = {k: tuple(v) for k, v in (image_shapes or {}).items()}
 
-    def _images(self, samples: list[dict], key: str) -> tuple[Tensor, Tensor] | None:
-        shape = self.image_shapes.get(key)
-        return stack_present(samples, key, torch.zeros(shape) if shape is not None else None)
-
     def __call__(self, samples: list[dict]) -> Batch:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
@@ -212,7 +203,8 @@ class TextCollator:
         t = self.text_key
         batch = Batch({t: enc["ids"]}, pad={t: enc["pad"]}, present={t: enc["present"]})
         for key in self.image_keys:
-            out = self._images(samples, key)
+            shape = self.image_shapes.get(key)
+            out = stack_present(samples, key, torch.zeros(shape) if shape is not None else None)
             if out is not None:
                 batch.tensors[key], batch.present[key] = out
         extra = batch.extra

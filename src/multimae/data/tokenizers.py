@@ -36,17 +36,12 @@ def _bert_normalizer() -> normalizers.Normalizer:
     return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
 
 
-def _bert_pipeline(model: models.Model) -> Tokenizer:
-    """A tokenizer with the BERT-uncased text pipeline around a WordPiece ``model``."""
-    tok = Tokenizer(model)
+def _from_vocab(vocab: dict[str, int], special_tokens: Sequence[str]) -> Tokenizer:
+    """A WordPiece tokenizer of ``vocab`` with the BERT-uncased text pipeline."""
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix=CONTINUATION))
     tok.normalizer = _bert_normalizer()
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix=CONTINUATION)
-    return tok
-
-
-def _from_vocab(vocab: dict[str, int], special_tokens: Sequence[str]) -> Tokenizer:
-    tok = _bert_pipeline(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix=CONTINUATION))
     tok.add_special_tokens([t for t in special_tokens if t in vocab])
     return tok
 
@@ -206,10 +201,7 @@ def captions_from_file(path: str | os.PathLike) -> Iterator[str]:
     if not p.is_file():
         raise FileNotFoundError(f"caption file {p} not found")
     with open(p, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                yield line
+        yield from (line for line in map(str.strip, f) if line)
 
 
 def synthetic_captions(num: int, seed: int = 0, image_size: int = 32) -> list[str]:

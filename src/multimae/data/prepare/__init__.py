@@ -36,12 +36,6 @@ def _record(root: Path, fmt: str, dataset: str, facts: dict, counts: Mapping[str
         write_bytes(root / CLASSES_FILE, ("\n".join(names) + "\n").encode())
 
 
-def _write(items, root: Path, fmt: str, shard_size: int, progress: bool, desc: str, link: str = "copy",
-           png_scale: Mapping[str, float] | None = None):
-    return write_items(items, root, fmt, shard_size=shard_size, png_scale=png_scale, link=link, progress=progress,
-                       desc=desc)
-
-
 def prepare_nyuv2(mat: str | Path, splits: str | Path, mapping: str | Path, out: str | Path, fmt: str = "folder",
                   limit: int | None = None, shard_size: int = 1000, progress: bool = True) -> str:
     from multimae.data.prepare import nyuv2
@@ -49,7 +43,7 @@ def prepare_nyuv2(mat: str | Path, splits: str | Path, mapping: str | Path, out:
     root = Path(out)
     items, facts, _ = nyuv2.items(Path(mat), Path(splits), Path(mapping), limit)
     scale = {"depth": METRIC_PNG_SCALE}
-    report = _write(items, root, fmt, shard_size, progress, "nyuv2", png_scale=scale)
+    report = write_items(items, root, fmt, shard_size=shard_size, png_scale=scale, progress=progress, desc="nyuv2")
     _record(root, fmt, "nyuv2", facts, report.per_split, limit, png_scale=scale)
     return f"{closing_line('nyuv2', report.per_split, nyuv2.KNOWN, limit)}; {report.summary()} to {root}"
 
@@ -60,7 +54,7 @@ def prepare_ade20k(src: str | Path, out: str | Path, fmt: str = "folder", limit:
 
     root = Path(out)
     items, facts, _ = ade20k.items(Path(src), limit, Path(object_info) if object_info else None)
-    report = _write(items, root, fmt, shard_size, progress, "ade20k")
+    report = write_items(items, root, fmt, shard_size=shard_size, progress=progress, desc="ade20k")
     _record(root, fmt, "ade20k", facts, report.per_split, limit)
     return f"{closing_line('ade20k', report.per_split, ade20k.KNOWN, limit)}; {report.summary()} to {root}"
 
@@ -73,7 +67,7 @@ def prepare_imagenet(src: str | Path, out: str | Path, val_labels: str | Path | 
     root = Path(out)
     items, facts, wnids = imagenet.items(Path(src), Path(val_labels) if val_labels else None,
                                          Path(devkit_meta) if devkit_meta else None, limit)
-    report = _write(items, root, fmt, shard_size, progress, "imagenet", link=link)
+    report = write_items(items, root, fmt, shard_size=shard_size, link=link, progress=progress, desc="imagenet")
     _record(root, fmt, "imagenet", {**facts, "files": link}, report.per_split, limit, classes=wnids)
     how = {"copy": "image bytes copied", "hardlink": "images hard-linked", "symlink": "images symlinked"}[link]
     return (f"{closing_line('imagenet', report.per_split, imagenet.KNOWN, limit)}; {report.summary()} to {root} "
@@ -87,7 +81,7 @@ def prepare_coco_captions(images: str | Path, captions: str | Path, out: str | P
 
     root = Path(out)
     items, rows, facts = coco.items(Path(images), Path(captions), split, per_sample, fmt, limit)
-    report = _write(items, root, fmt, shard_size, progress, "coco-captions", link=link)
+    report = write_items(items, root, fmt, shard_size=shard_size, link=link, progress=progress, desc="coco-captions")
     where = f"{root}"
     if fmt == "folder":
         table = root / f"captions_{split}.tsv"
@@ -95,7 +89,6 @@ def prepare_coco_captions(images: str | Path, captions: str | Path, out: str | P
         where = f"{table} (data.source=captions data.root={table})"
     _record(root, fmt, f"coco-captions-{split}", {**facts, "files": link}, {split: report.per_split.get(split, 0)},
             limit)
-    counts_i, counts_c = {split: facts["images"]}, {split: facts["captions"]}
-    line = (f"{closing_line('coco-captions', counts_i, coco.KNOWN_IMAGES, limit, 'images')}, "
-            f"{closing_line('captions', counts_c, coco.KNOWN_CAPTIONS, None if limit is None else limit, 'captions')}")
+    line = (f"{closing_line('coco-captions', {split: facts['images']}, coco.KNOWN_IMAGES, limit, 'images')}, "
+            f"{closing_line('captions', {split: facts['captions']}, coco.KNOWN_CAPTIONS, limit, 'captions')}")
     return f"{line}; {report.summary()}; samples = one per {per_sample}; table/shards: {where}"

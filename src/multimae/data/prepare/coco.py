@@ -123,12 +123,7 @@ def table_bytes(rows: list[tuple[str, list[str]]], per_sample: str) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, delimiter="\t", lineterminator="\n")
     if per_sample == "caption":
-        w.writerow(["image", "caption"])
-        for image, caps in rows:
-            for c in caps:
-                w.writerow([image, c])
+        w.writerows([["image", "caption"], *([image, c] for image, caps in rows for c in caps)])
     else:
-        w.writerow(["image", "captions"])
-        for image, caps in rows:
-            w.writerow([image, json.dumps(caps, ensure_ascii=False)])
+        w.writerows([["image", "captions"], *([image, json.dumps(caps, ensure_ascii=False)] for image, caps in rows)])
     return buf.getvalue().encode("utf-8")

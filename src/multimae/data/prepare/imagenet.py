@@ -33,10 +33,8 @@ def _images(d: Path) -> list[Path]:
 
 
 def _class_tree(d: Path) -> list[tuple[str, Path]]:
-    out = []
-    for c in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        out += [(c.name, f) for f in _images(c)]
-    return out
+    classes = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [(c.name, f) for c in classes for f in _images(c)]
 
 
 def read_loc_solution(path: Path) -> dict[str, str]:

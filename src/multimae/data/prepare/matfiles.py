@@ -32,7 +32,7 @@ def mat_version(path: Path) -> str:
         raise DataError(f"{path}: unreadable ({e})") from None
     if head.startswith(b"MATLAB 7.3") or head.startswith(HDF5_SIGNATURE) or head[512:520] == HDF5_SIGNATURE:
         return "7.3"
-    if head.startswith(b"MATLAB 5.0") or head.startswith(b"MATLAB"):
+    if head.startswith(b"MATLAB"):  # "MATLAB 5.0 MAT-file" and later v5-format versions
         return "5"
     return ""
 

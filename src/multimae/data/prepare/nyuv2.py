@@ -22,7 +22,7 @@ import numpy as np
 
 from multimae.data.errors import DataError
 from multimae.data.prepare.matfiles import load_v5, open_h5
-from multimae.data.prepare.writing import METRIC_PNG_SCALE, Item, metric_depth_png
+from multimae.data.prepare.writing import METRIC_PNG_SCALE, Item, metric_depth_mm
 
 KNOWN = {"train": 795, "test": 654}
 NUM_RAW = 894
@@ -87,26 +87,24 @@ def items(mat: Path, splits: Path, mapping: Path, limit: int | None = None) -> t
     split_idx = read_splits(splits, n)
     lut, names = read_mapping(mapping)
 
-    def make(i: int):
-        def run() -> dict[str, bytes]:
-            from multimae.data.codecs import encode_field
-            import torch
+    def make(i: int) -> dict[str, bytes]:
+        from multimae.data.codecs import encode_field, encode_png16
+        import torch
 
-            rgb = np.ascontiguousarray(images[i - 1].transpose(0, 2, 1))  # (3,W,H) -> (3,H,W)
-            depth = np.asarray(depths[i - 1], dtype=np.float64).T
-            raw = np.asarray(labels[i - 1]).T.astype(np.int64)
-            if raw.min() < 0 or raw.max() > NUM_RAW:
-                raise DataError(f"{where}: labels of image {i} hold ids [{raw.min()}, {raw.max()}] outside 0..{NUM_RAW}")
-            return {"rgb": encode_field(torch.from_numpy(rgb), "rgb", "png")[1],
-                    "depth": metric_depth_png(depth),
-                    "semseg": encode_field(torch.from_numpy(lut[raw].astype(np.int64)), "semseg")[1]}
-        return run
+        rgb = np.ascontiguousarray(images[i - 1].transpose(0, 2, 1))  # (3,W,H) -> (3,H,W)
+        depth = np.asarray(depths[i - 1], dtype=np.float64).T
+        raw = np.asarray(labels[i - 1]).T.astype(np.int64)
+        if raw.min() < 0 or raw.max() > NUM_RAW:
+            raise DataError(f"{where}: labels of image {i} hold ids [{raw.min()}, {raw.max()}] outside 0..{NUM_RAW}")
+        return {"rgb": encode_field(torch.from_numpy(rgb), "rgb", "png")[1],
+                "depth": encode_png16(metric_depth_mm(depth)),
+                "semseg": encode_field(torch.from_numpy(lut[raw].astype(np.int64)), "semseg")[1]}
 
     out: list[Item] = []
     exts = {"rgb": "png", "depth": "png", "semseg": "png"}
     for split in ("train", "test"):
         chosen = split_idx[split] if limit is None else split_idx[split][:limit]
-        out += [Item(split, "all", f"{i:04d}", exts, make(i), f"{where} image {i}") for i in chosen]
+        out += [Item(split, "all", f"{i:04d}", exts, lambda i=i: make(i), f"{where} image {i}") for i in chosen]
     facts = {"source": {"mat": str(mat), "splits": str(splits), "mapping": str(mapping)},
              "semseg": {"num_classes": 40, "ignore_index": IGNORE, "classes": names,
                         "mapping": "raw 0 -> 255; raw l in 1..894 -> mapClass[l-1] - 1"},

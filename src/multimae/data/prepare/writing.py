@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Iterator, Mapping, Sequence
@@ -22,7 +23,6 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from multimae.core.io import save_bytes_atomic, save_file_atomic, tmp_name
-from multimae.data.codecs import encode_png16
 from multimae.data.errors import DataError
 from multimae.data.folder import META_FILE, read_meta
 
@@ -38,14 +38,11 @@ def place_file(src: Path, dst: Path, mode: str = "copy") -> None:
     if mode not in LINK_MODES:
         raise ValueError(f"link mode must be one of {LINK_MODES}, got {mode!r}")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if mode == "copy":
-        try:
-            save_file_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
-        except FileNotFoundError:
-            raise DataError(f"{src}: not found") from None
-        return
-    tmp = dst.with_name(tmp_name(dst.name))  # a link: its target's mode and data are not ours to change
+    tmp = dst.with_name(tmp_name(dst.name))  # a link's: its target's mode and data are not ours to change
     try:
+        if mode == "copy":
+            save_file_atomic(dst, lambda t: shutil.copyfile(src, t))
+            return
         if mode == "hardlink":
             os.link(src, tmp)
         else:
@@ -106,11 +103,6 @@ def metric_depth_mm(depth: np.ndarray) -> np.ndarray:
     bad = ~np.isfinite(d) | (d <= 0)
     q = np.clip(np.rint(np.where(bad, 0.0, d) / METRIC_PNG_SCALE), 1, 65535)
     return np.where(bad, 0, q).astype(np.uint16)
-
-
-def metric_depth_png(depth: np.ndarray) -> bytes:
-    """Depth in metres (H,W) -> 16-bit PNG bytes in millimetres (see :func:`metric_depth_mm`)."""
-    return encode_png16(metric_depth_mm(depth))
 
 
 def update_meta(root: Path, update: Callable[[dict], None], fmt: str = "folder") -> dict:
@@ -192,9 +184,7 @@ def write_items(items: Sequence[Item], root: str | os.PathLike, fmt: str = "fold
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
     root = Path(root)
     check_unique(items, fmt)
-    report = WriteReport()
-    for it in items:
-        report.per_split[it.split] = report.per_split.get(it.split, 0) + 1
+    report = WriteReport(per_split=dict(Counter(it.split for it in items)))
     bar = tqdm(total=len(items), unit="sample", desc=desc, disable=not progress, dynamic_ncols=True)
     try:
         if fmt == "folder":
@@ -205,11 +195,10 @@ def write_items(items: Sequence[Item], root: str | os.PathLike, fmt: str = "fold
                 else:
                     data = it.make()
                     for k, p in paths.items():
-                        v = data[k]
-                        if isinstance(v, Path):
-                            place_file(v, p, link)
+                        if isinstance(data[k], Path):
+                            place_file(data[k], p, link)
                         else:
-                            write_bytes(p, v)
+                            write_bytes(p, data[k])
                     report.written += 1
                 bar.update(1)
             report.outputs = [str(root / s) for s in report.per_split]
