@@ -344,7 +344,7 @@ def test_relative_links_resolve(md):
 BASH = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 QUICK_START = ("make run     # set up, pretrain on synthetic scenes (~5 min on 2 CPU cores), evaluate, draw the figure\n"
                "make test    # set up (incl. Debian chromium for the demo's browser test), run the test suite "
-               "(~13 min on 2 CPU cores)\n")
+               "(~8 min on 2 CPU cores)\n")
 
 
 def test_quick_start_is_on_the_first_screen_and_its_targets_exist():
