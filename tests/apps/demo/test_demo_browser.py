@@ -10,7 +10,6 @@ of the tiny random one; ``MULTIMAE_DEMO_SCREENSHOT=docs/img/demo.png`` copies th
 """
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import time
@@ -73,6 +72,14 @@ class Page:
         from selenium.webdriver.common.by import By
 
         self.d, self.By, self.Actions = d, By, ActionChains
+
+    def load(self, url: str) -> None:
+        """Open ``url`` and wait (90 s at most) until the page says it is ready."""
+        self.d.get(url)
+        end = time.time() + 90
+        while self.js("return document.body.dataset.ready") != "1" and time.time() < end:
+            time.sleep(0.1)
+        assert self.js("return document.body.dataset.ready") == "1", self.el("#error").text
 
     def js(self, script: str, *args):
         return self.d.execute_script(script, *args)
@@ -143,11 +150,7 @@ def test_page_in_headless_chromium(driver, page_server, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
     p = Page(driver)
-    driver.get(page_server)
-    end = time.time() + 90
-    while p.js("return document.body.dataset.ready") != "1" and time.time() < end:
-        time.sleep(0.1)
-    assert p.js("return document.body.dataset.ready") == "1", p.el("#error").text
+    p.load(page_server)
     gh, gw = p.grid()
     n = gh * gw
     info = p.js("return S.info")
@@ -250,11 +253,7 @@ def m3ae_server(m3ae_engine):
 
 def test_m3ae_caption_is_shown_editable_and_predicted(driver, m3ae_server):
     p = Page(driver)
-    driver.get(m3ae_server)
-    end = time.time() + 90
-    while p.js("return document.body.dataset.ready") != "1" and time.time() < end:
-        time.sleep(0.1)
-    assert p.js("return document.body.dataset.ready") == "1", p.el("#error").text
+    p.load(m3ae_server)
     assert not p.el("#folder-row").is_displayed()  # no folder dataset: the row is hidden
     assert p.el("#caption-box").is_displayed() and p.el("#caption-output").is_displayed()
 
