@@ -239,6 +239,21 @@ def test_future_version_missing_and_corrupt(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "empty")
 
 
+def test_train_state_is_read_without_the_weights(tmp_path: Path) -> None:
+    """An FSDP resume reads the state and meta alone (its weights come from the shards)."""
+    from multimae.checkpoint import read_train_state
+
+    path = save(tmp_path, 3)
+    (path / "model.safetensors").write_bytes(b"\x00garbage")  # never opened
+    state, meta = read_train_state(path)
+    assert state["step"] == 3 and meta["step"] == 3
+    with pytest.raises(CheckpointError, match="corrupt weights file"):
+        load_checkpoint(path)
+    (path / "state.pt").unlink()
+    with pytest.raises(CheckpointError, match="missing .*state.pt"):
+        read_train_state(path)
+
+
 def test_save_file_atomic(tmp_path: Path) -> None:
     target = tmp_path / "a.txt"
     save_file_atomic(target, lambda p: p.write_text("v1"))

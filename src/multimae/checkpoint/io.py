@@ -55,6 +55,7 @@ __all__ = [
     "tmp_name",
     "save_checkpoint",
     "load_checkpoint",
+    "read_train_state",
     "load_weights",
     "load_meta",
     "find_latest",
@@ -70,10 +71,24 @@ __all__ = [
 #: ``encoder_norm``), not 1's ``encoder.blocks.<i>`` / ``encoder.input_adapters`` / ... .
 FORMAT_VERSION = 2
 
+# A fine-tuning model's encoder names, format 1 -> 2 and back (each table the other's inverse).
 _V1_TRANSFER_NAMES = ((re.compile(r"^encoder\.blocks\.(\d+)\."), r"encoder.\1."),
                       (re.compile(r"^encoder\.input_adapters\."), "input_adapters."),
                       (re.compile(r"^encoder\.global_tokens$"), "global_tokens"),
                       (re.compile(r"^encoder\.norm\."), "encoder_norm."))
+_V2_TRANSFER_NAMES = ((re.compile(r"^encoder\.(\d+)\."), r"encoder.blocks.\1."),
+                      (re.compile(r"^input_adapters\."), "encoder.input_adapters."),
+                      (re.compile(r"^global_tokens$"), "encoder.global_tokens"),
+                      (re.compile(r"^encoder_norm\."), "encoder.norm."))
+
+
+def transfer_name(key: str, version: int) -> str:
+    """A fine-tuning model's parameter name in format ``version`` (2: the current names, 1: the
+    old encoder names), given its name in the other format; names outside the encoder stay."""
+    for rx, to in _V1_TRANSFER_NAMES if version == 2 else _V2_TRANSFER_NAMES:
+        if rx.match(key):
+            return rx.sub(to, key, count=1)
+    return key
 
 
 def upgrade_weights(sd: Mapping[str, torch.Tensor], version: int | None = None) -> dict[str, torch.Tensor]:
@@ -82,14 +97,9 @@ def upgrade_weights(sd: Mapping[str, torch.Tensor], version: int | None = None) 
     only they, hold ``encoder.blocks.<i>.*``). Pretraining weights kept their names."""
     if (version is not None and version >= 2) or not any(k.startswith("encoder.blocks.") for k in sd):
         return dict(sd)
-    out = {}
-    for k, v in sd.items():
-        for rx, to in _V1_TRANSFER_NAMES:
-            if rx.match(k):
-                k = rx.sub(to, k, count=1)
-                break
-        out[k] = v
-    return out
+    return {transfer_name(k, 2): v for k, v in sd.items()}
+
+
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -388,6 +398,29 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return _load_weights_file(d / WEIGHTS_FILE, meta["format_version"])
 
 
+def _read_state(d: Path, map_location: str | torch.device, weights: bool) -> tuple[dict, dict]:
+    meta = load_meta(d)
+    f = d / STATE_FILE
+    for required in ((d / WEIGHTS_FILE,) if weights else ()) + (f,):
+        if not required.is_file():
+            raise CheckpointError(f"checkpoint is incomplete, missing {required}")
+    try:
+        train_state = torch.load(f, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle/zip errors have many types
+        raise CheckpointError(f"corrupt or unsafe train state {f}: {e}") from e
+    if not isinstance(train_state, dict):
+        raise CheckpointError(f"corrupt train state {f}: expected a dict")
+    return train_state, meta
+
+
+def read_train_state(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> tuple[dict, dict]:
+    """``(train_state, meta)`` of a checkpoint (a step dir, or a run dir's latest) without reading its
+    weights: an FSDP resume takes those from its shards. Errors as :func:`load_checkpoint`'s."""
+    return _read_state(resolve_checkpoint(path), map_location, weights=False)
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict, dict]:
@@ -397,19 +430,8 @@ def load_checkpoint(
     Raises :class:`CheckpointError` naming the file for a missing, corrupt or too-new checkpoint.
     """
     d = resolve_checkpoint(path)
-    meta = load_meta(d)
-    f = d / STATE_FILE
-    for required in (d / WEIGHTS_FILE, f):
-        if not required.is_file():
-            raise CheckpointError(f"checkpoint is incomplete, missing {required}")
-    weights = _load_weights_file(d / WEIGHTS_FILE, meta["format_version"])
-    try:
-        train_state = torch.load(f, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle/zip errors have many types
-        raise CheckpointError(f"corrupt or unsafe train state {f}: {e}") from e
-    if not isinstance(train_state, dict):
-        raise CheckpointError(f"corrupt train state {f}: expected a dict")
-    return weights, train_state, meta
+    train_state, meta = _read_state(d, map_location, weights=True)
+    return _load_weights_file(d / WEIGHTS_FILE, meta["format_version"]), train_state, meta
 
 
 # --------------------------------------------------------------------------------------------

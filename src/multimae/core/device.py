@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")

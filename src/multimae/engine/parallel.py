@@ -40,13 +40,13 @@ checkpoint directory before ``meta.json`` is written and renames that into place
 checkpoint appears whole or not at all (a crash leaves a stale staging directory, removed by the
 next save). All ranks must see the same file system. Resuming reads ``sharded/`` with DCP, which
 also re-shards: a run may resume on another number of ranks, or under ``ddp``; the shards of a
-format-1 fine-tuning checkpoint (the encoder under its old names) are read under those names.
+format-1 fine-tuning checkpoint (the encoder under its old names) are read under those names
+(:func:`multimae.checkpoint.io.transfer_name`).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import re
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -56,8 +56,9 @@ import torch
 from torch import nn
 
 from multimae.engine import distributed as D
-from multimae.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, save_checkpoint, step_dir_name
-from multimae.checkpoint.io import _V1_TRANSFER_NAMES
+from multimae.checkpoint import CheckpointError, capture_rng_state, read_train_state, save_checkpoint, step_dir_name
+from multimae.checkpoint.io import transfer_name
+from multimae.core.io import fsync_file
 
 __all__ = [
     "PARALLEL_MODES",
@@ -365,27 +366,8 @@ def save_sharded(run_dir: str | Path, step: int, model: nn.Module, optimizer: to
 
 
 def _save_rank_rng(path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(capture_rng_state(), f)
-        f.flush()
-        import os
-
-        os.fsync(f.fileno())
-
-
-#: The current (format 2) name of a fine-tuning model's encoder parameter -> its format-1 name
-#: (the inverse of :mod:`multimae.checkpoint.io`'s ``_V1_TRANSFER_NAMES``).
-_V2_TO_V1 = ((re.compile(r"^encoder\.(\d+)\."), r"encoder.blocks.\1."),
-             (re.compile(r"^input_adapters\."), "encoder.input_adapters."),
-             (re.compile(r"^global_tokens$"), "encoder.global_tokens"),
-             (re.compile(r"^encoder_norm\."), "encoder.norm."))
-
-
-def _rename(key: str, table: Any) -> str:
-    for rx, to in table:
-        if rx.match(key):
-            return rx.sub(to, key, count=1)
-    return key
+    torch.save(capture_rng_state(), path)
+    fsync_file(path)  # the staging directory is moved into the checkpoint whole, then fsync'ed
 
 
 def _holds_v1_transfer_names(sharded: Path) -> bool:
@@ -400,9 +382,12 @@ def _holds_v1_transfer_names(sharded: Path) -> bool:
     return any(k.startswith("model.encoder.blocks.") for k in keys)
 
 
-def _renamed(sd: dict[str, Any], rename: Any) -> dict[str, Any]:
-    """``{"model", "optimizer"}`` of :func:`_dcp_state` with every parameter name mapped by ``rename``
+def _renamed(sd: dict[str, Any], version: int) -> dict[str, Any]:
+    """``{"model", "optimizer"}`` of :func:`_dcp_state` under format ``version``'s parameter names
     (model keys, the optimizer's per-parameter state and its groups' parameter lists; tensors shared)."""
+    def rename(key: str) -> str:
+        return transfer_name(key, version)
+
     osd = sd["optimizer"]
     groups = [{**g, "params": [rename(n) for n in g["params"]]} for g in osd.get("param_groups", [])]
     return {"model": {rename(k): v for k, v in sd["model"].items()},
@@ -419,18 +404,17 @@ def restore_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     path = Path(path)
-    _weights, state, _meta = load_checkpoint(path)
-    del _weights
+    state = read_train_state(path)[0]  # the weights come from the shards (no rank reads them whole)
     sd = _dcp_state(model, optimizer)
     v1 = _holds_v1_transfer_names(path / SHARDED_DIR)
     try:
         if v1:  # a fine-tuning run of format 1: its shards carry the old encoder names
-            sd = _renamed(sd, lambda k: _rename(k, _V2_TO_V1))
+            sd = _renamed(sd, 1)
         dcp.load(sd, checkpoint_id=path / SHARDED_DIR, no_dist=not D.is_dist())
     except Exception as e:  # noqa: BLE001 - DCP raises several types (CheckpointException, ...)
         raise CheckpointError(f"cannot read the sharded train state {path / SHARDED_DIR}: {e}") from e
     if v1:
-        sd = _renamed(sd, lambda k: _rename(k, _V1_TRANSFER_NAMES))
+        sd = _renamed(sd, 2)
     set_state_dict(D.unwrap(model), optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
